@@ -1,0 +1,108 @@
+"""Public codec contract: dataclasses, codec ids and the encode/decode dispatch."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
+
+# Codec ids are part of the on-disk format (docs/codecs.md): never renumber.
+CODEC_STORE = 0
+CODEC_ZSTD = 1
+CODEC_LZ4 = 2
+CODEC_TENSOR = 16
+
+_NAMES = {CODEC_STORE: "store", CODEC_ZSTD: "zstd", CODEC_LZ4: "lz4", CODEC_TENSOR: "tensor"}
+MAX_PARAMS = 65535
+
+
+class CodecError(ValueError):
+    """Malformed payload or params; the message says what is wrong."""
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A run of elements of one dtype inside a chunk (start is the element phase)."""
+
+    start: int
+    length: int
+    dtype: str
+
+
+@dataclass(frozen=True)
+class ChunkHints:
+    """What the caller knows about a chunk: its tensor segments and any forced codec."""
+
+    segments: tuple[Segment, ...] = ()
+    codec: str | None = None
+    level: int | None = None
+    effort: int = 1
+
+
+@dataclass(frozen=True)
+class EncodedChunk:
+    codec_id: int
+    params: bytes
+    payload: bytes
+
+
+def codec_name(codec_id: int) -> str:
+    try:
+        return _NAMES[codec_id]
+    except KeyError:
+        raise CodecError(f"unknown codec id {codec_id}") from None
+
+
+def _store(raw: bytes) -> EncodedChunk:
+    return EncodedChunk(CODEC_STORE, b"", raw)
+
+
+def encode_chunk(raw: bytes | memoryview, hints: ChunkHints | None = None) -> EncodedChunk:
+    """Encode one chunk with the forced codec or the cheapest one found; STORE unless strictly smaller."""
+    from . import generic, probe, tensor
+
+    raw = bytes(raw)
+    hints = hints or ChunkHints()
+    if not raw:
+        return _store(raw)
+    forced = (hints.codec or "auto").lower()
+    if forced == "store":
+        return _store(raw)
+    if forced == "zstd":
+        best = EncodedChunk(CODEC_ZSTD, b"", generic.zstd_compress(raw, hints.level or 3))
+    elif forced == "lz4":
+        best = EncodedChunk(CODEC_LZ4, b"", generic.lz4_compress(raw))
+    elif forced in ("auto", "tensor"):
+        segments = hints.segments or probe.probe_segments(raw)
+        best = tensor.encode(raw, segments, hints.effort, hints.level, force=forced == "tensor")
+    else:
+        raise CodecError(f"unknown codec name {hints.codec!r}")
+    if best is None or len(best.params) + len(best.payload) >= len(raw) or len(best.params) > MAX_PARAMS:
+        return _store(raw)
+    return best
+
+
+def decode_chunk(codec_id: int, params: bytes, payload: bytes | memoryview, raw_len: int) -> bytes:
+    """Decode one chunk; raises CodecError on anything malformed, never returns the wrong length."""
+    from . import generic, tensor
+
+    if raw_len < 0:
+        raise CodecError(f"negative raw_len {raw_len}")
+    try:
+        if codec_id == CODEC_STORE:
+            out = bytes(payload)
+        elif codec_id == CODEC_ZSTD:
+            out = generic.zstd_decompress(payload, raw_len)
+        elif codec_id == CODEC_LZ4:
+            out = generic.lz4_decompress(payload, raw_len)
+        elif codec_id == CODEC_TENSOR:
+            out = tensor.decode(bytes(params), payload, raw_len)
+        else:
+            raise CodecError(f"unknown codec id {codec_id}")
+    except CodecError:
+        raise
+    except Exception as exc:  # any library failure on a damaged payload is a codec error
+        raise CodecError(f"{codec_name(codec_id) if codec_id in _NAMES else codec_id}: {exc}") from exc
+    if len(out) != raw_len:
+        raise CodecError(f"decoded {len(out)} bytes, expected {raw_len}")
+    return out
