@@ -5,13 +5,21 @@ import logging
 
 from .base import WRITE_ADMIT_MODES, Policy
 from .belady import belady
+from .arc import ARC
 from .lru import LRU
+from .s3fifo import S3FIFO
+from .sieve import Sieve
 from .simulate import SimResult, simulate
+from .wtinylfu import WTinyLFU
 
 log = logging.getLogger(__name__)
 
 _REGISTRY: dict[str, type[Policy]] = {
     "lru": LRU,
+    "arc": ARC,
+    "s3fifo": S3FIFO,
+    "sieve": Sieve,
+    "wtinylfu": WTinyLFU,
 }
 
 POLICY_NAMES: tuple[str, ...] = tuple(_REGISTRY)
@@ -28,5 +36,5 @@ def make_policy(name: str, capacity_bytes: int, **params) -> Policy:
 
 __all__ = [
     "Policy", "SimResult", "simulate", "belady", "make_policy", "POLICY_NAMES",
-    "WRITE_ADMIT_MODES", "LRU",
+    "WRITE_ADMIT_MODES", "LRU", "ARC", "S3FIFO", "Sieve", "WTinyLFU",
 ]
