@@ -97,49 +97,71 @@ def read_table(buf: bytes) -> tuple[np.ndarray, int]:
     return freq, pos
 
 
+@numba.njit(nogil=True, cache=True, inline="always")
+def _enc_step(x, f, c, rcp, out, pos):
+    # branch-free renormalisation (the branch is unpredictable): always store, advance only if needed;
+    # x < 2**32 so at most one 16-bit word leaves per symbol
+    need = np.int64(x >= (f << (32 - SCALE_BITS)))
+    out[pos - 1] = x & 0xFFFF
+    pos -= need
+    x >>= need << 4
+    # x // f through a float reciprocal (exact after one correction step; integer division is slow)
+    q = np.int64(x * rcp)
+    r = x - q * f
+    adj = np.int64(r >= f)
+    q += adj
+    r -= f * adj
+    return (q << SCALE_BITS) + r + c, pos
+
+
 @numba.njit(nogil=True, cache=True)
-def _encode(data, freq, cum, out):
-    # encode backwards so the decoder runs forwards; words are pushed from the end of out
+def _encode(data, freq, cum, rcp, out):
+    # encode backwards so the decoder runs forwards; words are pushed from the end of out.
+    # int64 throughout: numba turns mixed signed/unsigned 64-bit arithmetic into float.
     n = data.size
     pos = out.size
-    x0 = np.uint64(RANS_L)
-    x1 = np.uint64(RANS_L)
-    x2 = np.uint64(RANS_L)
-    x3 = np.uint64(RANS_L)
+    x0 = x1 = x2 = x3 = RANS_L
     i = n - 1
-    while i >= 0:
+    while i >= 0 and (i & 3) != 3:  # tail symbols that do not fill a group of 4
         s = data[i]
-        f = np.uint64(freq[s])
-        xmax = f << np.uint64(32 - SCALE_BITS)
         j = i & 3
         if j == 0:
-            x = x0
+            x0, pos = _enc_step(x0, freq[s], cum[s], rcp[s], out, pos)
         elif j == 1:
-            x = x1
-        elif j == 2:
-            x = x2
+            x1, pos = _enc_step(x1, freq[s], cum[s], rcp[s], out, pos)
         else:
-            x = x3
-        if x >= xmax:
-            pos -= 1
-            out[pos] = np.uint16(x & np.uint64(0xFFFF))
-            x >>= np.uint64(16)
-        x = ((x // f) << np.uint64(SCALE_BITS)) + (x % f) + np.uint64(cum[s])
-        if j == 0:
-            x0 = x
-        elif j == 1:
-            x1 = x
-        elif j == 2:
-            x2 = x
-        else:
-            x3 = x
+            x2, pos = _enc_step(x2, freq[s], cum[s], rcp[s], out, pos)
         i -= 1
+    while i >= 3:
+        s = data[i]
+        x3, pos = _enc_step(x3, freq[s], cum[s], rcp[s], out, pos)
+        s = data[i - 1]
+        x2, pos = _enc_step(x2, freq[s], cum[s], rcp[s], out, pos)
+        s = data[i - 2]
+        x1, pos = _enc_step(x1, freq[s], cum[s], rcp[s], out, pos)
+        s = data[i - 3]
+        x0, pos = _enc_step(x0, freq[s], cum[s], rcp[s], out, pos)
+        i -= 4
     for x in (x3, x2, x1, x0):
         pos -= 1
-        out[pos] = np.uint16(x & np.uint64(0xFFFF))
+        out[pos] = x & 0xFFFF
         pos -= 1
-        out[pos] = np.uint16(x >> np.uint64(16))
+        out[pos] = x >> 16
     return pos
+
+
+@numba.njit(nogil=True, cache=True, inline="always")
+def _dec_step(x, lut, out, i):
+    e = np.int64(lut[x & 0xFFF])
+    out[i] = e & 0xFF
+    return ((e >> 8) & 0xFFF) * (x >> SCALE_BITS) + (x & 0xFFF) - (e >> 20)
+
+
+@numba.njit(nogil=True, cache=True, inline="always")
+def _renorm(x, words, p):
+    # branch-free: the caller guarantees words[p] exists
+    need = np.int64(x < RANS_L)
+    return (x << (need << 4)) | (np.int64(words[p]) & -need), p + need
 
 
 @numba.njit(nogil=True, cache=True)
@@ -149,87 +171,41 @@ def _decode(words, lut, out):
     nw = words.size
     if nw < 8:
         return -1
-    x0 = (np.uint32(words[0]) << np.uint32(16)) | np.uint32(words[1])
-    x1 = (np.uint32(words[2]) << np.uint32(16)) | np.uint32(words[3])
-    x2 = (np.uint32(words[4]) << np.uint32(16)) | np.uint32(words[5])
-    x3 = (np.uint32(words[6]) << np.uint32(16)) | np.uint32(words[7])
+    x0 = (np.int64(words[0]) << 16) | np.int64(words[1])
+    x1 = (np.int64(words[2]) << 16) | np.int64(words[3])
+    x2 = (np.int64(words[4]) << 16) | np.int64(words[5])
+    x3 = (np.int64(words[6]) << 16) | np.int64(words[7])
     p = 8
-    mask = np.uint32((1 << SCALE_BITS) - 1)
     i = 0
     nmain = n & ~3
-    while i < nmain:
-        e = lut[x0 & mask]
-        out[i] = np.uint8(e & np.uint32(0xFF))
-        x0 = ((e >> np.uint32(8)) & np.uint32(0xFFF)) * (x0 >> np.uint32(SCALE_BITS)) + (x0 & mask) - (e >> np.uint32(20))
-        e = lut[x1 & mask]
-        out[i + 1] = np.uint8(e & np.uint32(0xFF))
-        x1 = ((e >> np.uint32(8)) & np.uint32(0xFFF)) * (x1 >> np.uint32(SCALE_BITS)) + (x1 & mask) - (e >> np.uint32(20))
-        e = lut[x2 & mask]
-        out[i + 2] = np.uint8(e & np.uint32(0xFF))
-        x2 = ((e >> np.uint32(8)) & np.uint32(0xFFF)) * (x2 >> np.uint32(SCALE_BITS)) + (x2 & mask) - (e >> np.uint32(20))
-        e = lut[x3 & mask]
-        out[i + 3] = np.uint8(e & np.uint32(0xFF))
-        x3 = ((e >> np.uint32(8)) & np.uint32(0xFFF)) * (x3 >> np.uint32(SCALE_BITS)) + (x3 & mask) - (e >> np.uint32(20))
-        if p + 4 > nw:
-            # near the end: renormalise one state at a time with bounds checks
-            for k in range(4):
-                if k == 0:
-                    x = x0
-                elif k == 1:
-                    x = x1
-                elif k == 2:
-                    x = x2
-                else:
-                    x = x3
-                if x < RANS_L:
-                    if p >= nw:
-                        return -1
-                    x = (x << np.uint32(16)) | np.uint32(words[p])
-                    p += 1
-                if k == 0:
-                    x0 = x
-                elif k == 1:
-                    x1 = x
-                elif k == 2:
-                    x2 = x
-                else:
-                    x3 = x
-        else:
-            if x0 < RANS_L:
-                x0 = (x0 << np.uint32(16)) | np.uint32(words[p])
-                p += 1
-            if x1 < RANS_L:
-                x1 = (x1 << np.uint32(16)) | np.uint32(words[p])
-                p += 1
-            if x2 < RANS_L:
-                x2 = (x2 << np.uint32(16)) | np.uint32(words[p])
-                p += 1
-            if x3 < RANS_L:
-                x3 = (x3 << np.uint32(16)) | np.uint32(words[p])
-                p += 1
+    # fast loop while 4 more words surely exist; each symbol consumes at most one word
+    while i < nmain and p + 4 <= nw:
+        x0 = _dec_step(x0, lut, out, i)
+        x1 = _dec_step(x1, lut, out, i + 1)
+        x2 = _dec_step(x2, lut, out, i + 2)
+        x3 = _dec_step(x3, lut, out, i + 3)
+        x0, p = _renorm(x0, words, p)
+        x1, p = _renorm(x1, words, p)
+        x2, p = _renorm(x2, words, p)
+        x3, p = _renorm(x3, words, p)
         i += 4
-    while i < n:
+    while i < n:  # checked loop for the end of the stream
         j = i & 3
-        if j == 0:
-            x = x0
-        elif j == 1:
-            x = x1
-        else:
-            x = x2
-        e = lut[x & mask]
-        out[i] = np.uint8(e & np.uint32(0xFF))
-        x = ((e >> np.uint32(8)) & np.uint32(0xFFF)) * (x >> np.uint32(SCALE_BITS)) + (x & mask) - (e >> np.uint32(20))
+        x = x0 if j == 0 else (x1 if j == 1 else (x2 if j == 2 else x3))
+        x = _dec_step(x, lut, out, i)
         if x < RANS_L:
             if p >= nw:
                 return -1
-            x = (x << np.uint32(16)) | np.uint32(words[p])
+            x = (x << 16) | np.int64(words[p])
             p += 1
         if j == 0:
             x0 = x
         elif j == 1:
             x1 = x
-        else:
+        elif j == 2:
             x2 = x
+        else:
+            x3 = x
         i += 1
     if p != nw or x0 != RANS_L or x1 != RANS_L or x2 != RANS_L or x3 != RANS_L:
         return -1
@@ -241,7 +217,8 @@ def encode(data: np.ndarray, freq: np.ndarray) -> bytes:
     cum = np.zeros(256, np.int64)
     np.cumsum(freq[:-1], out=cum[1:])
     out = np.empty(data.size + 16, np.uint16)  # one word per symbol at most, plus the 4 final states
-    pos = _encode(data, freq, cum, out)
+    rcp = 1.0 / np.maximum(freq, 1)
+    pos = _encode(data, freq, cum, rcp, out)
     return write_table(freq) + out[pos:].astype("<u2").tobytes()
 
 
@@ -250,9 +227,8 @@ def build_lut(freq: np.ndarray) -> np.ndarray:
     syms = np.repeat(np.arange(256, dtype=np.uint32), freq)
     cum = np.zeros(256, np.int64)
     np.cumsum(freq[:-1], out=cum[1:])
-    slots = np.arange(1 << SCALE_BITS, dtype=np.uint32)
     # x' = f * (x >> S) + slot - cum: store cum (12 bits, max 4095) in the top bits
-    return syms | (freq[syms].astype(np.uint32) << 8) | (cum[syms].astype(np.uint32) << 20) + 0 * slots
+    return syms | (freq[syms].astype(np.uint32) << 8) | (cum[syms].astype(np.uint32) << 20)
 
 
 def decode(buf: bytes | memoryview, n: int) -> np.ndarray:

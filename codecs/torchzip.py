@@ -7,7 +7,7 @@ import re
 import struct
 import threading
 
-from .layout import Layout
+from .layout import ELEMENT_WIDTH, Layout
 
 log = logging.getLogger(__name__)
 
@@ -22,7 +22,10 @@ _DATA_NAME = re.compile(rb"^(?:[^/]+/)?data/([A-Za-z0-9_]+)$")
 
 
 def _local_header(buf: bytes, pos: int):
-    """(name, data_offset, size) of a stored zip entry whose local header starts at pos, else None."""
+    """(name, data_offset, size) of a stored zip entry whose local header starts at pos, else None.
+
+    torch.save streams its entries (flag bit 3), so size is usually 0 here and comes from data.pkl instead.
+    """
     if pos + 30 > len(buf) or buf[pos : pos + 4] != LOCAL_HEADER:
         return None
     _, flags, method, _, _, _, csize, usize, nlen, xlen = struct.unpack_from("<HHHHHIIIHH", buf, pos + 4)
@@ -44,11 +47,11 @@ def _local_header(buf: bytes, pos: int):
     return name, pos + 30 + nlen + xlen, size
 
 
-def storage_dtypes(pickle_bytes: bytes) -> dict[str, str]:
-    """Map storage key -> dtype by scanning pickle opcodes (persistent ids), without unpickling."""
+def storage_dtypes(pickle_bytes: bytes) -> dict[str, tuple[str, int]]:
+    """Map storage key -> (dtype, numel) by scanning pickle opcodes (persistent ids), without unpickling."""
     memo: dict[int, object] = {}
     recent: list[object] = []  # atomic values pushed since the last persistent id
-    found: dict[str, str] = {}
+    found: dict[str, tuple[str, int]] = {}
     for op, arg, _ in pickletools.genops(pickle_bytes):
         name = op.name
         if name in ("GLOBAL",):
@@ -71,10 +74,11 @@ def storage_dtypes(pickle_bytes: bytes) -> dict[str, str]:
         elif name == "BINPERSID":
             # persistent id: ('storage', <Type>Storage, key, location, numel)
             for i in range(len(recent) - 1, -1, -1):
-                if recent[i] == "storage" and i + 2 < len(recent):
+                if recent[i] == "storage" and i + 4 < len(recent):
                     dtype = STORAGE_DTYPES.get(str(recent[i + 1]))
-                    if dtype and isinstance(recent[i + 2], str):
-                        found[recent[i + 2]] = dtype
+                    key, numel = recent[i + 2], recent[i + 4]
+                    if dtype and isinstance(key, str) and isinstance(numel, int) and numel >= 0:
+                        found[key] = (dtype, numel)
                     break
             recent.clear()
         if len(recent) > 64:
@@ -85,7 +89,7 @@ def storage_dtypes(pickle_bytes: bytes) -> dict[str, str]:
 class TorchZipLayout(Layout):
     """Learns storage offsets from the zip local headers it sees in chunks (writes are sequential)."""
 
-    def __init__(self, dtypes: dict[str, str]):
+    def __init__(self, dtypes: dict[str, tuple[str, int]]):
         super().__init__("torch-zip")
         self._dtypes = dtypes
         self._lock = threading.Lock()
@@ -99,9 +103,10 @@ class TorchZipLayout(Layout):
             if entry:
                 name, data, size = entry
                 m = _DATA_NAME.match(name)
-                dtype = self._dtypes.get(m.group(1).decode()) if m else None
-                if dtype:
-                    new.append((offset + data, offset + data + size, dtype))
+                info = self._dtypes.get(m.group(1).decode()) if m else None
+                if info:
+                    dtype, numel = info
+                    new.append((offset + data, offset + data + numel * ELEMENT_WIDTH[dtype], dtype))
                 pos = buf.find(LOCAL_HEADER, data if entry else pos + 4)
             else:
                 pos = buf.find(LOCAL_HEADER, pos + 4)
@@ -123,9 +128,7 @@ def sniff_torch_zip(prefix: bytes) -> Layout | None:
     first = _local_header(prefix, 0)
     if first is None or not first[0].endswith(b"data.pkl"):
         return None
-    _, data, size = first
-    if data + size > len(prefix):
-        return None
-    layout = TorchZipLayout(storage_dtypes(prefix[data : data + size]))
+    # genops stops at the pickle's STOP opcode and raises if the prefix cuts the pickle short
+    layout = TorchZipLayout(storage_dtypes(prefix[first[1] :]))
     layout.learn(0, prefix)
     return layout
