@@ -1,0 +1,339 @@
+"""An open container file: dirty chunks in RAM, pipelined encoding, verified cached reads, commits.
+
+One ContainerFile exists per inode while any handle is open, so every handle sees
+the same bytes. All methods run on the trio thread; codec and disk work go to
+worker threads. Invariants (docs/cache.md):
+- at most one encode of a chunk is in flight, so records of one chunk are appended
+  in the order their data was written;
+- a dirty chunk shadows the container; it leaves the dirty set only when the
+  record of exactly its current version has been appended;
+- truncate and commit wait until no encode is in flight.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import trio
+
+from dccfs.codecs import ChunkHints, sniff_layout
+from dccfs.config import Rule
+from dccfs.container import ChunkError, ChunkLoc, Container
+from dccfs.engine import Engine
+
+log = logging.getLogger(__name__)
+
+# A safetensors header can exceed one chunk; sniffing waits for up to this much prefix.
+MAX_SNIFF_PREFIX = 8 << 20
+
+
+class ContainerFile:
+    def __init__(self, engine: Engine, container: Container, rule: Rule):
+        self.engine = engine
+        self.container = container
+        self.rule = rule
+        self.file_id = container.header.file_id
+        self.chunk_size = container.chunk_size
+        self.size = container.size
+        self.dirty: dict[int, bytearray] = {}
+        self.versions: dict[int, int] = {}
+        self.inflight: set[int] = set()
+        self.mtime_ns: int | None = None
+        self.handles = 0
+        self._busy = 0
+        self._idle = trio.Event()
+        self._idle.set()
+        self._write_lock = trio.Lock()
+        self._loading: dict[tuple, trio.Event] = {}
+        self._layout = None
+        self._layout_settled = False
+        self._next_sequential = -1
+        self._sequential_run = 0
+        self._prefetched_to = -1
+
+    @property
+    def path(self) -> str:
+        return self.container.path
+
+    @property
+    def has_changes(self) -> bool:
+        return bool(self.dirty) or self.container.dirty or self.mtime_ns is not None
+
+    # -- reads -------------------------------------------------------------------
+
+    async def read(self, offset: int, length: int) -> bytes:
+        end = min(offset + length, self.size)
+        if offset >= end:
+            return b""
+        cs = self.chunk_size
+        first, last = offset // cs, (end - 1) // cs
+        pieces: dict[int, bytes | bytearray | None] = {}
+        missing = []
+        for idx in range(first, last + 1):
+            buf = self.dirty.get(idx)
+            if buf is not None:
+                pieces[idx] = buf
+            else:
+                missing.append(idx)
+        if len(missing) == 1:
+            pieces[missing[0]] = await self.load_chunk(missing[0])
+        elif missing:
+            async def load_into(i):
+                pieces[i] = await self.load_chunk(i)
+            async with trio.open_nursery() as nursery:
+                for idx in missing:
+                    nursery.start_soon(load_into, idx)
+        self._note_read(offset, end, last)
+        out = bytearray(end - offset)
+        for idx in range(first, last + 1):
+            data = pieces[idx]
+            if not data:
+                continue
+            chunk_start = idx * cs
+            lo = max(offset, chunk_start) - chunk_start
+            hi = min(end - chunk_start, len(data))
+            if hi > lo:
+                dst = chunk_start + lo - offset
+                out[dst:dst + hi - lo] = memoryview(data)[lo:hi]
+        return bytes(out)
+
+    async def load_chunk(self, idx: int, prefetch: bool = False) -> bytes | None:
+        """The raw bytes of a stored chunk via the cache; None for a hole."""
+        loc = self.container.index.get(idx)
+        if loc is None:
+            return None
+        key = (self.file_id, idx, loc.offset)
+        cache = self.engine.cache
+        data = cache.get(key) if not prefetch else None
+        if data is not None:
+            return data
+        pending = self._loading.get(key)
+        if pending is not None:
+            await pending.wait()
+            data = cache.get(key)
+            if data is not None:
+                return data
+        done = self._loading[key] = trio.Event()
+        try:
+            data = await trio.to_thread.run_sync(self._read_verified, idx, loc,
+                                                 limiter=self.engine.io_limiter)
+            cache.put(key, data)
+            self.engine.record_access(hash(key) & 0x7FFFFFFFFFFFFFFF, len(data), False)
+            return data
+        finally:
+            del self._loading[key]
+            done.set()
+
+    def _read_verified(self, idx: int, loc: ChunkLoc) -> bytes:
+        started = time.perf_counter()
+        stats = self.engine.stats
+        try:
+            data = self.container.read_chunk(idx, loc)
+        except ChunkError as exc:
+            stats.checksum_errors += 1
+            log.error("%s", exc)
+            raise
+        stats.disk.misses += 1
+        stats.count_codec("decode", "all", len(data), loc.length, time.perf_counter() - started)
+        return data
+
+    def _note_read(self, start: int, end: int, last_idx: int) -> None:
+        """Detect a sequential reader and prefetch the chunks it will want next."""
+        if start == self._next_sequential:
+            self._sequential_run += 1
+        else:
+            self._sequential_run = 0
+        self._next_sequential = end
+        ahead = self.engine.config.cache.readahead_chunks
+        if self._sequential_run < 2 or ahead <= 0:
+            return
+        first = max(last_idx + 1, self._prefetched_to + 1)
+        stop = min(last_idx + 1 + ahead, (self.size + self.chunk_size - 1) // self.chunk_size)
+        for idx in range(first, stop):
+            loc = self.container.index.get(idx)
+            if loc is None or idx in self.dirty:
+                continue
+            if self.engine.cache.peek((self.file_id, idx, loc.offset)):
+                continue
+            self.engine.stats.readahead_chunks += 1
+            self.engine.start_background(self.load_chunk, idx, True)
+        self._prefetched_to = max(self._prefetched_to, stop - 1)
+
+    # -- writes ------------------------------------------------------------------
+
+    async def write(self, offset: int, data: bytes) -> int:
+        cs = self.chunk_size
+        end = offset + len(data)
+        view = memoryview(data)
+        async with self._write_lock:
+            pos = offset
+            while pos < end:
+                idx, inner = divmod(pos, cs)
+                n = min(cs - inner, end - pos)
+                buf = self.dirty.get(idx)
+                if buf is None:
+                    buf = await self._make_dirty(idx, whole=(inner == 0 and n == cs))
+                if len(buf) < inner:
+                    buf.extend(bytes(inner - len(buf)))
+                buf[inner:inner + n] = view[pos - offset:pos - offset + n]
+                self.versions[idx] += 1
+                if end > self.size:
+                    self.size = end
+                if inner + n == cs:
+                    self.schedule_flush(idx)
+                pos += n
+            self.size = max(self.size, end)
+            self.mtime_ns = time.time_ns()
+        return len(data)
+
+    async def _make_dirty(self, idx: int, whole: bool) -> bytearray:
+        await self.engine.dirty.reserve(self.chunk_size)
+        try:
+            existing = None if whole else await self.load_chunk(idx)
+        except BaseException:
+            self.engine.dirty.release(self.chunk_size)
+            raise
+        buf = bytearray(existing) if existing else bytearray()
+        self.dirty[idx] = buf
+        self.versions[idx] = 0
+        return buf
+
+    def _drop_dirty(self, idx: int) -> None:
+        if self.dirty.pop(idx, None) is not None:
+            del self.versions[idx]
+            self.engine.dirty.release(self.chunk_size)
+
+    def schedule_flush(self, idx: int) -> None:
+        """Start encoding a dirty chunk in the background unless one encode of it is running."""
+        if idx in self.inflight or idx not in self.dirty:
+            return
+        self._maybe_sniff_layout()
+        self.inflight.add(idx)
+        self._busy += 1
+        if self._busy == 1:
+            self._idle = trio.Event()
+        self.engine.start_background(self._flush_chunk, idx)
+
+    def schedule_all(self) -> None:
+        for idx in list(self.dirty):
+            self.schedule_flush(idx)
+
+    async def _flush_chunk(self, idx: int) -> None:
+        try:
+            buf = self.dirty.get(idx)
+            if buf is None:
+                return
+            version = self.versions[idx]
+            limit = max(0, min(len(buf), self.size - idx * self.chunk_size))
+            raw = bytes(buf[:limit])
+            if raw.count(0) == len(raw):
+                # All zeros: a hole costs nothing on disk.
+                self.container.drop_chunk(idx)
+            else:
+                hints = self._hints_for(idx, raw)
+                encoded, raw_sum = await trio.to_thread.run_sync(
+                    self.engine.encode, raw, hints, limiter=self.engine.cpu_limiter)
+                loc = await trio.to_thread.run_sync(
+                    self.container.append_chunk, idx, encoded, len(raw), raw_sum,
+                    limiter=self.engine.io_limiter)
+                self.engine.cache.put((self.file_id, idx, loc.offset), raw, is_write=True)
+                self.engine.record_access(hash((self.file_id, idx, loc.offset)) & 0x7FFFFFFFFFFFFFFF,
+                                          len(raw), True)
+            if self.versions.get(idx) == version:
+                self._drop_dirty(idx)
+        finally:
+            self.inflight.discard(idx)
+            self._busy -= 1
+            if self._busy == 0:
+                self._idle.set()
+
+    async def _wait_idle(self) -> None:
+        await self._idle.wait()
+
+    async def flush_dirty(self) -> None:
+        """Encode and append every dirty chunk (records only; the next commit makes them durable)."""
+        while self.dirty:
+            self.schedule_all()
+            await self._wait_idle()
+
+    # -- layout hints ------------------------------------------------------------
+
+    def _maybe_sniff_layout(self) -> None:
+        if self._layout_settled or 0 not in self.dirty:
+            return
+        prefix = bytearray()
+        idx = 0
+        while idx in self.dirty and len(prefix) < MAX_SNIFF_PREFIX:
+            prefix += self.dirty[idx]
+            idx += 1
+        try:
+            self._layout = sniff_layout(bytes(prefix), self.size)
+        except Exception:
+            log.exception("%s: layout sniffing failed; chunks will be probed", self.path)
+            self._layout = None
+        # Settle once a layout is found, or when the prefix was all the file had to offer.
+        if self._layout is not None or len(prefix) >= MAX_SNIFF_PREFIX or idx * self.chunk_size >= self.size:
+            self._layout_settled = True
+            if self._layout is not None:
+                log.debug("%s: detected %s layout", self.path, self._layout.kind)
+
+    def _hints_for(self, idx: int, raw: bytes) -> ChunkHints:
+        rule = self.rule
+        forced = None if rule.codec == "auto" else rule.codec
+        if self._layout is not None and forced in (None, "tensor"):
+            try:
+                hints = self._layout.hints_for(idx * self.chunk_size, raw)
+                return ChunkHints(hints.segments, forced or hints.codec, rule.level or hints.level,
+                                  hints.effort)
+            except Exception:
+                log.exception("%s: layout hints failed for chunk %d; probing", self.path, idx)
+        return ChunkHints(codec=forced, level=rule.level)
+
+    @property
+    def layout_kind(self) -> str | None:
+        return self._layout.kind if self._layout is not None else None
+
+    # -- size and commit ---------------------------------------------------------
+
+    async def truncate(self, new_size: int) -> None:
+        cs = self.chunk_size
+        async with self._write_lock:
+            await self._wait_idle()
+            if new_size < self.size:
+                first_gone = -(-new_size // cs)
+                for idx in [i for i in self.dirty if i >= first_gone]:
+                    self._drop_dirty(idx)
+                self.container.drop_chunks_from(first_gone)
+                inner = new_size % cs
+                if inner:
+                    idx = new_size // cs
+                    buf = self.dirty.get(idx)
+                    if buf is None:
+                        buf = await self._make_dirty(idx, whole=False)
+                    del buf[inner:]
+                    self.versions[idx] += 1
+            self.size = new_size
+            self.mtime_ns = time.time_ns()
+
+    async def commit(self, durable: bool) -> None:
+        """Make everything written so far the file's committed state (durable if asked)."""
+        async with self._write_lock:
+            await self.flush_dirty()
+            await trio.to_thread.run_sync(self._commit_sync, durable, limiter=self.engine.io_limiter)
+
+    def _commit_sync(self, durable: bool) -> None:
+        self.container.commit(self.size, durable)
+        if self.mtime_ns is not None:
+            st = os.fstat(self.container.fd)
+            os.utime(self.container.fd, ns=(st.st_atime_ns, self.mtime_ns))
+            self.mtime_ns = None
+
+    def set_mtime(self, mtime_ns: int) -> None:
+        """An explicit utimens: keep it across the next commit's writes."""
+        self.mtime_ns = mtime_ns
+
+    def describe(self) -> dict:
+        return {"layout": self.layout_kind, "chunk_size": self.chunk_size,
+                "size": self.size, "stored": self.container.stored_bytes}
+

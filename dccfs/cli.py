@@ -1,0 +1,132 @@
+"""The dccfs command line: mount, umount, stats, tune and the offline tools (cat, fsck, pack, unpack)."""
+from __future__ import annotations
+
+import logging
+import sys
+
+import click
+
+from dccfs.config import ConfigError, load_config
+
+log = logging.getLogger(__name__)
+
+
+def _fail(message: str) -> None:
+    click.echo(f"dccfs: {message}", err=True)
+    sys.exit(1)
+
+
+def _split_options(values: tuple[str, ...]) -> tuple[str, ...]:
+    out = []
+    for value in values:
+        out += [v.strip() for v in value.split(",") if v.strip()]
+    return tuple(out)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main():
+    """dccfs: a FUSE filesystem that stores every file compressed, with tensor-aware codecs
+    for model weights and a tiered chunk cache.
+
+    Mount it over a backing directory; everything written through the mount point is stored
+    in per-file containers in the backing directory, and reads return exactly the bytes written.
+    """
+
+
+@main.command()
+@click.argument("backing", type=click.Path(file_okay=False))
+@click.argument("mountpoint", type=click.Path(file_okay=False))
+@click.option("-f", "--foreground", is_flag=True, help="Stay in the foreground and log to stderr "
+              "(default: run as a daemon, log to BACKING/.dccfs/dccfs.log).")
+@click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False),
+              help="TOML config file ([cache], [[rule]]); default: built-in defaults.")
+@click.option("-o", "options", multiple=True, metavar="OPT[,OPT...]",
+              help="FUSE mount options, e.g. allow_other; 'debug' raises the log level.")
+@click.option("--log", "log_file", type=click.Path(dir_okay=False),
+              help="Log file (default: BACKING/.dccfs/dccfs.log when daemonised, stderr in the foreground).")
+@click.option("--shared", is_flag=True, help="The backing directory is shared with other nodes: "
+              "no kernel caching, close-to-open consistency (default: off).")
+@click.option("--metrics", metavar="HOST:PORT", help="Serve Prometheus metrics there (default: off).")
+@click.option("--trace", "trace_file", type=click.Path(dir_okay=False),
+              help="Record the chunk access trace (oracleGeneral format) to this file (default: off).")
+def mount(backing, mountpoint, foreground, config_path, options, log_file, shared, metrics, trace_file):
+    """Mount BACKING on MOUNTPOINT."""
+    from dccfs.mount import MountError, MountRequest, run_mount
+    try:
+        config = load_config(config_path)
+    except ConfigError as exc:
+        _fail(str(exc))
+    if shared:
+        from dataclasses import replace
+        config = replace(config, shared=True)
+    opts = _split_options(options)
+    req = MountRequest(backing, mountpoint, config, opts, foreground, log_file,
+                       debug="debug" in opts, metrics=metrics, trace=trace_file)
+    try:
+        sys.exit(run_mount(req))
+    except MountError as exc:
+        _fail(str(exc))
+
+
+@main.command()
+@click.argument("mountpoint", type=click.Path())
+@click.option("-z", "--lazy", is_flag=True, help="Detach now even if files are open (default: off).")
+def umount(mountpoint, lazy):
+    """Unmount MOUNTPOINT after every open file is committed; waits for the daemon to finish."""
+    from dccfs.mount import MountError, run_umount
+    try:
+        run_umount(mountpoint, lazy)
+    except MountError as exc:
+        _fail(str(exc))
+
+
+@main.command()
+@click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+def cat(paths):
+    """Decode backing-directory files to stdout, without a mount (plain files pass through)."""
+    from dccfs.offline import OfflineError, write_decoded
+    out = sys.stdout.buffer
+    for path in paths:
+        try:
+            write_decoded(path, out)
+        except OfflineError as exc:
+            _fail(str(exc))
+
+
+@main.command()
+@click.argument("backing", type=click.Path(exists=True, file_okay=False))
+@click.option("--repair", is_flag=True, help="Cut torn tails left by a crash (default: report only).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+def fsck(backing, repair, quiet):
+    """Verify every container and chunk checksum under BACKING; exit 1 if anything is damaged."""
+    from dccfs.offline import run_fsck
+    sys.exit(run_fsck(backing, repair, progress=not quiet))
+
+
+@main.command()
+@click.argument("path", type=click.Path(exists=True))
+@click.option("--chunk-size", default="256KiB", show_default=True, help="Chunk size of new containers.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+def pack(path, chunk_size, quiet):
+    """Convert plain files under PATH (in a backing directory, unmounted) into containers, atomically."""
+    from dccfs.offline import OfflineError, run_pack
+    try:
+        sys.exit(run_pack(path, chunk_size, progress=not quiet))
+    except (OfflineError, ConfigError) as exc:
+        _fail(str(exc))
+
+
+@main.command()
+@click.argument("path", type=click.Path(exists=True))
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+def unpack(path, quiet):
+    """Convert containers under PATH back into plain files, atomically (the reverse of pack)."""
+    from dccfs.offline import OfflineError, run_unpack
+    try:
+        sys.exit(run_unpack(path, progress=not quiet))
+    except OfflineError as exc:
+        _fail(str(exc))
+
+
+if __name__ == "__main__":
+    main()

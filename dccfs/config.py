@@ -1,0 +1,185 @@
+"""The mount configuration: TOML file, defaults that need no file, and precise validation errors."""
+from __future__ import annotations
+
+import fnmatch
+import logging
+import re
+import tomllib
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from dccfs.format import DEFAULT_CHUNK_SHIFT, MAX_CHUNK_SHIFT, MIN_CHUNK_SHIFT
+
+log = logging.getLogger(__name__)
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtp]?)(i?b?)\s*$", re.IGNORECASE)
+_UNITS = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4, "p": 5}
+CODEC_CHOICES = ("auto", "store", "zstd", "lz4", "tensor")
+POLICY_CHOICES = ("lru", "arc", "s3fifo", "sieve", "wtinylfu")
+WRITE_ADMIT_CHOICES = ("hot", "low", "bypass")
+
+
+class ConfigError(ValueError):
+    """A config value that cannot be used; the message names the file, key and reason."""
+
+
+def parse_size(value, where: str = "size") -> int:
+    """'8G', '512MiB', '64k', 1048576 -> bytes. K/M/G are binary (1024-based) as in df -h."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{where}: expected a size like 512MiB, got {value!r}")
+    if isinstance(value, int):
+        if value < 0:
+            raise ConfigError(f"{where}: size must not be negative, got {value}")
+        return value
+    if not isinstance(value, str):
+        raise ConfigError(f"{where}: expected a size like 512MiB, got {value!r}")
+    m = _SIZE_RE.match(value)
+    if not m:
+        raise ConfigError(f"{where}: {value!r} is not a size (examples: 8G, 512MiB, 64k, 1048576)")
+    number, unit, _ = m.groups()
+    return int(float(number) * 1024 ** _UNITS[unit.lower()])
+
+
+@dataclass(frozen=True)
+class Rule:
+    """Files whose path (relative to the mount root) matches glob get this codec and chunk size."""
+    glob: str
+    codec: str = "auto"
+    level: int | None = None
+    chunk_size: int | None = None
+
+    def matches(self, relpath: str) -> bool:
+        return fnmatch.fnmatchcase(relpath, self.glob) or fnmatch.fnmatchcase(
+            relpath.rsplit("/", 1)[-1], self.glob)
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    # 1 GiB of hot chunks: a 2-core node with 24 GiB keeps a few models' hot set
+    # without competing with the page cache; docs/cache.md has the measurement.
+    policy: str = "s3fifo"
+    t0_bytes: int = 1 << 30
+    dirty_bytes: int = 256 << 20
+    readahead_chunks: int = 8
+    write_admit: str = "hot"
+
+
+@dataclass(frozen=True)
+class Config:
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    rules: tuple[Rule, ...] = ()
+    chunk_size: int = 1 << DEFAULT_CHUNK_SHIFT
+    sync_on_close: bool = True
+    shared: bool = False
+    source: str = "<defaults>"
+
+    def rule_for(self, relpath: str) -> Rule:
+        for rule in self.rules:
+            if rule.matches(relpath):
+                return rule
+        return Rule("*")
+
+    def chunk_shift_for(self, relpath: str) -> int:
+        size = self.rule_for(relpath).chunk_size or self.chunk_size
+        return size.bit_length() - 1
+
+    def with_cache(self, **changes) -> "Config":
+        return replace(self, cache=replace(self.cache, **changes))
+
+
+_TOP_KEYS = {"cache", "rule", "chunk_size", "sync_on_close", "shared"}
+_CACHE_KEYS = {"policy", "t0_bytes", "dirty_bytes", "readahead_chunks", "write_admit"}
+_RULE_KEYS = {"glob", "codec", "level", "chunk_size"}
+
+
+def _check_keys(table: dict, allowed: set, where: str) -> None:
+    unknown = sorted(set(table) - allowed)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key {unknown[0]!r} (valid keys: {', '.join(sorted(allowed))})")
+
+
+def check_chunk_size(value, where: str) -> int:
+    size = parse_size(value, where)
+    if size & (size - 1) or not (1 << MIN_CHUNK_SHIFT) <= size <= (1 << MAX_CHUNK_SHIFT):
+        raise ConfigError(f"{where}: chunk size must be a power of two from 64KiB to 64MiB, got {value!r}")
+    return size
+
+
+def check_cache_value(key: str, value, where: str):
+    """Validate one [cache] key; shared by the config file and `dccfs tune`."""
+    if key == "policy":
+        if value not in POLICY_CHOICES:
+            raise ConfigError(f"{where}: policy {value!r} is not one of {', '.join(POLICY_CHOICES)}")
+        return value
+    if key in ("t0_bytes", "dirty_bytes"):
+        size = parse_size(value, where)
+        if key == "dirty_bytes" and size < (4 << 20):
+            raise ConfigError(f"{where}: dirty_bytes must be at least 4MiB, got {value!r}")
+        return size
+    if key == "readahead_chunks":
+        if isinstance(value, str) and value.isdigit():
+            value = int(value)
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 256:
+            raise ConfigError(f"{where}: readahead_chunks must be an integer 0..256, got {value!r}")
+        return value
+    if key == "write_admit":
+        if value not in WRITE_ADMIT_CHOICES:
+            raise ConfigError(f"{where}: write_admit must be one of {', '.join(WRITE_ADMIT_CHOICES)}")
+        return value
+    raise ConfigError(f"{where}: unknown key {key!r} (valid keys: {', '.join(sorted(_CACHE_KEYS))})")
+
+
+def _parse_rule(table, where: str) -> Rule:
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where}: expected a table")
+    _check_keys(table, _RULE_KEYS, where)
+    glob = table.get("glob")
+    if not isinstance(glob, str) or not glob:
+        raise ConfigError(f"{where}: 'glob' is required and must be a non-empty string")
+    if glob.count("[") != glob.count("]"):
+        raise ConfigError(f"{where}: glob {glob!r} has unbalanced brackets")
+    codec = table.get("codec", "auto")
+    if codec not in CODEC_CHOICES:
+        raise ConfigError(f"{where}: codec {codec!r} is not one of {', '.join(CODEC_CHOICES)}")
+    level = table.get("level")
+    if level is not None and (not isinstance(level, int) or not -7 <= level <= 22):
+        raise ConfigError(f"{where}: level must be an integer -7..22, got {level!r}")
+    chunk = table.get("chunk_size")
+    chunk_size = check_chunk_size(chunk, f"{where}.chunk_size") if chunk is not None else None
+    return Rule(glob, codec, level, chunk_size)
+
+
+def parse_config(data: dict, source: str) -> Config:
+    _check_keys(data, _TOP_KEYS, source)
+    cache_table = data.get("cache", {})
+    if not isinstance(cache_table, dict):
+        raise ConfigError(f"{source}: [cache] must be a table")
+    cache = {k: check_cache_value(k, v, f"{source}: cache.{k}") for k, v in cache_table.items()}
+    rules_raw = data.get("rule", [])
+    if not isinstance(rules_raw, list):
+        raise ConfigError(f"{source}: rules are written as [[rule]] tables")
+    rules = tuple(_parse_rule(r, f"{source}: rule #{i + 1}") for i, r in enumerate(rules_raw))
+    top = {}
+    if "chunk_size" in data:
+        top["chunk_size"] = check_chunk_size(data["chunk_size"], f"{source}: chunk_size")
+    for key in ("sync_on_close", "shared"):
+        if key in data:
+            if not isinstance(data[key], bool):
+                raise ConfigError(f"{source}: {key} must be true or false")
+            top[key] = data[key]
+    return Config(cache=CacheConfig(**cache), rules=rules, source=source, **top)
+
+
+def load_config(path: str | Path | None) -> Config:
+    if path is None:
+        return Config()
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config: {exc.strerror}") from exc
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    return parse_config(data, str(path))

@@ -1,0 +1,356 @@
+"""One container file: open, recover, read verified chunks, append records and commit (no FUSE).
+
+The commit protocol and its crash windows are described in docs/commit-protocol.md.
+Methods are synchronous and meant for worker threads; appends and commits are
+serialised by an internal lock, reads may run concurrently with them.
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+
+from dccfs.codecs import CodecError, EncodedChunk, decode_chunk
+from dccfs.format import (
+    HEADER_SIZE, INDEX_DELTA, INDEX_FULL, RECORD_HEADER_SIZE, REC_CHUNK, REC_INDEX,
+    REC_TRAILER, FormatError, Header, RecordHeader, checksum64, chunk_record_header,
+    pack_index, trailer_record, unpack_index_payload,
+)
+
+log = logging.getLogger(__name__)
+
+# A delta index lists only the chunks changed since the previous commit, so fsync
+# costs what is dirty; opening walks the chain, so it is bounded by a full index
+# every so often.
+MAX_DELTA_CHAIN = 16
+
+
+class ChunkError(OSError):
+    """A chunk that cannot be returned: bad checksum, bad record, or a codec failure."""
+
+    def __init__(self, path: str, chunk_index: int, reason: str):
+        super().__init__(errno.EIO, f"{path}: chunk {chunk_index}: {reason}")
+        self.path = path
+        self.chunk_index = chunk_index
+        self.reason = reason
+
+
+class ContainerError(OSError):
+    """A container whose structure cannot be read at all."""
+
+    def __init__(self, path: str, reason: str):
+        super().__init__(errno.EIO, f"{path}: {reason}")
+        self.path = path
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class ChunkLoc:
+    offset: int  # of the record header in the container
+    length: int  # the whole record: header, params, payload
+
+
+@dataclass
+class Recovery:
+    """What open() found: the commit it used and the bytes past it that no commit covers."""
+    committed_end: int
+    file_end: int
+    used_scan: bool
+
+    @property
+    def torn_tail(self) -> int:
+        return self.file_end - self.committed_end
+
+
+def pread_exact(fd: int, length: int, offset: int) -> bytes:
+    data = os.pread(fd, length, offset)
+    if len(data) == length:
+        return data
+    parts = [data]
+    got = len(data)
+    while got < length:
+        more = os.pread(fd, length - got, offset + got)
+        if not more:
+            break
+        parts.append(more)
+        got += len(more)
+    return b"".join(parts)
+
+
+def pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view = view[written:]
+        offset += written
+
+
+class Container:
+    """The in-memory view of one container: header, chunk index, logical size, append point."""
+
+    def __init__(self, fd: int, path: str, header: Header, index: dict[int, ChunkLoc],
+                 size: int, end: int, last_index: int, delta_chain: int, recovery: Recovery):
+        self.fd = fd
+        self.path = path
+        self.header = header
+        self.index = index
+        self.size = size
+        self.committed_size = size
+        self.end = end
+        self.last_index = last_index
+        self.delta_chain = delta_chain
+        self.recovery = recovery
+        self.pending: dict[int, ChunkLoc | None] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def chunk_size(self) -> int:
+        return self.header.chunk_size
+
+    @property
+    def stored_bytes(self) -> int:
+        return self.end
+
+    @property
+    def live_bytes(self) -> int:
+        return HEADER_SIZE + sum(loc.length for loc in self.index.values())
+
+    @property
+    def dirty(self) -> bool:
+        return bool(self.pending) or self.size != self.committed_size
+
+    # -- creation and opening -------------------------------------------------
+
+    @classmethod
+    def create(cls, fd: int, path: str, chunk_shift: int) -> "Container":
+        """Write a fresh, committed, empty container into the (empty) file behind fd."""
+        header = Header.new(chunk_shift, time.time_ns())
+        index_rec = pack_index(INDEX_FULL, 0, 0, {})
+        blob = header.pack() + index_rec + trailer_record(0, HEADER_SIZE)
+        os.ftruncate(fd, 0)
+        pwrite_all(fd, blob, 0)
+        rec = Recovery(len(blob), len(blob), False)
+        return cls(fd, path, header, {}, 0, len(blob), HEADER_SIZE, 0, rec)
+
+    @classmethod
+    def open(cls, fd: int, path: str) -> "Container":
+        """Read the header and the last commit; raise ContainerError if there is none usable."""
+        file_end = os.fstat(fd).st_size
+        head = pread_exact(fd, HEADER_SIZE, 0)
+        try:
+            header = Header.unpack(head)
+        except FormatError as exc:
+            raise ContainerError(path, f"bad container header: {exc}") from exc
+        found = cls._commit_from_trailer(fd, file_end)
+        used_scan = found is None
+        if found is None:
+            found = cls._commit_from_scan(fd, path, file_end)
+        index_offset, committed_end = found
+        if index_offset == 0:
+            # Created but killed before its first index: an empty file.
+            rec = Recovery(HEADER_SIZE, file_end, used_scan)
+            return cls(fd, path, header, {}, 0, HEADER_SIZE, 0, 0, rec)
+        index, size, chain = cls._load_index_chain(fd, path, index_offset)
+        rec = Recovery(committed_end, file_end, used_scan)
+        if rec.torn_tail:
+            log.info("%s: %d bytes past the last commit are ignored (an interrupted write)",
+                     path, rec.torn_tail)
+        return cls(fd, path, header, index, size, committed_end, index_offset, chain, rec)
+
+    @staticmethod
+    def _read_record_header(fd: int, offset: int) -> RecordHeader | None:
+        try:
+            return RecordHeader.unpack(pread_exact(fd, RECORD_HEADER_SIZE, offset))
+        except FormatError:
+            return None
+
+    @classmethod
+    def _commit_from_trailer(cls, fd: int, file_end: int) -> tuple[int, int] | None:
+        """The fast path: the file ends with a trailer naming a valid index."""
+        if file_end < HEADER_SIZE + RECORD_HEADER_SIZE:
+            return None
+        trailer = cls._read_record_header(fd, file_end - RECORD_HEADER_SIZE)
+        if trailer is None or trailer.rtype != REC_TRAILER:
+            return None
+        index_offset = trailer.c
+        if not HEADER_SIZE <= index_offset < file_end - RECORD_HEADER_SIZE:
+            return None
+        head = cls._read_record_header(fd, index_offset)
+        if head is None or head.rtype != REC_INDEX or head.a != trailer.a:
+            return None
+        if index_offset + head.total_len != file_end - RECORD_HEADER_SIZE:
+            return None
+        return index_offset, file_end
+
+    @classmethod
+    def _commit_from_scan(cls, fd: int, path: str, file_end: int) -> tuple[int, int]:
+        """Walk the records from the start and keep the last index whose payload verifies."""
+        offset = HEADER_SIZE
+        last_index, committed_end = 0, HEADER_SIZE
+        while offset + RECORD_HEADER_SIZE <= file_end:
+            head = cls._read_record_header(fd, offset)
+            if head is None or offset + head.total_len > file_end:
+                break
+            if head.rtype == REC_INDEX:
+                payload = pread_exact(fd, head.payload_len, offset + RECORD_HEADER_SIZE)
+                try:
+                    unpack_index_payload(head, payload)
+                except FormatError:
+                    break
+                last_index, committed_end = offset, offset + head.total_len
+            elif head.rtype == REC_TRAILER and head.c == last_index:
+                committed_end = offset + head.total_len
+            offset += head.total_len
+        log.warning("%s: no trailer at the end; recovered the commit at offset %d by scanning",
+                    path, last_index)
+        return last_index, committed_end
+
+    @classmethod
+    def _load_index_chain(cls, fd: int, path: str, offset: int):
+        """Apply a full index and the deltas after it; return (index, size, delta chain length)."""
+        chain: list[dict[int, tuple[int, int]]] = []
+        size = None
+        while True:
+            head = cls._read_record_header(fd, offset)
+            if head is None or head.rtype != REC_INDEX:
+                raise ContainerError(path, f"index record at offset {offset} is damaged")
+            payload = pread_exact(fd, head.payload_len, offset + RECORD_HEADER_SIZE)
+            try:
+                entries = unpack_index_payload(head, payload)
+            except FormatError as exc:
+                raise ContainerError(path, f"index at offset {offset}: {exc}") from exc
+            if size is None:
+                size = head.a
+            chain.append(entries)
+            if head.sub == INDEX_FULL:
+                break
+            if not HEADER_SIZE <= head.c < offset or len(chain) > 4 * MAX_DELTA_CHAIN:
+                raise ContainerError(path, f"index at offset {offset} has a bad back pointer")
+            offset = head.c
+        index: dict[int, ChunkLoc] = {}
+        for entries in reversed(chain):
+            for idx, (rec_off, rec_len) in entries.items():
+                if rec_off == 0:
+                    index.pop(idx, None)
+                else:
+                    index[idx] = ChunkLoc(rec_off, rec_len)
+        return index, size, len(chain) - 1
+
+    # -- reading ---------------------------------------------------------------
+
+    def read_chunk(self, chunk_index: int, loc: ChunkLoc | None = None) -> bytes | None:
+        """The verified raw bytes of one stored chunk, or None for a hole."""
+        if loc is None:
+            loc = self.index.get(chunk_index)
+            if loc is None:
+                return None
+        record = pread_exact(self.fd, loc.length, loc.offset)
+        return self.decode_record(chunk_index, record)
+
+    def decode_record(self, chunk_index: int, record: bytes) -> bytes:
+        try:
+            head = RecordHeader.unpack(record)
+        except FormatError as exc:
+            raise ChunkError(self.path, chunk_index, f"record header: {exc}") from exc
+        if head.rtype != REC_CHUNK or head.a != chunk_index or len(record) != head.total_len:
+            raise ChunkError(self.path, chunk_index, "index points at a record of another chunk")
+        body = memoryview(record)[RECORD_HEADER_SIZE:]
+        params = bytes(body[:head.params_len])
+        payload = body[head.params_len:]
+        try:
+            raw = decode_chunk(head.sub, params, payload, head.b)
+        except CodecError as exc:
+            raise ChunkError(self.path, chunk_index, f"codec {head.sub}: {exc}") from exc
+        if len(raw) != head.b or checksum64(raw) != head.c:
+            raise ChunkError(self.path, chunk_index, "checksum mismatch: stored data is damaged")
+        return raw
+
+    # -- writing ---------------------------------------------------------------
+
+    def append_chunk(self, chunk_index: int, encoded: EncodedChunk, raw_len: int,
+                     raw_sum: int) -> ChunkLoc:
+        """Append one chunk record; it becomes visible to readers of this object at once and
+        durable at the next commit."""
+        head = chunk_record_header(chunk_index, encoded.codec_id, len(encoded.params),
+                                   len(encoded.payload), raw_len, raw_sum)
+        blob = b"".join((head.pack(), encoded.params, encoded.payload))
+        with self._lock:
+            self._cut_torn_tail_locked()
+            loc = ChunkLoc(self.end, len(blob))
+            pwrite_all(self.fd, blob, self.end)
+            self.end += len(blob)
+            self.index[chunk_index] = loc
+            self.pending[chunk_index] = loc
+        return loc
+
+    def drop_chunk(self, chunk_index: int) -> None:
+        """Make a chunk a hole (all zeros, or cut off by truncate)."""
+        with self._lock:
+            if self.index.pop(chunk_index, None) is not None or chunk_index in self.pending:
+                self.pending[chunk_index] = None
+
+    def drop_chunks_from(self, first_index: int) -> None:
+        with self._lock:
+            for idx in [i for i in self.index if i >= first_index]:
+                del self.index[idx]
+                self.pending[idx] = None
+            for idx in [i for i in self.pending if i >= first_index]:
+                self.pending[idx] = None
+
+    def commit(self, size: int, durable: bool) -> None:
+        """Write an index and trailer covering everything appended so far.
+
+        With durable=True the records are flushed before the index is written, and the
+        index after, so a machine crash can never expose an index whose chunks are missing.
+        """
+        with self._lock:
+            if not self.dirty:
+                if durable:
+                    os.fdatasync(self.fd)
+                return
+            self._cut_torn_tail_locked()
+            if durable:
+                os.fdatasync(self.fd)
+            full = self.delta_chain >= MAX_DELTA_CHAIN or self.last_index == 0
+            if full:
+                entries = {i: (loc.offset, loc.length) for i, loc in self.index.items()}
+                kind, prev = INDEX_FULL, 0
+            else:
+                entries = {i: ((loc.offset, loc.length) if loc else (0, 0))
+                           for i, loc in self.pending.items()}
+                kind, prev = INDEX_DELTA, self.last_index
+            index_offset = self.end
+            blob = pack_index(kind, size, prev, entries) + trailer_record(size, index_offset)
+            pwrite_all(self.fd, blob, index_offset)
+            self.end += len(blob)
+            self.last_index = index_offset
+            self.delta_chain = 0 if full else self.delta_chain + 1
+            self.pending.clear()
+            self.size = self.committed_size = size
+            self.recovery = Recovery(self.end, self.end, False)
+            if durable:
+                os.fdatasync(self.fd)
+
+    def _cut_torn_tail_locked(self) -> None:
+        """Truncate bytes past the last commit before appending: a later scan stops at the
+        first bad record, so garbage left in the middle would hide every commit after it."""
+        torn = self.recovery.torn_tail
+        if torn:
+            log.info("%s: cutting %d uncommitted bytes left by an interrupted write", self.path, torn)
+            os.ftruncate(self.fd, self.recovery.committed_end)
+            self.end = self.recovery.committed_end
+            self.recovery = Recovery(self.end, self.end, self.recovery.used_scan)
+
+
+def read_logical_size(fd: int) -> int | None:
+    """The logical size in O(1) reads from the trailer, or None when the tail needs a scan."""
+    file_end = os.fstat(fd).st_size
+    if file_end < HEADER_SIZE + RECORD_HEADER_SIZE:
+        return 0 if file_end >= HEADER_SIZE else None
+    trailer = Container._read_record_header(fd, file_end - RECORD_HEADER_SIZE)
+    if trailer is None or trailer.rtype != REC_TRAILER:
+        return None
+    return trailer.a

@@ -1,0 +1,92 @@
+"""Services shared by every open file: worker threads, chunk cache, dirty budget, stats, config."""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Callable
+
+import trio
+import xxhash
+
+from dccfs.cache import ChunkCache
+from dccfs.codecs import ChunkHints, EncodedChunk, codec_name, encode_chunk
+from dccfs.config import Config
+from dccfs.stats import MountStats
+
+log = logging.getLogger(__name__)
+
+
+class DirtyBudget:
+    """Bytes of written-but-unencoded chunks across all files; writers wait when it is full."""
+
+    def __init__(self, limit: int, stats: MountStats):
+        self.limit = limit
+        self.used = 0
+        self._stats = stats
+        self._released = trio.Event()
+        self._pressure_hooks: list[Callable[[], None]] = []
+        stats.dirty_budget = limit
+
+    def on_pressure(self, hook: Callable[[], None]) -> None:
+        self._pressure_hooks.append(hook)
+
+    async def reserve(self, nbytes: int) -> None:
+        """Wait until nbytes fit; a single request larger than the budget passes alone."""
+        stalled = False
+        while self.used and self.used + nbytes > self.limit:
+            if not stalled:
+                self._stats.writer_stalls += 1
+                stalled = True
+            for hook in self._pressure_hooks:
+                hook()
+            await self._released.wait()
+        self.used += nbytes
+        self._stats.dirty_bytes = self.used
+
+    def release(self, nbytes: int) -> None:
+        self.used -= nbytes
+        self._stats.dirty_bytes = self.used
+        # Wake every waiter; each re-checks and the next release gets a fresh event.
+        self._released.set()
+        self._released = trio.Event()
+
+
+class Engine:
+    def __init__(self, config: Config, backing_root: str):
+        self.config = config
+        self.backing_root = backing_root
+        self.stats = MountStats()
+        self.cache = ChunkCache(config.cache.policy, config.cache.t0_bytes,
+                                config.cache.write_admit, self.stats.t0)
+        self.cpu_limiter = trio.CapacityLimiter(max(2, os.cpu_count() or 2))
+        # Backing-file I/O gets its own threads so a slow disk cannot starve encoders.
+        self.io_limiter = trio.CapacityLimiter(16)
+        self.dirty = DirtyBudget(config.cache.dirty_bytes, self.stats)
+        self.nursery: trio.Nursery | None = None
+        self.trace = None
+
+    def encode(self, raw: bytes, hints: ChunkHints) -> tuple[EncodedChunk, int]:
+        """Encode one chunk in a worker thread; returns the encoding and the raw checksum."""
+        started = time.perf_counter()
+        encoded = encode_chunk(raw, hints)
+        raw_sum = xxhash.xxh3_64_intdigest(raw)
+        self.stats.count_codec("encode", codec_name(encoded.codec_id), len(raw),
+                               len(encoded.params) + len(encoded.payload),
+                               time.perf_counter() - started)
+        return encoded, raw_sum
+
+    def record_access(self, obj_id: int, size: int, is_write: bool) -> None:
+        if self.trace is not None:
+            self.trace.record(time.time(), obj_id, size, is_write)
+
+    def start_background(self, fn, *args) -> None:
+        """Run fn(*args) in the mount's nursery; errors are logged, never fatal to the mount."""
+        async def guarded():
+            try:
+                await fn(*args)
+            except Exception:
+                self.stats.handler_errors += 1
+                log.exception("background task %s failed", getattr(fn, "__name__", fn))
+        assert self.nursery is not None
+        self.nursery.start_soon(guarded)

@@ -1,0 +1,187 @@
+"""The byte layout of a dccfs container: header, record headers and index payloads (pure, no I/O).
+
+docs/format.md is the specification; this module is its only implementation.
+Every integer is little-endian.
+"""
+from __future__ import annotations
+
+import logging
+import struct
+import uuid
+from dataclasses import dataclass
+
+import xxhash
+
+log = logging.getLogger(__name__)
+
+# PNG-style magic: the high bit and the CR/LF/^Z bytes catch text-mode mangling.
+MAGIC = b"\x89DCCFS\r\n"
+FORMAT_VERSION = 1
+HEADER_SIZE = 64
+RECORD_HEADER_SIZE = 32
+INDEX_ENTRY_SIZE = 24
+
+# Chunk sizes are powers of two; 64 KiB keeps per-chunk tables worthwhile and
+# 64 MiB bounds the memory one dirty chunk can pin.
+MIN_CHUNK_SHIFT = 16
+MAX_CHUNK_SHIFT = 26
+DEFAULT_CHUNK_SHIFT = 18  # 256 KiB: see docs/format.md for the measurement behind it
+
+REC_CHUNK = 1
+REC_INDEX = 2
+REC_TRAILER = 3
+RECORD_TYPES = (REC_CHUNK, REC_INDEX, REC_TRAILER)
+
+INDEX_DELTA = 0
+INDEX_FULL = 1
+
+_HEADER = struct.Struct("<8sHHB3x16sQ20x")  # ends at byte 60, then u32 checksum
+_RECORD = struct.Struct("<BBHIQIQ")  # 28 bytes, then u32 checksum
+_U32 = struct.Struct("<I")
+_U64 = struct.Struct("<Q")
+
+
+class FormatError(ValueError):
+    """Bytes that are not a valid dccfs structure; the message says which and why."""
+
+
+def checksum32(data: bytes | memoryview) -> int:
+    return xxhash.xxh32_intdigest(data)
+
+
+def checksum64(data: bytes | memoryview) -> int:
+    return xxhash.xxh3_64_intdigest(data)
+
+
+@dataclass(frozen=True)
+class Header:
+    version: int
+    chunk_shift: int
+    file_id: bytes  # 16 bytes, stable across renames: names this file as a delta base
+    created_ns: int
+
+    @property
+    def chunk_size(self) -> int:
+        return 1 << self.chunk_shift
+
+    @classmethod
+    def new(cls, chunk_shift: int, created_ns: int) -> "Header":
+        if not MIN_CHUNK_SHIFT <= chunk_shift <= MAX_CHUNK_SHIFT:
+            raise FormatError(
+                f"chunk size 2**{chunk_shift} is outside 2**{MIN_CHUNK_SHIFT}..2**{MAX_CHUNK_SHIFT}")
+        return cls(FORMAT_VERSION, chunk_shift, uuid.uuid4().bytes, created_ns)
+
+    def pack(self) -> bytes:
+        body = _HEADER.pack(MAGIC, self.version, HEADER_SIZE, self.chunk_shift,
+                            self.file_id, self.created_ns)
+        return body + _U32.pack(checksum32(body))
+
+    @classmethod
+    def unpack(cls, data: bytes) -> "Header":
+        if len(data) < HEADER_SIZE:
+            raise FormatError(f"header is {len(data)} bytes, expected {HEADER_SIZE}")
+        body = data[:HEADER_SIZE - 4]
+        magic, version, header_size, shift, file_id, created = _HEADER.unpack(body)
+        if magic != MAGIC:
+            raise FormatError("bad magic: not a dccfs container")
+        (stored_sum,) = _U32.unpack_from(data, HEADER_SIZE - 4)
+        if stored_sum != checksum32(body):
+            raise FormatError("header checksum mismatch")
+        if version != FORMAT_VERSION:
+            raise FormatError(f"container format version {version} is not supported "
+                              f"(this dccfs reads version {FORMAT_VERSION})")
+        if header_size != HEADER_SIZE:
+            raise FormatError(f"header size {header_size} is not {HEADER_SIZE}")
+        if not MIN_CHUNK_SHIFT <= shift <= MAX_CHUNK_SHIFT:
+            raise FormatError(f"chunk shift {shift} out of range")
+        return cls(version, shift, file_id, created)
+
+
+def looks_like_container(first_bytes: bytes) -> bool:
+    """True when the bytes start with a valid container header (magic and checksum)."""
+    try:
+        Header.unpack(first_bytes)
+    except (FormatError, struct.error):
+        return False
+    return True
+
+
+@dataclass(frozen=True)
+class RecordHeader:
+    """One 32-byte record header. Field meaning depends on the record type:
+
+    chunk:   sub=codec id, params_len, payload_len, a=chunk index, b=raw length, c=xxh3-64 of raw
+    index:   sub=INDEX_DELTA/INDEX_FULL, payload_len, a=logical size, b=entry count, c=previous index offset
+    trailer: a=logical size, b=0, c=offset of the index it closes
+    """
+    rtype: int
+    sub: int
+    params_len: int
+    payload_len: int
+    a: int
+    b: int
+    c: int
+
+    @property
+    def body_len(self) -> int:
+        return self.params_len + self.payload_len
+
+    @property
+    def total_len(self) -> int:
+        return RECORD_HEADER_SIZE + self.params_len + self.payload_len
+
+    def pack(self) -> bytes:
+        body = _RECORD.pack(self.rtype, self.sub, self.params_len, self.payload_len,
+                            self.a, self.b, self.c)
+        return body + _U32.pack(checksum32(body))
+
+    @classmethod
+    def unpack(cls, data: bytes | memoryview) -> "RecordHeader":
+        if len(data) < RECORD_HEADER_SIZE:
+            raise FormatError(f"record header is {len(data)} bytes, expected {RECORD_HEADER_SIZE}")
+        body = bytes(data[:RECORD_HEADER_SIZE - 4])
+        (stored_sum,) = _U32.unpack_from(data, RECORD_HEADER_SIZE - 4)
+        if stored_sum != checksum32(body):
+            raise FormatError("record header checksum mismatch")
+        rec = cls(*_RECORD.unpack(body))
+        if rec.rtype not in RECORD_TYPES:
+            raise FormatError(f"unknown record type {rec.rtype}")
+        return rec
+
+
+def chunk_record_header(chunk_index: int, codec_id: int, params_len: int, payload_len: int,
+                        raw_len: int, raw_sum: int) -> RecordHeader:
+    return RecordHeader(REC_CHUNK, codec_id, params_len, payload_len, chunk_index, raw_len, raw_sum)
+
+
+def trailer_record(logical_size: int, index_offset: int) -> bytes:
+    return RecordHeader(REC_TRAILER, 0, 0, 0, logical_size, 0, index_offset).pack()
+
+
+def pack_index(kind: int, logical_size: int, prev_offset: int,
+               entries: dict[int, tuple[int, int]]) -> bytes:
+    """An index record: header, then (chunk index, record offset, record length) triples,
+    then xxh3-64 of the triples.
+
+    A record offset of 0 means the chunk is a hole (never written, truncated away, or all zeros).
+    """
+    flat = []
+    for idx in sorted(entries):
+        offset, length = entries[idx]
+        flat += (idx, offset, length)
+    payload = struct.pack(f"<{len(flat)}Q", *flat)
+    payload += _U64.pack(checksum64(payload))
+    head = RecordHeader(REC_INDEX, kind, 0, len(payload), logical_size, len(entries), prev_offset)
+    return head.pack() + payload
+
+
+def unpack_index_payload(head: RecordHeader, payload: bytes) -> dict[int, tuple[int, int]]:
+    expected = head.b * INDEX_ENTRY_SIZE + 8
+    if len(payload) != expected or head.payload_len != expected:
+        raise FormatError(f"index payload is {len(payload)} bytes, expected {expected}")
+    body = payload[:-8]
+    (stored_sum,) = _U64.unpack_from(payload, len(payload) - 8)
+    if stored_sum != checksum64(body):
+        raise FormatError("index checksum mismatch")
+    flat = struct.unpack(f"<{3 * head.b}Q", body)
+    return {flat[i]: (flat[i + 1], flat[i + 2]) for i in range(0, len(flat), 3)}

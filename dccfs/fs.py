@@ -1,0 +1,389 @@
+"""The pyfuse3 frontend: translates kernel requests into backing *at() calls and open-file ops.
+
+Every handler goes through `guarded`, so an unexpected exception is logged with its
+traceback and answered with EIO; the mount never dies on a request.
+"""
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+import stat
+import time
+
+import pyfuse3
+import trio
+
+from dccfs import syscalls
+from dccfs.chunkfile import ContainerFile
+from dccfs.container import Container
+from dccfs.engine import Engine
+from dccfs.handles import HandleTable, logical_size
+from dccfs.inodes import ROOT_INODE, Inode, InodeTable
+
+log = logging.getLogger(__name__)
+
+STATE_DIR = b".dccfs"
+
+# All changes pass through this daemon, so the kernel may cache names and attributes;
+# one second bounds staleness when someone edits the backing directory directly.
+# --shared sets both to 0 for close-to-open consistency across nodes.
+DEFAULT_TIMEOUT_S = 1.0
+
+
+def guarded(fn):
+    """Map OSError to its errno and anything unexpected to EIO, logging the traceback."""
+    @functools.wraps(fn)
+    async def wrapper(self, *args):
+        try:
+            return await fn(self, *args)
+        except pyfuse3.FUSEError:
+            raise
+        except OSError as exc:
+            if exc.errno == errno.EIO:
+                log.error("%s: %s", fn.__name__, exc)
+            raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
+        except Exception:
+            self.engine.stats.handler_errors += 1
+            log.exception("unexpected error in %s%r", fn.__name__, args[:3])
+            raise pyfuse3.FUSEError(errno.EIO) from None
+    return wrapper
+
+
+class DccfsOperations(pyfuse3.Operations):
+    supports_dot_lookup = True
+    enable_writeback_cache = False
+
+    def __init__(self, backing_root: str, root_fd: int, engine: Engine):
+        super().__init__()
+        self.backing_root = backing_root
+        self.engine = engine
+        self.inodes = InodeTable(root_fd)
+        self.handles = HandleTable(engine, backing_root)
+        self.timeout = 0.0 if engine.config.shared else DEFAULT_TIMEOUT_S
+        self._dirs: dict[int, list[bytes]] = {}
+        self._next_dir = 1
+
+    # -- attributes ----------------------------------------------------------------
+
+    def _attrs(self, inode: Inode, st: os.stat_result) -> pyfuse3.EntryAttributes:
+        entry = pyfuse3.EntryAttributes()
+        entry.st_ino = inode.number
+        entry.generation = 0
+        entry.entry_timeout = self.timeout
+        entry.attr_timeout = self.timeout
+        entry.st_mode = st.st_mode
+        entry.st_nlink = st.st_nlink
+        entry.st_uid = st.st_uid
+        entry.st_gid = st.st_gid
+        entry.st_rdev = st.st_rdev
+        entry.st_size = logical_size(inode, st) if stat.S_ISREG(st.st_mode) else st.st_size
+        # Stored bytes, so du shows the saving and du --apparent-size the logical size.
+        entry.st_blocks = st.st_blocks
+        entry.st_blksize = 128 * 1024
+        entry.st_atime_ns = st.st_atime_ns
+        mtime = st.st_mtime_ns
+        file = inode.extra.get("file")
+        if isinstance(file, ContainerFile) and file.mtime_ns is not None:
+            mtime = file.mtime_ns
+        entry.st_mtime_ns = mtime
+        entry.st_ctime_ns = st.st_ctime_ns
+        return entry
+
+    def _stat(self, inode: Inode) -> os.stat_result:
+        return os.stat(inode.fd)
+
+    def _check_name(self, parent: int, name: bytes) -> None:
+        if parent == ROOT_INODE and name == STATE_DIR:
+            raise OSError(errno.EPERM, "the name .dccfs is reserved for dccfs state")
+
+    async def _entry(self, parent: Inode, name: bytes) -> pyfuse3.EntryAttributes:
+        inode, st = self.inodes.lookup_child(parent, name)
+        return self._attrs(inode, st)
+
+    @guarded
+    async def lookup(self, parent_inode, name, ctx=None):
+        parent = self.inodes.get(parent_inode)
+        if parent_inode == ROOT_INODE and name == STATE_DIR:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        if name == b".":
+            parent.lookups += 1
+            return self._attrs(parent, self._stat(parent))
+        if name == b"..":
+            raise pyfuse3.FUSEError(errno.ENOENT)  # the kernel resolves .. itself
+        return await self._entry(parent, name)
+
+    @guarded
+    async def forget(self, inode_list):
+        for number, count in inode_list:
+            self.inodes.forget(number, count)
+
+    @guarded
+    async def getattr(self, inode, ctx=None):
+        node = self.inodes.get(inode)
+        return self._attrs(node, self._stat(node))
+
+    @guarded
+    async def setattr(self, inode, attr, fields, fh, ctx):
+        node = self.inodes.get(inode)
+        if fields.update_size:
+            await self._truncate(node, fh, attr.st_size)
+        if fields.update_mode and not node.is_symlink:
+            os.chmod(node.proc_path, stat.S_IMODE(attr.st_mode))
+        if fields.update_uid or fields.update_gid:
+            syscalls.chown_fd(node.fd, attr.st_uid if fields.update_uid else -1,
+                              attr.st_gid if fields.update_gid else -1)
+        if fields.update_atime or fields.update_mtime:
+            st = self._stat(node)
+            atime = attr.st_atime_ns if fields.update_atime else st.st_atime_ns
+            mtime = attr.st_mtime_ns if fields.update_mtime else st.st_mtime_ns
+            os.utime(node.proc_path, ns=(atime, mtime))
+            file = node.extra.get("file")
+            if isinstance(file, ContainerFile) and fields.update_mtime:
+                file.set_mtime(mtime)
+        return self._attrs(node, self._stat(node))
+
+    async def _truncate(self, node: Inode, fh, size: int) -> None:
+        if fh is not None:
+            await self.handles.get(fh).file.truncate(size)
+            return
+        handle = await self.handles.open(node, os.O_WRONLY)
+        try:
+            await handle.file.truncate(size)
+        finally:
+            await self.handles.release(handle.number)
+            self.inodes.release_open(node)
+
+    # -- namespace -----------------------------------------------------------------
+
+    def _owner(self, parent: Inode, ctx) -> tuple[int, int]:
+        """uid and gid for a new object: the caller's, or the directory's group when setgid."""
+        pst = self._stat(parent)
+        gid = pst.st_gid if pst.st_mode & stat.S_ISGID else ctx.gid
+        return ctx.uid, gid
+
+    async def _finish_create(self, parent: Inode, name: bytes, ctx, mode: int | None):
+        inode, st = self.inodes.lookup_child(parent, name)
+        uid, gid = self._owner(parent, ctx)
+        syscalls.chown_fd(inode.fd, uid, gid)
+        if mode is not None and mode & (stat.S_ISUID | stat.S_ISGID):
+            os.chmod(inode.proc_path, mode)  # chown cleared them; the caller asked for them
+        return inode
+
+    @guarded
+    async def mkdir(self, parent_inode, name, mode, ctx):
+        self._check_name(parent_inode, name)
+        parent = self.inodes.get(parent_inode)
+        os.mkdir(name, stat.S_IMODE(mode), dir_fd=parent.fd)
+        inode = await self._finish_create(parent, name, ctx, None)
+        return self._attrs(inode, self._stat(inode))
+
+    @guarded
+    async def mknod(self, parent_inode, name, mode, rdev, ctx):
+        self._check_name(parent_inode, name)
+        parent = self.inodes.get(parent_inode)
+        os.mknod(name, mode, rdev, dir_fd=parent.fd)
+        inode = await self._finish_create(parent, name, ctx, stat.S_IMODE(mode))
+        return self._attrs(inode, self._stat(inode))
+
+    @guarded
+    async def symlink(self, parent_inode, name, target, ctx):
+        self._check_name(parent_inode, name)
+        parent = self.inodes.get(parent_inode)
+        os.symlink(target, name, dir_fd=parent.fd)
+        inode = await self._finish_create(parent, name, ctx, None)
+        return self._attrs(inode, self._stat(inode))
+
+    @guarded
+    async def readlink(self, inode, ctx):
+        return os.readlink(b"", dir_fd=self.inodes.get(inode).fd)
+
+    @guarded
+    async def unlink(self, parent_inode, name, ctx):
+        self._check_name(parent_inode, name)
+        os.unlink(name, dir_fd=self.inodes.get(parent_inode).fd)
+
+    @guarded
+    async def rmdir(self, parent_inode, name, ctx):
+        self._check_name(parent_inode, name)
+        os.rmdir(name, dir_fd=self.inodes.get(parent_inode).fd)
+
+    @guarded
+    async def rename(self, parent_old, name_old, parent_new, name_new, flags, ctx):
+        self._check_name(parent_old, name_old)
+        self._check_name(parent_new, name_new)
+        old_dir = self.inodes.get(parent_old)
+        new_dir = self.inodes.get(parent_new)
+        if flags:
+            syscalls.rename_at(old_dir.fd, name_old, new_dir.fd, name_new, flags)
+        else:
+            os.rename(name_old, name_new, src_dir_fd=old_dir.fd, dst_dir_fd=new_dir.fd)
+
+    @guarded
+    async def link(self, inode, new_parent_inode, new_name, ctx):
+        self._check_name(new_parent_inode, new_name)
+        node = self.inodes.get(inode)
+        new_parent = self.inodes.get(new_parent_inode)
+        syscalls.link_fd(node.fd, new_parent.fd, new_name)
+        return await self._entry(new_parent, new_name)
+
+    # -- directories ---------------------------------------------------------------
+
+    @guarded
+    async def opendir(self, inode, ctx):
+        node = self.inodes.get(inode)
+        dir_fd = os.open(b".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=node.fd)
+        try:
+            names = sorted(os.listdir(dir_fd))
+        finally:
+            os.close(dir_fd)
+        names = [os.fsencode(n) for n in names]
+        if inode == ROOT_INODE:
+            names = [n for n in names if n != STATE_DIR]
+        number = self._next_dir
+        self._next_dir += 1
+        self._dirs[number] = (node, names)
+        return number
+
+    @guarded
+    async def readdir(self, fh, start_id, token):
+        node, names = self._dirs[fh]
+        for position in range(start_id, len(names)):
+            name = names[position]
+            try:
+                inode, st = self.inodes.lookup_child(node, name)
+            except FileNotFoundError:
+                continue  # removed since opendir
+            if not pyfuse3.readdir_reply(token, name, self._attrs(inode, st), position + 1):
+                self.inodes.forget(inode.number, 1)
+                break
+
+    @guarded
+    async def releasedir(self, fh):
+        self._dirs.pop(fh, None)
+
+    @guarded
+    async def fsyncdir(self, fh, datasync):
+        node, _ = self._dirs[fh]
+        fd = os.open(b".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=node.fd)
+        try:
+            await trio.to_thread.run_sync(os.fsync, fd)
+        finally:
+            os.close(fd)
+
+    # -- files ---------------------------------------------------------------------
+
+    def _file_info(self, handle, flags: int) -> pyfuse3.FileInfo:
+        # keep_cache: every write goes through this daemon, so pages the kernel cached
+        # from an earlier open are still right, except in --shared mode where another
+        # node may have replaced the file.
+        return pyfuse3.FileInfo(fh=handle.number, keep_cache=not self.engine.config.shared,
+                                direct_io=False)
+
+    @guarded
+    async def open(self, inode, flags, ctx):
+        node = self.inodes.get(inode)
+        handle = await self.handles.open(node, flags)
+        return self._file_info(handle, flags)
+
+    @guarded
+    async def create(self, parent_inode, name, mode, flags, ctx):
+        self._check_name(parent_inode, name)
+        parent = self.inodes.get(parent_inode)
+        try:
+            fd = os.open(name, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_CLOEXEC,
+                         stat.S_IMODE(mode), dir_fd=parent.fd)
+        except FileExistsError:
+            if flags & os.O_EXCL:
+                raise
+            inode, st = self.inodes.lookup_child(parent, name)
+            handle = await self.handles.open(inode, flags)
+            return self._file_info(handle, flags), self._attrs(inode, self._stat(inode))
+        try:
+            inode = await self._finish_create(parent, name, ctx, stat.S_IMODE(mode))
+        except BaseException:
+            os.close(fd)
+            raise
+        handle = await self.handles.attach_container(inode, fd, flags, create=True)
+        return self._file_info(handle, flags), self._attrs(inode, self._stat(inode))
+
+    @guarded
+    async def read(self, fh, off, size):
+        started = time.perf_counter()
+        data = await self.handles.get(fh).file.read(off, size)
+        self.engine.stats.read_latency.observe(time.perf_counter() - started)
+        return data
+
+    @guarded
+    async def write(self, fh, off, buf):
+        started = time.perf_counter()
+        handle = self.handles.get(fh)
+        if not handle.writable:
+            raise pyfuse3.FUSEError(errno.EBADF)
+        if handle.appends and isinstance(handle.file, ContainerFile):
+            off = handle.file.size
+        written = await handle.file.write(off, buf)
+        self.engine.stats.write_latency.observe(time.perf_counter() - started)
+        return written
+
+    @guarded
+    async def flush(self, fh):
+        handle = self.handles.get(fh)
+        file = handle.file
+        if isinstance(file, ContainerFile) and file.has_changes:
+            await file.commit(self.engine.config.sync_on_close)
+
+    @guarded
+    async def fsync(self, fh, datasync):
+        await self.handles.get(fh).file.commit(True)
+
+    @guarded
+    async def release(self, fh):
+        handle = await self.handles.release(fh)
+        self.inodes.release_open(handle.inode)
+
+    # -- extended attributes and the rest ----------------------------------------------
+
+    @guarded
+    async def setxattr(self, inode, name, value, ctx):
+        os.setxattr(self.inodes.get(inode).proc_path, name, value)
+
+    @guarded
+    async def getxattr(self, inode, name, ctx):
+        try:
+            return os.getxattr(self.inodes.get(inode).proc_path, name)
+        except OSError as exc:
+            if exc.errno == errno.ENODATA:
+                raise pyfuse3.FUSEError(pyfuse3.ENOATTR) from None
+            raise
+
+    @guarded
+    async def listxattr(self, inode, ctx):
+        return [os.fsencode(n) for n in os.listxattr(self.inodes.get(inode).proc_path)]
+
+    @guarded
+    async def removexattr(self, inode, name, ctx):
+        try:
+            os.removexattr(self.inodes.get(inode).proc_path, name)
+        except OSError as exc:
+            if exc.errno == errno.ENODATA:
+                raise pyfuse3.FUSEError(pyfuse3.ENOATTR) from None
+            raise
+
+    @guarded
+    async def statfs(self, ctx):
+        st = os.statvfs(self.inodes.get(ROOT_INODE).proc_path)
+        out = pyfuse3.StatvfsData()
+        for attr in ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail",
+                     "f_files", "f_ffree", "f_favail", "f_namemax"):
+            setattr(out, attr, getattr(st, attr))
+        return out
+
+    @guarded
+    async def access(self, inode, mode, ctx):
+        return True  # default_permissions: the kernel has already checked the mode bits
+
+    async def shutdown(self) -> None:
+        """Commit every open file durably (on unmount)."""
+        await self.handles.commit_all()

@@ -1,0 +1,209 @@
+"""Open-file handles: attach a shared ContainerFile or a per-handle raw passthrough descriptor.
+
+Knows nothing of FUSE: the frontend passes inodes and flags and gets handle numbers.
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+from dataclasses import dataclass
+
+import trio
+
+from dccfs.chunkfile import ContainerFile
+from dccfs.container import Container, pread_exact, read_logical_size
+from dccfs.engine import Engine
+from dccfs.format import HEADER_SIZE, looks_like_container
+from dccfs.inodes import Inode
+
+log = logging.getLogger(__name__)
+
+_ACCESS = os.O_RDONLY | os.O_WRONLY | os.O_RDWR
+
+
+class RawFile:
+    """A backing file that is not a container: bytes pass through unchanged."""
+
+    def __init__(self, fd: int, path: str):
+        self.fd = fd
+        self.path = path
+
+    async def read(self, offset: int, length: int) -> bytes:
+        return await trio.to_thread.run_sync(os.pread, self.fd, length, offset)
+
+    async def write(self, offset: int, data: bytes) -> int:
+        return await trio.to_thread.run_sync(os.pwrite, self.fd, data, offset)
+
+    async def truncate(self, size: int) -> None:
+        os.ftruncate(self.fd, size)
+
+    async def commit(self, durable: bool) -> None:
+        if durable:
+            await trio.to_thread.run_sync(os.fsync, self.fd)
+
+    @property
+    def size(self) -> int:
+        return os.fstat(self.fd).st_size
+
+
+@dataclass
+class Handle:
+    number: int
+    inode: Inode
+    file: ContainerFile | RawFile
+    flags: int
+
+    @property
+    def writable(self) -> bool:
+        return (self.flags & _ACCESS) in (os.O_WRONLY, os.O_RDWR)
+
+    @property
+    def appends(self) -> bool:
+        return bool(self.flags & os.O_APPEND)
+
+
+def relpath_of(inode: Inode, backing_root: str) -> str:
+    """The inode's current path below the backing root (the kernel tracks renames for us)."""
+    try:
+        full = os.readlink(inode.proc_path)
+    except OSError:
+        return f"<inode {inode.number}>"
+    if full.startswith(backing_root):
+        return full[len(backing_root):].lstrip("/") or "."
+    return full
+
+
+def logical_size(inode: Inode, st: os.stat_result) -> int:
+    """st_size as the mount shows it: the container's logical size, or the raw size."""
+    file = inode.extra.get("file")
+    if isinstance(file, ContainerFile):
+        return file.size
+    if not stat.S_ISREG(st.st_mode) or st.st_size < HEADER_SIZE:
+        return st.st_size
+    signature = (st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    cached = inode.extra.get("size_sig")
+    if cached and cached[0] == signature:
+        return cached[1]
+    try:
+        fd = os.open(inode.proc_path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return st.st_size
+    try:
+        if not looks_like_container(pread_exact(fd, HEADER_SIZE, 0)):
+            size = st.st_size
+        else:
+            size = read_logical_size(fd)
+            if size is None:
+                size = Container.open(fd, inode.proc_path).size
+    finally:
+        os.close(fd)
+    inode.extra["size_sig"] = (signature, size)
+    return size
+
+
+class HandleTable:
+    def __init__(self, engine: Engine, backing_root: str):
+        self.engine = engine
+        self.backing_root = backing_root
+        self._handles: dict[int, Handle] = {}
+        self._next = 1
+        self.open_files: dict[int, ContainerFile] = {}
+
+    def get(self, number: int) -> Handle:
+        try:
+            return self._handles[number]
+        except KeyError:
+            raise OSError(errno.EBADF, f"file handle {number} is not open") from None
+
+    def __len__(self) -> int:
+        return len(self._handles)
+
+    def _add(self, inode: Inode, file, flags: int) -> Handle:
+        handle = Handle(self._next, inode, file, flags)
+        self._next += 1
+        self._handles[handle.number] = handle
+        inode.opens += 1
+        return handle
+
+    async def open(self, inode: Inode, flags: int) -> Handle:
+        file = inode.extra.get("file")
+        if isinstance(file, ContainerFile):
+            file.handles += 1
+            handle = self._add(inode, file, flags)
+            if flags & os.O_TRUNC:
+                await file.truncate(0)
+            return handle
+        fd = self._open_backing(inode, os.O_RDWR)
+        try:
+            is_container = looks_like_container(pread_exact(fd, HEADER_SIZE, 0))
+            if not is_container and flags & os.O_TRUNC and (flags & _ACCESS) != os.O_RDONLY:
+                # Overwriting a plain file: store the new content compressed.
+                relpath = relpath_of(inode, self.backing_root)
+                Container.create(fd, relpath, self.engine.config.chunk_shift_for(relpath))
+                is_container = True
+        except BaseException:
+            os.close(fd)
+            raise
+        if not is_container:
+            os.close(fd)
+            raw_flags = (flags & _ACCESS) | (flags & os.O_TRUNC)
+            raw_fd = self._open_backing(inode, raw_flags)
+            return self._add(inode, RawFile(raw_fd, relpath_of(inode, self.backing_root)), flags)
+        handle = await self.attach_container(inode, fd, flags, create=False)
+        if flags & os.O_TRUNC and handle.file.size:
+            await handle.file.truncate(0)
+        return handle
+
+    async def attach_container(self, inode: Inode, fd: int, flags: int, create: bool) -> Handle:
+        relpath = relpath_of(inode, self.backing_root)
+        try:
+            if create:
+                container = Container.create(fd, relpath, self.engine.config.chunk_shift_for(relpath))
+            else:
+                container = await trio.to_thread.run_sync(Container.open, fd, relpath)
+        except BaseException:
+            os.close(fd)
+            raise
+        file = ContainerFile(self.engine, container, self.engine.config.rule_for(relpath))
+        file.handles = 1
+        inode.extra["file"] = file
+        self.open_files[inode.number] = file
+        return self._add(inode, file, flags)
+
+    @staticmethod
+    def _open_backing(inode: Inode, flags: int) -> int:
+        flags |= os.O_CLOEXEC
+        try:
+            return os.open(inode.proc_path, flags)
+        except OSError as exc:
+            # A read-only backing store still serves reads.
+            if (flags & _ACCESS) == os.O_RDWR and exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+                return os.open(inode.proc_path, (flags & ~_ACCESS) | os.O_RDONLY)
+            raise
+
+    async def release(self, number: int) -> Handle:
+        handle = self._handles.pop(number)
+        file = handle.file
+        try:
+            if isinstance(file, RawFile):
+                os.close(file.fd)
+            else:
+                file.handles -= 1
+                if file.handles == 0:
+                    try:
+                        if file.has_changes:
+                            await file.commit(self.engine.config.sync_on_close)
+                    finally:
+                        handle.inode.extra.pop("file", None)
+                        self.open_files.pop(handle.inode.number, None)
+                        os.close(file.container.fd)
+        finally:
+            pass
+        return handle
+
+    async def commit_all(self) -> None:
+        for file in list(self.open_files.values()):
+            if file.has_changes:
+                await file.commit(True)

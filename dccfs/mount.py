@@ -1,0 +1,233 @@
+"""Mounting and unmounting: precise preflight checks, daemonising, the trio main loop, clean stop."""
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import logging.handlers
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+import trio
+
+from dccfs.config import Config
+
+log = logging.getLogger(__name__)
+
+STATE_DIR = ".dccfs"
+PID_FILE = "daemon.pid"
+LOCK_FILE = "mount.lock"
+DEFAULT_LOG = "dccfs.log"
+# Options dccfs sets itself; -o may add allow_other and others.
+BASE_FUSE_OPTIONS = ("default_permissions",)
+UMOUNT_WAIT_S = 120
+
+
+class MountError(Exception):
+    """A mount or unmount that cannot proceed; the message says why and what to do."""
+
+
+@dataclass
+class MountRequest:
+    backing: str
+    mountpoint: str
+    config: Config
+    fuse_options: tuple[str, ...] = ()
+    foreground: bool = False
+    log_file: str | None = None
+    debug: bool = False
+    metrics: str | None = None
+    trace: str | None = None
+
+
+def mounted_fuse_targets() -> dict[str, tuple[str, str]]:
+    """mountpoint -> (source, fstype) for every FUSE mount, from /proc/self/mountinfo."""
+    out = {}
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            left, right = line.split(" - ", 1)
+            target = left.split()[4].replace("\\040", " ")
+            fstype, source = right.split()[:2]
+            out[target] = (source.replace("\\040", " "), fstype)
+    return out
+
+
+def preflight(req: MountRequest) -> None:
+    if not os.path.isdir(req.backing):
+        what = "does not exist" if not os.path.exists(req.backing) else "is not a directory"
+        raise MountError(f"backing directory {req.backing} {what}")
+    if not os.path.isdir(req.mountpoint):
+        what = "does not exist" if not os.path.exists(req.mountpoint) else "is not a directory"
+        raise MountError(f"mountpoint {req.mountpoint} {what}; create it with mkdir -p")
+    if os.path.realpath(req.mountpoint) == os.path.realpath(req.backing):
+        raise MountError("the mountpoint and the backing directory must differ")
+    if req.mountpoint in mounted_fuse_targets() or os.path.ismount(req.mountpoint):
+        raise MountError(f"{req.mountpoint} is already a mount point; unmount it first "
+                         f"(dccfs umount {req.mountpoint})")
+    if os.listdir(req.mountpoint) and "nonempty" not in req.fuse_options:
+        raise MountError(f"mountpoint {req.mountpoint} is not empty; its files would be hidden "
+                         "(use an empty directory)")
+    if not os.path.exists("/dev/fuse"):
+        raise MountError("/dev/fuse is missing: load the fuse kernel module (modprobe fuse) "
+                         "or give the container --device /dev/fuse")
+    if shutil.which("fusermount3") is None:
+        raise MountError("fusermount3 is not installed (apt-get install fuse3)")
+
+
+def state_dir(backing: str) -> str:
+    path = os.path.join(backing, STATE_DIR)
+    os.makedirs(os.path.join(path, "tmp"), exist_ok=True)
+    return path
+
+
+def take_mount_lock(backing: str, shared: bool) -> int:
+    """One exclusive daemon per backing directory, unless every mount of it says --shared."""
+    fd = os.open(os.path.join(state_dir(backing), LOCK_FILE), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise MountError(f"{backing} is already mounted by another dccfs daemon; mount it with "
+                         "--shared on every node to share it") from None
+    return fd
+
+
+def setup_logging(log_file: str | None, debug: bool) -> logging.Handler:
+    level = logging.DEBUG if debug else logging.INFO
+    if log_file:
+        # WatchedFileHandler reopens the file after logrotate moves it (SIGHUP also reopens).
+        handler: logging.Handler = logging.handlers.WatchedFileHandler(log_file)
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    return handler
+
+
+def raise_fd_limit() -> None:
+    # Every inode the kernel knows holds one O_PATH descriptor.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def daemonize(ready_fd_holder: list) -> None:
+    """Fork twice; the original process waits on a pipe for 'mounted' or an error message."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid:
+        os.close(write_end)
+        with os.fdopen(read_end, "rb") as pipe:
+            message = pipe.read().decode(errors="replace")
+        os.waitpid(pid, 0)
+        if message.startswith("ok"):
+            os._exit(0)
+        sys.stderr.write(f"dccfs: {message or 'the daemon exited before mounting; see its log'}\n")
+        os._exit(1)
+    os.close(read_end)
+    os.setsid()
+    if os.fork():
+        os._exit(0)
+    os.chdir("/")
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    os.close(null)
+    ready_fd_holder.append(write_end)
+
+
+def tell_parent(holder: list, message: str) -> None:
+    if holder:
+        fd = holder.pop()
+        os.write(fd, message.encode())
+        os.close(fd)
+
+
+def run_mount(req: MountRequest) -> int:
+    preflight(req)
+    backing = os.path.realpath(req.backing)
+    mountpoint = os.path.realpath(req.mountpoint)
+    lock_fd = take_mount_lock(backing, req.config.shared)
+    log_file = req.log_file
+    if not req.foreground and log_file is None:
+        log_file = os.path.join(state_dir(backing), DEFAULT_LOG)
+    holder: list = []
+    if not req.foreground:
+        daemonize(holder)
+    handler = setup_logging(log_file, req.debug)
+    try:
+        from dccfs.daemon import serve
+        os.umask(0)  # the kernel already applied the caller's umask to every mode we get
+        raise_fd_limit()
+        with open(os.path.join(state_dir(backing), PID_FILE), "w") as f:
+            f.write(f"{os.getpid()}\n")
+
+        def on_mounted():
+            log.info("mounted %s on %s (pid %d)", backing, mountpoint, os.getpid())
+            tell_parent(holder, "ok")
+
+        def reopen_log(*_):
+            if isinstance(handler, logging.FileHandler):
+                handler.close()  # the next record reopens the file
+        signal.signal(signal.SIGHUP, reopen_log)
+        serve(backing, mountpoint, req, on_mounted)
+    except MountError as exc:
+        log.error("%s", exc)
+        tell_parent(holder, str(exc))
+        return 1
+    except Exception as exc:
+        log.exception("mount failed")
+        tell_parent(holder, f"mount failed: {exc}")
+        return 1
+    finally:
+        os.close(lock_fd)
+    log.info("unmounted %s", mountpoint)
+    return 0
+
+
+def daemon_pid(mountpoint: str) -> int | None:
+    entry = mounted_fuse_targets().get(os.path.realpath(mountpoint))
+    if entry is None:
+        return None
+    source = entry[0]
+    try:
+        with open(os.path.join(source, STATE_DIR, PID_FILE)) as f:
+            return int(f.read().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def run_umount(mountpoint: str, lazy: bool = False) -> None:
+    target = os.path.realpath(mountpoint)
+    entry = mounted_fuse_targets().get(target)
+    if entry is None or not entry[1].startswith("fuse"):
+        raise MountError(f"{mountpoint} is not a FUSE mount")
+    pid = daemon_pid(target)
+    args = ["fusermount3", "-u"] + (["-z"] if lazy else []) + [target]
+    result = subprocess.run(args, capture_output=True, text=True)
+    if result.returncode != 0:
+        reason = result.stderr.strip() or f"fusermount3 exited with {result.returncode}"
+        if "busy" in reason.lower():
+            reason += " (files are open on it: close them, or use --lazy)"
+        raise MountError(f"cannot unmount {mountpoint}: {reason}")
+    if pid is None:
+        return
+    deadline = time.monotonic() + UMOUNT_WAIT_S
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        except PermissionError:
+            return
+        time.sleep(0.05)
+    raise MountError(f"unmounted {mountpoint}, but daemon pid {pid} is still flushing after "
+                     f"{UMOUNT_WAIT_S}s")
