@@ -6,7 +6,7 @@ from collections import OrderedDict
 from typing import Iterable
 
 from .base import Policy
-from .frequency import FrequencyCounter
+from .frequency import CountingBloomFilter, FrequencyCounter
 
 log = logging.getLogger(__name__)
 
@@ -19,14 +19,18 @@ class WTinyLFU(Policy):
     (probation LRU) only if its estimated frequency is strictly higher, else it is evicted.
     A hit in probation promotes to protected (protected_ratio of main); protected overflow
     demotes back to probation. The frequency counter is aged every sample_factor x (resident
-    keys) increments, so it is sized by object count, not bytes (libCacheSim sizes its sketch
-    by cache *bytes*, which is why it is compared in count mode).
+    keys) main-cache hits, as in libCacheSim. Counting also follows libCacheSim: a miss, a
+    main hit and leaving the window each count once; window hits do not. Counts are exact by
+    default (memory bounded by aging), or a counting Bloom filter sized for sketch_entries
+    keys. libCacheSim sizes its sketch and aging by cache *bytes*, which is why the two are
+    compared in count mode (unit sizes).
     """
 
     name = "wtinylfu"
 
     def __init__(self, capacity_bytes: int, *, window_ratio: float = 0.01,
-                 protected_ratio: float = 0.8, sample_factor: int = 10, **params):
+                 protected_ratio: float = 0.8, sample_factor: int = 32,
+                 sketch_entries: int | None = None, **params):
         super().__init__(capacity_bytes, **params)
         self.window_ratio = window_ratio
         self.protected_ratio = protected_ratio
@@ -35,7 +39,11 @@ class WTinyLFU(Policy):
         self._probation: OrderedDict = OrderedDict()
         self._protected: OrderedDict = OrderedDict()
         self._window_bytes = self._probation_bytes = self._protected_bytes = 0
-        self._freq = FrequencyCounter(sample_size=sample_factor * 64)
+        # Exact counts by default; sketch_entries=N uses a counting Bloom filter sized for N
+        # keys, like libCacheSim (whose N is the main cache size in *bytes*).
+        self._freq = (FrequencyCounter() if sketch_entries is None
+                      else CountingBloomFilter(sketch_entries))
+        self._main_hits = 0
         self._missed_key = None  # the key whose miss access() already counted
         self._after_resize()
 
@@ -62,17 +70,31 @@ class WTinyLFU(Policy):
         raise KeyError(key)
 
     def _count(self, key) -> None:
-        # Age relative to how many keys the cache holds, as Caffeine does (10 x maximum size).
-        self._freq.sample_size = self.sample_factor * max(len(self), 64)
         self._freq.increment(key)
+        # Memory guard: a long scan adds keys without any main hit to trigger aging.
+        if len(self._freq) > 2 * self._sample_limit():
+            self._freq.age()
+
+    def _sample_limit(self) -> int:
+        return self.sample_factor * max(len(self), 64)
+
+    def _count_main_hit(self, key) -> None:
+        # Like libCacheSim: the aging clock ticks on main-cache hits only.
+        self._count(key)
+        self._main_hits += 1
+        if self._main_hits >= self._sample_limit():
+            self._main_hits = 0
+            self._freq.age()
 
     def access(self, key) -> bool:
-        self._count(key)
         if key in self._window:
+            # Not counted: the key is counted when it leaves the window (libCacheSim's rule),
+            # so a burst of hits inside the window does not buy admission to main.
             self._window.move_to_end(key)
             return True
         size = self._probation.pop(key, None)
         if size is not None:
+            self._count_main_hit(key)
             self._probation_bytes -= size
             self._protected[key] = size
             self._protected_bytes += size
@@ -83,8 +105,10 @@ class WTinyLFU(Policy):
                 self._probation_bytes += demoted_size
             return True
         if key in self._protected:
+            self._count_main_hit(key)
             self._protected.move_to_end(key)
             return True
+        self._count(key)
         self._missed_key = key
         return False
 
@@ -112,30 +136,46 @@ class WTinyLFU(Policy):
             candidate, size = next(iter(self._window.items()))
             main_bytes = self._probation_bytes + self._protected_bytes
             if main_bytes + size <= self._main_target:
-                self._window.popitem(last=False)
-                self._window_bytes -= size
-                self._probation[candidate] = size
-                self._probation_bytes += size
+                self._leave_window(candidate, size)
+                self._add_to_main(candidate, size)
                 continue
             if not self._probation and not self._protected:
                 break  # main cannot take it at all: evict from the window
             segment, victim = self._main_victim()
             if self._freq.estimate(candidate) > self._freq.estimate(victim):
                 self._drop(segment, victim)
-                self._window.popitem(last=False)
-                self._window_bytes -= size
-                self._probation[candidate] = size
-                self._probation_bytes += size
+                self._leave_window(candidate, size)
+                self._add_to_main(candidate, size)
                 return victim
             break
         if self._window:
-            candidate, size = self._window.popitem(last=False)
-            self._window_bytes -= size
+            candidate, size = next(iter(self._window.items()))
+            self._leave_window(candidate, size)
             self.used -= size
             return candidate
         segment, victim = self._main_victim()
         self._drop(segment, victim)
         return victim
+
+    def _leave_window(self, key, size: int) -> None:
+        del self._window[key]
+        self._window_bytes -= size
+        # Counted on leaving the window, after the admission decision (as libCacheSim does):
+        # this stands in for the window hits that access() did not count.
+        self._count(key)
+
+    def _add_to_main(self, key, size: int) -> None:
+        # Like libCacheSim's SLRU: the first segment with room takes it, so while main is
+        # still filling (warm-up) keys land in protected instead of waiting for a second hit.
+        if self._probation_bytes + size <= self._main_target - self._protected_target:
+            self._probation[key] = size
+            self._probation_bytes += size
+        elif self._protected_bytes + size <= self._protected_target:
+            self._protected[key] = size
+            self._protected_bytes += size
+        else:
+            self._probation[key] = size
+            self._probation_bytes += size
 
     def _drop(self, segment: OrderedDict, key) -> None:
         size = segment.pop(key)
