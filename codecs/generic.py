@@ -106,5 +106,6 @@ def encode_generic(raw: bytes, effort: int, level: int | None) -> tuple[int, byt
         return None
     if effort <= 0 and level is None:
         return CODEC_LZ4, lz4_compress(raw)
-    lvl = level if level is not None else (3 if effort == 1 else 9)
+    # level 6 beats whole-file zstd-3 on text even in 256 KiB chunks; 3 loses ~1.5% there
+    lvl = level if level is not None else (6 if effort == 1 else 15)
     return CODEC_ZSTD, zstd_compress(raw, lvl)

@@ -1,0 +1,130 @@
+"""Benchmark dccfs chunk codecs against zstd-3 and ZipNN: ratio and single-thread MB/s, plus the order-0 bound."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import zstandard
+
+from dccfs.codecs import ChunkHints, decode_chunk, encode_chunk, sniff_layout
+from dccfs.codecs import fields, generic
+from dccfs.codecs.tensor import plan_regions
+
+log = logging.getLogger("bench_codecs")
+CHUNK = 256 * 1024
+ZIPNN_DTYPE = {"bf16": "bfloat16", "f16": "float16", "f32": "float32"}
+
+
+def chunks_with_hints(data: bytes):
+    layout = sniff_layout(data[: 1 << 20], len(data))
+    out = []
+    for off in range(0, len(data), CHUNK):
+        raw = data[off : off + CHUNK]
+        out.append((raw, layout.hints_for(off, raw) if layout else ChunkHints()))
+    return layout, out
+
+
+def bench_ours(data: bytes, chunks) -> tuple[float, float, float, Counter]:
+    t0 = time.perf_counter()
+    encoded = [encode_chunk(raw, hints) for raw, hints in chunks]
+    t1 = time.perf_counter()
+    for (raw, _), enc in zip(chunks, encoded):
+        if decode_chunk(enc.codec_id, enc.params, enc.payload, len(raw)) != raw:
+            raise SystemExit("round-trip mismatch")
+    t2 = time.perf_counter()
+    stored = sum(len(e.params) + len(e.payload) for e in encoded)
+    return stored / len(data), len(data) / (t1 - t0) / 1e6, len(data) / (t2 - t1) / 1e6, Counter(e.codec_id for e in encoded)
+
+
+def bench_zstd3(data: bytes) -> tuple[float, float, float]:
+    t0 = time.perf_counter()
+    comp = zstandard.ZstdCompressor(level=3).compress(data)
+    t1 = time.perf_counter()
+    zstandard.ZstdDecompressor().decompress(comp, max_output_size=len(data))
+    t2 = time.perf_counter()
+    return len(comp) / len(data), len(data) / (t1 - t0) / 1e6, len(data) / (t2 - t1) / 1e6
+
+
+def bench_zipnn(data: bytes, dtype: str) -> tuple[float, float, float] | None:
+    try:
+        import zipnn
+    except ImportError:
+        return None
+    z = zipnn.ZipNN(input_format="byte", bytearray_dtype=dtype, threads=1)
+    buf = bytearray(data)  # ZipNN reorders its input in place
+    t0 = time.perf_counter()
+    comp = z.compress(buf)
+    t1 = time.perf_counter()
+    out = z.decompress(comp)
+    t2 = time.perf_counter()
+    if bytes(out) != data:
+        log.warning("zipnn round-trip mismatch")
+    return len(comp) / len(data), len(data) / (t1 - t0) / 1e6, len(data) / (t2 - t1) / 1e6
+
+
+def plane_bound(chunks) -> float:
+    """Order-0 entropy of byte planes per chunk (float regions split by byte position, the rest as bytes)."""
+    bits = 0.0
+    total = 0
+    for raw, hints in chunks:
+        arr = np.frombuffer(raw, np.uint8)
+        by_class: dict[int, list[np.ndarray]] = {}
+        pos = 0
+        for length, cls in plan_regions(len(raw), hints.segments):
+            by_class.setdefault(cls, []).append(arr[pos : pos + length])
+            pos += length
+        for cls, parts in by_class.items():
+            data = np.concatenate(parts)
+            width = fields.CLASSES[cls][0]
+            planes = np.empty((width, data.size // width), np.uint8)
+            fields._split_planes(data, width, planes)
+            bits += sum(generic.order0_bits(p) * p.size for p in planes)
+        total += len(raw)
+    return bits / 8 / max(total, 1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("files", nargs="+", type=Path)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
+    encode_chunk(b"\x00\x01" * 70000, ChunkHints())  # load the numba caches before timing
+    rows = []
+    for path in args.files:
+        data = path.read_bytes()
+        layout, chunks = chunks_with_hints(data)
+        dtypes = Counter()
+        for _, hints in chunks:
+            for seg in hints.segments:
+                dtypes[seg.dtype] += seg.length
+        main_dtype = dtypes.most_common(1)[0][0] if dtypes else "bf16"
+        ours = bench_ours(data, chunks)
+        z3 = bench_zstd3(data)
+        zn = bench_zipnn(data, ZIPNN_DTYPE.get(main_dtype, "bfloat16"))
+        bound = plane_bound(chunks)
+        log.info(
+            "%s: %d bytes, layout %s, dtype %s, codecs %s",
+            path.name, len(data), layout.kind if layout else "-", main_dtype, dict(ours[3]),
+        )
+        log.info("  ours   ratio %.4f  comp %7.0f MB/s  dec %7.0f MB/s", *ours[:3])
+        log.info("  zstd-3 ratio %.4f  comp %7.0f MB/s  dec %7.0f MB/s", *z3)
+        if zn:
+            log.info("  zipnn  ratio %.4f  comp %7.0f MB/s  dec %7.0f MB/s", *zn)
+        log.info("  order-0 byte-plane bound %.4f", bound)
+        rows.append((path.name, len(data), ours, z3, zn, bound))
+    log.info("")
+    log.info("| file | size | ours ratio | ours comp MB/s | ours dec MB/s | zstd-3 ratio | zipnn ratio | zipnn comp MB/s | zipnn dec MB/s | plane bound |")
+    log.info("|---|---|---|---|---|---|---|---|---|---|")
+    for name, size, ours, z3, zn, bound in rows:
+        zn_cells = "%.4f | %.0f | %.0f" % zn if zn else "- | - | -"
+        log.info("| %s | %d | %.4f | %.0f | %.0f | %.4f | %s | %.4f |", name, size, *ours[:3], z3[0], zn_cells, bound)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
