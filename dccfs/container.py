@@ -307,7 +307,7 @@ class Container:
         index after, so a machine crash can never expose an index whose chunks are missing.
         """
         with self._lock:
-            if not self.dirty:
+            if not self.pending and size == self.committed_size:
                 if durable:
                     os.fdatasync(self.fd)
                 return

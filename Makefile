@@ -1,0 +1,51 @@
+# dccfs: `make run` sets up and runs the demo, `make test` sets up and runs the test suite.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+CORPUS := .corpus
+SHARED_CORPUS := ../shared/corpus/build_corpus.py
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+PYTEST_ARGS ?=
+
+.PHONY: setup system-deps corpus corpus-full run test stress bench clean
+
+setup: $(STAMP)
+
+system-deps:
+	@if ! command -v fusermount3 >/dev/null || ! command -v pkg-config >/dev/null \
+	    || ! pkg-config --exists fuse3; then \
+	  echo "installing fuse3, libfuse3-dev and pkg-config with apt"; \
+	  $(SUDO) apt-get update -qq && \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fuse3 libfuse3-dev pkg-config; \
+	fi
+
+$(STAMP): pyproject.toml | system-deps
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q -U pip
+	$(VENV)/bin/pip install -q -e '.[test]'
+	touch $@
+
+corpus: $(STAMP)
+	$(PY) $(SHARED_CORPUS) $(CORPUS) > /dev/null
+
+corpus-full: $(STAMP)
+	$(PY) $(SHARED_CORPUS) $(CORPUS) --mpnet --checkpoints > /dev/null
+
+run: corpus
+	$(PY) tools/demo.py --corpus $(CORPUS) --demo-dir demo
+
+test: corpus
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+stress: corpus
+	DCCFS_STRESS=1 $(PY) -m pytest -m stress $(PYTEST_ARGS)
+
+bench: corpus-full
+	$(VENV)/bin/pip install -q -e '.[test,bench]'
+	$(PY) tools/bench_codecs.py $(CORPUS)/real/*.safetensors $(CORPUS)/ckpt/*step20* $(CORPUS)/other/*
+
+clean:
+	-fusermount3 -u demo/mnt 2>/dev/null
+	rm -rf $(VENV) demo build *.egg-info

@@ -1,0 +1,55 @@
+"""Shared fixtures: real dccfs mounts on temporary directories, and the built corpus."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from mounting import Mount  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+CORPUS = Path(os.environ.get("DCCFS_CORPUS", REPO / ".corpus"))
+
+
+def pytest_collection_modifyitems(config, items):
+    if not os.path.exists("/dev/fuse") or os.geteuid() != 0:
+        skip = pytest.mark.skip(reason="needs root and /dev/fuse")
+        for item in items:
+            if "mount" in item.keywords:
+                item.add_marker(skip)
+
+
+@pytest.fixture
+def make_mount(tmp_path):
+    """Factory for mounts; every mount is unmounted at teardown even when the test fails,
+    and the test fails if a daemon logged an error it did not expect."""
+    mounts: list[Mount] = []
+
+    def factory(name: str = "m", *args: str, backing: Path | None = None) -> Mount:
+        mount = Mount(backing or tmp_path / f"{name}-backing", tmp_path / f"{name}-mnt",
+                      tmp_path / f"{name}.log", args)
+        mounts.append(mount)
+        return mount.start()
+
+    yield factory
+    surprises = []
+    for mount in mounts:
+        mount.stop()
+        surprises += mount.surprises()
+    if surprises:
+        pytest.fail("the daemon logged unexpected errors:\n" + "\n".join(surprises[:20]))
+
+
+@pytest.fixture
+def mounted(make_mount):
+    return make_mount()
+
+
+@pytest.fixture(scope="session")
+def corpus() -> Path:
+    if not (CORPUS / "models" / "minilm" / "model.safetensors").exists():
+        pytest.skip(f"corpus not built at {CORPUS} (make corpus)")
+    return CORPUS

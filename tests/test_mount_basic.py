@@ -1,0 +1,162 @@
+"""Real-mount tests of the namespace: files, dirs, links, renames, xattrs, sizes, ownership."""
+from __future__ import annotations
+
+import errno
+import os
+import stat
+
+import pytest
+
+pytestmark = pytest.mark.mount
+
+
+def test_write_read_roundtrip_and_logical_size(mounted):
+    data = os.urandom(100_000) + bytes(300_000) + b"x" * 500_000
+    path = mounted.mnt / "f.bin"
+    path.write_bytes(data)
+    assert path.read_bytes() == data
+    assert path.stat().st_size == len(data)
+    stored = (mounted.backing / "f.bin").stat().st_size
+    assert stored < len(data)  # zeros and repeats compress
+    assert path.stat().st_blocks * 512 < len(data)
+
+
+def test_empty_file_and_truncate_extend_is_a_hole(mounted):
+    path = mounted.mnt / "sparse"
+    path.touch()
+    assert path.read_bytes() == b""
+    os.truncate(path, 50 << 20)
+    assert path.stat().st_size == 50 << 20
+    assert (mounted.backing / "sparse").stat().st_size < 4096
+    with open(path, "rb") as f:
+        f.seek(30 << 20)
+        assert f.read(10) == bytes(10)
+
+
+def test_truncate_shrink_then_grow_reads_zeros(mounted):
+    path = mounted.mnt / "t"
+    path.write_bytes(b"a" * 600_000)
+    os.truncate(path, 300_001)
+    os.truncate(path, 700_000)
+    data = path.read_bytes()
+    assert data[:300_001] == b"a" * 300_001
+    assert data[300_001:] == bytes(700_000 - 300_001)
+
+
+def test_dirs_symlinks_hardlinks_and_rename(mounted):
+    m = mounted.mnt
+    (m / "d1" / "d2").mkdir(parents=True)
+    (m / "d1" / "d2" / "f").write_bytes(b"hello")
+    os.symlink("d2/f", m / "d1" / "link")
+    assert os.readlink(m / "d1" / "link") == "d2/f"
+    assert (m / "d1" / "link").read_bytes() == b"hello"
+    os.link(m / "d1" / "d2" / "f", m / "hard")
+    assert (m / "hard").stat().st_nlink == 2
+    assert (m / "hard").stat().st_ino == (m / "d1" / "d2" / "f").stat().st_ino
+    with open(m / "d1" / "d2" / "f", "rb") as held:
+        os.rename(m / "d1", m / "renamed")
+        assert held.read() == b"hello"
+        assert (m / "renamed" / "d2" / "f").read_bytes() == b"hello"
+    (m / "other").write_bytes(b"other")
+    os.rename(m / "other", m / "hard")
+    assert (m / "hard").read_bytes() == b"other"
+    assert sorted(os.listdir(m)) == ["hard", "renamed"]
+    with pytest.raises(OSError) as exc:
+        os.rmdir(m / "renamed")
+    assert exc.value.errno == errno.ENOTEMPTY
+
+
+def test_unlink_while_open_keeps_data(mounted):
+    path = mounted.mnt / "u"
+    path.write_bytes(b"z" * 1_000_000)
+    with open(path, "r+b") as f:
+        os.unlink(path)
+        assert not path.exists()
+        assert f.read() == b"z" * 1_000_000
+        f.seek(0)
+        f.write(b"A")
+        f.flush()
+        f.seek(0)
+        assert f.read(2) == b"Az"
+
+
+def test_two_handles_with_different_modes(mounted):
+    path = mounted.mnt / "two"
+    path.write_bytes(b"0123456789")
+    reader = open(path, "rb")
+    writer = open(path, "r+b")
+    writer.seek(5)
+    writer.write(b"abc")
+    writer.flush()
+    assert reader.read() == b"01234abc89"
+    with pytest.raises(OSError):
+        os.write(reader.fileno(), b"nope")
+    reader.close()
+    writer.close()
+
+
+def test_xattrs_statfs_fifo_and_chmod(mounted):
+    path = mounted.mnt / "x"
+    path.write_bytes(b"x")
+    os.setxattr(path, "user.k", b"v")
+    assert os.getxattr(path, "user.k") == b"v"
+    assert "user.k" in os.listxattr(path)
+    os.removexattr(path, "user.k")
+    with pytest.raises(OSError):
+        os.getxattr(path, "user.k")
+    assert os.statvfs(mounted.mnt).f_blocks > 0
+    os.mkfifo(mounted.mnt / "fifo")
+    assert stat.S_ISFIFO((mounted.mnt / "fifo").stat().st_mode)
+    os.chmod(path, 0o640)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o640
+    os.chown(path, 1234, 5678)
+    assert (path.stat().st_uid, path.stat().st_gid) == (1234, 5678)
+    os.utime(path, ns=(1_000_000_000, 2_000_000_000))
+    assert path.stat().st_mtime_ns == 2_000_000_000
+
+
+def test_create_honours_mode_and_umask_once(mounted):
+    old = os.umask(0o027)
+    try:
+        fd = os.open(mounted.mnt / "m", os.O_CREAT | os.O_WRONLY, 0o666)
+        os.close(fd)
+        os.mkdir(mounted.mnt / "dm", 0o777)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((mounted.mnt / "m").stat().st_mode) == 0o640
+    assert stat.S_IMODE((mounted.mnt / "dm").stat().st_mode) == 0o750
+
+
+def test_state_dir_is_hidden_and_reserved(mounted):
+    assert ".dccfs" not in os.listdir(mounted.mnt)
+    assert (mounted.backing / ".dccfs").is_dir()
+    with pytest.raises(OSError):
+        (mounted.mnt / ".dccfs").mkdir()
+
+
+def test_plain_backing_files_read_and_write_through(make_mount, tmp_path):
+    backing = tmp_path / "pre-backing"
+    backing.mkdir()
+    (backing / "plain.txt").write_bytes(b"existing bytes")
+    mount = make_mount("pre", backing=backing)
+    p = mount.mnt / "plain.txt"
+    assert p.read_bytes() == b"existing bytes"
+    with open(p, "r+b") as f:
+        f.seek(9)
+        f.write(b"BYTES")
+    assert (backing / "plain.txt").read_bytes() == b"existing BYTES"
+
+
+def test_append_mode(mounted):
+    path = mounted.mnt / "log"
+    for i in range(5):
+        with open(path, "ab") as f:
+            f.write(b"line %d\n" % i)
+    assert path.read_bytes() == b"".join(b"line %d\n" % i for i in range(5))
+
+
+def test_data_survives_remount(mounted):
+    data = os.urandom(3 << 20)
+    (mounted.mnt / "keep").write_bytes(data)
+    mounted.remount()
+    assert (mounted.mnt / "keep").read_bytes() == data
