@@ -1,0 +1,202 @@
+"""Offline tools on an unmounted backing directory: cat, fsck, and (from offline_convert) pack and unpack."""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import click
+
+from dccfs.container import ChunkError, Container, ContainerError
+from dccfs.offline_common import (
+    OfflineError, byte_progress, chunk_byte_range, copy_plain, decoded_chunks, describe_range,
+    file_kind, find_temps, offline_lock, ratio, walk_files,
+)
+from dccfs.offline_convert import run_pack, run_unpack
+
+log = logging.getLogger(__name__)
+
+__all__ = ["OfflineError", "run_fsck", "run_pack", "run_unpack", "write_decoded"]
+
+_ZERO_BLOCK = bytes(1 << 20)
+
+
+def _write_zeros(out, length: int) -> None:
+    while length > 0:
+        step = min(length, len(_ZERO_BLOCK))
+        out.write(memoryview(_ZERO_BLOCK)[:step])
+        length -= step
+
+
+def write_decoded(path: str, out) -> None:
+    """Write the logical content of one backing file to a binary stream.
+
+    A container is decoded chunk by chunk, every chunk verified, holes written as zeros;
+    anything else is copied unchanged (the mount reads it the same way). On a damaged
+    chunk the bytes before it have already been written, and OfflineError names the
+    file, the chunk and its byte range.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise OfflineError(f"{path}: cannot open: {exc.strerror}") from exc
+    try:
+        if file_kind(fd) != "container":
+            copy_plain(fd, out)
+        else:
+            try:
+                container = Container.open(fd, path)
+            except ContainerError as exc:
+                raise OfflineError(f"{path}: cannot read the container: {exc.reason}") from exc
+            for _, raw, length in decoded_chunks(container):
+                if raw is None:
+                    _write_zeros(out, length)
+                else:
+                    out.write(raw)
+                    _write_zeros(out, length - len(raw))
+        out.flush()
+    except OSError as exc:
+        raise OfflineError(f"{path}: read failed: {exc.strerror or exc}") from exc
+    finally:
+        os.close(fd)
+
+
+@dataclass
+class FsckTotals:
+    files: int = 0
+    containers: int = 0
+    plain: int = 0
+    plain_bytes: int = 0
+    logical: int = 0
+    stored: int = 0
+    damaged: int = 0
+    repaired: int = 0
+
+    def summary(self) -> str:
+        return (f"{self.files} files: {self.containers} containers, {self.plain} plain "
+                f"({self.plain_bytes} bytes); containers hold {self.logical} logical bytes in "
+                f"{self.stored} stored bytes (ratio {ratio(self.logical, self.stored)}); "
+                f"{self.damaged} damaged, {self.repaired} repaired")
+
+
+def _report(message: str) -> None:
+    click.echo(message)
+
+
+def _cut_torn_tail(path: str, container: Container) -> str:
+    """Truncate the bytes past the last commit; returns what was done. Touches nothing else."""
+    rec = container.recovery
+    fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if st.st_size != rec.file_end:
+            raise OSError(0, f"file changed size during fsck ({rec.file_end} -> {st.st_size})")
+        os.ftruncate(fd, rec.committed_end)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return f"cut {rec.torn_tail} torn-tail bytes at offset {rec.committed_end}"
+
+
+def _check_container(path: str, fd: int, repair: bool, totals: FsckTotals, advance) -> bool:
+    """Check one container; returns True when it is (now) clean."""
+    try:
+        container = Container.open(fd, path)
+    except ContainerError as exc:
+        _report(f"{path}: DAMAGED: cannot open the container: {exc.reason}")
+        return False
+    rec = container.recovery
+    totals.containers += 1
+    totals.logical += container.size
+    totals.stored += rec.file_end
+    clean = True
+    if rec.used_scan:
+        _report(f"{path}: no valid trailer at the end; the last commit (ending at offset "
+                f"{rec.committed_end}) was recovered by scanning")
+    if rec.torn_tail:
+        if repair:
+            try:
+                _report(f"{path}: {_cut_torn_tail(path, container)}")
+                totals.repaired += 1
+            except OSError as exc:
+                _report(f"{path}: DAMAGED: cannot cut the {rec.torn_tail}-byte torn tail: "
+                        f"{exc.strerror or exc}")
+                clean = False
+        else:
+            _report(f"{path}: TORN TAIL: {rec.torn_tail} bytes past the last commit (offsets "
+                    f"{rec.committed_end}-{rec.file_end - 1}); run fsck --repair to cut them")
+            clean = False
+    checked = 0
+    for idx in sorted(container.index):
+        loc = container.index[idx]
+        start, end = chunk_byte_range(container, idx)
+        try:
+            container.read_chunk(idx)
+        except ChunkError as exc:
+            _report(f"{path}: DAMAGED: chunk {idx} ({describe_range(start, end)}, record at "
+                    f"offset {loc.offset}): {exc.reason}")
+            clean = False
+        checked += loc.length
+        advance(loc.length)
+    advance(max(0, rec.file_end - checked))
+    return clean
+
+
+def _check_file(path: str, st: os.stat_result, repair: bool, totals: FsckTotals, advance) -> None:
+    totals.files += 1
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        _report(f"{path}: DAMAGED: cannot open: {exc.strerror}")
+        totals.damaged += 1
+        advance(st.st_size)
+        return
+    try:
+        kind = file_kind(fd)
+        if kind == "container":
+            clean = _check_container(path, fd, repair, totals, advance)
+        else:
+            totals.plain += 1
+            totals.plain_bytes += st.st_size
+            advance(st.st_size)
+            clean = kind == "plain"
+            if not clean:
+                _report(f"{path}: DAMAGED: starts with the container magic but its header is "
+                        "invalid (a container whose header was destroyed, or one torn while "
+                        "being created); it reads as a plain file")
+    except OSError as exc:
+        _report(f"{path}: DAMAGED: read failed: {exc.strerror or exc}")
+        clean = False
+    finally:
+        os.close(fd)
+    if not clean:
+        totals.damaged += 1
+
+
+def run_fsck(backing: str, repair: bool, progress: bool) -> int:
+    """Verify every container under backing (skipping .dccfs); returns the exit status:
+    0 when everything is clean or was repaired, 1 when damage remains."""
+    totals = FsckTotals()
+    try:
+        _fsck_walk(backing, repair, progress, totals)
+    except OfflineError as exc:
+        click.echo(f"dccfs fsck: {exc}", err=True)
+        return 1
+    for temp in find_temps(backing):
+        _report(f"{temp}: a temp file left by an interrupted pack/unpack (re-run it; "
+                "it removes the temp once its process is gone)")
+    _report(totals.summary())
+    return 1 if totals.damaged else 0
+
+
+def _fsck_walk(backing: str, repair: bool, progress: bool, totals: FsckTotals) -> None:
+    with offline_lock(backing, required=repair):
+        files = list(walk_files(backing))
+        seen: set[tuple[int, int]] = set()
+        with byte_progress(progress, sum(f.st.st_size for f in files), "fsck") as advance:
+            for found in files:
+                key = (found.st.st_dev, found.st.st_ino)
+                if key in seen:
+                    continue
+                seen.add(key)
+                _check_file(found.path, found.st, repair, totals, advance)
