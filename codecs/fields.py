@@ -63,6 +63,19 @@ def _merge_f32(e, sm, m1, m0, u):
 
 
 @numba.njit(nogil=True, cache=True)
+def _split_f16(u, hi, lo):
+    for i in range(u.size):
+        hi[i] = u[i] >> 8
+        lo[i] = u[i] & 0xFF
+
+
+@numba.njit(nogil=True, cache=True)
+def _merge_f16(hi, lo, u):
+    for i in range(u.size):
+        u[i] = (np.uint16(hi[i]) << 8) | np.uint16(lo[i])
+
+
+@numba.njit(nogil=True, cache=True)
 def _split_planes(b, width, planes):
     # planes[k] holds byte (width-1-k) of every element: most significant plane first
     n = b.size // width
@@ -91,6 +104,10 @@ def split(cls: int, data: np.ndarray) -> list[np.ndarray]:
         out = [np.empty(n, np.uint8) for _ in range(4)]
         _split_f32(data.view("<u4"), *out)
         return out
+    if cls == CLASS_F16:
+        hi, lo = np.empty(n, np.uint8), np.empty(n, np.uint8)
+        _split_f16(data.view("<u2"), hi, lo)
+        return [hi, lo]
     if cls == CLASS_GENERIC:
         return [data]
     planes = np.empty((width, n), np.uint8)
@@ -111,6 +128,10 @@ def merge(cls: int, streams: list[np.ndarray], nbytes: int) -> np.ndarray:
     if cls == CLASS_F32:
         u = np.empty(n, "<u4")
         _merge_f32(*streams, u)
+        return u.view(np.uint8)
+    if cls == CLASS_F16:
+        u = np.empty(n, "<u2")
+        _merge_f16(streams[0], streams[1], u)
         return u.view(np.uint8)
     out = np.empty(nbytes, np.uint8)
     _merge_planes(np.stack(streams), width, out)
