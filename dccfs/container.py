@@ -127,13 +127,12 @@ class Container:
     @classmethod
     def create(cls, fd: int, path: str, chunk_shift: int) -> "Container":
         """Write a fresh, committed, empty container into the (empty) file behind fd."""
+        # A header alone is a valid empty file; the first commit writes a full index.
         header = Header.new(chunk_shift, time.time_ns())
-        index_rec = pack_index(INDEX_FULL, 0, 0, {})
-        blob = header.pack() + index_rec + trailer_record(0, HEADER_SIZE)
         os.ftruncate(fd, 0)
-        pwrite_all(fd, blob, 0)
-        rec = Recovery(len(blob), len(blob), False)
-        return cls(fd, path, header, {}, 0, len(blob), HEADER_SIZE, 0, rec)
+        pwrite_all(fd, header.pack(), 0)
+        rec = Recovery(HEADER_SIZE, HEADER_SIZE, False)
+        return cls(fd, path, header, {}, 0, HEADER_SIZE, 0, 0, rec)
 
     @classmethod
     def open(cls, fd: int, path: str) -> "Container":
