@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import click
 
 from dccfs.container import ChunkError, Container, ContainerError
+from dccfs.format import HEADER_SIZE
 from dccfs.offline_common import (
     OfflineError, byte_progress, chunk_byte_range, copy_plain, decoded_chunks, describe_range,
     file_kind, find_temps, offline_lock, ratio, walk_files,
@@ -110,7 +111,7 @@ def _check_container(path: str, fd: int, repair: bool, totals: FsckTotals, advan
     totals.logical += container.size
     totals.stored += rec.file_end
     clean = True
-    if rec.used_scan:
+    if rec.used_scan and rec.file_end > HEADER_SIZE:  # a bare header is a valid empty container
         _report(f"{path}: no valid trailer at the end; the last commit (ending at offset "
                 f"{rec.committed_end}) was recovered by scanning")
     if rec.torn_tail:
