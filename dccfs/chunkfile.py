@@ -105,6 +105,8 @@ class ContainerFile:
             return None
         key = (self.file_id, idx, loc.offset)
         cache = self.engine.cache
+        if not prefetch:
+            self.engine.record_access(key, loc.length, False)
         data = cache.get(key) if not prefetch else None
         if data is not None:
             return data
@@ -119,7 +121,6 @@ class ContainerFile:
             data = await trio.to_thread.run_sync(self._read_verified, idx, loc,
                                                  limiter=self.engine.io_limiter)
             cache.put(key, data)
-            self.engine.record_access(hash(key) & 0x7FFFFFFFFFFFFFFF, len(data), False)
             return data
         finally:
             del self._loading[key]
@@ -237,9 +238,9 @@ class ContainerFile:
                 loc = await trio.to_thread.run_sync(
                     self.container.append_chunk, idx, encoded, len(raw), raw_sum,
                     limiter=self.engine.io_limiter)
-                self.engine.cache.put((self.file_id, idx, loc.offset), raw, is_write=True)
-                self.engine.record_access(hash((self.file_id, idx, loc.offset)) & 0x7FFFFFFFFFFFFFFF,
-                                          len(raw), True)
+                key = (self.file_id, idx, loc.offset)
+                self.engine.cache.put(key, raw, is_write=True)
+                self.engine.record_access(key, len(raw), True)
             if self.versions.get(idx) == version:
                 self._drop_dirty(idx)
         finally:

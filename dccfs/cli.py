@@ -80,6 +80,64 @@ def umount(mountpoint, lazy):
         _fail(str(exc))
 
 
+def _control(mountpoint: str, payload: dict) -> dict:
+    from dccfs.control import request
+    from dccfs.mount import mounted_fuse_targets
+    import os
+    target = os.path.realpath(mountpoint)
+    entry = mounted_fuse_targets().get(target)
+    if entry is None or entry[1] != "fuse.dccfs":
+        _fail(f"{mountpoint} is not a dccfs mount")
+    try:
+        reply = request(entry[0], target, payload)
+    except OSError as exc:
+        _fail(f"cannot reach the daemon of {mountpoint}: {exc.strerror or exc}")
+    if not reply.get("ok"):
+        _fail(reply.get("error", "the daemon refused the request"))
+    return reply
+
+
+@main.command()
+@click.argument("mountpoint", type=click.Path(exists=True, file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--files", "files_path", metavar="PATH", default=None,
+              help="Instead: per-file stored size, ratio and codecs under PATH (relative to the mount).")
+def stats(mountpoint, as_json, files_path):
+    """Show a live mount's cache, codec, latency and error figures."""
+    from dccfs.report import print_files, print_stats
+    if files_path is not None:
+        import os
+        rel = os.path.relpath(os.path.realpath(os.path.join(mountpoint, files_path)),
+                              os.path.realpath(mountpoint)) if not os.path.isabs(files_path) else \
+            os.path.relpath(os.path.realpath(files_path), os.path.realpath(mountpoint))
+        reply = _control(mountpoint, {"cmd": "files", "path": "" if rel == "." else rel})
+        print_files(reply["files"], as_json)
+    else:
+        reply = _control(mountpoint, {"cmd": "stats"})
+        print_stats(reply, as_json)
+
+
+@main.command()
+@click.argument("mountpoint", type=click.Path(exists=True, file_okay=False))
+@click.argument("settings", nargs=-1, metavar="KEY=VALUE...")
+def tune(mountpoint, settings):
+    """Change cache settings on a live mount without remounting.
+
+    Keys: policy (lru, arc, s3fifo, sieve, wtinylfu), t0_bytes (e.g. 2GiB), dirty_bytes,
+    readahead_chunks, write_admit (hot, low, bypass), trace (a file path, or off).
+    With no KEY=VALUE, prints the current settings. Only root or the mount owner may tune.
+    """
+    import json
+    changes = {}
+    for item in settings:
+        key, sep, value = item.partition("=")
+        if not sep:
+            _fail(f"expected KEY=VALUE, got {item!r}")
+        changes[key.strip()] = value.strip()
+    reply = _control(mountpoint, {"cmd": "tune", "set": changes} if changes else {"cmd": "stats"})
+    click.echo(json.dumps(reply["cache"], indent=2))
+
+
 @main.command()
 @click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
 def cat(paths):

@@ -28,6 +28,12 @@ class DirtyBudget:
         self._pressure_hooks: list[Callable[[], None]] = []
         stats.dirty_budget = limit
 
+    def set_limit(self, limit: int) -> None:
+        self.limit = limit
+        self._stats.dirty_budget = limit
+        self._released.set()
+        self._released = trio.Event()
+
     def on_pressure(self, hook: Callable[[], None]) -> None:
         self._pressure_hooks.append(hook)
 
@@ -76,8 +82,12 @@ class Engine:
                                time.perf_counter() - started)
         return encoded, raw_sum
 
-    def record_access(self, obj_id: int, size: int, is_write: bool) -> None:
+    def record_access(self, key: tuple, size: int, is_write: bool) -> None:
+        """Append a chunk request to the trace, when recording; ids are stable across runs."""
         if self.trace is not None:
+            file_id, idx, offset = key
+            obj_id = xxhash.xxh3_64_intdigest(file_id + idx.to_bytes(8, "little")
+                                              + offset.to_bytes(8, "little"))
             self.trace.record(time.time(), obj_id, size, is_write)
 
     def start_background(self, fn, *args) -> None:

@@ -1,0 +1,186 @@
+"""The control channel of a live mount: a Unix socket for stats and tune, checked by peer uid.
+
+Protocol: the client sends one JSON object per line and gets one JSON object back.
+  {"cmd": "stats"}                      -> {"ok": true, "stats": {...}, "cache": {...}}
+  {"cmd": "tune", "set": {"key": val}}  -> {"ok": true, "cache": {...}}
+  {"cmd": "files", "path": "rel/path"}  -> {"ok": true, "files": [...]}
+Only root and the user who mounted may connect (SO_PEERCRED), whatever the socket mode.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import socket
+import struct
+from dataclasses import asdict, replace
+
+import trio
+
+from dccfs.config import ConfigError, check_cache_value
+
+log = logging.getLogger(__name__)
+
+MAX_REQUEST = 1 << 16
+TUNABLE = ("policy", "t0_bytes", "dirty_bytes", "readahead_chunks", "write_admit", "trace")
+
+
+def socket_path(backing: str, mountpoint: str) -> str:
+    """One socket per mount, so several nodes can share a backing directory."""
+    tag = hashlib.sha1(os.path.realpath(mountpoint).encode()).hexdigest()[:12]
+    return os.path.join(backing, ".dccfs", f"control-{tag}.sock")
+
+
+def peer_uid(sock) -> int:
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return struct.unpack("3i", creds)[1]
+
+
+class ControlServer:
+    def __init__(self, backing: str, mountpoint: str, ops, engine, req):
+        self.ops = ops
+        self.engine = engine
+        self.owner_uid = os.getuid()
+        self.path = socket_path(backing, mountpoint)
+        self._sock = None
+        if req.trace:
+            self.set_trace(req.trace)
+        if req.metrics:
+            from dccfs.metrics import serve_metrics
+            serve_metrics(req.metrics, engine)
+
+    async def serve(self) -> None:
+        if os.path.exists(self.path):
+            os.unlink(self.path)
+        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        await sock.bind(self.path)
+        os.chmod(self.path, 0o666)  # access is decided by peer uid, not by the mode
+        sock.listen(16)
+        self._sock = sock
+        async with trio.open_nursery() as nursery:
+            while True:
+                conn, _ = await sock.accept()
+                nursery.start_soon(self._handle_guarded, conn)
+
+    async def _handle_guarded(self, conn) -> None:
+        # A broken client must never take the mount down with it.
+        try:
+            await self._handle(conn)
+        except Exception:
+            log.exception("control connection failed")
+
+    async def _handle(self, conn) -> None:
+        with conn:
+            try:
+                uid = peer_uid(conn)
+                data = b""
+                while not data.endswith(b"\n") and len(data) < MAX_REQUEST:
+                    more = await conn.recv(4096)
+                    if not more:
+                        break
+                    data += more
+                if uid not in (0, self.owner_uid):
+                    log.warning("control: refused uid %d (only root and uid %d may control this mount)",
+                                uid, self.owner_uid)
+                    reply = {"ok": False, "error": f"permission denied: uid {uid} is neither root "
+                                                   f"nor the mount owner (uid {self.owner_uid})"}
+                else:
+                    request = json.loads(data or b"{}")
+                    if request.get("cmd") == "files":
+                        # Reads every chunk header of the files: keep it off the FUSE thread.
+                        reply = await trio.to_thread.run_sync(self.dispatch, request)
+                    else:
+                        reply = self.dispatch(request)
+            except (ValueError, ConfigError) as exc:
+                reply = {"ok": False, "error": str(exc)}
+            except Exception as exc:
+                log.exception("control request failed")
+                reply = {"ok": False, "error": f"internal error: {exc}"}
+            out = memoryview(json.dumps(reply).encode() + b"\n")
+            try:
+                while out:
+                    sent = await conn.send(out)
+                    out = out[sent:]
+            except OSError:
+                pass
+
+    def dispatch(self, request: dict) -> dict:
+        cmd = request.get("cmd")
+        if cmd == "stats":
+            return {"ok": True, "stats": self.engine.stats.snapshot(), "cache": self.cache_settings()}
+        if cmd == "tune":
+            return self.tune(request.get("set") or {})
+        if cmd == "files":
+            return {"ok": True, "files": self.describe_files(request.get("path") or "")}
+        raise ValueError(f"unknown command {cmd!r} (stats, tune, files)")
+
+    def describe_files(self, relpath: str) -> list[dict]:
+        from dccfs.inspect import describe_tree
+        root = os.path.realpath(os.path.join(self.ops.backing_root, relpath.lstrip("/")))
+        if not root.startswith(self.ops.backing_root):
+            raise ValueError(f"{relpath} is outside the mount")
+        rows = describe_tree(root)
+        for row in rows:
+            row["path"] = os.path.relpath(row["path"], self.ops.backing_root)
+        return rows
+
+    def cache_settings(self) -> dict:
+        settings = asdict(self.engine.config.cache)
+        settings["trace"] = getattr(self.engine.trace, "path", "off")
+        return settings
+
+    def tune(self, changes: dict) -> dict:
+        unknown = [k for k in changes if k not in TUNABLE]
+        if unknown:
+            raise ConfigError(f"unknown key {unknown[0]!r} (tunable: {', '.join(TUNABLE)})")
+        checked = {k: check_cache_value(k, v, f"tune {k}") for k, v in changes.items() if k != "trace"}
+        engine = self.engine
+        cache = engine.config.cache
+        new_cache = replace(cache, **checked)
+        if new_cache.policy != cache.policy or new_cache.t0_bytes != cache.t0_bytes \
+                or new_cache.write_admit != cache.write_admit:
+            engine.cache.reconfigure(new_cache.policy, new_cache.t0_bytes,
+                                     new_cache.write_admit if new_cache.write_admit != cache.write_admit else None)
+        if new_cache.dirty_bytes != cache.dirty_bytes:
+            engine.dirty.set_limit(new_cache.dirty_bytes)
+        engine.config = replace(engine.config, cache=new_cache)
+        if "trace" in changes:
+            self.set_trace(str(changes["trace"]))
+        log.info("tuned: %s", changes)
+        return {"ok": True, "cache": self.cache_settings()}
+
+    def set_trace(self, target: str) -> None:
+        from dccfs.trace import TraceWriter
+        if self.engine.trace is not None:
+            self.engine.trace.close()
+            self.engine.trace = None
+        if target not in ("off", "", "none"):
+            self.engine.trace = TraceWriter(target)
+            log.info("recording the chunk access trace to %s", target)
+
+    def close(self) -> None:
+        if self.engine.trace is not None:
+            self.engine.trace.close()
+        try:
+            os.unlink(self.path)
+        except OSError:
+            pass
+
+
+def request(backing: str, mountpoint: str, payload: dict, timeout: float = 10.0) -> dict:
+    """Client side: send one request to the daemon serving mountpoint."""
+    path = socket_path(backing, mountpoint)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect(path)
+        sock.sendall(json.dumps(payload).encode() + b"\n")
+        data = b""
+        while not data.endswith(b"\n"):
+            more = sock.recv(65536)
+            if not more:
+                break
+            data += more
+    if not data:
+        raise OSError(f"the daemon closed the control connection ({path}) without answering")
+    return json.loads(data)

@@ -1,0 +1,67 @@
+"""Human-readable tables (rich) and JSON for `dccfs stats`."""
+from __future__ import annotations
+
+import json
+import logging
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+log = logging.getLogger(__name__)
+
+
+def _mib(n) -> str:
+    return "-" if n is None else f"{n / 2**20:,.1f} MiB"
+
+
+def print_stats(reply: dict, as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps(reply, indent=2))
+        return
+    stats, cache = reply["stats"], reply["cache"]
+    console = Console()
+    console.print(f"policy {cache['policy']}, t0 budget {_mib(cache['t0_bytes'])}, dirty budget "
+                  f"{_mib(cache['dirty_bytes'])}, readahead {cache['readahead_chunks']} chunks, "
+                  f"write_admit {cache['write_admit']}, trace {cache['trace']}, "
+                  f"up {stats['uptime_s']} s")
+    tiers = Table(title="cache tiers")
+    for col in ("tier", "hits", "misses", "hit ratio", "resident", "admitted", "refused", "evictions"):
+        tiers.add_column(col, justify="right")
+    for name, t in stats["tiers"].items():
+        tiers.add_row(name, str(t["hits"]), str(t["misses"]), f"{t['hit_ratio']:.3f}",
+                      _mib(t["resident_bytes"]), str(t["admissions"]), str(t["refused"]), str(t["evictions"]))
+    console.print(tiers)
+    codecs = Table(title="codecs")
+    for col in ("direction", "codec", "chunks", "raw", "stored", "ratio", "MB/s (1 thread)"):
+        codecs.add_column(col, justify="right")
+    for direction in ("encode", "decode"):
+        for name, c in stats[direction].items():
+            codecs.add_row(direction, name, str(c["chunks"]), _mib(c["bytes_in"]), _mib(c["bytes_out"]),
+                           f"{c['ratio']:.3f}", f"{c['mb_per_s']:.0f}")
+    console.print(codecs)
+    lat = Table(title="latency (bucket upper bounds)")
+    for col in ("op", "count", "p50 ms", "p90 ms", "p99 ms"):
+        lat.add_column(col, justify="right")
+    for op, row in stats["latency"].items():
+        lat.add_row(op, str(row["count"]), str(row["p50_ms"]), str(row["p90_ms"]), str(row["p99_ms"]))
+    console.print(lat)
+    d, e = stats["dirty"], stats["errors"]
+    console.print(f"dirty {_mib(d['bytes'])} of {_mib(d['budget'])}, writer stalls {d['writer_stalls']}; "
+                  f"readahead chunks {stats['readahead_chunks']}; errors: checksum {e['checksum']}, "
+                  f"handler {e['handler']}")
+
+
+def print_files(rows: list[dict], as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    table = Table(title="stored files")
+    for col in ("path", "kind", "logical", "stored", "ratio", "codecs (chunks)"):
+        table.add_column(col, justify="left" if col in ("path", "kind", "codecs (chunks)") else "right")
+    for row in rows:
+        codecs = ", ".join(f"{k} {v}" for k, v in sorted(row.get("codecs", {}).items()))
+        ratio = row.get("ratio")
+        table.add_row(row["path"], row["kind"], _mib(row.get("logical")), _mib(row["stored"]),
+                      "-" if ratio is None else f"{ratio:.3f}", codecs)
+    Console().print(table)
