@@ -25,6 +25,8 @@ $(STAMP): pyproject.toml | system-deps
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q -U pip
 	$(VENV)/bin/pip install -q -e '.[test]'
+	@# mount(8) looks for /sbin/mount.fuse.dccfs when asked for -t fuse.dccfs or an fstab line.
+	@if [ "$$(id -u)" = 0 ]; then ln -sf "$$(pwd)/$(VENV)/bin/mount.fuse.dccfs" /sbin/mount.fuse.dccfs; fi
 	touch $@
 
 corpus: $(STAMP)

@@ -301,7 +301,15 @@ class ContainerFile:
         cs = self.chunk_size
         async with self._write_lock:
             await self._wait_idle()
-            if new_size < self.size:
+            if new_size == 0:
+                # Overwrite (O_TRUNC, truncate -s 0): start a fresh container so a file
+                # saved again and again under one name does not grow with dead records.
+                for idx in list(self.dirty):
+                    self._drop_dirty(idx)
+                await trio.to_thread.run_sync(self.container.reset, limiter=self.engine.io_limiter)
+                self.file_id = self.container.header.file_id
+                self._layout, self._layout_settled = None, False
+            elif new_size < self.size:
                 first_gone = -(-new_size // cs)
                 for idx in [i for i in self.dirty if i >= first_gone]:
                     self._drop_dirty(idx)

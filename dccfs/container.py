@@ -333,6 +333,22 @@ class Container:
             if durable:
                 os.fdatasync(self.fd)
 
+    def reset(self) -> None:
+        """Rewrite as a fresh empty container in place (truncate to zero). A crash leaves the
+        file empty, which is the state the caller asked for; space from old records is freed."""
+        with self._lock:
+            header = Header.new(self.header.chunk_shift, time.time_ns())
+            os.ftruncate(self.fd, 0)
+            pwrite_all(self.fd, header.pack(), 0)
+            self.header = header
+            self.index = {}
+            self.pending = {}
+            self.size = self.committed_size = 0
+            self.end = HEADER_SIZE
+            self.last_index = 0
+            self.delta_chain = 0
+            self.recovery = Recovery(HEADER_SIZE, HEADER_SIZE, False)
+
     def _cut_torn_tail_locked(self) -> None:
         """Truncate bytes past the last commit before appending: a later scan stops at the
         first bad record, so garbage left in the middle would hide every commit after it."""

@@ -1,0 +1,180 @@
+"""Operating a mount: CLI errors and help, config validation, stats, tune, mount -t, fstab helper."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+from click.testing import CliRunner
+
+from dccfs.cli import main as cli
+from dccfs.config import ConfigError, load_config, parse_size
+from dccfs.mount_helper import translate
+
+DCCFS = [sys.executable, "-m", "dccfs.cli"]
+
+
+def dccfs(*args, **kw):
+    return subprocess.run([*DCCFS, *map(str, args)], capture_output=True, text=True, **kw)
+
+
+@pytest.mark.parametrize("command", ["mount", "umount", "stats", "tune", "cat", "fsck", "pack", "unpack"])
+def test_every_command_has_help(command):
+    result = CliRunner().invoke(cli, [command, "--help"])
+    assert result.exit_code == 0
+    assert "Usage:" in result.output
+
+
+def test_sizes_and_config_errors(tmp_path):
+    assert parse_size("8G") == 8 << 30
+    assert parse_size("512MiB") == 512 << 20
+    assert parse_size("64k") == 64 << 10
+    cases = {
+        "[cache]\npolicy = 'lfu'\n": "policy 'lfu' is not one of",
+        "[cache]\nt0_bytes = '12 parsecs'\n": "is not a size",
+        "bogus = 1\n": "unknown key 'bogus'",
+        "[[rule]]\nglob = 'a[b'\n": "unbalanced brackets",
+        "chunk_size = '100KiB'\n": "power of two",
+        "[cache]\ncolour = 'red'\n": "unknown key 'colour'",
+        "not toml [": "not valid TOML",
+    }
+    for text, message in cases.items():
+        path = tmp_path / "c.toml"
+        path.write_text(text)
+        with pytest.raises(ConfigError) as exc:
+            load_config(path)
+        assert message in str(exc.value) and str(path) in str(exc.value)
+    path = tmp_path / "ok.toml"
+    path.write_text("[cache]\npolicy='arc'\nt0_bytes='64MiB'\n[[rule]]\nglob='*.log'\ncodec='lz4'\n")
+    config = load_config(path)
+    assert config.cache.policy == "arc" and config.rule_for("x/y.log").codec == "lz4"
+
+
+def test_fstab_option_translation():
+    assert translate(["/b", "/m", "-o", "rw,allow_other,config=/etc/d.toml,shared,noauto,x-systemd.automount"]) \
+        == ["mount", "--config", "/etc/d.toml", "--shared", "-o", "allow_other", "/b", "/m"]
+
+
+@pytest.mark.mount
+def test_mount_errors_are_precise(tmp_path, mounted):
+    (tmp_path / "mnt-full").mkdir()
+    (tmp_path / "mnt-full" / "x").write_text("x")
+    (tmp_path / "empty").mkdir()
+    cases = [
+        ((tmp_path / "nope", tmp_path / "empty"), "does not exist"),
+        ((mounted.backing, tmp_path / "mnt-full"), "is not empty"),
+        ((tmp_path / "empty", mounted.mnt), "already a mount point"),
+        ((mounted.backing, tmp_path / "missing-mnt"), "mkdir -p"),
+    ]
+    for (backing, mnt), message in cases:
+        result = dccfs("mount", backing, mnt)
+        assert result.returncode == 1, result
+        assert message in result.stderr, result.stderr
+    result = dccfs("mount", "-c", tmp_path / "none.toml", tmp_path / "empty", tmp_path / "empty")
+    assert result.returncode == 1 and "cannot read config" in result.stderr
+
+
+@pytest.mark.mount
+def test_stats_and_tune_on_a_live_mount(mounted):
+    data = os.urandom(1 << 20) + bytes(1 << 20)
+    (mounted.mnt / "d").mkdir()
+    (mounted.mnt / "d" / "f").write_bytes(data)
+    assert (mounted.mnt / "d" / "f").read_bytes() == data
+    stats = json.loads(dccfs("stats", "--json", mounted.mnt).stdout)
+    assert stats["stats"]["tiers"]["t0"]["resident_bytes"] > 0
+    assert stats["cache"]["policy"] == "s3fifo"
+    human = dccfs("stats", mounted.mnt)
+    assert human.returncode == 0 and "cache tiers" in human.stdout
+    files = json.loads(dccfs("stats", "--json", "--files", "d", mounted.mnt).stdout)
+    assert files[0]["path"] == "d/f" and files[0]["logical"] == len(data)
+    tuned = dccfs("tune", mounted.mnt, "policy=arc", "t0_bytes=32MiB", "readahead_chunks=2")
+    assert tuned.returncode == 0, tuned.stderr
+    assert json.loads(tuned.stdout)["policy"] == "arc"
+    assert (mounted.mnt / "d" / "f").read_bytes() == data
+    bad = dccfs("tune", mounted.mnt, "policy=fifo")
+    assert bad.returncode == 1 and "not one of" in bad.stderr
+    bad = dccfs("tune", mounted.mnt, "colour=red")
+    assert bad.returncode == 1 and "unknown key" in bad.stderr
+
+
+@pytest.mark.mount
+def test_tune_refuses_other_uid(mounted):
+    # pytest's temporary directories are 0700: let the other uid reach the socket, so
+    # that the daemon's peer-uid check, not the path, is what refuses it.
+    opened = []
+    path = mounted.backing / ".dccfs"
+    while str(path) not in ("/", "/tmp"):
+        opened.append((path, path.stat().st_mode))
+        path.chmod(path.stat().st_mode | 0o011)
+        path = path.parent
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: become uid 65534 and try to tune
+        try:
+            os.close(read_end)
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
+            from dccfs.control import request
+            source = str(mounted.backing)
+            reply = request(source, str(mounted.mnt), {"cmd": "tune", "set": {"policy": "lru"}})
+        except BaseException as exc:
+            reply = {"ok": None, "error": repr(exc)}
+        os.write(write_end, json.dumps(reply).encode())
+        os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end) as pipe:
+        reply = json.loads(pipe.read())
+    os.waitpid(pid, 0)
+    for path, mode in opened:
+        path.chmod(mode)
+    assert reply["ok"] is False, reply and "permission denied" in reply["error"]
+    assert json.loads(dccfs("stats", "--json", mounted.mnt).stdout)["cache"]["policy"] == "s3fifo"
+
+
+@pytest.mark.mount
+def test_mount_t_fuse_dccfs_and_umount(tmp_path):
+    helper = os.path.join(os.path.dirname(sys.executable), "mount.fuse.dccfs")
+    if not os.path.exists("/sbin/mount.fuse.dccfs") or os.path.realpath("/sbin/mount.fuse.dccfs") != helper:
+        pytest.skip("mount.fuse.dccfs is not linked into /sbin (make setup does it as root)")
+    backing, mnt = tmp_path / "b", tmp_path / "m"
+    backing.mkdir()
+    mnt.mkdir()
+    result = subprocess.run(["mount", "-t", "fuse.dccfs", str(backing), str(mnt), "-o", "allow_other"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    try:
+        (mnt / "f").write_bytes(b"hello" * 1000)
+        assert (mnt / "f").read_bytes() == b"hello" * 1000
+        stats = json.loads(dccfs("stats", "--json", mnt).stdout)
+        assert stats["ok"]
+    finally:
+        result = dccfs("umount", mnt)
+        if result.returncode != 0:
+            subprocess.run(["fusermount3", "-u", "-z", str(mnt)])
+    assert result.returncode == 0, result.stderr
+    assert not os.path.ismount(mnt)
+    assert (backing / "f").stat().st_size < 5000
+
+
+@pytest.mark.mount
+def test_daemonised_mount_and_clean_umount(tmp_path):
+    backing, mnt = tmp_path / "b", tmp_path / "m"
+    backing.mkdir()
+    mnt.mkdir()
+    result = dccfs("mount", backing, mnt)
+    assert result.returncode == 0, result.stderr
+    try:
+        with open(mnt / "big", "wb") as f:
+            f.write(os.urandom(8 << 20))
+    finally:
+        result = dccfs("umount", mnt)
+        if result.returncode != 0:
+            subprocess.run(["fusermount3", "-u", "-z", str(mnt)])
+    assert result.returncode == 0, result.stderr
+    log = (backing / ".dccfs" / "dccfs.log").read_text()
+    assert "mounted" in log and "unmounted" in log
+    assert "ERROR" not in log
