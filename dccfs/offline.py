@@ -33,7 +33,8 @@ def write_decoded(path: str, out) -> None:
     """Write the logical content of one backing file to a binary stream.
 
     A container is decoded chunk by chunk, every chunk verified, holes written as zeros;
-    anything else is copied unchanged (the mount reads it the same way). On a damaged
+    a plain file is copied unchanged. A file that starts with the container magic but has an
+    invalid header is refused (the mount would show its raw bytes). On a damaged
     chunk the bytes before it have already been written, and OfflineError names the
     file, the chunk and its byte range.
     """
@@ -42,7 +43,11 @@ def write_decoded(path: str, out) -> None:
     except OSError as exc:
         raise OfflineError(f"{path}: cannot open: {exc.strerror}") from exc
     try:
-        if file_kind(fd) != "container":
+        kind = file_kind(fd)
+        if kind == "damaged-header":
+            raise OfflineError(f"{path}: starts with the container magic but its header is "
+                               "invalid; refusing to print the raw container bytes")
+        if kind == "plain":
             copy_plain(fd, out)
         else:
             try:

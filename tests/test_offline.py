@@ -225,6 +225,8 @@ def test_fsck_damaged_header_and_unreadable_container(backing, runner):
     assert "torn-create: DAMAGED: starts with the container magic" in result.stdout
     assert "bad-index: DAMAGED: cannot open the container" in result.stdout
     assert "2 damaged" in result.stdout
+    result = runner.invoke(main, ["cat", str(backing / "torn-create")])
+    assert result.exit_code == 1 and "header is invalid" in result.stderr
 
 
 def test_fsck_repair_refused_while_mounted(backing, runner):
