@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import logging
 
+import threading
+
+import numba
 import numpy as np
 
 from . import fields, generic, rans, rans32
@@ -156,6 +159,76 @@ def _decode_stream(method: int, blob: memoryview, n: int) -> np.ndarray:
     raise CodecError(f"unknown stream method {method}")
 
 
+_FAST_METHODS = (M_RAW, M_CONST, M_RANS32)
+
+
+def _make_fused(stream_decoder, pair_decoder):
+    @numba.njit(nogil=True, cache=True)
+    def fused(cls, payload, meths, offs, lens, scratch, out):
+        """Decode a float class's streams into scratch rows and merge them into out; 0 or -(stream+1)."""
+        n = scratch.shape[1]
+        # rANS streams two at a time: one loop over two streams keeps four vector chains in flight
+        pending = -1
+        for k in range(meths.size):
+            if meths[k] != M_RANS32:
+                continue
+            if pending < 0:
+                pending = k
+                continue
+            a = payload[offs[pending] : offs[pending] + lens[pending]]
+            b = payload[offs[k] : offs[k] + lens[k]]
+            if pair_decoder(a, scratch[pending], b, scratch[k]) != 0:
+                return -(k + 1)
+            pending = -1
+        for k in range(meths.size):
+            blob = payload[offs[k] : offs[k] + lens[k]]
+            dst = scratch[k]
+            m = meths[k]
+            if m == M_RAW:
+                if lens[k] != n:
+                    return -(k + 1)
+                dst[:] = blob
+            elif m == M_CONST:
+                if lens[k] != 1:
+                    return -(k + 1)
+                dst[:] = blob[0]
+            elif k == pending and stream_decoder(blob, dst) != 0:
+                return -(k + 1)
+        if cls == fields.CLASS_BF16:
+            fields._merge_bf16(scratch[0], scratch[1], out.view(np.uint16))
+        elif cls == fields.CLASS_F16:
+            fields._merge_f16(scratch[0], scratch[1], out.view(np.uint16))
+        elif cls == fields.CLASS_F32:
+            fields._merge_f32(scratch[0], scratch[1], scratch[2], scratch[3], out.view(np.uint32))
+        else:
+            fields._merge_planes(scratch, scratch.shape[0], out)
+        return 0
+
+    return fused
+
+
+_fused_vec = _make_fused(rans32.decode_into, rans32.decode2_into)
+_fused_scalar = _make_fused(rans32.decode_into_scalar, rans32.decode2_into_scalar)
+_local = threading.local()
+
+
+def _scratch(rows: int, n: int) -> np.ndarray:
+    buf = getattr(_local, "scratch", None)
+    if buf is None or buf.size < rows * n:
+        buf = _local.scratch = np.empty(max(rows * n, 1 << 19), np.uint8)
+    return buf[: rows * n].reshape(rows, n)
+
+
+def _decode_fast(cls: int, payload: np.ndarray, meths, offs, lens, out: np.ndarray) -> None:
+    width, nstreams = fields.CLASSES[cls]
+    n = out.size // width
+    fused = _fused_vec if (rans32._decoder or rans32._pick_decoder()) is rans32.decode_into else _fused_scalar
+    st = fused(cls, payload, np.array(meths, np.int64), np.array(offs, np.int64), np.array(lens, np.int64),
+               _scratch(nstreams, n), out)
+    if st:
+        raise CodecError(f"tensor stream {-st - 1} of class {cls} is malformed")
+
+
 def decode(params: bytes, payload: bytes | memoryview, raw_len: int) -> bytes:
     if not params or params[0] != FORMAT_VERSION:
         raise CodecError("tensor params: unknown format version")
@@ -178,22 +251,41 @@ def decode(params: bytes, payload: bytes | memoryview, raw_len: int) -> bytes:
         raise CodecError("tensor params: regions do not cover the chunk")
     payload = memoryview(payload)
     ppos = 0
-    decoded: dict[int, np.ndarray] = {}
+    plan = []
     for cls in sorted(class_bytes):
         width, nstreams = fields.CLASSES[cls]
-        streams = []
+        meths, offs, lens = [], [], []
         for _ in range(nstreams):
             if pos >= len(params):
                 raise CodecError("tensor params: truncated stream list")
-            method = params[pos]
+            meths.append(params[pos])
             blen, pos = _get_varint(params, pos + 1)
             if ppos + blen > len(payload):
                 raise CodecError("tensor payload shorter than its streams")
-            streams.append(_decode_stream(method, payload[ppos : ppos + blen], class_bytes[cls] // width))
+            offs.append(ppos)
+            lens.append(blen)
             ppos += blen
-        decoded[cls] = fields.merge(cls, streams, class_bytes[cls])
+        plan.append((cls, meths, offs, lens))
     if ppos != len(payload) or pos != len(params):
         raise CodecError("tensor payload or params have trailing bytes")
+    arr = None
+    if len(plan) == 1 and plan[0][0] != fields.CLASS_GENERIC and all(m in _FAST_METHODS for m in plan[0][1]):
+        # one float class covering the chunk: decode and merge straight into the output
+        out = np.empty(raw_len, np.uint8)
+        _decode_fast(plan[0][0], np.frombuffer(payload, np.uint8), *plan[0][1:], out)
+        return out.tobytes()
+    decoded: dict[int, np.ndarray] = {}
+    for cls, meths, offs, lens in plan:
+        width, _ = fields.CLASSES[cls]
+        if cls != fields.CLASS_GENERIC and all(m in _FAST_METHODS for m in meths):
+            if arr is None:
+                arr = np.frombuffer(payload, np.uint8)
+            decoded[cls] = np.empty(class_bytes[cls], np.uint8)
+            _decode_fast(cls, arr, meths, offs, lens, decoded[cls])
+            continue
+        n = class_bytes[cls] // width
+        streams = [_decode_stream(m, payload[o : o + ln], n) for m, o, ln in zip(meths, offs, lens)]
+        decoded[cls] = fields.merge(cls, streams, class_bytes[cls])
     if len(decoded) == 1:
         return decoded.popitem()[1].tobytes()
     out = np.empty(raw_len, np.uint8)
