@@ -243,3 +243,51 @@ def decode(buf: bytes | memoryview, n: int) -> np.ndarray:
     if _decode(words, build_lut(freq), out) != 0:
         raise ValueError("rans stream is malformed")
     return out
+
+
+@numba.njit(nogil=True, cache=True)
+def read_table_nb(buf, freq):
+    """numba twin of read_table: fill freq[256], return the table length or -1 if malformed."""
+    n = buf.size
+    if n < 33 or buf[0] != SCALE_BITS:
+        return -1
+    pos = 33
+    total = 0
+    for s in range(256):
+        freq[s] = 0
+        if (buf[1 + (s >> 3)] >> (s & 7)) & 1:
+            if pos >= n:
+                return -1
+            v = np.int64(buf[pos])
+            pos += 1
+            if v & 0x80:
+                if pos >= n:
+                    return -1
+                v = (v & 0x7F) | (np.int64(buf[pos]) << 7)
+                pos += 1
+            freq[s] = v + 1
+            total += v + 1
+    if total != 1 << SCALE_BITS:
+        return -1
+    for s in range(256):
+        if freq[s] >= 1 << SCALE_BITS:
+            return -1
+    return pos
+
+
+@numba.njit(nogil=True, cache=True)
+def decode_into(buf, out):
+    """Decode a method-2 stream (uint8 array) into out without leaving numba; 0 or -1."""
+    freq = np.empty(256, np.int64)
+    pos = read_table_nb(buf, freq)
+    if pos < 0 or (buf.size - pos) & 1:
+        return -1
+    lut = np.empty(1 << SCALE_BITS, np.uint32)
+    k = 0
+    for s in range(256):
+        f = freq[s]
+        c = k
+        for _ in range(f):
+            lut[k] = np.uint32(s | (f << 8) | (c << 20))
+            k += 1
+    return _decode(buf[pos:].view(np.uint16), lut, out)

@@ -18,7 +18,9 @@ FORMAT_VERSION = 1
 M_RAW, M_ZSTD, M_RANS, M_CONST, M_LZ4, M_RANS32 = 0, 1, 2, 3, 4, 5
 MIN_FLOAT_ELEMENTS = 16  # shorter float runs cost more in params than field splitting saves
 RANS_KEEP = 0.999  # keep a rANS stream if it beats raw by 0.1%: the targets are ratio-first
-RANS32_MIN = 4096  # streams this long use the 32-lane coder (fast vector decoding, ~90 bytes more flush)
+# streams this long use the 32-lane coder (fast vector decoding, ~90 bytes more flush); shorter ones (f32 planes
+# of a 256 KiB chunk: 65536 bytes) keep the 4-state coder, whose smaller flush the f32 ratio targets need
+RANS32_MIN = 100_000
 FLUSH_BYTES = {M_RANS: 12, M_RANS32: 96}  # typical cost of the final states beyond the entropy
 
 
@@ -159,7 +161,7 @@ def _decode_stream(method: int, blob: memoryview, n: int) -> np.ndarray:
     raise CodecError(f"unknown stream method {method}")
 
 
-_FAST_METHODS = (M_RAW, M_CONST, M_RANS32)
+_FAST_METHODS = (M_RAW, M_CONST, M_RANS, M_RANS32)
 
 
 def _make_fused(stream_decoder, pair_decoder):
@@ -192,6 +194,9 @@ def _make_fused(stream_decoder, pair_decoder):
                 if lens[k] != 1:
                     return -(k + 1)
                 dst[:] = blob[0]
+            elif m == M_RANS:
+                if rans.decode_into(blob, dst) != 0:
+                    return -(k + 1)
             elif k == pending and stream_decoder(blob, dst) != 0:
                 return -(k + 1)
         if cls == fields.CLASS_BF16:

@@ -195,3 +195,63 @@ def test_thread_safety():
     for t in threads:
         t.join()
     assert not errors
+
+
+def _stream_methods(enc):
+    """(class, method) of every stream in a tensor chunk's params."""
+    from dccfs.codecs import fields, tensor
+
+    p = enc.params
+    nreg, pos = tensor._get_varint(p, 1)
+    classes = set()
+    for _ in range(nreg):
+        _, pos = tensor._get_varint(p, pos)
+        classes.add(p[pos])
+        pos += 1
+    out = []
+    for cls in sorted(classes):
+        for _ in range(fields.CLASSES[cls][1]):
+            out.append((cls, p[pos]))
+            _, pos = tensor._get_varint(p, pos + 1)
+    return out
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "f16", "f32"])
+def test_legacy_rans4_streams_still_decode(dtype, monkeypatch):
+    """Method 2 (4-state rANS) is no longer written for long streams but must keep decoding."""
+    from dccfs.codecs import tensor
+
+    raw = weights(40000, dtype, 7)
+    hints = ChunkHints(segments=(Segment(0, len(raw), dtype),))
+    monkeypatch.setattr(tensor, "RANS32_MIN", 1 << 40)  # force method 2
+    enc = encode_chunk(raw, hints)
+    assert 2 in {m for _, m in _stream_methods(enc)}
+    assert decode_chunk(enc.codec_id, enc.params, enc.payload, len(raw)) == raw
+    monkeypatch.setattr(tensor, "RANS32_MIN", 4096)  # force method 5
+    enc = encode_chunk(raw, hints)
+    assert 5 in {m for _, m in _stream_methods(enc)}
+    assert decode_chunk(enc.codec_id, enc.params, enc.payload, len(raw)) == raw
+
+
+@FAST
+@given(n=st.integers(2, 5000), alphabet=st.integers(2, 256), seed=st.integers(0, 2**31))
+def test_rans32_vector_and_scalar_agree(n, alphabet, seed):
+    from dccfs.codecs import rans, rans32
+
+    rng = np.random.default_rng(seed)
+    data = np.minimum(rng.geometric(0.3, n) - 1, alphabet - 1).astype(np.uint8)
+    data[0], data[-1] = 0, 1  # at least two symbols
+    counts = rans.histogram(data)
+    freq = rans.normalize(counts, n)
+    buf = np.frombuffer(rans32.encode(data, freq), np.uint8)
+    got = np.frombuffer(buf[: rans32.read_table(buf, np.zeros(256, np.int64))], np.uint8)
+    assert got.size > 0
+    for fn in (rans32.decode_into, rans32.decode_into_scalar):
+        out = np.empty(n, np.uint8)
+        assert fn(buf, out) == 0
+        assert np.array_equal(out, data)
+    a, b = np.empty(n, np.uint8), np.empty(n, np.uint8)
+    assert rans32.decode2_into(buf, a, buf, b) == 0 and np.array_equal(a, data) and np.array_equal(b, data)
+    # a truncated or extended stream is rejected, never read out of bounds
+    for bad in (buf[:-2], np.concatenate([buf, np.zeros(2, np.uint8)])):
+        assert rans32.decode_into(bad, np.empty(n, np.uint8)) != 0
