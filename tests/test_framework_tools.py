@@ -139,6 +139,21 @@ def test_np_memmap_w_plus_new_file(make_mount):
     assert sha(path.read_bytes()) == sha(want.tobytes())
 
 
+def test_np_save_overwrites_in_place_longer_then_shorter(make_mount):
+    """np.save over an existing file (open O_TRUNC) with a longer, then a shorter array: no stale tail."""
+    rng = np.random.default_rng(13)
+    mount = make_mount()
+    path = mount.mnt / "w.npy"
+    for n in (700_001, 1_300_000, 90_000, 0, 400_000):
+        arr = weights(rng, n)
+        np.save(path, arr)
+        assert np.load(path).tobytes() == arr.tobytes()
+    mount.remount()
+    got = np.load(path)
+    assert got.shape == arr.shape and got.tobytes() == arr.tobytes()
+    assert path.stat().st_size == len(path.read_bytes())
+
+
 # ---------------------------------------------------------------------------------------------- atomic save
 
 def _versions(count: int) -> list[bytes]:
