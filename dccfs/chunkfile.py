@@ -28,12 +28,21 @@ log = logging.getLogger(__name__)
 MAX_SNIFF_PREFIX = 8 << 20
 
 
+def is_all_zero(data: bytes) -> bool:
+    """Cheap for data (the ends are checked first), memcmp-fast for zeros."""
+    if not data:
+        return True
+    if data[0] or data[-1] or data[len(data) // 2]:
+        return False
+    return data == bytes(len(data))
+
+
 class ContainerFile:
     def __init__(self, engine: Engine, container: Container, rule: Rule):
         self.engine = engine
         self.container = container
         self.rule = rule
-        self.file_id = container.header.file_id
+        self.cache_id = container.cache_id
         self.chunk_size = container.chunk_size
         self.size = container.size
         self.dirty: dict[int, bytearray] = {}
@@ -41,6 +50,7 @@ class ContainerFile:
         self.inflight: set[int] = set()
         self.mtime_ns: int | None = None
         self.handles = 0
+        self.write_locked = False
         self._busy = 0
         self._idle = trio.Event()
         self._idle.set()
@@ -85,6 +95,12 @@ class ContainerFile:
                 for idx in missing:
                     nursery.start_soon(load_into, idx)
         self._note_read(offset, end, last)
+        if first == last:
+            data = pieces[first]
+            lo = offset - first * cs
+            piece = bytes(memoryview(data)[lo:end - first * cs]) if data else b""
+            # A stored chunk may end before the logical size (zeros follow).
+            return piece + bytes(end - offset - len(piece)) if len(piece) < end - offset else piece
         out = bytearray(end - offset)
         for idx in range(first, last + 1):
             data = pieces[idx]
@@ -103,7 +119,7 @@ class ContainerFile:
         loc = self.container.index.get(idx)
         if loc is None:
             return None
-        key = (self.file_id, idx, loc.offset)
+        key = (self.cache_id, idx, loc.offset)
         cache = self.engine.cache
         if not prefetch:
             self.engine.record_access(key, loc.length, False)
@@ -155,7 +171,7 @@ class ContainerFile:
             loc = self.container.index.get(idx)
             if loc is None or idx in self.dirty:
                 continue
-            if self.engine.cache.peek((self.file_id, idx, loc.offset)):
+            if self.engine.cache.peek((self.cache_id, idx, loc.offset)):
                 continue
             self.engine.stats.readahead_chunks += 1
             self.engine.start_background(self.load_chunk, idx, True)
@@ -227,18 +243,17 @@ class ContainerFile:
                 return
             version = self.versions[idx]
             limit = max(0, min(len(buf), self.size - idx * self.chunk_size))
-            raw = bytes(buf[:limit])
-            if raw.count(0) == len(raw):
+            raw = bytes(memoryview(buf)[:limit])
+            if is_all_zero(raw):
                 # All zeros: a hole costs nothing on disk.
                 self.container.drop_chunk(idx)
             else:
                 hints = self._hints_for(idx, raw)
-                encoded, raw_sum = await trio.to_thread.run_sync(
-                    self.engine.encode, raw, hints, limiter=self.engine.cpu_limiter)
+                # One worker-thread hop per chunk: encode, then append under the
+                # container's own lock (the append is a page-cache copy).
                 loc = await trio.to_thread.run_sync(
-                    self.container.append_chunk, idx, encoded, len(raw), raw_sum,
-                    limiter=self.engine.io_limiter)
-                key = (self.file_id, idx, loc.offset)
+                    self._encode_and_append, idx, raw, hints, limiter=self.engine.cpu_limiter)
+                key = (self.cache_id, idx, loc.offset)
                 self.engine.cache.put(key, raw, is_write=True)
                 self.engine.record_access(key, len(raw), True)
             if self.versions.get(idx) == version:
@@ -248,6 +263,10 @@ class ContainerFile:
             self._busy -= 1
             if self._busy == 0:
                 self._idle.set()
+
+    def _encode_and_append(self, idx: int, raw: bytes, hints: ChunkHints) -> ChunkLoc:
+        encoded, raw_sum = self.engine.encode(raw, hints)
+        return self.container.append_chunk(idx, encoded, len(raw), raw_sum)
 
     async def _wait_idle(self) -> None:
         await self._idle.wait()
@@ -301,13 +320,13 @@ class ContainerFile:
         cs = self.chunk_size
         async with self._write_lock:
             await self._wait_idle()
-            if new_size == 0:
+            if new_size == 0 and not self.engine.config.shared:
                 # Overwrite (O_TRUNC, truncate -s 0): start a fresh container so a file
                 # saved again and again under one name does not grow with dead records.
                 for idx in list(self.dirty):
                     self._drop_dirty(idx)
                 await trio.to_thread.run_sync(self.container.reset, limiter=self.engine.io_limiter)
-                self.file_id = self.container.header.file_id
+                self.cache_id = self.container.cache_id
                 self._layout, self._layout_settled = None, False
             elif new_size < self.size:
                 first_gone = -(-new_size // cs)
@@ -337,6 +356,14 @@ class ContainerFile:
             st = os.fstat(self.container.fd)
             os.utime(self.container.fd, ns=(st.st_atime_ns, self.mtime_ns))
             self.mtime_ns = None
+
+    def replace_container(self, container: Container) -> None:
+        """Adopt a re-read container (another node committed); only when nothing is dirty."""
+        assert not self.dirty and not self.inflight
+        self.container = container
+        self.cache_id = container.cache_id
+        self.size = container.size
+        self._layout, self._layout_settled = None, False
 
     def set_mtime(self, mtime_ns: int) -> None:
         """An explicit utimens: keep it across the next commit's writes."""

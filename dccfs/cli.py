@@ -89,7 +89,7 @@ def _control(mountpoint: str, payload: dict) -> dict:
     if entry is None or entry[1] != "fuse.dccfs":
         _fail(f"{mountpoint} is not a dccfs mount")
     try:
-        reply = request(entry[0], target, payload)
+        reply = request(target, payload)
     except OSError as exc:
         _fail(f"cannot reach the daemon of {mountpoint}: {exc.strerror or exc}")
     if not reply.get("ok"):

@@ -111,6 +111,12 @@ class Container:
         return self.header.chunk_size
 
     @property
+    def cache_id(self) -> bytes:
+        """Names this container's records in caches. Record offsets repeat after a compaction
+        (a new generation) or a reset (a new file id), so both are part of the name."""
+        return self.header.file_id + self.header.generation.to_bytes(4, "little")
+
+    @property
     def stored_bytes(self) -> int:
         return self.end
 
@@ -152,7 +158,19 @@ class Container:
             # Created but killed before its first index: an empty file.
             rec = Recovery(HEADER_SIZE, file_end, used_scan)
             return cls(fd, path, header, {}, 0, HEADER_SIZE, 0, 0, rec)
-        index, size, chain = cls._load_index_chain(fd, path, index_offset)
+        try:
+            index, size, chain = cls._load_index_chain(fd, path, index_offset)
+        except ContainerError:
+            if used_scan:
+                raise
+            # The trailer reached the disk but part of its index did not (a machine
+            # crash without ordering): the scan finds the last index that verifies.
+            # With none left, the file is damaged, not empty.
+            used_scan = True
+            index_offset, committed_end = cls._commit_from_scan(fd, path, file_end)
+            if index_offset == 0:
+                raise
+            index, size, chain = cls._load_index_chain(fd, path, index_offset)
         rec = Recovery(committed_end, file_end, used_scan)
         if rec.torn_tail:
             log.info("%s: %d bytes past the last commit are ignored (an interrupted write)",
@@ -203,8 +221,9 @@ class Container:
             elif head.rtype == REC_TRAILER and head.c == last_index:
                 committed_end = offset + head.total_len
             offset += head.total_len
-        log.warning("%s: no trailer at the end; recovered the commit at offset %d by scanning",
-                    path, last_index)
+        if file_end > HEADER_SIZE:  # a bare header is simply an empty file
+            log.warning("%s: no trailer at the end; recovered the commit at offset %d by scanning",
+                        path, last_index)
         return last_index, committed_end
 
     @classmethod

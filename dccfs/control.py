@@ -26,10 +26,29 @@ MAX_REQUEST = 1 << 16
 TUNABLE = ("policy", "t0_bytes", "dirty_bytes", "readahead_chunks", "write_admit", "trace")
 
 
-def socket_path(backing: str, mountpoint: str) -> str:
-    """One socket per mount, so several nodes can share a backing directory."""
-    tag = hashlib.sha1(os.path.realpath(mountpoint).encode()).hexdigest()[:12]
-    return os.path.join(backing, ".dccfs", f"control-{tag}.sock")
+def _socket_dirs() -> list[str]:
+    """Where control sockets live: short paths, since AF_UNIX paths stop at 107 bytes."""
+    return ["/run/dccfs", f"/tmp/dccfs-{os.getuid()}"]
+
+
+def socket_path(mountpoint: str, for_server: bool = False) -> str:
+    """One socket per mount, named by the mountpoint, so it is found from the mountpoint alone
+    and several nodes can share a backing directory."""
+    tag = hashlib.sha1(os.path.realpath(mountpoint).encode()).hexdigest()[:16]
+    for directory in _socket_dirs():
+        path = os.path.join(directory, f"{tag}.sock")
+        if for_server:
+            try:
+                os.makedirs(directory, mode=0o755, exist_ok=True)
+            except OSError:
+                continue
+            if os.access(directory, os.W_OK):
+                return path
+        elif os.path.exists(path):
+            return path
+    if for_server:
+        raise OSError(f"no writable directory for the control socket among {_socket_dirs()}")
+    return os.path.join(_socket_dirs()[0], f"{tag}.sock")
 
 
 def peer_uid(sock) -> int:
@@ -42,7 +61,7 @@ class ControlServer:
         self.ops = ops
         self.engine = engine
         self.owner_uid = os.getuid()
-        self.path = socket_path(backing, mountpoint)
+        self.path = socket_path(mountpoint, for_server=True)
         self._sock = None
         if req.trace:
             self.set_trace(req.trace)
@@ -51,6 +70,13 @@ class ControlServer:
             serve_metrics(req.metrics, engine)
 
     async def serve(self) -> None:
+        try:
+            await self._serve()
+        except Exception:
+            # Without its control channel the mount still serves files.
+            log.exception("the control socket %s failed; stats and tune are unavailable", self.path)
+
+    async def _serve(self) -> None:
         if os.path.exists(self.path):
             os.unlink(self.path)
         sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -168,9 +194,9 @@ class ControlServer:
             pass
 
 
-def request(backing: str, mountpoint: str, payload: dict, timeout: float = 10.0) -> dict:
+def request(mountpoint: str, payload: dict, timeout: float = 10.0) -> dict:
     """Client side: send one request to the daemon serving mountpoint."""
-    path = socket_path(backing, mountpoint)
+    path = socket_path(mountpoint)
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
         sock.connect(path)

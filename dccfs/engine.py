@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from typing import Callable
 
@@ -58,6 +59,22 @@ class DirtyBudget:
         self._released = trio.Event()
 
 
+def warm_up_codecs() -> None:
+    """Load (or compile) the numba kernels before the first request needs them: a cold
+    kernel costs seconds, which would otherwise land on the first reader or writer."""
+    import numpy as np
+    from dccfs.codecs import Segment, decode_chunk
+    started = time.perf_counter()
+    rng = np.random.default_rng(0)
+    sample = rng.standard_normal(32768).astype(np.float32)
+    for dtype, raw in (("f32", sample.tobytes()), ("f16", sample.astype(np.float16).tobytes()),
+                       ("bf16", (sample.view(np.uint32) >> 16).astype(np.uint16).tobytes())):
+        for hints in (ChunkHints(segments=(Segment(0, len(raw), dtype),)), ChunkHints()):
+            encoded = encode_chunk(raw, hints)
+            decode_chunk(encoded.codec_id, encoded.params, encoded.payload, len(raw))
+    log.info("codec kernels ready in %.1f s", time.perf_counter() - started)
+
+
 class Engine:
     def __init__(self, config: Config, backing_root: str):
         self.config = config
@@ -71,6 +88,14 @@ class Engine:
         self.dirty = DirtyBudget(config.cache.dirty_bytes, self.stats)
         self.nursery: trio.Nursery | None = None
         self.trace = None
+        threading.Thread(target=self._warm_up, name="dccfs-warm-up", daemon=True).start()
+
+    @staticmethod
+    def _warm_up() -> None:
+        try:
+            warm_up_codecs()
+        except Exception:
+            log.exception("codec warm-up failed; kernels will load on first use")
 
     def encode(self, raw: bytes, hints: ChunkHints) -> tuple[EncodedChunk, int]:
         """Encode one chunk in a worker thread; returns the encoding and the raw checksum."""

@@ -35,7 +35,7 @@ RECORD_TYPES = (REC_CHUNK, REC_INDEX, REC_TRAILER)
 INDEX_DELTA = 0
 INDEX_FULL = 1
 
-_HEADER = struct.Struct("<8sHHB3x16sQ20x")  # ends at byte 60, then u32 checksum
+_HEADER = struct.Struct("<8sHHB3x16sQI16x")  # ends at byte 60, then u32 checksum
 _RECORD = struct.Struct("<BBHIQIQ")  # 28 bytes, then u32 checksum
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
@@ -59,6 +59,7 @@ class Header:
     chunk_shift: int
     file_id: bytes  # 16 bytes, stable across renames: names this file as a delta base
     created_ns: int
+    generation: int = 0  # bumped by each compaction: record offsets repeat across generations
 
     @property
     def chunk_size(self) -> int:
@@ -69,11 +70,15 @@ class Header:
         if not MIN_CHUNK_SHIFT <= chunk_shift <= MAX_CHUNK_SHIFT:
             raise FormatError(
                 f"chunk size 2**{chunk_shift} is outside 2**{MIN_CHUNK_SHIFT}..2**{MAX_CHUNK_SHIFT}")
-        return cls(FORMAT_VERSION, chunk_shift, uuid.uuid4().bytes, created_ns)
+        return cls(FORMAT_VERSION, chunk_shift, uuid.uuid4().bytes, created_ns, 0)
+
+    def next_generation(self) -> "Header":
+        return Header(self.version, self.chunk_shift, self.file_id, self.created_ns,
+                      (self.generation + 1) & 0xFFFFFFFF)
 
     def pack(self) -> bytes:
         body = _HEADER.pack(MAGIC, self.version, HEADER_SIZE, self.chunk_shift,
-                            self.file_id, self.created_ns)
+                            self.file_id, self.created_ns, self.generation)
         return body + _U32.pack(checksum32(body))
 
     @classmethod
@@ -81,7 +86,7 @@ class Header:
         if len(data) < HEADER_SIZE:
             raise FormatError(f"header is {len(data)} bytes, expected {HEADER_SIZE}")
         body = data[:HEADER_SIZE - 4]
-        magic, version, header_size, shift, file_id, created = _HEADER.unpack(body)
+        magic, version, header_size, shift, file_id, created, generation = _HEADER.unpack(body)
         if magic != MAGIC:
             raise FormatError("bad magic: not a dccfs container")
         (stored_sum,) = _U32.unpack_from(data, HEADER_SIZE - 4)
@@ -94,7 +99,7 @@ class Header:
             raise FormatError(f"header size {header_size} is not {HEADER_SIZE}")
         if not MIN_CHUNK_SHIFT <= shift <= MAX_CHUNK_SHIFT:
             raise FormatError(f"chunk shift {shift} out of range")
-        return cls(version, shift, file_id, created)
+        return cls(version, shift, file_id, created, generation)
 
 
 def looks_like_container(first_bytes: bytes) -> bool:

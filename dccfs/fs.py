@@ -60,7 +60,7 @@ class DccfsOperations(pyfuse3.Operations):
         self.backing_root = backing_root
         self.engine = engine
         self.inodes = InodeTable(root_fd)
-        self.handles = HandleTable(engine, backing_root)
+        self.handles = HandleTable(engine, backing_root, self.inodes)
         self.timeout = 0.0 if engine.config.shared else DEFAULT_TIMEOUT_S
         self._dirs: dict[int, list[bytes]] = {}
         self._next_dir = 1
@@ -340,8 +340,11 @@ class DccfsOperations(pyfuse3.Operations):
 
     @guarded
     async def release(self, fh):
-        handle = await self.handles.release(fh)
-        self.inodes.release_open(handle.inode)
+        inode = self.handles.get(fh).inode
+        try:
+            await self.handles.release(fh)
+        finally:
+            self.inodes.release_open(inode)
 
     # -- extended attributes and the rest ----------------------------------------------
 

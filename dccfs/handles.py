@@ -12,15 +12,20 @@ from dataclasses import dataclass
 
 import trio
 
+from dccfs import compaction, shared
 from dccfs.chunkfile import ContainerFile
 from dccfs.container import Container, pread_exact, read_logical_size
 from dccfs.engine import Engine
-from dccfs.format import HEADER_SIZE, looks_like_container
-from dccfs.inodes import Inode
+from dccfs.format import HEADER_SIZE, MAGIC, looks_like_container
+from dccfs.inodes import Inode, InodeTable
 
 log = logging.getLogger(__name__)
 
 _ACCESS = os.O_RDONLY | os.O_WRONLY | os.O_RDWR
+
+
+def _writable(flags: int) -> bool:
+    return (flags & _ACCESS) in (os.O_WRONLY, os.O_RDWR)
 
 
 class RawFile:
@@ -57,11 +62,22 @@ class Handle:
 
     @property
     def writable(self) -> bool:
-        return (self.flags & _ACCESS) in (os.O_WRONLY, os.O_RDWR)
+        return _writable(self.flags)
 
     @property
     def appends(self) -> bool:
         return bool(self.flags & os.O_APPEND)
+
+
+def is_container_head(head: bytes, path: str) -> bool:
+    """Container or plain file; a damaged container header is an I/O error, since serving
+    the container's raw bytes as a plain file would return bytes nobody wrote."""
+    if looks_like_container(head):
+        return True
+    if head.startswith(MAGIC):
+        log.error("%s: the container header is damaged; reads fail until dccfs fsck", path)
+        raise OSError(errno.EIO, f"{path}: damaged container header")
+    return False
 
 
 def relpath_of(inode: Inode, backing_root: str) -> str:
@@ -91,7 +107,7 @@ def logical_size(inode: Inode, st: os.stat_result) -> int:
     except OSError:
         return st.st_size
     try:
-        if not looks_like_container(pread_exact(fd, HEADER_SIZE, 0)):
+        if not is_container_head(pread_exact(fd, HEADER_SIZE, 0), inode.proc_path):
             size = st.st_size
         else:
             size = read_logical_size(fd)
@@ -104,9 +120,11 @@ def logical_size(inode: Inode, st: os.stat_result) -> int:
 
 
 class HandleTable:
-    def __init__(self, engine: Engine, backing_root: str):
+    def __init__(self, engine: Engine, backing_root: str, inodes: InodeTable):
         self.engine = engine
         self.backing_root = backing_root
+        self.inodes = inodes
+        self.tmp_dir = os.path.join(backing_root, ".dccfs", "tmp")
         self._handles: dict[int, Handle] = {}
         self._next = 1
         self.open_files: dict[int, ContainerFile] = {}
@@ -130,6 +148,8 @@ class HandleTable:
     async def open(self, inode: Inode, flags: int) -> Handle:
         file = inode.extra.get("file")
         if isinstance(file, ContainerFile):
+            if self.engine.config.shared:
+                await self._shared_open(file, flags)
             file.handles += 1
             handle = self._add(inode, file, flags)
             if flags & os.O_TRUNC:
@@ -137,7 +157,8 @@ class HandleTable:
             return handle
         fd = self._open_backing(inode, os.O_RDWR)
         try:
-            is_container = looks_like_container(pread_exact(fd, HEADER_SIZE, 0))
+            is_container = is_container_head(pread_exact(fd, HEADER_SIZE, 0),
+                                             relpath_of(inode, self.backing_root))
             if not is_container and flags & os.O_TRUNC and (flags & _ACCESS) != os.O_RDONLY:
                 # Overwriting a plain file: store the new content compressed.
                 relpath = relpath_of(inode, self.backing_root)
@@ -159,6 +180,8 @@ class HandleTable:
     async def attach_container(self, inode: Inode, fd: int, flags: int, create: bool) -> Handle:
         relpath = relpath_of(inode, self.backing_root)
         try:
+            if self.engine.config.shared and (create or _writable(flags)):
+                await shared.lock_for_writing(fd, relpath)
             if create:
                 container = Container.create(fd, relpath, self.engine.config.chunk_shift_for(relpath))
             else:
@@ -167,10 +190,17 @@ class HandleTable:
             os.close(fd)
             raise
         file = ContainerFile(self.engine, container, self.engine.config.rule_for(relpath))
+        file.write_locked = self.engine.config.shared and (create or _writable(flags))
         file.handles = 1
         inode.extra["file"] = file
         self.open_files[inode.number] = file
         return self._add(inode, file, flags)
+
+    async def _shared_open(self, file: ContainerFile, flags: int) -> None:
+        if _writable(flags) and not file.write_locked:
+            await shared.lock_for_writing(file.container.fd, file.path)
+            file.write_locked = True
+        await shared.refresh(file, file.path)
 
     @staticmethod
     def _open_backing(inode: Inode, flags: int) -> int:
@@ -186,22 +216,43 @@ class HandleTable:
     async def release(self, number: int) -> Handle:
         handle = self._handles.pop(number)
         file = handle.file
+        if isinstance(file, RawFile):
+            os.close(file.fd)
+            return handle
+        file.handles -= 1
+        if file.handles:
+            return handle
         try:
-            if isinstance(file, RawFile):
-                os.close(file.fd)
-            else:
-                file.handles -= 1
-                if file.handles == 0:
-                    try:
-                        if file.has_changes:
-                            await file.commit(self.engine.config.sync_on_close)
-                    finally:
-                        handle.inode.extra.pop("file", None)
-                        self.open_files.pop(handle.inode.number, None)
-                        os.close(file.container.fd)
+            if file.has_changes:
+                await file.commit(self.engine.config.sync_on_close)
+            if compaction.worth_compacting(file.container) and not self.engine.config.shared:
+                await self._compact(handle.inode, file)
         finally:
-            pass
+            if file.handles == 0:
+                handle.inode.extra.pop("file", None)
+                self.open_files.pop(handle.inode.number, None)
+                os.close(file.container.fd)
         return handle
+
+    async def _compact(self, inode: Inode, file: ContainerFile) -> None:
+        container = file.container
+        tmp_path = os.path.join(self.tmp_dir, f"{container.header.file_id.hex()}-{inode.number}.compact")
+        before = container.end
+        try:
+            await trio.to_thread.run_sync(compaction.write_compacted, container, tmp_path,
+                                          limiter=self.engine.io_limiter)
+        except OSError as exc:
+            log.warning("%s: compaction failed, file left as it was: %s", container.path, exc)
+            return
+        if file.handles or file.has_changes:
+            os.unlink(tmp_path)  # reopened meanwhile: the copy may be stale
+            return
+        new_fd = compaction.swap_in(tmp_path, inode.proc_path, inode.key, before)
+        if new_fd is not None:
+            self.inodes.rekey(inode, new_fd)
+            self.engine.stats.compactions += 1
+            log.info("%s: compacted %d -> %d bytes", container.path, before,
+                     os.fstat(new_fd).st_size)
 
     async def commit_all(self) -> None:
         for file in list(self.open_files.values()):

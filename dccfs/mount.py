@@ -82,7 +82,7 @@ def preflight(req: MountRequest) -> None:
 
 def state_dir(backing: str) -> str:
     path = os.path.join(backing, STATE_DIR)
-    os.makedirs(os.path.join(path, "tmp"), exist_ok=True)
+    os.makedirs(os.path.join(path, "tmp"), mode=0o700, exist_ok=True)
     return path
 
 
@@ -165,6 +165,9 @@ def run_mount(req: MountRequest) -> int:
     handler = setup_logging(log_file, req.debug)
     try:
         from dccfs.daemon import serve
+        if not req.config.shared:
+            from dccfs.compaction import clean_stale_temporaries
+            clean_stale_temporaries(os.path.join(state_dir(backing), "tmp"))
         os.umask(0)  # the kernel already applied the caller's umask to every mode we get
         raise_fd_limit()
         with open(os.path.join(state_dir(backing), PID_FILE), "w") as f:

@@ -80,6 +80,7 @@ class MountStats:
     dirty_bytes: int = 0
     dirty_budget: int = 0
     readahead_chunks: int = 0
+    compactions: int = 0
     started: float = field(default_factory=time.time)
 
     def __post_init__(self):
@@ -120,4 +121,5 @@ class MountStats:
                 "dirty": {"bytes": self.dirty_bytes, "budget": self.dirty_budget,
                           "writer_stalls": self.writer_stalls},
                 "readahead_chunks": self.readahead_chunks,
+                "compactions": self.compactions,
             }

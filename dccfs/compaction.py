@@ -1,0 +1,97 @@
+"""Compaction: rewrite a container without its dead records, then swap it in with one rename.
+
+Overwritten chunks leave dead records in the append-only log. When the dead bytes
+outweigh the live ones, the live records are copied verbatim (no re-encoding) into a
+temporary file in BACKING/.dccfs/tmp under the same file id with the header's
+generation bumped (cached records are named by id, generation and offset),
+closed by one full index, fsynced, given the original's metadata, and renamed over
+the original. A crash before the rename leaves a stray temporary that the next mount
+removes; after it, the compacted file is complete. See docs/commit-protocol.md.
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+
+from dccfs.container import Container, pread_exact, pwrite_all
+from dccfs.format import HEADER_SIZE, INDEX_FULL, pack_index, trailer_record
+
+log = logging.getLogger(__name__)
+
+# Compacting costs a full copy of the live bytes; only do it when it frees a lot.
+MIN_GARBAGE_BYTES = 4 << 20
+MIN_GARBAGE_FRACTION = 0.5
+COPY_BATCH = 8 << 20
+
+
+def garbage_bytes(container: Container) -> int:
+    return container.end - container.live_bytes
+
+
+def worth_compacting(container: Container) -> bool:
+    garbage = garbage_bytes(container)
+    return garbage >= MIN_GARBAGE_BYTES and garbage >= MIN_GARBAGE_FRACTION * container.live_bytes
+
+
+def write_compacted(source: Container, tmp_path: str) -> int:
+    """Write the compacted copy of source to tmp_path (fsynced); return its size."""
+    fd = os.open(tmp_path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        pwrite_all(fd, source.header.next_generation().pack(), 0)
+        end = HEADER_SIZE
+        entries = {}
+        for idx in sorted(source.index):
+            loc = source.index[idx]
+            record = pread_exact(source.fd, loc.length, loc.offset)
+            if len(record) != loc.length:
+                raise OSError(errno.EIO, f"{source.path}: chunk {idx} record is truncated")
+            pwrite_all(fd, record, end)
+            entries[idx] = (end, loc.length)
+            end += loc.length
+        blob = pack_index(INDEX_FULL, source.size, 0, entries) + trailer_record(source.size, end)
+        pwrite_all(fd, blob, end)
+        end += len(blob)
+        st = os.fstat(source.fd)
+        os.fchmod(fd, st.st_mode & 0o7777)
+        os.fchown(fd, st.st_uid, st.st_gid)
+        for name in os.listxattr(source.fd):
+            os.setxattr(fd, name, os.getxattr(source.fd, name))
+        os.utime(fd, ns=(st.st_atime_ns, st.st_mtime_ns))
+        os.fsync(fd)
+        return end
+    except BaseException:
+        os.unlink(tmp_path)
+        raise
+    finally:
+        os.close(fd)
+
+
+def clean_stale_temporaries(tmp_dir: str) -> None:
+    """Remove compaction temporaries a crash left behind (never visible through the mount)."""
+    for name in os.listdir(tmp_dir):
+        if name.endswith(".compact"):
+            log.info("removing stale compaction temporary %s", name)
+            os.unlink(os.path.join(tmp_dir, name))
+
+
+def swap_in(tmp_path: str, backing_fd_path: str, expected_key: tuple[int, int],
+            expected_size: int) -> int | None:
+    """Rename the compacted file over the original if the original is still exactly the file
+    that was copied; return an O_PATH descriptor of the new file, or None (temp removed).
+
+    Runs on the FUSE thread with no await, so no request can rename or reopen the file
+    between the check and the rename.
+    """
+    try:
+        path = os.readlink(backing_fd_path)
+        st = os.stat(path, follow_symlinks=False)
+        if path.endswith(" (deleted)") or (st.st_dev, st.st_ino) != expected_key \
+                or st.st_nlink != 1 or st.st_size != expected_size:
+            raise OSError(errno.ESTALE, "the file changed while it was being compacted")
+        os.rename(tmp_path, path)
+    except OSError as exc:
+        log.info("compaction skipped: %s", exc)
+        os.unlink(tmp_path)
+        return None
+    return os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)

@@ -1,0 +1,48 @@
+"""--shared mode: several nodes mount one backing directory; writers of a file take turns.
+
+Rules (docs/reliability.md): an open for writing takes an exclusive flock on the
+container and holds it until this node's last handle closes, so two nodes never
+append to one container at once (the second waits, up to WRITER_WAIT_S, then gets
+EBUSY). Every open re-reads the container if another node committed since
+(close-to-open consistency): the last writer to close wins, never a torn mix.
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import os
+
+import trio
+
+from dccfs.container import Container
+
+log = logging.getLogger(__name__)
+
+WRITER_WAIT_S = 60.0
+POLL_S = 0.05
+
+
+async def lock_for_writing(fd: int, path: str) -> None:
+    """Exclusive flock on the container, polled so the event loop keeps serving others."""
+    with trio.move_on_after(WRITER_WAIT_S):
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                await trio.sleep(POLL_S)
+    raise OSError(errno.EBUSY, f"{path}: another node is writing this file "
+                               f"(waited {WRITER_WAIT_S:.0f}s)")
+
+
+async def refresh(file, path: str) -> None:
+    """Re-read the container when another node has committed to it since we read it."""
+    container = file.container
+    if file.has_changes or file.inflight:
+        return
+    if os.fstat(container.fd).st_size == container.end:
+        return
+    fresh = await trio.to_thread.run_sync(Container.open, container.fd, path)
+    file.replace_container(fresh)
+    log.debug("%s: re-read after another node's commit", path)

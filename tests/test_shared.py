@@ -1,0 +1,58 @@
+"""Two mounts of one backing directory (--shared), as nodes sharing NFS or Lustre would."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+pytestmark = pytest.mark.mount
+
+
+def test_second_exclusive_mount_is_refused(make_mount, tmp_path):
+    first = make_mount("one")
+    (tmp_path / "two-mnt").mkdir()
+    result = subprocess.run([sys.executable, "-m", "dccfs.cli", "mount", str(first.backing),
+                             str(tmp_path / "two-mnt")], capture_output=True, text=True)
+    assert result.returncode == 1
+    assert "already mounted by another dccfs daemon" in result.stderr
+
+
+def test_close_to_open_consistency_and_serialised_writers(make_mount, tmp_path):
+    a = make_mount("a", "--shared")
+    b = make_mount("b", "--shared", backing=a.backing)
+    first = os.urandom(700_000)
+    (a.mnt / "f").write_bytes(first)
+    assert (b.mnt / "f").read_bytes() == first
+    second = os.urandom(900_000)
+    (a.mnt / "f").write_bytes(second)
+    assert (b.mnt / "f").read_bytes() == second  # B re-reads at open
+
+    a_content, b_content = b"A" * 600_000, b"B" * 500_000
+    holder = open(a.mnt / "f", "r+b")
+    holder.write(a_content)
+    order = []
+
+    def write_through_b():
+        with open(b.mnt / "f", "r+b") as f:  # waits until A's writer closes
+            order.append(("b-opened", time.monotonic()))
+            f.write(b_content)
+            f.truncate(len(b_content))
+    thread = threading.Thread(target=write_through_b)
+    thread.start()
+    time.sleep(1.0)
+    order.append(("a-closing", time.monotonic()))
+    holder.close()
+    thread.join(30)
+    assert not thread.is_alive()
+    assert [name for name, _ in order] == ["a-closing", "b-opened"]
+    assert (a.mnt / "f").read_bytes() == b_content
+    assert (b.mnt / "f").read_bytes() == b_content
+    a.stop()
+    b.stop()
+    fsck = subprocess.run([sys.executable, "-m", "dccfs.cli", "fsck", "-q", str(a.backing)],
+                          capture_output=True, text=True)
+    assert fsck.returncode == 0, fsck.stdout + fsck.stderr
