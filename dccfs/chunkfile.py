@@ -51,6 +51,9 @@ class ContainerFile:
         self.mtime_ns: int | None = None
         self.handles = 0
         self.write_locked = False
+        self.closed = False
+        self.release_lock = trio.Lock()
+        self.failure: OSError | None = None
         self._busy = 0
         self._idle = trio.Event()
         self._idle.set()
@@ -221,6 +224,11 @@ class ContainerFile:
             del self.versions[idx]
             self.engine.dirty.release(self.chunk_size)
 
+    def forget_dirty(self) -> None:
+        """Drop dirty chunks that can no longer be stored (closing after a failed commit)."""
+        for idx in list(self.dirty):
+            self._drop_dirty(idx)
+
     def schedule_flush(self, idx: int) -> None:
         """Start encoding a dirty chunk in the background unless one encode of it is running."""
         if idx in self.inflight or idx not in self.dirty:
@@ -258,6 +266,10 @@ class ContainerFile:
                 self.engine.record_access(key, len(raw), True)
             if self.versions.get(idx) == version:
                 self._drop_dirty(idx)
+        except OSError as exc:
+            # Kept dirty; reported by the next flush_dirty (fsync, close) to the writer.
+            log.warning("%s: storing chunk %d failed: %s", self.path, idx, exc)
+            self.failure = exc
         finally:
             self.inflight.discard(idx)
             self._busy -= 1
@@ -272,10 +284,14 @@ class ContainerFile:
         await self._idle.wait()
 
     async def flush_dirty(self) -> None:
-        """Encode and append every dirty chunk (records only; the next commit makes them durable)."""
+        """Encode and append every dirty chunk (records only; the next commit makes them
+        durable). A chunk that cannot be stored (ENOSPC, EIO) raises here, once."""
         while self.dirty:
             self.schedule_all()
             await self._wait_idle()
+            if self.failure is not None:
+                failure, self.failure = self.failure, None
+                raise OSError(failure.errno, f"{self.path}: {failure.strerror}")
 
     # -- layout hints ------------------------------------------------------------
 

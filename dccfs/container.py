@@ -298,7 +298,7 @@ class Container:
         with self._lock:
             self._cut_torn_tail_locked()
             loc = ChunkLoc(self.end, len(blob))
-            pwrite_all(self.fd, blob, self.end)
+            self._append_or_undo(blob)
             self.end += len(blob)
             self.index[chunk_index] = loc
             self.pending[chunk_index] = loc
@@ -342,7 +342,7 @@ class Container:
                 kind, prev = INDEX_DELTA, self.last_index
             index_offset = self.end
             blob = pack_index(kind, size, prev, entries) + trailer_record(size, index_offset)
-            pwrite_all(self.fd, blob, index_offset)
+            self._append_or_undo(blob)
             self.end += len(blob)
             self.last_index = index_offset
             self.delta_chain = 0 if full else self.delta_chain + 1
@@ -351,6 +351,18 @@ class Container:
             self.recovery = Recovery(self.end, self.end, False)
             if durable:
                 os.fdatasync(self.fd)
+
+    def _append_or_undo(self, blob: bytes) -> None:
+        """Write at the end; on failure (ENOSPC) cut what was partly written, so the file
+        still ends with its last trailer."""
+        try:
+            pwrite_all(self.fd, blob, self.end)
+        except OSError:
+            try:
+                os.ftruncate(self.fd, self.end)
+            except OSError:
+                log.warning("%s: could not cut a partly written record", self.path)
+            raise
 
     def reset(self) -> None:
         """Rewrite as a fresh empty container in place (truncate to zero). A crash leaves the

@@ -220,19 +220,40 @@ class HandleTable:
             os.close(file.fd)
             return handle
         file.handles -= 1
-        if file.handles:
-            return handle
-        try:
-            if file.has_changes:
-                await file.commit(self.engine.config.sync_on_close)
-            if compaction.worth_compacting(file.container) and not self.engine.config.shared:
-                await self._compact(handle.inode, file)
-        finally:
-            if file.handles == 0:
-                handle.inode.extra.pop("file", None)
-                self.open_files.pop(handle.inode.number, None)
-                os.close(file.container.fd)
+        if file.handles == 0:
+            await self._close_file(handle.inode, file)
         return handle
+
+    async def _close_file(self, inode: Inode, file: ContainerFile) -> None:
+        """Commit, maybe compact, then close. Handles may be opened again during any await
+        here, so the close itself happens only after a final check with no await after it;
+        one closer at a time per file, so the descriptor is closed exactly once."""
+        async with file.release_lock:
+            compaction_tried = gave_up = False
+            while not file.closed and file.handles == 0:
+                try:
+                    if file.has_changes and not gave_up:
+                        await file.commit(self.engine.config.sync_on_close)
+                        continue
+                    if not compaction_tried and not self.engine.config.shared \
+                            and compaction.worth_compacting(file.container):
+                        compaction_tried = True
+                        await self._compact(inode, file)
+                        continue
+                except OSError as exc:
+                    # The handle is gone; the error was also reported to close()/fsync().
+                    level = logging.WARNING if exc.errno in (errno.ENOSPC, errno.EDQUOT) else logging.ERROR
+                    log.log(level, "%s: last commit failed, uncommitted changes are lost: %s",
+                            file.path, exc)
+                    gave_up = True
+                    continue
+                file.forget_dirty()
+                if inode.extra.get("file") is file:
+                    del inode.extra["file"]
+                if self.open_files.get(inode.number) is file:
+                    del self.open_files[inode.number]
+                file.closed = True
+                os.close(file.container.fd)
 
     async def _compact(self, inode: Inode, file: ContainerFile) -> None:
         container = file.container
@@ -244,7 +265,7 @@ class HandleTable:
         except OSError as exc:
             log.warning("%s: compaction failed, file left as it was: %s", container.path, exc)
             return
-        if file.handles or file.has_changes:
+        if file.handles or file.has_changes or file.closed:
             os.unlink(tmp_path)  # reopened meanwhile: the copy may be stale
             return
         new_fd = compaction.swap_in(tmp_path, inode.proc_path, inode.key, before)

@@ -57,8 +57,12 @@ def test_kill9_keeps_fsynced_file_and_last_committed_state(make_mount):
     b_now = (mount.mnt / "B").read_bytes()
     assert b_now in states, f"B is torn: {len(b_now)} bytes, not one of {[len(s) for s in states]}"
     mount.stop()
-    result = fsck(mount.backing)
+    result = fsck(mount.backing, "--repair")
     assert result.returncode == 0, result.stdout + result.stderr
+    assert fsck(mount.backing).returncode == 0  # clean after the repair
+    mount.start()
+    assert (mount.mnt / "A").read_bytes() == a_data
+    assert (mount.mnt / "B").read_bytes() == b_now
 
 
 def test_kill9_during_uncommitted_rewrite_keeps_old_content(make_mount):
