@@ -160,3 +160,28 @@ def test_data_survives_remount(mounted):
     (mounted.mnt / "keep").write_bytes(data)
     mounted.remount()
     assert (mounted.mnt / "keep").read_bytes() == data
+
+
+def test_rewrites_are_compacted_and_stay_readable(mounted):
+    import random
+    import time
+    rng = random.Random(5)
+    data = bytearray(os.urandom(4 << 20))
+    path = mounted.mnt / "rewritten"
+    path.write_bytes(data)
+    for _ in range(25):
+        with open(path, "r+b") as f:
+            off = rng.randrange(len(data) - 300_000)
+            block = os.urandom(300_000)
+            f.seek(off)
+            f.write(block)
+            data[off:off + 300_000] = block
+        time.sleep(0.02)  # let the kernel's asynchronous RELEASE arrive
+    deadline = time.monotonic() + 10
+    while (mounted.backing / "rewritten").stat().st_size > 2 * len(data) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert (mounted.backing / "rewritten").stat().st_size < 2 * len(data)
+    assert path.read_bytes() == data
+    mounted.remount()
+    assert path.read_bytes() == data
+    assert "compacted" in mounted.log_text()
