@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 
-import numba
+from ._jit import njit
 import numpy as np
 
 log = logging.getLogger(__name__)
@@ -24,7 +24,7 @@ CLASSES = {
 DTYPE_CLASS = {"bf16": CLASS_BF16, "f16": CLASS_F16, "f32": CLASS_F32, "f64": CLASS_F64}
 
 
-@numba.njit(nogil=True, cache=True)
+@njit(nogil=True)
 def _split_bf16(u, e, sm):
     for i in range(u.size):
         v = u[i]
@@ -32,14 +32,14 @@ def _split_bf16(u, e, sm):
         sm[i] = ((v >> 8) & 0x80) | (v & 0x7F)
 
 
-@numba.njit(nogil=True, cache=True)
+@njit(nogil=True)
 def _merge_bf16(e, sm, u):
     for i in range(u.size):
         s = np.uint16(sm[i])
         u[i] = (np.uint16(e[i]) << 7) | ((s & 0x80) << 8) | (s & 0x7F)
 
 
-@numba.njit(nogil=True, cache=True)
+@njit(nogil=True)
 def _split_f32(u, e, sm, m1, m0):
     for i in range(u.size):
         v = u[i]
@@ -49,7 +49,7 @@ def _split_f32(u, e, sm, m1, m0):
         m0[i] = v & 0xFF
 
 
-@numba.njit(nogil=True, cache=True)
+@njit(nogil=True)
 def _merge_f32(e, sm, m1, m0, u):
     for i in range(u.size):
         s = np.uint32(sm[i])
@@ -62,20 +62,20 @@ def _merge_f32(e, sm, m1, m0, u):
         )
 
 
-@numba.njit(nogil=True, cache=True)
+@njit(nogil=True)
 def _split_f16(u, hi, lo):
     for i in range(u.size):
         hi[i] = u[i] >> 8
         lo[i] = u[i] & 0xFF
 
 
-@numba.njit(nogil=True, cache=True)
+@njit(nogil=True)
 def _merge_f16(hi, lo, u):
     for i in range(u.size):
         u[i] = (np.uint16(hi[i]) << 8) | np.uint16(lo[i])
 
 
-@numba.njit(nogil=True, cache=True)
+@njit(nogil=True)
 def _split_planes(b, width, planes):
     # planes[k] holds byte (width-1-k) of every element: most significant plane first
     n = b.size // width
@@ -84,7 +84,7 @@ def _split_planes(b, width, planes):
             planes[k, i] = b[i * width + width - 1 - k]
 
 
-@numba.njit(nogil=True, cache=True)
+@njit(nogil=True)
 def _merge_planes(planes, width, b):
     n = b.size // width
     for i in range(n):

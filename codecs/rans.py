@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 
-import numba
+from ._jit import njit
 import numpy as np
 
 log = logging.getLogger(__name__)
@@ -13,22 +13,27 @@ RANS_L = 1 << 16
 N_STATES = 4  # independent states let the CPU overlap the dependent multiply chains
 
 
-@numba.njit(nogil=True, cache=True)
+@njit(nogil=True)
 def histogram(data):
     # four sub-histograms avoid store-to-load stalls on runs of the same byte
-    h = np.zeros((4, 256), np.int64)
+    h = np.empty(1024, np.int64)
+    for s in range(1024):
+        h[s] = 0
     n = data.size
     i = 0
     while i + 4 <= n:
-        h[0, data[i]] += 1
-        h[1, data[i + 1]] += 1
-        h[2, data[i + 2]] += 1
-        h[3, data[i + 3]] += 1
+        h[data[i]] += 1
+        h[256 + data[i + 1]] += 1
+        h[512 + data[i + 2]] += 1
+        h[768 + data[i + 3]] += 1
         i += 4
     while i < n:
-        h[0, data[i]] += 1
+        h[data[i]] += 1
         i += 1
-    return h[0] + h[1] + h[2] + h[3]
+    out = np.empty(256, np.int64)
+    for s in range(256):
+        out[s] = h[s] + h[256 + s] + h[512 + s] + h[768 + s]
+    return out
 
 
 def normalize(counts: np.ndarray, total: int) -> np.ndarray:
@@ -97,7 +102,7 @@ def read_table(buf: bytes) -> tuple[np.ndarray, int]:
     return freq, pos
 
 
-@numba.njit(nogil=True, cache=True, inline="always")
+@njit(nogil=True, inline="always")
 def _enc_step(x, f, c, rcp, out, pos):
     # branch-free renormalisation (the branch is unpredictable): always store, advance only if needed;
     # x < 2**32 so at most one 16-bit word leaves per symbol
@@ -114,7 +119,7 @@ def _enc_step(x, f, c, rcp, out, pos):
     return (q << SCALE_BITS) + r + c, pos
 
 
-@numba.njit(nogil=True, cache=True)
+@njit(nogil=True)
 def _encode(data, freq, cum, rcp, out):
     # encode backwards so the decoder runs forwards; words are pushed from the end of out.
     # int64 throughout: numba turns mixed signed/unsigned 64-bit arithmetic into float.
@@ -150,21 +155,21 @@ def _encode(data, freq, cum, rcp, out):
     return pos
 
 
-@numba.njit(nogil=True, cache=True, inline="always")
+@njit(nogil=True, inline="always")
 def _dec_step(x, lut, out, i):
     e = np.int64(lut[x & 0xFFF])
     out[i] = e & 0xFF
     return ((e >> 8) & 0xFFF) * (x >> SCALE_BITS) + (x & 0xFFF) - (e >> 20)
 
 
-@numba.njit(nogil=True, cache=True, inline="always")
+@njit(nogil=True, inline="always")
 def _renorm(x, words, p):
     # branch-free: the caller guarantees words[p] exists
     need = np.int64(x < RANS_L)
     return (x << (need << 4)) | (np.int64(words[p]) & -need), p + need
 
 
-@numba.njit(nogil=True, cache=True)
+@njit(nogil=True)
 def _decode(words, lut, out):
     """Return 0 on success, -1 on a malformed stream (overrun or states not back at their start)."""
     n = out.size
@@ -245,7 +250,7 @@ def decode(buf: bytes | memoryview, n: int) -> np.ndarray:
     return out
 
 
-@numba.njit(nogil=True, cache=True)
+@njit(nogil=True)
 def read_table_nb(buf, freq):
     """numba twin of read_table: fill freq[256], return the table length or -1 if malformed."""
     n = buf.size
@@ -275,7 +280,7 @@ def read_table_nb(buf, freq):
     return pos
 
 
-@numba.njit(nogil=True, cache=True)
+@njit(nogil=True)
 def decode_into(buf, out):
     """Decode a method-2 stream (uint8 array) into out without leaving numba; 0 or -1."""
     freq = np.empty(256, np.int64)

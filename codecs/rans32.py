@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 
-import numba
+from ._jit import njit
 import numpy as np
 from llvmlite import ir
 from numba import types
@@ -31,7 +31,7 @@ _i1, _i8, _i16, _i32, _i64 = (ir.IntType(b) for b in (1, 8, 16, 32, 64))
 # ---------------------------------------------------------------- table (format: docs/codecs.md, "rans32")
 
 
-@numba.njit(nogil=True, cache=True)
+@njit(nogil=True)
 def _bitlen(v):
     n = 0
     while v:
@@ -40,7 +40,7 @@ def _bitlen(v):
     return n
 
 
-@numba.njit(nogil=True, cache=True)
+@njit(nogil=True)
 def write_table(freq, out):
     """Write the table for freq[256] into out (>= TABLE_MAX bytes); return its length."""
     lo = 0
@@ -90,7 +90,7 @@ def write_table(freq, out):
     return pos
 
 
-@numba.njit(nogil=True, cache=True)
+@njit(nogil=True)
 def read_table(buf, freq):
     """Fill freq[256] from buf; return the table length in bytes, or -1 if it is malformed."""
     n = buf.size
@@ -150,9 +150,11 @@ def table_bytes(freq: np.ndarray) -> int:
 # ---------------------------------------------------------------- encoder
 
 
-@numba.njit(nogil=True, cache=True)
+@njit(nogil=True)
 def _encode(data, freq, cum, rcp, out):
-    x = np.full(LANES, RANS_L, np.int64)
+    x = np.empty(LANES, np.int64)
+    for j in range(LANES):
+        x[j] = RANS_L
     pos = out.size
     for i in range(data.size - 1, -1, -1):
         s = data[i]
@@ -233,7 +235,7 @@ def _round16(typingctx, lut, words, p, xs, k, out, i):
     return sig, codegen
 
 
-@numba.njit(nogil=True, cache=True)
+@njit(nogil=True)
 def build_lut(freq, lut):
     # slot -> symbol | freq << 8 | cum << 20 (one load serves a symbol)
     pos = 0
@@ -245,7 +247,7 @@ def build_lut(freq, lut):
             pos += 1
 
 
-@numba.njit(nogil=True, cache=True, inline="always")
+@njit(nogil=True, inline="always")
 def _prepare(buf, lut):
     """Read the table and the initial states; return (words, xs, status)."""
     freq = np.empty(256, np.int64)
@@ -261,7 +263,7 @@ def _prepare(buf, lut):
     return words, xs, 0
 
 
-@numba.njit(nogil=True, cache=True, inline="always")
+@njit(nogil=True, inline="always")
 def _tail(words, lut, xs, out, i, p):
     """Scalar decoding of out[i:] with bounds checks, then the end-of-stream checks; 0 or -1."""
     n = out.size
@@ -287,7 +289,7 @@ def _tail(words, lut, xs, out, i, p):
     return 0
 
 
-@numba.njit(nogil=True, cache=True, boundscheck=False)
+@njit(nogil=True, boundscheck=False)
 def decode_into(buf, out):
     """Decode a method-5 stream (uint8 array) into out (uint8, its length is the symbol count); 0 or -1."""
     lut = np.empty(SLOTS, np.uint32)
@@ -306,7 +308,7 @@ def decode_into(buf, out):
     return _tail(words, lut, xs, out, i, p)
 
 
-@numba.njit(nogil=True, cache=True, boundscheck=False)
+@njit(nogil=True, boundscheck=False)
 def decode_into_scalar(buf, out):
     """Reference decoder of the same format without the vector step (used when the IR cannot be compiled)."""
     lut = np.empty(SLOTS, np.uint32)
@@ -346,7 +348,7 @@ def decode(buf: np.ndarray, out: np.ndarray) -> None:
         raise ValueError("rans32 stream is malformed")
 
 
-@numba.njit(nogil=True, cache=True, boundscheck=False)
+@njit(nogil=True, boundscheck=False)
 def decode2_into(buf_a, out_a, buf_b, out_b):
     """Decode two method-5 streams of the same length in one loop (four independent vector chains); 0 or -1."""
     lut_a = np.empty(SLOTS, np.uint32)
@@ -381,7 +383,7 @@ def decode2_into(buf_a, out_a, buf_b, out_b):
     return 0
 
 
-@numba.njit(nogil=True, cache=True)
+@njit(nogil=True)
 def decode2_into_scalar(buf_a, out_a, buf_b, out_b):
     if decode_into_scalar(buf_a, out_a) or decode_into_scalar(buf_b, out_b):
         return -1

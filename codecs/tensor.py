@@ -5,7 +5,7 @@ import logging
 
 import threading
 
-import numba
+from ._jit import njit
 import numpy as np
 
 from . import fields, generic, rans, rans32
@@ -164,56 +164,85 @@ def _decode_stream(method: int, blob: memoryview, n: int) -> np.ndarray:
 _FAST_METHODS = (M_RAW, M_CONST, M_RANS, M_RANS32)
 
 
-def _make_fused(stream_decoder, pair_decoder):
-    @numba.njit(nogil=True, cache=True)
-    def fused(cls, payload, meths, offs, lens, scratch, out):
-        """Decode a float class's streams into scratch rows and merge them into out; 0 or -(stream+1)."""
-        n = scratch.shape[1]
-        # rANS streams two at a time: one loop over two streams keeps four vector chains in flight
+@njit(nogil=True, inline="always")
+def _decode_simple(k, payload, meths, offs, lens, dst):
+    """Decode stream k if it is raw, const or method 2 (method 5 streams are left to the caller); 0 or -1."""
+    blob = payload[offs[k] : offs[k] + lens[k]]
+    m = meths[k]
+    if m == M_RAW:
+        # explicit loops: slice assignment pulls in numba's shape-error formatting (~3 s of cold compile)
+        if lens[k] != dst.size:
+            return -1
+        for i in range(dst.size):
+            dst[i] = blob[i]
+    elif m == M_CONST:
+        if lens[k] != 1:
+            return -1
+        v = blob[0]
+        for i in range(dst.size):
+            dst[i] = v
+    elif m == M_RANS:
+        if rans.decode_into(blob, dst) != 0:
+            return -1
+    return 0
+
+
+@njit(nogil=True, inline="always")
+def _merge_class(cls, scratch, out):
+    if cls == fields.CLASS_BF16:
+        fields._merge_bf16(scratch[0], scratch[1], out.view(np.uint16))
+    elif cls == fields.CLASS_F16:
+        fields._merge_f16(scratch[0], scratch[1], out.view(np.uint16))
+    elif cls == fields.CLASS_F32:
+        fields._merge_f32(scratch[0], scratch[1], scratch[2], scratch[3], out.view(np.uint32))
+    else:
+        fields._merge_planes(scratch, scratch.shape[0], out)
+
+
+# Two explicit variants rather than one closure built by a factory: numba's cache cannot reuse a closure that
+# captures dispatchers (their pickled form differs in every process), so a factory recompiled these kernels at
+# every process start (~5-10 s). Top-level functions calling the stream decoders directly load from the cache.
+
+
+@njit(nogil=True)
+def _fused_vec(cls, payload, meths, offs, lens, scratch, out):
+    """Decode a float class's streams into scratch rows and merge them into out; 0 or -(stream+1)."""
+    # rANS streams two at a time: one loop over two streams keeps four vector chains in flight
+    pending = -1
+    for k in range(meths.size):
+        if meths[k] != M_RANS32:
+            continue
+        if pending < 0:
+            pending = k
+            continue
+        a = payload[offs[pending] : offs[pending] + lens[pending]]
+        b = payload[offs[k] : offs[k] + lens[k]]
+        if rans32.decode2_into(a, scratch[pending], b, scratch[k]) != 0:
+            return -(k + 1)
         pending = -1
-        for k in range(meths.size):
-            if meths[k] != M_RANS32:
-                continue
-            if pending < 0:
-                pending = k
-                continue
-            a = payload[offs[pending] : offs[pending] + lens[pending]]
-            b = payload[offs[k] : offs[k] + lens[k]]
-            if pair_decoder(a, scratch[pending], b, scratch[k]) != 0:
+    for k in range(meths.size):
+        if k == pending:
+            if rans32.decode_into(payload[offs[k] : offs[k] + lens[k]], scratch[k]) != 0:
                 return -(k + 1)
-            pending = -1
-        for k in range(meths.size):
-            blob = payload[offs[k] : offs[k] + lens[k]]
-            dst = scratch[k]
-            m = meths[k]
-            if m == M_RAW:
-                if lens[k] != n:
-                    return -(k + 1)
-                dst[:] = blob
-            elif m == M_CONST:
-                if lens[k] != 1:
-                    return -(k + 1)
-                dst[:] = blob[0]
-            elif m == M_RANS:
-                if rans.decode_into(blob, dst) != 0:
-                    return -(k + 1)
-            elif k == pending and stream_decoder(blob, dst) != 0:
+        elif _decode_simple(k, payload, meths, offs, lens, scratch[k]) != 0:
+            return -(k + 1)
+    _merge_class(cls, scratch, out)
+    return 0
+
+
+@njit(nogil=True)
+def _fused_scalar(cls, payload, meths, offs, lens, scratch, out):
+    """_fused_vec without the vector decoder (used when its IR cannot be compiled on this machine)."""
+    for k in range(meths.size):
+        if meths[k] == M_RANS32:
+            if rans32.decode_into_scalar(payload[offs[k] : offs[k] + lens[k]], scratch[k]) != 0:
                 return -(k + 1)
-        if cls == fields.CLASS_BF16:
-            fields._merge_bf16(scratch[0], scratch[1], out.view(np.uint16))
-        elif cls == fields.CLASS_F16:
-            fields._merge_f16(scratch[0], scratch[1], out.view(np.uint16))
-        elif cls == fields.CLASS_F32:
-            fields._merge_f32(scratch[0], scratch[1], scratch[2], scratch[3], out.view(np.uint32))
-        else:
-            fields._merge_planes(scratch, scratch.shape[0], out)
-        return 0
-
-    return fused
+        elif _decode_simple(k, payload, meths, offs, lens, scratch[k]) != 0:
+            return -(k + 1)
+    _merge_class(cls, scratch, out)
+    return 0
 
 
-_fused_vec = _make_fused(rans32.decode_into, rans32.decode2_into)
-_fused_scalar = _make_fused(rans32.decode_into_scalar, rans32.decode2_into_scalar)
 _local = threading.local()
 
 

@@ -255,3 +255,36 @@ def test_rans32_vector_and_scalar_agree(n, alphabet, seed):
     # a truncated or extended stream is rejected, never read out of bounds
     for bad in (buf[:-2], np.concatenate([buf, np.zeros(2, np.uint8)])):
         assert rans32.decode_into(bad, np.empty(n, np.uint8)) != 0
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "f16", "f32"])
+def test_fused_scalar_fallback_decodes(dtype, monkeypatch):
+    """The fused decoder without the vector rANS step (used where its IR does not compile) gives the same bytes."""
+    from dccfs.codecs import rans32
+
+    raw = weights(131072, dtype, 3)  # 256 KiB of bf16/f16: method-5 streams
+    enc = encode_chunk(raw, ChunkHints(segments=(Segment(0, len(raw), dtype),)))
+    monkeypatch.setattr(rans32, "_decoder", rans32.decode_into_scalar)
+    assert decode_chunk(enc.codec_id, enc.params, enc.payload, len(raw)) == raw
+
+
+_WARM_UP = "from dccfs.engine import warm_up_codecs; warm_up_codecs()"
+
+
+def test_kernels_load_from_cache_in_a_new_process():
+    """Every mount is a new process: its codec warm-up must load every kernel from numba's cache, compile nothing.
+
+    (A kernel built by a closure factory, or one taking a dispatcher as an argument, misses the cache in every
+    process and costs seconds of compilation at each mount.)"""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, NUMBA_DEBUG_CACHE="1")
+    runs = [subprocess.run([sys.executable, "-c", _WARM_UP], env=env, capture_output=True, text=True, timeout=300)
+            for _ in range(2)]
+    for r in runs:
+        assert r.returncode == 0, r.stderr[-2000:]
+    log = runs[1].stdout + runs[1].stderr
+    assert "data loaded" in log and "tensor._fused_vec" in log, log[-2000:]
+    saved = [line for line in log.splitlines() if "saved" in line]
+    assert not saved, "kernels recompiled in a second process:\n" + "\n".join(saved)
