@@ -317,14 +317,15 @@ class ContainerFile:
     def _hints_for(self, idx: int, raw: bytes) -> ChunkHints:
         rule = self.rule
         forced = None if rule.codec == "auto" else rule.codec
+        effort = self.engine.encode_effort()
         if self._layout is not None and forced in (None, "tensor"):
             try:
                 hints = self._layout.hints_for(idx * self.chunk_size, raw)
                 return ChunkHints(hints.segments, forced or hints.codec, rule.level or hints.level,
-                                  hints.effort)
+                                  min(effort, hints.effort))
             except Exception:
                 log.exception("%s: layout hints failed for chunk %d; probing", self.path, idx)
-        return ChunkHints(codec=forced, level=rule.level)
+        return ChunkHints(codec=forced, level=rule.level, effort=effort)
 
     @property
     def layout_kind(self) -> str | None:

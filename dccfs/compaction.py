@@ -38,18 +38,19 @@ def write_compacted(source: Container, tmp_path: str) -> int:
     """Write the compacted copy of source to tmp_path (fsynced); return its size."""
     fd = os.open(tmp_path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
+        index, size, _ = source.snapshot()
         pwrite_all(fd, source.header.next_generation().pack(), 0)
         end = HEADER_SIZE
         entries = {}
-        for idx in sorted(source.index):
-            loc = source.index[idx]
+        for idx in sorted(index):
+            loc = index[idx]
             record = pread_exact(source.fd, loc.length, loc.offset)
             if len(record) != loc.length:
                 raise OSError(errno.EIO, f"{source.path}: chunk {idx} record is truncated")
             pwrite_all(fd, record, end)
             entries[idx] = (end, loc.length)
             end += loc.length
-        blob = pack_index(INDEX_FULL, source.size, 0, entries) + trailer_record(source.size, end)
+        blob = pack_index(INDEX_FULL, size, 0, entries) + trailer_record(size, end)
         pwrite_all(fd, blob, end)
         end += len(blob)
         st = os.fstat(source.fd)

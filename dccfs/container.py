@@ -257,6 +257,11 @@ class Container:
                     index[idx] = ChunkLoc(rec_off, rec_len)
         return index, size, len(chain) - 1
 
+    def snapshot(self) -> tuple[dict[int, ChunkLoc], int, int]:
+        """(index, committed logical size, end) as of one instant, for copying."""
+        with self._lock:
+            return dict(self.index), self.committed_size, self.end
+
     # -- reading ---------------------------------------------------------------
 
     def read_chunk(self, chunk_index: int, loc: ChunkLoc | None = None) -> bytes | None:

@@ -18,6 +18,10 @@ from dccfs.stats import MountStats
 log = logging.getLogger(__name__)
 
 
+# Encodes waiting per core before the chooser drops to its cheapest codec.
+BACKLOG_CHEAP_FACTOR = 4
+
+
 class DirtyBudget:
     """Bytes of written-but-unencoded chunks across all files; writers wait when it is full."""
 
@@ -96,6 +100,15 @@ class Engine:
             warm_up_codecs()
         except Exception:
             log.exception("codec warm-up failed; kernels will load on first use")
+
+    def encode_effort(self) -> int:
+        """0 (cheapest codec) while encodes queue up behind the cores, so the codec never
+        becomes the writer's bottleneck; 1 otherwise. Each chunk records what it used."""
+        stats = self.cpu_limiter.statistics()
+        if stats.tasks_waiting >= BACKLOG_CHEAP_FACTOR * stats.total_tokens:
+            self.stats.cheap_encodes += 1
+            return 0
+        return 1
 
     def encode(self, raw: bytes, hints: ChunkHints) -> tuple[EncodedChunk, int]:
         """Encode one chunk in a worker thread; returns the encoding and the raw checksum."""

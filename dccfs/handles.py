@@ -128,6 +128,12 @@ class HandleTable:
         self._handles: dict[int, Handle] = {}
         self._next = 1
         self.open_files: dict[int, ContainerFile] = {}
+        engine.dirty.on_pressure(self._relieve_dirty_pressure)
+
+    def _relieve_dirty_pressure(self) -> None:
+        """The dirty budget is full: encode every dirty chunk, full or not, of every file."""
+        for file in self.open_files.values():
+            file.schedule_all()
 
     def get(self, number: int) -> Handle:
         try:
@@ -224,29 +230,30 @@ class HandleTable:
             await self._close_file(handle.inode, file)
         return handle
 
-    async def _close_file(self, inode: Inode, file: ContainerFile) -> None:
-        """Commit, maybe compact, then close. Handles may be opened again during any await
-        here, so the close itself happens only after a final check with no await after it;
-        one closer at a time per file, so the descriptor is closed exactly once."""
+    async def _close_file(self, inode: Inode, file: ContainerFile, compact: bool = True) -> None:
+        """Commit, then close. Handles may be opened again during any await here, so the
+        close itself happens only after a final check with no await after it; one closer
+        at a time per file, so the descriptor is closed exactly once. Compaction, when
+        worth it, runs in the background after the kernel has its RELEASE reply."""
         async with file.release_lock:
-            compaction_tried = gave_up = False
+            gave_up = False
             while not file.closed and file.handles == 0:
-                try:
-                    if file.has_changes and not gave_up:
+                if file.has_changes and not gave_up:
+                    try:
                         await file.commit(self.engine.config.sync_on_close)
-                        continue
-                    if not compaction_tried and not self.engine.config.shared \
-                            and compaction.worth_compacting(file.container):
-                        compaction_tried = True
-                        await self._compact(inode, file)
-                        continue
-                except OSError as exc:
-                    # The handle is gone; the error was also reported to close()/fsync().
-                    level = logging.WARNING if exc.errno in (errno.ENOSPC, errno.EDQUOT) else logging.ERROR
-                    log.log(level, "%s: last commit failed, uncommitted changes are lost: %s",
-                            file.path, exc)
-                    gave_up = True
+                    except OSError as exc:
+                        # The handle is gone; the error also went to close()/fsync().
+                        level = logging.WARNING if exc.errno in (errno.ENOSPC, errno.EDQUOT) \
+                            else logging.ERROR
+                        log.log(level, "%s: last commit failed, uncommitted changes are lost: %s",
+                                file.path, exc)
+                        gave_up = True
                     continue
+                if compact and not self.engine.config.shared \
+                        and compaction.worth_compacting(file.container):
+                    inode.opens += 1  # keeps the inode's descriptor until the task ends
+                    self.engine.start_background(self._compact_then_close, inode, file)
+                    return
                 file.forget_dirty()
                 if inode.extra.get("file") is file:
                     del inode.extra["file"]
@@ -254,6 +261,17 @@ class HandleTable:
                     del self.open_files[inode.number]
                 file.closed = True
                 os.close(file.container.fd)
+
+    async def _compact_then_close(self, inode: Inode, file: ContainerFile) -> None:
+        try:
+            async with file.release_lock:
+                if file.closed or file.handles:
+                    return  # reopened: its next release decides again
+                if not file.has_changes:
+                    await self._compact(inode, file)
+            await self._close_file(inode, file, compact=False)
+        finally:
+            self.inodes.release_open(inode)
 
     async def _compact(self, inode: Inode, file: ContainerFile) -> None:
         container = file.container

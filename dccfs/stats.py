@@ -81,6 +81,7 @@ class MountStats:
     dirty_budget: int = 0
     readahead_chunks: int = 0
     compactions: int = 0
+    cheap_encodes: int = 0
     started: float = field(default_factory=time.time)
 
     def __post_init__(self):
@@ -122,4 +123,5 @@ class MountStats:
                           "writer_stalls": self.writer_stalls},
                 "readahead_chunks": self.readahead_chunks,
                 "compactions": self.compactions,
+                "cheap_encodes": self.cheap_encodes,
             }
