@@ -36,6 +36,7 @@ def stream(seed: int, length: int) -> bytes:
 
 @pytest.fixture
 def small_backing(tmp_path):
+    """Requested before make_mount, so the tmpfs is unmounted after the dccfs mount."""
     where = tmp_path / "tmpfs"
     where.mkdir()
     result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={TMPFS_SIZE}", "tmpfs", str(where)],
@@ -110,13 +111,7 @@ def fill_until_enospc(path, seed: int) -> dict:
     return report
 
 
-HANG_REASON = ("dccfs bug: when the backing store is full, ContainerFile.flush_dirty "
-               "(chunkfile.py) re-schedules the chunk whose append failed with ENOSPC forever; "
-               "fsync/close never return and the daemon spins logging '_flush_chunk failed'")
-
-
-@pytest.mark.xfail(strict=True, raises=Hung, reason=HANG_REASON)
-def test_enospc_is_reported_and_recoverable(make_mount, small_backing):
+def test_enospc_is_reported_and_recoverable(small_backing, make_mount):
     mount = make_mount("full", backing=small_backing)
     mount.expect_errors = True  # a full disk may be logged as an error; checked below
     keep = {f"keep{i}": random.Random(i).randbytes(6 << 20) for i in range(2)}
@@ -161,8 +156,7 @@ def test_enospc_is_reported_and_recoverable(make_mount, small_backing):
         assert fsck.returncode == 0, fsck.stdout + fsck.stderr
 
 
-@pytest.mark.xfail(strict=True, raises=Hung, reason=HANG_REASON)
-def test_enospc_on_small_writes_then_delete_frees(make_mount, small_backing):
+def test_enospc_on_small_writes_then_delete_frees(small_backing, make_mount):
     """Many small files until the disk is full: creating or closing one fails with ENOSPC;
     every file closed without error before reads back; a delete makes room again."""
     mount = make_mount("full2", backing=small_backing)
