@@ -79,40 +79,66 @@ def delta_base_ref(params: bytes) -> bytes:
 
 
 @njit(nogil=True)
-def _scale_pred(base, out, ebits, mbits, cm, ce):
-    """out = base * c per element on float bit patterns, in integer arithmetic only (no FPU flags can change it).
+def _scale_pred(base, out, ebits, mbits, cbits, steps):
+    """out = base * c, rounded to the element format, repeated `steps` times, in integer arithmetic only.
 
-    c = cm * 2**(ce - 23) with cm in [2**23, 2**24). Zero, subnormal, inf and nan elements predict themselves;
-    results that underflow become signed zero, results that overflow keep the base. Rounding: half up.
+    One step is an IEEE-754 multiply (round to nearest, ties to even, subnormal results, overflow to infinity) of an
+    element with E = ebits, M = mbits by the f32 c (normal, positive); inf and nan elements stay as they are. No
+    floating point is used, so no FPU mode (flush-to-zero, rounding direction) can change a prediction.
     """
     emax = (1 << ebits) - 1
-    mmask = (1 << mbits) - 1
+    bias = (1 << (ebits - 1)) - 1
+    mmask = (np.int64(1) << mbits) - 1
     sbit = np.int64(1) << (ebits + mbits)
-    top = np.int64(1) << (mbits + 24)
-    full = np.int64(1) << (mbits + 1)
+    cm = np.int64((cbits & 0x7FFFFF) | 0x800000)
+    ce = np.int64((cbits >> 23) & 0xFF)
     for i in range(base.size):
         v = np.int64(base[i])
-        e = (v >> mbits) & emax
-        if e == 0 or e == emax:
-            out[i] = base[i]
-            continue
-        p = ((v & mmask) | (mmask + 1)) * cm
-        if p >= top:
-            mant = (p + (1 << 23)) >> 24
-            e2 = e + ce + 1
-        else:
-            mant = (p + (1 << 22)) >> 23
-            e2 = e + ce
-        if mant == full:
-            mant >>= 1
-            e2 += 1
-        if e2 <= 0:
-            r = v & sbit
-        elif e2 >= emax:
-            r = v
-        else:
-            r = (v & sbit) | (e2 << mbits) | (mant & mmask)
-        out[i] = r
+        for _ in range(steps):
+            e = (v >> mbits) & emax
+            if e == emax:
+                break
+            sign = v & sbit
+            if e == 0:
+                m = v & mmask
+                ex = 1 - bias
+            else:
+                m = (v & mmask) | (mmask + 1)
+                ex = e - bias
+            p = m * cm
+            if p == 0:
+                v = sign
+                break
+            if e != 0:  # normal: p in [2**(M+23), 2**(M+25))
+                blen = mbits + 25 if p >> (mbits + 24) else mbits + 24
+            else:
+                blen = 0
+                t = p
+                while t:
+                    t >>= 1
+                    blen += 1
+            er = ex - mbits + ce - 150 + blen - 1 + bias
+            sh = blen - 1 - mbits
+            if er <= 0:
+                sh += 1 - er
+                er = 0
+            if sh > 62:
+                q = np.int64(0)
+            else:
+                q = p >> sh
+                if sh > 0:
+                    rem = p & ((np.int64(1) << sh) - 1)
+                    half = np.int64(1) << (sh - 1)
+                    if rem > half or (rem == half and (q & 1)):
+                        q += 1
+            if er == 0:
+                r = q
+            else:
+                r = (er << mbits) + q - (mmask + 1)
+            if r >= (np.int64(emax) << mbits):
+                r = np.int64(emax) << mbits
+            v = sign | r
+        out[i] = v
 
 
 def _zigzag(d: np.ndarray, width: int) -> np.ndarray:
@@ -186,8 +212,21 @@ def _segments_for(raw: bytes, base: bytes, hints: ChunkHints) -> tuple:
 # ---------------------------------------------------------------------------------------------- transforms
 
 
-def _fit_scale(new: np.ndarray, base: np.ndarray, kind: int) -> int | None:
-    """f32 bit pattern of the median ratio new/base over a sample of normal base elements, or None."""
+STEP_CANDIDATES = (1, 2, 3, 4, 5, 8, 10, 16, 20, 25, 32, 50, 64, 100)
+FIT_SAMPLE = 64  # normal elements on which exact (c, steps) candidates are compared
+
+
+def _f32_bits(x: float) -> int:
+    return struct.unpack("<I", struct.pack("<f", x))[0]
+
+
+def _fit_scale(new: np.ndarray, base: np.ndarray, kind: int) -> tuple[int, int] | None:
+    """(f32 bits of c, steps) predicting new from base, or None.
+
+    c**steps is the median ratio new/base over a sample of normal elements. steps > 1 is kept when iterating the
+    multiply reproduces more elements exactly (AdamW decays state and weights by one constant factor per step, and
+    rows without gradient are exactly base * beta**steps with per-step rounding).
+    """
     ebits, mbits = KIND_FLOAT[kind]
     step = max(1, base.size // SCALE_SAMPLE)
     b, n = base[::step].astype(np.int64), new[::step].astype(np.int64)
@@ -197,25 +236,50 @@ def _fit_scale(new: np.ndarray, base: np.ndarray, kind: int) -> int | None:
     if ok.sum() < 16:
         return None
     sign = np.int64(1) << (ebits + mbits)
+
     def val(x, e):
         m = (x & ((1 << mbits) - 1)) / float(1 << mbits) + 1.0
         return np.where(x & sign, -1.0, 1.0) * np.ldexp(m, (e - (emax >> 1)).astype(np.int32))
+
     r = val(n[ok], en[ok]) / val(b[ok], eb[ok])
     r = r[r > 0]
     if r.size < 16:
         return None
-    c = float(np.median(r))
-    bits = struct.unpack("<I", struct.pack("<f", c))[0]
-    e = bits >> 23
-    if not C_MIN_EXP <= e <= C_MAX_EXP or bits == 0x3F800000:
+    ratio = float(np.median(r))
+    cands = []
+    for steps in STEP_CANDIDATES:
+        c0 = _f32_bits(ratio ** (1.0 / steps))
+        for dc in ((0,) if steps == 1 else (-2, -1, 0, 1, 2)):
+            c = c0 + dc
+            if C_MIN_EXP <= c >> 23 <= C_MAX_EXP and not (c == 0x3F800000 and steps == 1):
+                cands.append((c, steps))
+    if not cands:
         return None
-    return bits
+    u = UINT[KIND_WIDTH[kind]]
+    nb, nn = base[::step][ok], new[::step][ok]
+    if nb.size > FIT_SAMPLE:
+        pick = np.linspace(0, nb.size - 1, FIT_SAMPLE).astype(np.int64)
+        nb, nn = nb[pick], nn[pick]
+    nb, nn = np.ascontiguousarray(nb, u), np.ascontiguousarray(nn, u)
+    out = np.empty_like(nb)
+    best, best_hits = cands[0], -1
+    for c, steps in cands:
+        _scale_pred(nb, out, ebits, mbits, c, steps)
+        hits = int(np.count_nonzero(out == nn))
+        if hits > best_hits:
+            best, best_hits = (c, steps), hits
+    if best_hits < max(3, nb.size // 16):
+        c = _f32_bits(ratio)  # no exact reproduction: one multiply by the median ratio
+        if not C_MIN_EXP <= c >> 23 <= C_MAX_EXP or c == 0x3F800000:
+            return None
+        return c, 1
+    return best
 
 
-def _predict(base: np.ndarray, kind: int, cbits: int) -> np.ndarray:
+def _predict(base: np.ndarray, kind: int, scale: tuple[int, int]) -> np.ndarray:
     ebits, mbits = KIND_FLOAT[kind]
     out = np.empty_like(base)
-    _scale_pred(base, out, ebits, mbits, (cbits & 0x7FFFFF) | 0x800000, (cbits >> 23) - 127)
+    _scale_pred(np.ascontiguousarray(base), out, ebits, mbits, scale[0], scale[1])
     return out
 
 
@@ -242,13 +306,13 @@ def _sub_region(new: np.ndarray, base: np.ndarray, kind: int, width: int, allow_
     z = _zigzag(n - b, width)
     if not allow_scale or kind not in KIND_FLOAT:
         return z, None
-    cbits = _fit_scale(n, b, kind)
-    if cbits is None:
+    scale = _fit_scale(n, b, kind)
+    if scale is None:
         return z, None
-    zs = _zigzag(n - _predict(b, kind, cbits), width)
+    zs = _zigzag(n - _predict(b, kind, scale), width)
     step = max(1, z.size // 16384)
     if _order0_bits(_byte_planes(zs[::step], width)) + 32 < _order0_bits(_byte_planes(z[::step], width)):
-        return zs, cbits
+        return zs, scale
     return z, None
 
 
@@ -339,7 +403,7 @@ def _params(base_ref: bytes, transform: int, desc, inner: EncodedChunk) -> bytes
             out.append(kind)
         else:
             out.append(kind | F_SCALED)
-            out += struct.pack("<I", cbits)
+            out += struct.pack("<IB", *cbits)
     out.append(inner.codec_id)
     out += inner.params
     return bytes(out)
@@ -392,11 +456,11 @@ def _parse(params: bytes, raw_len: int):
             raise CodecError(f"delta params: bad region kind {kind} / length {length}")
         cbits = None
         if flags:
-            if kind not in KIND_FLOAT or transform != T_SUB or pos + 4 > len(params):
+            if kind not in KIND_FLOAT or transform != T_SUB or pos + 5 > len(params):
                 raise CodecError("delta params: bad scaled region")
-            (cbits,) = struct.unpack_from("<I", params, pos)
-            pos += 4
-            if cbits >> 31 or not C_MIN_EXP <= cbits >> 23 <= C_MAX_EXP:
+            cbits = struct.unpack_from("<IB", params, pos)
+            pos += 5
+            if cbits[0] >> 31 or not C_MIN_EXP <= cbits[0] >> 23 <= C_MAX_EXP or cbits[1] == 0:
                 raise CodecError("delta params: scale factor out of range")
         desc.append((length, kind, cbits))
         total += length

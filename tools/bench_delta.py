@@ -97,10 +97,17 @@ def main(argv: list[str] | None = None) -> int:
         pairs = [(CKPT / f"minilm_ft_step{a}.{ext}", CKPT / f"minilm_ft_step{b}.{ext}")
                  for ext in ("safetensors", "pt") for a, b in ((30, 20), (20, 10))]
     # warm the numba kernels outside the timings
-    warm = bytes(range(256)) * 64
-    e = delta.encode_delta(warm[::-1], warm, ChunkHints(), b"w")
-    if e is not None:
-        delta.decode_delta(e.params, e.payload, len(warm), warm)
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    for dtype, np_dtype in (("f32", np.float32), ("f16", np.float16)):
+        old = rng.normal(0, 1, 4096).astype(np_dtype)
+        for factor in (0.999, 0.9 ** 10):
+            warm_new = (old * np_dtype(factor)).tobytes()
+            hints = ChunkHints(segments=(delta.Segment(0, len(warm_new), dtype),))
+            e = delta.encode_delta(warm_new, old.tobytes(), hints, b"w")
+            if e is not None:
+                delta.decode_delta(e.params, e.payload, len(warm_new), old.tobytes())
     print(f"{'new vs base':<52} {'MB':>6} {'keyframe':>9} {'delta':>7} {'enc MB/s':>9} {'dec MB/s':>9}  wins")
     for new_path, base_path in pairs:
         r = bench_pair(new_path, base_path, args.stride)
