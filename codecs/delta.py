@@ -217,6 +217,9 @@ FIT_SAMPLE = 64  # normal elements on which exact (c, steps) candidates are comp
 
 
 def _f32_bits(x: float) -> int:
+    """f32 bit pattern of x, or 0 (rejected as a scale) when x is not a finite float in (2**-30, 2**30)."""
+    if not 2.0**-30 < x < 2.0**30:  # also false for nan
+        return 0
     return struct.unpack("<I", struct.pack("<f", x))[0]
 
 

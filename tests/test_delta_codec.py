@@ -269,3 +269,38 @@ def test_corpus_checkpoint_pairs(ext):
             key_total += _size(key)
             stored += _size(enc) if enc is not None else _size(key)
     assert stored < 0.8 * key_total
+
+
+@pytest.mark.parametrize("dtype", ["f32", "f16"])
+def test_scale_prediction_is_ieee_multiply(dtype):
+    """One step of the integer-only prediction equals numpy's IEEE multiply, subnormals and overflow included."""
+    from dccfs.codecs.delta import KIND_FLOAT, DTYPE_KIND, _scale_pred
+
+    t, u = (np.float32, np.uint32) if dtype == "f32" else (np.float16, np.uint16)
+    rng = np.random.default_rng(12)
+    bits = rng.integers(0, np.iinfo(u).max, 20000, dtype=np.uint64).astype(u)
+    vals = bits.view(t)
+    finite = np.isfinite(vals)
+    bits = bits[finite]
+    ebits, mbits = KIND_FLOAT[DTYPE_KIND[dtype]]
+    for c in (0.9, 0.999, 1 - 8 * 2.0**-24, 1.7, 3.0e-4, 2.0**-16 * 1.5):
+        c32 = np.float32(c)
+        cbits = int(np.array([c32]).view(np.uint32)[0])
+        out = np.empty_like(bits)
+        _scale_pred(bits, out, ebits, mbits, cbits, 1)
+        with np.errstate(over="ignore", under="ignore"):
+            want = (bits.view(t).astype(np.float64) * float(c32)).astype(t) if dtype == "f16" else bits.view(t) * c32
+        # f16: the f64 product of two short mantissas is exact, so one rounding to f16 is the IEEE result
+        assert np.array_equal(out, np.asarray(want, t).view(u)), c
+
+
+def test_iterated_decay_is_reproduced_exactly():
+    rng = np.random.default_rng(13)
+    base = rng.normal(0, 0.05, 65536).astype(np.float32)
+    a = np.float32(1 - 8 * 2.0**-24)
+    new = base.copy()
+    for _ in range(10):
+        new = new * a
+    raw = new.tobytes()
+    enc = _roundtrip(raw, base.tobytes(), ChunkHints(segments=(Segment(0, len(raw), "f32"),)))
+    assert enc is not None and _size(enc) < 1000
