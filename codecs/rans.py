@@ -36,21 +36,60 @@ def histogram(data):
     return out
 
 
+@njit(nogil=True)
+def _normalize(counts, total, freq):
+    """Quantise counts to freq summing to 1 << SCALE_BITS (every present symbol >= 1) with the least coded size:
+    proportional rounding, then single-slot moves while one lowers sum(count * -log2(freq)) (greedy exchange)."""
+    target = 1 << SCALE_BITS
+    scale = target / total
+    fsum = 0
+    for s in range(256):
+        f = np.int64(0)
+        if counts[s]:
+            f = max(np.int64(1), np.int64(counts[s] * scale + 0.5))
+        freq[s] = f
+        fsum += f
+    for _ in range(8 * target):
+        # the best symbol to grow and the cheapest one to shrink (cost of one slot, in bits)
+        best_gain = -1.0
+        g = -1
+        best_loss = 1e300
+        r = -1
+        for s in range(256):
+            c = counts[s]
+            if c == 0:
+                continue
+            f = freq[s]
+            gain = c * np.log2((f + 1) / f)
+            if gain > best_gain:
+                best_gain = gain
+                g = s
+            if f > 1:
+                loss = c * np.log2(f / (f - 1))
+                if loss < best_loss:
+                    best_loss = loss
+                    r = s
+        if fsum < target:
+            freq[g] += 1
+            fsum += 1
+        elif fsum > target:
+            if r < 0:
+                return -1
+            freq[r] -= 1
+            fsum -= 1
+        elif r >= 0 and g != r and best_gain > best_loss + 1e-9:
+            freq[g] += 1
+            freq[r] -= 1
+        else:
+            return 0
+    return 0
+
+
 def normalize(counts: np.ndarray, total: int) -> np.ndarray:
     """Quantise counts to frequencies summing to 1<<SCALE_BITS, every present symbol >= 1."""
-    target = 1 << SCALE_BITS
-    freq = np.round(counts * (target / total)).astype(np.int64)
-    freq[(counts > 0) & (freq == 0)] = 1
-    diff = target - int(freq.sum())
-    if diff > 0:
-        freq[int(np.argmax(counts))] += diff
-    elif diff < 0:
-        for idx in np.argsort(-freq, kind="stable"):
-            take = min(int(freq[idx]) - 1, -diff)
-            freq[idx] -= take
-            diff += take
-            if diff == 0:
-                break
+    freq = np.empty(256, np.int64)
+    if _normalize(np.ascontiguousarray(counts, np.int64), total, freq) != 0:
+        raise ValueError("more than 4096 distinct symbols")
     return freq
 
 

@@ -151,10 +151,11 @@ def table_bytes(freq: np.ndarray) -> int:
 
 
 @njit(nogil=True)
-def _encode(data, freq, cum, rcp, out):
+def _encode(data, freq, cum, rcp, out, x0):
+    """Encode data backwards from the lane states x0 (RANS_L, or RANS_L + tail payload for method 6)."""
     x = np.empty(LANES, np.int64)
     for j in range(LANES):
-        x[j] = RANS_L
+        x[j] = x0[j]
     pos = out.size
     for i in range(data.size - 1, -1, -1):
         s = data[i]
@@ -173,7 +174,7 @@ def encode(data: np.ndarray, freq: np.ndarray) -> bytes:
     np.cumsum(freq[:-1], out=cum[1:])
     out = np.empty(data.size + 2 * LANES + 8, np.uint16)
     rcp = 1.0 / np.maximum(freq, 1)
-    pos = _encode(data, freq, cum, rcp, out)
+    pos = _encode(data, freq, cum, rcp, out, np.full(LANES, RANS_L, np.int64))
     tab = np.empty(TABLE_MAX, np.uint8)
     tlen = write_table(freq, tab)
     return tab[:tlen].tobytes() + out[pos:].astype("<u2").tobytes()
@@ -264,8 +265,9 @@ def _prepare(buf, lut):
 
 
 @njit(nogil=True, inline="always")
-def _tail(words, lut, xs, out, i, p):
-    """Scalar decoding of out[i:] with bounds checks, then the end-of-stream checks; 0 or -1."""
+def _tail(words, lut, xs, out, i, p, closed=True):
+    """Scalar decoding of out[i:] with bounds checks, then the end-of-stream checks (every word consumed and,
+    if closed, every state back at RANS_L); 0 or -1."""
     n = out.size
     nw = words.size
     while i < n:
@@ -283,9 +285,10 @@ def _tail(words, lut, xs, out, i, p):
         i += 1
     if p != nw:
         return -1
-    for j in range(LANES):
-        if xs[j] != RANS_L:
-            return -1
+    if closed:
+        for j in range(LANES):
+            if xs[j] != RANS_L:
+                return -1
     return 0
 
 
@@ -318,49 +321,50 @@ def decode_into_scalar(buf, out):
     return _tail(words, lut, xs, out, 0, 2 * LANES)
 
 
-_decoder = None
+_vector: bool | None = None  # None: not probed yet
 
 
-def _pick_decoder():
-    """The vector decoder if its IR compiles and agrees with the scalar one on a probe stream, else the scalar one."""
-    global _decoder
+def vector_ok() -> bool:
+    """Whether the vector decoders compile here and agree with the scalar ones (probed once per process on a small
+    method-6 stream, with the kernels that decoding needs anyway, so the probe compiles nothing extra)."""
+    global _vector
+    if _vector is not None:
+        return _vector
     probe = (np.arange(3000) * 7 % 13).astype(np.uint8)
     freq = np.zeros(256, np.int64)
     freq[:13] = 315
     freq[0] += 1
-    buf = np.frombuffer(encode(probe, freq), np.uint8)
+    buf = np.frombuffer(encode_ext(probe, freq, 2), np.uint8)
+    ok = False
     try:
         out = np.empty(probe.size, np.uint8)
-        if decode_into(buf, out) == 0 and np.array_equal(out, probe):
-            _decoder = decode_into
-            return _decoder
-        log.warning("rans32: vector decoder disagrees with the reference; using the scalar decoder")
+        ok = decode_ext_into(buf, out) == 0 and np.array_equal(out, probe)
+        if not ok:
+            log.warning("rans32: vector decoder disagrees with the reference; using the scalar decoder")
     except Exception as exc:  # noqa: BLE001 - any LLVM/numba failure means: use the portable loop
         log.warning("rans32: vector decoder unavailable (%s); using the scalar decoder", exc)
-    _decoder = decode_into_scalar
-    return _decoder
+    _vector = ok
+    return ok
 
 
-def decode(buf: np.ndarray, out: np.ndarray) -> None:
-    """Decode a method-5 stream (uint8 array) into out; raises ValueError when it is malformed."""
-    fn = _decoder or _pick_decoder()
+def decode(buf: np.ndarray, out: np.ndarray, ext: bool = False) -> None:
+    """Decode a method-5 (method 6 if ext) stream (uint8 array) into out; raises ValueError when it is malformed."""
+    vec = vector_ok()
+    if ext:
+        fn = decode_ext_into if vec else decode_ext_into_scalar
+    else:
+        fn = decode_into if vec else decode_into_scalar
     if fn(buf, out) != 0:
         raise ValueError("rans32 stream is malformed")
 
 
-@njit(nogil=True, boundscheck=False)
-def decode2_into(buf_a, out_a, buf_b, out_b):
-    """Decode two method-5 streams of the same length in one loop (four independent vector chains); 0 or -1."""
-    lut_a = np.empty(SLOTS, np.uint32)
-    lut_b = np.empty(SLOTS, np.uint32)
-    words_a, xs_a, st_a = _prepare(buf_a, lut_a)
-    words_b, xs_b, st_b = _prepare(buf_b, lut_b)
-    if st_a or st_b or out_a.size != out_b.size:
-        return -1
-    n = out_a.size
+@njit(nogil=True, inline="always")
+def _run2(lut_a, words_a, xs_a, out_a, lut_b, words_b, xs_b, out_b, closed=True):
+    """Decode two prepared streams in one loop (four independent vector chains), then finish each; 0 or -1."""
     na = words_a.size
     nb = words_b.size
     pa = pb = 2 * LANES
+    n = min(out_a.size, out_b.size)
     i = 0
     while i + LANES <= n and pa + LANES <= na and pb + LANES <= nb:
         pa = _round16(lut_a, words_a, pa, xs_a, 0, out_a, i)
@@ -370,21 +374,233 @@ def decode2_into(buf_a, out_a, buf_b, out_b):
         i += LANES
     # finish each stream on its own (vector steps while words remain, then the checked tail)
     ia = ib = i
-    while ia + LANES <= n and pa + LANES <= na:
+    while ia + LANES <= out_a.size and pa + LANES <= na:
         pa = _round16(lut_a, words_a, pa, xs_a, 0, out_a, ia)
         pa = _round16(lut_a, words_a, pa, xs_a, 1, out_a, ia + V)
         ia += LANES
-    while ib + LANES <= n and pb + LANES <= nb:
+    while ib + LANES <= out_b.size and pb + LANES <= nb:
         pb = _round16(lut_b, words_b, pb, xs_b, 0, out_b, ib)
         pb = _round16(lut_b, words_b, pb, xs_b, 1, out_b, ib + V)
         ib += LANES
-    if _tail(words_a, lut_a, xs_a, out_a, ia, pa) or _tail(words_b, lut_b, xs_b, out_b, ib, pb):
+    if _tail(words_a, lut_a, xs_a, out_a, ia, pa, closed) or _tail(words_b, lut_b, xs_b, out_b, ib, pb, closed):
         return -1
     return 0
+
+
+@njit(nogil=True, boundscheck=False)
+def decode2_into(buf_a, out_a, buf_b, out_b):
+    """Decode two method-5 streams in one loop (four independent vector chains); 0 or -1."""
+    lut_a = np.empty(SLOTS, np.uint32)
+    lut_b = np.empty(SLOTS, np.uint32)
+    words_a, xs_a, st_a = _prepare(buf_a, lut_a)
+    words_b, xs_b, st_b = _prepare(buf_b, lut_b)
+    if st_a or st_b:
+        return -1
+    return _run2(lut_a, words_a, xs_a, out_a, lut_b, words_b, xs_b, out_b)
 
 
 @njit(nogil=True)
 def decode2_into_scalar(buf_a, out_a, buf_b, out_b):
     if decode_into_scalar(buf_a, out_a) or decode_into_scalar(buf_b, out_b):
         return -1
+    return 0
+
+
+# ---------------------------------------------------------------- method 6: payload in the end states, 1 or 2 parts
+
+KMAX = 16  # encoder cap on the symbols per lane carried in the end states (the format allows any K with 32K <= m)
+_Y_LIMIT = (1 << 32) - RANS_L  # RANS_L + y must stay a valid 32-bit state
+
+
+@njit(nogil=True)
+def _tail_payload(data, freq, cum, kmax, y):
+    """Code the last K symbols of every lane into y[lane] (rANS steps from 0, no renormalisation) for the largest
+    K <= kmax that keeps every y < _Y_LIMIT; return K. Lane of symbol i is i mod 32, as in the main phase."""
+    m = data.size
+    kmax = min(kmax, m // LANES)
+    trial = np.empty(LANES, np.int64)
+    for j in range(LANES):
+        y[j] = 0
+    k = 0
+    while k < kmax:
+        base = m - LANES * (k + 1)
+        for t in range(LANES):
+            i = base + t
+            j = i & (LANES - 1)
+            s = data[i]
+            f = freq[s]
+            v = y[j]
+            nv = ((v // f) << SCALE_BITS) + v % f + cum[s]
+            if nv >= _Y_LIMIT:
+                return k
+            trial[j] = nv
+        for j in range(LANES):
+            y[j] = trial[j]
+        k += 1
+    return k
+
+
+def encode_ext(data: np.ndarray, freq: np.ndarray, parts: int = 1) -> bytes:
+    """Method 6 (docs/codecs.md): u8 parts, u8 K per part, table, [varint words of part A], words per part."""
+    cum = np.zeros(256, np.int64)
+    np.cumsum(freq[:-1], out=cum[1:])
+    rcp = 1.0 / np.maximum(freq, 1)
+    n = data.size
+    h = n if parts == 1 else (n + 1) >> 1
+    ks, blobs = [], []
+    for part in ((data,) if parts == 1 else (data[:h], data[h:])):
+        y = np.empty(LANES, np.int64)
+        k = int(_tail_payload(part, freq, cum, KMAX, y))
+        out = np.empty(part.size + 2 * LANES + 8, np.uint16)
+        pos = _encode(part[: part.size - LANES * k], freq, cum, rcp, out, y + RANS_L)
+        ks.append(k)
+        blobs.append(out[pos:].astype("<u2").tobytes())
+    tab = np.empty(TABLE_MAX, np.uint8)
+    tlen = write_table(freq, tab)
+    head = bytearray([parts, *ks])
+    head += tab[:tlen].tobytes()
+    if parts == 2:
+        v = len(blobs[0]) // 2
+        while v >= 0x80:
+            head.append((v & 0x7F) | 0x80)
+            v >>= 7
+        head.append(v)
+    return bytes(head) + b"".join(blobs)
+
+
+@njit(nogil=True, inline="always")
+def _prepare_ext(buf, lut):
+    """Parse a method-6 header: (parts, k_a, k_b, words_a, xs_a, words_b, xs_b, status)."""
+    xs_a = np.empty(LANES, np.uint32)
+    xs_b = np.empty(LANES, np.uint32)
+    empty = buf[:0].view(np.uint16)
+    if buf.size < 3:
+        return 0, 0, 0, empty, xs_a, empty, xs_b, -1
+    parts = np.int64(buf[0])
+    if parts != 1 and parts != 2:
+        return 0, 0, 0, empty, xs_a, empty, xs_b, -1
+    k_a = np.int64(buf[1])
+    k_b = np.int64(buf[2]) if parts == 2 else np.int64(0)
+    pos = 1 + parts
+    freq = np.empty(256, np.int64)
+    tlen = read_table(buf[pos:], freq)
+    if tlen < 0:
+        return 0, 0, 0, empty, xs_a, empty, xs_b, -1
+    pos += tlen
+    na = np.int64(-1)
+    if parts == 2:
+        na = 0
+        shift = 0
+        while True:
+            if pos >= buf.size or shift > 28:
+                return 0, 0, 0, empty, xs_a, empty, xs_b, -1
+            b = np.int64(buf[pos])
+            pos += 1
+            na |= (b & 0x7F) << shift
+            shift += 7
+            if not b & 0x80:
+                break
+    rest = buf.size - pos
+    if rest & 1:
+        return 0, 0, 0, empty, xs_a, empty, xs_b, -1
+    nw = rest >> 1
+    if parts == 1:
+        na = nw
+    if na < 2 * LANES or (parts == 2 and nw - na < 2 * LANES) or na > nw:
+        return 0, 0, 0, empty, xs_a, empty, xs_b, -1
+    build_lut(freq, lut)
+    words = buf[pos:].view(np.uint16)
+    words_a = words[:na]
+    words_b = words[na:]
+    for j in range(LANES):
+        xs_a[j] = (np.uint32(words_a[2 * j]) << 16) | np.uint32(words_a[2 * j + 1])
+        if parts == 2:
+            xs_b[j] = (np.uint32(words_b[2 * j]) << 16) | np.uint32(words_b[2 * j + 1])
+    return parts, k_a, k_b, words_a, xs_a, words_b, xs_b, 0
+
+
+@njit(nogil=True, inline="always")
+def _state_symbols(lut, xs, out, start):
+    """Decode out[start:] from the payload the end states carry (y = state - RANS_L); 0 if every y ends at 0."""
+    y = np.empty(LANES, np.int64)
+    for j in range(LANES):
+        y[j] = np.int64(xs[j]) - RANS_L
+    for i in range(start, out.size):
+        j = i & (LANES - 1)
+        v = y[j]
+        e = np.int64(lut[v & (SLOTS - 1)])
+        out[i] = e & 0xFF
+        y[j] = ((e >> 8) & (SLOTS - 1)) * (v >> SCALE_BITS) + (v & (SLOTS - 1)) - (e >> 20)
+    for j in range(LANES):
+        if y[j] != 0:
+            return -1
+    return 0
+
+
+@njit(nogil=True, boundscheck=False)
+def _decode_parts(lut_a, words_a, xs_a, out_a, k_a, lut_b, words_b, xs_b, out_b, k_b):
+    """Decode two prepared method-6 parts in one loop (part B may be empty: out_b.size == k_b == 0); 0 or -1.
+    The one kernel behind decode_ext_into and decode_ext_pair_into (less code to compile on a cold start)."""
+    m_a = out_a.size - LANES * k_a
+    m_b = out_b.size - LANES * k_b
+    if m_a < 0 or m_b < 0:
+        return -1
+    if _run2(lut_a, words_a, xs_a, out_a[:m_a], lut_b, words_b, xs_b, out_b[:m_b], False):
+        return -1
+    if _state_symbols(lut_a, xs_a, out_a, m_a) or _state_symbols(lut_b, xs_b, out_b, m_b):
+        return -1
+    return 0
+
+
+@njit(nogil=True, boundscheck=False)
+def decode_ext_into(buf, out):
+    """Decode a method-6 stream (uint8 array) into out (its length is the symbol count); 0 or -1."""
+    lut = np.empty(SLOTS, np.uint32)
+    parts, k_a, k_b, words_a, xs_a, words_b, xs_b, st = _prepare_ext(buf, lut)
+    if st:
+        return -1
+    n = out.size
+    if parts == 1:
+        # part B empty: its "stream" is the 32 states of part A again, all of which _run2 leaves unread
+        for j in range(LANES):
+            xs_b[j] = RANS_L
+        # (k_b is 0 here; a variable, not the literal, so that both calls share one compiled specialisation)
+        return _decode_parts(lut, words_a, xs_a, out, k_a, lut, words_a[: 2 * LANES], xs_b, out[n:], k_b)
+    h = (n + 1) >> 1
+    return _decode_parts(lut, words_a, xs_a, out[:h], k_a, lut, words_b, xs_b, out[h:], k_b)
+
+
+@njit(nogil=True, boundscheck=False)
+def decode_ext_pair_into(buf_a, out_a, buf_b, out_b):
+    """Two single-part method-6 streams in one loop (four vector chains); 0 or -1 (also for a two-part stream:
+    the caller decodes those with decode_ext_into)."""
+    lut_a = np.empty(SLOTS, np.uint32)
+    lut_b = np.empty(SLOTS, np.uint32)
+    parts_a, k_a, _, words_a, xs_a, _, _, st_a = _prepare_ext(buf_a, lut_a)
+    parts_b, k_b, _, words_b, xs_b, _, _, st_b = _prepare_ext(buf_b, lut_b)
+    if st_a or st_b or parts_a != 1 or parts_b != 1:
+        return -1
+    return _decode_parts(lut_a, words_a, xs_a, out_a, k_a, lut_b, words_b, xs_b, out_b, k_b)
+
+
+@njit(nogil=True, boundscheck=False)
+def decode_ext_into_scalar(buf, out):
+    """decode_ext_into without the vector step (used when its IR cannot be compiled)."""
+    lut = np.empty(SLOTS, np.uint32)
+    parts, k_a, k_b, words_a, xs_a, words_b, xs_b, st = _prepare_ext(buf, lut)
+    if st:
+        return -1
+    n = out.size
+    h = n if parts == 1 else (n + 1) >> 1
+    out_a = out[:h]
+    out_b = out[h:]
+    m_a = h - LANES * k_a
+    m_b = (n - h) - LANES * k_b
+    if m_a < 0 or m_b < 0:
+        return -1
+    if _tail(words_a, lut, xs_a, out_a[:m_a], 0, 2 * LANES, False) or _state_symbols(lut, xs_a, out_a, m_a):
+        return -1
+    if parts == 2:
+        if _tail(words_b, lut, xs_b, out_b[:m_b], 0, 2 * LANES, False) or _state_symbols(lut, xs_b, out_b, m_b):
+            return -1
     return 0

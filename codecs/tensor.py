@@ -15,13 +15,18 @@ log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 # stream methods (on-disk format, docs/codecs.md)
-M_RAW, M_ZSTD, M_RANS, M_CONST, M_LZ4, M_RANS32 = 0, 1, 2, 3, 4, 5
+M_RAW, M_ZSTD, M_RANS, M_CONST, M_LZ4, M_RANS32, M_RANS32E = 0, 1, 2, 3, 4, 5, 6
 MIN_FLOAT_ELEMENTS = 16  # shorter float runs cost more in params than field splitting saves
 RANS_KEEP = 0.999  # keep a rANS stream if it beats raw by 0.1%: the targets are ratio-first
-# streams this long use the 32-lane coder (fast vector decoding, ~90 bytes more flush); shorter ones (f32 planes
-# of a 256 KiB chunk: 65536 bytes) keep the 4-state coder, whose smaller flush the f32 ratio targets need
-RANS32_MIN = 100_000
-FLUSH_BYTES = {M_RANS: 12, M_RANS32: 96}  # typical cost of the final states beyond the entropy
+# streams this long use the 32-lane coder (method 6: fast vector decoding; the end states carry the last symbols of
+# every lane, which pays for most of the 32 states' flush); shorter ones keep the 4-state coder (method 2)
+RANS32_MIN = 60_000
+RANS32_METHOD = M_RANS32E  # what long streams are written with (tests set M_RANS32 to write legacy streams)
+# a class whose only rANS stream is this long codes it in two parts (method 6, parts = 2) so that the decoder has
+# four vector chains in flight instead of two (f16 high bytes)
+SPLIT_MIN = 100_000
+# typical cost of the final states beyond the entropy (method 6: per part)
+FLUSH_BYTES = {M_RANS: 12, M_RANS32: 96, M_RANS32E: 48}
 
 
 def _put_varint(out: bytearray, v: int) -> None:
@@ -77,22 +82,52 @@ def plan_regions(raw_len: int, segments: tuple[Segment, ...]) -> list[tuple[int,
     return regions
 
 
-def _encode_plane(plane: np.ndarray) -> tuple[int, bytes]:
+def _plan_plane(plane: np.ndarray):
+    """(method, freq, estimated size): const, raw, or the rANS coder that fits the stream's length."""
     if plane.size == 0:
-        return M_RAW, b""
+        return M_RAW, None, 0
     counts = rans.histogram(plane)
     if counts.max() == plane.size:
-        return M_CONST, bytes([int(plane[0])])
+        return M_CONST, None, 1
     freq = rans.normalize(counts, plane.size)
     present = counts > 0
     body = float((counts[present] * (rans.SCALE_BITS - np.log2(freq[present]))).sum()) / 8
     if plane.size >= RANS32_MIN:
-        method, size = M_RANS32, body + FLUSH_BYTES[M_RANS32] + rans32.table_bytes(freq)
+        method = RANS32_METHOD
+        size = body + FLUSH_BYTES[method] + 2 + rans32.table_bytes(freq)
     else:
         method, size = M_RANS, body + FLUSH_BYTES[M_RANS] + rans.table_bytes(freq)
     if size >= RANS_KEEP * plane.size:
-        return M_RAW, plane.tobytes()
-    return method, (rans32.encode if method == M_RANS32 else rans.encode)(plane, freq)
+        return M_RAW, None, plane.size
+    return method, freq, size
+
+
+def _code_plane(plane: np.ndarray, method: int, freq, parts: int = 1) -> bytes:
+    if method == M_RAW:
+        return plane.tobytes()
+    if method == M_CONST:
+        return bytes([int(plane[0])])
+    if method == M_RANS:
+        return rans.encode(plane, freq)
+    if method == M_RANS32:
+        return rans32.encode(plane, freq)
+    return rans32.encode_ext(plane, freq, parts)
+
+
+def _encode_planes(planes: list[np.ndarray]) -> list[tuple[int, bytes]]:
+    plans = [_plan_plane(p) for p in planes]
+    parts = [1] * len(planes)
+    coders = [k for k, (m, _, _) in enumerate(plans) if m == M_RANS32E]
+    if len(coders) == 1 and planes[coders[0]].size >= SPLIT_MIN:
+        k = coders[0]
+        if plans[k][2] + FLUSH_BYTES[M_RANS32E] + 3 < RANS_KEEP * planes[k].size:
+            parts[k] = 2
+    return [(m, _code_plane(p, m, freq, n)) for p, (m, freq, _), n in zip(planes, plans, parts)]
+
+
+def _encode_plane(plane: np.ndarray) -> tuple[int, bytes]:
+    m, freq, _ = _plan_plane(plane)
+    return m, _code_plane(plane, m, freq)
 
 
 def _encode_generic(data: np.ndarray, effort: int, level: int | None) -> tuple[int, bytes]:
@@ -125,7 +160,7 @@ def encode(raw: bytes, segments: tuple[Segment, ...], effort: int, level: int | 
         if cls == fields.CLASS_GENERIC:
             coded = [_encode_generic(data, effort, level)]
         else:
-            coded = [_encode_plane(p) for p in fields.split(cls, np.ascontiguousarray(data))]
+            coded = _encode_planes(fields.split(cls, np.ascontiguousarray(data)))
         for method, blob in coded:
             params.append(method)
             _put_varint(params, len(blob))
@@ -147,10 +182,10 @@ def _decode_stream(method: int, blob: memoryview, n: int) -> np.ndarray:
             return rans.decode(blob, n)
         except ValueError as exc:
             raise CodecError(f"rans stream: {exc}") from exc
-    if method == M_RANS32:
+    if method in (M_RANS32, M_RANS32E):
         out = np.empty(n, np.uint8)
         try:
-            rans32.decode(np.frombuffer(blob, np.uint8), out)
+            rans32.decode(np.frombuffer(blob, np.uint8), out, ext=method == M_RANS32E)
         except ValueError as exc:
             raise CodecError(f"rans32 stream: {exc}") from exc
         return out
@@ -161,7 +196,7 @@ def _decode_stream(method: int, blob: memoryview, n: int) -> np.ndarray:
     raise CodecError(f"unknown stream method {method}")
 
 
-_FAST_METHODS = (M_RAW, M_CONST, M_RANS, M_RANS32)
+_FAST_METHODS = (M_RAW, M_CONST, M_RANS, M_RANS32, M_RANS32E)
 
 
 @njit(nogil=True, inline="always")
@@ -206,8 +241,37 @@ def _merge_class(cls, scratch, out):
 
 @njit(nogil=True)
 def _fused_vec(cls, payload, meths, offs, lens, scratch, out):
-    """Decode a float class's streams into scratch rows and merge them into out; 0 or -(stream+1)."""
-    # rANS streams two at a time: one loop over two streams keeps four vector chains in flight
+    """Decode a float class's streams (methods 0, 2, 3, 6) into scratch rows and merge them into out;
+    0 or -(stream+1)."""
+    # two single-part method-6 streams at a time: one loop over both keeps four vector chains in flight
+    # (a two-part stream has its own two parts for that)
+    pending = -1
+    paired = np.zeros(meths.size, np.bool_)
+    for k in range(meths.size):
+        if meths[k] != M_RANS32E or lens[k] < 1 or payload[offs[k]] != 1:
+            continue
+        if pending < 0:
+            pending = k
+            continue
+        a = payload[offs[pending] : offs[pending] + lens[pending]]
+        b = payload[offs[k] : offs[k] + lens[k]]
+        if rans32.decode_ext_pair_into(a, scratch[pending], b, scratch[k]) != 0:
+            return -(k + 1)
+        paired[pending] = paired[k] = True
+        pending = -1
+    for k in range(meths.size):
+        if meths[k] == M_RANS32E:
+            if not paired[k] and rans32.decode_ext_into(payload[offs[k] : offs[k] + lens[k]], scratch[k]) != 0:
+                return -(k + 1)
+        elif _decode_simple(k, payload, meths, offs, lens, scratch[k]) != 0:
+            return -(k + 1)
+    _merge_class(cls, scratch, out)
+    return 0
+
+
+@njit(nogil=True)
+def _fused_vec5(cls, payload, meths, offs, lens, scratch, out):
+    """_fused_vec for chunks with method-5 streams (written before method 6; compiled on first use only)."""
     pending = -1
     for k in range(meths.size):
         if meths[k] != M_RANS32:
@@ -221,8 +285,11 @@ def _fused_vec(cls, payload, meths, offs, lens, scratch, out):
             return -(k + 1)
         pending = -1
     for k in range(meths.size):
-        if k == pending:
-            if rans32.decode_into(payload[offs[k] : offs[k] + lens[k]], scratch[k]) != 0:
+        if meths[k] == M_RANS32:
+            if k == pending and rans32.decode_into(payload[offs[k] : offs[k] + lens[k]], scratch[k]) != 0:
+                return -(k + 1)
+        elif meths[k] == M_RANS32E:
+            if rans32.decode_ext_into(payload[offs[k] : offs[k] + lens[k]], scratch[k]) != 0:
                 return -(k + 1)
         elif _decode_simple(k, payload, meths, offs, lens, scratch[k]) != 0:
             return -(k + 1)
@@ -236,6 +303,9 @@ def _fused_scalar(cls, payload, meths, offs, lens, scratch, out):
     for k in range(meths.size):
         if meths[k] == M_RANS32:
             if rans32.decode_into_scalar(payload[offs[k] : offs[k] + lens[k]], scratch[k]) != 0:
+                return -(k + 1)
+        elif meths[k] == M_RANS32E:
+            if rans32.decode_ext_into_scalar(payload[offs[k] : offs[k] + lens[k]], scratch[k]) != 0:
                 return -(k + 1)
         elif _decode_simple(k, payload, meths, offs, lens, scratch[k]) != 0:
             return -(k + 1)
@@ -256,7 +326,10 @@ def _scratch(rows: int, n: int) -> np.ndarray:
 def _decode_fast(cls: int, payload: np.ndarray, meths, offs, lens, out: np.ndarray) -> None:
     width, nstreams = fields.CLASSES[cls]
     n = out.size // width
-    fused = _fused_vec if (rans32._decoder or rans32._pick_decoder()) is rans32.decode_into else _fused_scalar
+    if not rans32.vector_ok():
+        fused = _fused_scalar
+    else:
+        fused = _fused_vec5 if M_RANS32 in meths else _fused_vec
     st = fused(cls, payload, np.array(meths, np.int64), np.array(offs, np.int64), np.array(lens, np.int64),
                _scratch(nstreams, n), out)
     if st:

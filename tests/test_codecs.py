@@ -228,6 +228,7 @@ def test_legacy_rans4_streams_still_decode(dtype, monkeypatch):
     assert 2 in {m for _, m in _stream_methods(enc)}
     assert decode_chunk(enc.codec_id, enc.params, enc.payload, len(raw)) == raw
     monkeypatch.setattr(tensor, "RANS32_MIN", 4096)  # force method 5
+    monkeypatch.setattr(tensor, "RANS32_METHOD", tensor.M_RANS32)
     enc = encode_chunk(raw, hints)
     assert 5 in {m for _, m in _stream_methods(enc)}
     assert decode_chunk(enc.codec_id, enc.params, enc.payload, len(raw)) == raw
@@ -264,7 +265,7 @@ def test_fused_scalar_fallback_decodes(dtype, monkeypatch):
 
     raw = weights(131072, dtype, 3)  # 256 KiB of bf16/f16: method-5 streams
     enc = encode_chunk(raw, ChunkHints(segments=(Segment(0, len(raw), dtype),)))
-    monkeypatch.setattr(rans32, "_decoder", rans32.decode_into_scalar)
+    monkeypatch.setattr(rans32, "_vector", False)
     assert decode_chunk(enc.codec_id, enc.params, enc.payload, len(raw)) == raw
 
 
@@ -288,3 +289,57 @@ def test_kernels_load_from_cache_in_a_new_process():
     assert "data loaded" in log and "tensor._fused_vec" in log, log[-2000:]
     saved = [line for line in log.splitlines() if "saved" in line]
     assert not saved, "kernels recompiled in a second process:\n" + "\n".join(saved)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(n=st.integers(2, 9000), alphabet=st.integers(2, 256), seed=st.integers(0, 2**31), parts=st.sampled_from([1, 2]),
+       skew=st.floats(0.05, 0.95))
+def test_rans32_ext_vector_and_scalar_agree(n, alphabet, seed, parts, skew):
+    """Method 6 (end states carry each lane's last K symbols; one or two parts) round-trips on both decoders,
+    including streams shorter than one vector step and K = 0 (fewer than 32 symbols per part)."""
+    from dccfs.codecs import rans, rans32
+
+    rng = np.random.default_rng(seed)
+    data = np.minimum(rng.geometric(skew, n) - 1, alphabet - 1).astype(np.uint8)
+    data[0], data[-1] = 0, 1
+    freq = rans.normalize(rans.histogram(data), n)
+    buf = np.frombuffer(rans32.encode_ext(data, freq, parts), np.uint8)
+    assert buf[0] == parts
+    for fn in (rans32.decode_ext_into, rans32.decode_ext_into_scalar):
+        out = np.empty(n, np.uint8)
+        assert fn(buf, out) == 0
+        assert np.array_equal(out, data)
+    if parts == 1:
+        a, b = np.empty(n, np.uint8), np.empty(n, np.uint8)
+        assert rans32.decode_ext_pair_into(buf, a, buf, b) == 0
+        assert np.array_equal(a, data) and np.array_equal(b, data)
+    # truncated, extended, wrong-length or damaged streams are rejected (never read or written out of bounds)
+    bad_bufs = [buf[:-2], np.concatenate([buf, np.zeros(2, np.uint8)])]
+    flipped = buf.copy()
+    flipped[1] ^= 1  # K of part A
+    bad_bufs.append(flipped)
+    for bad in bad_bufs:
+        assert rans32.decode_ext_into(bad, np.empty(n, np.uint8)) != 0
+        assert rans32.decode_ext_into_scalar(bad, np.empty(n, np.uint8)) != 0
+    assert rans32.decode_ext_into(buf, np.empty(n + 32, np.uint8)) != 0
+
+
+def test_rans32_ext_end_states_carry_symbols():
+    """The end-state payload is what pays for the 32 states: K > 0 on real-looking planes, smaller than method 5."""
+    from dccfs.codecs import fields, rans, rans32
+
+    raw = np.frombuffer(weights(65536, "f32", 5), np.uint8)
+    exp = fields.split(fields.CLASS_F32, raw)[0]
+    freq = rans.normalize(rans.histogram(exp), exp.size)
+    ext = rans32.encode_ext(exp, freq, 1)
+    assert ext[1] > 0
+    assert len(ext) < len(rans32.encode(exp, freq)) - 16
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "f16", "f32"])
+def test_new_chunks_use_method_6(dtype):
+    raw = weights(131072 if dtype != "f32" else 65536, dtype, 11)  # 256 KiB chunks
+    enc = encode_chunk(raw, ChunkHints(segments=(Segment(0, len(raw), dtype),)))
+    methods = [m for _, m in _stream_methods(enc)]
+    assert 6 in methods and 5 not in methods and 2 not in methods
+    assert decode_chunk(enc.codec_id, enc.params, enc.payload, len(raw)) == raw
