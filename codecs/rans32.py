@@ -26,6 +26,7 @@ RICE_ESCAPE = 16  # unary quotients of 16 or more are sent as 16 ones + the valu
 TABLE_MAX = 2 + 32 + 256 * 4  # generous bound on the table size in bytes
 
 _i1, _i8, _i16, _i32, _i64 = (ir.IntType(b) for b in (1, 8, 16, 32, 64))
+_f64 = ir.DoubleType()
 
 
 # ---------------------------------------------------------------- table (format: docs/codecs.md, "rans32")
@@ -174,7 +175,7 @@ def encode(data: np.ndarray, freq: np.ndarray) -> bytes:
     np.cumsum(freq[:-1], out=cum[1:])
     out = np.empty(data.size + 2 * LANES + 8, np.uint16)
     rcp = 1.0 / np.maximum(freq, 1)
-    pos = _encode(data, freq, cum, rcp, out, np.full(LANES, RANS_L, np.int64))
+    pos = _encoder()(data, freq, cum, rcp, out, np.full(LANES, RANS_L, np.int64))
     tab = np.empty(TABLE_MAX, np.uint8)
     tlen = write_table(freq, tab)
     return tab[:tlen].tobytes() + out[pos:].astype("<u2").tobytes()
@@ -234,6 +235,129 @@ def _round16(typingctx, lut, words, p, xs, k, out, i):
         return builder.add(p, builder.zext(builder.call(ctpop, [builder.bitcast(need, _i16)]), _i64))
 
     return sig, codegen
+
+
+@intrinsic
+def _enc16(typingctx, xs, k, data, i, ftab, rcp, out, pos):
+    """Encode symbols data[i+j] into states xs[16k+j], j < 16 (one vector step, words pushed below pos); new pos."""
+    sig = types.int64(xs, types.int64, data, types.int64, ftab, rcp, out, types.int64)
+
+    def codegen(context, builder, signature, args):
+        xs_a, k, data_a, i, ftab_a, rcp_a, out_a, pos = args
+        x_s = context.make_array(signature.args[0])(context, builder, xs_a)
+        d_s = context.make_array(signature.args[2])(context, builder, data_a)
+        t_s = context.make_array(signature.args[4])(context, builder, ftab_a)
+        r_s = context.make_array(signature.args[5])(context, builder, rcp_a)
+        o_s = context.make_array(signature.args[6])(context, builder, out_a)
+        mod = builder.module
+        v32 = ir.VectorType(_i32, V)
+        v64 = ir.VectorType(_i64, V)
+        vf = ir.VectorType(_f64, V)
+        v1 = ir.VectorType(_i1, V)
+        v16 = ir.VectorType(_i16, V)
+
+        def splat(c, t=_i64):
+            return ir.Constant(ir.VectorType(t, V), [c] * V)
+
+        xptr = builder.bitcast(builder.gep(x_s.data, [builder.mul(k, ir.Constant(_i64, V))]), v32.as_pointer())
+        x = builder.zext(builder.load(xptr, align=4), v64)
+        sptr = builder.bitcast(builder.gep(d_s.data, [i]), ir.VectorType(_i8, V).as_pointer())
+        sym = builder.zext(builder.load(sptr, align=1), v64)
+        allm = ir.Constant(v1, [1] * V)
+        # gathers: packed freq | cum << 16, and the float reciprocal of freq
+        p32 = ir.VectorType(_i32.as_pointer(), V)
+        tbase = builder.ptrtoint(t_s.data, _i64)
+        rbase = builder.ptrtoint(r_s.data, _i64)
+
+        def bcast(v):
+            return builder.shuffle_vector(builder.insert_element(ir.Constant(v64, ir.Undefined), v, ir.Constant(_i32, 0)),
+                                          ir.Constant(v64, ir.Undefined), ir.Constant(ir.VectorType(_i32, V), [0] * V))
+        taddr = builder.inttoptr(builder.add(bcast(tbase), builder.shl(sym, splat(2))), p32)
+        g32 = _decl(mod, "llvm.masked.gather.v16i32.v16p0", v32, [p32, v1, v32])
+        e = builder.zext(builder.call(g32, [taddr, allm, ir.Constant(v32, ir.Undefined)]), v64)
+        pf = ir.VectorType(_f64.as_pointer(), V)
+        raddr = builder.inttoptr(builder.add(bcast(rbase), builder.shl(sym, splat(3))), pf)
+        gf = _decl(mod, "llvm.masked.gather.v16f64.v16p0", vf, [pf, v1, vf])
+        r = builder.call(gf, [raddr, allm, ir.Constant(vf, ir.Undefined)])
+        f = builder.and_(e, splat(0xFFFF))
+        c = builder.lshr(e, splat(16))
+        need = builder.icmp_unsigned(">=", x, builder.shl(f, splat(32 - SCALE_BITS)))
+        cnt = builder.zext(builder.call(_decl(mod, "llvm.ctpop.i16", _i16, [_i16]), [builder.bitcast(need, _i16)]), _i64)
+        pos = builder.sub(pos, cnt)
+        cs = _decl(mod, "llvm.masked.compressstore.v16i16", ir.VoidType(), [v16, _i16.as_pointer(), v1])
+        builder.call(cs, [builder.trunc(x, v16), builder.gep(o_s.data, [pos]), need])
+        x = builder.select(need, builder.lshr(x, splat(16)), x)
+        q = builder.fptoui(builder.fmul(builder.uitofp(x, vf), r), v64)
+        rem = builder.sub(x, builder.mul(q, f))
+        adj = builder.icmp_unsigned(">=", rem, f)
+        q = builder.select(adj, builder.add(q, splat(1)), q)
+        rem = builder.select(adj, builder.sub(rem, f), rem)
+        xn = builder.add(builder.add(builder.shl(q, splat(SCALE_BITS)), rem), c)
+        builder.store(builder.trunc(xn, v32), xptr, align=4)
+        return pos
+
+    return sig, codegen
+
+
+@njit(nogil=True, boundscheck=False)
+def _encode_vec(data, freq, cum, rcp, out, x0):
+    """_encode with the vector step for whole groups of 32 symbols (same output)."""
+    x = np.empty(LANES, np.int64)
+    for j in range(LANES):
+        x[j] = x0[j]
+    pos = out.size
+    n = data.size
+    full = n & ~(LANES - 1)
+    for i in range(n - 1, full - 1, -1):  # the partial last group, symbol by symbol
+        s = data[i]
+        j = i & (LANES - 1)
+        x[j], pos = _enc_step(x[j], freq[s], cum[s], rcp[s], out, pos)
+    ftab = np.empty(256, np.uint32)
+    for s in range(256):
+        ftab[s] = np.uint32(freq[s] | (cum[s] << 16))
+    xs = np.empty(LANES, np.uint32)
+    for j in range(LANES):
+        xs[j] = np.uint32(x[j])
+    g = full
+    while g > 0:
+        g -= LANES
+        pos = _enc16(xs, 1, data, g + V, ftab, rcp, out, pos)
+        pos = _enc16(xs, 0, data, g, ftab, rcp, out, pos)
+    for j in range(LANES - 1, -1, -1):
+        out[pos - 1] = xs[j] & 0xFFFF
+        out[pos - 2] = xs[j] >> 16
+        pos -= 2
+    return pos
+
+
+_enc_vector: bool | None = None
+
+
+def _encoder():
+    """The vector encoder if its IR compiles and gives the scalar encoder's output on a probe, else the scalar one."""
+    global _enc_vector
+    if _enc_vector is None:
+        ok = False
+        try:
+            data = (np.arange(1000) * 7 % 13).astype(np.uint8)
+            freq = np.zeros(256, np.int64)
+            freq[:13] = 315
+            freq[0] += 1
+            cum = np.zeros(256, np.int64)
+            np.cumsum(freq[:-1], out=cum[1:])
+            rcp = 1.0 / np.maximum(freq, 1)
+            x0 = RANS_L + (np.arange(LANES, dtype=np.int64) * 40503)
+            a = np.empty(data.size + 80, np.uint16)
+            b = np.empty(data.size + 80, np.uint16)
+            pa = _encode(data, freq, cum, rcp, a, x0)
+            pb = _encode_vec(data, freq, cum, rcp, b, x0)
+            ok = pa == pb and np.array_equal(a[pa:], b[pb:])
+            if not ok:
+                log.warning("rans32: vector encoder disagrees with the reference; using the scalar encoder")
+        except Exception as exc:  # noqa: BLE001 - any LLVM/numba failure means: use the portable loop
+            log.warning("rans32: vector encoder unavailable (%s); using the scalar encoder", exc)
+        _enc_vector = ok
+    return _encode_vec if _enc_vector else _encode
 
 
 @njit(nogil=True)
@@ -452,7 +576,7 @@ def encode_ext(data: np.ndarray, freq: np.ndarray, parts: int = 1) -> bytes:
         y = np.empty(LANES, np.int64)
         k = int(_tail_payload(part, freq, cum, KMAX, y))
         out = np.empty(part.size + 2 * LANES + 8, np.uint16)
-        pos = _encode(part[: part.size - LANES * k], freq, cum, rcp, out, y + RANS_L)
+        pos = _encoder()(part[: part.size - LANES * k], freq, cum, rcp, out, y + RANS_L)
         ks.append(k)
         blobs.append(out[pos:].astype("<u2").tobytes())
     tab = np.empty(TABLE_MAX, np.uint8)
