@@ -16,10 +16,12 @@ import os
 import time
 
 import trio
+import xxhash
 
 from dccfs.codecs import ChunkHints, sniff_layout
 from dccfs.config import Rule
 from dccfs.container import ChunkError, ChunkLoc, Container
+from dccfs.delta import DELTA_LAYOUTS, DeltaWriter
 from dccfs.engine import Engine
 
 log = logging.getLogger(__name__)
@@ -43,6 +45,7 @@ class ContainerFile:
         self.container = container
         self.rule = rule
         self.cache_id = container.cache_id
+        container.base_store = engine.bases
         self.chunk_size = container.chunk_size
         self.size = container.size
         self.dirty: dict[int, bytearray] = {}
@@ -61,6 +64,7 @@ class ContainerFile:
         self._loading: dict[tuple, trio.Event] = {}
         self._layout = None
         self._layout_settled = False
+        self._delta: DeltaWriter | None = None
         self._next_sequential = -1
         self._sequential_run = 0
         self._prefetched_to = -1
@@ -277,7 +281,14 @@ class ContainerFile:
                 self._idle.set()
 
     def _encode_and_append(self, idx: int, raw: bytes, hints: ChunkHints) -> ChunkLoc:
-        encoded, raw_sum = self.engine.encode(raw, hints)
+        delta = self._delta
+        encoded = delta.encode(idx, raw, hints) if delta is not None else None
+        if encoded is None:
+            encoded, raw_sum = self.engine.encode(raw, hints)
+        else:
+            raw_sum = xxhash.xxh3_64_intdigest(raw)
+            self.engine.stats.count_codec("encode", "delta", len(raw),
+                                          len(encoded.params) + len(encoded.payload), 0.0)
         return self.container.append_chunk(idx, encoded, len(raw), raw_sum)
 
     async def _wait_idle(self) -> None:
@@ -313,6 +324,20 @@ class ContainerFile:
             self._layout_settled = True
             if self._layout is not None:
                 log.debug("%s: detected %s layout", self.path, self._layout.kind)
+                self._maybe_start_delta()
+
+    def _maybe_start_delta(self) -> None:
+        """Pair this file with an earlier checkpoint of the same series, when enabled."""
+        wanted = self.rule.delta if self.rule.delta is not None else self.engine.config.delta
+        if not wanted or self._delta is not None or self.engine.config.shared:
+            return
+        if self._layout.kind not in DELTA_LAYOUTS and self.rule.delta is not True:
+            return
+        try:
+            self._delta = DeltaWriter.for_file(self.engine.backing_root, self.path,
+                                               self.container.header.file_id, self.engine.cache)
+        except OSError as exc:
+            log.warning("%s: no delta base (%s); storing keyframes", self.path, exc)
 
     def _hints_for(self, idx: int, raw: bytes) -> ChunkHints:
         rule = self.rule
@@ -337,9 +362,12 @@ class ContainerFile:
         cs = self.chunk_size
         async with self._write_lock:
             await self._wait_idle()
-            if new_size == 0 and not self.engine.config.shared:
+            if new_size == 0 and not self.engine.config.shared \
+                    and os.fstat(self.container.fd).st_nlink == 1:
                 # Overwrite (O_TRUNC, truncate -s 0): start a fresh container so a file
                 # saved again and again under one name does not grow with dead records.
+                # Not when linked elsewhere (a pinned delta base, a hard link): the
+                # records must stay, so truncation is logged like any other.
                 for idx in list(self.dirty):
                     self._drop_dirty(idx)
                 await trio.to_thread.run_sync(self.container.reset, limiter=self.engine.io_limiter)
@@ -378,9 +406,15 @@ class ContainerFile:
         """Adopt a re-read container (another node committed); only when nothing is dirty."""
         assert not self.dirty and not self.inflight
         self.container = container
+        container.base_store = self.engine.bases
         self.cache_id = container.cache_id
         self.size = container.size
         self._layout, self._layout_settled = None, False
+
+    def close_delta_base(self) -> None:
+        if self._delta is not None:
+            self._delta.close()
+            self._delta = None
 
     def set_mtime(self, mtime_ns: int) -> None:
         """An explicit utimens: keep it across the next commit's writes."""

@@ -47,6 +47,7 @@ class Rule:
     codec: str = "auto"
     level: int | None = None
     chunk_size: int | None = None
+    delta: bool | None = None  # None: on for recognised checkpoint layouts (config `delta`)
 
     def matches(self, relpath: str) -> bool:
         return fnmatch.fnmatchcase(relpath, self.glob) or fnmatch.fnmatchcase(
@@ -72,6 +73,8 @@ class Config:
     chunk_size: int = 1 << DEFAULT_CHUNK_SHIFT
     sync_on_close: bool = True
     shared: bool = False
+    # Store a new checkpoint as a delta of the previous one of its series (docs/delta.md).
+    delta: bool = True
     source: str = "<defaults>"
 
     def rule_for(self, relpath: str) -> Rule:
@@ -88,9 +91,9 @@ class Config:
         return replace(self, cache=replace(self.cache, **changes))
 
 
-_TOP_KEYS = {"cache", "rule", "chunk_size", "sync_on_close", "shared"}
+_TOP_KEYS = {"cache", "rule", "chunk_size", "sync_on_close", "shared", "delta"}
 _CACHE_KEYS = {"policy", "t0_bytes", "dirty_bytes", "readahead_chunks", "write_admit"}
-_RULE_KEYS = {"glob", "codec", "level", "chunk_size"}
+_RULE_KEYS = {"glob", "codec", "level", "chunk_size", "delta"}
 
 
 def _check_keys(table: dict, allowed: set, where: str) -> None:
@@ -147,7 +150,10 @@ def _parse_rule(table, where: str) -> Rule:
         raise ConfigError(f"{where}: level must be an integer -7..22, got {level!r}")
     chunk = table.get("chunk_size")
     chunk_size = check_chunk_size(chunk, f"{where}.chunk_size") if chunk is not None else None
-    return Rule(glob, codec, level, chunk_size)
+    delta = table.get("delta")
+    if delta is not None and not isinstance(delta, bool):
+        raise ConfigError(f"{where}: delta must be true or false, got {delta!r}")
+    return Rule(glob, codec, level, chunk_size, delta)
 
 
 def parse_config(data: dict, source: str) -> Config:
@@ -163,7 +169,7 @@ def parse_config(data: dict, source: str) -> Config:
     top = {}
     if "chunk_size" in data:
         top["chunk_size"] = check_chunk_size(data["chunk_size"], f"{source}: chunk_size")
-    for key in ("sync_on_close", "shared"):
+    for key in ("sync_on_close", "shared", "delta"):
         if key in data:
             if not isinstance(data[key], bool):
                 raise ConfigError(f"{source}: {key} must be true or false")

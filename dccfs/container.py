@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass
 
 from dccfs.codecs import CodecError, EncodedChunk, decode_chunk
+from dccfs.codecs.delta import CODEC_DELTA, decode_delta, delta_base_ref
 from dccfs.format import (
     HEADER_SIZE, INDEX_DELTA, INDEX_FULL, RECORD_HEADER_SIZE, REC_CHUNK, REC_INDEX,
     REC_TRAILER, FormatError, Header, RecordHeader, checksum64, chunk_record_header,
@@ -104,6 +105,9 @@ class Container:
         self.delta_chain = delta_chain
         self.recovery = recovery
         self.pending: dict[int, ChunkLoc | None] = {}
+        # Resolves the base chunks of delta records (dccfs.delta.BaseStore); found from
+        # the file's path when not set, which is what the offline tools rely on.
+        self.base_store = None
         self._lock = threading.Lock()
 
     @property
@@ -284,12 +288,28 @@ class Container:
         params = bytes(body[:head.params_len])
         payload = body[head.params_len:]
         try:
-            raw = decode_chunk(head.sub, params, payload, head.b)
+            if head.sub == CODEC_DELTA:
+                raw = self._decode_delta(chunk_index, params, payload, head.b)
+            else:
+                raw = decode_chunk(head.sub, params, payload, head.b)
         except CodecError as exc:
             raise ChunkError(self.path, chunk_index, f"codec {head.sub}: {exc}") from exc
         if len(raw) != head.b or checksum64(raw) != head.c:
             raise ChunkError(self.path, chunk_index, "checksum mismatch: stored data is damaged")
         return raw
+
+    def _decode_delta(self, chunk_index: int, params: bytes, payload, raw_len: int) -> bytes:
+        from dccfs.delta import BaseRef, store_for_path
+        store = self.base_store or store_for_path(self.path)
+        if store is None:
+            raise ChunkError(self.path, chunk_index, "a delta chunk, but no backing directory "
+                             "(.dccfs/bases) to find its base in")
+        try:
+            ref = BaseRef.unpack(delta_base_ref(params))
+            base = store.read_base_chunk(ref)
+        except (ValueError, OSError) as exc:
+            raise ChunkError(self.path, chunk_index, f"delta base unavailable: {exc}") from exc
+        return decode_delta(params, payload, raw_len, base)
 
     # -- writing ---------------------------------------------------------------
 

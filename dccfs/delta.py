@@ -65,10 +65,12 @@ def base_link_path(backing_root: str, file_id: bytes, generation: int) -> str:
 
 
 class BaseStore:
-    """Opens pinned base containers by reference and hands out their verified chunks."""
+    """Opens pinned base containers by reference and hands out their verified chunks,
+    through the chunk cache when one is given (hot base chunks stay decoded)."""
 
-    def __init__(self, backing_root: str):
+    def __init__(self, backing_root: str, cache=None):
         self.backing_root = backing_root
+        self.cache = cache
         self._open: dict[str, Container] = {}
         self._lock = threading.Lock()
 
@@ -92,10 +94,17 @@ class BaseStore:
 
     def read_base_chunk(self, ref: BaseRef) -> bytes:
         """The base chunk's raw bytes, verified against the checksum the delta recorded."""
+        key = (ref.file_id + ref.generation.to_bytes(4, "little"), ref.chunk_index, ref.offset)
+        if self.cache is not None:
+            raw = self.cache.get(key)
+            if raw is not None:
+                return raw
         container = self.container_for(ref)
         raw = container.read_chunk(ref.chunk_index, ChunkLoc(ref.offset, ref.length))
         if raw is None or checksum64(raw) != ref.raw_sum:
             raise ChunkError(container.path, ref.chunk_index, "delta base chunk does not match")
+        if self.cache is not None:
+            self.cache.put(key, raw)
         return raw
 
     def close(self) -> None:
@@ -105,22 +114,47 @@ class BaseStore:
             self._open.clear()
 
 
+_stores: dict[str, BaseStore] = {}
+_stores_lock = threading.Lock()
+
+
+def store_for_path(path: str) -> BaseStore | None:
+    """The base store of the backing directory holding path (walks up to .dccfs)."""
+    directory = os.path.dirname(os.path.abspath(path))
+    while True:
+        if os.path.isdir(os.path.join(directory, ".dccfs")):
+            with _stores_lock:
+                return _stores.setdefault(directory, BaseStore(directory))
+        parent = os.path.dirname(directory)
+        if parent == directory:
+            return None
+        directory = parent
+
+
 def pin_base(backing_root: str, base_fd: int, header: Header) -> str:
     """Hard-link the base container into .dccfs/bases (idempotent); returns the link path."""
     path = base_link_path(backing_root, header.file_id, header.generation)
     if os.path.exists(path):
         return path
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
     tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
     link_fd(base_fd, AT_FDCWD, os.fsencode(tmp))
     os.replace(tmp, path)
     return path
 
 
+def looks_temporary(name: str) -> bool:
+    """Atomic savers (safetensors, transformers, many trainers) write a hidden or *.tmp file
+    and rename it into place, so its name says nothing about its series."""
+    return name.startswith(".") or "tmp" in name.lower()
+
+
 def find_base_candidates(backing_root: str, relpath: str, exclude_file_id: bytes) -> list[str]:
-    """Container files that look like earlier versions of relpath, newest first."""
+    """Container files that look like earlier versions of relpath, newest first: names that
+    differ only in digits, or any file beside a temporary one."""
     directory, name = os.path.split(relpath)
     pattern = name_pattern(name)
+    any_name = looks_temporary(name)
     search_dirs = [directory]
     parent, dirname = os.path.split(directory)
     if dirname and name_pattern(dirname) != dirname:
@@ -140,7 +174,7 @@ def find_base_candidates(backing_root: str, relpath: str, exclude_file_id: bytes
         for entry in entries:
             if entry == name and rel_dir == directory:
                 continue
-            if name_pattern(entry) != pattern:
+            if looks_temporary(entry) or (not any_name and name_pattern(entry) != pattern):
                 continue
             full = os.path.join(full_dir, entry)
             try:
@@ -172,3 +206,89 @@ def open_keyframe_base(path: str, exclude_file_id: bytes) -> Container | None:
     except (FormatError, ContainerError, OSError, struct.error):
         os.close(fd)
         return None
+
+
+DELTA_LAYOUTS = ("safetensors", "torch-zip")
+
+
+class DeltaWriter:
+    """Encodes one file's chunks against the same chunks of its base, when that is smaller.
+
+    Used from worker threads; the base is pinned (hard-linked) before the first delta
+    record that names it is appended, so a crash can leave an unneeded link (removed by
+    fsck --repair) but never a delta without its base.
+    """
+
+    def __init__(self, backing_root: str, base: Container, cache=None):
+        self.backing_root = backing_root
+        self.base = base
+        self.cache = cache
+        self.pinned = False
+        self.delta_chunks = 0
+        self._lock = threading.Lock()
+
+    @classmethod
+    def for_file(cls, backing_root: str, relpath: str, file_id: bytes, cache=None) -> "DeltaWriter | None":
+        for path in find_base_candidates(backing_root, relpath, file_id):
+            base = open_keyframe_base(path, file_id)
+            if base is not None:
+                log.info("%s: storing as a delta of %s", relpath,
+                         os.path.relpath(path, backing_root))
+                return cls(backing_root, base, cache)
+        return None
+
+    def _base_chunk(self, idx: int) -> tuple[bytes, BaseRef] | None:
+        loc = self.base.index.get(idx)
+        if loc is None:
+            return None
+        record = pread_exact(self.base.fd, loc.length, loc.offset)
+        if len(record) < 2 or record[1] == DELTA_CODEC_ID:
+            return None  # chain length 1: never a delta of a delta
+        key = (self.base.cache_id, idx, loc.offset)
+        raw = self.cache.get(key) if self.cache is not None else None
+        if raw is None:
+            try:
+                raw = self.base.decode_record(idx, record)
+            except ChunkError as exc:
+                log.warning("delta base chunk unusable, storing a keyframe: %s", exc)
+                return None
+            if self.cache is not None:
+                self.cache.put(key, raw)
+        head_sum = struct.unpack_from("<Q", record, 20)[0]
+        ref = BaseRef(self.base.header.file_id, self.base.header.generation, idx, loc.offset,
+                      loc.length, head_sum)
+        return raw, ref
+
+    def encode(self, idx: int, raw: bytes, hints):
+        """A delta EncodedChunk for chunk idx, or None when a keyframe is as small."""
+        from dccfs.codecs.delta import encode_delta
+        found = self._base_chunk(idx)
+        if found is None:
+            return None
+        base_raw, ref = found
+        encoded = encode_delta(raw, base_raw, hints, ref.pack())
+        if encoded is None:
+            return None
+        with self._lock:
+            if not self.pinned:
+                pin_base(self.backing_root, self.base.fd, self.base.header)
+                self.pinned = True
+            self.delta_chunks += 1
+        return encoded
+
+    def close(self) -> None:
+        os.close(self.base.fd)
+
+
+def unreferenced_bases(backing_root: str) -> list[str]:
+    """Pinned base links that no container's delta chunk names any more."""
+    from dccfs.inspect import describe_tree
+    bases_dir = os.path.join(backing_root, BASES_DIR)
+    try:
+        pinned = [n for n in os.listdir(bases_dir) if not n.endswith(".tmp")]
+    except FileNotFoundError:
+        return []
+    referenced = set()
+    for row in describe_tree(backing_root):
+        referenced.update(row.get("delta_of", ()))
+    return [os.path.join(bases_dir, n) for n in sorted(pinned) if n not in referenced]

@@ -13,6 +13,7 @@ import xxhash
 from dccfs.cache import ChunkCache
 from dccfs.codecs import ChunkHints, EncodedChunk, codec_name, encode_chunk
 from dccfs.config import Config
+from dccfs.delta import BaseStore
 from dccfs.stats import MountStats
 
 log = logging.getLogger(__name__)
@@ -90,6 +91,7 @@ class Engine:
         # Backing-file I/O gets its own threads so a slow disk cannot starve encoders.
         self.io_limiter = trio.CapacityLimiter(16)
         self.dirty = DirtyBudget(config.cache.dirty_bytes, self.stats)
+        self.bases = BaseStore(backing_root, cache=self.cache)
         self.nursery: trio.Nursery | None = None
         self.trace = None
         threading.Thread(target=self._warm_up, name="dccfs-warm-up", daemon=True).start()

@@ -19,7 +19,7 @@ from dccfs import syscalls
 from dccfs.chunkfile import ContainerFile
 from dccfs.container import Container
 from dccfs.engine import Engine
-from dccfs.handles import HandleTable, logical_size
+from dccfs.handles import HandleTable, logical_size, visible_nlink
 from dccfs.inodes import ROOT_INODE, Inode, InodeTable
 
 log = logging.getLogger(__name__)
@@ -74,7 +74,7 @@ class DccfsOperations(pyfuse3.Operations):
         entry.entry_timeout = self.timeout
         entry.attr_timeout = self.timeout
         entry.st_mode = st.st_mode
-        entry.st_nlink = st.st_nlink
+        entry.st_nlink = visible_nlink(inode, st, self.backing_root)
         entry.st_uid = st.st_uid
         entry.st_gid = st.st_gid
         entry.st_rdev = st.st_rdev

@@ -16,7 +16,8 @@ from dccfs import compaction, shared
 from dccfs.chunkfile import ContainerFile
 from dccfs.container import Container, pread_exact, read_logical_size
 from dccfs.engine import Engine
-from dccfs.format import HEADER_SIZE, MAGIC, looks_like_container
+from dccfs.delta import base_link_path
+from dccfs.format import HEADER_SIZE, MAGIC, FormatError, Header, looks_like_container
 from dccfs.inodes import Inode, InodeTable
 
 log = logging.getLogger(__name__)
@@ -89,6 +90,30 @@ def relpath_of(inode: Inode, backing_root: str) -> str:
     if full.startswith(backing_root):
         return full[len(backing_root):].lstrip("/") or "."
     return full
+
+
+def visible_nlink(inode: Inode, st: os.stat_result, backing_root: str) -> int:
+    """st_nlink without the hidden link that pins a delta base in .dccfs/bases."""
+    if st.st_nlink < 2 or not stat.S_ISREG(st.st_mode):
+        return st.st_nlink
+    signature = (st.st_nlink, st.st_ctime_ns)
+    cached = inode.extra.get("nlink_sig")
+    if cached and cached[0] == signature:
+        return cached[1]
+    nlink = st.st_nlink
+    try:
+        fd = os.open(inode.proc_path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            header = Header.unpack(pread_exact(fd, HEADER_SIZE, 0))
+        finally:
+            os.close(fd)
+        pin = os.stat(base_link_path(backing_root, header.file_id, header.generation))
+        if (pin.st_dev, pin.st_ino) == (st.st_dev, st.st_ino):
+            nlink -= 1
+    except (OSError, FormatError):
+        pass
+    inode.extra["nlink_sig"] = (signature, nlink)
+    return nlink
 
 
 def logical_size(inode: Inode, st: os.stat_result) -> int:
@@ -255,6 +280,7 @@ class HandleTable:
                     self.engine.start_background(self._compact_then_close, inode, file)
                     return
                 file.forget_dirty()
+                file.close_delta_base()
                 if inode.extra.get("file") is file:
                     del inode.extra["file"]
                 if self.open_files.get(inode.number) is file:

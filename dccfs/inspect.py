@@ -6,6 +6,8 @@ import os
 from collections import Counter
 
 from dccfs.codecs import codec_name
+from dccfs.codecs.delta import CODEC_DELTA, delta_base_ref
+from dccfs.delta import BaseRef
 from dccfs.container import Container, ContainerError, pread_exact
 from dccfs.format import HEADER_SIZE, RecordHeader, looks_like_container, FormatError
 
@@ -29,10 +31,17 @@ def describe_file(path: str) -> dict:
             row.update(kind="damaged", logical=None, ratio=None, codecs={}, error=exc.reason)
             return row
         codecs: Counter = Counter()
+        delta_of = set()
         for loc in container.index.values():
             try:
-                head = RecordHeader.unpack(pread_exact(fd, 32, loc.offset))
-                codecs[codec_name(head.sub)] += 1
+                record = pread_exact(fd, loc.length, loc.offset)
+                head = RecordHeader.unpack(record)
+                if head.sub == CODEC_DELTA:
+                    codecs["delta"] += 1
+                    params = record[32:32 + head.params_len]
+                    delta_of.add(BaseRef.unpack(delta_base_ref(params)).link_name)
+                else:
+                    codecs[codec_name(head.sub)] += 1
             except (FormatError, ValueError):
                 codecs["damaged"] += 1
         holes = -(-container.size // container.chunk_size) - len(container.index)
@@ -40,7 +49,8 @@ def describe_file(path: str) -> dict:
             codecs["hole"] = holes
         row.update(kind="container", logical=container.size, chunk_size=container.chunk_size,
                    ratio=round(st.st_size / container.size, 4) if container.size else 0.0,
-                   codecs=dict(codecs), file_id=container.header.file_id.hex())
+                   codecs=dict(codecs), file_id=container.header.file_id.hex(),
+                   delta_of=sorted(delta_of))
         return row
     finally:
         os.close(fd)

@@ -191,8 +191,22 @@ def run_fsck(backing: str, repair: bool, progress: bool) -> int:
     for temp in find_temps(backing):
         _report(f"{temp}: a temp file left by an interrupted pack/unpack (re-run it; "
                 "it removes the temp once its process is gone)")
+    _check_delta_bases(backing, repair)
     _report(totals.summary())
     return 1 if totals.damaged else 0
+
+
+def _check_delta_bases(backing: str, repair: bool) -> None:
+    """Every delta's base was verified while decoding its chunks; here, pinned bases that
+    nothing references any more are reported, and removed with --repair."""
+    from dccfs.delta import unreferenced_bases
+    for path in unreferenced_bases(backing):
+        if repair:
+            os.unlink(path)
+            _report(f"{path}: removed a delta base that no file references any more")
+        else:
+            _report(f"{path}: a delta base that no file references any more "
+                    "(fsck --repair removes it)")
 
 
 def _fsck_walk(backing: str, repair: bool, progress: bool, totals: FsckTotals) -> None:

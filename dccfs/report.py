@@ -61,6 +61,8 @@ def print_files(rows: list[dict], as_json: bool) -> None:
         table.add_column(col, justify="left" if col in ("path", "kind", "codecs (chunks)") else "right")
     for row in rows:
         codecs = ", ".join(f"{k} {v}" for k, v in sorted(row.get("codecs", {}).items()))
+        if row.get("delta_of"):
+            codecs += f" (delta of {', '.join(b[:8] for b in row['delta_of'])})"
         ratio = row.get("ratio")
         table.add_row(row["path"], row["kind"], _mib(row.get("logical")), _mib(row["stored"]),
                       "-" if ratio is None else f"{ratio:.3f}", codecs)

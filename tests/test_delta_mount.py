@@ -1,0 +1,98 @@
+"""Checkpoint delta through a real mount: a new checkpoint stored against the previous one."""
+from __future__ import annotations
+
+import gc
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.mount
+
+
+def dccfs(*args):
+    return subprocess.run([sys.executable, "-m", "dccfs.cli", *map(str, args)],
+                          capture_output=True, text=True)
+
+
+@pytest.fixture(scope="module")
+def series(corpus):
+    """Two consecutive 'checkpoints': real MiniLM weights, then one small SGD-like step."""
+    import torch
+    from safetensors.torch import load_file
+    weights = load_file(str(corpus / "models" / "minilm" / "model.safetensors"))
+    # Two encoder layers (~7 MB): delta encoding tries several transforms per chunk,
+    # so a small file keeps the test quick; tools/bench_delta.py measures full files.
+    weights = {k: v for k, v in weights.items() if ".layer.0." in k or ".layer.1." in k}
+    gen = torch.Generator().manual_seed(0)
+    later = {k: (v - 1e-4 * torch.randn(v.shape, generator=gen) * v.abs().mean()).contiguous()
+             if v.is_floating_point() else v for k, v in weights.items()}
+    return weights, later
+
+
+def stored_ratio(mount, rel):
+    rows = json.loads(dccfs("stats", "--json", "--files", rel, mount.mnt).stdout)
+    return rows[0]
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "torch"])
+def test_next_checkpoint_is_a_delta_and_survives_deleting_its_base(make_mount, series, fmt):
+    import torch
+    from safetensors.torch import load_file, save_file
+    mount = make_mount("delta")
+    (mount.mnt / "run").mkdir()
+    ext = "safetensors" if fmt == "safetensors" else "pt"
+    paths = [mount.mnt / "run" / f"step-{n}.{ext}" for n in (10, 20)]
+    for tensors, path in zip(series, paths):
+        if fmt == "safetensors":
+            save_file(tensors, str(path))
+        else:
+            torch.save(tensors, str(path))
+    first, second = (stored_ratio(mount, f"run/{p.name}") for p in paths)
+    assert "delta" not in first["codecs"]
+    assert second["codecs"].get("delta", 0) > 0, second
+    assert second["ratio"] < first["ratio"] * 0.8, (first["ratio"], second["ratio"])
+    expected = paths[1].read_bytes()
+    os.unlink(paths[0])
+    mount.remount()
+    assert paths[1].read_bytes() == expected
+    loaded = load_file(str(paths[1])) if fmt == "safetensors" else torch.load(str(paths[1]))
+    for name, tensor in series[1].items():
+        assert torch.equal(loaded[name].view(torch.uint8), tensor.view(torch.uint8))
+    del loaded  # load_file maps the file: the mapping would keep the mount busy
+    gc.collect()
+    mount.stop()
+    assert dccfs("fsck", "-q", mount.backing).returncode == 0
+    out = subprocess.run([sys.executable, "-m", "dccfs.cli", "cat",
+                          str(mount.backing / "run" / paths[1].name)], capture_output=True)
+    assert out.returncode == 0 and out.stdout == expected
+
+
+def test_kill9_while_writing_a_delta_leaves_every_file_readable(make_mount, series):
+    from safetensors.torch import save_file
+    mount = make_mount("delta-crash")
+    base = mount.mnt / "ckpt-1.safetensors"
+    save_file(series[0], str(base))
+    base_bytes = base.read_bytes()
+    data = bytearray()
+    from safetensors.torch import save
+    data = save(series[1])
+    fd = os.open(mount.mnt / "ckpt-2.safetensors", os.O_CREAT | os.O_WRONLY, 0o644)
+    os.write(fd, data[: len(data) // 2])
+    mount.expect_errors = True
+    mount.kill()
+    try:
+        os.close(fd)
+    except OSError:
+        pass
+    mount.start()
+    assert base.read_bytes() == base_bytes
+    partial = (mount.mnt / "ckpt-2.safetensors").read_bytes()
+    assert partial == b"" or partial == data[: len(partial)]
+    os.unlink(base)
+    mount.stop()
+    result = dccfs("fsck", "--repair", "-q", mount.backing)
+    assert result.returncode == 0, result.stdout + result.stderr
