@@ -326,17 +326,96 @@ def _scratch(rows: int, n: int) -> np.ndarray:
 def _decode_fast(cls: int, payload: np.ndarray, meths, offs, lens, out: np.ndarray) -> None:
     width, nstreams = fields.CLASSES[cls]
     n = out.size // width
+    meths, offs, lens = (np.asarray(a, np.int64) for a in (meths, offs, lens))
     if not rans32.vector_ok():
         fused = _fused_scalar
     else:
-        fused = _fused_vec5 if M_RANS32 in meths else _fused_vec
-    st = fused(cls, payload, np.array(meths, np.int64), np.array(offs, np.int64), np.array(lens, np.int64),
-               _scratch(nstreams, n), out)
+        fused = _fused_vec5 if (meths == M_RANS32).any() else _fused_vec
+    st = fused(cls, payload, meths, offs, lens, _scratch(nstreams, n), out)
     if st:
         raise CodecError(f"tensor stream {-st - 1} of class {cls} is malformed")
 
 
+@njit(nogil=True, inline="always")
+def _varint_at(buf, pos):
+    """(value, next position), or (-1, pos) when truncated or longer than 5 bytes."""
+    v = np.int64(0)
+    shift = 0
+    while True:
+        if pos >= buf.size or shift > 28:
+            return np.int64(-1), pos
+        b = np.int64(buf[pos])
+        pos += 1
+        v |= (b & 0x7F) << shift
+        shift += 7
+        if not b & 0x80:
+            return v, pos
+
+
+@njit(nogil=True)
+def _single_class_plan(params, raw_len, payload_len, plan):
+    """Parse params of the common chunk, one float class covering it, all streams of the fused methods, into
+    plan[0:3, :streams] (methods, payload offsets, lengths); return the class id, or -1 for anything else
+    (other chunks, malformed params: the Python parser handles those and names the error)."""
+    n = params.size
+    if n < 2 or params[0] != FORMAT_VERSION:
+        return -1
+    nreg, pos = _varint_at(params, 1)
+    if nreg < 1:
+        return -1
+    cls = -1
+    total = 0
+    for _ in range(nreg):
+        length, pos = _varint_at(params, pos)
+        if length < 0 or pos >= n:
+            return -1
+        c = np.int64(params[pos])
+        pos += 1
+        if cls < 0:
+            cls = c
+        elif c != cls:
+            return -1
+        total += length
+    if total != raw_len:
+        return -1
+    if cls == fields.CLASS_BF16 or cls == fields.CLASS_F16:
+        width = 2
+    elif cls == fields.CLASS_F32:
+        width = 4
+    elif cls == fields.CLASS_F64:
+        width = 8
+    else:
+        return -1
+    if raw_len % width:
+        return -1
+    ppos = 0
+    for k in range(width):  # float classes have one stream per byte of the element
+        if pos >= n:
+            return -1
+        m = np.int64(params[pos])
+        if m != M_RAW and m != M_CONST and m != M_RANS and m != M_RANS32 and m != M_RANS32E:
+            return -1
+        blen, pos = _varint_at(params, pos + 1)
+        if blen < 0:
+            return -1
+        plan[0, k] = m
+        plan[1, k] = ppos
+        plan[2, k] = blen
+        ppos += blen
+    if ppos != payload_len or pos != n:
+        return -1
+    return cls
+
+
 def decode(params: bytes, payload: bytes | memoryview, raw_len: int) -> bytes:
+    # the common chunk (one float class) without the Python parser: ~10 us less per 256 KiB chunk
+    plan = np.empty((3, 8), np.int64)
+    cls = _single_class_plan(np.frombuffer(params, np.uint8), raw_len, len(payload), plan) if params else -1
+    if cls > 0:
+        ns = fields.CLASSES[cls][1]
+        out = np.empty(raw_len, np.uint8)
+        _decode_fast(cls, np.frombuffer(payload, np.uint8), plan[0, :ns], plan[1, :ns], plan[2, :ns], out)
+        return out.tobytes()
     if not params or params[0] != FORMAT_VERSION:
         raise CodecError("tensor params: unknown format version")
     nreg, pos = _get_varint(params, 1)

@@ -367,3 +367,25 @@ def test_rans32_vector_encoder_matches_scalar(n, alphabet, seed):
     pa = rans32._encode(data, freq, cum, rcp, a, x0)
     pb = rans32._encode_vec(data, freq, cum, rcp, b, x0)
     assert pa == pb and np.array_equal(a[pa:], b[pb:])
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "f16", "f32"])
+def test_damaged_single_class_chunks_raise_or_keep_length(dtype):
+    """Chunks of one float class take the numba params parser and the fused decoder: damage anywhere is a
+    CodecError (or, for damaged raw bytes, a wrong-but-full-length result), never a crash or a short result."""
+    raw = weights(131072 if dtype != "f32" else 65536, dtype, 9)
+    enc = encode_chunk(raw, ChunkHints(segments=(Segment(0, len(raw), dtype),)))
+    rng = np.random.default_rng(6)
+    for trial in range(150):
+        params, payload = bytearray(enc.params), bytearray(enc.payload)
+        target = params if trial % 3 == 0 else payload
+        pos = int(rng.integers(len(target)))
+        if trial % 2:
+            target[pos] ^= 1 << int(rng.integers(8))
+        else:
+            del target[pos:]
+        try:
+            out = decode_chunk(enc.codec_id, bytes(params), bytes(payload), len(raw))
+        except CodecError:
+            continue
+        assert len(out) == len(raw)
