@@ -52,6 +52,7 @@ class ContainerFile:
         self.versions: dict[int, int] = {}
         self.inflight: set[int] = set()
         self.mtime_ns: int | None = None
+        self.changed_ns = 0  # last change to data or size, for st_ctime
         self.handles = 0
         self.write_locked = False
         self.closed = False
@@ -208,7 +209,7 @@ class ContainerFile:
                     self.schedule_flush(idx)
                 pos += n
             self.size = max(self.size, end)
-            self.mtime_ns = time.time_ns()
+            self.mtime_ns = self.changed_ns = time.time_ns()
         return len(data)
 
     async def _make_dirty(self, idx: int, whole: bool) -> bytearray:
@@ -387,7 +388,7 @@ class ContainerFile:
                     del buf[inner:]
                     self.versions[idx] += 1
             self.size = new_size
-            self.mtime_ns = time.time_ns()
+            self.mtime_ns = self.changed_ns = time.time_ns()
 
     async def commit(self, durable: bool) -> None:
         """Make everything written so far the file's committed state (durable if asked)."""

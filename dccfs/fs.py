@@ -83,12 +83,14 @@ class DccfsOperations(pyfuse3.Operations):
         entry.st_blocks = st.st_blocks
         entry.st_blksize = 128 * 1024
         entry.st_atime_ns = st.st_atime_ns
-        mtime = st.st_mtime_ns
+        mtime, ctime = st.st_mtime_ns, st.st_ctime_ns
         file = inode.extra.get("file")
         if isinstance(file, ContainerFile) and file.mtime_ns is not None:
+            # Uncommitted writes changed the file now; the backing file changes at commit.
             mtime = file.mtime_ns
+            ctime = max(ctime, file.changed_ns)
         entry.st_mtime_ns = mtime
-        entry.st_ctime_ns = st.st_ctime_ns
+        entry.st_ctime_ns = ctime
         return entry
 
     def _stat(self, inode: Inode) -> os.stat_result:

@@ -102,7 +102,7 @@ def visible_nlink(inode: Inode, st: os.stat_result, backing_root: str) -> int:
         return cached[1]
     nlink = st.st_nlink
     try:
-        fd = os.open(inode.proc_path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(inode.proc_path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOATIME)
         try:
             header = Header.unpack(pread_exact(fd, HEADER_SIZE, 0))
         finally:
@@ -128,7 +128,8 @@ def logical_size(inode: Inode, st: os.stat_result) -> int:
     if cached and cached[0] == signature:
         return cached[1]
     try:
-        fd = os.open(inode.proc_path, os.O_RDONLY | os.O_CLOEXEC)
+        # O_NOATIME: reading our own header must not change the atime users see.
+        fd = os.open(inode.proc_path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOATIME)
     except OSError:
         return st.st_size
     try:

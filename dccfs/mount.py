@@ -98,6 +98,17 @@ def take_mount_lock(backing: str, shared: bool) -> int:
     return fd
 
 
+class LateReleaseReplyFilter(logging.Filter):
+    """pyfuse3 logs an ERROR when it cannot answer a RELEASE because the kernel already
+    tore the connection down (an unmount right after a close). Nothing is lost: the file
+    was committed at its FLUSH. Keep the line, at INFO."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name == "pyfuse3" and "fuse_release(): fuse_reply_" in record.getMessage():
+            record.levelno, record.levelname = logging.INFO, "INFO"
+        return True
+
+
 def setup_logging(log_file: str | None, debug: bool) -> logging.Handler:
     level = logging.DEBUG if debug else logging.INFO
     if log_file:
@@ -106,6 +117,7 @@ def setup_logging(log_file: str | None, debug: bool) -> logging.Handler:
     else:
         handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(LateReleaseReplyFilter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

@@ -291,10 +291,6 @@ def test_fsx_stress(make_mount, tmp_path, use_mmap, chunk):
     run_combo(make_mount, tmp_path, use_mmap, chunk, STRESS_TOTAL_OPS // len(COMBOS), None)
 
 
-@pytest.mark.xfail(strict=True, reason="dccfs bug: release() answers only after commit and "
-                   "compaction (handles.py _close_file); FUSE sends release asynchronously, so an "
-                   "unmount right after close tears the connection down first and pyfuse3 logs "
-                   "ERROR 'fuse_release(): fuse_reply_* failed with No such file or directory'")
 def test_unmount_right_after_a_compacting_release(make_mount, tmp_path):
     mount = make_mount("rel", "-c", str(config_for(tmp_path, "1MiB")))
     path = mount.mnt / "f"

@@ -523,9 +523,6 @@ def test_write_and_truncate_update_mtime(pm):
     assert os.stat(f).st_mtime_ns > before.st_mtime_ns
 
 
-@pytest.mark.xfail(strict=True, reason="dccfs bug: a write through the mount does not move st_ctime "
-                   "until the file is committed and the 1 s attribute cache expires "
-                   "(fs.py _attrs reports the backing ctime; only mtime is tracked in ContainerFile)")
 def test_write_updates_ctime(pm):
     f = pm.mnt / "t"
     f.write_bytes(b"x" * 100)
@@ -538,8 +535,6 @@ def test_write_updates_ctime(pm):
     assert os.stat(f).st_ctime_ns > before.st_ctime_ns, "ctime unchanged right after close"
 
 
-@pytest.mark.xfail(strict=True, reason="dccfs bug: ftruncate on an open handle does not move "
-                   "st_ctime (same cause as test_write_updates_ctime)")
 def test_ftruncate_updates_ctime(pm):
     f = pm.mnt / "t"
     f.write_bytes(b"x" * 100)
@@ -604,9 +599,6 @@ def test_utimensat_now_and_omit(pm):
     assert os.stat(f).st_mtime_ns == 2_000_000_000
 
 
-@pytest.mark.xfail(strict=True, reason="dccfs bug: stat of a closed container re-reads its header "
-                   "(handles.py logical_size opens the backing file without O_NOATIME), so relatime "
-                   "replaces an explicitly set atime older than mtime with the current time")
 def test_explicit_atime_is_kept(pm):
     f = pm.mnt / "n"
     f.write_bytes(b"n")
