@@ -42,7 +42,7 @@ test: corpus
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 stress: corpus
-	DCCFS_STRESS=1 $(PY) -m pytest -m stress $(PYTEST_ARGS)
+	DCCFS_STRESS=1 DCCFS_FUZZ_SECONDS=600 $(PY) -m pytest -m stress -rA --durations=30 $(PYTEST_ARGS)
 
 bench: corpus-full
 	$(VENV)/bin/pip install -q -e '.[test,bench]'
