@@ -91,9 +91,52 @@ def plane_bound(chunks) -> float:
     return bits / 8 / max(total, 1)
 
 
+def side_by_side(paths: list[Path], window_mib: int, offset_mib: int, passes: int) -> None:
+    """Single-thread MB/s of ours vs ZipNN on the same window of each file, passes interleaved, best of N."""
+    import zipnn
+
+    log.info("| file | window | ours ratio | zipnn ratio | ours comp MB/s | zipnn comp MB/s | comp × | "
+             "ours dec MB/s | zipnn dec MB/s | dec × |")
+    log.info("|---|---|---|---|---|---|---|---|---|---|")
+    for path in paths:
+        whole = path.read_bytes()
+        start = min(offset_mib << 20, max(len(whole) - (window_mib << 20), 0)) // CHUNK * CHUNK
+        data = whole[start : start + (window_mib << 20)]
+        layout = sniff_layout(whole[: 1 << 20], len(whole))
+        chunks = [(data[o : o + CHUNK], layout.hints_for(start + o, data[o : o + CHUNK]) if layout else ChunkHints())
+                  for o in range(0, len(data), CHUNK)]
+        dtypes = Counter(seg.dtype for _, h in chunks for seg in h.segments)
+        z = zipnn.ZipNN(input_format="byte", bytearray_dtype=ZIPNN_DTYPE.get(
+            dtypes.most_common(1)[0][0] if dtypes else "bf16", "bfloat16"), threads=1)
+        best = [float("inf")] * 4
+        for _ in range(passes):
+            t0 = time.perf_counter()
+            enc = [encode_chunk(raw, hints) for raw, hints in chunks]
+            t1 = time.perf_counter()
+            for (raw, _), e in zip(chunks, enc):
+                decode_chunk(e.codec_id, e.params, e.payload, len(raw))
+            t2 = time.perf_counter()
+            zc = z.compress(bytearray(data))
+            t3 = time.perf_counter()
+            z.decompress(zc)
+            t4 = time.perf_counter()
+            for k, dt in enumerate((t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
+                best[k] = min(best[k], dt)
+        ours = sum(len(e.params) + len(e.payload) for e in enc) / len(data)
+        mbs = [len(data) / b / 1e6 for b in best]
+        log.info("| %s | %d MiB at %d MiB | %.4f | %.4f | %.0f | %.0f | %.2f | %.0f | %.0f | %.2f |", path.name,
+                 len(data) >> 20, start >> 20, ours, len(zc) / len(data), mbs[0], mbs[2], mbs[0] / mbs[2],
+                 mbs[1], mbs[3], mbs[1] / mbs[3])
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("files", nargs="+", type=Path)
+    ap.add_argument("--side-by-side", action="store_true",
+                    help="only compare single-thread speed with ZipNN on a window of each file (best of --passes)")
+    ap.add_argument("--window-mib", type=int, default=48)
+    ap.add_argument("--offset-mib", type=int, default=0)
+    ap.add_argument("--passes", type=int, default=5)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     # load (or compile) the numba kernels of every path before timing: encoders and decoders per float dtype
@@ -102,6 +145,9 @@ def main(argv: list[str] | None = None) -> int:
         for n in (len(warm), 4096):
             enc = encode_chunk(warm[:n], ChunkHints(segments=(Segment(0, n, dtype),)))
             decode_chunk(enc.codec_id, enc.params, enc.payload, n)
+    if args.side_by_side:
+        side_by_side(args.files, args.window_mib, args.offset_mib, args.passes)
+        return 0
     rows = []
     for path in args.files:
         data = path.read_bytes()
