@@ -271,12 +271,27 @@ def _fused_vec(cls, payload, meths, offs, lens, scratch, out):
             return -(k + 1)
         paired[pending] = paired[k] = True
         pending = -1
+    n = scratch.shape[1]
+    # the usual f32 / f16 chunk: mantissa planes stored raw are merged straight from the payload (no copy)
+    raw_tail = cls == fields.CLASS_F32 or cls == fields.CLASS_F16
+    for k in range(1, meths.size):
+        if meths[k] != M_RAW or lens[k] != n:
+            raw_tail = False
     for k in range(meths.size):
+        if raw_tail and k > 0:
+            break
         if meths[k] == M_RANS32E:
             if not paired[k] and rans32.decode_ext_into(payload[offs[k] : offs[k] + lens[k]], scratch[k]) != 0:
                 return -(k + 1)
         elif _decode_simple(k, payload, meths, offs, lens, scratch[k]) != 0:
             return -(k + 1)
+    if raw_tail:
+        if cls == fields.CLASS_F32:
+            fields._merge_f32(scratch[0], payload[offs[1] : offs[1] + n], payload[offs[2] : offs[2] + n],
+                              payload[offs[3] : offs[3] + n], out.view(np.uint32))
+        else:
+            fields._merge_f16(scratch[0], payload[offs[1] : offs[1] + n], out.view(np.uint16))
+        return 0
     _merge_class(cls, scratch, out)
     return 0
 
