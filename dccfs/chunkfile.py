@@ -336,7 +336,8 @@ class ContainerFile:
             return
         try:
             self._delta = DeltaWriter.for_file(self.engine.backing_root, self.path,
-                                               self.container.header.file_id, self.engine.cache)
+                                               self.container.header.file_id, self.engine.cache,
+                                               always=self.rule.delta is True)
         except OSError as exc:
             log.warning("%s: no delta base (%s); storing keyframes", self.path, exc)
 

@@ -219,22 +219,27 @@ class DeltaWriter:
     fsck --repair) but never a delta without its base.
     """
 
-    def __init__(self, backing_root: str, base: Container, cache=None):
+    def __init__(self, backing_root: str, base: Container, cache=None, always: bool = False):
         self.backing_root = backing_root
         self.base = base
         self.cache = cache
+        # Delta encoding tries several transforms per chunk (about 3x the CPU of a
+        # keyframe). By default it runs only while the encoders keep up with the writer
+        # (effort >= 1), so it never slows a save down; a rule with delta = true forces it.
+        self.always = always
         self.pinned = False
         self.delta_chunks = 0
         self._lock = threading.Lock()
 
     @classmethod
-    def for_file(cls, backing_root: str, relpath: str, file_id: bytes, cache=None) -> "DeltaWriter | None":
+    def for_file(cls, backing_root: str, relpath: str, file_id: bytes, cache=None,
+                 always: bool = False) -> "DeltaWriter | None":
         for path in find_base_candidates(backing_root, relpath, file_id):
             base = open_keyframe_base(path, file_id)
             if base is not None:
                 log.info("%s: storing as a delta of %s", relpath,
                          os.path.relpath(path, backing_root))
-                return cls(backing_root, base, cache)
+                return cls(backing_root, base, cache, always)
         return None
 
     def _base_chunk(self, idx: int) -> tuple[bytes, BaseRef] | None:
@@ -262,6 +267,8 @@ class DeltaWriter:
     def encode(self, idx: int, raw: bytes, hints):
         """A delta EncodedChunk for chunk idx, or None when a keyframe is as small."""
         from dccfs.codecs.delta import encode_delta
+        if hints.effort < 1 and not self.always:
+            return None
         found = self._base_chunk(idx)
         if found is None:
             return None

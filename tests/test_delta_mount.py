@@ -39,10 +39,13 @@ def stored_ratio(mount, rel):
 
 
 @pytest.mark.parametrize("fmt", ["safetensors", "torch"])
-def test_next_checkpoint_is_a_delta_and_survives_deleting_its_base(make_mount, series, fmt):
+def test_next_checkpoint_is_a_delta_and_survives_deleting_its_base(make_mount, series, fmt, tmp_path):
     import torch
     from safetensors.torch import load_file, save_file
-    mount = make_mount("delta")
+    config = tmp_path / "delta.toml"
+    # Force delta: by default it only runs while the encoders keep up with the writer.
+    config.write_text('[[rule]]\nglob = "*"\ndelta = true\n')
+    mount = make_mount("delta", "-c", str(config))
     (mount.mnt / "run").mkdir()
     ext = "safetensors" if fmt == "safetensors" else "pt"
     paths = [mount.mnt / "run" / f"step-{n}.{ext}" for n in (10, 20)]
