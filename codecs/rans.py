@@ -67,8 +67,13 @@ def _normalize(counts, total, freq):
         freq[s] = f
         fsum += f
     for _ in range(8 * target):
-        g = np.argmax(gain)
-        r = np.argmin(loss)
+        g = 0
+        r = 0
+        for s in range(1, 256):  # (plain loops: np.argmax/argmin add ~0.3 s to the first compile)
+            if gain[s] > gain[g]:
+                g = s
+            if loss[s] < loss[r]:
+                r = s
         if fsum < target:
             freq[g] += 1
             fsum += 1
