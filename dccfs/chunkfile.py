@@ -16,18 +16,14 @@ import os
 import time
 
 import trio
-import xxhash
 
-from dccfs.codecs import ChunkHints, sniff_layout
+from dccfs.codecs import ChunkHints
 from dccfs.config import Rule
 from dccfs.container import ChunkError, ChunkLoc, Container
-from dccfs.delta import DELTA_LAYOUTS, DeltaWriter
+from dccfs.chunkcoder import ChunkCoder
 from dccfs.engine import Engine
 
 log = logging.getLogger(__name__)
-
-# A safetensors header can exceed one chunk; sniffing waits for up to this much prefix.
-MAX_SNIFF_PREFIX = 8 << 20
 
 
 def is_all_zero(data: bytes) -> bool:
@@ -63,9 +59,7 @@ class ContainerFile:
         self._idle.set()
         self._write_lock = trio.Lock()
         self._loading: dict[tuple, trio.Event] = {}
-        self._layout = None
-        self._layout_settled = False
-        self._delta: DeltaWriter | None = None
+        self.coder = ChunkCoder(engine, rule, container.path, container.chunk_size)
         self._next_sequential = -1
         self._sequential_run = 0
         self._prefetched_to = -1
@@ -238,7 +232,7 @@ class ContainerFile:
         """Start encoding a dirty chunk in the background unless one encode of it is running."""
         if idx in self.inflight or idx not in self.dirty:
             return
-        self._maybe_sniff_layout()
+        self.coder.observe(self.dirty, self.size, self.container.header.file_id)
         self.inflight.add(idx)
         self._busy += 1
         if self._busy == 1:
@@ -261,7 +255,7 @@ class ContainerFile:
                 # All zeros: a hole costs nothing on disk.
                 self.container.drop_chunk(idx)
             else:
-                hints = self._hints_for(idx, raw)
+                hints = self.coder.hints_for(idx, raw)
                 # One worker-thread hop per chunk: encode, then append under the
                 # container's own lock (the append is a page-cache copy).
                 loc = await trio.to_thread.run_sync(
@@ -282,14 +276,7 @@ class ContainerFile:
                 self._idle.set()
 
     def _encode_and_append(self, idx: int, raw: bytes, hints: ChunkHints) -> ChunkLoc:
-        delta = self._delta
-        encoded = delta.encode(idx, raw, hints) if delta is not None else None
-        if encoded is None:
-            encoded, raw_sum = self.engine.encode(raw, hints)
-        else:
-            raw_sum = xxhash.xxh3_64_intdigest(raw)
-            self.engine.stats.count_codec("encode", "delta", len(raw),
-                                          len(encoded.params) + len(encoded.payload), 0.0)
+        encoded, raw_sum = self.coder.encode(idx, raw, hints)
         return self.container.append_chunk(idx, encoded, len(raw), raw_sum)
 
     async def _wait_idle(self) -> None:
@@ -304,59 +291,6 @@ class ContainerFile:
             if self.failure is not None:
                 failure, self.failure = self.failure, None
                 raise OSError(failure.errno, f"{self.path}: {failure.strerror}")
-
-    # -- layout hints ------------------------------------------------------------
-
-    def _maybe_sniff_layout(self) -> None:
-        if self._layout_settled or 0 not in self.dirty:
-            return
-        prefix = bytearray()
-        idx = 0
-        while idx in self.dirty and len(prefix) < MAX_SNIFF_PREFIX:
-            prefix += self.dirty[idx]
-            idx += 1
-        try:
-            self._layout = sniff_layout(bytes(prefix), self.size)
-        except Exception:
-            log.exception("%s: layout sniffing failed; chunks will be probed", self.path)
-            self._layout = None
-        # Settle once a layout is found, or when the prefix was all the file had to offer.
-        if self._layout is not None or len(prefix) >= MAX_SNIFF_PREFIX or idx * self.chunk_size >= self.size:
-            self._layout_settled = True
-            if self._layout is not None:
-                log.debug("%s: detected %s layout", self.path, self._layout.kind)
-                self._maybe_start_delta()
-
-    def _maybe_start_delta(self) -> None:
-        """Pair this file with an earlier checkpoint of the same series, when enabled."""
-        wanted = self.rule.delta if self.rule.delta is not None else self.engine.config.delta
-        if not wanted or self._delta is not None or self.engine.config.shared:
-            return
-        if self._layout.kind not in DELTA_LAYOUTS and self.rule.delta is not True:
-            return
-        try:
-            self._delta = DeltaWriter.for_file(self.engine.backing_root, self.path,
-                                               self.container.header.file_id, self.engine.cache,
-                                               always=self.rule.delta is True)
-        except OSError as exc:
-            log.warning("%s: no delta base (%s); storing keyframes", self.path, exc)
-
-    def _hints_for(self, idx: int, raw: bytes) -> ChunkHints:
-        rule = self.rule
-        forced = None if rule.codec == "auto" else rule.codec
-        effort = self.engine.encode_effort()
-        if self._layout is not None and forced in (None, "tensor"):
-            try:
-                hints = self._layout.hints_for(idx * self.chunk_size, raw)
-                return ChunkHints(hints.segments, forced or hints.codec, rule.level or hints.level,
-                                  min(effort, hints.effort))
-            except Exception:
-                log.exception("%s: layout hints failed for chunk %d; probing", self.path, idx)
-        return ChunkHints(codec=forced, level=rule.level, effort=effort)
-
-    @property
-    def layout_kind(self) -> str | None:
-        return self._layout.kind if self._layout is not None else None
 
     # -- size and commit ---------------------------------------------------------
 
@@ -374,7 +308,7 @@ class ContainerFile:
                     self._drop_dirty(idx)
                 await trio.to_thread.run_sync(self.container.reset, limiter=self.engine.io_limiter)
                 self.cache_id = self.container.cache_id
-                self._layout, self._layout_settled = None, False
+                self.coder.reset()
             elif new_size < self.size:
                 first_gone = -(-new_size // cs)
                 for idx in [i for i in self.dirty if i >= first_gone]:
@@ -411,18 +345,16 @@ class ContainerFile:
         container.base_store = self.engine.bases
         self.cache_id = container.cache_id
         self.size = container.size
-        self._layout, self._layout_settled = None, False
+        self.coder.reset()
 
     def close_delta_base(self) -> None:
-        if self._delta is not None:
-            self._delta.close()
-            self._delta = None
+        self.coder.close()
 
     def set_mtime(self, mtime_ns: int) -> None:
         """An explicit utimens: keep it across the next commit's writes."""
         self.mtime_ns = mtime_ns
 
     def describe(self) -> dict:
-        return {"layout": self.layout_kind, "chunk_size": self.chunk_size,
+        return {"layout": self.coder.layout_kind, "chunk_size": self.chunk_size,
                 "size": self.size, "stored": self.container.stored_bytes}
 

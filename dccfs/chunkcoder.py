@@ -1,0 +1,101 @@
+"""How one file's chunks are encoded: the rule, the sniffed layout's hints, the delta base.
+
+A ChunkCoder belongs to one ContainerFile. Sniffing runs on the trio thread (once, on
+the file's first chunks); hints_for and encode run in worker threads.
+"""
+from __future__ import annotations
+
+import logging
+
+import xxhash
+
+from dccfs.codecs import ChunkHints, EncodedChunk, sniff_layout
+from dccfs.config import Rule
+from dccfs.delta import DELTA_LAYOUTS, DeltaWriter
+from dccfs.engine import Engine
+
+log = logging.getLogger(__name__)
+
+# A safetensors header can exceed one chunk; sniffing waits for up to this much prefix.
+MAX_SNIFF_PREFIX = 8 << 20
+
+
+class ChunkCoder:
+    def __init__(self, engine: Engine, rule: Rule, path: str, chunk_size: int):
+        self.engine = engine
+        self.rule = rule
+        self.path = path
+        self.chunk_size = chunk_size
+        self._layout = None
+        self._settled = False
+        self._delta: DeltaWriter | None = None
+
+    @property
+    def layout_kind(self) -> str | None:
+        return self._layout.kind if self._layout is not None else None
+
+    def reset(self) -> None:
+        """The file starts over (truncated to zero, or re-read): sniff again."""
+        self._layout, self._settled = None, False
+
+    def observe(self, dirty: dict[int, bytearray], size: int, file_id: bytes) -> None:
+        """Sniff the layout from the file's leading dirty chunks, once it can be decided."""
+        if self._settled or 0 not in dirty:
+            return
+        prefix = bytearray()
+        idx = 0
+        while idx in dirty and len(prefix) < MAX_SNIFF_PREFIX:
+            prefix += dirty[idx]
+            idx += 1
+        try:
+            self._layout = sniff_layout(bytes(prefix), size)
+        except Exception:
+            log.exception("%s: layout sniffing failed; chunks will be probed", self.path)
+            self._layout = None
+        # Settle once a layout is found, or when the prefix was all the file had to offer.
+        if self._layout is not None or len(prefix) >= MAX_SNIFF_PREFIX or idx * self.chunk_size >= size:
+            self._settled = True
+            if self._layout is not None:
+                log.debug("%s: detected %s layout", self.path, self._layout.kind)
+                self._maybe_start_delta(file_id)
+
+    def _maybe_start_delta(self, file_id: bytes) -> None:
+        """Pair this file with an earlier checkpoint of the same series, when enabled."""
+        wanted = self.rule.delta if self.rule.delta is not None else self.engine.config.delta
+        if not wanted or self._delta is not None or self.engine.config.shared:
+            return
+        if self._layout.kind not in DELTA_LAYOUTS and self.rule.delta is not True:
+            return
+        try:
+            self._delta = DeltaWriter.for_file(self.engine.backing_root, self.path, file_id,
+                                               self.engine.cache, always=self.rule.delta is True)
+        except OSError as exc:
+            log.warning("%s: no delta base (%s); storing keyframes", self.path, exc)
+
+    def hints_for(self, idx: int, raw: bytes) -> ChunkHints:
+        rule = self.rule
+        forced = None if rule.codec == "auto" else rule.codec
+        effort = self.engine.encode_effort()
+        if self._layout is not None and forced in (None, "tensor"):
+            try:
+                hints = self._layout.hints_for(idx * self.chunk_size, raw)
+                return ChunkHints(hints.segments, forced or hints.codec, rule.level or hints.level,
+                                  min(effort, hints.effort))
+            except Exception:
+                log.exception("%s: layout hints failed for chunk %d; probing", self.path, idx)
+        return ChunkHints(codec=forced, level=rule.level, effort=effort)
+
+    def encode(self, idx: int, raw: bytes, hints: ChunkHints) -> tuple[EncodedChunk, int]:
+        """(encoding, xxh3-64 of raw): a delta when that is smaller, else a keyframe."""
+        delta = self._delta
+        encoded = delta.encode(idx, raw, hints) if delta is not None else None
+        if encoded is None:
+            return self.engine.encode(raw, hints)
+        self.engine.stats.count_codec("encode", "delta", len(raw),
+                                      len(encoded.params) + len(encoded.payload), 0.0)
+        return encoded, xxhash.xxh3_64_intdigest(raw)
+
+    def close(self) -> None:
+        if self._delta is not None:
+            self._delta.close()
+            self._delta = None
