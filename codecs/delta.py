@@ -13,6 +13,7 @@ import struct
 
 import numpy as np
 
+from .varint import get_varint, put_varint
 from ._jit import njit
 from .api import ChunkHints, CodecError, EncodedChunk, Segment, decode_chunk, encode_chunk
 
@@ -45,23 +46,11 @@ C_MIN_EXP, C_MAX_EXP = 127 - 16, 127 + 16  # accepted f32 exponents of a scale f
 
 
 def _put_varint(out: bytearray, v: int) -> None:
-    while v >= 0x80:
-        out.append((v & 0x7F) | 0x80)
-        v >>= 7
-    out.append(v)
+    put_varint(out, v)
 
 
 def _get_varint(buf: bytes, pos: int) -> tuple[int, int]:
-    v = shift = 0
-    while True:
-        if pos >= len(buf) or shift > 56:
-            raise CodecError("delta params: truncated varint")
-        b = buf[pos]
-        pos += 1
-        v |= (b & 0x7F) << shift
-        shift += 7
-        if not b & 0x80:
-            return v, pos
+    return get_varint(buf, pos, "delta", 56)
 
 
 def delta_base_ref(params: bytes) -> bytes:

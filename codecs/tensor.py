@@ -5,6 +5,7 @@ import logging
 
 import threading
 
+from .varint import get_varint, put_varint
 from ._jit import njit
 import numpy as np
 
@@ -30,23 +31,11 @@ FLUSH_BYTES = {M_RANS: 12, M_RANS32: 96, M_RANS32E: 48}
 
 
 def _put_varint(out: bytearray, v: int) -> None:
-    while v >= 0x80:
-        out.append((v & 0x7F) | 0x80)
-        v >>= 7
-    out.append(v)
+    put_varint(out, v)
 
 
 def _get_varint(buf: bytes, pos: int) -> tuple[int, int]:
-    v = shift = 0
-    while True:
-        if pos >= len(buf) or shift > 35:
-            raise CodecError("tensor params: truncated varint")
-        b = buf[pos]
-        pos += 1
-        v |= (b & 0x7F) << shift
-        shift += 7
-        if not b & 0x80:
-            return v, pos
+    return get_varint(buf, pos, "tensor", 35)
 
 
 def plan_regions(raw_len: int, segments: tuple[Segment, ...]) -> list[tuple[int, int]]:
