@@ -219,4 +219,5 @@ def copy_plain(fd: int, out) -> None:
 
 
 def ratio(logical: int, stored: int) -> str:
-    return f"{logical / stored:.2f}x" if stored else "-"
+    """stored / logical, the convention of every other dccfs figure (lower is better)."""
+    return f"{stored / logical:.3f}" if logical else "-"
