@@ -44,7 +44,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import (REPO, Daemon, drop_caches, fs_of, fusermount_unmount,  # noqa: E402
-                          is_mounted, machine_facts, mountinfo)
+                          is_mounted, machine_facts, mountinfo, tree_state)
 
 log = logging.getLogger("bench_cache")
 
@@ -521,15 +521,6 @@ def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def tree_state() -> str:
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=str(REPO)).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "dccfs", "codecs", "policies"],
-                               capture_output=True, text=True, cwd=str(REPO)).stdout.splitlines()
-    except OSError:
-        return "?"
-    return f"{head} + {len(dirty)} uncommitted files under dccfs/ codecs/ policies/" if dirty else head
 
 
 def run(args) -> dict:

@@ -207,3 +207,16 @@ def machine_facts(path: str | Path) -> dict:
     except ImportError:
         pass
     return facts
+
+
+def tree_state() -> str:
+    """The commit the dccfs daemon ran from and how many files under dccfs/, codecs/ and
+    policies/ differ from it."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=str(REPO)).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "dccfs", "codecs", "policies"],
+                               capture_output=True, text=True, cwd=str(REPO)).stdout.splitlines()
+    except OSError:
+        return "?"
+    return f"{head} + {len(dirty)} uncommitted files under dccfs/ codecs/ policies/" if dirty else head

@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import (REPO, Daemon, drop_caches, du, fs_of, fusermount_unmount,  # noqa: E402
-                          machine_facts, mountinfo, set_read_ahead_kb)
+                          machine_facts, mountinfo, set_read_ahead_kb, tree_state)
 
 log = logging.getLogger("bench_fs")
 
@@ -111,16 +111,6 @@ def record(t: Target, workload: str, unit: str, amount: float, secs: float, **ex
     log.info("%-12s %-24s %10.1f %s  (%.2f s)", t.name, workload, value, unit, secs)
 
 
-def tree_state() -> str:
-    """The commit the dccfs daemon ran from and how many files under dccfs/ differ from it."""
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=str(REPO)).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "dccfs", "codecs", "policies"],
-                               capture_output=True, text=True, cwd=str(REPO)).stdout.splitlines()
-    except OSError:
-        return "?"
-    return f"{head} + {len(dirty)} uncommitted files" if dirty else head
 
 
 def dccfs_stats(mnt: Path) -> dict | None:
