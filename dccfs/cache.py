@@ -66,14 +66,6 @@ class ChunkCache:
                 self.stats.refused += 1
             self.stats.resident_bytes = self._policy.used
 
-    def discard_file(self, file_id: bytes) -> None:
-        """Drop every chunk of a file (it was deleted or rewritten from scratch)."""
-        with self._lock:
-            for key in [k for k in self._data if k[0] == file_id]:
-                del self._data[key]
-                self._policy.remove(key)
-            self.stats.resident_bytes = self._policy.used
-
     def reconfigure(self, policy_name: str | None = None, capacity_bytes: int | None = None,
                     write_admit: str | None = None) -> None:
         """Switch policy or budget on a live mount, migrating resident chunks (coldest first)."""

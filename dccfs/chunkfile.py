@@ -353,8 +353,3 @@ class ContainerFile:
     def set_mtime(self, mtime_ns: int) -> None:
         """An explicit utimens: keep it across the next commit's writes."""
         self.mtime_ns = mtime_ns
-
-    def describe(self) -> dict:
-        return {"layout": self.coder.layout_kind, "chunk_size": self.chunk_size,
-                "size": self.size, "stored": self.container.stored_bytes}
-
