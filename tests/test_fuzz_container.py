@@ -83,6 +83,7 @@ def test_random_bytes_behind_a_valid_header_never_crash(tmp_path, junk):
 
 
 @pytest.mark.stress
+@pytest.mark.timeout(int(FUZZ_SECONDS or 600) + 300)  # the loop itself runs FUZZ_SECONDS
 def test_fuzz_for_a_while(tmp_path):
     """make stress: mutate containers for DCCFS_FUZZ_SECONDS (600 by default there)."""
     import random
