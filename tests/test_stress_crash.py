@@ -104,7 +104,7 @@ def client_sequential(mnt, name, seed, j: Journal):
             j(op="fsync", phase="done", length=i * BLOCK)
 
 
-def client_random(mnt, name, seed, j: Journal):
+def client_random(mnt, name, seed, j: Journal, reopen: bool = False):
     rng = random.Random(seed)
     base_len = rng.randint(1, 3 * BLOCK)
     path = os.path.join(mnt, name)
@@ -128,6 +128,15 @@ def client_random(mnt, name, seed, j: Journal):
         j(op="fsync", phase="intent")
         os.fsync(fd)
         j(op="fsync", phase="done")
+        if reopen:
+            # Each last close of a file full of overwritten records may compact it
+            # (copy live records, rename over): kill points land in compactions too.
+            os.close(fd)
+            fd = os.open(path, os.O_RDWR)
+
+
+def client_compaction(mnt, name, seed, j: Journal):
+    client_random(mnt, name, seed, j, reopen=True)
 
 
 def client_renames(mnt, name, seed, j: Journal):
@@ -170,7 +179,8 @@ def client_renames(mnt, name, seed, j: Journal):
             present.discard(victim)
 
 
-CLIENTS = {"sequential": client_sequential, "random": client_random, "renames": client_renames}
+CLIENTS = {"sequential": client_sequential, "random": client_random, "renames": client_renames,
+           "compaction": client_compaction}
 
 
 def run_client(kind, mnt, name, seed, journal_path) -> int:
@@ -287,7 +297,8 @@ def check_renames(mnt, name, seed, journal) -> dict:
     return found
 
 
-CHECKS = {"sequential": check_sequential, "random": check_random, "renames": check_renames}
+CHECKS = {"sequential": check_sequential, "random": check_random, "renames": check_renames,
+          "compaction": check_random}
 
 
 def fsck(backing, *args):
@@ -349,9 +360,9 @@ def crash_matrix(make_mount, tmp_path, kinds: list[str], master_seed: int):
 
 
 def test_crash_points_fast(make_mount, tmp_path):
-    """Three kill points in make test, one per workload."""
+    """Four kill points in make test, one per workload."""
     seed = int(os.environ.get("DCCFS_CRASH_SEED", "0")) or random.SystemRandom().randrange(1 << 30)
-    crash_matrix(make_mount, tmp_path, ["sequential", "random", "renames"], seed)
+    crash_matrix(make_mount, tmp_path, ["sequential", "random", "renames", "compaction"], seed)
 
 
 @pytest.mark.stress
