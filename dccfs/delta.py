@@ -19,14 +19,14 @@ import threading
 from dataclasses import dataclass
 
 from dccfs.container import ChunkError, ChunkLoc, Container, ContainerError, pread_exact
-from dccfs.format import HEADER_SIZE, FormatError, Header, checksum64
+from dccfs.codecs.delta import CODEC_DELTA
+from dccfs.format import HEADER_SIZE, RECORD_HEADER_SIZE, FormatError, Header, RecordHeader, checksum64
 from dccfs.syscalls import AT_FDCWD, link_fd
 
 log = logging.getLogger(__name__)
 
 BASES_DIR = os.path.join(".dccfs", "bases")
 _REF = struct.Struct("<16sIQQIQ")  # file id, generation, chunk index, offset, length, raw xxh3
-DELTA_CODEC_ID = 32
 # Base files considered: siblings whose names differ only in digits (step-10 / step-20),
 # in the same directory or in sibling directories, newest first.
 MAX_CANDIDATES = 8
@@ -149,7 +149,7 @@ def looks_temporary(name: str) -> bool:
     return name.startswith(".") or "tmp" in name.lower()
 
 
-def find_base_candidates(backing_root: str, relpath: str, exclude_file_id: bytes) -> list[str]:
+def find_base_candidates(backing_root: str, relpath: str) -> list[str]:
     """Container files that look like earlier versions of relpath, newest first: names that
     differ only in digits, or any file beside a temporary one."""
     directory, name = os.path.split(relpath)
@@ -187,7 +187,7 @@ def find_base_candidates(backing_root: str, relpath: str, exclude_file_id: bytes
     return [path for _, path in found[:MAX_CANDIDATES]]
 
 
-def open_keyframe_base(path: str, exclude_file_id: bytes) -> Container | None:
+def open_base(path: str, exclude_file_id: bytes) -> Container | None:
     """Open a candidate base read-only if it is a clean, committed container. Chain length
     is bounded per chunk: a base chunk that is itself a delta is never used as a base."""
     try:
@@ -234,8 +234,8 @@ class DeltaWriter:
     @classmethod
     def for_file(cls, backing_root: str, relpath: str, file_id: bytes, cache=None,
                  always: bool = False) -> "DeltaWriter | None":
-        for path in find_base_candidates(backing_root, relpath, file_id):
-            base = open_keyframe_base(path, file_id)
+        for path in find_base_candidates(backing_root, relpath):
+            base = open_base(path, file_id)
             if base is not None:
                 log.info("%s: storing as a delta of %s", relpath,
                          os.path.relpath(path, backing_root))
@@ -246,22 +246,24 @@ class DeltaWriter:
         loc = self.base.index.get(idx)
         if loc is None:
             return None
-        record = pread_exact(self.base.fd, loc.length, loc.offset)
-        if len(record) < 2 or record[1] == DELTA_CODEC_ID:
+        try:
+            head = RecordHeader.unpack(pread_exact(self.base.fd, RECORD_HEADER_SIZE, loc.offset))
+        except FormatError:
+            return None
+        if head.sub == CODEC_DELTA:
             return None  # chain length 1: never a delta of a delta
         key = (self.base.cache_id, idx, loc.offset)
         raw = self.cache.get(key) if self.cache is not None else None
         if raw is None:
             try:
-                raw = self.base.decode_record(idx, record)
+                raw = self.base.read_chunk(idx, loc)
             except ChunkError as exc:
                 log.warning("delta base chunk unusable, storing a keyframe: %s", exc)
                 return None
             if self.cache is not None:
                 self.cache.put(key, raw)
-        head_sum = struct.unpack_from("<Q", record, 20)[0]
         ref = BaseRef(self.base.header.file_id, self.base.header.generation, idx, loc.offset,
-                      loc.length, head_sum)
+                      loc.length, head.c)
         return raw, ref
 
     def encode(self, idx: int, raw: bytes, hints):

@@ -49,10 +49,6 @@ class RawFile:
         if durable:
             await trio.to_thread.run_sync(os.fsync, self.fd)
 
-    @property
-    def size(self) -> int:
-        return os.fstat(self.fd).st_size
-
 
 @dataclass
 class Handle:

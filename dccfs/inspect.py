@@ -9,7 +9,7 @@ from dccfs.codecs import codec_name
 from dccfs.codecs.delta import CODEC_DELTA, delta_base_ref
 from dccfs.delta import BaseRef
 from dccfs.container import Container, ContainerError, pread_exact
-from dccfs.format import HEADER_SIZE, RecordHeader, looks_like_container, FormatError
+from dccfs.format import HEADER_SIZE, RECORD_HEADER_SIZE, FormatError, RecordHeader, looks_like_container
 
 log = logging.getLogger(__name__)
 
@@ -34,11 +34,11 @@ def describe_file(path: str) -> dict:
         delta_of = set()
         for loc in container.index.values():
             try:
-                record = pread_exact(fd, loc.length, loc.offset)
-                head = RecordHeader.unpack(record)
+                # The header (and a delta's params) say all; the payload is never read.
+                head = RecordHeader.unpack(pread_exact(fd, RECORD_HEADER_SIZE, loc.offset))
                 if head.sub == CODEC_DELTA:
                     codecs["delta"] += 1
-                    params = record[32:32 + head.params_len]
+                    params = pread_exact(fd, head.params_len, loc.offset + RECORD_HEADER_SIZE)
                     delta_of.add(BaseRef.unpack(delta_base_ref(params)).link_name)
                 else:
                     codecs[codec_name(head.sub)] += 1
