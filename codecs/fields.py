@@ -14,12 +14,20 @@ CLASS_BF16 = 1  # streams: exponent(8) | sign<<7 + mantissa(7)
 CLASS_F16 = 2  # streams: high byte (sign, exponent 5, mantissa top 2) | low mantissa byte
 CLASS_F32 = 3  # streams: exponent(8) | sign<<7 + mantissa bits 22..16 | mantissa 15..8 | mantissa 7..0
 CLASS_F64 = 4  # streams: bytes 7..0 (byte planes, most significant first)
+# zero-masked variants (codecs/zeros.py): a run list of +0.0 elements, then the base class's streams over the
+# nonzero elements only
+CLASS_BF16Z = 5
+CLASS_F16Z = 6
+CLASS_F32Z = 7
 CLASSES = {
     CLASS_GENERIC: (1, 1),
     CLASS_BF16: (2, 2),
     CLASS_F16: (2, 2),
     CLASS_F32: (4, 4),
     CLASS_F64: (8, 8),
+    CLASS_BF16Z: (2, 3),
+    CLASS_F16Z: (2, 3),
+    CLASS_F32Z: (4, 5),
 }
 DTYPE_CLASS = {"bf16": CLASS_BF16, "f16": CLASS_F16, "f32": CLASS_F32, "f64": CLASS_F64}
 

@@ -9,7 +9,7 @@ from .varint import get_varint, put_varint
 from ._jit import njit
 import numpy as np
 
-from . import fields, generic, rans, rans32
+from . import fields, generic, rans, rans32, zeros
 from .api import CODEC_LZ4, CODEC_TENSOR, CODEC_ZSTD, CodecError, EncodedChunk, Segment
 
 log = logging.getLogger(__name__)
@@ -115,8 +115,8 @@ def _code_plane(plane: np.ndarray, method: int, freq, parts: int = 1) -> bytes:
     return rans32.encode_ext(plane, freq, parts)
 
 
-def _encode_planes(planes: list[np.ndarray]) -> list[tuple[int, bytes]]:
-    plans = [_plan_plane(p) for p in planes]
+def _encode_planes(planes: list[np.ndarray], plans=None) -> list[tuple[int, bytes]]:
+    plans = plans or [_plan_plane(p) for p in planes]
     parts = [1] * len(planes)
     coders = [k for k, (m, _, _) in enumerate(plans) if m == M_RANS32E]
     if len(coders) == 1 and planes[coders[0]].size >= SPLIT_MIN:
@@ -124,6 +124,31 @@ def _encode_planes(planes: list[np.ndarray]) -> list[tuple[int, bytes]]:
         if plans[k][2] + FLUSH_BYTES[M_RANS32E] + 3 < RANS_KEEP * planes[k].size:
             parts[k] = 2
     return [(m, _code_plane(p, m, freq, n)) for p, (m, freq, _), n in zip(planes, plans, parts)]
+
+
+def _encode_runs(runs: bytes, effort: int, level: int | None) -> tuple[int, bytes]:
+    """Stream 0 of a zero-masked class: varint length of the run list, then the list coded by its method."""
+    method, coded = _encode_generic(np.frombuffer(runs, np.uint8), effort, level)
+    head = bytearray()
+    _put_varint(head, len(runs))
+    return method, bytes(head) + coded
+
+
+def _encode_float(cls: int, data: np.ndarray, effort: int, level: int | None) -> tuple[int, list[tuple[int, bytes]]]:
+    """(class written, streams): the class itself, or its zero-masked variant where that is estimated smaller."""
+    planes = fields.split(cls, data)
+    width = fields.CLASSES[cls][0]
+    n = data.size // width
+    if cls not in zeros.ZERO_CLASS or zeros.zero_count(data, width) < max(MIN_FLOAT_ELEMENTS, zeros.MIN_ZERO_SHARE * n):
+        return cls, _encode_planes(planes)
+    plans = [_plan_plane(p) for p in planes]
+    runs, nonzero = zeros.split_zeros(data, width)
+    zplanes = fields.split(cls, nonzero)
+    zplans = [_plan_plane(p) for p in zplanes]
+    run_stream = _encode_runs(runs, effort, level)
+    if sum(p[2] for p in zplans) + len(run_stream[1]) + 1 >= sum(p[2] for p in plans):
+        return cls, _encode_planes(planes, plans)
+    return zeros.ZERO_CLASS[cls], [run_stream] + _encode_planes(zplanes, zplans)
 
 
 def _encode_plane(plane: np.ndarray) -> tuple[int, bytes]:
@@ -150,23 +175,55 @@ def encode(raw: bytes, segments: tuple[Segment, ...], effort: int, level: int | 
     for length, cls in regions:
         by_class.setdefault(cls, []).append(arr[pos : pos + length])
         pos += length
+    written: dict[int, int] = {}
+    coded_by_class: dict[int, list[tuple[int, bytes]]] = {}
+    for cls in sorted(by_class):
+        data = by_class[cls][0] if len(by_class[cls]) == 1 else np.concatenate(by_class[cls])
+        if cls == fields.CLASS_GENERIC:
+            written[cls], coded = cls, [_encode_generic(data, effort, level)]
+        else:
+            written[cls], coded = _encode_float(cls, np.ascontiguousarray(data), effort, level)
+        coded_by_class[written[cls]] = coded
     params = bytearray([FORMAT_VERSION])
     _put_varint(params, len(regions))
     for length, cls in regions:
         _put_varint(params, length)
-        params.append(cls)
+        params.append(written[cls])
     payload = []
-    for cls in sorted(by_class):
-        data = by_class[cls][0] if len(by_class[cls]) == 1 else np.concatenate(by_class[cls])
-        if cls == fields.CLASS_GENERIC:
-            coded = [_encode_generic(data, effort, level)]
-        else:
-            coded = _encode_planes(fields.split(cls, np.ascontiguousarray(data)))
-        for method, blob in coded:
+    for cls in sorted(coded_by_class):
+        for method, blob in coded_by_class[cls]:
             params.append(method)
             _put_varint(params, len(blob))
             payload.append(blob)
     return EncodedChunk(CODEC_TENSOR, bytes(params), b"".join(payload))
+
+
+def _decode_runs(method: int, blob: memoryview) -> bytes:
+    length, pos = _get_varint(blob, 0)
+    if method not in (M_RAW, M_ZSTD, M_LZ4):
+        raise CodecError(f"zero runs: unknown method {method}")
+    return _decode_stream(method, blob[pos:], length).tobytes()
+
+
+def _decode_zero_class(cls: int, payload: memoryview, meths, offs, lens, nbytes: int) -> np.ndarray:
+    """A zero-masked class: the run list, the base class's streams over the nonzero elements, then expand."""
+    base = zeros.BASE_CLASS[cls]
+    width = fields.CLASSES[base][0]
+    runs, k, nonzero = zeros.parse_runs(_decode_runs(meths[0], payload[offs[0] : offs[0] + lens[0]]), nbytes // width)
+    meths, offs, lens = meths[1:], offs[1:], lens[1:]
+    if nonzero == 0:
+        if any(lens):
+            raise CodecError("zero-masked class without nonzero elements has stream bytes")
+        packed = np.empty(0, np.uint8)
+    elif all(m in _FAST_METHODS for m in meths):
+        packed = np.empty(nonzero * width, np.uint8)
+        _decode_fast(base, np.frombuffer(payload, np.uint8), meths, offs, lens, packed)
+    else:
+        streams = [_decode_stream(m, payload[o : o + ln], nonzero) for m, o, ln in zip(meths, offs, lens)]
+        packed = fields.merge(base, streams, nonzero * width)
+    out = np.empty(nbytes, np.uint8)
+    zeros.expand(packed, runs, k, width, out)
+    return out
 
 
 def _decode_stream(method: int, blob: memoryview, n: int) -> np.ndarray:
@@ -471,7 +528,8 @@ def decode(params: bytes, payload: bytes | memoryview, raw_len: int) -> bytes:
     if ppos != len(payload) or pos != len(params):
         raise CodecError("tensor payload or params have trailing bytes")
     arr = None
-    if len(plan) == 1 and plan[0][0] != fields.CLASS_GENERIC and all(m in _FAST_METHODS for m in plan[0][1]):
+    if (len(plan) == 1 and plan[0][0] != fields.CLASS_GENERIC and plan[0][0] not in zeros.BASE_CLASS
+            and all(m in _FAST_METHODS for m in plan[0][1])):
         # one float class covering the chunk: decode and merge straight into the output
         out = np.empty(raw_len, np.uint8)
         _decode_fast(plan[0][0], np.frombuffer(payload, np.uint8), *plan[0][1:], out)
@@ -479,6 +537,9 @@ def decode(params: bytes, payload: bytes | memoryview, raw_len: int) -> bytes:
     decoded: dict[int, np.ndarray] = {}
     for cls, meths, offs, lens in plan:
         width, _ = fields.CLASSES[cls]
+        if cls in zeros.BASE_CLASS:
+            decoded[cls] = _decode_zero_class(cls, payload, meths, offs, lens, class_bytes[cls])
+            continue
         if cls != fields.CLASS_GENERIC and all(m in _FAST_METHODS for m in meths):
             if arr is None:
                 arr = np.frombuffer(payload, np.uint8)

@@ -1,0 +1,149 @@
+"""Zero-masked float classes (5 bf16z, 6 f16z, 7 f32z): +0.0 elements leave the field streams, coded as runs."""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from ._jit import njit
+from .api import CodecError
+from . import fields
+
+log = logging.getLogger(__name__)
+
+# base float class -> its zero-masked class (ids are part of the on-disk format, docs/codecs.md)
+ZERO_CLASS = {fields.CLASS_BF16: fields.CLASS_BF16Z, fields.CLASS_F16: fields.CLASS_F16Z,
+              fields.CLASS_F32: fields.CLASS_F32Z}
+BASE_CLASS = {z: b for b, z in ZERO_CLASS.items()}
+_UINT = {2: np.uint16, 4: np.uint32}
+# masking is only tried when at least this share of a class's elements is +0.0 (optimizer state of embedding
+# rows that saw no token in the step); below it the run list rarely pays for itself
+MIN_ZERO_SHARE = 0.02
+
+
+@njit(nogil=True)
+def _runs(u, runs):
+    """Alternating run lengths of u == 0 and u != 0, starting with a zero run (possibly 0); return the count."""
+    k = 0
+    cur = 0
+    i = 0
+    n = u.size
+    while i < n:
+        j = i
+        if cur == 0:
+            while j < n and u[j] == 0:
+                j += 1
+        else:
+            while j < n and u[j] != 0:
+                j += 1
+        runs[k] = j - i
+        k += 1
+        cur ^= 1
+        i = j
+    return k
+
+
+@njit(nogil=True)
+def _put_varints(vals, n, out):
+    pos = 0
+    for i in range(n):
+        v = vals[i]
+        while v >= 0x80:
+            out[pos] = (v & 0x7F) | 0x80
+            pos += 1
+            v >>= 7
+        out[pos] = v
+        pos += 1
+    return pos
+
+
+@njit(nogil=True)
+def _get_varints(buf, runs):
+    """Parse LEB128 values into runs; return the count, or -1 when one is truncated or longer than 5 bytes."""
+    k = 0
+    pos = 0
+    while pos < buf.size:
+        v = np.int64(0)
+        shift = 0
+        while True:
+            if pos >= buf.size or shift > 28:
+                return -1
+            b = np.int64(buf[pos])
+            pos += 1
+            v |= (b & 0x7F) << shift
+            shift += 7
+            if not b & 0x80:
+                break
+        if k >= runs.size:
+            return -1
+        runs[k] = v
+        k += 1
+    return k
+
+
+@njit(nogil=True)
+def _compact(u, out):
+    k = 0
+    for i in range(u.size):
+        if u[i] != 0:
+            out[k] = u[i]
+            k += 1
+    return k
+
+
+@njit(nogil=True)
+def _expand(src, runs, nruns, out):
+    """Rebuild out from the nonzero elements src and the runs; 0, or -1 when the runs do not fit exactly."""
+    i = 0
+    s = 0
+    for r in range(nruns):
+        ln = runs[r]
+        if ln < 0 or i + ln > out.size:
+            return -1
+        if r & 1:
+            if s + ln > src.size:
+                return -1
+            for j in range(ln):
+                out[i + j] = src[s + j]
+            s += ln
+        else:
+            for j in range(ln):
+                out[i + j] = 0
+        i += ln
+    if i != out.size or s != src.size:
+        return -1
+    return 0
+
+
+def zero_count(data: np.ndarray, width: int) -> int:
+    return int(data.size // width - np.count_nonzero(data.view(_UINT[width])))
+
+
+def split_zeros(data: np.ndarray, width: int) -> tuple[bytes, np.ndarray]:
+    """(run list as varints, the nonzero elements as uint8) of a class's bytes."""
+    u = data.view(_UINT[width])
+    runs = np.empty(u.size + 1, np.int64)
+    k = _runs(u, runs)
+    buf = np.empty(5 * k + 1, np.uint8)
+    blen = _put_varints(runs, k, buf)
+    nz = np.empty(u.size, u.dtype)
+    m = _compact(u, nz)
+    return buf[:blen].tobytes(), nz[:m].view(np.uint8)
+
+
+def parse_runs(runs_bytes: bytes, n: int) -> tuple[np.ndarray, int, int]:
+    """(runs, count, nonzero elements) of a run list that must cover n elements."""
+    runs = np.empty(len(runs_bytes) + 1, np.int64)
+    k = _get_varints(np.frombuffer(runs_bytes, np.uint8), runs)
+    if k < 0:
+        raise CodecError("zero runs: malformed varint list")
+    if int(runs[:k].sum()) != n:
+        raise CodecError("zero runs do not cover the class's elements")
+    return runs, k, int(runs[1:k:2].sum())
+
+
+def expand(nonzero: np.ndarray, runs: np.ndarray, k: int, width: int, out: np.ndarray) -> None:
+    """Write the class's bytes into out (uint8) from its nonzero elements (uint8) and runs."""
+    t = _UINT[width]
+    if _expand(nonzero.view(t), runs, k, out.view(t)) != 0:
+        raise CodecError("zero runs do not match the decoded elements")
