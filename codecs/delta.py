@@ -67,67 +67,154 @@ def delta_base_ref(params: bytes) -> bytes:
 # ---------------------------------------------------------------------------------------------- kernels
 
 
-@njit(nogil=True)
-def _scale_pred(base, out, ebits, mbits, cbits, steps):
-    """out = base * c, rounded to the element format, repeated `steps` times, in integer arithmetic only.
+@njit(nogil=True, inline="always")
+def _scale_one(v, ebits, mbits, cm, ce, steps):
+    """v * c, rounded to the element format, repeated `steps` times, in integer arithmetic only (docs/delta.md).
 
     One step is an IEEE-754 multiply (round to nearest, ties to even, subnormal results, overflow to infinity) of an
-    element with E = ebits, M = mbits by the f32 c (normal, positive); inf and nan elements stay as they are. No
-    floating point is used, so no FPU mode (flush-to-zero, rounding direction) can change a prediction.
+    element with E = ebits, M = mbits by the f32 c (normal, positive; cm its mantissa with the implicit bit, ce its
+    biased exponent); inf and nan elements stay as they are. No floating point is used, so no FPU mode
+    (flush-to-zero, rounding direction) can change a prediction.
     """
-    emax = (1 << ebits) - 1
-    bias = (1 << (ebits - 1)) - 1
+    emax = (np.int64(1) << ebits) - 1
+    bias = (np.int64(1) << (ebits - 1)) - 1
     mmask = (np.int64(1) << mbits) - 1
     sbit = np.int64(1) << (ebits + mbits)
+    for _ in range(steps):
+        e = (v >> mbits) & emax
+        if e == emax:
+            return v
+        sign = v & sbit
+        if e == 0:
+            m = v & mmask
+            ex = 1 - bias
+        else:
+            m = (v & mmask) | (mmask + 1)
+            ex = e - bias
+        p = m * cm
+        if p == 0:
+            return sign
+        if e != 0:  # normal: p in [2**(M+23), 2**(M+25))
+            blen = mbits + 25 if p >> (mbits + 24) else mbits + 24
+        else:
+            blen = 0
+            t = p
+            while t:
+                t >>= 1
+                blen += 1
+        er = ex - mbits + ce - 150 + blen - 1 + bias
+        sh = blen - 1 - mbits
+        if er <= 0:
+            sh += 1 - er
+            er = 0
+        if sh > 62:
+            q = np.int64(0)
+        else:
+            q = p >> sh
+            if sh > 0:
+                rem = p & ((np.int64(1) << sh) - 1)
+                half = np.int64(1) << (sh - 1)
+                if rem > half or (rem == half and (q & 1)):
+                    q += 1
+        if er == 0:
+            r = q
+        else:
+            r = (er << mbits) + q - (mmask + 1)
+        if r >= (emax << mbits):
+            r = emax << mbits
+        v = sign | r
+    return v
+
+
+@njit(nogil=True, inline="always")
+def _scale_fast(v, ebits, mbits, cm, ce, steps):
+    """_scale_one, bit for bit, with a branch-free step for the common case (a normal element whose product is
+    normal, which also covers overflow to infinity); zeros, subnormals, inf and nan take _scale_one's step.
+
+    For a normal element the product m * cm has 24 + M or 25 + M bits (top = which), so the shift is 23 + top and the
+    biased result exponent is e + ce - 127 + top.
+    """
+    emax = (np.int64(1) << ebits) - 1
+    hidden = np.int64(1) << mbits
+    sbit = np.int64(1) << (ebits + mbits)
+    for _ in range(steps):
+        e = (v >> mbits) & emax
+        top = ((v & (hidden - 1)) | hidden) * cm
+        up = top >> (mbits + 24)
+        er = e + ce - 127 + up
+        if e == 0 or e == emax or er <= 0:
+            v = _scale_one(v, ebits, mbits, cm, ce, 1)
+            continue
+        sh = 23 + up
+        q = top >> sh
+        rem = top & ((np.int64(1) << sh) - 1)
+        half = np.int64(1) << (sh - 1)
+        q += (rem > half) | ((rem == half) & ((q & 1) == 1))
+        v = (v & sbit) | min((er << mbits) + q - hidden, emax << mbits)
+    return v
+
+
+@njit(nogil=True)
+def _scale_pred(base, out, ebits, mbits, cbits, steps):
+    """out[i] = _scale_one(base[i]): the scaled prediction of a whole region (encoder side)."""
     cm = np.int64((cbits & 0x7FFFFF) | 0x800000)
     ce = np.int64((cbits >> 23) & 0xFF)
     for i in range(base.size):
+        out[i] = _scale_one(np.int64(base[i]), ebits, mbits, cm, ce, steps)
+
+
+@njit(nogil=True)
+def _unsub(t, base, out, bits, perm, scaled, ebits, mbits, cbits, steps):
+    """Inverse of the sub transform for one 16- or 32-bit region, in one pass without temporaries:
+    out = p + unzigzag(z), z = T (with the f32 plane permutation undone when perm), p = base or its scaled
+    prediction. Arithmetic in int64, masked to the element width."""
+    mask = (np.int64(1) << bits) - 1
+    cm = np.int64((cbits & 0x7FFFFF) | 0x800000)
+    ce = np.int64((cbits >> 23) & 0xFF)
+    emax = (np.int64(1) << ebits) - 1
+    hidden = np.int64(1) << mbits
+    sbit = np.int64(1) << (ebits + mbits)
+    inf = emax << mbits
+    slow = False
+    for i in range(t.size):
+        w = np.int64(t[i])
+        if perm:
+            z = (((w >> 23) & 0xFF) << 24) | ((w >> 31) << 23) | (w & 0x7FFFFF)
+        else:
+            z = w
+        d = (z >> 1) ^ -(z & 1)
         v = np.int64(base[i])
-        for _ in range(steps):
+        if not scaled:
+            p = v
+        elif steps != 1:
+            p = _scale_fast(v, ebits, mbits, cm, ce, steps)
+        else:
+            # _scale_fast's common case without its branch, so that this loop vectorises; the elements
+            # it does not cover (zeros, subnormals, inf, nan, subnormal products) are redone below.
             e = (v >> mbits) & emax
-            if e == emax:
-                break
-            sign = v & sbit
-            if e == 0:
-                m = v & mmask
-                ex = 1 - bias
-            else:
-                m = (v & mmask) | (mmask + 1)
-                ex = e - bias
-            p = m * cm
-            if p == 0:
-                v = sign
-                break
-            if e != 0:  # normal: p in [2**(M+23), 2**(M+25))
-                blen = mbits + 25 if p >> (mbits + 24) else mbits + 24
-            else:
-                blen = 0
-                t = p
-                while t:
-                    t >>= 1
-                    blen += 1
-            er = ex - mbits + ce - 150 + blen - 1 + bias
-            sh = blen - 1 - mbits
-            if er <= 0:
-                sh += 1 - er
-                er = 0
-            if sh > 62:
-                q = np.int64(0)
-            else:
-                q = p >> sh
-                if sh > 0:
-                    rem = p & ((np.int64(1) << sh) - 1)
-                    half = np.int64(1) << (sh - 1)
-                    if rem > half or (rem == half and (q & 1)):
-                        q += 1
-            if er == 0:
-                r = q
-            else:
-                r = (er << mbits) + q - (mmask + 1)
-            if r >= (np.int64(emax) << mbits):
-                r = np.int64(emax) << mbits
-            v = sign | r
-        out[i] = v
+            prod = ((v & (hidden - 1)) | hidden) * cm
+            up = prod >> (mbits + 24)
+            er = e + ce - 127 + up
+            slow |= (e == 0) | (e == emax) | (er <= 0)
+            sh = 23 + up
+            q = prod >> sh
+            rem = prod & ((np.int64(1) << sh) - 1)
+            half = np.int64(1) << (sh - 1)
+            q += (rem > half) | ((rem == half) & ((q & 1) == 1))
+            p = (v & sbit) | min((er << mbits) + q - hidden, inf)
+        out[i] = (p + d) & mask
+    if slow:
+        for i in range(t.size):
+            v = np.int64(base[i])
+            e = (v >> mbits) & emax
+            er = e + ce - 127 + ((((v & (hidden - 1)) | hidden) * cm) >> (mbits + 24))
+            if e == 0 or e == emax or er <= 0:
+                w = np.int64(t[i])
+                if perm:
+                    z = (((w >> 23) & 0xFF) << 24) | ((w >> 31) << 23) | (w & 0x7FFFFF)
+                else:
+                    z = w
+                out[i] = (_scale_one(v, ebits, mbits, cm, ce, 1) + ((z >> 1) ^ -(z & 1))) & mask
 
 
 def _zigzag(d: np.ndarray, width: int) -> np.ndarray:
@@ -144,11 +231,6 @@ def _planes_u32(v: np.ndarray) -> np.ndarray:
     """Bit permutation that makes the tensor codec's f32 field split produce the 4 byte planes of v."""
     one = np.uint32(1)
     return ((v >> np.uint32(24)) << np.uint32(23)) | (((v >> np.uint32(23)) & one) << np.uint32(31)) | (v & np.uint32(0x7FFFFF))
-
-
-def _unplanes_u32(w: np.ndarray) -> np.ndarray:
-    return (((w >> np.uint32(23)) & np.uint32(0xFF)) << np.uint32(24)) | ((w >> np.uint32(31)) << np.uint32(23)) | (
-        w & np.uint32(0x7FFFFF))
 
 
 # ---------------------------------------------------------------------------------------------- regions
@@ -353,15 +435,15 @@ def _untransform(data: bytes, base: bytes, desc, transform: int) -> bytes:
             np.bitwise_xor(z, b, out=o)
         elif kind == K_BYTES:
             o[:] = b + _unzigzag(z, 1)
+        elif width in (2, 4):
+            u = UINT[width]
+            ebits, mbits = KIND_FLOAT.get(kind, (8, 23))
+            c, steps = cbits if cbits is not None else (0x3F800000, 0)
+            _unsub(z.view(u), b.view(u), o.view(u), 8 * width, width == 4, cbits is not None, ebits, mbits, c,
+                   steps)
         else:
             u = UINT[width]
-            zz = z.view(u)
-            if width == 4:
-                zz = _unplanes_u32(zz)
-            bb = b.view(u)
-            if cbits is not None:
-                bb = _predict(bb, kind, cbits)
-            o.view(u)[:] = bb + _unzigzag(zz, width)
+            o.view(u)[:] = b.view(u) + _unzigzag(z.view(u), width)
         pos += length
     return out.tobytes()
 
