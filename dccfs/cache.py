@@ -9,6 +9,8 @@ import logging
 import threading
 from typing import Hashable
 
+import trio
+
 from dccfs.policies import make_policy
 from dccfs.stats import TierStats
 
@@ -26,6 +28,10 @@ class ChunkCache:
         self._data: dict[Hashable, bytes] = {}
         # Worker threads insert read-ahead chunks, so policy and data change under one lock.
         self._lock = threading.Lock()
+        # key -> trio tasks whose miss on key is counted and not yet served. A reader that
+        # waited for another task's in-flight load gets the chunk with a second get(); that
+        # get belongs to the request already counted as a miss, so it is not counted again.
+        self._missed: dict[Hashable, set] = {}
 
     @property
     def policy_name(self) -> str:
@@ -40,19 +46,47 @@ class ChunkCache:
         return self._policy.used
 
     def get(self, key: Hashable) -> bytes | None:
+        """The chunk's data or None; each read request counts once, as a hit or a miss.
+
+        A request that missed, waited for another task's load of the same chunk and then
+        calls get() again stays a miss (it waited for a disk read and a decode): the second
+        call touches neither the stats nor the policy, which saw the request as a miss.
+        """
+        task = _current_task()
         with self._lock:
+            waiters = self._missed.get(key)
+            if task is not None and waiters is not None and task in waiters:
+                data = self._data.get(key)
+                if data is not None:
+                    self._forget_miss(key, task)
+                return data
             if self._policy.access(key):
                 self.stats.hits += 1
                 return self._data[key]
             self.stats.misses += 1
+            if task is not None:
+                if len(self._missed) >= _MAX_PENDING_MISSES:
+                    # Only a load that failed or was cancelled leaves an entry behind.
+                    self._missed.clear()
+                self._missed.setdefault(key, set()).add(task)
             return None
+
+    def _forget_miss(self, key: Hashable, task) -> None:
+        waiters = self._missed.get(key)
+        if waiters is not None:
+            waiters.discard(task)
+            if not waiters:
+                del self._missed[key]
 
     def peek(self, key: Hashable) -> bool:
         with self._lock:
             return key in self._data
 
     def put(self, key: Hashable, data: bytes, is_write: bool = False) -> None:
+        task = _current_task()
         with self._lock:
+            if task is not None:
+                self._forget_miss(key, task)  # the loader's own miss is now served
             if key in self._data:
                 return
             admitted, evicted = self._policy.admit(key, len(data), is_write=is_write)
@@ -75,8 +109,8 @@ class ChunkCache:
             self._write_admit = write_admit or self._write_admit
             if name == self._policy.name and write_admit is None:
                 for old in self._policy.resize(capacity):
-                    self._data.pop(old, None)
-                    self.stats.evictions += 1
+                    if self._data.pop(old, None) is not None:
+                        self.stats.evictions += 1
             else:
                 new_policy = make_policy(name, capacity, write_admit=self._write_admit)
                 for key in list(self._policy.keys()):
@@ -84,10 +118,26 @@ class ChunkCache:
                     if data is None:
                         continue
                     admitted, evicted = new_policy.admit(key, len(data))
+                    # Chunks the new policy does not keep are evictions like any other.
                     for old in evicted:
-                        self._data.pop(old, None)
+                        if self._data.pop(old, None) is not None:
+                            self.stats.evictions += 1
                     if not admitted:
                         self._data.pop(key, None)
+                        self.stats.evictions += 1
                 self._policy = new_policy
             self.stats.resident_bytes = self._policy.used
             log.info("cache now %s with %d bytes", self._policy.name, self._policy.capacity)
+
+
+# Entries outlive their request only when a load failed or was cancelled; past this many
+# keys they are dropped (a dropped entry can at worst count one later hit as a plain hit).
+_MAX_PENDING_MISSES = 4096
+
+
+def _current_task():
+    """The trio task making the call, or None in a worker thread or outside trio."""
+    try:
+        return trio.lowlevel.current_task()
+    except RuntimeError:
+        return None
