@@ -59,7 +59,7 @@ def _store(raw: bytes) -> EncodedChunk:
 
 def encode_chunk(raw: bytes | memoryview, hints: ChunkHints | None = None) -> EncodedChunk:
     """Encode one chunk with the forced codec or the cheapest one found; STORE unless strictly smaller."""
-    from . import generic, probe, tensor
+    from . import blocks, generic, probe
 
     raw = bytes(raw)
     hints = hints or ChunkHints()
@@ -74,7 +74,7 @@ def encode_chunk(raw: bytes | memoryview, hints: ChunkHints | None = None) -> En
         best = EncodedChunk(CODEC_LZ4, b"", generic.lz4_compress(raw))
     elif forced in ("auto", "tensor"):
         segments = hints.segments or probe.probe_segments(raw)
-        best = tensor.encode(raw, segments, hints.effort, hints.level, force=forced == "tensor")
+        best = blocks.encode(raw, segments, hints.effort, hints.level, force=forced == "tensor")
     else:
         raise CodecError(f"unknown codec name {hints.codec!r}")
     if best is None or len(best.params) + len(best.payload) >= len(raw) or len(best.params) > MAX_PARAMS:

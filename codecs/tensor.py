@@ -9,7 +9,7 @@ from .varint import get_varint, put_varint
 from ._jit import njit
 import numpy as np
 
-from . import fields, generic, rans, rans32, zeros
+from . import blocks, context, fields, generic, rans, rans32, zeros
 from .api import CODEC_LZ4, CODEC_TENSOR, CODEC_ZSTD, CodecError, EncodedChunk, Segment
 
 log = logging.getLogger(__name__)
@@ -139,16 +139,27 @@ def _encode_float(cls: int, data: np.ndarray, effort: int, level: int | None) ->
     planes = fields.split(cls, data)
     width = fields.CLASSES[cls][0]
     n = data.size // width
-    if cls not in zeros.ZERO_CLASS or zeros.zero_count(data, width) < max(MIN_FLOAT_ELEMENTS, zeros.MIN_ZERO_SHARE * n):
-        return cls, _encode_planes(planes)
     plans = [_plan_plane(p) for p in planes]
-    runs, nonzero = zeros.split_zeros(data, width)
-    zplanes = fields.split(cls, nonzero)
-    zplans = [_plan_plane(p) for p in zplanes]
-    run_stream = _encode_runs(runs, effort, level)
-    if sum(p[2] for p in zplans) + len(run_stream[1]) + 1 >= sum(p[2] for p in plans):
+    best = sum(p[2] for p in plans)
+    choice = None
+    if cls == fields.CLASS_F32 and n >= context.MIN_ELEMENTS:
+        te, tm, est = context.plan(data.view("<u4"))
+        if est < best:
+            best, choice = est, ("ctx", te, tm)
+    if cls in zeros.ZERO_CLASS and zeros.zero_count(data, width) >= max(MIN_FLOAT_ELEMENTS, zeros.MIN_ZERO_SHARE * n):
+        runs, nonzero = zeros.split_zeros(data, width)
+        zplanes = fields.split(cls, nonzero)
+        zplans = [_plan_plane(p) for p in zplanes]
+        run_stream = _encode_runs(runs, effort, level)
+        est = sum(p[2] for p in zplans) + len(run_stream[1]) + 1
+        if est < best:
+            best, choice = est, ("zero", run_stream, zplanes, zplans)
+    if choice is None:
         return cls, _encode_planes(planes, plans)
-    return zeros.ZERO_CLASS[cls], [run_stream] + _encode_planes(zplanes, zplans)
+    if choice[0] == "zero":
+        return zeros.ZERO_CLASS[cls], [choice[1]] + _encode_planes(choice[2], choice[3])
+    head, subs = context.split(data.view("<u4"), choice[1], choice[2])
+    return fields.CLASS_F32CTX, [(M_RAW, head)] + [_encode_plane(p) for p in subs]
 
 
 def _encode_plane(plane: np.ndarray) -> tuple[int, bytes]:
@@ -223,6 +234,27 @@ def _decode_zero_class(cls: int, payload: memoryview, meths, offs, lens, nbytes:
         packed = fields.merge(base, streams, nonzero * width)
     out = np.empty(nbytes, np.uint8)
     zeros.expand(packed, runs, k, width, out)
+    return out
+
+
+def _decode_ctx_class(payload: memoryview, meths, offs, lens, nbytes: int) -> np.ndarray:
+    """Class 8: the header (stream 0, raw), the sub-streams into one scratch row per field, then the merge."""
+    n = nbytes // 4
+    if meths[0] != M_RAW:
+        raise CodecError("f32ctx header must be stored raw")
+    lut_e, lut_m, ne, nm = context.parse_header(bytes(payload[offs[0] : offs[0] + lens[0]]), n)
+    sizes = np.concatenate([ne, nm, nm, nm])
+    starts = np.concatenate([np.cumsum(ne) - ne, n + np.cumsum(nm) - nm, 2 * n + np.cumsum(nm) - nm,
+                             3 * n + np.cumsum(nm) - nm])
+    planes = _scratch(4, n)
+    meths, offs, lens = (np.asarray(a[1:], np.int64) for a in (meths, offs, lens))
+    st = context.decode_subs(np.frombuffer(payload, np.uint8), meths, offs, lens, planes.reshape(-1), starts,
+                             sizes, rans32.vector_ok())
+    if st:
+        raise CodecError(f"f32ctx sub-stream {-st - 1} is malformed")
+    out = np.empty(nbytes, np.uint8)
+    if context.merge(planes, lut_e, lut_m, ne, nm, out.view("<u4")) != 0:
+        raise CodecError("f32ctx streams do not match their buckets")
     return out
 
 
@@ -481,14 +513,20 @@ def _single_class_plan(params, raw_len, payload_len, plan):
 
 
 def decode(params: bytes, payload: bytes | memoryview, raw_len: int) -> bytes:
+    if params and params[0] == blocks.VERSION:
+        return blocks.decode(params, payload, raw_len)
+    return decode_into(params, payload, raw_len, np.empty(raw_len, np.uint8)).tobytes()
+
+
+def decode_into(params: bytes, payload: bytes | memoryview, raw_len: int, out: np.ndarray) -> np.ndarray:
+    """Decode a version-1 chunk into out (uint8, raw_len bytes); return out."""
     # the common chunk (one float class) without the Python parser: ~10 us less per 256 KiB chunk
     plan = np.empty((3, 8), np.int64)
     cls = _single_class_plan(np.frombuffer(params, np.uint8), raw_len, len(payload), plan) if params else -1
     if cls > 0:
         ns = fields.CLASSES[cls][1]
-        out = np.empty(raw_len, np.uint8)
         _decode_fast(cls, np.frombuffer(payload, np.uint8), plan[0, :ns], plan[1, :ns], plan[2, :ns], out)
-        return out.tobytes()
+        return out
     if not params or params[0] != FORMAT_VERSION:
         raise CodecError("tensor params: unknown format version")
     nreg, pos = _get_varint(params, 1)
@@ -529,16 +567,18 @@ def decode(params: bytes, payload: bytes | memoryview, raw_len: int) -> bytes:
         raise CodecError("tensor payload or params have trailing bytes")
     arr = None
     if (len(plan) == 1 and plan[0][0] != fields.CLASS_GENERIC and plan[0][0] not in zeros.BASE_CLASS
-            and all(m in _FAST_METHODS for m in plan[0][1])):
+            and plan[0][0] != fields.CLASS_F32CTX and all(m in _FAST_METHODS for m in plan[0][1])):
         # one float class covering the chunk: decode and merge straight into the output
-        out = np.empty(raw_len, np.uint8)
         _decode_fast(plan[0][0], np.frombuffer(payload, np.uint8), *plan[0][1:], out)
-        return out.tobytes()
+        return out
     decoded: dict[int, np.ndarray] = {}
     for cls, meths, offs, lens in plan:
         width, _ = fields.CLASSES[cls]
         if cls in zeros.BASE_CLASS:
             decoded[cls] = _decode_zero_class(cls, payload, meths, offs, lens, class_bytes[cls])
+            continue
+        if cls == fields.CLASS_F32CTX:
+            decoded[cls] = _decode_ctx_class(payload, meths, offs, lens, class_bytes[cls])
             continue
         if cls != fields.CLASS_GENERIC and all(m in _FAST_METHODS for m in meths):
             if arr is None:
@@ -550,12 +590,12 @@ def decode(params: bytes, payload: bytes | memoryview, raw_len: int) -> bytes:
         streams = [_decode_stream(m, payload[o : o + ln], n) for m, o, ln in zip(meths, offs, lens)]
         decoded[cls] = fields.merge(cls, streams, class_bytes[cls])
     if len(decoded) == 1:
-        return decoded.popitem()[1].tobytes()
-    out = np.empty(raw_len, np.uint8)
+        out[:] = decoded.popitem()[1]
+        return out
     taken = dict.fromkeys(decoded, 0)
     opos = 0
     for length, cls in regions:
         out[opos : opos + length] = decoded[cls][taken[cls] : taken[cls] + length]
         taken[cls] += length
         opos += length
-    return out.tobytes()
+    return out

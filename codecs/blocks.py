@@ -1,0 +1,260 @@
+"""Tensor params version 2: a chunk cut into blocks (at tensor boundaries or on a grid), each with its own tables.
+
+A 1 MiB chunk of a checkpoint often spans tensors with very different statistics (weights, exp_avg,
+exp_avg_sq; dense and row-sparse embedding state). One order-0 table per stream for all of them cost
+0.2% of the file against 256 KiB chunks; cutting the chunk where the estimated saving beats a block's
+overhead makes a large chunk at least as good as small ones.
+"""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from ._jit import njit
+from .api import CODEC_TENSOR, CodecError, EncodedChunk, Segment
+from .varint import get_varint, put_varint
+from . import fields, rans
+
+log = logging.getLogger(__name__)
+
+VERSION = 2
+GRID = 64 << 10  # candidate cuts inside a tensor: every 64 KiB of the chunk
+MIN_UNIT = 16 << 10  # no block shorter than this (runs of tiny tensors stay together)
+# what one more block is charged in the plan beyond its params: extra stream set-ups and flushes that the
+# estimate misses, and the decoder's per-block call (~10 us); a cut must save more than this
+BLOCK_PENALTY = 96
+MAX_UNITS = 64
+ZERO_CAPABLE = (fields.CLASS_BF16, fields.CLASS_F16, fields.CLASS_F32)
+N_PLANES = 8  # rows per class in the unit statistics (f64 has 8 planes)
+
+
+@njit(nogil=True)
+def _hist32(u, hist, zs):
+    """Plane histograms of the nonzero f32 elements (exponent, sign+mantissa top, m1, m0); zs = (zeros, runs)."""
+    prev_zero = False
+    for i in range(u.size):
+        v = u[i]
+        if v == 0:
+            zs[0] += 1
+            if not prev_zero:
+                zs[1] += 1
+            prev_zero = True
+            continue
+        prev_zero = False
+        hist[0, (v >> 23) & 0xFF] += 1
+        hist[1, ((v >> 24) & 0x80) | ((v >> 16) & 0x7F)] += 1
+        hist[2, (v >> 8) & 0xFF] += 1
+        hist[3, v & 0xFF] += 1
+
+
+@njit(nogil=True)
+def _hist16(u, bf16, hist, zs):
+    prev_zero = False
+    for i in range(u.size):
+        v = u[i]
+        if v == 0:
+            zs[0] += 1
+            if not prev_zero:
+                zs[1] += 1
+            prev_zero = True
+            continue
+        prev_zero = False
+        if bf16:
+            hist[0, (v >> 7) & 0xFF] += 1
+            hist[1, ((v >> 8) & 0x80) | (v & 0x7F)] += 1
+        else:
+            hist[0, v >> 8] += 1
+            hist[1, v & 0xFF] += 1
+
+
+def _unit_stats(arr: np.ndarray, segments, stats: np.ndarray, zs: np.ndarray) -> None:
+    """Add one unit's statistics: stats[class, plane, 256] (nonzero elements of float classes), zs[class] =
+    (zeros, zero runs)."""
+    from .tensor import plan_regions
+
+    pos = 0
+    for length, cls in plan_regions(arr.size, segments):
+        part = arr[pos : pos + length]
+        pos += length
+        if cls == fields.CLASS_F32:
+            _hist32(part.view("<u4"), stats[cls], zs[cls])
+        elif cls in (fields.CLASS_BF16, fields.CLASS_F16):
+            _hist16(part.view("<u2"), cls == fields.CLASS_BF16, stats[cls], zs[cls])
+        else:
+            width = fields.CLASSES[cls][0]
+            for k, plane in enumerate(fields.split(cls, np.ascontiguousarray(part))):
+                stats[cls, k] += rans.histogram(plane)
+
+
+@njit(nogil=True, inline="always")
+def _plane_cost(S, i, j, k, extra0):
+    """Estimated coded bytes of stream k over units [i, j) (prefix sums S), with extra0 more zero symbols:
+    entropy + table + flush, or raw / const, as tensor._plan_plane decides."""
+    n = extra0
+    nsym = 0
+    for s in range(256):
+        c = S[j, k, s] - S[i, k, s] + (extra0 if s == 0 else 0)
+        if c:
+            nsym += 1
+    if nsym <= 1:
+        return 1.0 if n or nsym else 0.0
+    n = 0
+    acc = 0.0
+    for s in range(256):
+        c = S[j, k, s] - S[i, k, s] + (extra0 if s == 0 else 0)
+        if c:
+            n += c
+            acc += c * np.log2(c)
+    bits = n * np.log2(n) - acc
+    est = bits / 8 + 4 + 1.1 * nsym + (48 if n >= 60000 else 12)
+    return min(est, float(n))
+
+
+@njit(nogil=True)
+def _dp(S, Z, key_cls, zero_ok, penalty, back):
+    """Cheapest cut of units [0, U) into blocks (prefix sums S[U+1, K, 256] per stream, Z[U+1, C, 2] zeros and
+    zero runs per class); back[j] = start of the last block ending at j. Returns the estimated bytes."""
+    units = S.shape[0] - 1
+    ncls = Z.shape[1]
+    best = np.zeros(units + 1)
+    for j in range(1, units + 1):
+        best[j] = np.inf
+        for i in range(j):
+            total = best[i] + penalty
+            for c in range(ncls):
+                z = Z[j, c, 0] - Z[i, c, 0]
+                masked = 0.0
+                plain = 0.0
+                used = False
+                for k in range(key_cls.size):
+                    if key_cls[k] != c:
+                        continue
+                    used = True
+                    masked += _plane_cost(S, i, j, k, 0)
+                    if z and zero_ok[c]:
+                        plain += _plane_cost(S, i, j, k, z)
+                if not used:
+                    continue
+                if z and zero_ok[c]:
+                    masked = min(plain, masked + 3.0 * (Z[j, c, 1] - Z[i, c, 1]) + 4)
+                total += masked + 8
+            if total < best[j]:
+                best[j] = total
+                back[j] = i
+    return best[units]
+
+
+def _cuts(raw_len: int, segments: tuple[Segment, ...]) -> list[int]:
+    """Candidate block boundaries: tensor starts and ends, and the grid snapped to the element of its tensor."""
+    cand = {0, raw_len}
+    floats = []
+    for seg in segments:
+        cls = fields.DTYPE_CLASS.get(seg.dtype)
+        for b in (seg.start, seg.start + seg.length):
+            if 0 < b < raw_len:
+                cand.add(b)
+        if cls is not None:
+            floats.append((seg.start, seg.start + seg.length, fields.CLASSES[cls][0]))
+    for g in range(GRID, raw_len, GRID):
+        for start, end, width in floats:
+            if start < g < end:
+                g = start + (g - start) // width * width
+                break
+        cand.add(g)
+    kept = [0]
+    for c in sorted(cand):
+        if c - kept[-1] >= MIN_UNIT and raw_len - c >= MIN_UNIT:
+            kept.append(c)
+    kept.append(raw_len)
+    return kept
+
+
+def _shift(segments: tuple[Segment, ...], a: int, b: int) -> tuple[Segment, ...]:
+    """The segments overlapping [a, b), in block coordinates (a start before 0 keeps the element phase)."""
+    return tuple(Segment(s.start - a, s.length, s.dtype) for s in segments if s.start < b and s.start + s.length > a)
+
+
+def plan(raw: bytes, segments: tuple[Segment, ...]) -> list[int]:
+    """Block boundaries [0, ..., len(raw)] that minimise the estimated size (a single block when cuts do not pay)."""
+    if len(raw) < 2 * MIN_UNIT or not segments:
+        return [0, len(raw)]
+    cuts = _cuts(len(raw), segments)
+    units = len(cuts) - 1
+    if units < 2 or units > MAX_UNITS:
+        return [0, len(raw)]
+    arr = np.frombuffer(raw, np.uint8)
+    ncls = len(fields.CLASSES)
+    stats = np.zeros((units + 1, ncls, N_PLANES, 256), np.int64)
+    zs = np.zeros((units + 1, ncls, 2), np.int64)
+    for u in range(units):
+        a, b = cuts[u], cuts[u + 1]
+        _unit_stats(arr[a:b], _shift(segments, a, b), stats[u + 1], zs[u + 1])
+    # only the streams that occur: (class, plane) keys
+    present = stats.any(axis=(0, 3))
+    keys = np.argwhere(present)
+    key_cls = keys[:, 0].astype(np.int64)
+    S = np.cumsum(stats[:, keys[:, 0], keys[:, 1]], 0)
+    Z = np.cumsum(zs, 0)
+    for cls in range(ncls):  # a class of zeros only still needs a stream to hang its cost on
+        if Z[-1, cls, 0] and not (key_cls == cls).any():
+            return [0, len(raw)]
+    zero_ok = np.array([c in ZERO_CAPABLE for c in range(ncls)])
+    back = np.zeros(units + 1, np.int64)
+    _dp(S, Z, key_cls, zero_ok, float(BLOCK_PENALTY), back)
+    out = [units]
+    while out[-1]:
+        out.append(int(back[out[-1]]))
+    return [cuts[u] for u in reversed(out)]
+
+
+def encode(raw: bytes, segments: tuple[Segment, ...], effort: int, level: int | None,
+           force: bool = False) -> EncodedChunk | None:
+    """Version 2 when the plan cuts the chunk, else the version-1 encoding (tensor.encode)."""
+    from . import tensor
+
+    bounds = plan(raw, segments)
+    if len(bounds) <= 2:
+        return tensor.encode(raw, segments, effort, level, force)
+    parts = []
+    for a, b in zip(bounds, bounds[1:]):
+        enc = tensor.encode(raw[a:b], _shift(segments, a, b), effort, level, force=True)
+        parts.append((b - a, enc.params, enc.payload))
+    params = bytearray([VERSION])
+    put_varint(params, len(parts))
+    for length, p, pl in parts:
+        put_varint(params, length)
+        put_varint(params, len(p))
+        put_varint(params, len(pl))
+    for _, p, _ in parts:
+        params += p
+    return EncodedChunk(CODEC_TENSOR, bytes(params), b"".join(pl for _, _, pl in parts))
+
+
+def decode(params: bytes, payload: bytes | memoryview, raw_len: int) -> bytes:
+    from . import tensor
+
+    nblocks, pos = get_varint(params, 1, "tensor v2", 35)
+    if nblocks < 2 or nblocks > raw_len:
+        raise CodecError(f"tensor v2 params: {nblocks} blocks for {raw_len} bytes")
+    sizes = []
+    for _ in range(nblocks):
+        length, pos = get_varint(params, pos, "tensor v2", 35)
+        plen, pos = get_varint(params, pos, "tensor v2", 35)
+        blen, pos = get_varint(params, pos, "tensor v2", 35)
+        sizes.append((length, plen, blen))
+    if sum(s[0] for s in sizes) != raw_len or pos + sum(s[1] for s in sizes) != len(params) \
+            or sum(s[2] for s in sizes) != len(payload):
+        raise CodecError("tensor v2 params: blocks do not cover the chunk, params or payload")
+    payload = memoryview(payload)
+    out = np.empty(raw_len, np.uint8)
+    opos = ppos = 0
+    for length, plen, blen in sizes:
+        p = params[pos : pos + plen]
+        if not p or p[0] != tensor.FORMAT_VERSION:
+            raise CodecError("tensor v2: a block must be a version-1 encoding")
+        tensor.decode_into(p, payload[ppos : ppos + blen], length, out[opos : opos + length])
+        pos += plen
+        ppos += blen
+        opos += length
+    return out.tobytes()
