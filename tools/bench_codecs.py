@@ -16,15 +16,23 @@ from dccfs.codecs import fields, generic
 from dccfs.codecs.tensor import plan_regions
 
 log = logging.getLogger("bench_codecs")
-CHUNK = 256 * 1024
+CHUNK = 256 * 1024  # the chunk size when neither --chunk-kib nor the mount's default applies (chunks_with_hints)
 ZIPNN_DTYPE = {"bf16": "bfloat16", "f16": "float16", "f32": "float32"}
 
 
-def chunks_with_hints(data: bytes):
+def mount_chunk(path: Path) -> int:
+    """The chunk size a default mount stores this file with (dccfs.config: 1 MiB for tensor files)."""
+    from dccfs.config import Config
+
+    return 1 << Config().chunk_shift_for(path.name)
+
+
+def chunks_with_hints(data: bytes, chunk: int | None = None):
+    chunk = chunk or CHUNK
     layout = sniff_layout(data[: 1 << 20], len(data))
     out = []
-    for off in range(0, len(data), CHUNK):
-        raw = data[off : off + CHUNK]
+    for off in range(0, len(data), chunk):
+        raw = data[off : off + chunk]
         out.append((raw, layout.hints_for(off, raw) if layout else ChunkHints()))
     return layout, out
 
@@ -91,20 +99,21 @@ def plane_bound(chunks) -> float:
     return bits / 8 / max(total, 1)
 
 
-def side_by_side(paths: list[Path], window_mib: int, offset_mib: int, passes: int) -> None:
+def side_by_side(paths: list[Path], window_mib: int, offset_mib: int, passes: int, chunk_kib: int | None) -> None:
     """Single-thread MB/s of ours vs ZipNN on the same window of each file, passes interleaved, best of N."""
     import zipnn
 
-    log.info("| file | window | ours ratio | zipnn ratio | ours comp MB/s | zipnn comp MB/s | comp × | "
+    log.info("| file | chunk | window | ours ratio | zipnn ratio | ours comp MB/s | zipnn comp MB/s | comp × | "
              "ours dec MB/s | zipnn dec MB/s | dec × |")
-    log.info("|---|---|---|---|---|---|---|---|---|---|")
+    log.info("|---|---|---|---|---|---|---|---|---|---|---|")
     for path in paths:
         whole = path.read_bytes()
-        start = min(offset_mib << 20, max(len(whole) - (window_mib << 20), 0)) // CHUNK * CHUNK
+        chunk = chunk_kib << 10 if chunk_kib else mount_chunk(path)
+        start = min(offset_mib << 20, max(len(whole) - (window_mib << 20), 0)) // chunk * chunk
         data = whole[start : start + (window_mib << 20)]
         layout = sniff_layout(whole[: 1 << 20], len(whole))
-        chunks = [(data[o : o + CHUNK], layout.hints_for(start + o, data[o : o + CHUNK]) if layout else ChunkHints())
-                  for o in range(0, len(data), CHUNK)]
+        chunks = [(data[o : o + chunk], layout.hints_for(start + o, data[o : o + chunk]) if layout else ChunkHints())
+                  for o in range(0, len(data), chunk)]
         dtypes = Counter(seg.dtype for _, h in chunks for seg in h.segments)
         z = zipnn.ZipNN(input_format="byte", bytearray_dtype=ZIPNN_DTYPE.get(
             dtypes.most_common(1)[0][0] if dtypes else "bf16", "bfloat16"), threads=1)
@@ -125,8 +134,8 @@ def side_by_side(paths: list[Path], window_mib: int, offset_mib: int, passes: in
                 best[k] = min(best[k], dt)
         ours = sum(len(e.params) + len(e.payload) for e in enc) / len(data)
         mbs = [len(data) / b / 1e6 for b in best]
-        log.info("| %s | %d MiB at %d MiB | %.4f | %.4f | %.0f | %.0f | %.2f | %.0f | %.0f | %.2f |", path.name,
-                 len(data) >> 20, start >> 20, ours, len(zc) / len(data), mbs[0], mbs[2], mbs[0] / mbs[2],
+        log.info("| %s | %d KiB | %d MiB at %d MiB | %.4f | %.4f | %.0f | %.0f | %.2f | %.0f | %.0f | %.2f |",
+                 path.name, chunk >> 10, len(data) >> 20, start >> 20, ours, len(zc) / len(data), mbs[0], mbs[2], mbs[0] / mbs[2],
                  mbs[1], mbs[3], mbs[1] / mbs[3])
 
 
@@ -138,6 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--window-mib", type=int, default=48)
     ap.add_argument("--offset-mib", type=int, default=0)
     ap.add_argument("--passes", type=int, default=5)
+    ap.add_argument("--chunk-kib", type=int, default=None,
+                    help="chunk size in KiB (default: what a default mount uses for the file's name, "
+                         "1024 for *.safetensors, *.pt and other tensor files, else 256)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     # load (or compile) the numba kernels of every path before timing: encoders and decoders per float dtype
@@ -147,12 +159,13 @@ def main(argv: list[str] | None = None) -> int:
             enc = encode_chunk(warm[:n], ChunkHints(segments=(Segment(0, n, dtype),)))
             decode_chunk(enc.codec_id, enc.params, enc.payload, n)
     if args.side_by_side:
-        side_by_side(args.files, args.window_mib, args.offset_mib, args.passes)
+        side_by_side(args.files, args.window_mib, args.offset_mib, args.passes, args.chunk_kib)
         return 0
     rows = []
     for path in args.files:
         data = path.read_bytes()
-        layout, chunks = chunks_with_hints(data)
+        chunk = args.chunk_kib << 10 if args.chunk_kib else mount_chunk(path)
+        layout, chunks = chunks_with_hints(data, chunk)
         dtypes = Counter()
         for _, hints in chunks:
             for seg in hints.segments:
@@ -163,21 +176,23 @@ def main(argv: list[str] | None = None) -> int:
         zn = bench_zipnn(data, ZIPNN_DTYPE.get(main_dtype, "bfloat16"))
         bound = plane_bound(chunks)
         log.info(
-            "%s: %d bytes, layout %s, dtype %s, codecs %s",
-            path.name, len(data), layout.kind if layout else "-", main_dtype, dict(ours[3]),
+            "%s: %d bytes, %d KiB chunks, layout %s, dtype %s, codecs %s",
+            path.name, len(data), chunk >> 10, layout.kind if layout else "-", main_dtype, dict(ours[3]),
         )
         log.info("  ours   ratio %.4f  comp %7.0f MB/s  dec %7.0f MB/s", *ours[:3])
         log.info("  zstd-3 ratio %.4f  comp %7.0f MB/s  dec %7.0f MB/s", *z3)
         if zn:
             log.info("  zipnn  ratio %.4f  comp %7.0f MB/s  dec %7.0f MB/s", *zn)
         log.info("  order-0 byte-plane bound %.4f", bound)
-        rows.append((path.name, len(data), ours, z3, zn, bound))
+        rows.append((path.name, len(data), chunk, ours, z3, zn, bound))
     log.info("")
-    log.info("| file | size | ours ratio | ours comp MB/s | ours dec MB/s | zstd-3 ratio | zipnn ratio | zipnn comp MB/s | zipnn dec MB/s | plane bound |")
-    log.info("|---|---|---|---|---|---|---|---|---|---|")
-    for name, size, ours, z3, zn, bound in rows:
+    log.info("| file | size | chunk | ours ratio | ours comp MB/s | ours dec MB/s | zstd-3 ratio | zipnn ratio | "
+             "zipnn comp MB/s | zipnn dec MB/s | plane bound |")
+    log.info("|---|---|---|---|---|---|---|---|---|---|---|")
+    for name, size, chunk, ours, z3, zn, bound in rows:
         zn_cells = "%.4f | %.0f | %.0f" % zn if zn else "- | - | -"
-        log.info("| %s | %d | %.4f | %.0f | %.0f | %.4f | %s | %.4f |", name, size, *ours[:3], z3[0], zn_cells, bound)
+        log.info("| %s | %d | %d KiB | %.4f | %.0f | %.0f | %.4f | %s | %.4f |", name, size, chunk >> 10, *ours[:3],
+                 z3[0], zn_cells, bound)
     return 0
 
 
