@@ -144,7 +144,7 @@ def _encode_float(cls: int, data: np.ndarray, effort: int, level: int | None) ->
     choice = None
     if cls == fields.CLASS_F32 and n >= context.MIN_ELEMENTS:
         te, tm, est = context.plan(data.view("<u4"))
-        if est < best:
+        if est < best * (1 - context.MIN_GAIN):
             best, choice = est, ("ctx", te, tm)
     if cls in zeros.ZERO_CLASS and zeros.zero_count(data, width) >= max(MIN_FLOAT_ELEMENTS, zeros.MIN_ZERO_SHARE * n):
         runs, nonzero = zeros.split_zeros(data, width)
