@@ -98,8 +98,12 @@ def test_sparse_rows_use_the_zero_masked_class(dtype, cls, phase, monkeypatch):
 
 
 @pytest.mark.parametrize("phase", [0, 2, 5])
-def test_row_scaled_f32_uses_the_context_class(phase):
-    raw = bytes(phase) + _as(_rows(200, 2.0, 0.0, 5), "f32") + b"x"
+def test_mantissa_given_exponent_uses_the_context_class(phase):
+    # the top mantissa bits depend on the exponent: near 1.0 they are 0, near 4.0 all ones
+    rng = np.random.default_rng(5)
+    u = rng.random(60000)
+    vals = np.where(rng.random(60000) < 0.5, 1.0 + u * 0.004, 3.99 - u * 0.004).astype(np.float32)
+    raw = bytes(phase) + vals.tobytes() + b"x"
     enc = _roundtrip(raw, ChunkHints(segments=(Segment(phase, len(raw) - phase - 1, "f32"),)))
     assert fields.CLASS_F32CTX in _classes(enc.params)
 
