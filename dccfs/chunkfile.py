@@ -11,6 +11,7 @@ worker threads. Invariants (docs/cache.md):
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import time
@@ -206,8 +207,12 @@ class ContainerFile:
             self.mtime_ns = self.changed_ns = time.time_ns()
         return len(data)
 
+    def _raise_failure(self) -> None:
+        if self.failure is not None:
+            raise OSError(self.failure.errno, f"{self.path}: {self.failure.strerror}")
+
     async def _make_dirty(self, idx: int, whole: bool) -> bytearray:
-        await self.engine.dirty.reserve(self.chunk_size)
+        await self.engine.dirty.reserve(self.chunk_size, check=self._raise_failure)
         try:
             existing = None if whole else await self.load_chunk(idx)
         except BaseException:
@@ -265,10 +270,16 @@ class ContainerFile:
                 self.engine.record_access(key, len(raw), True)
             if self.versions.get(idx) == version:
                 self._drop_dirty(idx)
-        except OSError as exc:
-            # Kept dirty; reported by the next flush_dirty (fsync, close) to the writer.
-            log.warning("%s: storing chunk %d failed: %s", self.path, idx, exc)
+        except Exception as exc:
+            # Kept dirty; reported by the next flush_dirty (fsync, close) to the writer,
+            # and to a writer waiting for dirty budget, which would otherwise wait forever.
+            if isinstance(exc, OSError):
+                log.warning("%s: storing chunk %d failed: %s", self.path, idx, exc)
+            else:
+                log.exception("%s: storing chunk %d failed", self.path, idx)
+                exc = OSError(errno.EIO, f"storing chunk {idx} failed: {exc}")
             self.failure = exc
+            self.engine.dirty.wake()
         finally:
             self.inflight.discard(idx)
             self._busy -= 1

@@ -43,10 +43,16 @@ class DirtyBudget:
     def on_pressure(self, hook: Callable[[], None]) -> None:
         self._pressure_hooks.append(hook)
 
-    async def reserve(self, nbytes: int) -> None:
-        """Wait until nbytes fit; a single request larger than the budget passes alone."""
+    async def reserve(self, nbytes: int, check: Callable[[], None] | None = None) -> None:
+        """Wait until nbytes fit; a single request larger than the budget passes alone.
+
+        check() runs before each wait and may raise: a writer whose chunks cannot be
+        stored (ENOSPC, EIO) gets that error instead of waiting for a release that
+        never comes."""
         stalled = False
         while self.used and self.used + nbytes > self.limit:
+            if check is not None:
+                check()
             if not stalled:
                 self._stats.writer_stalls += 1
                 stalled = True
@@ -59,7 +65,10 @@ class DirtyBudget:
     def release(self, nbytes: int) -> None:
         self.used -= nbytes
         self._stats.dirty_bytes = self.used
-        # Wake every waiter; each re-checks and the next release gets a fresh event.
+        self.wake()
+
+    def wake(self) -> None:
+        """Wake every waiter; each re-checks, and the next wake gets a fresh event."""
         self._released.set()
         self._released = trio.Event()
 
@@ -115,7 +124,14 @@ class Engine:
     def encode(self, raw: bytes, hints: ChunkHints) -> tuple[EncodedChunk, int]:
         """Encode one chunk in a worker thread; returns the encoding and the raw checksum."""
         started = time.perf_counter()
-        encoded = encode_chunk(raw, hints)
+        try:
+            encoded = encode_chunk(raw, hints)
+        except Exception:
+            # A codec bug must cost ratio, never data: store the chunk with plain zstd.
+            self.stats.codec_failures += 1
+            log.exception("encoding a %d-byte chunk failed (%s); storing it with zstd instead",
+                          len(raw), hints)
+            encoded = encode_chunk(raw, ChunkHints(codec="zstd", level=1))
         raw_sum = xxhash.xxh3_64_intdigest(raw)
         self.stats.count_codec("encode", codec_name(encoded.codec_id), len(raw),
                                len(encoded.params) + len(encoded.payload),

@@ -55,6 +55,8 @@ class MountCollector:
                                   value=snap["errors"]["checksum"])
         yield CounterMetricFamily("dccfs_handler_errors", "Unexpected handler exceptions answered with EIO",
                                   value=snap["errors"]["handler"])
+        yield CounterMetricFamily("dccfs_codec_failures", "Chunks whose codec failed; stored with zstd instead",
+                                  value=snap["errors"]["codec"])
         yield GaugeMetricFamily("dccfs_dirty_bytes", "Written chunks not yet encoded",
                                 value=snap["dirty"]["bytes"])
         yield GaugeMetricFamily("dccfs_dirty_budget_bytes", "Dirty budget", value=snap["dirty"]["budget"])

@@ -49,7 +49,7 @@ def print_stats(reply: dict, as_json: bool) -> None:
     d, e = stats["dirty"], stats["errors"]
     console.print(f"dirty {_mib(d['bytes'])} of {_mib(d['budget'])}, writer stalls {d['writer_stalls']}; "
                   f"readahead chunks {stats['readahead_chunks']}; errors: checksum {e['checksum']}, "
-                  f"handler {e['handler']}")
+                  f"handler {e['handler']}, codec {e.get('codec', 0)}")
 
 
 def print_files(rows: list[dict], as_json: bool) -> None:

@@ -76,6 +76,7 @@ class MountStats:
     decode: dict[str, CodecStats] = field(default_factory=dict)
     checksum_errors: int = 0
     handler_errors: int = 0
+    codec_failures: int = 0
     writer_stalls: int = 0
     dirty_bytes: int = 0
     dirty_budget: int = 0
@@ -118,7 +119,8 @@ class MountStats:
                 "encode": codec_rows(self.encode),
                 "decode": codec_rows(self.decode),
                 "latency": {"read": latency(self.read_latency), "write": latency(self.write_latency)},
-                "errors": {"checksum": self.checksum_errors, "handler": self.handler_errors},
+                "errors": {"checksum": self.checksum_errors, "handler": self.handler_errors,
+                           "codec": self.codec_failures},
                 "dirty": {"bytes": self.dirty_bytes, "budget": self.dirty_budget,
                           "writer_stalls": self.writer_stalls},
                 "readahead_chunks": self.readahead_chunks,

@@ -186,3 +186,37 @@ def test_enospc_on_small_writes_then_delete_frees(small_backing, make_mount):
     assert (mount.mnt / "again").read_bytes() == b"a" * 100_000
     for name, data in written.items():
         assert (mount.mnt / name).read_bytes() == data
+
+
+def stream_until_error(path, seed: int) -> dict:
+    """Write the stream with no fsync, so unstored chunks pile up against the dirty budget."""
+    report = {"errno": None, "stage": "write", "written": 0}
+    fd = os.open(path, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o644)
+    try:
+        for i in range(200):
+            os.write(fd, stream_block(seed, i))
+            report["written"] = (i + 1) * BLOCK
+    except OSError as exc:
+        report["errno"] = exc.errno
+    try:
+        os.close(fd)
+    except OSError as exc:
+        if report["errno"] is None:
+            report["errno"], report["stage"] = exc.errno, "close"
+    return report
+
+
+def test_enospc_with_a_full_dirty_budget_fails_the_writer(small_backing, make_mount, tmp_path):
+    """Chunks that cannot be stored stay dirty and hold the dirty budget; a writer waiting
+    for budget must get the store's error, not wait for a release that never comes."""
+    config = tmp_path / "small-dirty.toml"
+    config.write_text('[cache]\ndirty_bytes = "4MiB"\n')
+    mount = make_mount("fulldirty", "-c", str(config), backing=small_backing)
+    mount.expect_errors = True
+    seed = random.SystemRandom().randrange(1 << 30)
+    report = in_child(mount, lambda: stream_until_error(mount.mnt / "big", seed))
+    assert report["errno"] == errno.ENOSPC, report
+    os.unlink(mount.mnt / "big")
+    fresh = random.Random(3).randbytes(3 << 20)
+    in_child(mount, lambda: (mount.mnt / "fresh").write_bytes(fresh))
+    assert (mount.mnt / "fresh").read_bytes() == fresh
