@@ -1,6 +1,7 @@
 """torch.save zip archives: storage dtypes from data.pkl (read, never executed) and offsets from local headers."""
 from __future__ import annotations
 
+import bisect
 import logging
 import pickletools
 import re
@@ -95,21 +96,44 @@ class TorchZipLayout(Layout):
         self._lock = threading.Lock()
         self._known: dict[int, tuple[int, int, str]] = {}
 
+    def _unknown_ranges(self, offset: int, length: int) -> list[tuple[int, int]]:
+        """Parts of [offset, offset+length), relative to offset, outside every known storage:
+        a local header can only start there, so a chunk inside one storage is not scanned."""
+        starts, spans = self._view
+        end = offset + length
+        i = max(0, bisect.bisect_right(starts, offset) - 1)
+        pos, out = offset, []
+        while i < len(spans) and spans[i][0] < end:
+            start, stop, _ = spans[i]
+            i += 1
+            if stop <= pos:
+                continue
+            if start > pos:
+                out.append((pos - offset, start - offset))
+            pos = max(pos, stop)
+        if pos < end:
+            out.append((pos - offset, length))
+        return out
+
     def learn(self, offset: int, buf: bytes) -> None:
         new = []
-        pos = buf.find(LOCAL_HEADER)
-        while pos >= 0:
-            entry = _local_header(buf, pos)
-            if entry:
-                name, data, size = entry
-                m = _DATA_NAME.match(name)
-                info = self._dtypes.get(m.group(1).decode()) if m else None
-                if info:
-                    dtype, numel = info
-                    new.append((offset + data, offset + data + numel * ELEMENT_WIDTH[dtype], dtype))
-                pos = buf.find(LOCAL_HEADER, data if entry else pos + 4)
-            else:
-                pos = buf.find(LOCAL_HEADER, pos + 4)
+        for lo, hi in self._unknown_ranges(offset, len(buf)):
+            stop = min(hi + len(LOCAL_HEADER) - 1, len(buf))
+            pos = buf.find(LOCAL_HEADER, lo, stop)
+            while pos >= 0:
+                entry = _local_header(buf, pos)
+                if entry:
+                    name, data, size = entry
+                    m = _DATA_NAME.match(name)
+                    info = self._dtypes.get(m.group(1).decode()) if m else None
+                    after = data
+                    if info:
+                        dtype, numel = info
+                        after = data + numel * ELEMENT_WIDTH[dtype]
+                        new.append((offset + data, offset + after, dtype))
+                    pos = buf.find(LOCAL_HEADER, max(after, pos + 4), stop) if after < stop else -1
+                else:
+                    pos = buf.find(LOCAL_HEADER, pos + 4, stop)
         if new:
             with self._lock:
                 for span in new:
@@ -118,7 +142,7 @@ class TorchZipLayout(Layout):
 
     def hints_for(self, file_offset: int, raw: bytes | memoryview) -> "ChunkHints":  # noqa: F821
         try:
-            self.learn(file_offset, bytes(raw))
+            self.learn(file_offset, raw if isinstance(raw, bytes) else bytes(raw))
         except Exception:
             log.debug("torch-zip: header scan failed at %d", file_offset, exc_info=True)
         return super().hints_for(file_offset, raw)
