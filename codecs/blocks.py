@@ -27,13 +27,18 @@ BLOCK_PENALTY = 96
 MAX_UNITS = 64
 ZERO_CAPABLE = (fields.CLASS_BF16, fields.CLASS_F16, fields.CLASS_F32)
 N_PLANES = 8  # rows per class in the unit statistics (f64 has 8 planes)
+RAW_BITS = 7.9
+# the plan counts every STEP-th element of float tensors (counts scaled back): its estimates pick cuts, they do
+# not size streams, and full histograms took as long as the encoding itself
+STEP = 4
 
 
 @njit(nogil=True)
 def _hist32(u, hist, zs):
-    """Plane histograms of the nonzero f32 elements (exponent, sign+mantissa top, m1, m0); zs = (zeros, runs)."""
+    """Plane histograms of every STEP-th f32 element if nonzero (exponent, sign+mantissa top, m1, m0);
+    zs = (zeros, zero runs) among them."""
     prev_zero = False
-    for i in range(u.size):
+    for i in range(0, u.size, STEP):
         v = u[i]
         if v == 0:
             zs[0] += 1
@@ -51,7 +56,7 @@ def _hist32(u, hist, zs):
 @njit(nogil=True)
 def _hist16(u, bf16, hist, zs):
     prev_zero = False
-    for i in range(u.size):
+    for i in range(0, u.size, STEP):
         v = u[i]
         if v == 0:
             zs[0] += 1
@@ -77,10 +82,16 @@ def _unit_stats(arr: np.ndarray, segments, stats: np.ndarray, zs: np.ndarray) ->
     for length, cls in plan_regions(arr.size, segments):
         part = arr[pos : pos + length]
         pos += length
-        if cls == fields.CLASS_F32:
-            _hist32(part.view("<u4"), stats[cls], zs[cls])
-        elif cls in (fields.CLASS_BF16, fields.CLASS_F16):
-            _hist16(part.view("<u2"), cls == fields.CLASS_BF16, stats[cls], zs[cls])
+        if cls in (fields.CLASS_F32, fields.CLASS_BF16, fields.CLASS_F16):
+            h = np.zeros((N_PLANES, 256), np.int64)
+            z = np.zeros(2, np.int64)
+            if cls == fields.CLASS_F32:
+                _hist32(part.view("<u4"), h, z)
+            else:
+                _hist16(part.view("<u2"), cls == fields.CLASS_BF16, h, z)
+            stats[cls] += h * STEP
+            zs[cls, 0] += z[0] * STEP
+            zs[cls, 1] += z[1]
         else:
             width = fields.CLASSES[cls][0]
             for k, plane in enumerate(fields.split(cls, np.ascontiguousarray(part))):
@@ -112,9 +123,10 @@ def _plane_cost(S, i, j, k, extra0):
 
 
 @njit(nogil=True)
-def _dp(S, Z, key_cls, zero_ok, penalty, back):
+def _dp(S, Z, key_cls, zero_ok, raw_cnt, penalty, back):
     """Cheapest cut of units [0, U) into blocks (prefix sums S[U+1, K, 256] per stream, Z[U+1, C, 2] zeros and
-    zero runs per class); back[j] = start of the last block ending at j. Returns the estimated bytes."""
+    zero runs per class, raw_cnt[C] streams per class left out of S as raw); back[j] = start of the last block
+    ending at j. Returns the estimated bytes."""
     units = S.shape[0] - 1
     ncls = Z.shape[1]
     best = np.zeros(units + 1)
@@ -126,17 +138,22 @@ def _dp(S, Z, key_cls, zero_ok, penalty, back):
                 z = Z[j, c, 0] - Z[i, c, 0]
                 masked = 0.0
                 plain = 0.0
-                used = False
+                nnz = -1
                 for k in range(key_cls.size):
                     if key_cls[k] != c:
                         continue
-                    used = True
+                    if nnz < 0:
+                        nnz = 0
+                        for s in range(256):
+                            nnz += S[j, k, s] - S[i, k, s]
                     masked += _plane_cost(S, i, j, k, 0)
                     if z and zero_ok[c]:
                         plain += _plane_cost(S, i, j, k, z)
-                if not used:
+                if nnz < 0:
                     continue
+                masked += raw_cnt[c] * nnz
                 if z and zero_ok[c]:
+                    plain += raw_cnt[c] * (nnz + z)
                     masked = min(plain, masked + 3.0 * (Z[j, c, 1] - Z[i, c, 1]) + 4)
                 total += masked + 8
             if total < best[j]:
@@ -192,6 +209,20 @@ def plan(raw: bytes, segments: tuple[Segment, ...]) -> list[int]:
         _unit_stats(arr[a:b], _shift(segments, a, b), stats[u + 1], zs[u + 1])
     # only the streams that occur: (class, plane) keys
     present = stats.any(axis=(0, 3))
+    # streams with ~8 bits per byte over the whole chunk (mantissa bytes) are raw in any block: their cost is
+    # linear in the element count, so the plan counts them (raw_cnt) instead of estimating them per block
+    total = stats[-1] if units == 1 else stats.sum(0)
+    n = total.sum(-1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        bits = np.where(total > 0, total * np.log2(np.maximum(n, 1)[..., None] / np.maximum(total, 1)), 0.0).sum(-1)
+    raw_like = present & (bits > RAW_BITS * n)
+    raw_cnt = np.zeros(ncls, np.int64)
+    for cls in range(ncls):
+        first = np.argmax(present[cls]) if present[cls].any() else -1
+        for k in range(N_PLANES):
+            if raw_like[cls, k] and k != first:
+                present[cls, k] = False
+                raw_cnt[cls] += 1
     keys = np.argwhere(present)
     key_cls = keys[:, 0].astype(np.int64)
     S = np.cumsum(stats[:, keys[:, 0], keys[:, 1]], 0)
@@ -201,7 +232,7 @@ def plan(raw: bytes, segments: tuple[Segment, ...]) -> list[int]:
             return [0, len(raw)]
     zero_ok = np.array([c in ZERO_CAPABLE for c in range(ncls)])
     back = np.zeros(units + 1, np.int64)
-    _dp(S, Z, key_cls, zero_ok, float(BLOCK_PENALTY), back)
+    _dp(S, Z, key_cls, zero_ok, raw_cnt, float(BLOCK_PENALTY), back)
     out = [units]
     while out[-1]:
         out.append(int(back[out[-1]]))

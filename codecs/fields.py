@@ -19,8 +19,6 @@ CLASS_F64 = 4  # streams: bytes 7..0 (byte planes, most significant first)
 CLASS_BF16Z = 5
 CLASS_F16Z = 6
 CLASS_F32Z = 7
-# f32 streams split by context bucket (codecs/context.py): a header, then 4 sub-streams per field
-CLASS_F32CTX = 8
 CLASSES = {
     CLASS_GENERIC: (1, 1),
     CLASS_BF16: (2, 2),
@@ -30,7 +28,6 @@ CLASSES = {
     CLASS_BF16Z: (2, 3),
     CLASS_F16Z: (2, 3),
     CLASS_F32Z: (4, 5),
-    CLASS_F32CTX: (4, 17),
 }
 DTYPE_CLASS = {"bf16": CLASS_BF16, "f16": CLASS_F16, "f32": CLASS_F32, "f64": CLASS_F64}
 

@@ -9,14 +9,14 @@ from .varint import get_varint, put_varint
 from ._jit import njit
 import numpy as np
 
-from . import blocks, context, fields, generic, rans, rans32, zeros
+from . import blocks, fields, generic, rans, rans32, rans32c, zeros
 from .api import CODEC_LZ4, CODEC_TENSOR, CODEC_ZSTD, CodecError, EncodedChunk, Segment
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 # stream methods (on-disk format, docs/codecs.md)
-M_RAW, M_ZSTD, M_RANS, M_CONST, M_LZ4, M_RANS32, M_RANS32E = 0, 1, 2, 3, 4, 5, 6
+M_RAW, M_ZSTD, M_RANS, M_CONST, M_LZ4, M_RANS32, M_RANS32E, M_RANS32C = 0, 1, 2, 3, 4, 5, 6, 7
 MIN_FLOAT_ELEMENTS = 16  # shorter float runs cost more in params than field splitting saves
 RANS_KEEP = 0.999  # keep a rANS stream if it beats raw by 0.1%: the targets are ratio-first
 # streams this long use the 32-lane coder (method 6: fast vector decoding; the end states carry the last symbols of
@@ -115,15 +115,41 @@ def _code_plane(plane: np.ndarray, method: int, freq, parts: int = 1) -> bytes:
     return rans32.encode_ext(plane, freq, parts)
 
 
-def _encode_planes(planes: list[np.ndarray], plans=None) -> list[tuple[int, bytes]]:
-    plans = plans or [_plan_plane(p) for p in planes]
+# classes whose streams may use method 7: f32 (optimizer state and fp32 weights). bf16 would gain 0.002 of its
+# size but decode ~40% slower (its two method-6 streams decode paired, four vector chains; method 7 has two)
+CONTEXT_CLASSES = (fields.CLASS_F32,)
+
+
+def _plan_planes(cls: int, planes: list[np.ndarray]) -> list:
+    """Plans of a float class's streams: order-0 (_plan_plane), or method 7 where a context bucketing is estimated
+    smaller (stream 0 given its own symbol 32 earlier, later streams given stream 0)."""
+    plans = [_plan_plane(p) for p in planes]
+    if cls not in CONTEXT_CLASSES:
+        return plans
+    for k, plane in enumerate(planes):
+        if plans[k][0] == M_RAW and plans[k][2] == plane.size and k > 1:
+            continue  # a mantissa plane with ~8 bits per byte: no bucketing of its exponent makes it codable
+        got = rans32c.plan(plane, rans32c.SRC_STREAM0 if k else rans32c.SRC_SELF, planes[0] if k else None)
+        if got is not None and got[2] < plans[k][2]:
+            plans[k] = (M_RANS32C, (1 if k else 0, got[0], got[1]), got[2])
+    return plans
+
+
+def _encode_planes(planes: list[np.ndarray], plans) -> list[tuple[int, bytes]]:
     parts = [1] * len(planes)
     coders = [k for k, (m, _, _) in enumerate(plans) if m == M_RANS32E]
     if len(coders) == 1 and planes[coders[0]].size >= SPLIT_MIN:
         k = coders[0]
         if plans[k][2] + FLUSH_BYTES[M_RANS32E] + 3 < RANS_KEEP * planes[k].size:
             parts[k] = 2
-    return [(m, _code_plane(p, m, freq, n)) for p, (m, freq, _), n in zip(planes, plans, parts)]
+    out = []
+    for p, (m, freq, _), n in zip(planes, plans, parts):
+        if m == M_RANS32C:
+            src, thresholds, freqs = freq
+            out.append((m, rans32c.encode(p, src, planes[0] if src else None, thresholds, freqs)))
+        else:
+            out.append((m, _code_plane(p, m, freq, n)))
+    return out
 
 
 def _encode_runs(runs: bytes, effort: int, level: int | None) -> tuple[int, bytes]:
@@ -139,32 +165,16 @@ def _encode_float(cls: int, data: np.ndarray, effort: int, level: int | None) ->
     planes = fields.split(cls, data)
     width = fields.CLASSES[cls][0]
     n = data.size // width
-    plans = [_plan_plane(p) for p in planes]
+    plans = _plan_planes(cls, planes)
     best = sum(p[2] for p in plans)
-    choice = None
-    if cls == fields.CLASS_F32 and n >= context.MIN_ELEMENTS:
-        te, tm, est = context.plan(data.view("<u4"))
-        if est < best * (1 - context.MIN_GAIN):
-            best, choice = est, ("ctx", te, tm)
     if cls in zeros.ZERO_CLASS and zeros.zero_count(data, width) >= max(MIN_FLOAT_ELEMENTS, zeros.MIN_ZERO_SHARE * n):
         runs, nonzero = zeros.split_zeros(data, width)
         zplanes = fields.split(cls, nonzero)
-        zplans = [_plan_plane(p) for p in zplanes]
+        zplans = _plan_planes(cls, zplanes)
         run_stream = _encode_runs(runs, effort, level)
-        est = sum(p[2] for p in zplans) + len(run_stream[1]) + 1
-        if est < best:
-            best, choice = est, ("zero", run_stream, zplanes, zplans)
-    if choice is None:
-        return cls, _encode_planes(planes, plans)
-    if choice[0] == "zero":
-        return zeros.ZERO_CLASS[cls], [choice[1]] + _encode_planes(choice[2], choice[3])
-    head, subs = context.split(data.view("<u4"), choice[1], choice[2])
-    return fields.CLASS_F32CTX, [(M_RAW, head)] + [_encode_plane(p) for p in subs]
-
-
-def _encode_plane(plane: np.ndarray) -> tuple[int, bytes]:
-    m, freq, _ = _plan_plane(plane)
-    return m, _code_plane(plane, m, freq)
+        if sum(p[2] for p in zplans) + len(run_stream[1]) + 1 < best:
+            return zeros.ZERO_CLASS[cls], [run_stream] + _encode_planes(zplanes, zplans)
+    return cls, _encode_planes(planes, plans)
 
 
 def _encode_generic(data: np.ndarray, effort: int, level: int | None) -> tuple[int, bytes]:
@@ -237,27 +247,6 @@ def _decode_zero_class(cls: int, payload: memoryview, meths, offs, lens, nbytes:
     return out
 
 
-def _decode_ctx_class(payload: memoryview, meths, offs, lens, nbytes: int) -> np.ndarray:
-    """Class 8: the header (stream 0, raw), the sub-streams into one scratch row per field, then the merge."""
-    n = nbytes // 4
-    if meths[0] != M_RAW:
-        raise CodecError("f32ctx header must be stored raw")
-    lut_e, lut_m, ne, nm = context.parse_header(bytes(payload[offs[0] : offs[0] + lens[0]]), n)
-    sizes = np.concatenate([ne, nm, nm, nm])
-    starts = np.concatenate([np.cumsum(ne) - ne, n + np.cumsum(nm) - nm, 2 * n + np.cumsum(nm) - nm,
-                             3 * n + np.cumsum(nm) - nm])
-    planes = _scratch(4, n)
-    meths, offs, lens = (np.asarray(a[1:], np.int64) for a in (meths, offs, lens))
-    st = context.decode_subs(np.frombuffer(payload, np.uint8), meths, offs, lens, planes.reshape(-1), starts,
-                             sizes, rans32.vector_ok())
-    if st:
-        raise CodecError(f"f32ctx sub-stream {-st - 1} is malformed")
-    out = np.empty(nbytes, np.uint8)
-    if context.merge(planes, lut_e, lut_m, ne, nm, out.view("<u4")) != 0:
-        raise CodecError("f32ctx streams do not match their buckets")
-    return out
-
-
 def _decode_stream(method: int, blob: memoryview, n: int) -> np.ndarray:
     if method == M_RAW:
         if len(blob) != n:
@@ -286,7 +275,7 @@ def _decode_stream(method: int, blob: memoryview, n: int) -> np.ndarray:
     raise CodecError(f"unknown stream method {method}")
 
 
-_FAST_METHODS = (M_RAW, M_CONST, M_RANS, M_RANS32, M_RANS32E)
+_FAST_METHODS = (M_RAW, M_CONST, M_RANS, M_RANS32, M_RANS32E, M_RANS32C)
 
 
 @njit(nogil=True, inline="always")
@@ -310,6 +299,12 @@ def _decode_simple(k, payload, meths, offs, lens, dst):
         if rans.decode_into(blob, dst) != 0:
             return -1
     return 0
+
+
+@njit(nogil=True, inline="always")
+def _ctx_ok(k, payload, offs, lens):
+    """A method-7 stream may take its context from stream 0 only if it is not stream 0 itself."""
+    return lens[k] > 0 and (k > 0 or payload[offs[k]] == rans32c.SRC_SELF)
 
 
 @njit(nogil=True, inline="always")
@@ -361,6 +356,10 @@ def _fused_vec(cls, payload, meths, offs, lens, scratch, out):
         if meths[k] == M_RANS32E:
             if not paired[k] and rans32.decode_ext_into(payload[offs[k] : offs[k] + lens[k]], scratch[k]) != 0:
                 return -(k + 1)
+        elif meths[k] == M_RANS32C:
+            if not _ctx_ok(k, payload, offs, lens) or \
+                    rans32c.decode_into(payload[offs[k] : offs[k] + lens[k]], scratch[0], scratch[k]) != 0:
+                return -(k + 1)
         elif _decode_simple(k, payload, meths, offs, lens, scratch[k]) != 0:
             return -(k + 1)
     if raw_tail:
@@ -396,6 +395,10 @@ def _fused_vec5(cls, payload, meths, offs, lens, scratch, out):
         elif meths[k] == M_RANS32E:
             if rans32.decode_ext_into(payload[offs[k] : offs[k] + lens[k]], scratch[k]) != 0:
                 return -(k + 1)
+        elif meths[k] == M_RANS32C:
+            if not _ctx_ok(k, payload, offs, lens) or \
+                    rans32c.decode_into(payload[offs[k] : offs[k] + lens[k]], scratch[0], scratch[k]) != 0:
+                return -(k + 1)
         elif _decode_simple(k, payload, meths, offs, lens, scratch[k]) != 0:
             return -(k + 1)
     _merge_class(cls, scratch, out)
@@ -411,6 +414,10 @@ def _fused_scalar(cls, payload, meths, offs, lens, scratch, out):
                 return -(k + 1)
         elif meths[k] == M_RANS32E:
             if rans32.decode_ext_into_scalar(payload[offs[k] : offs[k] + lens[k]], scratch[k]) != 0:
+                return -(k + 1)
+        elif meths[k] == M_RANS32C:
+            if not _ctx_ok(k, payload, offs, lens) or \
+                    rans32c.decode_into_scalar(payload[offs[k] : offs[k] + lens[k]], scratch[0], scratch[k]) != 0:
                 return -(k + 1)
         elif _decode_simple(k, payload, meths, offs, lens, scratch[k]) != 0:
             return -(k + 1)
@@ -498,7 +505,7 @@ def _single_class_plan(params, raw_len, payload_len, plan):
         if pos >= n:
             return -1
         m = np.int64(params[pos])
-        if m != M_RAW and m != M_CONST and m != M_RANS and m != M_RANS32 and m != M_RANS32E:
+        if m != M_RAW and m != M_CONST and m != M_RANS and m != M_RANS32 and m != M_RANS32E and m != M_RANS32C:
             return -1
         blen, pos = _varint_at(params, pos + 1)
         if blen < 0:
@@ -567,7 +574,7 @@ def decode_into(params: bytes, payload: bytes | memoryview, raw_len: int, out: n
         raise CodecError("tensor payload or params have trailing bytes")
     arr = None
     if (len(plan) == 1 and plan[0][0] != fields.CLASS_GENERIC and plan[0][0] not in zeros.BASE_CLASS
-            and plan[0][0] != fields.CLASS_F32CTX and all(m in _FAST_METHODS for m in plan[0][1])):
+            and all(m in _FAST_METHODS for m in plan[0][1])):
         # one float class covering the chunk: decode and merge straight into the output
         _decode_fast(plan[0][0], np.frombuffer(payload, np.uint8), *plan[0][1:], out)
         return out
@@ -576,9 +583,6 @@ def decode_into(params: bytes, payload: bytes | memoryview, raw_len: int, out: n
         width, _ = fields.CLASSES[cls]
         if cls in zeros.BASE_CLASS:
             decoded[cls] = _decode_zero_class(cls, payload, meths, offs, lens, class_bytes[cls])
-            continue
-        if cls == fields.CLASS_F32CTX:
-            decoded[cls] = _decode_ctx_class(payload, meths, offs, lens, class_bytes[cls])
             continue
         if cls != fields.CLASS_GENERIC and all(m in _FAST_METHODS for m in meths):
             if arr is None:

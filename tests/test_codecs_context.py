@@ -1,11 +1,11 @@
-"""Tests for tensor params v2 (blocks), zero-masked classes 5-7 and the f32 context class 8 (no corpus needed)."""
+"""Tests for tensor params v2 (blocks), zero-masked classes 5-7 and stream method 7 (rans32c), no corpus needed."""
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dccfs.codecs import ChunkHints, CodecError, Segment, decode_chunk, encode_chunk
-from dccfs.codecs import blocks, context, fields, tensor, zeros
+from dccfs.codecs import blocks, fields, rans32, rans32c, tensor, zeros
 
 FAST = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 ROW = 384
@@ -89,54 +89,103 @@ def test_large_chunk_is_cut_into_blocks_and_beats_small_chunks():
 @pytest.mark.parametrize("dtype,cls", [("f32", fields.CLASS_F32Z), ("bf16", fields.CLASS_BF16Z),
                                        ("f16", fields.CLASS_F16Z)])
 @pytest.mark.parametrize("phase", [0, 1, 3])
-def test_sparse_rows_use_the_zero_masked_class(dtype, cls, phase, monkeypatch):
-    monkeypatch.setattr(context, "MIN_ELEMENTS", 1 << 40)  # keep class 8 out of the comparison
+def test_sparse_rows_use_the_zero_masked_class(dtype, cls, phase):
     raw = bytes(phase) + _as(_rows(120, 0.0, 0.5, 4), dtype) + b"tail"
     hints = ChunkHints(segments=(Segment(phase, len(raw) - phase - 4, dtype),))
     enc = _roundtrip(raw, hints)
     assert cls in _classes(enc.params)
 
 
+def _methods(params: bytes) -> list[int]:
+    """Stream methods of a version-1 params (or of every block of a version-2 params)."""
+    if params[0] == blocks.VERSION:
+        nb, pos = tensor._get_varint(params, 1)
+        lens = []
+        for _ in range(nb):
+            _, pos = tensor._get_varint(params, pos)
+            plen, pos = tensor._get_varint(params, pos)
+            _, pos = tensor._get_varint(params, pos)
+            lens.append(plen)
+        out = []
+        for plen in lens:
+            out += _methods(params[pos : pos + plen])
+            pos += plen
+        return out
+    nreg, pos = tensor._get_varint(params, 1)
+    classes = set()
+    for _ in range(nreg):
+        _, pos = tensor._get_varint(params, pos)
+        classes.add(params[pos])
+        pos += 1
+    out = []
+    for cls in sorted(classes):
+        for _ in range(fields.CLASSES[cls][1]):
+            out.append(params[pos])
+            _, pos = tensor._get_varint(params, pos + 1)
+    return out
+
+
 @pytest.mark.parametrize("phase", [0, 2, 5])
-def test_mantissa_given_exponent_uses_the_context_class(phase):
-    # the top mantissa bits depend on the exponent: near 1.0 they are 0, near 4.0 all ones
+def test_row_scaled_f32_uses_method_7(phase):
+    """Rows with their own scale: the exponent coded given the exponent 32 elements before (same row), and the
+    sign+mantissa-top byte given its exponent."""
     rng = np.random.default_rng(5)
     u = rng.random(60000)
-    vals = np.where(rng.random(60000) < 0.5, 1.0 + u * 0.004, 3.99 - u * 0.004).astype(np.float32)
+    # near 1.0 the top mantissa bits are 0, near 4.0 all ones; rows of 384 share one of the two
+    rows = np.repeat(rng.random(60000 // ROW + 1) < 0.5, ROW)[:60000]
+    vals = np.where(rows, 1.0 + u * 0.004, 3.99 - u * 0.004).astype(np.float32)
     raw = bytes(phase) + vals.tobytes() + b"x"
     enc = _roundtrip(raw, ChunkHints(segments=(Segment(phase, len(raw) - phase - 1, "f32"),)))
-    assert fields.CLASS_F32CTX in _classes(enc.params)
+    assert tensor.M_RANS32C in _methods(enc.params)
+
+
+@FAST
+@given(n=st.integers(0, 5000), alphabet=st.integers(2, 256), seed=st.integers(0, 2**31),
+       source=st.sampled_from([rans32c.SRC_SELF, rans32c.SRC_STREAM0]), nthr=st.integers(1, 3))
+def test_rans32c_vector_and_scalar_agree(n, alphabet, seed, source, nthr):
+    rng = np.random.default_rng(seed)
+    data = rng.integers(0, alphabet, n).astype(np.uint8)
+    ctx = rng.integers(0, 256, n).astype(np.uint8)
+    joint = np.zeros((256, 256), np.int64)
+    rans32c.joint_counts(data, ctx, rans32c.LANES if source == rans32c.SRC_SELF else 0, joint)
+    thresholds = sorted(set(int(t) for t in rng.integers(1, 256, nthr)))
+    edges = [0, *thresholds, 256]
+    freqs = [rans32c.bucket_freqs(joint[a:b].sum(0)) for a, b in zip(edges, edges[1:])]
+    blob = np.frombuffer(rans32c.encode(data, source, ctx if source else None, thresholds, freqs), np.uint8)
+    for fn in (rans32c.decode_into, rans32c.decode_into_scalar):
+        out = np.empty(n, np.uint8)
+        assert fn(blob, ctx, out) == 0
+        assert (out == data).all()
+    if blob.size > 8:
+        bad = blob.copy()
+        bad[-1] ^= 0x40
+        out = np.empty(n, np.uint8)
+        assert rans32c.decode_into(bad, ctx, out) in (0, -1)
+
+
+def test_method_7_in_stream_0_must_use_its_own_context():
+    data = np.random.default_rng(3).integers(0, 8, 4096).astype(np.uint8)
+    joint = np.zeros((256, 256), np.int64)
+    rans32c.joint_counts(data, data, 0, joint)
+    freqs = [rans32c.bucket_freqs(joint[:4].sum(0)), rans32c.bucket_freqs(joint[4:].sum(0))]
+    blob = rans32c.encode(data, rans32c.SRC_STREAM0, data, [4], freqs)
+    params = bytes([1, 1, 2 * len(data) & 0x7F | 0x80, 2 * len(data) >> 7, fields.CLASS_BF16,
+                    tensor.M_RANS32C]) + bytes([len(blob) & 0x7F | 0x80, len(blob) >> 7]) + bytes([tensor.M_CONST, 1])
+    with pytest.raises(CodecError):
+        decode_chunk(16, params, blob + b"\x00", 2 * len(data))
 
 
 def test_version1_chunks_without_new_classes_still_decode(monkeypatch):
     """What the encoder wrote before v2 and classes 5-8 (one block, classes 0-4) keeps decoding."""
     raw, segs = _checkpoint_chunk(header=13)
     monkeypatch.setattr(blocks, "plan", lambda raw, segments: [0, len(raw)])
-    monkeypatch.setattr(context, "MIN_ELEMENTS", 1 << 40)
+    monkeypatch.setattr(rans32c, "MIN_SYMBOLS", 1 << 40)
     monkeypatch.setattr(zeros, "MIN_ZERO_SHARE", 2.0)
     enc = encode_chunk(raw, ChunkHints(segments=segs))
     assert enc.params[0] == tensor.FORMAT_VERSION and _classes(enc.params) <= {0, 1, 2, 3, 4}
+    assert max(_methods(enc.params)) <= 6
     monkeypatch.undo()
     assert decode_chunk(enc.codec_id, enc.params, enc.payload, len(raw)) == raw
-
-
-def test_context_merge_rejects_mismatched_streams():
-    u = _rows(40, 2.0, 0.3, 6).view(np.uint32)
-    te, tm, _ = context.plan(u)
-    head, subs = context.split(u, te, tm)
-    lut_e, lut_m, ne, nm = context.parse_header(head, u.size)
-    planes = np.zeros((4, u.size), np.uint8)
-    for f, counts in enumerate((ne, nm, nm, nm)):
-        planes[f] = np.concatenate(subs[f * context.BUCKETS : (f + 1) * context.BUCKETS])
-    out = np.empty(u.size, np.uint32)
-    assert context.merge(planes, lut_e, lut_m, ne, nm, out) == 0 and (out == u).all()
-    if ne.size > 1 and ne[0] and ne[1]:
-        bad = ne.copy()
-        bad[0] -= 1
-        bad[1] += 1
-        assert context.merge(planes, lut_e, lut_m, bad, nm, out) in (0, -1)
-    with pytest.raises(CodecError):
-        context.parse_header(head + b"\x00", u.size)
 
 
 @pytest.mark.parametrize("kind", ["blocks", "zero", "ctx"])
@@ -144,8 +193,6 @@ def test_damaged_new_chunks_raise_or_keep_length(kind, monkeypatch):
     if kind == "blocks":
         raw, segs = _checkpoint_chunk()
     else:
-        if kind == "zero":
-            monkeypatch.setattr(context, "MIN_ELEMENTS", 1 << 40)
         raw = _as(_rows(100, 2.0, 0.5 if kind == "zero" else 0.0, 7), "f32")
         segs = (Segment(0, len(raw), "f32"),)
     enc = encode_chunk(raw, ChunkHints(segments=segs))
@@ -172,8 +219,8 @@ def test_damaged_new_chunks_raise_or_keep_length(kind, monkeypatch):
 )
 def test_roundtrip_mixed_blocks(n_rows, zero_share, spread, dtypes, header, seed):
     """Small grid and units so that short inputs exercise cuts at odd element phases between tensors."""
-    old = blocks.GRID, blocks.MIN_UNIT, context.MIN_ELEMENTS
-    blocks.GRID, blocks.MIN_UNIT, context.MIN_ELEMENTS = 4096, 1024, 64
+    old = blocks.GRID, blocks.MIN_UNIT, rans32c.MIN_SYMBOLS
+    blocks.GRID, blocks.MIN_UNIT, rans32c.MIN_SYMBOLS = 4096, 1024, 64
     try:
         parts, segs, pos = [bytes(range(header))], [], header
         for k, dtype in enumerate(dtypes):
@@ -186,4 +233,4 @@ def test_roundtrip_mixed_blocks(n_rows, zero_share, spread, dtypes, header, seed
             pos += len(p)
         _roundtrip(b"".join(parts), ChunkHints(segments=tuple(segs)))
     finally:
-        blocks.GRID, blocks.MIN_UNIT, context.MIN_ELEMENTS = old
+        blocks.GRID, blocks.MIN_UNIT, rans32c.MIN_SYMBOLS = old
