@@ -36,9 +36,11 @@ async def _load(cache: ChunkCache, loading: dict, key, data: bytes, log: list) -
         done.set()
 
 
-async def _prefetch(cache: ChunkCache, loading: dict, key, data: bytes) -> None:
+async def _prefetch(cache: ChunkCache, loading: dict, key, data: bytes,
+                    started: trio.Event) -> None:
     """Read-ahead: no get() (it is not a request), the same single flight and put()."""
     done = loading[key] = trio.Event()
+    started.set()
     try:
         await trio.sleep(0.01)
         cache.put(key, data)
@@ -78,9 +80,10 @@ def test_reader_waiting_for_a_prefetch_counts_one_miss():
 
     async def main():
         loading: dict = {}
+        started = trio.Event()
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_prefetch, cache, loading, "k", data)
-            await trio.sleep(0)  # the prefetch is in flight before the reader arrives
+            nursery.start_soon(_prefetch, cache, loading, "k", data, started)
+            await started.wait()  # the prefetch is in flight before the reader arrives
             assert await _load(cache, loading, "k", data, loads) == data
 
     trio.run(main)
