@@ -40,9 +40,10 @@ class WTinyLFU(Policy):
     capacity, outside the window. A read hits them there; a hit is counted but does not
     promote, so a checkpoint read back once (an eval job, a restart) is served from RAM
     without displacing the frequent set, and a write-once stream costs at most the buffer.
-    Chunks leaving the buffer are dropped; one read again later enters the window as a miss,
-    with the counts of its earlier hits. 0 turns the buffer off (written chunks enter the
-    window like read misses).
+    Chunks leaving the buffer move to main while main has free room (a cold cache keeps what
+    was just written), else they are dropped; one read again later enters the window as a
+    miss, with the counts of its earlier hits. 0 turns the buffer off (written chunks enter
+    the window like read misses).
     """
 
     name = "wtinylfu"
@@ -162,7 +163,7 @@ class WTinyLFU(Policy):
         evicted = []
         if self._admitting_write and not low_priority and 0 < size <= self._writes_target:
             while self._writes_bytes + size > self._writes_target:
-                evicted.append(self._evict_write())
+                evicted.extend(self._retire_write())
             while self.used + size > self.capacity:
                 evicted.append(self._evict_one())
             self._writes[key] = size
@@ -178,6 +179,18 @@ class WTinyLFU(Policy):
             self._window.move_to_end(key, last=False)
         self.used += size
         return evicted
+
+    def _retire_write(self) -> list:
+        """The oldest written chunk leaves the buffer: into main while main is still filling
+        (a cold cache keeps what was just written), else out of the cache."""
+        key, size = next(iter(self._writes.items()))
+        main_bytes = self._probation_bytes + self._protected_bytes
+        if main_bytes + size > self._main_target - self._writes_bytes:
+            return [self._evict_write()]
+        del self._writes[key]
+        self._writes_bytes -= size
+        self._add_to_main(key, size)
+        return []
 
     def _evict_write(self):
         key, size = self._writes.popitem(last=False)

@@ -18,12 +18,21 @@ def test_written_chunk_is_served_from_the_write_buffer_without_promotion():
     # Still in the buffer: a read-back does not move a checkpoint into the window or main.
     assert set(policy._writes) == {("ckpt", i) for i in range(3)} and not policy._window
     _, evicted = policy.admit(("ckpt", 3), 10 * KIB, is_write=True)
-    assert evicted == [("ckpt", 0)]  # FIFO: the oldest write leaves first
-    assert policy._writes_bytes == 30 * KIB and policy.used == 30 * KIB
+    # FIFO: the oldest write leaves first; main still has room, so it moves there.
+    assert evicted == [] and ("ckpt", 0) in policy._probation
+    assert policy._writes_bytes == 30 * KIB and policy.used == 40 * KIB
+
+
+def test_cold_cache_keeps_written_chunks_beyond_the_buffer():
+    policy = make_policy("wtinylfu", 1000 * KIB)
+    for i in range(50):  # 500 KiB written into an empty cache with a 30 KiB write buffer
+        policy.admit(("new", i), 10 * KIB, is_write=True)
+    assert all(policy.access(("new", i)) for i in range(50))
+    assert len(policy._writes) == 3 and policy.used == 500 * KIB
 
 
 def test_write_once_stream_cannot_flush_the_frequent_set():
-    capacity = 100 * KIB
+    capacity = 400 * KIB  # write buffer: three 4 KiB chunks
     policy = make_policy("wtinylfu", capacity)
     hot = [("hot", i) for i in range(20)]
     for _ in range(5):
@@ -33,7 +42,9 @@ def test_write_once_stream_cannot_flush_the_frequent_set():
     assert all(key in policy for key in hot)
     for i in range(1000):  # a checkpoint nobody reads back
         policy.access(("ckpt", i))
-        policy.admit(("ckpt", i), 4 * KIB, is_write=True)
+        _, evicted = policy.admit(("ckpt", i), 4 * KIB, is_write=True)
+        if i > 200:  # once the cache is full, the oldest write leaves the cache
+            assert evicted == [("ckpt", i - 3)]
     assert all(key in policy for key in hot)
     assert policy._writes_bytes <= int(capacity * policy.write_buffer_ratio)
 
