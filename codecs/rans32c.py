@@ -25,6 +25,7 @@ SRC_SELF, SRC_STREAM0 = 0, 1  # context sources (docs/codecs.md, method 7)
 FLUSH = 4 * LANES  # the 32 final states
 
 _i1, _i8, _i16, _i32, _i64 = (ir.IntType(b) for b in (1, 8, 16, 32, 64))
+_f64 = ir.DoubleType()
 
 
 @intrinsic
@@ -240,21 +241,156 @@ def decode_into_scalar(buf, stream0, out):
 # ---------------------------------------------------------------- encoder
 
 
+@intrinsic
+def _enc16c(typingctx, xs, k, idx, i, ftab, rcp, out, pos):
+    """rans32._enc16 with 16-bit symbols idx = bucket << 8 | symbol indexing tables of all buckets; new pos."""
+    sig = types.int64(xs, types.int64, idx, types.int64, ftab, rcp, out, types.int64)
+
+    def codegen(context, builder, signature, args):
+        xs_a, k, data_a, i, ftab_a, rcp_a, out_a, pos = args
+        x_s = context.make_array(signature.args[0])(context, builder, xs_a)
+        d_s = context.make_array(signature.args[2])(context, builder, data_a)
+        t_s = context.make_array(signature.args[4])(context, builder, ftab_a)
+        r_s = context.make_array(signature.args[5])(context, builder, rcp_a)
+        o_s = context.make_array(signature.args[6])(context, builder, out_a)
+        mod = builder.module
+        v32 = ir.VectorType(_i32, V)
+        v64 = ir.VectorType(_i64, V)
+        vf = ir.VectorType(_f64, V)
+        v1 = ir.VectorType(_i1, V)
+        v16 = ir.VectorType(_i16, V)
+
+        def splat(c, t=_i64):
+            return ir.Constant(ir.VectorType(t, V), [c] * V)
+
+        def bcast(v):
+            return builder.shuffle_vector(builder.insert_element(ir.Constant(v64, ir.Undefined), v, ir.Constant(_i32, 0)),
+                                          ir.Constant(v64, ir.Undefined), ir.Constant(ir.VectorType(_i32, V), [0] * V))
+
+        xptr = builder.bitcast(builder.gep(x_s.data, [builder.mul(k, ir.Constant(_i64, V))]), v32.as_pointer())
+        x = builder.zext(builder.load(xptr, align=4), v64)
+        sptr = builder.bitcast(builder.gep(d_s.data, [i]), v16.as_pointer())
+        sym = builder.zext(builder.load(sptr, align=2), v64)
+        allm = ir.Constant(v1, [1] * V)
+        p32 = ir.VectorType(_i32.as_pointer(), V)
+        taddr = builder.inttoptr(builder.add(bcast(builder.ptrtoint(t_s.data, _i64)), builder.shl(sym, splat(2))), p32)
+        g32 = _decl(mod, "llvm.masked.gather.v16i32.v16p0", v32, [p32, v1, v32])
+        e = builder.zext(builder.call(g32, [taddr, allm, ir.Constant(v32, ir.Undefined)]), v64)
+        pf = ir.VectorType(_f64.as_pointer(), V)
+        raddr = builder.inttoptr(builder.add(bcast(builder.ptrtoint(r_s.data, _i64)), builder.shl(sym, splat(3))), pf)
+        gf = _decl(mod, "llvm.masked.gather.v16f64.v16p0", vf, [pf, v1, vf])
+        r = builder.call(gf, [raddr, allm, ir.Constant(vf, ir.Undefined)])
+        f = builder.and_(e, splat(0xFFFF))
+        c = builder.lshr(e, splat(16))
+        need = builder.icmp_unsigned(">=", x, builder.shl(f, splat(32 - SCALE_BITS)))
+        cnt = builder.zext(builder.call(_decl(mod, "llvm.ctpop.i16", _i16, [_i16]), [builder.bitcast(need, _i16)]), _i64)
+        pos = builder.sub(pos, cnt)
+        cs = _decl(mod, "llvm.masked.compressstore.v16i16", ir.VoidType(), [v16, _i16.as_pointer(), v1])
+        builder.call(cs, [builder.trunc(x, v16), builder.gep(o_s.data, [pos]), need])
+        x = builder.select(need, builder.lshr(x, splat(16)), x)
+        q = builder.fptoui(builder.fmul(builder.uitofp(x, vf), r), v64)
+        rem = builder.sub(x, builder.mul(q, f))
+        adj = builder.icmp_unsigned(">=", rem, f)
+        q = builder.select(adj, builder.add(q, splat(1)), q)
+        rem = builder.select(adj, builder.sub(rem, f), rem)
+        xn = builder.add(builder.add(builder.shl(q, splat(SCALE_BITS)), rem), c)
+        builder.store(builder.trunc(xn, v32), xptr, align=4)
+        return pos
+
+    return sig, codegen
+
+
 @njit(nogil=True)
-def _encode(data, bucket, freq, cum, rcp, out):
-    """Encode data backwards, symbol i with the tables of bucket[i]; return the first word's position."""
+def _encode(idx, freq, cum, rcp, out):
+    """Encode symbols idx (bucket << 8 | symbol) backwards with the flat tables; return the first word's position."""
     x = np.full(LANES, RANS_L, np.int64)
     pos = out.size
-    for i in range(data.size - 1, -1, -1):
-        s = data[i]
-        b = bucket[i]
+    for i in range(idx.size - 1, -1, -1):
+        s = idx[i]
         j = i & (LANES - 1)
-        x[j], pos = _enc_step(x[j], freq[b, s], cum[b, s], rcp[b, s], out, pos)
+        x[j], pos = _enc_step(x[j], freq[s], cum[s], rcp[s], out, pos)
     for j in range(LANES - 1, -1, -1):
         out[pos - 1] = x[j] & 0xFFFF
         out[pos - 2] = x[j] >> 16
         pos -= 2
     return pos
+
+
+@njit(nogil=True, boundscheck=False)
+def _encode_vec(idx, freq, cum, rcp, out):
+    """_encode with the vector step for whole groups of 32 symbols (same output)."""
+    x = np.full(LANES, RANS_L, np.int64)
+    pos = out.size
+    n = idx.size
+    full = n & ~(LANES - 1)
+    for i in range(n - 1, full - 1, -1):
+        s = idx[i]
+        j = i & (LANES - 1)
+        x[j], pos = _enc_step(x[j], freq[s], cum[s], rcp[s], out, pos)
+    ftab = np.empty(freq.size, np.uint32)
+    for s in range(freq.size):
+        ftab[s] = np.uint32(freq[s] | (cum[s] << 16))
+    xs = np.empty(LANES, np.uint32)
+    for j in range(LANES):
+        xs[j] = np.uint32(x[j])
+    g = full
+    while g > 0:
+        g -= LANES
+        pos = _enc16c(xs, 1, idx, g + V, ftab, rcp, out, pos)
+        pos = _enc16c(xs, 0, idx, g, ftab, rcp, out, pos)
+    for j in range(LANES - 1, -1, -1):
+        out[pos - 1] = xs[j] & 0xFFFF
+        out[pos - 2] = xs[j] >> 16
+        pos -= 2
+    return pos
+
+
+_enc_vector: bool | None = None
+
+
+def _encoder():
+    """The vector encoder if it compiles and matches the scalar one on a probe, else the scalar encoder."""
+    global _enc_vector
+    if _enc_vector is None:
+        ok = False
+        try:
+            idx = ((np.arange(1000) * 7 % 13) | ((np.arange(1000) % 3) << 8)).astype(np.uint16)
+            freq = np.zeros(768, np.int64)
+            for b in range(3):
+                freq[b * 256 : b * 256 + 13] = 315
+                freq[b * 256] += 1
+            cum = np.zeros(768, np.int64)
+            for b in range(3):
+                cum[b * 256 + 1 : b * 256 + 256] = np.cumsum(freq[b * 256 : b * 256 + 255])
+            rcp = 1.0 / np.maximum(freq, 1)
+            a = np.empty(idx.size + 80, np.uint16)
+            b2 = np.empty(idx.size + 80, np.uint16)
+            pa = _encode(idx, freq, cum, rcp, a)
+            pb = _encode_vec(idx, freq, cum, rcp, b2)
+            ok = pa == pb and np.array_equal(a[pa:], b2[pb:])
+            if not ok:
+                log.warning("rans32c: vector encoder disagrees with the reference; using the scalar encoder")
+        except Exception as exc:  # noqa: BLE001 - any LLVM/numba failure means: use the portable loop
+            log.warning("rans32c: vector encoder unavailable (%s); using the scalar encoder", exc)
+        _enc_vector = ok
+    return _encode_vec if _enc_vector else _encode
+
+
+@njit(nogil=True, boundscheck=False)
+def bucket_symbols(data, ctx, lag, blut, idx, counts):
+    """idx[i] = bucket(context of i) << 8 | data[i] (context: data[i - lag] if lag, 0 before the start, else
+    ctx[i]); counts[bucket * 256 + symbol] += 1. Four sub-counters: runs of one value would stall on one."""
+    sub = np.zeros((4, counts.size), np.int64)
+    for i in range(data.size):
+        if lag:
+            c = data[i - lag] if i >= lag else 0
+        else:
+            c = ctx[i]
+        v = (np.int64(blut[c]) << 8) | np.int64(data[i])
+        idx[i] = v
+        sub[i & 3, v] += 1
+    for v in range(counts.size):
+        counts[v] = sub[0, v] + sub[1, v] + sub[2, v] + sub[3, v]
 
 
 @njit(nogil=True)
@@ -266,16 +402,6 @@ def joint_counts(data, ctx, lag, counts):
         else:
             c = ctx[i]
         counts[c, data[i]] += 1
-
-
-@njit(nogil=True)
-def _buckets(data, ctx, lag, blut, out):
-    for i in range(data.size):
-        if lag:
-            c = data[i - lag] if i >= lag else 0
-        else:
-            c = ctx[i]
-        out[i] = blut[c]
 
 
 def bucket_freqs(counts: np.ndarray) -> np.ndarray:
@@ -295,22 +421,29 @@ def table_bytes(freq: np.ndarray) -> int:
     return int(write_table(freq, buf))
 
 
-def encode(data: np.ndarray, source: int, ctx: np.ndarray | None, thresholds: list[int],
-           freqs: list[np.ndarray]) -> bytes:
-    """Method-7 stream of data with len(thresholds) + 1 bucket tables freqs (context: own symbol 32 earlier for
-    source 0, ctx[i] for source 1)."""
-    nb = len(thresholds) + 1
+def _blut(thresholds: list[int]) -> np.ndarray:
     blut = np.zeros(256, np.uint8)
     for t in thresholds:
         blut[t:] += 1
-    bucket = np.empty(data.size, np.uint8)
-    _buckets(data, ctx if ctx is not None else data, LANES if source == SRC_SELF else 0, blut, bucket)
-    freq = np.stack(freqs).astype(np.int64)
-    cum = np.zeros((nb, 256), np.int64)
-    np.cumsum(freq[:, :-1], axis=1, out=cum[:, 1:])
+    return blut
+
+
+def encode(data: np.ndarray, source: int, ctx: np.ndarray | None, thresholds: list[int],
+           freqs: list[np.ndarray], idx: np.ndarray | None = None) -> bytes:
+    """Method-7 stream of data with len(thresholds) + 1 bucket tables freqs (context: own symbol 32 earlier for
+    source 0, ctx[i] for source 1); idx from bucket_symbols if the caller has it."""
+    nb = len(thresholds) + 1
+    if idx is None:
+        idx = np.empty(data.size, np.uint16)
+        bucket_symbols(data, ctx if ctx is not None else data, LANES if source == SRC_SELF else 0, _blut(thresholds),
+                       idx, np.zeros(nb * 256, np.int64))
+    freq = np.concatenate(freqs).astype(np.int64)
+    cum = np.zeros(nb * 256, np.int64)
+    for b in range(nb):
+        cum[b * 256 + 1 : (b + 1) * 256] = np.cumsum(freq[b * 256 : (b + 1) * 256 - 1])
     rcp = 1.0 / np.maximum(freq, 1)
     out = np.empty(data.size + 2 * LANES + 8, np.uint16)
-    pos = _encode(data, bucket, freq, cum, rcp, out)
+    pos = _encoder()(idx, freq, cum, rcp, out)
     head = bytearray([source, len(thresholds), *thresholds])
     tab = np.empty(TABLE_MAX, np.uint8)
     for f in freqs:
@@ -323,55 +456,66 @@ def encode(data: np.ndarray, source: int, ctx: np.ndarray | None, thresholds: li
 MIN_SYMBOLS = 16384  # shorter streams cannot pay for the extra tables and the 32-state flush
 
 
-def _cost(h: np.ndarray) -> np.ndarray:
-    """Rough bytes of streams with histograms h[..., 256] (entropy + table) to compare bucketings."""
-    n = h.sum(-1)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        bits = np.where(h > 0, h * np.log2(np.maximum(n, 1)[..., None] / np.maximum(h, 1)), 0.0).sum(-1)
-    return bits / 8 + 4 + 1.1 * (h > 0).sum(-1)
+SAMPLE_STEP = 16
+SAMPLE_MIN_GAIN = 64  # bytes per bucket (its table and what the sample misses) the sample must promise
 
 
-def _choose(joint: np.ndarray) -> list[int]:
-    """Greedy thresholds (up to MAX_BUCKETS - 1 context values) that lower the summed _cost of the buckets."""
-    used = np.nonzero(joint.sum(1))[0]
-    if used.size < 2:
+@njit(nogil=True)
+def _sample_counts(data, ctx, lag, blut, step, counts):
+    for i in range(0, data.size, step):
+        if lag:
+            c = data[i - lag] if i >= lag else 0
+        else:
+            c = ctx[i]
+        counts[(np.int64(blut[c]) << 8) | np.int64(data[i])] += 1
+
+
+def _entropy_bits(c: np.ndarray) -> float:
+    c = c[c > 0]
+    n = c.sum()
+    return float((c * np.log2(n / c)).sum()) if n else 0.0
+
+
+def _quantiles(hist: np.ndarray) -> list[int]:
+    """Thresholds splitting the contexts' mass into quarters (within 0.0001 of a greedy search on the corpus
+    checkpoint, at a fraction of its cost)."""
+    cs = np.cumsum(hist)
+    if cs[-1] == 0:
         return []
-    pref = np.concatenate([np.zeros((1, 256), np.int64), np.cumsum(joint[used], 0)])
-    last = used.size
-    cuts: list[int] = []
-    cands = np.arange(1, last)
-    for _ in range(MAX_BUCKETS - 1):
-        cands = np.array([c for c in cands if c not in cuts], np.int64)
-        if cands.size == 0:
-            break
-        edges = np.array([0, *cuts, last])
-        at = np.searchsorted(edges, cands, side="right")
-        lo, hi = edges[at - 1], edges[at]
-        # a cut at c replaces the bucket [lo, hi) around it by [lo, c) and [c, hi): all candidates at once
-        delta = _cost(pref[cands] - pref[lo]) + _cost(pref[hi] - pref[cands]) - _cost(pref[hi] - pref[lo])
-        k = int(np.argmin(delta))
-        if delta[k] >= 0:
-            break
-        cuts = sorted(cuts + [int(cands[k])])
-    return [int(used[c]) for c in cuts]
+    th = {int(np.searchsorted(cs, cs[-1] * q, side="right")) for q in (0.25, 0.5, 0.75)}
+    return sorted(t for t in th if 0 < t < 256)
 
 
 def plan(data: np.ndarray, source: int, ctx: np.ndarray | None):
-    """(thresholds, bucket tables, estimated bytes) of method 7 for data, or None when no bucketing helps."""
+    """(thresholds, bucket tables, estimated bytes, idx) of method 7 for data, or None when it cannot pay."""
     if data.size < MIN_SYMBOLS:
         return None
-    joint = np.zeros((256, 256), np.int64)
-    joint_counts(data, ctx if ctx is not None else data, LANES if source == SRC_SELF else 0, joint)
-    thresholds = _choose(joint)
+    src = data if source == SRC_SELF else ctx
+    from .rans import histogram
+
+    thresholds = _quantiles(histogram(np.ascontiguousarray(src[::16])))
     if not thresholds:
         return None
-    edges = [0, *thresholds, 256]
+    nb = len(thresholds) + 1
+    blut = _blut(thresholds)
+    lag = LANES if source == SRC_SELF else 0
+    # a 1-in-16 sample first (lag 32 keeps its contexts): most weight planes gain too little to pay for the
+    # extra tables and flush, and the full pass below costs about as much as coding the plane
+    sample = np.zeros(nb * 256, np.int64)
+    _sample_counts(data, src, lag, blut, SAMPLE_STEP, sample)
+    per = sample.reshape(nb, 256)
+    gain = _entropy_bits(per.sum(0)) - sum(_entropy_bits(row) for row in per)
+    if gain * SAMPLE_STEP / 8 < SAMPLE_MIN_GAIN * nb + FLUSH:
+        return None
+    idx = np.empty(data.size, np.uint16)
+    counts = np.zeros(nb * 256, np.int64)
+    bucket_symbols(data, src, lag, blut, idx, counts)
     size = 2.0 + len(thresholds) + FLUSH
     freqs = []
-    for a, b in zip(edges, edges[1:]):
-        counts = joint[a:b].sum(0)
-        freq = bucket_freqs(counts)
-        present = counts > 0
-        size += float((counts[present] * (SCALE_BITS - np.log2(freq[present]))).sum()) / 8 + table_bytes(freq)
+    for b in range(nb):
+        c = counts[b * 256 : (b + 1) * 256]
+        freq = bucket_freqs(c)
+        present = c > 0
+        size += float((c[present] * (SCALE_BITS - np.log2(freq[present]))).sum()) / 8 + table_bytes(freq)
         freqs.append(freq)
-    return thresholds, freqs, size
+    return thresholds, freqs, size, idx

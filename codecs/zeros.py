@@ -119,6 +119,17 @@ def zero_count(data: np.ndarray, width: int) -> int:
     return int(data.size // width - np.count_nonzero(data.view(_UINT[width])))
 
 
+def worth_trying(data: np.ndarray, width: int) -> bool:
+    """Whether at least MIN_ZERO_SHARE of the elements are +0.0 (a 1-in-16 sample decides large classes)."""
+    u = data.view(_UINT[width])
+    n = u.size
+    if n >= 1 << 16:
+        sample = u[::16]
+        if sample.size - np.count_nonzero(sample) < MIN_ZERO_SHARE * sample.size / 2:
+            return False
+    return n - np.count_nonzero(u) >= max(16, MIN_ZERO_SHARE * n)
+
+
 def split_zeros(data: np.ndarray, width: int) -> tuple[bytes, np.ndarray]:
     """(run list as varints, the nonzero elements as uint8) of a class's bytes."""
     u = data.view(_UINT[width])
