@@ -16,7 +16,8 @@ from numba.extending import intrinsic
 
 from ._jit import njit
 from .rans import RANS_L, SCALE_BITS, _enc_step, normalize
-from .rans32 import LANES, SLOTS, TABLE_MAX, V, _decl, build_lut, read_table, write_table
+from .rans32 import (LANES, SLOTS, TABLE_MAX, V, _decl, _prepare_ext, _round16, _state_symbols, _tail as _tail6,
+                     build_lut, read_table, write_table)
 
 log = logging.getLogger(__name__)
 
@@ -219,6 +220,60 @@ def decode_into(buf, stream0, out):
             p = _round16c(lut, words, p, xs, 1, out, i + V, out, i + V - LANES, thr)
             i += LANES
     return _tail_self(words, lut, blut, xs, out, i, n, p)
+
+
+@njit(nogil=True, boundscheck=False)
+def decode_pair_into(buf_c, out_c, buf_e, out_e):
+    """A method-7 stream of source 0 and a single-part method-6 stream in one loop (four vector chains, as two
+    method-6 streams decode); 0, -1 if malformed, -2 if the pair does not qualify (the caller decodes each)."""
+    lut_c = np.empty(MAX_BUCKETS * SLOTS, np.uint32)
+    blut = np.empty(256, np.uint8)
+    thr = np.empty(MAX_BUCKETS - 1, np.int64)
+    src, words_c, xs_c, st_c = _prepare(buf_c, lut_c, blut, thr)
+    lut_e = np.empty(SLOTS, np.uint32)
+    parts, k_e, _, words_e, xs_e, _, _, st_e = _prepare_ext(buf_e, lut_e)
+    if st_c or st_e or parts != 1 or src != SRC_SELF:
+        return -2
+    n_c = out_c.size
+    m_e = out_e.size - LANES * k_e
+    if m_e < 0:
+        return -1
+    oe = out_e[:m_e]
+    nwc = words_c.size
+    nwe = words_e.size
+    pc = pe = 2 * LANES
+    zero = np.zeros(LANES, np.uint8)
+    i = 0
+    n = min(n_c, m_e)
+    if LANES <= n and pc + LANES <= nwc and pe + LANES <= nwe:
+        pc = _round16c(lut_c, words_c, pc, xs_c, 0, out_c, 0, zero, 0, thr)
+        pe = _round16(lut_e, words_e, pe, xs_e, 0, oe, 0)
+        pc = _round16c(lut_c, words_c, pc, xs_c, 1, out_c, V, zero, V, thr)
+        pe = _round16(lut_e, words_e, pe, xs_e, 1, oe, V)
+        i = LANES
+        while i + LANES <= n and pc + LANES <= nwc and pe + LANES <= nwe:
+            pc = _round16c(lut_c, words_c, pc, xs_c, 0, out_c, i, out_c, i - LANES, thr)
+            pe = _round16(lut_e, words_e, pe, xs_e, 0, oe, i)
+            pc = _round16c(lut_c, words_c, pc, xs_c, 1, out_c, i + V, out_c, i + V - LANES, thr)
+            pe = _round16(lut_e, words_e, pe, xs_e, 1, oe, i + V)
+            i += LANES
+    # each finishes on its own: vector steps while words remain, then the checked scalar tail
+    ic = i
+    if ic >= LANES:
+        while ic + LANES <= n_c and pc + LANES <= nwc:
+            pc = _round16c(lut_c, words_c, pc, xs_c, 0, out_c, ic, out_c, ic - LANES, thr)
+            pc = _round16c(lut_c, words_c, pc, xs_c, 1, out_c, ic + V, out_c, ic + V - LANES, thr)
+            ic += LANES
+    ie = i
+    while ie + LANES <= m_e and pe + LANES <= nwe:
+        pe = _round16(lut_e, words_e, pe, xs_e, 0, oe, ie)
+        pe = _round16(lut_e, words_e, pe, xs_e, 1, oe, ie + V)
+        ie += LANES
+    if _tail_self(words_c, lut_c, blut, xs_c, out_c, ic, n_c, pc):
+        return -1
+    if _tail6(words_e, lut_e, xs_e, oe, ie, pe, False) or _state_symbols(lut_e, xs_e, out_e, m_e):
+        return -1
+    return 0
 
 
 @njit(nogil=True, boundscheck=False)

@@ -136,8 +136,10 @@ def _plan_planes(cls: int, planes: list[np.ndarray]) -> list:
 
 def _encode_planes(planes: list[np.ndarray], plans) -> list[tuple[int, bytes]]:
     parts = [1] * len(planes)
-    coders = [k for k, (m, _, _) in enumerate(plans) if m == M_RANS32E]
-    if len(coders) == 1 and planes[coders[0]].size >= SPLIT_MIN:
+    coders = [k for k, (m, _, _) in enumerate(plans) if m in (M_RANS32E, M_RANS32C)]
+    # a lone method-6 stream is split in two parts (four vector chains); next to a method-7 stream it is not:
+    # the two decode in one loop
+    if len(coders) == 1 and plans[coders[0]][0] == M_RANS32E and planes[coders[0]].size >= SPLIT_MIN:
         k = coders[0]
         if plans[k][2] + FLUSH_BYTES[M_RANS32E] + 3 < RANS_KEEP * planes[k].size:
             parts[k] = 2
@@ -189,6 +191,13 @@ def encode(raw: bytes, segments: tuple[Segment, ...], effort: int, level: int | 
     if not force and all(cls == fields.CLASS_GENERIC for _, cls in regions):
         got = generic.encode_generic(raw, effort, level)
         return EncodedChunk(got[0], b"", got[1]) if got else None
+    params, payload = encode_parts(raw, regions, effort, level)
+    return EncodedChunk(CODEC_TENSOR, params, b"".join(payload))
+
+
+def encode_parts(raw: bytes | memoryview, regions: list[tuple[int, int]], effort: int, level: int | None
+                 ) -> tuple[bytes, list[bytes]]:
+    """Version-1 params and the payload's streams (not joined: blocks joins every block's streams once)."""
     arr = np.frombuffer(raw, np.uint8)
     by_class: dict[int, list[np.ndarray]] = {}
     pos = 0
@@ -215,7 +224,7 @@ def encode(raw: bytes, segments: tuple[Segment, ...], effort: int, level: int | 
             params.append(method)
             _put_varint(params, len(blob))
             payload.append(blob)
-    return EncodedChunk(CODEC_TENSOR, bytes(params), b"".join(payload))
+    return bytes(params), payload
 
 
 def _decode_runs(method: int, blob: memoryview) -> bytes:
@@ -325,14 +334,25 @@ def _merge_class(cls, scratch, out):
 
 @njit(nogil=True)
 def _fused_vec(cls, payload, meths, offs, lens, scratch, out):
-    """Decode a float class's streams (methods 0, 2, 3, 6) into scratch rows and merge them into out;
+    """Decode a float class's streams (methods 0, 2, 3, 6, 7) into scratch rows and merge them into out;
     0 or -(stream+1)."""
     # two single-part method-6 streams at a time: one loop over both keeps four vector chains in flight
     # (a two-part stream has its own two parts for that)
     pending = -1
     paired = np.zeros(meths.size, np.bool_)
+    if meths.size > 1 and meths[0] == M_RANS32C and lens[0] > 0 and payload[offs[0]] == rans32c.SRC_SELF:
+        # a method-7 exponent and the first single-part method-6 stream: one loop, four vector chains
+        for k in range(1, meths.size):
+            if meths[k] == M_RANS32E and lens[k] > 0 and payload[offs[k]] == 1:
+                st = rans32c.decode_pair_into(payload[offs[0] : offs[0] + lens[0]], scratch[0],
+                                              payload[offs[k] : offs[k] + lens[k]], scratch[k])
+                if st == -1:
+                    return -(k + 1)
+                if st == 0:
+                    paired[0] = paired[k] = True
+                break
     for k in range(meths.size):
-        if meths[k] != M_RANS32E or lens[k] < 1 or payload[offs[k]] != 1:
+        if paired[k] or meths[k] != M_RANS32E or lens[k] < 1 or payload[offs[k]] != 1:
             continue
         if pending < 0:
             pending = k
@@ -356,8 +376,8 @@ def _fused_vec(cls, payload, meths, offs, lens, scratch, out):
             if not paired[k] and rans32.decode_ext_into(payload[offs[k] : offs[k] + lens[k]], scratch[k]) != 0:
                 return -(k + 1)
         elif meths[k] == M_RANS32C:
-            if not _ctx_ok(k, payload, offs, lens) or \
-                    rans32c.decode_into(payload[offs[k] : offs[k] + lens[k]], scratch[0], scratch[k]) != 0:
+            if not paired[k] and (not _ctx_ok(k, payload, offs, lens) or
+                                  rans32c.decode_into(payload[offs[k] : offs[k] + lens[k]], scratch[0], scratch[k])):
                 return -(k + 1)
         elif _decode_simple(k, payload, meths, offs, lens, scratch[k]) != 0:
             return -(k + 1)
