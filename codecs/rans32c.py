@@ -435,17 +435,36 @@ def _encoder():
 def bucket_symbols(data, ctx, lag, blut, idx, counts):
     """idx[i] = bucket(context of i) << 8 | data[i] (context: data[i - lag] if lag, 0 before the start, else
     ctx[i]); counts[bucket * 256 + symbol] += 1. Four sub-counters: runs of one value would stall on one."""
-    sub = np.zeros((4, counts.size), np.int64)
-    for i in range(data.size):
-        if lag:
-            c = data[i - lag] if i >= lag else 0
-        else:
-            c = ctx[i]
-        v = (np.int64(blut[c]) << 8) | np.int64(data[i])
+    sub = np.zeros((4, counts.size), np.uint32)
+    n = data.size
+    head = min(lag, n)
+    for i in range(head):
+        v = (np.int64(blut[0]) << 8) | np.int64(data[i])
         idx[i] = v
         sub[i & 3, v] += 1
+    src = data[: max(n - lag, 0)] if lag else ctx
+    body = data[head:]
+    out = idx[head:]
+    n4 = body.size & ~3
+    for i in range(0, n4, 4):
+        v0 = (np.int64(blut[src[i]]) << 8) | np.int64(body[i])
+        v1 = (np.int64(blut[src[i + 1]]) << 8) | np.int64(body[i + 1])
+        v2 = (np.int64(blut[src[i + 2]]) << 8) | np.int64(body[i + 2])
+        v3 = (np.int64(blut[src[i + 3]]) << 8) | np.int64(body[i + 3])
+        out[i] = v0
+        out[i + 1] = v1
+        out[i + 2] = v2
+        out[i + 3] = v3
+        sub[0, v0] += 1
+        sub[1, v1] += 1
+        sub[2, v2] += 1
+        sub[3, v3] += 1
+    for i in range(n4, body.size):
+        v = (np.int64(blut[src[i]]) << 8) | np.int64(body[i])
+        out[i] = v
+        sub[0, v] += 1
     for v in range(counts.size):
-        counts[v] = sub[0, v] + sub[1, v] + sub[2, v] + sub[3, v]
+        counts[v] = np.int64(sub[0, v]) + sub[1, v] + sub[2, v] + sub[3, v]
 
 
 @njit(nogil=True)
