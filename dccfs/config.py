@@ -79,9 +79,13 @@ class Config:
     rules: tuple[Rule, ...] = ()
     chunk_size: int = 1 << DEFAULT_CHUNK_SHIFT
     sync_on_close: bool = True
+    # The kernel's FUSE writeback cache (never with shared); docs/performance.md.
+    writeback_cache: bool = True
     shared: bool = False
     # Store a new checkpoint as a delta of the previous one of its series (docs/delta.md).
     delta: bool = True
+    # Longest chain of deltas a new chunk may start (1: every delta refers to a keyframe).
+    delta_chain: int = 1
     source: str = "<defaults>"
 
     def rule_for(self, relpath: str) -> Rule:
@@ -107,7 +111,8 @@ class Config:
         return replace(self, cache=replace(self.cache, **changes))
 
 
-_TOP_KEYS = {"cache", "rule", "chunk_size", "sync_on_close", "shared", "delta"}
+_TOP_KEYS = {"cache", "rule", "chunk_size", "sync_on_close", "shared", "delta", "delta_chain",
+             "writeback_cache"}
 _CACHE_KEYS = {"policy", "t0_bytes", "dirty_bytes", "readahead_chunks", "write_admit"}
 _RULE_KEYS = {"glob", "codec", "level", "chunk_size", "delta"}
 
@@ -185,11 +190,16 @@ def parse_config(data: dict, source: str) -> Config:
     top = {}
     if "chunk_size" in data:
         top["chunk_size"] = check_chunk_size(data["chunk_size"], f"{source}: chunk_size")
-    for key in ("sync_on_close", "shared", "delta"):
+    for key in ("sync_on_close", "shared", "delta", "writeback_cache"):
         if key in data:
             if not isinstance(data[key], bool):
                 raise ConfigError(f"{source}: {key} must be true or false")
             top[key] = data[key]
+    if "delta_chain" in data:
+        chain = data["delta_chain"]
+        if not isinstance(chain, int) or isinstance(chain, bool) or not 1 <= chain <= 16:
+            raise ConfigError(f"{source}: delta_chain must be an integer 1..16, got {chain!r}")
+        top["delta_chain"] = chain
     return Config(cache=CacheConfig(**cache), rules=rules, source=source, **top)
 
 

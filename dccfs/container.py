@@ -268,16 +268,18 @@ class Container:
 
     # -- reading ---------------------------------------------------------------
 
-    def read_chunk(self, chunk_index: int, loc: ChunkLoc | None = None) -> bytes | None:
-        """The verified raw bytes of one stored chunk, or None for a hole."""
+    def read_chunk(self, chunk_index: int, loc: ChunkLoc | None = None,
+                   chain_left: int | None = None) -> bytes | None:
+        """The verified raw bytes of one stored chunk, or None for a hole. chain_left bounds
+        the delta records a read may walk below this one (None: as deep as the record says)."""
         if loc is None:
             loc = self.index.get(chunk_index)
             if loc is None:
                 return None
         record = pread_exact(self.fd, loc.length, loc.offset)
-        return self.decode_record(chunk_index, record)
+        return self.decode_record(chunk_index, record, chain_left)
 
-    def decode_record(self, chunk_index: int, record: bytes) -> bytes:
+    def decode_record(self, chunk_index: int, record: bytes, chain_left: int | None = None) -> bytes:
         try:
             head = RecordHeader.unpack(record)
         except FormatError as exc:
@@ -289,7 +291,7 @@ class Container:
         payload = body[head.params_len:]
         try:
             if head.sub == CODEC_DELTA:
-                raw = self._decode_delta(chunk_index, params, payload, head.b)
+                raw = self._decode_delta(chunk_index, params, payload, head.b, chain_left)
             else:
                 raw = decode_chunk(head.sub, params, payload, head.b)
         except CodecError as exc:
@@ -298,7 +300,8 @@ class Container:
             raise ChunkError(self.path, chunk_index, "checksum mismatch: stored data is damaged")
         return raw
 
-    def _decode_delta(self, chunk_index: int, params: bytes, payload, raw_len: int) -> bytes:
+    def _decode_delta(self, chunk_index: int, params: bytes, payload, raw_len: int,
+                      chain_left: int | None) -> bytes:
         from dccfs.delta import BaseRef, store_for_path
         store = self.base_store or store_for_path(self.path)
         if store is None:
@@ -306,6 +309,11 @@ class Container:
                              "(.dccfs/bases) to find its base in")
         try:
             ref = BaseRef.unpack(delta_base_ref(params))
+            if chain_left is not None and ref.depth > chain_left:
+                # The base this chain came from said its chunk was shallower: damaged or
+                # foreign records, never a longer walk.
+                raise ValueError(f"delta chain of depth {ref.depth} where at most {chain_left} "
+                                 "is allowed")
             base = store.read_base_chunk(ref)
         except (ValueError, OSError) as exc:
             raise ChunkError(self.path, chunk_index, f"delta base unavailable: {exc}") from exc

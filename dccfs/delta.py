@@ -18,15 +18,19 @@ import struct
 import threading
 from dataclasses import dataclass
 
-from dccfs.container import ChunkError, ChunkLoc, Container, ContainerError, pread_exact
-from dccfs.codecs.delta import CODEC_DELTA
-from dccfs.format import HEADER_SIZE, RECORD_HEADER_SIZE, FormatError, Header, RecordHeader, checksum64
+from dccfs.container import ChunkError, Container, ContainerError, pread_exact
+from dccfs.codecs import CodecError
+from dccfs.codecs.delta import CODEC_DELTA, delta_base_ref
+from dccfs.format import HEADER_SIZE, RECORD_HEADER_SIZE, FormatError, Header, RecordHeader
 from dccfs.syscalls import AT_FDCWD, link_fd
 
 log = logging.getLogger(__name__)
 
 BASES_DIR = os.path.join(".dccfs", "bases")
 _REF = struct.Struct("<16sIQQIQ")  # file id, generation, chunk index, offset, length, raw xxh3
+# The config's delta_chain may not exceed this; a reader refuses deeper references, so a
+# damaged or cyclic reference cannot make it walk further.
+MAX_CHAIN = 16
 # Base files considered: siblings whose names differ only in digits (step-10 / step-20),
 # in the same directory or in sibling directories, newest first.
 MAX_CANDIDATES = 8
@@ -40,15 +44,26 @@ class BaseRef:
     offset: int
     length: int
     raw_sum: int
+    # Deltas from this chunk down to a keyframe: 1 when the base chunk is a keyframe.
+    # Packed as a 49th byte only when > 1, so chain-1 references keep their 48 bytes.
+    depth: int = 1
 
     def pack(self) -> bytes:
-        return _REF.pack(self.file_id, self.generation, self.chunk_index, self.offset,
-                         self.length, self.raw_sum)
+        ref = _REF.pack(self.file_id, self.generation, self.chunk_index, self.offset,
+                        self.length, self.raw_sum)
+        return ref + bytes([self.depth]) if self.depth > 1 else ref
 
     @classmethod
     def unpack(cls, data: bytes) -> "BaseRef":
+        if len(data) == _REF.size + 1:
+            depth = data[-1]
+            if not 2 <= depth <= MAX_CHAIN:
+                raise ValueError(f"delta base reference has chain depth {depth}, "
+                                 f"expected 2..{MAX_CHAIN}")
+            return cls(*_REF.unpack(data[:-1]), depth)
         if len(data) != _REF.size:
-            raise ValueError(f"delta base reference is {len(data)} bytes, expected {_REF.size}")
+            raise ValueError(f"delta base reference is {len(data)} bytes, expected {_REF.size} "
+                             f"or {_REF.size + 1}")
         return cls(*_REF.unpack(data))
 
     @property
@@ -73,6 +88,11 @@ class BaseStore:
         self.cache = cache
         self._open: dict[str, Container] = {}
         self._lock = threading.Lock()
+        if cache is not None:
+            # The mount's store (the one with a cache): load the delta decode kernels in the
+            # background, as the engine does for the keyframe codecs, so the first delta read
+            # does not wait for them.
+            threading.Thread(target=_warm_up, name="dccfs-delta-warm-up", daemon=True).start()
 
     def container_for(self, ref: BaseRef) -> Container:
         with self._lock:
@@ -93,16 +113,25 @@ class BaseStore:
             return container
 
     def read_base_chunk(self, ref: BaseRef) -> bytes:
-        """The base chunk's raw bytes, verified against the checksum the delta recorded."""
+        """The base chunk's raw bytes, verified against the checksum the delta recorded.
+        A base chunk that is itself a delta must be one of depth ref.depth - 1 (a keyframe
+        for depth 1), so a read walks at most ref.depth records."""
         key = (ref.file_id + ref.generation.to_bytes(4, "little"), ref.chunk_index, ref.offset)
         if self.cache is not None:
             raw = self.cache.get(key)
             if raw is not None:
                 return raw
         container = self.container_for(ref)
-        raw = container.read_chunk(ref.chunk_index, ChunkLoc(ref.offset, ref.length))
-        if raw is None or checksum64(raw) != ref.raw_sum:
+        record = pread_exact(container.fd, ref.length, ref.offset)
+        try:
+            head = RecordHeader.unpack(record)
+        except FormatError as exc:
+            raise ChunkError(container.path, ref.chunk_index, f"delta base record: {exc}") from exc
+        # decode_record checks the decoded bytes against the record's checksum, so comparing
+        # that checksum with the one the delta recorded verifies them without hashing twice.
+        if head.c != ref.raw_sum:
             raise ChunkError(container.path, ref.chunk_index, "delta base chunk does not match")
+        raw = container.decode_record(ref.chunk_index, record, chain_left=ref.depth - 1)
         if self.cache is not None:
             self.cache.put(key, raw)
         return raw
@@ -112,6 +141,14 @@ class BaseStore:
             for container in self._open.values():
                 os.close(container.fd)
             self._open.clear()
+
+
+def _warm_up() -> None:
+    from dccfs.codecs.delta import warm_up
+    try:
+        warm_up()
+    except Exception:
+        log.exception("delta kernel warm-up failed; they will load on first use")
 
 
 _stores: dict[str, BaseStore] = {}
@@ -189,7 +226,7 @@ def find_base_candidates(backing_root: str, relpath: str) -> list[str]:
 
 def open_base(path: str, exclude_file_id: bytes) -> Container | None:
     """Open a candidate base read-only if it is a clean, committed container. Chain length
-    is bounded per chunk: a base chunk that is itself a delta is never used as a base."""
+    is bounded per chunk (DeltaWriter.max_chain)."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
@@ -219,10 +256,14 @@ class DeltaWriter:
     fsck --repair) but never a delta without its base.
     """
 
-    def __init__(self, backing_root: str, base: Container, cache=None, always: bool = False):
+    def __init__(self, backing_root: str, base: Container, cache=None, always: bool = False,
+                 max_chain: int = 1):
         self.backing_root = backing_root
         self.base = base
         self.cache = cache
+        # A base chunk that is a delta of depth max_chain (or more) is not used: such
+        # chunks are stored as keyframes, which later files can start a new chain from.
+        self.max_chain = max(1, min(max_chain, MAX_CHAIN))
         # Delta encoding tries several transforms per chunk (about 3x the CPU of a
         # keyframe). By default it runs only while the encoders keep up with the writer
         # (effort >= 1), so it never slows a save down; a rule with delta = true forces it.
@@ -233,13 +274,13 @@ class DeltaWriter:
 
     @classmethod
     def for_file(cls, backing_root: str, relpath: str, file_id: bytes, cache=None,
-                 always: bool = False) -> "DeltaWriter | None":
+                 always: bool = False, max_chain: int = 1) -> "DeltaWriter | None":
         for path in find_base_candidates(backing_root, relpath):
             base = open_base(path, file_id)
             if base is not None:
                 log.info("%s: storing as a delta of %s", relpath,
                          os.path.relpath(path, backing_root))
-                return cls(backing_root, base, cache, always)
+                return cls(backing_root, base, cache, always, max_chain)
         return None
 
     def _base_chunk(self, idx: int) -> tuple[bytes, BaseRef] | None:
@@ -248,10 +289,16 @@ class DeltaWriter:
             return None
         try:
             head = RecordHeader.unpack(pread_exact(self.base.fd, RECORD_HEADER_SIZE, loc.offset))
-        except FormatError:
+            depth = 1
+            if head.sub == CODEC_DELTA:
+                if self.max_chain == 1:
+                    return None
+                params = pread_exact(self.base.fd, head.params_len, loc.offset + RECORD_HEADER_SIZE)
+                depth = BaseRef.unpack(delta_base_ref(params)).depth + 1
+                if depth > self.max_chain:
+                    return None  # the chain is as long as allowed: store a keyframe
+        except (FormatError, ValueError, CodecError):
             return None
-        if head.sub == CODEC_DELTA:
-            return None  # chain length 1: never a delta of a delta
         key = (self.base.cache_id, idx, loc.offset)
         raw = self.cache.get(key) if self.cache is not None else None
         if raw is None:
@@ -263,7 +310,7 @@ class DeltaWriter:
             if self.cache is not None:
                 self.cache.put(key, raw)
         ref = BaseRef(self.base.header.file_id, self.base.header.generation, idx, loc.offset,
-                      loc.length, head.c)
+                      loc.length, head.c, depth)
         return raw, ref
 
     def encode(self, idx: int, raw: bytes, hints):
@@ -290,14 +337,25 @@ class DeltaWriter:
 
 
 def unreferenced_bases(backing_root: str) -> list[str]:
-    """Pinned base links that no container's delta chunk names any more."""
-    from dccfs.inspect import describe_tree
+    """Pinned base links that no container's delta chunk names any more, directly or
+    through another pinned base (a chain: the base of a base is needed as long as its
+    dependent is)."""
+    from dccfs.inspect import describe_file, describe_tree
     bases_dir = os.path.join(backing_root, BASES_DIR)
     try:
         pinned = [n for n in os.listdir(bases_dir) if not n.endswith(".tmp")]
     except FileNotFoundError:
         return []
-    referenced = set()
-    for row in describe_tree(backing_root):
-        referenced.update(row.get("delta_of", ()))
+    referenced: set[str] = set()
+    todo = [name for row in describe_tree(backing_root) for name in row.get("delta_of", ())]
+    while todo:
+        name = todo.pop()
+        if name in referenced:
+            continue
+        referenced.add(name)
+        if name in pinned:
+            try:
+                todo.extend(describe_file(os.path.join(bases_dir, name)).get("delta_of", ()))
+            except OSError as exc:
+                log.warning("%s: cannot read pinned base: %s", name, exc)
     return [os.path.join(bases_dir, n) for n in sorted(pinned) if n not in referenced]
