@@ -158,6 +158,16 @@ def main(argv: list[str] | None = None) -> int:
         for n in (len(warm), 4096):
             enc = encode_chunk(warm[:n], ChunkHints(segments=(Segment(0, n, dtype),)))
             decode_chunk(enc.codec_id, enc.params, enc.payload, n)
+    # and the checkpoint paths: blocks (two tensors), zero-masked rows, method 7 (rows with their own scale)
+    rng = np.random.default_rng(1)
+    rows = rng.normal(0, 1e-3, (512, 384)) * np.exp(rng.normal(0, 2, (512, 1)))
+    rows[rng.random(512) < 0.5] = 0
+    ckpt = np.concatenate([rng.normal(0, 0.05, 65536), rows.reshape(-1)]).astype(np.float32).tobytes()
+    segs = (Segment(0, 262144, "f32"), Segment(262144, len(ckpt) - 262144, "f32"))
+    enc = encode_chunk(ckpt, ChunkHints(segments=segs))
+    decode_chunk(enc.codec_id, enc.params, enc.payload, len(ckpt))
+    enc = encode_chunk(ckpt[262144:], ChunkHints(segments=(Segment(0, len(ckpt) - 262144, "f32"),)))
+    decode_chunk(enc.codec_id, enc.params, enc.payload, len(ckpt) - 262144)
     if args.side_by_side:
         side_by_side(args.files, args.window_mib, args.offset_mib, args.passes, args.chunk_kib)
         return 0
