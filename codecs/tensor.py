@@ -234,8 +234,10 @@ def _decode_runs(method: int, blob: memoryview) -> bytes:
     return _decode_stream(method, blob[pos:], length).tobytes()
 
 
-def _decode_zero_class(cls: int, payload: memoryview, meths, offs, lens, nbytes: int) -> np.ndarray:
-    """A zero-masked class: the run list, the base class's streams over the nonzero elements, then expand."""
+def _decode_zero_class(cls: int, payload: memoryview, meths, offs, lens, nbytes: int,
+                       out: np.ndarray | None = None) -> np.ndarray:
+    """A zero-masked class: the run list, the base class's streams over the nonzero elements, then expand (into
+    out when given)."""
     base = zeros.BASE_CLASS[cls]
     width = fields.CLASSES[base][0]
     runs, k, nonzero = zeros.parse_runs(_decode_runs(meths[0], payload[offs[0] : offs[0] + lens[0]]), nbytes // width)
@@ -250,7 +252,8 @@ def _decode_zero_class(cls: int, payload: memoryview, meths, offs, lens, nbytes:
     else:
         streams = [_decode_stream(m, payload[o : o + ln], nonzero) for m, o, ln in zip(meths, offs, lens)]
         packed = fields.merge(base, streams, nonzero * width)
-    out = np.empty(nbytes, np.uint8)
+    if out is None:
+        out = np.empty(nbytes, np.uint8)
     zeros.expand(packed, runs, k, width, out)
     return out
 
@@ -597,6 +600,9 @@ def decode_into(params: bytes, payload: bytes | memoryview, raw_len: int, out: n
         # one float class covering the chunk: decode and merge straight into the output
         _decode_fast(plan[0][0], np.frombuffer(payload, np.uint8), *plan[0][1:], out)
         return out
+    if len(plan) == 1 and plan[0][0] in zeros.BASE_CLASS:
+        # one zero-masked class covering the chunk: expand straight into the output
+        return _decode_zero_class(plan[0][0], payload, *plan[0][1:], raw_len, out)
     decoded: dict[int, np.ndarray] = {}
     for cls, meths, offs, lens in plan:
         width, _ = fields.CLASSES[cls]
