@@ -18,7 +18,6 @@ import time
 
 import trio
 
-from dccfs.codecs import ChunkHints
 from dccfs.config import Rule
 from dccfs.container import ChunkError, ChunkLoc, Container
 from dccfs.chunkcoder import ChunkCoder
@@ -45,7 +44,9 @@ class ContainerFile:
         container.base_store = engine.bases
         self.chunk_size = container.chunk_size
         self.size = container.size
-        self.dirty: dict[int, bytearray] = {}
+        # A chunk written whole in one request is kept as the request's own bytes (no
+        # copy); one assembled from pieces is a bytearray. _mutable() converts on demand.
+        self.dirty: dict[int, bytes | bytearray] = {}
         self.versions: dict[int, int] = {}
         self.inflight: set[int] = set()
         self.mtime_ns: int | None = None
@@ -101,7 +102,11 @@ class ContainerFile:
         if first == last:
             data = pieces[first]
             lo = offset - first * cs
-            piece = bytes(memoryview(data)[lo:end - first * cs]) if data else b""
+            hi = end - first * cs
+            if lo == 0 and isinstance(data, bytes) and hi >= len(data):
+                piece = data  # the whole chunk, as cached: no copy
+            else:
+                piece = bytes(memoryview(data)[lo:hi]) if data else b""
             # A stored chunk may end before the logical size (zeros follow).
             return piece + bytes(end - offset - len(piece)) if len(piece) < end - offset else piece
         out = bytearray(end - offset)
@@ -192,8 +197,22 @@ class ContainerFile:
                 idx, inner = divmod(pos, cs)
                 n = min(cs - inner, end - pos)
                 buf = self.dirty.get(idx)
+                if inner == 0 and n == cs:
+                    # A whole chunk: keep the request's bytes (copied only if sliced).
+                    if buf is None:
+                        await self._reserve_dirty()
+                    self.dirty[idx] = data if n == len(data) and isinstance(data, bytes) \
+                        else bytes(view[pos - offset:pos - offset + n])
+                    self.versions[idx] = self.versions.get(idx, -1) + 1
+                    if end > self.size:
+                        self.size = end
+                    self.schedule_flush(idx)
+                    pos += n
+                    continue
                 if buf is None:
-                    buf = await self._make_dirty(idx, whole=(inner == 0 and n == cs))
+                    buf = await self._make_dirty(idx, whole=False)
+                else:
+                    buf = self._mutable(idx, buf)
                 if len(buf) < inner:
                     buf.extend(bytes(inner - len(buf)))
                 buf[inner:inner + n] = view[pos - offset:pos - offset + n]
@@ -211,8 +230,11 @@ class ContainerFile:
         if self.failure is not None:
             raise OSError(self.failure.errno, f"{self.path}: {self.failure.strerror}")
 
-    async def _make_dirty(self, idx: int, whole: bool) -> bytearray:
+    async def _reserve_dirty(self) -> None:
         await self.engine.dirty.reserve(self.chunk_size, check=self._raise_failure)
+
+    async def _make_dirty(self, idx: int, whole: bool) -> bytearray:
+        await self._reserve_dirty()
         try:
             existing = None if whole else await self.load_chunk(idx)
         except BaseException:
@@ -221,6 +243,13 @@ class ContainerFile:
         buf = bytearray(existing) if existing else bytearray()
         self.dirty[idx] = buf
         self.versions[idx] = 0
+        return buf
+
+    def _mutable(self, idx: int, buf: bytes | bytearray) -> bytearray:
+        """The dirty chunk as a bytearray, converting a whole-chunk write's bytes once."""
+        if isinstance(buf, bytearray):
+            return buf
+        buf = self.dirty[idx] = bytearray(buf)
         return buf
 
     def _drop_dirty(self, idx: int) -> None:
@@ -255,16 +284,16 @@ class ContainerFile:
                 return
             version = self.versions[idx]
             limit = max(0, min(len(buf), self.size - idx * self.chunk_size))
-            raw = bytes(memoryview(buf)[:limit])
+            # bytes are immutable, so a whole-chunk write is encoded without a copy.
+            raw = buf if isinstance(buf, bytes) and limit == len(buf) else bytes(memoryview(buf)[:limit])
             if is_all_zero(raw):
                 # All zeros: a hole costs nothing on disk.
                 self.container.drop_chunk(idx)
             else:
-                hints = self.coder.hints_for(idx, raw)
-                # One worker-thread hop per chunk: encode, then append under the
-                # container's own lock (the append is a page-cache copy).
+                # One worker-thread hop per chunk: layout hints (a header scan), encode,
+                # then append under the container's own lock (a page-cache copy).
                 loc = await trio.to_thread.run_sync(
-                    self._encode_and_append, idx, raw, hints, limiter=self.engine.cpu_limiter)
+                    self._encode_and_append, idx, raw, limiter=self.engine.cpu_limiter)
                 key = (self.cache_id, idx, loc.offset)
                 self.engine.cache.put(key, raw, is_write=True)
                 self.engine.record_access(key, len(raw), True)
@@ -286,8 +315,8 @@ class ContainerFile:
             if self._busy == 0:
                 self._idle.set()
 
-    def _encode_and_append(self, idx: int, raw: bytes, hints: ChunkHints) -> ChunkLoc:
-        encoded, raw_sum = self.coder.encode(idx, raw, hints)
+    def _encode_and_append(self, idx: int, raw: bytes) -> ChunkLoc:
+        encoded, raw_sum = self.coder.encode(idx, raw, self.coder.hints_for(idx, raw))
         return self.container.append_chunk(idx, encoded, len(raw), raw_sum)
 
     async def _wait_idle(self) -> None:
@@ -331,6 +360,8 @@ class ContainerFile:
                     buf = self.dirty.get(idx)
                     if buf is None:
                         buf = await self._make_dirty(idx, whole=False)
+                    else:
+                        buf = self._mutable(idx, buf)
                     del buf[inner:]
                     self.versions[idx] += 1
             self.size = new_size
