@@ -62,6 +62,11 @@ class DccfsOperations(pyfuse3.Operations):
         self.inodes = InodeTable(root_fd)
         self.handles = HandleTable(engine, backing_root, self.inodes)
         self.timeout = 0.0 if engine.config.shared else DEFAULT_TIMEOUT_S
+        # The kernel's writeback cache turns 64 KiB splice writes (cp) and unaligned 1 MiB
+        # writes (torch.save) into aligned 1 MiB WRITEs, which halved the daemon's CPU per
+        # byte written (docs/performance.md). It trusts its own size and mtime, so not
+        # with --shared, where another node changes files behind the kernel's back.
+        self.enable_writeback_cache = engine.config.writeback_cache and not engine.config.shared
         self._dirs: dict[int, list[bytes]] = {}
         self._next_dir = 1
 
@@ -283,14 +288,24 @@ class DccfsOperations(pyfuse3.Operations):
         return pyfuse3.FileInfo(fh=handle.number, keep_cache=not self.engine.config.shared,
                                 direct_io=False)
 
+    def _open_flags(self, flags: int) -> int:
+        if self.enable_writeback_cache:
+            # The kernel applies O_APPEND itself against its cached size, and reads pages
+            # through any handle to fill partially written ones (write-only included).
+            flags &= ~os.O_APPEND
+            if flags & os.O_ACCMODE == os.O_WRONLY:
+                flags = (flags & ~os.O_ACCMODE) | os.O_RDWR
+        return flags
+
     @guarded
     async def open(self, inode, flags, ctx):
         node = self.inodes.get(inode)
-        handle = await self.handles.open(node, flags)
+        handle = await self.handles.open(node, self._open_flags(flags))
         return self._file_info(handle, flags)
 
     @guarded
     async def create(self, parent_inode, name, mode, flags, ctx):
+        flags = self._open_flags(flags)
         self._check_name(parent_inode, name)
         parent = self.inodes.get(parent_inode)
         try:
