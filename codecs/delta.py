@@ -190,26 +190,28 @@ def _unsub(t, base, out, bits, perm, scaled, ebits, mbits, cbits, steps):
         elif steps != 1:
             p = _scale_fast(v, ebits, mbits, cm, ce, steps)
         else:
-            # _scale_fast's common case without its branch, so that this loop vectorises; the elements
-            # it does not cover (zeros, subnormals, inf, nan, subnormal products) are redone below.
+            # _scale_fast's common case without its branch, so that this loop vectorises. Zeros,
+            # inf and nan predict themselves (selected here: all-zero optimizer rows are common);
+            # subnormal elements and subnormal products are redone below.
             e = (v >> mbits) & emax
             prod = ((v & (hidden - 1)) | hidden) * cm
             up = prod >> (mbits + 24)
             er = e + ce - 127 + up
-            slow |= (e == 0) | (e == emax) | (er <= 0)
+            same = (e == emax) | ((v & (sbit - 1)) == 0)
+            slow |= (e != emax) & ((v & (sbit - 1)) != 0) & ((e == 0) | (er <= 0))
             sh = 23 + up
             q = prod >> sh
             rem = prod & ((np.int64(1) << sh) - 1)
             half = np.int64(1) << (sh - 1)
             q += (rem > half) | ((rem == half) & ((q & 1) == 1))
-            p = (v & sbit) | min((er << mbits) + q - hidden, inf)
+            p = v if same else (v & sbit) | min((er << mbits) + q - hidden, inf)
         out[i] = (p + d) & mask
     if slow:
         for i in range(t.size):
             v = np.int64(base[i])
             e = (v >> mbits) & emax
             er = e + ce - 127 + ((((v & (hidden - 1)) | hidden) * cm) >> (mbits + 24))
-            if e == 0 or e == emax or er <= 0:
+            if e != emax and (v & (sbit - 1)) != 0 and (e == 0 or er <= 0):
                 w = np.int64(t[i])
                 if perm:
                     z = (((w >> 23) & 0xFF) << 24) | ((w >> 31) << 23) | (w & 0x7FFFFF)
