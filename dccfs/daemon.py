@@ -16,9 +16,9 @@ from dccfs.fs import DccfsOperations
 log = logging.getLogger(__name__)
 
 # libfuse 3.14 negotiates max_readahead = 128 KiB, so a sequential reader arrives as
-# 128 KiB READs, two per chunk. The mount's bdi read_ahead_kb can be raised after
-# mounting (root only): 1 MiB READs span four chunks, which then decode in parallel.
-# docs/performance.md has the measurements.
+# 128 KiB READs, eight per 1 MiB chunk. The mount's bdi read_ahead_kb can be raised
+# (root only), but only after the INIT reply: the kernel sets it to the negotiated
+# value while processing that reply. docs/performance.md has the measurements.
 READ_AHEAD_KB = 1024
 
 
@@ -76,12 +76,18 @@ def fuse_options(req) -> set[str]:
     return options
 
 
-async def _main(ops: DccfsOperations, engine: Engine, control) -> None:
+async def _raise_read_ahead_after_init(ops: DccfsOperations, mountpoint: str) -> None:
+    await ops.fuse_ready.wait()
+    await trio.to_thread.run_sync(raise_read_ahead, mountpoint)
+
+
+async def _main(ops: DccfsOperations, engine: Engine, control, mountpoint: str) -> None:
     async with trio.open_nursery() as nursery:
         engine.nursery = nursery
         nursery.start_soon(_stop_on_signals, ops, nursery)
         if control is not None:
             nursery.start_soon(control.serve)
+        nursery.start_soon(_raise_read_ahead_after_init, ops, mountpoint)
         try:
             await pyfuse3.main(min_tasks=4, max_tasks=64)
         finally:
@@ -112,11 +118,10 @@ def serve(backing: str, mountpoint: str, req, on_mounted) -> None:
     except ImportError:
         control = None
     pyfuse3.init(ops, mountpoint, fuse_options(req))
-    raise_read_ahead(mountpoint)
     unmount = True
     try:
         on_mounted()
-        trio.run(_main, ops, engine, control)
+        trio.run(_main, ops, engine, control, mountpoint)
     except BaseException:
         log.exception("the FUSE main loop failed")
         raise

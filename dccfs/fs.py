@@ -69,6 +69,12 @@ class DccfsOperations(pyfuse3.Operations):
         self.enable_writeback_cache = engine.config.writeback_cache and not engine.config.shared
         self._dirs: dict[int, list[bytes]] = {}
         self._next_dir = 1
+        self.fuse_ready = trio.Event()  # set once the kernel's INIT has been answered
+
+    def init(self) -> None:
+        # Called while INIT is handled; libfuse sends the reply before the loop's next
+        # checkpoint, so a task woken by this event runs after the reply.
+        self.fuse_ready.set()
 
     # -- attributes ----------------------------------------------------------------
 
