@@ -224,10 +224,13 @@ def warm_up() -> None:
     """Load (or compile) the decode kernels for the common region types, so the first delta read does not
     pay for it (about 0.1 s from numba's cache, seconds without)."""
     for u, bits, perm, (ebits, mbits) in ((np.uint32, 32, True, (8, 23)), (np.uint16, 16, False, (8, 7))):
-        a = np.zeros(64, u)
-        for unaligned in (False, True):
-            x = np.zeros(64 * a.itemsize + 1, np.uint8)[1:].view(u) if unaligned else a
-            _unsub(x, x, np.empty_like(a), bits, perm, True, ebits, mbits, 0x3F7FFFF8, 1)
+        n = 64 * np.dtype(u).itemsize
+        # the argument types of real calls: read-only views of bytes, a writable output, each
+        # aligned or not (a region can start at any offset)
+        for skip in (0, 1):
+            ro = np.frombuffer(bytes(n + skip), np.uint8)[skip:].view(u)
+            out = np.empty(n + skip, np.uint8)[skip:].view(u)
+            _unsub(ro, ro, out, bits, perm, True, ebits, mbits, 0x3F7FFFF8, 1)
 
 
 def _zigzag(d: np.ndarray, width: int) -> np.ndarray:
