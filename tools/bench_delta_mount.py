@@ -123,7 +123,7 @@ def main() -> int:
         # The same ratio inside one mount (the first file written has no earlier version, so
         # it is all keyframes): less exposed to load that changes between the two mounts.
         first = results["delta"][0]
-        if len(files) > 1:
+        if len(files) > 1 and not args.newest_first:  # newest first, the base reads warm it
             speed = (last_delta["size"] / last_delta["read_s"]) / (first["size"] / first["read_s"])
             out.write(f"within the delta mount: {files[-1].name} read at {speed:.2f}x the speed of "
                       f"{files[0].name} (keyframes)\n")
