@@ -99,3 +99,36 @@ def test_kill9_while_writing_a_delta_leaves_every_file_readable(make_mount, seri
     mount.stop()
     result = dccfs("fsck", "--repair", "-q", mount.backing)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("chain", [1, 2])
+def test_delta_chain_config_bounds_the_chain(make_mount, series, tmp_path, chain):
+    """delta_chain = 1 (default): step30's base is a delta file, so step30 is keyframes;
+    delta_chain = 2: step30 is a delta of step20, and fsck with step10 and step20 deleted
+    still finds both bases."""
+    import torch
+    from safetensors.torch import save_file
+    config = tmp_path / "chain.toml"
+    config.write_text(f'delta_chain = {chain}\n[[rule]]\nglob = "*"\ndelta = true\n')
+    mount = make_mount(f"chain{chain}", "-c", str(config))
+    gen = torch.Generator().manual_seed(1)
+    third = {k: (v - 1e-4 * torch.randn(v.shape, generator=gen) * v.abs().mean()).contiguous()
+             if v.is_floating_point() else v for k, v in series[1].items()}
+    paths = [mount.mnt / f"step-{n}.safetensors" for n in (10, 20, 30)]
+    for tensors, path in zip((*series, third), paths):
+        save_file(tensors, str(path))
+    rows = [stored_ratio(mount, p.name) for p in paths]
+    assert rows[1]["codecs"].get("delta", 0) > 0
+    if chain == 1:
+        assert "delta" not in rows[2]["codecs"], rows[2]
+    else:
+        assert rows[2]["codecs"].get("delta", 0) > 0, rows[2]
+        assert rows[2]["delta_of"] and rows[2]["delta_of"] != rows[1]["delta_of"]
+    expected = paths[2].read_bytes()
+    os.unlink(paths[0])
+    os.unlink(paths[1])
+    mount.remount()
+    assert paths[2].read_bytes() == expected
+    mount.stop()
+    result = dccfs("fsck", "-q", mount.backing)
+    assert result.returncode == 0, result.stdout + result.stderr
