@@ -103,9 +103,10 @@ def _plan_plane(plane: np.ndarray):
     return method, freq, size
 
 
-def _code_plane(plane: np.ndarray, method: int, freq, parts: int = 1) -> bytes:
+def _code_plane(plane: np.ndarray, method: int, freq, parts: int = 1) -> bytes | memoryview:
     if method == M_RAW:
-        return plane.tobytes()
+        # the payload join copies it once; a bytes copy here first cost ~0.1 ms per MiB of mantissa planes
+        return memoryview(np.ascontiguousarray(plane)).cast("B")
     if method == M_CONST:
         return bytes([int(plane[0])])
     if method == M_RANS:
