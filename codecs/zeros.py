@@ -115,19 +115,17 @@ def _expand(src, runs, nruns, out):
     return 0
 
 
-def zero_count(data: np.ndarray, width: int) -> int:
-    return int(data.size // width - np.count_nonzero(data.view(_UINT[width])))
-
-
-def worth_trying(data: np.ndarray, width: int) -> bool:
-    """Whether at least MIN_ZERO_SHARE of the elements are +0.0 (a 1-in-16 sample decides large classes)."""
+def zeros_if_worth(data: np.ndarray, width: int) -> int:
+    """The number of +0.0 elements if at least MIN_ZERO_SHARE of them are (a 1-in-16 sample rules out large
+    classes first), else -1."""
     u = data.view(_UINT[width])
     n = u.size
     if n >= 1 << 16:
         sample = u[::16]
         if sample.size - np.count_nonzero(sample) < MIN_ZERO_SHARE * sample.size / 2:
-            return False
-    return n - np.count_nonzero(u) >= max(16, MIN_ZERO_SHARE * n)
+            return -1
+    z = n - np.count_nonzero(u)
+    return int(z) if z >= max(16, MIN_ZERO_SHARE * n) else -1
 
 
 def split_zeros(data: np.ndarray, width: int) -> tuple[bytes, np.ndarray]:
