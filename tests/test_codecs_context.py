@@ -5,7 +5,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dccfs.codecs import ChunkHints, CodecError, Segment, decode_chunk, encode_chunk
-from dccfs.codecs import blocks, fields, rans32c, tensor, zeros
+from dccfs.codecs import blocks, fields, rans32c, rans32c_enc, tensor, zeros
 
 FAST = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 ROW = 384
@@ -185,7 +185,7 @@ def test_version1_chunks_without_new_classes_still_decode(monkeypatch):
     """What the encoder wrote before v2 and classes 5-8 (one block, classes 0-4) keeps decoding."""
     raw, segs = _checkpoint_chunk(header=13)
     monkeypatch.setattr(blocks, "plan", lambda raw, segments: [0, len(raw)])
-    monkeypatch.setattr(rans32c, "MIN_SYMBOLS", 1 << 40)
+    monkeypatch.setattr(rans32c_enc, "MIN_SYMBOLS", 1 << 40)
     monkeypatch.setattr(zeros, "MIN_ZERO_SHARE", 2.0)
     enc = encode_chunk(raw, ChunkHints(segments=segs))
     assert enc.params[0] == tensor.FORMAT_VERSION and _classes(enc.params) <= {0, 1, 2, 3, 4}
@@ -225,8 +225,8 @@ def test_damaged_new_chunks_raise_or_keep_length(kind, monkeypatch):
 )
 def test_roundtrip_mixed_blocks(n_rows, zero_share, spread, dtypes, header, seed):
     """Small grid and units so that short inputs exercise cuts at odd element phases between tensors."""
-    old = blocks.GRID, blocks.MIN_UNIT, rans32c.MIN_SYMBOLS
-    blocks.GRID, blocks.MIN_UNIT, rans32c.MIN_SYMBOLS = 4096, 1024, 64
+    old = blocks.GRID, blocks.MIN_UNIT, rans32c_enc.MIN_SYMBOLS
+    blocks.GRID, blocks.MIN_UNIT, rans32c_enc.MIN_SYMBOLS = 4096, 1024, 64
     try:
         parts, segs, pos = [bytes(range(header))], [], header
         for k, dtype in enumerate(dtypes):
@@ -239,4 +239,4 @@ def test_roundtrip_mixed_blocks(n_rows, zero_share, spread, dtypes, header, seed
             pos += len(p)
         _roundtrip(b"".join(parts), ChunkHints(segments=tuple(segs)))
     finally:
-        blocks.GRID, blocks.MIN_UNIT, rans32c.MIN_SYMBOLS = old
+        blocks.GRID, blocks.MIN_UNIT, rans32c_enc.MIN_SYMBOLS = old

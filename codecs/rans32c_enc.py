@@ -1,0 +1,319 @@
+"""Stream method 7 (rans32c) encoder and chooser: bucketed 16-bit symbols, vector encoding, table choice."""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+from llvmlite import ir
+from numba import types
+from numba.extending import intrinsic
+
+from ._jit import njit
+from .rans import RANS_L, SCALE_BITS, _enc_step, histogram, normalize
+from .rans32 import LANES, SLOTS, TABLE_MAX, V, _decl, write_table
+from .rans32c import FLUSH, SRC_SELF
+
+log = logging.getLogger(__name__)
+
+_i1, _i8, _i16, _i32, _i64 = (ir.IntType(b) for b in (1, 8, 16, 32, 64))
+_f64 = ir.DoubleType()
+
+
+# ---------------------------------------------------------------- encoder
+
+
+@intrinsic
+def _enc16c(typingctx, xs, k, idx, i, ftab, rcp, out, pos):
+    """rans32._enc16 with 16-bit symbols idx = bucket << 8 | symbol indexing tables of all buckets; new pos."""
+    sig = types.int64(xs, types.int64, idx, types.int64, ftab, rcp, out, types.int64)
+
+    def codegen(context, builder, signature, args):
+        xs_a, k, data_a, i, ftab_a, rcp_a, out_a, pos = args
+        x_s = context.make_array(signature.args[0])(context, builder, xs_a)
+        d_s = context.make_array(signature.args[2])(context, builder, data_a)
+        t_s = context.make_array(signature.args[4])(context, builder, ftab_a)
+        r_s = context.make_array(signature.args[5])(context, builder, rcp_a)
+        o_s = context.make_array(signature.args[6])(context, builder, out_a)
+        mod = builder.module
+        v32 = ir.VectorType(_i32, V)
+        v64 = ir.VectorType(_i64, V)
+        vf = ir.VectorType(_f64, V)
+        v1 = ir.VectorType(_i1, V)
+        v16 = ir.VectorType(_i16, V)
+
+        def splat(c, t=_i64):
+            return ir.Constant(ir.VectorType(t, V), [c] * V)
+
+        def bcast(v):
+            return builder.shuffle_vector(builder.insert_element(ir.Constant(v64, ir.Undefined), v, ir.Constant(_i32, 0)),
+                                          ir.Constant(v64, ir.Undefined), ir.Constant(ir.VectorType(_i32, V), [0] * V))
+
+        xptr = builder.bitcast(builder.gep(x_s.data, [builder.mul(k, ir.Constant(_i64, V))]), v32.as_pointer())
+        x = builder.zext(builder.load(xptr, align=4), v64)
+        sptr = builder.bitcast(builder.gep(d_s.data, [i]), v16.as_pointer())
+        sym = builder.zext(builder.load(sptr, align=2), v64)
+        allm = ir.Constant(v1, [1] * V)
+        p32 = ir.VectorType(_i32.as_pointer(), V)
+        taddr = builder.inttoptr(builder.add(bcast(builder.ptrtoint(t_s.data, _i64)), builder.shl(sym, splat(2))), p32)
+        g32 = _decl(mod, "llvm.masked.gather.v16i32.v16p0", v32, [p32, v1, v32])
+        e = builder.zext(builder.call(g32, [taddr, allm, ir.Constant(v32, ir.Undefined)]), v64)
+        pf = ir.VectorType(_f64.as_pointer(), V)
+        raddr = builder.inttoptr(builder.add(bcast(builder.ptrtoint(r_s.data, _i64)), builder.shl(sym, splat(3))), pf)
+        gf = _decl(mod, "llvm.masked.gather.v16f64.v16p0", vf, [pf, v1, vf])
+        r = builder.call(gf, [raddr, allm, ir.Constant(vf, ir.Undefined)])
+        f = builder.and_(e, splat(0xFFFF))
+        c = builder.lshr(e, splat(16))
+        need = builder.icmp_unsigned(">=", x, builder.shl(f, splat(32 - SCALE_BITS)))
+        cnt = builder.zext(builder.call(_decl(mod, "llvm.ctpop.i16", _i16, [_i16]), [builder.bitcast(need, _i16)]), _i64)
+        pos = builder.sub(pos, cnt)
+        cs = _decl(mod, "llvm.masked.compressstore.v16i16", ir.VoidType(), [v16, _i16.as_pointer(), v1])
+        builder.call(cs, [builder.trunc(x, v16), builder.gep(o_s.data, [pos]), need])
+        x = builder.select(need, builder.lshr(x, splat(16)), x)
+        q = builder.fptoui(builder.fmul(builder.uitofp(x, vf), r), v64)
+        rem = builder.sub(x, builder.mul(q, f))
+        adj = builder.icmp_unsigned(">=", rem, f)
+        q = builder.select(adj, builder.add(q, splat(1)), q)
+        rem = builder.select(adj, builder.sub(rem, f), rem)
+        xn = builder.add(builder.add(builder.shl(q, splat(SCALE_BITS)), rem), c)
+        builder.store(builder.trunc(xn, v32), xptr, align=4)
+        return pos
+
+    return sig, codegen
+
+
+@njit(nogil=True)
+def _encode(idx, freq, cum, rcp, out):
+    """Encode symbols idx (bucket << 8 | symbol) backwards with the flat tables; return the first word's position."""
+    x = np.full(LANES, RANS_L, np.int64)
+    pos = out.size
+    for i in range(idx.size - 1, -1, -1):
+        s = idx[i]
+        j = i & (LANES - 1)
+        x[j], pos = _enc_step(x[j], freq[s], cum[s], rcp[s], out, pos)
+    for j in range(LANES - 1, -1, -1):
+        out[pos - 1] = x[j] & 0xFFFF
+        out[pos - 2] = x[j] >> 16
+        pos -= 2
+    return pos
+
+
+@njit(nogil=True, boundscheck=False)
+def _encode_vec(idx, freq, cum, rcp, out):
+    """_encode with the vector step for whole groups of 32 symbols (same output)."""
+    x = np.full(LANES, RANS_L, np.int64)
+    pos = out.size
+    n = idx.size
+    full = n & ~(LANES - 1)
+    for i in range(n - 1, full - 1, -1):
+        s = idx[i]
+        j = i & (LANES - 1)
+        x[j], pos = _enc_step(x[j], freq[s], cum[s], rcp[s], out, pos)
+    ftab = np.empty(freq.size, np.uint32)
+    for s in range(freq.size):
+        ftab[s] = np.uint32(freq[s] | (cum[s] << 16))
+    xs = np.empty(LANES, np.uint32)
+    for j in range(LANES):
+        xs[j] = np.uint32(x[j])
+    g = full
+    while g > 0:
+        g -= LANES
+        pos = _enc16c(xs, 1, idx, g + V, ftab, rcp, out, pos)
+        pos = _enc16c(xs, 0, idx, g, ftab, rcp, out, pos)
+    for j in range(LANES - 1, -1, -1):
+        out[pos - 1] = xs[j] & 0xFFFF
+        out[pos - 2] = xs[j] >> 16
+        pos -= 2
+    return pos
+
+
+_enc_vector: bool | None = None
+
+
+def _encoder():
+    """The vector encoder if it compiles and matches the scalar one on a probe, else the scalar encoder."""
+    global _enc_vector
+    if _enc_vector is None:
+        ok = False
+        try:
+            idx = ((np.arange(1000) * 7 % 13) | ((np.arange(1000) % 3) << 8)).astype(np.uint16)
+            freq = np.zeros(768, np.int64)
+            for b in range(3):
+                freq[b * 256 : b * 256 + 13] = 315
+                freq[b * 256] += 1
+            cum = np.zeros(768, np.int64)
+            for b in range(3):
+                cum[b * 256 + 1 : b * 256 + 256] = np.cumsum(freq[b * 256 : b * 256 + 255])
+            rcp = 1.0 / np.maximum(freq, 1)
+            a = np.empty(idx.size + 80, np.uint16)
+            b2 = np.empty(idx.size + 80, np.uint16)
+            pa = _encode(idx, freq, cum, rcp, a)
+            pb = _encode_vec(idx, freq, cum, rcp, b2)
+            ok = pa == pb and np.array_equal(a[pa:], b2[pb:])
+            if not ok:
+                log.warning("rans32c: vector encoder disagrees with the reference; using the scalar encoder")
+        except Exception as exc:  # noqa: BLE001 - any LLVM/numba failure means: use the portable loop
+            log.warning("rans32c: vector encoder unavailable (%s); using the scalar encoder", exc)
+        _enc_vector = ok
+    return _encode_vec if _enc_vector else _encode
+
+
+@njit(nogil=True, boundscheck=False)
+def bucket_symbols(data, ctx, lag, blut, idx, counts):
+    """idx[i] = bucket(context of i) << 8 | data[i] (context: data[i - lag] if lag, 0 before the start, else
+    ctx[i]); counts[bucket * 256 + symbol] += 1. Four sub-counters: runs of one value would stall on one."""
+    sub = np.zeros((4, counts.size), np.uint32)
+    n = data.size
+    head = min(lag, n)
+    for i in range(head):
+        v = (np.int64(blut[0]) << 8) | np.int64(data[i])
+        idx[i] = v
+        sub[i & 3, v] += 1
+    src = data[: max(n - lag, 0)] if lag else ctx
+    body = data[head:]
+    out = idx[head:]
+    n4 = body.size & ~3
+    for i in range(0, n4, 4):
+        v0 = (np.int64(blut[src[i]]) << 8) | np.int64(body[i])
+        v1 = (np.int64(blut[src[i + 1]]) << 8) | np.int64(body[i + 1])
+        v2 = (np.int64(blut[src[i + 2]]) << 8) | np.int64(body[i + 2])
+        v3 = (np.int64(blut[src[i + 3]]) << 8) | np.int64(body[i + 3])
+        out[i] = v0
+        out[i + 1] = v1
+        out[i + 2] = v2
+        out[i + 3] = v3
+        sub[0, v0] += 1
+        sub[1, v1] += 1
+        sub[2, v2] += 1
+        sub[3, v3] += 1
+    for i in range(n4, body.size):
+        v = (np.int64(blut[src[i]]) << 8) | np.int64(body[i])
+        out[i] = v
+        sub[0, v] += 1
+    for v in range(counts.size):
+        counts[v] = np.int64(sub[0, v]) + sub[1, v] + sub[2, v] + sub[3, v]
+
+
+@njit(nogil=True)
+def joint_counts(data, ctx, lag, counts):
+    """counts[context, symbol]: context = ctx[i] (lag 0) or data[i - lag] (0 before the start)."""
+    for i in range(data.size):
+        if lag:
+            c = data[i - lag] if i >= lag else 0
+        else:
+            c = ctx[i]
+        counts[c, data[i]] += 1
+
+
+def bucket_freqs(counts: np.ndarray) -> np.ndarray:
+    """A valid table for one bucket's counts: normalised, or a two-symbol stand-in for 0 or 1 symbols."""
+    present = np.nonzero(counts)[0]
+    if present.size >= 2:
+        return normalize(counts, int(counts.sum()))
+    freq = np.zeros(256, np.int64)
+    s = int(present[0]) if present.size else 0
+    freq[s] = SLOTS - 1
+    freq[s + 1 if s < 255 else s - 1] = 1
+    return freq
+
+
+def table_bytes(freq: np.ndarray) -> int:
+    buf = np.empty(TABLE_MAX, np.uint8)
+    return int(write_table(freq, buf))
+
+
+def _blut(thresholds: list[int]) -> np.ndarray:
+    blut = np.zeros(256, np.uint8)
+    for t in thresholds:
+        blut[t:] += 1
+    return blut
+
+
+def encode(data: np.ndarray, source: int, ctx: np.ndarray | None, thresholds: list[int],
+           freqs: list[np.ndarray], idx: np.ndarray | None = None) -> bytes:
+    """Method-7 stream of data with len(thresholds) + 1 bucket tables freqs (context: own symbol 32 earlier for
+    source 0, ctx[i] for source 1); idx from bucket_symbols if the caller has it."""
+    nb = len(thresholds) + 1
+    if idx is None:
+        idx = np.empty(data.size, np.uint16)
+        bucket_symbols(data, ctx if ctx is not None else data, LANES if source == SRC_SELF else 0, _blut(thresholds),
+                       idx, np.zeros(nb * 256, np.int64))
+    freq = np.concatenate(freqs).astype(np.int64)
+    cum = np.zeros(nb * 256, np.int64)
+    for b in range(nb):
+        cum[b * 256 + 1 : (b + 1) * 256] = np.cumsum(freq[b * 256 : (b + 1) * 256 - 1])
+    rcp = 1.0 / np.maximum(freq, 1)
+    out = np.empty(data.size + 2 * LANES + 8, np.uint16)
+    pos = _encoder()(idx, freq, cum, rcp, out)
+    head = bytearray([source, len(thresholds), *thresholds])
+    tab = np.empty(TABLE_MAX, np.uint8)
+    for f in freqs:
+        head += tab[: write_table(f, tab)].tobytes()
+    return bytes(head) + out[pos:].astype("<u2").tobytes()
+
+
+# ---------------------------------------------------------------- chooser (not part of the format)
+
+MIN_SYMBOLS = 16384  # shorter streams cannot pay for the extra tables and the 32-state flush
+
+
+SAMPLE_STEP = 16
+SAMPLE_MIN_GAIN = 64  # bytes per bucket (its table and what the sample misses) the sample must promise
+
+
+@njit(nogil=True)
+def _sample_counts(data, ctx, lag, blut, step, counts):
+    for i in range(0, data.size, step):
+        if lag:
+            c = data[i - lag] if i >= lag else 0
+        else:
+            c = ctx[i]
+        counts[(np.int64(blut[c]) << 8) | np.int64(data[i])] += 1
+
+
+def _entropy_bits(c: np.ndarray) -> float:
+    c = c[c > 0]
+    n = c.sum()
+    return float((c * np.log2(n / c)).sum()) if n else 0.0
+
+
+def _quantiles(hist: np.ndarray) -> list[int]:
+    """Thresholds splitting the contexts' mass into quarters (within 0.0001 of a greedy search on the corpus
+    checkpoint, at a fraction of its cost)."""
+    cs = np.cumsum(hist)
+    if cs[-1] == 0:
+        return []
+    th = {int(np.searchsorted(cs, cs[-1] * q, side="right")) for q in (0.25, 0.5, 0.75)}
+    return sorted(t for t in th if 0 < t < 256)
+
+
+def plan(data: np.ndarray, source: int, ctx: np.ndarray | None):
+    """(thresholds, bucket tables, estimated bytes, idx) of method 7 for data, or None when it cannot pay."""
+    if data.size < MIN_SYMBOLS:
+        return None
+    src = data if source == SRC_SELF else ctx
+    thresholds = _quantiles(histogram(np.ascontiguousarray(src[::16])))
+    if not thresholds:
+        return None
+    nb = len(thresholds) + 1
+    blut = _blut(thresholds)
+    lag = LANES if source == SRC_SELF else 0
+    # a 1-in-16 sample first (lag 32 keeps its contexts): most weight planes gain too little to pay for the
+    # extra tables and flush, and the full pass below costs about as much as coding the plane
+    sample = np.zeros(nb * 256, np.int64)
+    _sample_counts(data, src, lag, blut, SAMPLE_STEP, sample)
+    per = sample.reshape(nb, 256)
+    gain = _entropy_bits(per.sum(0)) - sum(_entropy_bits(row) for row in per)
+    if gain * SAMPLE_STEP / 8 < SAMPLE_MIN_GAIN * nb + FLUSH:
+        return None
+    idx = np.empty(data.size, np.uint16)
+    counts = np.zeros(nb * 256, np.int64)
+    bucket_symbols(data, src, lag, blut, idx, counts)
+    size = 2.0 + len(thresholds) + FLUSH
+    freqs = []
+    for b in range(nb):
+        c = counts[b * 256 : (b + 1) * 256]
+        freq = bucket_freqs(c)
+        present = c > 0
+        size += float((c[present] * (SCALE_BITS - np.log2(freq[present]))).sum()) / 8 + table_bytes(freq)
+        freqs.append(freq)
+    return thresholds, freqs, size, idx
