@@ -175,15 +175,32 @@ class ContainerFile:
             return
         first = max(last_idx + 1, self._prefetched_to + 1)
         stop = min(last_idx + 1 + ahead, (self.size + self.chunk_size - 1) // self.chunk_size)
+        wanted = []
         for idx in range(first, stop):
             loc = self.container.index.get(idx)
             if loc is None or idx in self.dirty:
                 continue
             if self.engine.cache.peek((self.cache_id, idx, loc.offset)):
                 continue
+            wanted.append((idx, loc))
+        if wanted:
+            # The prefetches below pread records from several threads at once, out of
+            # order, which defeats the backing file's own read-ahead; one WILLNEED over
+            # the span they cover lets the kernel read it in large sequential I/Os.
+            lo = min(loc.offset for _, loc in wanted)
+            hi = max(loc.offset + loc.length for _, loc in wanted)
+            self.engine.start_background(self._advise_willneed, lo, hi - lo)
+        for idx, _ in wanted:
             self.engine.stats.readahead_chunks += 1
             self.engine.start_background(self.load_chunk, idx, True)
         self._prefetched_to = max(self._prefetched_to, stop - 1)
+
+    async def _advise_willneed(self, offset: int, length: int) -> None:
+        try:
+            await trio.to_thread.run_sync(os.posix_fadvise, self.container.fd, offset, length,
+                                          os.POSIX_FADV_WILLNEED, limiter=self.engine.io_limiter)
+        except OSError as exc:  # advice only: a closed or odd descriptor changes nothing
+            log.debug("%s: read-ahead advice failed: %s", self.path, exc)
 
     # -- writes ------------------------------------------------------------------
 
