@@ -245,7 +245,8 @@ def encode(raw: bytes, segments: tuple[Segment, ...], effort: int, level: int | 
     """Version 2 when the plan cuts the chunk, else the version-1 encoding (tensor.encode)."""
     from . import tensor
 
-    bounds = plan(raw, segments)
+    # effort 0 (the encoders are the writer's bottleneck): no block planning, one table set
+    bounds = plan(raw, segments) if effort > 0 else [0, len(raw)]
     if len(bounds) <= 2:
         return tensor.encode(raw, segments, effort, level, force)
     parts = []

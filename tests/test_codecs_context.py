@@ -240,3 +240,20 @@ def test_roundtrip_mixed_blocks(n_rows, zero_share, spread, dtypes, header, seed
         _roundtrip(b"".join(parts), ChunkHints(segments=tuple(segs)))
     finally:
         blocks.GRID, blocks.MIN_UNIT, rans32c_enc.MIN_SYMBOLS = old
+
+
+def test_effort_0_skips_block_cuts_and_still_round_trips():
+    """Effort 0 (the encoders are behind the writer) keeps one table set per chunk: cheaper
+    to encode, a little larger, and decoded by the same decoder."""
+    rng = np.random.default_rng(1)
+    small = (rng.standard_normal(131072) * 1e-3).astype(np.float32).tobytes()
+    large = (rng.standard_normal(131072) * 30).astype(np.float32).tobytes()
+    raw = small + large
+    segments = (Segment(0, len(small), "f32"), Segment(len(small), len(large), "f32"))
+    careful = encode_chunk(raw, ChunkHints(segments=segments, effort=1))
+    cheap = encode_chunk(raw, ChunkHints(segments=segments, effort=0))
+    assert careful.params[0] == blocks.VERSION
+    assert cheap.params[0] != blocks.VERSION
+    assert len(careful.payload) < len(cheap.payload) < len(raw)
+    for enc in (careful, cheap):
+        assert decode_chunk(enc.codec_id, enc.params, enc.payload, len(raw)) == raw
