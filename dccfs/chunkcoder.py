@@ -68,7 +68,8 @@ class ChunkCoder:
             return
         try:
             self._delta = DeltaWriter.for_file(self.engine.backing_root, self.path, file_id,
-                                               self.engine.cache, always=self.rule.delta is True)
+                                               self.engine.cache, always=self.rule.delta is True,
+                                               max_chain=self.engine.config.delta_chain)
         except OSError as exc:
             log.warning("%s: no delta base (%s); storing keyframes", self.path, exc)
 
