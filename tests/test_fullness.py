@@ -103,6 +103,11 @@ def fill_until_enospc(path, seed: int) -> dict:
                 report["fsynced"] = i * BLOCK
     except OSError as exc:
         report["errno"] = exc.errno
+    return close_and_report(fd, report)
+
+
+def close_and_report(fd: int, report: dict) -> dict:
+    """Close fd; an error there is the report's error if nothing failed before."""
     try:
         os.close(fd)
     except OSError as exc:
@@ -198,12 +203,7 @@ def stream_until_error(path, seed: int) -> dict:
             report["written"] = (i + 1) * BLOCK
     except OSError as exc:
         report["errno"] = exc.errno
-    try:
-        os.close(fd)
-    except OSError as exc:
-        if report["errno"] is None:
-            report["errno"], report["stage"] = exc.errno, "close"
-    return report
+    return close_and_report(fd, report)
 
 
 def test_enospc_with_a_full_dirty_budget_fails_the_writer(small_backing, make_mount, tmp_path):
