@@ -89,7 +89,14 @@ class ChunkCoder:
     def encode(self, idx: int, raw: bytes, hints: ChunkHints) -> tuple[EncodedChunk, int]:
         """(encoding, xxh3-64 of raw): a delta when that is smaller, else a keyframe."""
         delta = self._delta
-        encoded = delta.encode(idx, raw, hints) if delta is not None else None
+        encoded = None
+        if delta is not None:
+            try:
+                encoded = delta.encode(idx, raw, hints)
+            except Exception:
+                # A delta bug must cost ratio, never the chunk: store a keyframe.
+                self.engine.stats.codec_failures += 1
+                log.exception("%s: delta encoding of chunk %d failed; storing a keyframe", self.path, idx)
         if encoded is None:
             return self.engine.encode(raw, hints)
         self.engine.stats.count_codec("encode", "delta", len(raw),

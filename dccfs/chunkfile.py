@@ -18,12 +18,28 @@ import time
 
 import trio
 
+from dccfs.codecs import ChunkHints
 from dccfs.config import Rule
 from dccfs.container import ChunkError, ChunkLoc, Container
 from dccfs.chunkcoder import ChunkCoder
 from dccfs.engine import Engine
 
 log = logging.getLogger(__name__)
+
+
+# Records this close together are advised as one run.
+ADVISE_GAP = 64 << 10
+
+
+def record_runs(locs) -> list[tuple[int, int]]:
+    """(start, end) of the runs of records no more than ADVISE_GAP apart, by offset."""
+    runs: list[list[int]] = []
+    for loc in sorted(locs, key=lambda loc: loc.offset):
+        if runs and loc.offset - runs[-1][1] <= ADVISE_GAP:
+            runs[-1][1] = max(runs[-1][1], loc.offset + loc.length)
+        else:
+            runs.append([loc.offset, loc.offset + loc.length])
+    return [(lo, hi) for lo, hi in runs]
 
 
 def is_all_zero(data: bytes) -> bool:
@@ -48,6 +64,9 @@ class ContainerFile:
         # copy); one assembled from pieces is a bytearray. _mutable() converts on demand.
         self.dirty: dict[int, bytes | bytearray] = {}
         self.versions: dict[int, int] = {}
+        # Dirty chunks whose store failed: they no longer hold dirty budget, so one file's
+        # failing store cannot starve every other writer (they stay until reported).
+        self._unbudgeted: set[int] = set()
         self.inflight: set[int] = set()
         self.mtime_ns: int | None = None
         self.changed_ns = 0  # last change to data or size, for st_ctime
@@ -183,12 +202,11 @@ class ContainerFile:
             if self.engine.cache.peek((self.cache_id, idx, loc.offset)):
                 continue
             wanted.append((idx, loc))
-        if wanted:
-            # The prefetches below pread records from several threads at once, out of
-            # order, which defeats the backing file's own read-ahead; one WILLNEED over
-            # the span they cover lets the kernel read it in large sequential I/Os.
-            lo = min(loc.offset for _, loc in wanted)
-            hi = max(loc.offset + loc.length for _, loc in wanted)
+        # The prefetches below pread records from several threads at once, out of order,
+        # which defeats the backing file's own read-ahead; WILLNEED over the runs of
+        # adjacent records lets the kernel read them in large sequential I/Os (a record
+        # rewritten at the container's far end gets a run of its own).
+        for lo, hi in record_runs([loc for _, loc in wanted]):
             self.engine.start_background(self._advise_willneed, lo, hi - lo)
         for idx, _ in wanted:
             self.engine.stats.readahead_chunks += 1
@@ -248,6 +266,9 @@ class ContainerFile:
             raise OSError(self.failure.errno, f"{self.path}: {self.failure.strerror}")
 
     async def _reserve_dirty(self) -> None:
+        # A file whose store failed takes no new dirty chunks until fsync or close has
+        # reported the failure: its unstorable data must not grow without bound.
+        self._raise_failure()
         await self.engine.dirty.reserve(self.chunk_size, check=self._raise_failure)
 
     async def _make_dirty(self, idx: int, whole: bool) -> bytearray:
@@ -272,6 +293,14 @@ class ContainerFile:
     def _drop_dirty(self, idx: int) -> None:
         if self.dirty.pop(idx, None) is not None:
             del self.versions[idx]
+            if idx in self._unbudgeted:
+                self._unbudgeted.discard(idx)
+            else:
+                self.engine.dirty.release(self.chunk_size)
+
+    def _unbudget(self, idx: int) -> None:
+        if idx in self.dirty and idx not in self._unbudgeted:
+            self._unbudgeted.add(idx)
             self.engine.dirty.release(self.chunk_size)
 
     def forget_dirty(self) -> None:
@@ -307,10 +336,13 @@ class ContainerFile:
                 # All zeros: a hole costs nothing on disk.
                 self.container.drop_chunk(idx)
             else:
-                # One worker-thread hop per chunk: layout hints (a header scan), encode,
-                # then append under the container's own lock (a page-cache copy).
+                # Hints here, in the order chunks fill: a torch zip storage is learnt from
+                # its header in one chunk before the next chunk asks for it.
+                hints = self.coder.hints_for(idx, raw)
+                # One worker-thread hop per chunk: encode, then append under the
+                # container's own lock (the append is a page-cache copy).
                 loc = await trio.to_thread.run_sync(
-                    self._encode_and_append, idx, raw, limiter=self.engine.cpu_limiter)
+                    self._encode_and_append, idx, raw, hints, limiter=self.engine.cpu_limiter)
                 key = (self.cache_id, idx, loc.offset)
                 self.engine.cache.put(key, raw, is_write=True)
                 self.engine.record_access(key, len(raw), True)
@@ -325,15 +357,15 @@ class ContainerFile:
                 log.exception("%s: storing chunk %d failed", self.path, idx)
                 exc = OSError(errno.EIO, f"storing chunk {idx} failed: {exc}")
             self.failure = exc
-            self.engine.dirty.wake()
+            self._unbudget(idx)
         finally:
             self.inflight.discard(idx)
             self._busy -= 1
             if self._busy == 0:
                 self._idle.set()
 
-    def _encode_and_append(self, idx: int, raw: bytes) -> ChunkLoc:
-        encoded, raw_sum = self.coder.encode(idx, raw, self.coder.hints_for(idx, raw))
+    def _encode_and_append(self, idx: int, raw: bytes, hints: ChunkHints) -> ChunkLoc:
+        encoded, raw_sum = self.coder.encode(idx, raw, hints)
         return self.container.append_chunk(idx, encoded, len(raw), raw_sum)
 
     async def _wait_idle(self) -> None:
@@ -368,17 +400,21 @@ class ContainerFile:
                 self.coder.reset()
             elif new_size < self.size:
                 first_gone = -(-new_size // cs)
-                for idx in [i for i in self.dirty if i >= first_gone]:
-                    self._drop_dirty(idx)
-                self.container.drop_chunks_from(first_gone)
                 inner = new_size % cs
+                buf = None
                 if inner:
+                    # First the chunk that is cut in two, which may wait for budget or
+                    # fail: a failed truncate must leave the file as it was.
                     idx = new_size // cs
                     buf = self.dirty.get(idx)
                     if buf is None:
                         buf = await self._make_dirty(idx, whole=False)
                     else:
                         buf = self._mutable(idx, buf)
+                for gone in [i for i in self.dirty if i >= first_gone]:
+                    self._drop_dirty(gone)
+                self.container.drop_chunks_from(first_gone)
+                if buf is not None:
                     del buf[inner:]
                     self.versions[idx] += 1
             self.size = new_size

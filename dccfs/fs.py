@@ -27,8 +27,10 @@ log = logging.getLogger(__name__)
 STATE_DIR = b".dccfs"
 
 # All changes pass through this daemon, so the kernel may cache names and attributes;
-# one second bounds staleness when someone edits the backing directory directly.
-# --shared sets both to 0 for close-to-open consistency across nodes.
+# one second bounds staleness of names, modes and owners when someone edits the backing
+# directory directly. Not of a regular file's size and mtime while the writeback cache is
+# on: the kernel keeps its own for as long as it caches the inode (writeback_cache =
+# false restores the bound). --shared sets both timeouts to 0 and never uses writeback.
 DEFAULT_TIMEOUT_S = 1.0
 
 

@@ -153,9 +153,11 @@ class HandleTable:
         engine.dirty.on_pressure(self._relieve_dirty_pressure)
 
     def _relieve_dirty_pressure(self) -> None:
-        """The dirty budget is full: encode every dirty chunk, full or not, of every file."""
+        """The dirty budget is full: encode every dirty chunk, full or not, of every file
+        that can store; a file whose store failed retries at its fsync or close."""
         for file in self.open_files.values():
-            file.schedule_all()
+            if file.failure is None:
+                file.schedule_all()
 
     def get(self, number: int) -> Handle:
         try:
@@ -198,7 +200,7 @@ class HandleTable:
         if not is_container:
             os.close(fd)
             raw_flags = (flags & _ACCESS) | (flags & os.O_TRUNC)
-            raw_fd = self._open_backing(inode, raw_flags)
+            raw_fd = self._open_backing(inode, raw_flags, read_only_ok=not _writable(flags))
             return self._add(inode, RawFile(raw_fd, relpath_of(inode, self.backing_root)), flags)
         handle = await self.attach_container(inode, fd, flags, create=False)
         if flags & os.O_TRUNC and handle.file.size:
@@ -231,13 +233,14 @@ class HandleTable:
         await shared.refresh(file, file.path)
 
     @staticmethod
-    def _open_backing(inode: Inode, flags: int) -> int:
+    def _open_backing(inode: Inode, flags: int, read_only_ok: bool = True) -> int:
         flags |= os.O_CLOEXEC
         try:
             return os.open(inode.proc_path, flags)
         except OSError as exc:
-            # A read-only backing store still serves reads.
-            if (flags & _ACCESS) == os.O_RDWR and exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+            # A read-only backing store still serves reads, unless the caller must write.
+            if read_only_ok and (flags & _ACCESS) == os.O_RDWR \
+                    and exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
                 return os.open(inode.proc_path, (flags & ~_ACCESS) | os.O_RDONLY)
             raise
 

@@ -1,10 +1,15 @@
-"""Engine services without a mount: a failing codec costs ratio, never the chunk."""
+"""Engine and ContainerFile without a mount: a failing codec or store costs ratio or an error, never a hang."""
 from __future__ import annotations
 
+import errno
 import logging
+import os
+
+import pytest
+import trio
 
 from dccfs.codecs import ChunkHints, decode_chunk
-from dccfs.config import Config
+from dccfs.config import CacheConfig, Config
 from dccfs.engine import Engine
 
 
@@ -18,3 +23,113 @@ def test_a_codec_error_falls_back_to_zstd(tmp_path, caplog):
     assert engine.stats.codec_failures == 1
     assert engine.stats.snapshot()["errors"]["codec"] == 1
     assert "storing it with zstd instead" in caplog.text
+
+
+CHUNK = 1 << 20
+
+
+def _files(tmp_path, engine, config):
+    from dccfs.chunkfile import ContainerFile
+    from dccfs.container import Container
+
+    opened = []
+
+    def open_file(name):
+        fd = os.open(tmp_path / name, os.O_CREAT | os.O_RDWR, 0o644)
+        file = ContainerFile(engine, Container.create(fd, name, 20), config.rule_for(name))
+        opened.append(file)
+        return file
+
+    engine.dirty.on_pressure(lambda: [f.schedule_all() for f in opened if f.failure is None])
+    return open_file
+
+
+def _failing_append(calls):
+    def append(*args):
+        calls.append(args[0])
+        raise OSError(errno.EIO, "injected disk error")
+    return append
+
+
+def test_a_failing_file_neither_starves_nor_spins_other_writers(tmp_path, caplog):
+    """File A's chunks cannot be stored (injected EIO on its container appends). They stop
+    holding the shared dirty budget, so healthy file B still writes, and A's writer gets
+    the error instead of adding unstorable chunks."""
+    config = Config(cache=CacheConfig(dirty_bytes=4 << 20), delta=False)
+
+    async def main():
+        engine = Engine(config, str(tmp_path))
+        open_file = _files(tmp_path, engine, config)
+        async with trio.open_nursery() as nursery:
+            engine.nursery = nursery
+            a, b = open_file("a"), open_file("b")
+            calls = []
+            a.container.append_chunk = _failing_append(calls)
+            errors = []
+            for i in range(6):
+                try:
+                    await a.write(i * CHUNK, os.urandom(CHUNK))
+                except OSError as exc:
+                    errors.append(exc.errno)
+                await a._wait_idle()
+            assert errors and set(errors) == {errno.EIO}, errors
+            with trio.fail_after(10):
+                for i in range(6):
+                    await b.write(i * CHUNK, os.urandom(CHUNK))
+                await b.commit(durable=False)
+            attempts = len(calls)
+            await trio.sleep(0.2)
+            assert len(calls) == attempts, "A's failing chunks are retried in a loop"
+            assert engine.dirty.used <= config.cache.dirty_bytes
+            nursery.cancel_scope.cancel()
+
+    with caplog.at_level(logging.CRITICAL):
+        trio.run(main)
+
+
+def test_a_failed_truncate_leaves_the_file_as_it_was(tmp_path, caplog):
+    config = Config(cache=CacheConfig(dirty_bytes=4 << 20), delta=False)
+
+    async def main():
+        engine = Engine(config, str(tmp_path))
+        open_file = _files(tmp_path, engine, config)
+        async with trio.open_nursery() as nursery:
+            engine.nursery = nursery
+            a = open_file("a")
+            data = [os.urandom(CHUNK) for _ in range(3)]
+            store = a.container.append_chunk
+            fail = _failing_append([])
+            # chunk 0 cannot be stored, chunks 1 and 2 are: cutting chunk 1 needs budget
+            a.container.append_chunk = lambda idx, *rest: fail(idx) if idx == 0 else store(idx, *rest)
+            for i, block in enumerate(data):
+                await a.write(i * CHUNK, block)
+            await a._wait_idle()
+            assert a.failure is not None and set(a.dirty) == {0}
+            with pytest.raises(OSError) as raised:
+                await a.truncate(CHUNK + CHUNK // 2)
+            assert raised.value.errno == errno.EIO
+            assert a.size == 3 * CHUNK
+            assert await a.read(0, 3 * CHUNK) == b"".join(data)
+            nursery.cancel_scope.cancel()
+
+    with caplog.at_level(logging.CRITICAL):
+        trio.run(main)
+
+
+def test_a_delta_encoder_error_stores_a_keyframe(tmp_path, caplog):
+    from dccfs.chunkcoder import ChunkCoder
+
+    class BrokenDelta:
+        def encode(self, idx, raw, hints):
+            raise IndexError("injected delta bug")
+
+    config = Config()
+    engine = Engine(config, str(tmp_path))
+    coder = ChunkCoder(engine, config.rule_for("step.safetensors"), "step.safetensors", CHUNK)
+    coder._delta = BrokenDelta()
+    raw = bytes(range(256)) * 4096
+    with caplog.at_level(logging.ERROR, logger="dccfs.chunkcoder"):
+        encoded, _ = coder.encode(0, raw, ChunkHints())
+    assert decode_chunk(encoded.codec_id, encoded.params, encoded.payload, len(raw)) == raw
+    assert engine.stats.codec_failures == 1
+    assert "storing a keyframe" in caplog.text

@@ -4,6 +4,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import subprocess
 
 import pytest
 
@@ -170,6 +171,24 @@ def test_partial_page_writes_through_write_only_handles(make_mount, tmp_path):
     mount.remount()
     for name in ("plain.bin", "packed.bin"):
         assert (mount.mnt / name).read_bytes() == expected, f"{name} after remount"
+
+
+def test_write_only_open_of_an_unwritable_plain_file_fails(make_mount, tmp_path):
+    """Write-only opens become read-write under the writeback cache; a backing file that
+    cannot be written must still refuse the open, not accept writes it cannot store."""
+    backing = tmp_path / "imm-backing"
+    backing.mkdir()
+    target = backing / "frozen.txt"
+    target.write_bytes(b"hello\n")
+    if subprocess.run(["chattr", "+i", str(target)], capture_output=True).returncode != 0:
+        pytest.skip("chattr +i is not available here")
+    try:
+        mount = make_mount("imm", backing=backing)
+        with pytest.raises(PermissionError):
+            os.open(mount.mnt / "frozen.txt", os.O_WRONLY)
+        assert (mount.mnt / "frozen.txt").read_bytes() == b"hello\n"
+    finally:
+        subprocess.run(["chattr", "-i", str(target)], capture_output=True)
 
 
 def test_concurrent_appenders_never_overwrite_each_other(mounted):
