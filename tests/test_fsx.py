@@ -274,7 +274,11 @@ def run_combo(make_mount, tmp_path, use_mmap: bool, chunk: str, nops: int, seed:
         timer.cancel()
     wait_released(mount)
     mount.remount()
-    assert path.read_bytes() == final, f"fsx seed={seed}: content changed across remount"
+    after = path.read_bytes()
+    if after != final:
+        first = next((i for i, (x, y) in enumerate(zip(after, final)) if x != y), min(len(after), len(final)))
+        fsx.fail(f"content changed across remount: {len(final)} bytes before, {len(after)} after, "
+                 f"first difference at {first} (chunk {first // cs})")
     print(f"fsx seed={seed}: {nops} ops in {time.monotonic() - started:.1f}s")
 
 
