@@ -279,14 +279,18 @@ class HandleTable:
                     inode.opens += 1  # keeps the inode's descriptor until the task ends
                     self.engine.start_background(self._compact_then_close, inode, file)
                     return
-                file.forget_dirty()
-                file.close_delta_base()
-                if inode.extra.get("file") is file:
-                    del inode.extra["file"]
-                if self.open_files.get(inode.number) is file:
-                    del self.open_files[inode.number]
-                file.closed = True
-                os.close(file.container.fd)
+                self._detach(inode, file)
+
+    def _detach(self, inode: Inode, file: ContainerFile) -> None:
+        """Forget and close a file with no handles; synchronous, so no open can slip in."""
+        file.forget_dirty()
+        file.close_delta_base()
+        if inode.extra.get("file") is file:
+            del inode.extra["file"]
+        if self.open_files.get(inode.number) is file:
+            del self.open_files[inode.number]
+        file.closed = True
+        os.close(file.container.fd)
 
     async def _compact_then_close(self, inode: Inode, file: ContainerFile) -> None:
         try:
@@ -315,6 +319,11 @@ class HandleTable:
         new_fd = compaction.swap_in(tmp_path, inode.proc_path, inode.key, before)
         if new_fd is not None:
             self.inodes.rekey(inode, new_fd)
+            # The file object still holds the replaced container. Closing it here, before
+            # any await, makes the next open read the compacted one; an open that came
+            # between this and a later close would write into the replaced, unlinked
+            # container and lose those writes at unmount.
+            self._detach(inode, file)
             self.engine.stats.compactions += 1
             log.info("%s: compacted %d -> %d bytes", container.path, before,
                      os.fstat(new_fd).st_size)

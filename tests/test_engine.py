@@ -8,9 +8,14 @@ import os
 import pytest
 import trio
 
+from dccfs.chunkcoder import ChunkCoder
+from dccfs.chunkfile import ContainerFile
 from dccfs.codecs import ChunkHints, decode_chunk
 from dccfs.config import CacheConfig, Config
+from dccfs.container import Container
 from dccfs.engine import Engine
+from dccfs.handles import HandleTable
+from dccfs.inodes import ROOT_INODE, InodeTable
 
 
 def test_a_codec_error_falls_back_to_zstd(tmp_path, caplog):
@@ -29,9 +34,6 @@ CHUNK = 1 << 20
 
 
 def _files(tmp_path, engine, config):
-    from dccfs.chunkfile import ContainerFile
-    from dccfs.container import Container
-
     opened = []
 
     def open_file(name):
@@ -117,8 +119,6 @@ def test_a_failed_truncate_leaves_the_file_as_it_was(tmp_path, caplog):
 
 
 def test_a_delta_encoder_error_stores_a_keyframe(tmp_path, caplog):
-    from dccfs.chunkcoder import ChunkCoder
-
     class BrokenDelta:
         def encode(self, idx, raw, hints):
             raise IndexError("injected delta bug")
@@ -133,3 +133,58 @@ def test_a_delta_encoder_error_stores_a_keyframe(tmp_path, caplog):
     assert decode_chunk(encoded.codec_id, encoded.params, encoded.payload, len(raw)) == raw
     assert engine.stats.codec_failures == 1
     assert "storing a keyframe" in caplog.text
+
+
+def test_an_open_right_after_a_compaction_swap_writes_to_the_new_container(tmp_path, caplog):
+    """Compaction renames a compacted copy over the container. An open that the trio loop
+    lets in between that swap and the closing of the old file object must get the new
+    container: writes into the replaced (unlinked) one would be lost at unmount."""
+    config = Config(delta=False)
+    backing = tmp_path / "backing"
+    backing.mkdir()
+    (backing / ".dccfs" / "tmp").mkdir(parents=True)
+    first, second = os.urandom(CHUNK), os.urandom(CHUNK)
+
+    async def main():
+        engine = Engine(config, str(backing))
+        inodes = InodeTable(os.open(backing, os.O_PATH | os.O_DIRECTORY))
+        handles = HandleTable(engine, str(backing), inodes)
+        async with trio.open_nursery() as nursery:
+            engine.nursery = nursery
+            root = inodes.get(ROOT_INODE)
+            fd = os.open("f.bin", os.O_CREAT | os.O_RDWR, 0o644, dir_fd=root.fd)
+            inode, _ = inodes.lookup_child(root, "f.bin")
+            handle = await handles.attach_container(inode, fd, os.O_RDWR, create=True)
+            for _ in range(12):  # rewrites leave dead records: the release compacts
+                await handle.file.write(0, os.urandom(CHUNK))
+                await handle.file.commit(durable=False)
+            await handle.file.write(0, first)
+            close_file = handles._close_file
+            raced = trio.Event()
+
+            async def open_in_the_window(inode_, file_, compact=True):
+                if not compact:  # called by the compaction task, after its swap
+                    again = await handles.open(inode_, os.O_RDWR)
+                    await again.file.write(0, second)
+                    await handles.release(again.number)
+                    raced.set()
+                await close_file(inode_, file_, compact)
+
+            handles._close_file = open_in_the_window
+            inode.opens += 1
+            await handles.release(handle.number)
+            with trio.fail_after(30):
+                await raced.wait()
+            handles._close_file = close_file
+            await trio.sleep(0.5)
+            assert engine.stats.compactions == 1
+            nursery.cancel_scope.cancel()
+        fd = os.open(backing / "f.bin", os.O_RDONLY)
+        try:
+            container = Container.open(fd, "f.bin")
+            assert container.read_chunk(0) == second
+        finally:
+            os.close(fd)
+
+    with caplog.at_level(logging.CRITICAL):
+        trio.run(main)
