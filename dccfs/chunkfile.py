@@ -23,23 +23,9 @@ from dccfs.config import Rule
 from dccfs.container import ChunkError, ChunkLoc, Container
 from dccfs.chunkcoder import ChunkCoder
 from dccfs.engine import Engine
+from dccfs.readahead import ReadAhead
 
 log = logging.getLogger(__name__)
-
-
-# Records this close together are advised as one run.
-ADVISE_GAP = 64 << 10
-
-
-def record_runs(locs) -> list[tuple[int, int]]:
-    """(start, end) of the runs of records no more than ADVISE_GAP apart, by offset."""
-    runs: list[list[int]] = []
-    for loc in sorted(locs, key=lambda loc: loc.offset):
-        if runs and loc.offset - runs[-1][1] <= ADVISE_GAP:
-            runs[-1][1] = max(runs[-1][1], loc.offset + loc.length)
-        else:
-            runs.append([loc.offset, loc.offset + loc.length])
-    return [(lo, hi) for lo, hi in runs]
 
 
 def is_all_zero(data: bytes) -> bool:
@@ -81,9 +67,7 @@ class ContainerFile:
         self._write_lock = trio.Lock()
         self._loading: dict[tuple, trio.Event] = {}
         self.coder = ChunkCoder(engine, rule, container.path, container.chunk_size)
-        self._next_sequential = -1
-        self._sequential_run = 0
-        self._prefetched_to = -1
+        self.readahead = ReadAhead()
 
     @property
     def path(self) -> str:
@@ -117,7 +101,7 @@ class ContainerFile:
             async with trio.open_nursery() as nursery:
                 for idx in missing:
                     nursery.start_soon(load_into, idx)
-        self._note_read(offset, end, last)
+        self.readahead.note(self, offset, end, last)
         if first == last:
             data = pieces[first]
             lo = offset - first * cs
@@ -181,44 +165,6 @@ class ContainerFile:
         stats.disk.hits += 1  # served by T2, the containers on disk
         stats.count_codec("decode", "all", len(data), loc.length, time.perf_counter() - started)
         return data
-
-    def _note_read(self, start: int, end: int, last_idx: int) -> None:
-        """Detect a sequential reader and prefetch the chunks it will want next."""
-        if start == self._next_sequential:
-            self._sequential_run += 1
-        else:
-            self._sequential_run = 0
-        self._next_sequential = end
-        ahead = self.engine.config.cache.readahead_chunks
-        if self._sequential_run < 2 or ahead <= 0:
-            return
-        first = max(last_idx + 1, self._prefetched_to + 1)
-        stop = min(last_idx + 1 + ahead, (self.size + self.chunk_size - 1) // self.chunk_size)
-        wanted = []
-        for idx in range(first, stop):
-            loc = self.container.index.get(idx)
-            if loc is None or idx in self.dirty:
-                continue
-            if self.engine.cache.peek((self.cache_id, idx, loc.offset)):
-                continue
-            wanted.append((idx, loc))
-        # The prefetches below pread records from several threads at once, out of order,
-        # which defeats the backing file's own read-ahead; WILLNEED over the runs of
-        # adjacent records lets the kernel read them in large sequential I/Os (a record
-        # rewritten at the container's far end gets a run of its own).
-        for lo, hi in record_runs([loc for _, loc in wanted]):
-            self.engine.start_background(self._advise_willneed, lo, hi - lo)
-        for idx, _ in wanted:
-            self.engine.stats.readahead_chunks += 1
-            self.engine.start_background(self.load_chunk, idx, True)
-        self._prefetched_to = max(self._prefetched_to, stop - 1)
-
-    async def _advise_willneed(self, offset: int, length: int) -> None:
-        try:
-            await trio.to_thread.run_sync(os.posix_fadvise, self.container.fd, offset, length,
-                                          os.POSIX_FADV_WILLNEED, limiter=self.engine.io_limiter)
-        except OSError as exc:  # advice only: a closed or odd descriptor changes nothing
-            log.debug("%s: read-ahead advice failed: %s", self.path, exc)
 
     # -- writes ------------------------------------------------------------------
 

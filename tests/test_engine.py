@@ -12,10 +12,11 @@ from dccfs.chunkcoder import ChunkCoder
 from dccfs.chunkfile import ContainerFile
 from dccfs.codecs import ChunkHints, decode_chunk
 from dccfs.config import CacheConfig, Config
-from dccfs.container import Container
+from dccfs.container import ChunkLoc, Container
 from dccfs.engine import Engine
 from dccfs.handles import HandleTable
 from dccfs.inodes import ROOT_INODE, InodeTable
+from dccfs.readahead import ADVISE_GAP, record_runs
 
 
 def test_a_codec_error_falls_back_to_zstd(tmp_path, caplog):
@@ -188,3 +189,9 @@ def test_an_open_right_after_a_compaction_swap_writes_to_the_new_container(tmp_p
 
     with caplog.at_level(logging.CRITICAL):
         trio.run(main)
+
+
+def test_willneed_runs_join_adjacent_records_only():
+    locs = [ChunkLoc(100, 50), ChunkLoc(0, 100), ChunkLoc(150 + ADVISE_GAP, 10), ChunkLoc(10 << 30, 7)]
+    assert record_runs(locs) == [(0, 160 + ADVISE_GAP), (10 << 30, (10 << 30) + 7)]
+    assert record_runs([]) == []
