@@ -143,24 +143,33 @@ class ContainerFile:
             data = cache.get(key)
             if data is not None:
                 return data
+        if prefetch and self.closed:
+            return None
         done = self._loading[key] = trio.Event()
         try:
-            data = await trio.to_thread.run_sync(self._read_verified, idx, loc,
+            data = await trio.to_thread.run_sync(self._read_verified, idx, loc, prefetch,
                                                  limiter=self.engine.io_limiter)
-            cache.put(key, data)
+            if data is not None:
+                cache.put(key, data)
             return data
         finally:
             del self._loading[key]
             done.set()
 
-    def _read_verified(self, idx: int, loc: ChunkLoc) -> bytes:
+    def _read_verified(self, idx: int, loc: ChunkLoc, prefetch: bool = False) -> bytes | None:
         started = time.perf_counter()
         stats = self.engine.stats
         try:
             data = self.container.read_chunk(idx, loc)
-        except ChunkError as exc:
-            stats.checksum_errors += 1
-            log.error("%s", exc)
+        except (ChunkError, OSError) as exc:
+            if prefetch and self.closed:
+                # The file closed under a prefetch: its descriptor is gone or already
+                # reused by another file, so this failure says nothing about the data.
+                log.debug("%s: prefetch of chunk %d after close: %s", self.path, idx, exc)
+                return None
+            if isinstance(exc, ChunkError):
+                stats.checksum_errors += 1
+                log.error("%s", exc)
             raise
         stats.disk.hits += 1  # served by T2, the containers on disk
         stats.count_codec("decode", "all", len(data), loc.length, time.perf_counter() - started)

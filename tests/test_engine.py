@@ -195,3 +195,33 @@ def test_willneed_runs_join_adjacent_records_only():
     locs = [ChunkLoc(100, 50), ChunkLoc(0, 100), ChunkLoc(150 + ADVISE_GAP, 10), ChunkLoc(10 << 30, 7)]
     assert record_runs(locs) == [(0, 160 + ADVISE_GAP), (10 << 30, (10 << 30) + 7)]
     assert record_runs([]) == []
+
+
+def test_a_prefetch_after_close_is_quiet(tmp_path, caplog):
+    """Read-ahead tasks are not awaited at close; one that runs after it must neither log
+    nor count an error (the descriptor is closed, or reused by another file)."""
+    config = Config(delta=False)
+
+    async def main():
+        engine = Engine(config, str(tmp_path))
+        open_file = _files(tmp_path, engine, config)
+        async with trio.open_nursery() as nursery:
+            engine.nursery = nursery
+            file = open_file("a")
+            await file.write(0, os.urandom(CHUNK))
+            await file.commit(durable=False)
+            file.closed = True
+            os.close(file.container.fd)
+            assert await file.load_chunk(0, prefetch=True) is None
+            # a prefetch that passed that check before the close fails in its read
+            loc = file.container.index[0]
+            assert file._read_verified(0, loc, prefetch=True) is None
+            file.closed = False
+            with pytest.raises(OSError):  # a demand read (or an open file) still fails loudly
+                file._read_verified(0, loc, prefetch=True)
+            assert engine.stats.checksum_errors == 0
+            nursery.cancel_scope.cancel()
+
+    with caplog.at_level(logging.WARNING):
+        trio.run(main)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
