@@ -194,19 +194,15 @@ class ContainerFile:
                     self.dirty[idx] = data if n == len(data) and isinstance(data, bytes) \
                         else bytes(view[pos - offset:pos - offset + n])
                     self.versions[idx] = self.versions.get(idx, -1) + 1
-                    if end > self.size:
-                        self.size = end
-                    self.schedule_flush(idx)
-                    pos += n
-                    continue
-                if buf is None:
-                    buf = await self._make_dirty(idx, whole=False)
                 else:
-                    buf = self._mutable(idx, buf)
-                if len(buf) < inner:
-                    buf.extend(bytes(inner - len(buf)))
-                buf[inner:inner + n] = view[pos - offset:pos - offset + n]
-                self.versions[idx] += 1
+                    if buf is None:
+                        buf = await self._make_dirty(idx)
+                    else:
+                        buf = self._mutable(idx, buf)
+                    if len(buf) < inner:
+                        buf.extend(bytes(inner - len(buf)))
+                    buf[inner:inner + n] = view[pos - offset:pos - offset + n]
+                    self.versions[idx] += 1
                 if end > self.size:
                     self.size = end
                 if inner + n == cs:
@@ -226,10 +222,11 @@ class ContainerFile:
         self._raise_failure()
         await self.engine.dirty.reserve(self.chunk_size, check=self._raise_failure)
 
-    async def _make_dirty(self, idx: int, whole: bool) -> bytearray:
+    async def _make_dirty(self, idx: int) -> bytearray:
+        """A dirty bytearray for a chunk written in part: its stored bytes, or empty."""
         await self._reserve_dirty()
         try:
-            existing = None if whole else await self.load_chunk(idx)
+            existing = await self.load_chunk(idx)
         except BaseException:
             self.engine.dirty.release(self.chunk_size)
             raise
@@ -304,8 +301,9 @@ class ContainerFile:
             if self.versions.get(idx) == version:
                 self._drop_dirty(idx)
         except Exception as exc:
-            # Kept dirty; reported by the next flush_dirty (fsync, close) to the writer,
-            # and to a writer waiting for dirty budget, which would otherwise wait forever.
+            # Kept dirty but out of the dirty budget (_unbudget), so other writers go on;
+            # reported to this file's writer by its next write that needs a chunk and by
+            # the next flush_dirty (fsync, close), which also retries it.
             if isinstance(exc, OSError):
                 log.warning("%s: storing chunk %d failed: %s", self.path, idx, exc)
             else:
@@ -363,7 +361,7 @@ class ContainerFile:
                     idx = new_size // cs
                     buf = self.dirty.get(idx)
                     if buf is None:
-                        buf = await self._make_dirty(idx, whole=False)
+                        buf = await self._make_dirty(idx)
                     else:
                         buf = self._mutable(idx, buf)
                 for gone in [i for i in self.dirty if i >= first_gone]:

@@ -23,10 +23,10 @@ READ_AHEAD_KB = 1024
 
 
 # glibc serves allocations above a dynamic threshold (128 KiB at first) with fresh mmaps
-# and trims freed heap tops: every 1 MiB chunk buffer then costs 256 page faults and
-# zeroing, twice or three times per chunk. Keeping them on the heap halved the daemon's
-# system time while writing a checkpoint (docs/performance.md). Freed memory below the
-# trim threshold stays mapped for reuse, which the RSS budget's fixed overhead covers.
+# and trims freed heap tops: a 1 MiB chunk buffer then costs 256 page faults and zeroing,
+# two or three times per chunk. With these settings the daemon's system time for one
+# torch.save of mpnet_fp32 was 0.7 s instead of 1.3-1.6 s (two A/B runs, noisy machine;
+# docs/performance.md); peak RSS did not move beyond its run-to-run spread.
 MALLOC_TUNING = {
     -3: 16 << 20,   # M_MMAP_THRESHOLD: chunk-sized buffers come from the heap
     -1: 64 << 20,   # M_TRIM_THRESHOLD: keep up to 64 MiB of freed heap top mapped

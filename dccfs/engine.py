@@ -65,10 +65,7 @@ class DirtyBudget:
     def release(self, nbytes: int) -> None:
         self.used -= nbytes
         self._stats.dirty_bytes = self.used
-        self.wake()
-
-    def wake(self) -> None:
-        """Wake every waiter; each re-checks, and the next wake gets a fresh event."""
+        # Wake every waiter; each re-checks and the next release gets a fresh event.
         self._released.set()
         self._released = trio.Event()
 

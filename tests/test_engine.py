@@ -47,6 +47,19 @@ def _files(tmp_path, engine, config):
     return open_file
 
 
+def run_with_files(tmp_path, config, body) -> None:
+    """trio.run body(engine, open_file) inside the nursery the engine's background tasks use."""
+    async def main():
+        engine = Engine(config, str(tmp_path))
+        open_file = _files(tmp_path, engine, config)
+        async with trio.open_nursery() as nursery:
+            engine.nursery = nursery
+            await body(engine, open_file)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+
+
 def _failing_append(calls):
     def append(*args):
         calls.append(args[0])
@@ -60,63 +73,53 @@ def test_a_failing_file_neither_starves_nor_spins_other_writers(tmp_path, caplog
     the error instead of adding unstorable chunks."""
     config = Config(cache=CacheConfig(dirty_bytes=4 << 20), delta=False)
 
-    async def main():
-        engine = Engine(config, str(tmp_path))
-        open_file = _files(tmp_path, engine, config)
-        async with trio.open_nursery() as nursery:
-            engine.nursery = nursery
-            a, b = open_file("a"), open_file("b")
-            calls = []
-            a.container.append_chunk = _failing_append(calls)
-            errors = []
+    async def body(engine, open_file):
+        a, b = open_file("a"), open_file("b")
+        calls = []
+        a.container.append_chunk = _failing_append(calls)
+        errors = []
+        for i in range(6):
+            try:
+                await a.write(i * CHUNK, os.urandom(CHUNK))
+            except OSError as exc:
+                errors.append(exc.errno)
+            await a._wait_idle()
+        assert errors and set(errors) == {errno.EIO}, errors
+        with trio.fail_after(10):
             for i in range(6):
-                try:
-                    await a.write(i * CHUNK, os.urandom(CHUNK))
-                except OSError as exc:
-                    errors.append(exc.errno)
-                await a._wait_idle()
-            assert errors and set(errors) == {errno.EIO}, errors
-            with trio.fail_after(10):
-                for i in range(6):
-                    await b.write(i * CHUNK, os.urandom(CHUNK))
-                await b.commit(durable=False)
-            attempts = len(calls)
-            await trio.sleep(0.2)
-            assert len(calls) == attempts, "A's failing chunks are retried in a loop"
-            assert engine.dirty.used <= config.cache.dirty_bytes
-            nursery.cancel_scope.cancel()
+                await b.write(i * CHUNK, os.urandom(CHUNK))
+            await b.commit(durable=False)
+        attempts = len(calls)
+        await trio.sleep(0.2)
+        assert len(calls) == attempts, "A's failing chunks are retried in a loop"
+        assert engine.dirty.used <= config.cache.dirty_bytes
 
     with caplog.at_level(logging.CRITICAL):
-        trio.run(main)
+        run_with_files(tmp_path, config, body)
 
 
 def test_a_failed_truncate_leaves_the_file_as_it_was(tmp_path, caplog):
     config = Config(cache=CacheConfig(dirty_bytes=4 << 20), delta=False)
 
-    async def main():
-        engine = Engine(config, str(tmp_path))
-        open_file = _files(tmp_path, engine, config)
-        async with trio.open_nursery() as nursery:
-            engine.nursery = nursery
-            a = open_file("a")
-            data = [os.urandom(CHUNK) for _ in range(3)]
-            store = a.container.append_chunk
-            fail = _failing_append([])
-            # chunk 0 cannot be stored, chunks 1 and 2 are: cutting chunk 1 needs budget
-            a.container.append_chunk = lambda idx, *rest: fail(idx) if idx == 0 else store(idx, *rest)
-            for i, block in enumerate(data):
-                await a.write(i * CHUNK, block)
-            await a._wait_idle()
-            assert a.failure is not None and set(a.dirty) == {0}
-            with pytest.raises(OSError) as raised:
-                await a.truncate(CHUNK + CHUNK // 2)
-            assert raised.value.errno == errno.EIO
-            assert a.size == 3 * CHUNK
-            assert await a.read(0, 3 * CHUNK) == b"".join(data)
-            nursery.cancel_scope.cancel()
+    async def body(engine, open_file):
+        a = open_file("a")
+        data = [os.urandom(CHUNK) for _ in range(3)]
+        store = a.container.append_chunk
+        fail = _failing_append([])
+        # chunk 0 cannot be stored, chunks 1 and 2 are: cutting chunk 1 needs budget
+        a.container.append_chunk = lambda idx, *rest: fail(idx) if idx == 0 else store(idx, *rest)
+        for i, block in enumerate(data):
+            await a.write(i * CHUNK, block)
+        await a._wait_idle()
+        assert a.failure is not None and set(a.dirty) == {0}
+        with pytest.raises(OSError) as raised:
+            await a.truncate(CHUNK + CHUNK // 2)
+        assert raised.value.errno == errno.EIO
+        assert a.size == 3 * CHUNK
+        assert await a.read(0, 3 * CHUNK) == b"".join(data)
 
     with caplog.at_level(logging.CRITICAL):
-        trio.run(main)
+        run_with_files(tmp_path, config, body)
 
 
 def test_a_delta_encoder_error_stores_a_keyframe(tmp_path, caplog):
@@ -202,26 +205,21 @@ def test_a_prefetch_after_close_is_quiet(tmp_path, caplog):
     nor count an error (the descriptor is closed, or reused by another file)."""
     config = Config(delta=False)
 
-    async def main():
-        engine = Engine(config, str(tmp_path))
-        open_file = _files(tmp_path, engine, config)
-        async with trio.open_nursery() as nursery:
-            engine.nursery = nursery
-            file = open_file("a")
-            await file.write(0, os.urandom(CHUNK))
-            await file.commit(durable=False)
-            file.closed = True
-            os.close(file.container.fd)
-            assert await file.load_chunk(0, prefetch=True) is None
-            # a prefetch that passed that check before the close fails in its read
-            loc = file.container.index[0]
-            assert file._read_verified(0, loc, prefetch=True) is None
-            file.closed = False
-            with pytest.raises(OSError):  # a demand read (or an open file) still fails loudly
-                file._read_verified(0, loc, prefetch=True)
-            assert engine.stats.checksum_errors == 0
-            nursery.cancel_scope.cancel()
+    async def body(engine, open_file):
+        file = open_file("a")
+        await file.write(0, os.urandom(CHUNK))
+        await file.commit(durable=False)
+        file.closed = True
+        os.close(file.container.fd)
+        assert await file.load_chunk(0, prefetch=True) is None
+        # a prefetch that passed that check before the close fails in its read
+        loc = file.container.index[0]
+        assert file._read_verified(0, loc, prefetch=True) is None
+        file.closed = False
+        with pytest.raises(OSError):  # a demand read (or an open file) still fails loudly
+            file._read_verified(0, loc, prefetch=True)
+        assert engine.stats.checksum_errors == 0
 
     with caplog.at_level(logging.WARNING):
-        trio.run(main)
+        run_with_files(tmp_path, config, body)
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]

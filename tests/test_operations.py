@@ -120,7 +120,7 @@ def test_tune_refuses_other_uid(mounted):
     with os.fdopen(read_end) as pipe:
         reply = json.loads(pipe.read())
     os.waitpid(pid, 0)
-    assert reply["ok"] is False, reply and "permission denied" in reply["error"]
+    assert reply["ok"] is False, reply
     assert json.loads(dccfs("stats", "--json", mounted.mnt).stdout)["cache"]["policy"] == "wtinylfu"
 
 
