@@ -1,8 +1,6 @@
 """The daemon's trio main loop: FUSE session, background nursery, signals and clean shutdown."""
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import logging
 import os
 import signal
@@ -12,6 +10,7 @@ import trio
 
 from dccfs.engine import Engine
 from dccfs.fs import DccfsOperations
+from dccfs.memory import HeapTrimmer, tune_malloc
 
 log = logging.getLogger(__name__)
 
@@ -20,31 +19,6 @@ log = logging.getLogger(__name__)
 # (root only), but only after the INIT reply: the kernel sets it to the negotiated
 # value while processing that reply. docs/performance.md has the measurements.
 READ_AHEAD_KB = 1024
-
-
-# glibc serves allocations above a dynamic threshold (128 KiB at first) with fresh mmaps
-# and trims freed heap tops: a 1 MiB chunk buffer then costs 256 page faults and zeroing,
-# two or three times per chunk. With these settings the daemon's system time for one
-# torch.save of mpnet_fp32 was 0.7 s instead of 1.3-1.6 s (two A/B runs, noisy machine;
-# docs/performance.md); peak RSS did not move beyond its run-to-run spread.
-MALLOC_TUNING = {
-    -3: 16 << 20,   # M_MMAP_THRESHOLD: chunk-sized buffers come from the heap
-    -1: 64 << 20,   # M_TRIM_THRESHOLD: keep up to 64 MiB of freed heap top mapped
-    -8: 4,          # M_ARENA_MAX: a few arenas; more only multiplies retained memory
-}
-
-
-def tune_malloc() -> None:
-    """Apply MALLOC_TUNING through mallopt; a libc without it (musl) keeps its defaults."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        log.info("mallopt unavailable; malloc defaults kept")
-        return
-    for param, value in MALLOC_TUNING.items():
-        if mallopt(param, value) != 1:
-            log.info("mallopt(%d, %d) refused", param, value)
 
 
 def raise_read_ahead(mountpoint: str, kilobytes: int = READ_AHEAD_KB) -> None:
@@ -88,6 +62,8 @@ async def _main(ops: DccfsOperations, engine: Engine, control, mountpoint: str) 
         if control is not None:
             nursery.start_soon(control.serve)
         nursery.start_soon(_raise_read_ahead_after_init, ops, mountpoint)
+        trimmer = HeapTrimmer(lambda: engine.cache.used + engine.dirty.used, engine.stats)
+        nursery.start_soon(trimmer.run, engine.io_limiter)
         try:
             await pyfuse3.main(min_tasks=4, max_tasks=64)
         finally:

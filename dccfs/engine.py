@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
 import time
@@ -104,6 +105,8 @@ class Engine:
         self.cache = ChunkCache(config.cache.policy, config.cache.t0_bytes,
                                 config.cache.write_admit, self.stats.t0)
         self.cpu_limiter = trio.CapacityLimiter(max(2, os.cpu_count() or 2))
+        # For a thread started by a task that already holds a cpu_limiter token.
+        self.held_cpu_limiter = trio.CapacityLimiter(math.inf)
         # Backing-file I/O gets its own threads so a slow disk cannot starve encoders.
         self.io_limiter = trio.CapacityLimiter(16)
         self.dirty = DirtyBudget(config.cache.dirty_bytes, self.stats)

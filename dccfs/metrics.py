@@ -62,6 +62,10 @@ class MountCollector:
         yield GaugeMetricFamily("dccfs_dirty_budget_bytes", "Dirty budget", value=snap["dirty"]["budget"])
         yield CounterMetricFamily("dccfs_writer_stalls", "Writes that waited for the dirty budget",
                                   value=snap["dirty"]["writer_stalls"])
+        yield GaugeMetricFamily("dccfs_resident_bytes", "Resident memory of the daemon",
+                                value=snap["memory"]["resident_bytes"])
+        yield CounterMetricFamily("dccfs_heap_trimmed_bytes", "Freed heap memory given back to the kernel",
+                                  value=snap["memory"]["heap_trimmed_bytes"])
 
 
 def serve_metrics(address: str, engine) -> None:

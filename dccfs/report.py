@@ -50,6 +50,10 @@ def print_stats(reply: dict, as_json: bool) -> None:
     console.print(f"dirty {_mib(d['bytes'])} of {_mib(d['budget'])}, writer stalls {d['writer_stalls']}; "
                   f"readahead chunks {stats['readahead_chunks']}; errors: checksum {e['checksum']}, "
                   f"handler {e['handler']}, codec {e.get('codec', 0)}")
+    m = stats.get("memory")
+    if m:
+        console.print(f"resident {_mib(m['resident_bytes'])}; heap trims {m['heap_trims']}, "
+                      f"{_mib(m['heap_trimmed_bytes'])} given back")
 
 
 def print_files(rows: list[dict], as_json: bool) -> None:

@@ -7,6 +7,8 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 
+from dccfs.memory import resident_bytes
+
 log = logging.getLogger(__name__)
 
 # Log-spaced latency buckets from 10 us to 10 s: percentiles within a bucket's width
@@ -83,6 +85,8 @@ class MountStats:
     readahead_chunks: int = 0
     compactions: int = 0
     cheap_encodes: int = 0
+    heap_trims: int = 0
+    heap_trimmed_bytes: int = 0
     started: float = field(default_factory=time.time)
 
     def __post_init__(self):
@@ -126,4 +130,6 @@ class MountStats:
                 "readahead_chunks": self.readahead_chunks,
                 "compactions": self.compactions,
                 "cheap_encodes": self.cheap_encodes,
+                "memory": {"resident_bytes": resident_bytes() or 0, "heap_trims": self.heap_trims,
+                           "heap_trimmed_bytes": self.heap_trimmed_bytes},
             }

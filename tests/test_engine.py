@@ -7,6 +7,7 @@ import os
 
 import pytest
 import trio
+import trio.testing
 
 from dccfs.chunkcoder import ChunkCoder
 from dccfs.chunkfile import ContainerFile
@@ -223,3 +224,36 @@ def test_a_prefetch_after_close_is_quiet(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         run_with_files(tmp_path, config, body)
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_partial_chunks_are_copied_for_encoding_only_once_a_core_is_free(tmp_path):
+    """A partly written dirty chunk is snapshot (a copy outside the dirty budget) only when
+    an encoder token is free. Chunks written again while every token was taken are
+    therefore encoded once, with their newest bytes; snapshots taken before the wait made
+    a burst of such chunks double the dirty budget in RSS, then encoded them twice."""
+    config = Config(cache=CacheConfig(dirty_bytes=64 << 20), delta=False)
+    first, second = os.urandom(CHUNK - 4096), os.urandom(CHUNK - 4096)
+
+    async def body(engine, open_file):
+        f = open_file("partial")
+        for i in range(16):
+            await f.write(i * CHUNK, first)
+        limiter = engine.cpu_limiter
+        holders = [object() for _ in range(int(limiter.total_tokens))]
+        for holder in holders:
+            limiter.acquire_on_behalf_of_nowait(holder)
+        try:
+            f.schedule_all()
+            await trio.testing.wait_all_tasks_blocked()
+            for i in range(16):
+                await f.write(i * CHUNK, second)
+        finally:
+            for holder in holders:
+                limiter.release_on_behalf_of(holder)
+        with trio.fail_after(60):
+            await f.flush_dirty()
+        assert sum(row.chunks for row in engine.stats.encode.values()) == 16
+        for i in range(16):
+            assert await f.read(i * CHUNK, len(second)) == second
+
+    run_with_files(tmp_path, config, body)

@@ -85,9 +85,10 @@ def test_stats_and_tune_on_a_live_mount(mounted):
     assert (mounted.mnt / "d" / "f").read_bytes() == data
     stats = json.loads(dccfs("stats", "--json", mounted.mnt).stdout)
     assert stats["stats"]["tiers"]["t0"]["resident_bytes"] > 0
+    assert stats["stats"]["memory"]["resident_bytes"] > stats["stats"]["tiers"]["t0"]["resident_bytes"]
     assert stats["cache"]["policy"] == "wtinylfu"
     human = dccfs("stats", mounted.mnt)
-    assert human.returncode == 0 and "cache tiers" in human.stdout
+    assert human.returncode == 0 and "cache tiers" in human.stdout and "heap trims" in human.stdout
     files = json.loads(dccfs("stats", "--json", "--files", "d", mounted.mnt).stdout)
     assert files[0]["path"] == "d/f" and files[0]["logical"] == len(data)
     tuned = dccfs("tune", mounted.mnt, "policy=arc", "t0_bytes=32MiB", "readahead_chunks=2")

@@ -1,0 +1,103 @@
+"""Keeps the daemon's resident memory close to what its budgets account for: malloc tuning and heap trimming."""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+import os
+
+import trio
+
+log = logging.getLogger(__name__)
+
+# glibc serves allocations above a dynamic threshold (128 KiB at first) with fresh mmaps
+# and trims freed heap tops: a 1 MiB chunk buffer then costs 256 page faults and zeroing,
+# two or three times per chunk. With these settings the daemon's system time for one
+# torch.save of mpnet_fp32 was 0.7 s instead of 1.3-1.6 s (two A/B runs, noisy machine;
+# docs/performance.md). Mapping every buffer ≥ 256 KiB instead kept RSS at what the budgets
+# account for but tripled the daemon's system time for the bench_fs writes (3.4 s -> 11.7 s).
+MALLOC_TUNING = {
+    -3: 16 << 20,   # M_MMAP_THRESHOLD: chunk-sized buffers come from the heap
+    -1: 64 << 20,   # M_TRIM_THRESHOLD: keep up to 64 MiB of freed heap top mapped
+    -8: 4,          # M_ARENA_MAX: a few arenas; more only multiplies retained memory
+}
+
+# A heap keeps the pages of freed chunk buffers resident: the T0 cache and the write path
+# free 1 MiB buffers in other threads' arenas and at other addresses than the next
+# allocations use, so RSS rose 250-300 MB past the budgets while T0 filled. malloc_trim
+# hands those pages back; it runs when the untracked part of RSS has grown by TRIM_GROWTH,
+# checked every TRIM_CHECK_S.
+TRIM_CHECK_S = 1.0
+TRIM_GROWTH = 32 << 20
+
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def _libc():
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+
+
+_LIBC = _libc()
+
+
+def tune_malloc() -> None:
+    """Apply MALLOC_TUNING through mallopt; a libc without it (musl) keeps its defaults."""
+    mallopt = getattr(_LIBC, "mallopt", None)
+    if mallopt is None:
+        log.info("mallopt unavailable; malloc defaults kept")
+        return
+    for param, value in MALLOC_TUNING.items():
+        if mallopt(param, value) != 1:
+            log.info("mallopt(%d, %d) refused", param, value)
+
+
+def resident_bytes() -> int | None:
+    """This process's resident set size, or None where /proc is not there."""
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * _PAGE
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class HeapTrimmer:
+    """Trims the heap whenever RSS minus the budgeted bytes (T0 resident, dirty) has grown.
+
+    The untracked part is the interpreter, the codec kernels, buffers in flight and freed
+    heap pages; only the last can be given back, so after each trim the remainder becomes
+    the new floor, and the floor follows the untracked part down when it shrinks by itself.
+    """
+
+    def __init__(self, tracked_bytes, stats) -> None:
+        self._tracked_bytes = tracked_bytes
+        self._stats = stats
+        self._floor: int | None = None
+        self._trim = getattr(_LIBC, "malloc_trim", None)
+
+    def check(self) -> None:
+        rss = resident_bytes()
+        if rss is None or self._trim is None:
+            return
+        untracked = rss - self._tracked_bytes()
+        if self._floor is None or untracked < self._floor:
+            self._floor = untracked
+            return
+        if untracked - self._floor < TRIM_GROWTH:
+            return
+        self._trim(0)
+        after = resident_bytes() or rss
+        self._floor = after - self._tracked_bytes()
+        self._stats.heap_trims += 1
+        self._stats.heap_trimmed_bytes += max(0, rss - after)
+        log.debug("malloc_trim gave back %d bytes (untracked now %d)", rss - after, self._floor)
+
+    async def run(self, limiter: trio.CapacityLimiter) -> None:
+        if self._trim is None or resident_bytes() is None:
+            log.info("malloc_trim or /proc/self/statm unavailable; the heap is not trimmed")
+            return
+        while True:
+            await trio.sleep(TRIM_CHECK_S)
+            await trio.to_thread.run_sync(self.check, limiter=limiter)
