@@ -9,9 +9,9 @@ SHARED_CORPUS := ../shared/corpus/build_corpus.py
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTEST_ARGS ?=
 
-.PHONY: setup system-deps corpus corpus-full run test stress bench clean
+.PHONY: setup system-deps mount-helper corpus corpus-full run test stress bench clean
 
-setup: $(STAMP)
+setup: $(STAMP) mount-helper
 
 system-deps:
 	@if ! command -v fusermount3 >/dev/null || ! command -v pkg-config >/dev/null \
@@ -25,14 +25,20 @@ $(STAMP): pyproject.toml | system-deps
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q -U pip
 	$(VENV)/bin/pip install -q -e '.[test]'
-	@# mount(8) looks for /sbin/mount.fuse.dccfs when asked for -t fuse.dccfs or an fstab line.
-	@if [ "$$(id -u)" = 0 ]; then ln -sf "$$(pwd)/$(VENV)/bin/mount.fuse.dccfs" /sbin/mount.fuse.dccfs; fi
 	touch $@
 
-corpus: $(STAMP)
+# mount(8) looks for /sbin/mount.fuse.dccfs when asked for -t fuse.dccfs or an fstab line.
+# Checked on every run: another checkout on the same machine may have pointed it elsewhere.
+mount-helper: $(STAMP)
+	@helper="$$(pwd)/$(VENV)/bin/mount.fuse.dccfs"; \
+	if [ "$$(id -u)" = 0 ] && [ "$$(readlink /sbin/mount.fuse.dccfs)" != "$$helper" ]; then \
+	  ln -sf "$$helper" /sbin/mount.fuse.dccfs && echo "linked /sbin/mount.fuse.dccfs -> $$helper"; \
+	fi
+
+corpus: setup
 	$(PY) $(SHARED_CORPUS) $(CORPUS) > /dev/null
 
-corpus-full: $(STAMP)
+corpus-full: setup
 	$(PY) $(SHARED_CORPUS) $(CORPUS) --mpnet --checkpoints > /dev/null
 
 run: corpus
