@@ -297,8 +297,8 @@ def test_scale_prediction_is_ieee_multiply(dtype):
 def test_iterated_decay_is_reproduced_exactly(monkeypatch):
     # The default encoder searches one step only (decode speed); the format and the
     # decoder support any step count, which a wider search exercises here.
-    import dccfs.codecs.delta as delta_module
-    monkeypatch.setattr(delta_module, "STEP_CANDIDATES", (1, 2, 5, 10, 20))
+    import dccfs.codecs.delta_fit as delta_fit
+    monkeypatch.setattr(delta_fit, "STEP_CANDIDATES", (1, 2, 5, 10, 20))
     rng = np.random.default_rng(13)
     base = rng.normal(0, 0.05, 65536).astype(np.float32)
     a = np.float32(1 - 8 * 2.0**-24)
