@@ -1,92 +1,30 @@
 """One container file: open, recover, read verified chunks, append records and commit (no FUSE).
 
-The commit protocol and its crash windows are described in docs/commit-protocol.md.
+The commit protocol and its crash windows are described in docs/commit-protocol.md; the record
+I/O and the search for the last commit that open() relies on are in dccfs/container_records.py.
 Methods are synchronous and meant for worker threads; appends and commits are
 serialised by an internal lock, reads may run concurrently with them.
 """
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import threading
 import time
-from dataclasses import dataclass
 
 from dccfs.codecs import CodecError, EncodedChunk, decode_chunk
 from dccfs.codecs.delta import CODEC_DELTA, decode_delta, delta_base_ref
 from dccfs.format import (
-    HEADER_SIZE, INDEX_DELTA, INDEX_FULL, RECORD_HEADER_SIZE, REC_CHUNK, REC_INDEX,
-    REC_TRAILER, FormatError, Header, RecordHeader, checksum64, chunk_record_header,
-    pack_index, trailer_record, unpack_index_payload,
+    HEADER_SIZE, INDEX_DELTA, INDEX_FULL, RECORD_HEADER_SIZE, REC_CHUNK, FormatError, Header,
+    RecordHeader, checksum64, chunk_record_header, pack_index, trailer_record,
+)
+# Also re-exported: the rest of dccfs and the tests import these names from dccfs.container.
+from dccfs.container_records import (  # noqa: F401
+    MAX_DELTA_CHAIN, ChunkError, ChunkLoc, ContainerError, Recovery, commit_from_scan,
+    commit_from_trailer, load_index_chain, pread_exact, pwrite_all, read_logical_size,
 )
 
 log = logging.getLogger(__name__)
-
-# A delta index lists only the chunks changed since the previous commit, so fsync
-# costs what is dirty; opening walks the chain, so it is bounded by a full index
-# every so often.
-MAX_DELTA_CHAIN = 16
-
-
-class ChunkError(OSError):
-    """A chunk that cannot be returned: bad checksum, bad record, or a codec failure."""
-
-    def __init__(self, path: str, chunk_index: int, reason: str):
-        super().__init__(errno.EIO, f"{path}: chunk {chunk_index}: {reason}")
-        self.path = path
-        self.chunk_index = chunk_index
-        self.reason = reason
-
-
-class ContainerError(OSError):
-    """A container whose structure cannot be read at all."""
-
-    def __init__(self, path: str, reason: str):
-        super().__init__(errno.EIO, f"{path}: {reason}")
-        self.path = path
-        self.reason = reason
-
-
-@dataclass(frozen=True)
-class ChunkLoc:
-    offset: int  # of the record header in the container
-    length: int  # the whole record: header, params, payload
-
-
-@dataclass
-class Recovery:
-    """What open() found: the commit it used and the bytes past it that no commit covers."""
-    committed_end: int
-    file_end: int
-    used_scan: bool
-
-    @property
-    def torn_tail(self) -> int:
-        return self.file_end - self.committed_end
-
-
-def pread_exact(fd: int, length: int, offset: int) -> bytes:
-    data = os.pread(fd, length, offset)
-    if len(data) == length:
-        return data
-    parts = [data]
-    got = len(data)
-    while got < length:
-        more = os.pread(fd, length - got, offset + got)
-        if not more:
-            break
-        parts.append(more)
-        got += len(more)
-    return b"".join(parts)
-
-
-def pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
-    view = memoryview(data)
-    while view:
-        written = os.pwrite(fd, view, offset)
-        view = view[written:]
-        offset += written
 
 
 class Container:
@@ -153,17 +91,17 @@ class Container:
             header = Header.unpack(head)
         except FormatError as exc:
             raise ContainerError(path, f"bad container header: {exc}") from exc
-        found = cls._commit_from_trailer(fd, file_end)
+        found = commit_from_trailer(fd, file_end)
         used_scan = found is None
         if found is None:
-            found = cls._commit_from_scan(fd, path, file_end)
+            found = commit_from_scan(fd, path, file_end)
         index_offset, committed_end = found
         if index_offset == 0:
             # Created but killed before its first index: an empty file.
             rec = Recovery(HEADER_SIZE, file_end, used_scan)
             return cls(fd, path, header, {}, 0, HEADER_SIZE, 0, 0, rec)
         try:
-            index, size, chain = cls._load_index_chain(fd, path, index_offset)
+            index, size, chain = load_index_chain(fd, path, index_offset)
         except ContainerError:
             if used_scan:
                 raise
@@ -171,95 +109,15 @@ class Container:
             # crash without ordering): the scan finds the last index that verifies.
             # With none left, the file is damaged, not empty.
             used_scan = True
-            index_offset, committed_end = cls._commit_from_scan(fd, path, file_end)
+            index_offset, committed_end = commit_from_scan(fd, path, file_end)
             if index_offset == 0:
                 raise
-            index, size, chain = cls._load_index_chain(fd, path, index_offset)
+            index, size, chain = load_index_chain(fd, path, index_offset)
         rec = Recovery(committed_end, file_end, used_scan)
         if rec.torn_tail:
             log.info("%s: %d bytes past the last commit are ignored (an interrupted write)",
                      path, rec.torn_tail)
         return cls(fd, path, header, index, size, committed_end, index_offset, chain, rec)
-
-    @staticmethod
-    def _read_record_header(fd: int, offset: int) -> RecordHeader | None:
-        try:
-            return RecordHeader.unpack(pread_exact(fd, RECORD_HEADER_SIZE, offset))
-        except FormatError:
-            return None
-
-    @classmethod
-    def _commit_from_trailer(cls, fd: int, file_end: int) -> tuple[int, int] | None:
-        """The fast path: the file ends with a trailer naming a valid index."""
-        if file_end < HEADER_SIZE + RECORD_HEADER_SIZE:
-            return None
-        trailer = cls._read_record_header(fd, file_end - RECORD_HEADER_SIZE)
-        if trailer is None or trailer.rtype != REC_TRAILER:
-            return None
-        index_offset = trailer.c
-        if not HEADER_SIZE <= index_offset < file_end - RECORD_HEADER_SIZE:
-            return None
-        head = cls._read_record_header(fd, index_offset)
-        if head is None or head.rtype != REC_INDEX or head.a != trailer.a:
-            return None
-        if index_offset + head.total_len != file_end - RECORD_HEADER_SIZE:
-            return None
-        return index_offset, file_end
-
-    @classmethod
-    def _commit_from_scan(cls, fd: int, path: str, file_end: int) -> tuple[int, int]:
-        """Walk the records from the start and keep the last index whose payload verifies."""
-        offset = HEADER_SIZE
-        last_index, committed_end = 0, HEADER_SIZE
-        while offset + RECORD_HEADER_SIZE <= file_end:
-            head = cls._read_record_header(fd, offset)
-            if head is None or offset + head.total_len > file_end:
-                break
-            if head.rtype == REC_INDEX:
-                payload = pread_exact(fd, head.payload_len, offset + RECORD_HEADER_SIZE)
-                try:
-                    unpack_index_payload(head, payload)
-                except FormatError:
-                    break
-                last_index, committed_end = offset, offset + head.total_len
-            elif head.rtype == REC_TRAILER and head.c == last_index:
-                committed_end = offset + head.total_len
-            offset += head.total_len
-        if file_end > HEADER_SIZE:  # a bare header is simply an empty file
-            log.warning("%s: no trailer at the end; recovered the commit at offset %d by scanning",
-                        path, last_index)
-        return last_index, committed_end
-
-    @classmethod
-    def _load_index_chain(cls, fd: int, path: str, offset: int):
-        """Apply a full index and the deltas after it; return (index, size, delta chain length)."""
-        chain: list[dict[int, tuple[int, int]]] = []
-        size = None
-        while True:
-            head = cls._read_record_header(fd, offset)
-            if head is None or head.rtype != REC_INDEX:
-                raise ContainerError(path, f"index record at offset {offset} is damaged")
-            payload = pread_exact(fd, head.payload_len, offset + RECORD_HEADER_SIZE)
-            try:
-                entries = unpack_index_payload(head, payload)
-            except FormatError as exc:
-                raise ContainerError(path, f"index at offset {offset}: {exc}") from exc
-            if size is None:
-                size = head.a
-            chain.append(entries)
-            if head.sub == INDEX_FULL:
-                break
-            if not HEADER_SIZE <= head.c < offset or len(chain) > 4 * MAX_DELTA_CHAIN:
-                raise ContainerError(path, f"index at offset {offset} has a bad back pointer")
-            offset = head.c
-        index: dict[int, ChunkLoc] = {}
-        for entries in reversed(chain):
-            for idx, (rec_off, rec_len) in entries.items():
-                if rec_off == 0:
-                    index.pop(idx, None)
-                else:
-                    index[idx] = ChunkLoc(rec_off, rec_len)
-        return index, size, len(chain) - 1
 
     def snapshot(self) -> tuple[dict[int, ChunkLoc], int, int]:
         """(index, committed logical size, end) as of one instant, for copying."""
@@ -422,14 +280,3 @@ class Container:
             os.ftruncate(self.fd, self.recovery.committed_end)
             self.end = self.recovery.committed_end
             self.recovery = Recovery(self.end, self.end, self.recovery.used_scan)
-
-
-def read_logical_size(fd: int) -> int | None:
-    """The logical size in O(1) reads from the trailer, or None when the tail needs a scan."""
-    file_end = os.fstat(fd).st_size
-    if file_end < HEADER_SIZE + RECORD_HEADER_SIZE:
-        return 0 if file_end >= HEADER_SIZE else None
-    trailer = Container._read_record_header(fd, file_end - RECORD_HEADER_SIZE)
-    if trailer is None or trailer.rtype != REC_TRAILER:
-        return None
-    return trailer.a
