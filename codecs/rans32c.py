@@ -18,8 +18,8 @@ from numba.extending import intrinsic
 
 from ._jit import njit
 from .rans import RANS_L, SCALE_BITS
-from .rans32 import (LANES, SLOTS, V, _decl, _prepare_ext, _round16, _state_symbols, _tail as _tail6, build_lut,
-                     read_table)
+from .rans32 import LANES, SLOTS, V, _decl, _round16, _tail as _tail6, build_lut, read_table
+from .rans32e import _prepare_ext, _state_symbols
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ import logging
 import numpy as np
 
 from .varint import get_varint, put_varint
-from . import fields, generic, rans, rans32, rans32c, zeros
+from . import fields, generic, rans, rans32, rans32_enc, rans32c, zeros
 from .api import CODEC_TENSOR, CODEC_ZSTD, EncodedChunk, Segment
 
 log = logging.getLogger(__name__)
@@ -111,8 +111,8 @@ def _code_plane(plane: np.ndarray, method: int, freq, parts: int = 1) -> bytes |
     if method == M_RANS:
         return rans.encode(plane, freq)
     if method == M_RANS32:
-        return rans32.encode(plane, freq)
-    return rans32.encode_ext(plane, freq, parts)
+        return rans32_enc.encode(plane, freq)
+    return rans32_enc.encode_ext(plane, freq, parts)
 
 
 # classes whose streams may use method 7: f32 (optimizer state and fp32 weights). bf16 would gain 0.002 of its

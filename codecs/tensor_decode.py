@@ -7,7 +7,7 @@ import threading
 import numpy as np
 
 from ._jit import njit
-from . import blocks, fields, generic, rans, rans32, rans32c, zeros
+from . import blocks, fields, generic, rans, rans32, rans32c, rans32e, zeros
 from .api import CodecError
 from .tensor import (FORMAT_VERSION, M_CONST, M_LZ4, M_RANS, M_RANS32, M_RANS32C, M_RANS32E, M_RAW, M_ZSTD,
                      _get_varint)
@@ -150,7 +150,7 @@ def _fused_vec(cls, payload, meths, offs, lens, scratch, out):
             continue
         a = payload[offs[pending] : offs[pending] + lens[pending]]
         b = payload[offs[k] : offs[k] + lens[k]]
-        if rans32.decode_ext_pair_into(a, scratch[pending], b, scratch[k]) != 0:
+        if rans32e.decode_ext_pair_into(a, scratch[pending], b, scratch[k]) != 0:
             return -(k + 1)
         paired[pending] = paired[k] = True
         pending = -1
@@ -164,7 +164,7 @@ def _fused_vec(cls, payload, meths, offs, lens, scratch, out):
         if raw_tail and k > 0:
             break
         if meths[k] == M_RANS32E:
-            if not paired[k] and rans32.decode_ext_into(payload[offs[k] : offs[k] + lens[k]], scratch[k]) != 0:
+            if not paired[k] and rans32e.decode_ext_into(payload[offs[k] : offs[k] + lens[k]], scratch[k]) != 0:
                 return -(k + 1)
         elif meths[k] == M_RANS32C:
             if not paired[k] and (not _ctx_ok(k, payload, offs, lens) or
@@ -203,7 +203,7 @@ def _fused_vec5(cls, payload, meths, offs, lens, scratch, out):
             if k == pending and rans32.decode_into(payload[offs[k] : offs[k] + lens[k]], scratch[k]) != 0:
                 return -(k + 1)
         elif meths[k] == M_RANS32E:
-            if rans32.decode_ext_into(payload[offs[k] : offs[k] + lens[k]], scratch[k]) != 0:
+            if rans32e.decode_ext_into(payload[offs[k] : offs[k] + lens[k]], scratch[k]) != 0:
                 return -(k + 1)
         elif meths[k] == M_RANS32C:
             if not _ctx_ok(k, payload, offs, lens) or \
@@ -223,7 +223,7 @@ def _fused_scalar(cls, payload, meths, offs, lens, scratch, out):
             if rans32.decode_into_scalar(payload[offs[k] : offs[k] + lens[k]], scratch[k]) != 0:
                 return -(k + 1)
         elif meths[k] == M_RANS32E:
-            if rans32.decode_ext_into_scalar(payload[offs[k] : offs[k] + lens[k]], scratch[k]) != 0:
+            if rans32e.decode_ext_into_scalar(payload[offs[k] : offs[k] + lens[k]], scratch[k]) != 0:
                 return -(k + 1)
         elif meths[k] == M_RANS32C:
             if not _ctx_ok(k, payload, offs, lens) or \

@@ -1,0 +1,151 @@
+"""Decoders of stream method 6 (rans32e, docs/codecs.md): method 5 in one or two parts whose end states carry
+each lane's last symbols. The encoder is in rans32_enc.py."""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from ._jit import njit
+from .rans import RANS_L, SCALE_BITS
+from .rans32 import LANES, SLOTS, _run2, _tail, build_lut, read_table
+
+log = logging.getLogger(__name__)
+
+
+@njit(nogil=True, inline="always")
+def _prepare_ext(buf, lut):
+    """Parse a method-6 header: (parts, k_a, k_b, words_a, xs_a, words_b, xs_b, status)."""
+    xs_a = np.empty(LANES, np.uint32)
+    xs_b = np.empty(LANES, np.uint32)
+    empty = buf[:0].view(np.uint16)
+    if buf.size < 3:
+        return 0, 0, 0, empty, xs_a, empty, xs_b, -1
+    parts = np.int64(buf[0])
+    if parts != 1 and parts != 2:
+        return 0, 0, 0, empty, xs_a, empty, xs_b, -1
+    k_a = np.int64(buf[1])
+    k_b = np.int64(buf[2]) if parts == 2 else np.int64(0)
+    pos = 1 + parts
+    freq = np.empty(256, np.int64)
+    tlen = read_table(buf[pos:], freq)
+    if tlen < 0:
+        return 0, 0, 0, empty, xs_a, empty, xs_b, -1
+    pos += tlen
+    na = np.int64(-1)
+    if parts == 2:
+        na = 0
+        shift = 0
+        while True:
+            if pos >= buf.size or shift > 28:
+                return 0, 0, 0, empty, xs_a, empty, xs_b, -1
+            b = np.int64(buf[pos])
+            pos += 1
+            na |= (b & 0x7F) << shift
+            shift += 7
+            if not b & 0x80:
+                break
+    rest = buf.size - pos
+    if rest & 1:
+        return 0, 0, 0, empty, xs_a, empty, xs_b, -1
+    nw = rest >> 1
+    if parts == 1:
+        na = nw
+    if na < 2 * LANES or (parts == 2 and nw - na < 2 * LANES) or na > nw:
+        return 0, 0, 0, empty, xs_a, empty, xs_b, -1
+    build_lut(freq, lut)
+    words = buf[pos:].view(np.uint16)
+    words_a = words[:na]
+    words_b = words[na:]
+    for j in range(LANES):
+        xs_a[j] = (np.uint32(words_a[2 * j]) << 16) | np.uint32(words_a[2 * j + 1])
+        if parts == 2:
+            xs_b[j] = (np.uint32(words_b[2 * j]) << 16) | np.uint32(words_b[2 * j + 1])
+    return parts, k_a, k_b, words_a, xs_a, words_b, xs_b, 0
+
+
+@njit(nogil=True, inline="always")
+def _state_symbols(lut, xs, out, start):
+    """Decode out[start:] from the payload the end states carry (y = state - RANS_L); 0 if every y ends at 0."""
+    y = np.empty(LANES, np.int64)
+    for j in range(LANES):
+        y[j] = np.int64(xs[j]) - RANS_L
+    for i in range(start, out.size):
+        j = i & (LANES - 1)
+        v = y[j]
+        e = np.int64(lut[v & (SLOTS - 1)])
+        out[i] = e & 0xFF
+        y[j] = ((e >> 8) & (SLOTS - 1)) * (v >> SCALE_BITS) + (v & (SLOTS - 1)) - (e >> 20)
+    for j in range(LANES):
+        if y[j] != 0:
+            return -1
+    return 0
+
+
+@njit(nogil=True, boundscheck=False)
+def _decode_parts(lut_a, words_a, xs_a, out_a, k_a, lut_b, words_b, xs_b, out_b, k_b):
+    """Decode two prepared method-6 parts in one loop (part B may be empty: out_b.size == k_b == 0); 0 or -1.
+    The one kernel behind decode_ext_into and decode_ext_pair_into (less code to compile on a cold start)."""
+    m_a = out_a.size - LANES * k_a
+    m_b = out_b.size - LANES * k_b
+    if m_a < 0 or m_b < 0:
+        return -1
+    if _run2(lut_a, words_a, xs_a, out_a[:m_a], lut_b, words_b, xs_b, out_b[:m_b], False):
+        return -1
+    if _state_symbols(lut_a, xs_a, out_a, m_a) or _state_symbols(lut_b, xs_b, out_b, m_b):
+        return -1
+    return 0
+
+
+@njit(nogil=True, boundscheck=False)
+def decode_ext_into(buf, out):
+    """Decode a method-6 stream (uint8 array) into out (its length is the symbol count); 0 or -1."""
+    lut = np.empty(SLOTS, np.uint32)
+    parts, k_a, k_b, words_a, xs_a, words_b, xs_b, st = _prepare_ext(buf, lut)
+    if st:
+        return -1
+    n = out.size
+    if parts == 1:
+        # part B empty: its "stream" is the 32 states of part A again, all of which _run2 leaves unread
+        for j in range(LANES):
+            xs_b[j] = RANS_L
+        # (k_b is 0 here; a variable, not the literal, so that both calls share one compiled specialisation)
+        return _decode_parts(lut, words_a, xs_a, out, k_a, lut, words_a[: 2 * LANES], xs_b, out[n:], k_b)
+    h = (n + 1) >> 1
+    return _decode_parts(lut, words_a, xs_a, out[:h], k_a, lut, words_b, xs_b, out[h:], k_b)
+
+
+@njit(nogil=True, boundscheck=False)
+def decode_ext_pair_into(buf_a, out_a, buf_b, out_b):
+    """Two single-part method-6 streams in one loop (four vector chains); 0 or -1 (also for a two-part stream:
+    the caller decodes those with decode_ext_into)."""
+    lut_a = np.empty(SLOTS, np.uint32)
+    lut_b = np.empty(SLOTS, np.uint32)
+    parts_a, k_a, _, words_a, xs_a, _, _, st_a = _prepare_ext(buf_a, lut_a)
+    parts_b, k_b, _, words_b, xs_b, _, _, st_b = _prepare_ext(buf_b, lut_b)
+    if st_a or st_b or parts_a != 1 or parts_b != 1:
+        return -1
+    return _decode_parts(lut_a, words_a, xs_a, out_a, k_a, lut_b, words_b, xs_b, out_b, k_b)
+
+
+@njit(nogil=True, boundscheck=False)
+def decode_ext_into_scalar(buf, out):
+    """decode_ext_into without the vector step (used when its IR cannot be compiled)."""
+    lut = np.empty(SLOTS, np.uint32)
+    parts, k_a, k_b, words_a, xs_a, words_b, xs_b, st = _prepare_ext(buf, lut)
+    if st:
+        return -1
+    n = out.size
+    h = n if parts == 1 else (n + 1) >> 1
+    out_a = out[:h]
+    out_b = out[h:]
+    m_a = h - LANES * k_a
+    m_b = (n - h) - LANES * k_b
+    if m_a < 0 or m_b < 0:
+        return -1
+    if _tail(words_a, lut, xs_a, out_a[:m_a], 0, 2 * LANES, False) or _state_symbols(lut, xs_a, out_a, m_a):
+        return -1
+    if parts == 2:
+        if _tail(words_b, lut, xs_b, out_b[:m_b], 0, 2 * LANES, False) or _state_symbols(lut, xs_b, out_b, m_b):
+            return -1
+    return 0
