@@ -14,7 +14,7 @@ import numpy as np
 from ._jit import njit
 from .api import CODEC_TENSOR, CodecError, EncodedChunk, Segment
 from .varint import get_varint, put_varint
-from . import fields, rans
+from . import fields, rans, scratch
 
 log = logging.getLogger(__name__)
 
@@ -249,6 +249,14 @@ def encode(raw: bytes, segments: tuple[Segment, ...], effort: int, level: int | 
     bounds = plan(raw, segments) if effort > 0 else [0, len(raw)]
     if len(bounds) <= 2:
         return tensor.encode(raw, segments, effort, level, force)
+    with scratch.session():  # the blocks' streams may be views of scratch memory until joined
+        return _encode_blocks(raw, segments, bounds, effort, level)
+
+
+def _encode_blocks(raw: bytes, segments: tuple[Segment, ...], bounds: list[int], effort: int, level: int | None
+                   ) -> EncodedChunk:
+    from . import tensor
+
     parts = []
     for a, b in zip(bounds, bounds[1:]):
         view = memoryview(raw)[a:b]

@@ -100,6 +100,80 @@ def _merge_planes(planes, width, b):
             b[i * width + width - 1 - k] = planes[k, i]
 
 
+JOINT_MIN = 1 << 15  # from this many elements on, one 65536-bin histogram of whole elements is the cheaper count
+
+
+@njit(nogil=True, boundscheck=False)
+def _count16(u, mode, joint, counts):
+    """Histograms of both streams of 2-byte elements u (mode 1 bf16, 2 f16) into counts[0] / counts[1], those of
+    every 8th element into counts[2] / counts[3] (tensor._plan_plane's raw test), and +0.0 elements, all / every
+    16th, into counts[4, 0] / counts[4, 1] (zeros.zeros_if_worth). Large inputs count whole elements in joint
+    (65536 uint32 bins) and fold: one increment per element instead of one per stream byte."""
+    n = u.size
+    for i in range(0, n, 8):
+        v = np.int64(u[i])
+        if mode == 1:
+            counts[2, (v >> 7) & 0xFF] += 1
+            counts[3, ((v >> 8) & 0x80) | (v & 0x7F)] += 1
+        else:
+            counts[2, v >> 8] += 1
+            counts[3, v & 0xFF] += 1
+        if (i & 15) == 0 and v == 0:
+            counts[4, 1] += 1
+    if n < JOINT_MIN:
+        for i in range(n):
+            v = np.int64(u[i])
+            if mode == 1:
+                counts[0, (v >> 7) & 0xFF] += 1
+                counts[1, ((v >> 8) & 0x80) | (v & 0x7F)] += 1
+            else:
+                counts[0, v >> 8] += 1
+                counts[1, v & 0xFF] += 1
+            counts[4, 0] += v == 0
+        return
+    joint[:] = 0
+    for i in range(n):
+        joint[u[i]] += 1
+    counts[4, 0] = joint[0]
+    if mode == 1:  # v = sign << 15 | exponent << 7 | mantissa
+        for sg in range(2):
+            for e in range(256):
+                base = (sg << 15) | (e << 7)
+                t = np.int64(0)
+                for m in range(128):
+                    c = np.int64(joint[base + m])
+                    t += c
+                    counts[1, (sg << 7) | m] += c
+                counts[0, e] += t
+    else:  # v = high byte << 8 | low byte
+        for hi in range(256):
+            t = np.int64(0)
+            for lo in range(256):
+                c = np.int64(joint[(hi << 8) | lo])
+                t += c
+                counts[1, lo] += c
+            counts[0, hi] += t
+
+
+def split_count(cls: int, data: np.ndarray, out: np.ndarray | None = None, joint: np.ndarray | None = None):
+    """(streams, counts) of a 2-byte float class (bf16, f16): the streams as split() gives them (into out, 2 * n
+    bytes, when given) and counts as _count16 fills them; joint: 65536 uint32 of scratch (fresh if None)."""
+    n = data.size // 2
+    u = data.view("<u2")
+    if out is None:
+        out = np.empty(2 * n, np.uint8)
+    a, b = out[:n], out[n : 2 * n]
+    if cls == CLASS_BF16:
+        _split_bf16(u, a, b)
+    else:
+        _split_f16(u, a, b)
+    if joint is None:
+        joint = np.empty(1 << 16, np.uint32)
+    counts = np.zeros((5, 256), np.int64)
+    _count16(u, 1 if cls == CLASS_BF16 else 2, joint, counts)
+    return [a, b], counts
+
+
 def split(cls: int, data: np.ndarray) -> list[np.ndarray]:
     """Split a uint8 array of whole elements into the class's streams (uint8 arrays)."""
     width, nstreams = CLASSES[cls]

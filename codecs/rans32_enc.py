@@ -5,6 +5,7 @@ The formats, their tables and the decoders are in rans32.py.
 from __future__ import annotations
 
 import logging
+import sys
 
 from ._jit import njit
 import numpy as np
@@ -14,11 +15,13 @@ from numba.extending import intrinsic
 
 from .rans import RANS_L, SCALE_BITS, _enc_step
 from .rans32 import LANES, TABLE_MAX, V, _decl, write_table
+from . import scratch
 
 log = logging.getLogger(__name__)
 
 _i1, _i8, _i16, _i32, _i64 = (ir.IntType(b) for b in (1, 8, 16, 32, 64))
 _f64 = ir.DoubleType()
+_f32 = ir.FloatType()
 
 
 # ---------------------------------------------------------------- encoder
@@ -54,9 +57,20 @@ def encode(data: np.ndarray, freq: np.ndarray) -> bytes:
     return tab[:tlen].tobytes() + out[pos:].astype("<u2").tobytes()
 
 
+def _vgep(builder, ptr, idx, etype):
+    """getelementptr with a vector of i32 indices (llvmlite's gep cannot type it): lets LLVM emit one
+    dword-indexed gather for 16 lanes instead of two qword-indexed ones."""
+    instr = ir.instructions.GEPInstr(builder.block, ptr, [idx], inbounds=True, name="", source_etype=etype)
+    instr.type = ir.VectorType(ptr.type, V)
+    builder._insert(instr)
+    return instr
+
+
 @intrinsic
 def _enc16(typingctx, xs, k, data, i, ftab, rcp, out, pos):
-    """Encode symbols data[i+j] into states xs[16k+j], j < 16 (one vector step, words pushed below pos); new pos."""
+    """Encode symbols data[i+j] into states xs[16k+j], j < 16 (one vector step, words pushed below pos); new pos.
+    ftab[s] = freq | cum << 16, rcp = _rcp32(freq). Everything stays in 32-bit lanes (one vector register) but the
+    quotient, which goes through float64: the 64-bit lanes of the first version cost 30% more time."""
     sig = types.int64(xs, types.int64, data, types.int64, ftab, rcp, out, types.int64)
 
     def codegen(context, builder, signature, args):
@@ -68,34 +82,23 @@ def _enc16(typingctx, xs, k, data, i, ftab, rcp, out, pos):
         o_s = context.make_array(signature.args[6])(context, builder, out_a)
         mod = builder.module
         v32 = ir.VectorType(_i32, V)
-        v64 = ir.VectorType(_i64, V)
         vf = ir.VectorType(_f64, V)
+        vf32 = ir.VectorType(_f32, V)
         v1 = ir.VectorType(_i1, V)
         v16 = ir.VectorType(_i16, V)
 
-        def splat(c, t=_i64):
-            return ir.Constant(ir.VectorType(t, V), [c] * V)
+        def splat(c):
+            return ir.Constant(v32, [c] * V)
 
         xptr = builder.bitcast(builder.gep(x_s.data, [builder.mul(k, ir.Constant(_i64, V))]), v32.as_pointer())
-        x = builder.zext(builder.load(xptr, align=4), v64)
+        x = builder.load(xptr, align=4)
         sptr = builder.bitcast(builder.gep(d_s.data, [i]), ir.VectorType(_i8, V).as_pointer())
-        sym = builder.zext(builder.load(sptr, align=1), v64)
+        sym = builder.zext(builder.load(sptr, align=1), v32)
         allm = ir.Constant(v1, [1] * V)
-        # gathers: packed freq | cum << 16, and the float reciprocal of freq
-        p32 = ir.VectorType(_i32.as_pointer(), V)
-        tbase = builder.ptrtoint(t_s.data, _i64)
-        rbase = builder.ptrtoint(r_s.data, _i64)
-
-        def bcast(v):
-            return builder.shuffle_vector(builder.insert_element(ir.Constant(v64, ir.Undefined), v, ir.Constant(_i32, 0)),
-                                          ir.Constant(v64, ir.Undefined), ir.Constant(ir.VectorType(_i32, V), [0] * V))
-        taddr = builder.inttoptr(builder.add(bcast(tbase), builder.shl(sym, splat(2))), p32)
-        g32 = _decl(mod, "llvm.masked.gather.v16i32.v16p0", v32, [p32, v1, v32])
-        e = builder.zext(builder.call(g32, [taddr, allm, ir.Constant(v32, ir.Undefined)]), v64)
-        pf = ir.VectorType(_f64.as_pointer(), V)
-        raddr = builder.inttoptr(builder.add(bcast(rbase), builder.shl(sym, splat(3))), pf)
-        gf = _decl(mod, "llvm.masked.gather.v16f64.v16p0", vf, [pf, v1, vf])
-        r = builder.call(gf, [raddr, allm, ir.Constant(vf, ir.Undefined)])
+        g32 = _decl(mod, "llvm.masked.gather.v16i32.v16p0", v32, [ir.VectorType(_i32.as_pointer(), V), v1, v32])
+        e = builder.call(g32, [_vgep(builder, t_s.data, sym, _i32), allm, ir.Constant(v32, ir.Undefined)])
+        gf = _decl(mod, "llvm.masked.gather.v16f32.v16p0", vf32, [ir.VectorType(_f32.as_pointer(), V), v1, vf32])
+        r = builder.fpext(builder.call(gf, [_vgep(builder, r_s.data, sym, _f32), allm, ir.Constant(vf32, ir.Undefined)]), vf)
         f = builder.and_(e, splat(0xFFFF))
         c = builder.lshr(e, splat(16))
         need = builder.icmp_unsigned(">=", x, builder.shl(f, splat(32 - SCALE_BITS)))
@@ -104,54 +107,112 @@ def _enc16(typingctx, xs, k, data, i, ftab, rcp, out, pos):
         cs = _decl(mod, "llvm.masked.compressstore.v16i16", ir.VoidType(), [v16, _i16.as_pointer(), v1])
         builder.call(cs, [builder.trunc(x, v16), builder.gep(o_s.data, [pos]), need])
         x = builder.select(need, builder.lshr(x, splat(16)), x)
-        q = builder.fptoui(builder.fmul(builder.uitofp(x, vf), r), v64)
+        q = builder.fptoui(builder.fmul(builder.uitofp(x, vf), r), v32)
         rem = builder.sub(x, builder.mul(q, f))
         adj = builder.icmp_unsigned(">=", rem, f)
         q = builder.select(adj, builder.add(q, splat(1)), q)
         rem = builder.select(adj, builder.sub(rem, f), rem)
-        xn = builder.add(builder.add(builder.shl(q, splat(SCALE_BITS)), rem), c)
-        builder.store(builder.trunc(xn, v32), xptr, align=4)
+        builder.store(builder.add(builder.add(builder.shl(q, splat(SCALE_BITS)), rem), c), xptr, align=4)
         return pos
 
     return sig, codegen
 
 
-@njit(nogil=True, boundscheck=False)
-def _encode_vec(data, freq, cum, rcp, out, x0):
-    """_encode with the vector step for whole groups of 32 symbols (same output)."""
-    x = np.empty(LANES, np.int64)
+@njit(nogil=True, inline="always")
+def _scalar_tail(data, freq, cum, x0, out, x, ftab):
+    """Lane states from x0, the partial last group coded symbol by symbol, the vector table; (full, pos)."""
+    rcp = 1.0 / np.maximum(freq, 1)
+    st = np.empty(LANES, np.int64)
     for j in range(LANES):
-        x[j] = x0[j]
+        st[j] = x0[j]
     pos = out.size
     n = data.size
     full = n & ~(LANES - 1)
-    for i in range(n - 1, full - 1, -1):  # the partial last group, symbol by symbol
+    for i in range(n - 1, full - 1, -1):
         s = data[i]
         j = i & (LANES - 1)
-        x[j], pos = _enc_step(x[j], freq[s], cum[s], rcp[s], out, pos)
-    ftab = np.empty(256, np.uint32)
+        st[j], pos = _enc_step(st[j], freq[s], cum[s], rcp[s], out, pos)
+    for j in range(LANES):
+        x[j] = np.uint32(st[j])
     for s in range(256):
         ftab[s] = np.uint32(freq[s] | (cum[s] << 16))
-    xs = np.empty(LANES, np.uint32)
-    for j in range(LANES):
-        xs[j] = np.uint32(x[j])
-    g = full
-    while g > 0:
-        g -= LANES
-        pos = _enc16(xs, 1, data, g + V, ftab, rcp, out, pos)
-        pos = _enc16(xs, 0, data, g, ftab, rcp, out, pos)
+    return full, pos
+
+
+@njit(nogil=True, inline="always")
+def _flush(x, out, pos):
     for j in range(LANES - 1, -1, -1):
-        out[pos - 1] = xs[j] & 0xFFFF
-        out[pos - 2] = xs[j] >> 16
+        out[pos - 1] = x[j] & 0xFFFF
+        out[pos - 2] = x[j] >> 16
         pos -= 2
     return pos
+
+
+@njit(nogil=True, boundscheck=False)
+def _encode_pair(da, fa, ca, xa0, oa, db, fb, cb, xb0, ob):
+    """Encode two streams (data, freq, cum, initial states, out: words end at out.size) in one loop,
+    four independent vector chains; (first word of a, first word of b). Either may be empty (then it writes only
+    its 32 states)."""
+    xa = np.empty(LANES, np.uint32)
+    xb = np.empty(LANES, np.uint32)
+    ta = np.empty(256, np.uint32)
+    tb = np.empty(256, np.uint32)
+    ra = _rcp32(fa)
+    rb = _rcp32(fb)
+    ga, pa = _scalar_tail(da, fa, ca, xa0, oa, xa, ta)
+    gb, pb = _scalar_tail(db, fb, cb, xb0, ob, xb, tb)
+    while ga > 0 and gb > 0:
+        ga -= LANES
+        gb -= LANES
+        pa = _enc16(xa, 1, da, ga + V, ta, ra, oa, pa)
+        pb = _enc16(xb, 1, db, gb + V, tb, rb, ob, pb)
+        pa = _enc16(xa, 0, da, ga, ta, ra, oa, pa)
+        pb = _enc16(xb, 0, db, gb, tb, rb, ob, pb)
+    while ga > 0:
+        ga -= LANES
+        pa = _enc16(xa, 1, da, ga + V, ta, ra, oa, pa)
+        pa = _enc16(xa, 0, da, ga, ta, ra, oa, pa)
+    while gb > 0:
+        gb -= LANES
+        pb = _enc16(xb, 1, db, gb + V, tb, rb, ob, pb)
+        pb = _enc16(xb, 0, db, gb, tb, rb, ob, pb)
+    return _flush(xa, oa, pa), _flush(xb, ob, pb)
+
+
+@njit(nogil=True)
+def _encode_pair_scalar(da, fa, ca, xa0, oa, db, fb, cb, xb0, ob):
+    """_encode_pair without the vector step (same output)."""
+    ra64 = 1.0 / np.maximum(fa, 1)
+    rb64 = 1.0 / np.maximum(fb, 1)
+    return _encode(da, fa, ca, ra64, oa, xa0), _encode(db, fb, cb, rb64, ob, xb0)
+
+
+@njit(nogil=True, boundscheck=False)
+def _encode_vec(data, freq, cum, rcp, out, x0):
+    """_encode with the vector step for whole groups of 32 symbols (same output; rcp is unused)."""
+    pa, _ = _encode_pair(data, freq, cum, x0, out, data[:0], freq, cum, x0, np.empty(2 * LANES, np.uint16))
+    return pa
+
+
+@njit(nogil=True)
+def _rcp32(freq):
+    """float32 reciprocals of freq rounded down: x * rcp then never exceeds x / f, so that the vector step's one
+    upward correction gives the exact quotient (x < f << 20 after renormalisation: the estimate is off by < 1/8)."""
+    r = np.empty(256, np.float32)
+    bits = r.view(np.int32)
+    for s in range(256):
+        f = max(freq[s], 1)
+        r[s] = np.float32(1.0 / f)
+        if np.float64(r[s]) * f > 1.0:  # exact: a 24-bit by 13-bit product
+            bits[s] -= 1  # the next float32 below (positive floats order as their bit patterns)
+    return r
 
 
 _enc_vector: bool | None = None
 
 
-def _encoder():
-    """The vector encoder if its IR compiles and gives the scalar encoder's output on a probe, else the scalar one."""
+def vector_ok() -> bool:
+    """Whether the vector encoder compiles and gives the scalar encoder's output on a probe (once per process)."""
     global _enc_vector
     if _enc_vector is None:
         ok = False
@@ -162,19 +223,22 @@ def _encoder():
             freq[0] += 1
             cum = np.zeros(256, np.int64)
             np.cumsum(freq[:-1], out=cum[1:])
-            rcp = 1.0 / np.maximum(freq, 1)
             x0 = RANS_L + (np.arange(LANES, dtype=np.int64) * 40503)
-            a = np.empty(data.size + 80, np.uint16)
-            b = np.empty(data.size + 80, np.uint16)
-            pa = _encode(data, freq, cum, rcp, a, x0)
-            pb = _encode_vec(data, freq, cum, rcp, b, x0)
-            ok = pa == pb and np.array_equal(a[pa:], b[pb:])
+            a, b, c, d = (np.empty(data.size + 80, np.uint16) for _ in range(4))
+            got = _encode_pair(data, freq, cum, x0, a, data[:777], freq, cum, x0, b)
+            want = _encode_pair_scalar(data, freq, cum, x0, c, data[:777], freq, cum, x0, d)
+            ok = got == want and np.array_equal(a[got[0]:], c[want[0]:]) and np.array_equal(b[got[1]:], d[want[1]:])
             if not ok:
                 log.warning("rans32: vector encoder disagrees with the reference; using the scalar encoder")
         except Exception as exc:  # noqa: BLE001 - any LLVM/numba failure means: use the portable loop
             log.warning("rans32: vector encoder unavailable (%s); using the scalar encoder", exc)
         _enc_vector = ok
-    return _encode_vec if _enc_vector else _encode
+    return _enc_vector
+
+
+def _encoder():
+    """The single-stream encoder (method 5): vector if vector_ok(), else scalar."""
+    return _encode_vec if vector_ok() else _encode
 
 
 # ---------------------------------------------------------------- method 6: payload in the end states, 1 or 2 parts
@@ -211,29 +275,62 @@ def _tail_payload(data, freq, cum, kmax, y):
     return k
 
 
-def encode_ext(data: np.ndarray, freq: np.ndarray, parts: int = 1) -> bytes:
-    """Method 6 (docs/codecs.md): u8 parts, u8 K per part, table, [varint words of part A], words per part."""
-    cum = np.zeros(256, np.int64)
-    np.cumsum(freq[:-1], out=cum[1:])
-    rcp = 1.0 / np.maximum(freq, 1)
-    n = data.size
-    h = n if parts == 1 else (n + 1) >> 1
-    ks, blobs = [], []
-    for part in ((data,) if parts == 1 else (data[:h], data[h:])):
-        y = np.empty(LANES, np.int64)
-        k = int(_tail_payload(part, freq, cum, KMAX, y))
-        out = np.empty(part.size + 2 * LANES + 8, np.uint16)
-        pos = _encoder()(part[: part.size - LANES * k], freq, cum, rcp, out, y + RANS_L)
-        ks.append(k)
-        blobs.append(out[pos:].astype("<u2").tobytes())
+HEAD_MAX = 3 + TABLE_MAX + 6  # parts, K per part, table, varint: room left before the words (even)
+_LITTLE = sys.byteorder == "little"
+
+
+def encode_ext_many(jobs: list[tuple[np.ndarray, np.ndarray, int]]) -> list[memoryview]:
+    """Method-6 streams (docs/codecs.md: u8 parts, u8 K per part, table, [varint words of part A], words per part)
+    of several planes, jobs = (uint8 data, freq from rans.normalize, parts 1 or 2). The parts are coded two at a
+    time (four vector chains; one part alone left 30% of the core idle) into scratch memory (codecs/scratch.py):
+    the views returned are valid until the caller's scratch session ends."""
+    parts, streams = [], []
+    for data, freq, nparts in jobs:
+        cum = np.zeros(256, np.int64)
+        np.cumsum(freq[:-1], out=cum[1:])
+        n = data.size
+        h = n if nparts == 1 else (n + 1) >> 1
+        pieces = (data,) if nparts == 1 else (data[:h], data[h:])
+        region = scratch.take(HEAD_MAX + 2 * sum(p.size + 2 * LANES + 8 for p in pieces))
+        words = region[HEAD_MAX:].view(np.uint16)
+        ends, ks, off = [], [], 0
+        for piece in pieces:
+            y = np.empty(LANES, np.int64)
+            k = int(_tail_payload(piece, freq, cum, KMAX, y))
+            off += piece.size + 2 * LANES + 8
+            parts.append([piece[: piece.size - LANES * k], freq, cum, y + RANS_L, words[:off], 0])
+            ends.append(off)
+            ks.append(k)
+        streams.append((region, words, freq, ks, ends, parts[-len(pieces):]))
+    encode = _encode_pair if vector_ok() else _encode_pair_scalar
+    for i in range(0, len(parts), 2):
+        a = parts[i]
+        b = parts[i + 1] if i + 1 < len(parts) else [a[0][:0], a[1], a[2], a[3], np.empty(2 * LANES, np.uint16), 0]
+        a[5], b[5] = encode(*a[:5], *b[:5])
+    out = []
     tab = np.empty(TABLE_MAX, np.uint8)
-    tlen = write_table(freq, tab)
-    head = bytearray([parts, *ks])
-    head += tab[:tlen].tobytes()
-    if parts == 2:
-        v = len(blobs[0]) // 2
-        while v >= 0x80:
-            head.append((v & 0x7F) | 0x80)
-            v >>= 7
-        head.append(v)
-    return bytes(head) + b"".join(blobs)
+    for region, words, freq, ks, ends, ps in streams:
+        start, stop = ps[0][5], ends[0]
+        head = bytearray([len(ps), *ks])
+        head += tab[: write_table(freq, tab)].tobytes()
+        if len(ps) == 2:
+            # part B's words follow part A's: move them down over the gap its buffer left
+            nb = ends[1] - ps[1][5]
+            words[stop : stop + nb] = words[ps[1][5] : ends[1]].copy()
+            v = stop - start
+            while v >= 0x80:
+                head.append((v & 0x7F) | 0x80)
+                v >>= 7
+            head.append(v)
+            stop += nb
+        if not _LITTLE:
+            words[start:stop].byteswap(inplace=True)
+        first = HEAD_MAX + 2 * start - len(head)
+        region[first : HEAD_MAX + 2 * start] = np.frombuffer(head, np.uint8)
+        out.append(memoryview(region[first : HEAD_MAX + 2 * stop]))
+    return out
+
+
+def encode_ext(data: np.ndarray, freq: np.ndarray, parts: int = 1) -> bytes:
+    """One method-6 stream as bytes (tests, probes; the tensor encoder calls encode_ext_many)."""
+    return bytes(encode_ext_many([(data, freq, parts)])[0])

@@ -8,7 +8,7 @@ import logging
 import numpy as np
 
 from .varint import get_varint, put_varint
-from . import fields, generic, rans, rans32, rans32_enc, rans32c, zeros
+from . import fields, generic, rans, rans32, rans32_enc, rans32c, scratch, zeros
 from .api import CODEC_TENSOR, CODEC_ZSTD, EncodedChunk, Segment
 
 log = logging.getLogger(__name__)
@@ -77,16 +77,19 @@ RAW_SAMPLE_BITS = 7.985
 SAMPLE_MIN = 1 << 16
 
 
-def _plan_plane(plane: np.ndarray):
-    """(method, freq, estimated size): const, raw, or the rANS coder that fits the stream's length."""
+def _plan_plane(plane: np.ndarray, counts: np.ndarray | None = None, sample: np.ndarray | None = None):
+    """(method, freq, estimated size): const, raw, or the rANS coder that fits the stream's length. counts /
+    sample: the plane's histogram and that of its every 8th byte, where a fused pass has them already."""
     if plane.size == 0:
         return M_RAW, None, 0
     if plane.size >= SAMPLE_MIN:
-        sample = rans.histogram(np.ascontiguousarray(plane[::8]))
+        if sample is None:
+            sample = rans.histogram(np.ascontiguousarray(plane[::8]))
         p = sample[sample > 0] / (plane.size + 7 >> 3)
         if -(p * np.log2(p)).sum() > RAW_SAMPLE_BITS:
             return M_RAW, None, plane.size
-    counts = rans.histogram(plane)
+    if counts is None:
+        counts = rans.histogram(plane)
     if counts.max() == plane.size:
         return M_CONST, None, 1
     freq = rans.normalize(counts, plane.size)
@@ -120,10 +123,14 @@ def _code_plane(plane: np.ndarray, method: int, freq, parts: int = 1) -> bytes |
 CONTEXT_CLASSES = (fields.CLASS_F32,)
 
 
-def _plan_planes(cls: int, planes: list[np.ndarray], context: bool = True) -> list:
+def _plan_planes(cls: int, planes: list[np.ndarray], context: bool = True, counts: np.ndarray | None = None) -> list:
     """Plans of a float class's streams: order-0 (_plan_plane), or method 7 where a context bucketing is estimated
-    smaller (stream 0 given its own symbol 32 earlier, later streams given stream 0)."""
-    plans = [_plan_plane(p) for p in planes]
+    smaller (stream 0 given its own symbol 32 earlier, later streams given stream 0). counts: as
+    fields.split_count gives them (2-byte classes)."""
+    if counts is None:
+        plans = [_plan_plane(p) for p in planes]
+    else:
+        plans = [_plan_plane(p, counts[k], counts[2 + k]) for k, p in enumerate(planes)]
     if not context or cls not in CONTEXT_CLASSES or plans[0][0] not in (M_RANS, M_RANS32E):
         return plans
     # stream 0 only: the exponent given the same lane's previous exponent carries nearly all of the gain (the
@@ -134,7 +141,7 @@ def _plan_planes(cls: int, planes: list[np.ndarray], context: bool = True) -> li
     return plans
 
 
-def _encode_planes(planes: list[np.ndarray], plans) -> list[tuple[int, bytes]]:
+def _encode_planes(planes: list[np.ndarray], plans) -> list[tuple[int, bytes | memoryview]]:
     parts = [1] * len(planes)
     coders = [k for k, (m, _, _) in enumerate(plans) if m in (M_RANS32E, M_RANS32C)]
     # a lone method-6 stream is split in two parts (four vector chains); next to a method-7 stream it is not:
@@ -143,9 +150,14 @@ def _encode_planes(planes: list[np.ndarray], plans) -> list[tuple[int, bytes]]:
         k = coders[0]
         if plans[k][2] + FLUSH_BYTES[M_RANS32E] + 3 < RANS_KEEP * planes[k].size:
             parts[k] = 2
+    # every method-6 stream of the class in one call: their parts are coded two at a time
+    ext = [k for k, (m, _, _) in enumerate(plans) if m == M_RANS32E]
+    coded = dict(zip(ext, rans32_enc.encode_ext_many([(planes[k], plans[k][1], parts[k]) for k in ext])))
     out = []
-    for p, (m, freq, _), n in zip(planes, plans, parts):
-        if m == M_RANS32C:
+    for k, (p, (m, freq, _), n) in enumerate(zip(planes, plans, parts)):
+        if k in coded:
+            out.append((m, coded[k]))
+        elif m == M_RANS32C:
             src, thresholds, freqs, idx = freq
             out.append((m, rans32c.encode(p, src, planes[0] if src else None, thresholds, freqs, idx)))
         else:
@@ -161,22 +173,35 @@ def _encode_runs(runs: bytes, effort: int, level: int | None) -> tuple[int, byte
     return method, bytes(head) + coded
 
 
-def _encode_float(cls: int, data: np.ndarray, effort: int, level: int | None) -> tuple[int, list[tuple[int, bytes]]]:
+def _split(cls: int, data: np.ndarray):
+    """(streams, counts or None, +0.0 elements if masking is worth trying else -1) of a float class. bf16 and f16
+    split and count in one pass into scratch memory (their histograms and the zero test were half of the
+    encoding time)."""
+    width = fields.CLASSES[cls][0]
+    if cls in (fields.CLASS_BF16, fields.CLASS_F16):
+        planes, counts = fields.split_count(cls, data, scratch.take(data.size),
+                                            scratch.take(4 << 16).view(np.uint32))
+        return planes, counts, zeros.worth(data.size // width, int(counts[4, 0]), int(counts[4, 1]))
+    nzero = zeros.zeros_if_worth(data, width) if cls in zeros.ZERO_CLASS else -1
+    return fields.split(cls, data), None, nzero
+
+
+def _encode_float(cls: int, data: np.ndarray, effort: int, level: int | None
+                  ) -> tuple[int, list[tuple[int, bytes | memoryview]]]:
     """(class written, streams): the class itself, or its zero-masked variant where that is estimated smaller."""
-    planes = fields.split(cls, data)
     width = fields.CLASSES[cls][0]
     n = data.size // width
-    nzero = zeros.zeros_if_worth(data, width) if cls in zeros.ZERO_CLASS else -1
+    planes, counts, nzero = _split(cls, data)
     # with a quarter or more of +0.0 elements the masked class practically always wins: the plain estimate skips
     # method 7 planning (~0.3 ms per MiB)
     # effort 0 skips method 7 altogether: its planning and encoding cost ~0.5 ms per MiB
     context = effort > 0
-    plans = _plan_planes(cls, planes, context=context and nzero < n // 4)
+    plans = _plan_planes(cls, planes, context=context and nzero < n // 4, counts=counts)
     best = sum(p[2] for p in plans)
     if nzero >= 0:
         runs, nonzero = zeros.split_zeros(data, width)
-        zplanes = fields.split(cls, nonzero)
-        zplans = _plan_planes(cls, zplanes, context=context)
+        zplanes, zcounts, _ = _split(cls, nonzero)
+        zplans = _plan_planes(cls, zplanes, context=context, counts=zcounts)
         run_stream = _encode_runs(runs, effort, level)
         if sum(p[2] for p in zplans) + len(run_stream[1]) + 1 < best:
             return zeros.ZERO_CLASS[cls], [run_stream] + _encode_planes(zplanes, zplans)
@@ -196,13 +221,15 @@ def encode(raw: bytes, segments: tuple[Segment, ...], effort: int, level: int | 
     if not force and all(cls == fields.CLASS_GENERIC for _, cls in regions):
         got = generic.encode_generic(raw, effort, level)
         return EncodedChunk(got[0], b"", got[1]) if got else None
-    params, payload = encode_parts(raw, regions, effort, level)
-    return EncodedChunk(CODEC_TENSOR, params, b"".join(payload))
+    with scratch.session():  # the streams may be views of scratch memory until joined
+        params, payload = encode_parts(raw, regions, effort, level)
+        return EncodedChunk(CODEC_TENSOR, params, b"".join(payload))
 
 
 def encode_parts(raw: bytes | memoryview, regions: list[tuple[int, int]], effort: int, level: int | None
                  ) -> tuple[bytes, list[bytes]]:
-    """Version-1 params and the payload's streams (not joined: blocks joins every block's streams once)."""
+    """Version-1 params and the payload's streams (not joined: blocks joins every block's streams once; they may
+    be views of scratch memory, valid until the caller's scratch session ends)."""
     arr = np.frombuffer(raw, np.uint8)
     by_class: dict[int, list[np.ndarray]] = {}
     pos = 0

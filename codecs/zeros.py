@@ -120,12 +120,24 @@ def zeros_if_worth(data: np.ndarray, width: int) -> int:
     classes first), else -1."""
     u = data.view(_UINT[width])
     n = u.size
+    z16 = 0
     if n >= 1 << 16:
         sample = u[::16]
-        if sample.size - np.count_nonzero(sample) < MIN_ZERO_SHARE * sample.size / 2:
+        z16 = sample.size - np.count_nonzero(sample)
+        if _sample_rules_out(n, z16):
             return -1
-    z = n - np.count_nonzero(u)
-    return int(z) if z >= max(16, MIN_ZERO_SHARE * n) else -1
+    return worth(n, int(n - np.count_nonzero(u)), z16)
+
+
+def _sample_rules_out(n: int, z16: int) -> bool:
+    return n >= 1 << 16 and z16 < MIN_ZERO_SHARE * ((n + 15) >> 4) / 2
+
+
+def worth(n: int, z: int, z16: int) -> int:
+    """zeros_if_worth from counts: z of the n elements are +0.0, z16 of every 16th (from element 0)."""
+    if _sample_rules_out(n, z16):
+        return -1
+    return z if z >= max(16, MIN_ZERO_SHARE * n) else -1
 
 
 def split_zeros(data: np.ndarray, width: int) -> tuple[bytes, np.ndarray]:

@@ -389,3 +389,81 @@ def test_damaged_single_class_chunks_raise_or_keep_length(dtype):
         except CodecError:
             continue
         assert len(out) == len(raw)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(n=st.sampled_from([1, 7, 8, 15, 16, 17, 1000, (1 << 15) - 1, 1 << 15, 70000]), seed=st.integers(0, 2**31),
+       zero_share=st.floats(0, 0.5), cls=st.sampled_from([1, 2]))
+def test_split_count_matches_split_and_histograms(n, seed, zero_share, cls):
+    """The fused split + count of bf16/f16 gives exactly the streams of fields.split and the histograms, samples
+    and zero counts the separate passes gave (both sides of JOINT_MIN)."""
+    from dccfs.codecs import fields, rans
+
+    rng = np.random.default_rng(seed)
+    u = rng.integers(0, 1 << 16, n).astype(np.uint16)
+    u[rng.random(n) < zero_share] = 0
+    data = u.view(np.uint8)
+    streams, counts = fields.split_count(cls, data)
+    for k, (got, want) in enumerate(zip(streams, fields.split(cls, data))):
+        assert np.array_equal(got, want)
+        assert np.array_equal(counts[k], rans.histogram(want))
+        assert np.array_equal(counts[2 + k], rans.histogram(np.ascontiguousarray(want[::8])))
+    assert counts[4, 0] == n - np.count_nonzero(u) and counts[4, 1] == u[::16].size - np.count_nonzero(u[::16])
+
+
+def test_rcp32_rounds_down():
+    """The vector encoder's float32 reciprocals never exceed 1/f (its single upward correction needs that)."""
+    from fractions import Fraction
+
+    from dccfs.codecs import rans32_enc
+
+    freq = np.arange(4096, dtype=np.int64)
+    for lo in range(0, 4096, 256):
+        r = rans32_enc._rcp32(np.ascontiguousarray(freq[lo : lo + 256]))
+        for f, v in zip(freq[lo : lo + 256], r):
+            f = max(int(f), 1)
+            assert Fraction(float(v)) <= Fraction(1, f) and Fraction(float(np.nextafter(v, np.float32(2)))) > Fraction(1, f)
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(sizes=st.lists(st.integers(0, 9000), min_size=1, max_size=5), seed=st.integers(0, 2**31),
+       parts=st.lists(st.sampled_from([1, 2]), min_size=5, max_size=5))
+def test_rans32_ext_many_matches_single_streams(sizes, seed, parts, monkeypatch):
+    """Coding several method-6 streams together (parts paired across streams, scratch memory) gives each stream's
+    bytes exactly as coding it alone, with the vector and with the scalar encoder."""
+    from dccfs.codecs import rans, rans32_enc, rans32e, scratch
+
+    rng = np.random.default_rng(seed)
+    jobs = []
+    for n, p in zip(sizes, parts):
+        n = max(n, 2)
+        data = np.minimum(rng.geometric(0.2, n) - 1, 255).astype(np.uint8)
+        data[0], data[-1] = 0, 1
+        jobs.append((data, rans.normalize(rans.histogram(data), n), p))
+    alone = [rans32_enc.encode_ext(*job) for job in jobs]
+    with scratch.session():
+        together = [bytes(b) for b in rans32_enc.encode_ext_many(jobs)]
+    assert together == alone
+    for (data, _, _), blob in zip(jobs, alone):
+        out = np.empty(data.size, np.uint8)
+        assert rans32e.decode_ext_into(np.frombuffer(blob, np.uint8), out) == 0 and np.array_equal(out, data)
+    monkeypatch.setattr(rans32_enc, "_enc_vector", False)
+    assert [rans32_enc.encode_ext(*job) for job in jobs] == alone
+
+
+def test_scratch_session_reuses_memory_and_hands_out_fresh_arrays_outside():
+    from dccfs.codecs import scratch
+
+    outside = scratch.take(100)
+    with scratch.session():
+        a = scratch.take(1000)
+        with scratch.session():  # nested: no reset
+            b = scratch.take(10)
+        assert not np.shares_memory(a, b)
+        c = scratch.take(1 << 20)
+    with scratch.session():
+        d = scratch.take(1000)
+        e = scratch.take(1 << 20)
+    assert d.ctypes.data % scratch.ALIGN == 0 and e.ctypes.data % scratch.ALIGN == 0
+    assert np.shares_memory(d, a) or np.shares_memory(e, c) or np.shares_memory(d, c)
+    assert not np.shares_memory(outside, scratch.take(100))
