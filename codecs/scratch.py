@@ -52,12 +52,14 @@ def session():
         a.depth -= 1
         if a.depth == 0:
             if a.want > a.buf.size and a.want <= KEEP_MAX:
-                a.buf = np.empty(a.want, np.uint8)
+                raw = np.empty(a.want + ALIGN, np.uint8)
+                off = -raw.ctypes.data % ALIGN
+                a.buf = raw[off : off + a.want]
             a.used = a.want = 0
 
 
 def take(nbytes: int) -> np.ndarray:
-    """An uninitialised uint8 array of nbytes, 64-byte aligned: arena memory inside a session, else fresh."""
+    """An uninitialised uint8 array of nbytes: arena memory (64-byte aligned) inside a session, else fresh."""
     a = _arena()
     if a.depth == 0:
         return np.empty(nbytes, np.uint8)
