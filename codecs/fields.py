@@ -110,7 +110,27 @@ def _count16(u, mode, joint, counts):
     16th, into counts[4, 0] / counts[4, 1] (zeros.zeros_if_worth). Large inputs count whole elements in joint
     (65536 uint32 bins) and fold: one increment per element instead of one per stream byte."""
     n = u.size
-    for i in range(0, n, 8):
+    if n < JOINT_MIN:
+        for i in range(n):
+            v = np.int64(u[i])
+            if mode == 1:
+                x = (v >> 7) & 0xFF
+                y = ((v >> 8) & 0x80) | (v & 0x7F)
+            else:
+                x = v >> 8
+                y = v & 0xFF
+            counts[0, x] += 1
+            counts[1, y] += 1
+            counts[4, 0] += v == 0
+            if (i & 7) == 0:
+                counts[2, x] += 1
+                counts[3, y] += 1
+                if (i & 15) == 0 and v == 0:
+                    counts[4, 1] += 1
+        return
+    joint[:] = 0
+    n8 = n & ~7
+    for i in range(0, n8, 8):
         v = np.int64(u[i])
         if mode == 1:
             counts[2, (v >> 7) & 0xFF] += 1
@@ -120,19 +140,10 @@ def _count16(u, mode, joint, counts):
             counts[3, v & 0xFF] += 1
         if (i & 15) == 0 and v == 0:
             counts[4, 1] += 1
-    if n < JOINT_MIN:
-        for i in range(n):
-            v = np.int64(u[i])
-            if mode == 1:
-                counts[0, (v >> 7) & 0xFF] += 1
-                counts[1, ((v >> 8) & 0x80) | (v & 0x7F)] += 1
-            else:
-                counts[0, v >> 8] += 1
-                counts[1, v & 0xFF] += 1
-            counts[4, 0] += v == 0
-        return
-    joint[:] = 0
-    for i in range(n):
+        joint[v] += 1
+        for k in range(1, 8):
+            joint[u[i + k]] += 1
+    for i in range(n8, n):  # i % 8 != 0 here: no sample
         joint[u[i]] += 1
     counts[4, 0] = joint[0]
     if mode == 1:  # v = sign << 15 | exponent << 7 | mantissa

@@ -279,6 +279,44 @@ HEAD_MAX = 3 + TABLE_MAX + 6  # parts, K per part, table, varint: room left befo
 _LITTLE = sys.byteorder == "little"
 
 
+@njit(nogil=True)
+def _setup_part(data, freq, cum, x0):
+    """cum of freq, and the lane states x0 = RANS_L + the tail payload of data; return K (_tail_payload)."""
+    cum[0] = 0
+    for s in range(1, 256):
+        cum[s] = cum[s - 1] + freq[s - 1]
+    k = _tail_payload(data, freq, cum, KMAX, x0)
+    for j in range(LANES):
+        x0[j] += RANS_L
+    return k
+
+
+@njit(nogil=True)
+def _write_head(region, end, ks, nparts, freq, words_a):
+    """Write the method-6 head (parts, K per part, table, [varint words of part A]) to end just before region[end];
+    return its first byte."""
+    tab = np.empty(TABLE_MAX, np.uint8)
+    tlen = write_table(freq, tab)
+    var = np.empty(8, np.uint8)
+    nv = 0
+    if nparts == 2:
+        v = words_a
+        while v >= 0x80:
+            var[nv] = (v & 0x7F) | 0x80
+            nv += 1
+            v >>= 7
+        var[nv] = v
+        nv += 1
+    start = end - (1 + nparts + tlen + nv)
+    region[start] = nparts
+    for p in range(nparts):
+        region[start + 1 + p] = ks[p]
+    pos = start + 1 + nparts
+    region[pos : pos + tlen] = tab[:tlen]
+    region[pos + tlen : end] = var[:nv]
+    return start
+
+
 def encode_ext_many(jobs: list[tuple[np.ndarray, np.ndarray, int]]) -> list[memoryview]:
     """Method-6 streams (docs/codecs.md: u8 parts, u8 K per part, table, [varint words of part A], words per part)
     of several planes, jobs = (uint8 data, freq from rans.normalize, parts 1 or 2). The parts are coded two at a
@@ -286,47 +324,36 @@ def encode_ext_many(jobs: list[tuple[np.ndarray, np.ndarray, int]]) -> list[memo
     the views returned are valid until the caller's scratch session ends."""
     parts, streams = [], []
     for data, freq, nparts in jobs:
-        cum = np.zeros(256, np.int64)
-        np.cumsum(freq[:-1], out=cum[1:])
         n = data.size
         h = n if nparts == 1 else (n + 1) >> 1
         pieces = (data,) if nparts == 1 else (data[:h], data[h:])
-        region = scratch.take(HEAD_MAX + 2 * sum(p.size + 2 * LANES + 8 for p in pieces))
+        region = scratch.take(HEAD_MAX + 2 * (n + nparts * (2 * LANES + 8)))
         words = region[HEAD_MAX:].view(np.uint16)
-        ends, ks, off = [], [], 0
-        for piece in pieces:
-            y = np.empty(LANES, np.int64)
-            k = int(_tail_payload(piece, freq, cum, KMAX, y))
+        cum = np.empty(256, np.int64)
+        ks, off = np.empty(2, np.int64), 0
+        first = len(parts)
+        for p, piece in enumerate(pieces):
+            x0 = np.empty(LANES, np.int64)
+            ks[p] = k = _setup_part(piece, freq, cum, x0)
             off += piece.size + 2 * LANES + 8
-            parts.append([piece[: piece.size - LANES * k], freq, cum, y + RANS_L, words[:off], 0])
-            ends.append(off)
-            ks.append(k)
-        streams.append((region, words, freq, ks, ends, parts[-len(pieces):]))
+            parts.append([piece[: piece.size - LANES * k], freq, cum, x0, words[:off], 0])
+        streams.append((region, words, freq, ks, parts[first:]))
     encode = _encode_pair if vector_ok() else _encode_pair_scalar
     for i in range(0, len(parts), 2):
         a = parts[i]
         b = parts[i + 1] if i + 1 < len(parts) else [a[0][:0], a[1], a[2], a[3], np.empty(2 * LANES, np.uint16), 0]
         a[5], b[5] = encode(*a[:5], *b[:5])
     out = []
-    tab = np.empty(TABLE_MAX, np.uint8)
-    for region, words, freq, ks, ends, ps in streams:
-        start, stop = ps[0][5], ends[0]
-        head = bytearray([len(ps), *ks])
-        head += tab[: write_table(freq, tab)].tobytes()
+    for region, words, freq, ks, ps in streams:
+        start, stop = ps[0][5], ps[0][4].size
         if len(ps) == 2:
             # part B's words follow part A's: move them down over the gap its buffer left
-            nb = ends[1] - ps[1][5]
-            words[stop : stop + nb] = words[ps[1][5] : ends[1]].copy()
-            v = stop - start
-            while v >= 0x80:
-                head.append((v & 0x7F) | 0x80)
-                v >>= 7
-            head.append(v)
-            stop += nb
+            end_b = ps[1][4].size
+            words[stop : stop + end_b - ps[1][5]] = words[ps[1][5] : end_b].copy()
+            stop += end_b - ps[1][5]
         if not _LITTLE:
             words[start:stop].byteswap(inplace=True)
-        first = HEAD_MAX + 2 * start - len(head)
-        region[first : HEAD_MAX + 2 * start] = np.frombuffer(head, np.uint8)
+        first = _write_head(region, HEAD_MAX + 2 * start, ks, len(ps), freq, ps[0][4].size - start)
         out.append(memoryview(region[first : HEAD_MAX + 2 * stop]))
     return out
 
