@@ -174,14 +174,16 @@ def split_count(cls: int, data: np.ndarray, out: np.ndarray | None = None, joint
     if out is None:
         out = np.empty(2 * n, np.uint8)
     a, b = out[:n], out[n : 2 * n]
+    if joint is None:
+        joint = np.empty(1 << 16, np.uint32)
+    counts = np.zeros((5, 256), np.int64)
+    # count first, split second: the coder then reads streams that are still in the cache (the other order cost
+    # ~10% of the encoding time of a 1 MiB chunk)
+    _count16(u, 1 if cls == CLASS_BF16 else 2, joint, counts)
     if cls == CLASS_BF16:
         _split_bf16(u, a, b)
     else:
         _split_f16(u, a, b)
-    if joint is None:
-        joint = np.empty(1 << 16, np.uint32)
-    counts = np.zeros((5, 256), np.int64)
-    _count16(u, 1 if cls == CLASS_BF16 else 2, joint, counts)
     return [a, b], counts
 
 
