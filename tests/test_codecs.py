@@ -411,18 +411,26 @@ def test_split_count_matches_split_and_histograms(n, seed, zero_share, cls):
     assert counts[4, 0] == n - np.count_nonzero(u) and counts[4, 1] == u[::16].size - np.count_nonzero(u[::16])
 
 
-def test_rcp32_rounds_down():
-    """The vector encoder's float32 reciprocals never exceed 1/f (its single upward correction needs that)."""
-    from fractions import Fraction
-
+def test_vector_step_quotient_is_exact():
+    """The vector encoder's quotient x // f: float32 x * float32(1/f) truncated, then one correction each way. For
+    every frequency and the states a step meets (x < f << 20), at the edges k * f - 1, k * f and at random; numpy's
+    float32 rounds as the vector instructions do."""
     from dccfs.codecs import rans32_enc
 
-    freq = np.arange(4096, dtype=np.int64)
-    for lo in range(0, 4096, 256):
-        r = rans32_enc._rcp32(np.ascontiguousarray(freq[lo : lo + 256]))
-        for f, v in zip(freq[lo : lo + 256], r):
-            f = max(int(f), 1)
-            assert Fraction(float(v)) <= Fraction(1, f) and Fraction(float(np.nextafter(v, np.float32(2)))) > Fraction(1, f)
+    rng = np.random.default_rng(7)
+    freq = np.arange(1, 4096, dtype=np.int64)
+    r = np.concatenate([rans32_enc._rcp32(np.ascontiguousarray(np.pad(freq, (1, 0))[lo : lo + 256]))
+                        for lo in range(0, 4096, 256)])[1:]
+    for k in [1, 2, 3, 1000, (1 << 20) - 2, (1 << 20) - 1] + list(rng.integers(1, 1 << 20, 20)):
+        for x in (k * freq - 1, k * freq, np.minimum(k * freq + rng.integers(0, freq), (freq << 20) - 1)):
+            x = x[x >= 0]
+            f, rf = freq[-x.size:], r[-x.size:]
+            q = (x.astype(np.float32) * rf).astype(np.int64)  # float32 product, truncated
+            rem = x - q * f
+            q = np.where(rem < 0, q - 1, q)
+            rem = np.where(rem < 0, rem + f, rem)
+            q = np.where(rem >= f, q + 1, q)
+            assert np.array_equal(q, x // f)
 
 
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
