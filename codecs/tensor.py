@@ -212,8 +212,7 @@ def _split(cls: int, data: np.ndarray):
     encoding time)."""
     width = fields.CLASSES[cls][0]
     if cls in (fields.CLASS_BF16, fields.CLASS_F16):
-        planes, counts = fields.split_count(cls, data, scratch.take(data.size),
-                                            scratch.take(4 << 16).view(np.uint32))
+        planes, counts = fields.split_count(cls, data, scratch.take(data.size))
         return planes, counts, zeros.worth(data.size // width, int(counts[4, 0]), int(counts[4, 1]))
     nzero = zeros.zeros_if_worth(data, width) if cls in zeros.ZERO_CLASS else -1
     return fields.split(cls, data), None, nzero
