@@ -397,7 +397,8 @@ def encode_ext_many(jobs: list[tuple[np.ndarray, np.ndarray, int]]) -> list[memo
     """Method-6 streams (docs/codecs.md: u8 parts, u8 K per part, table, [varint words of part A], words per part)
     of several planes, jobs = (uint8 data, freq from rans.normalize, parts 1 or 2). The parts are coded two at a
     time (four vector chains; one part alone left 30% of the core idle) into scratch memory (codecs/scratch.py):
-    the views returned are valid until the caller's scratch session ends."""
+    the views returned are valid until the caller's scratch session ends; a two-part stream is a tuple of two
+    views (part B's words where its coder wrote them: moving them next to part A's cost a copy)."""
     parts, streams = [], []
     for data, freq, nparts in jobs:
         n = data.size
@@ -422,18 +423,20 @@ def encode_ext_many(jobs: list[tuple[np.ndarray, np.ndarray, int]]) -> list[memo
     out = []
     for region, words, freq, ks, ps in streams:
         start, stop = ps[0][5], ps[0][4].size
-        if len(ps) == 2:
-            # part B's words follow part A's: move them down over the gap its buffer left
-            end_b = ps[1][4].size
-            words[stop : stop + end_b - ps[1][5]] = words[ps[1][5] : end_b].copy()
-            stop += end_b - ps[1][5]
         if not _LITTLE:
             words[start:stop].byteswap(inplace=True)
-        first = _write_head(region, HEAD_MAX + 2 * start, ks, len(ps), freq, ps[0][4].size - start)
-        out.append(memoryview(region[first : HEAD_MAX + 2 * stop]))
+        first = _write_head(region, HEAD_MAX + 2 * start, ks, len(ps), freq, stop - start)
+        blob = memoryview(region[first : HEAD_MAX + 2 * stop])
+        if len(ps) == 2:  # part B's words, which follow part A's in the stream, where its coder left them
+            b_start, b_stop = ps[1][5], ps[1][4].size
+            if not _LITTLE:
+                words[b_start:b_stop].byteswap(inplace=True)
+            blob = (blob, memoryview(region[HEAD_MAX + 2 * b_start : HEAD_MAX + 2 * b_stop]))
+        out.append(blob)
     return out
 
 
 def encode_ext(data: np.ndarray, freq: np.ndarray, parts: int = 1) -> bytes:
     """One method-6 stream as bytes (tests, probes; the tensor encoder calls encode_ext_many)."""
-    return bytes(encode_ext_many([(data, freq, parts)])[0])
+    blob = encode_ext_many([(data, freq, parts)])[0]
+    return b"".join(blob) if isinstance(blob, tuple) else bytes(blob)

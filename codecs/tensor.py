@@ -286,8 +286,12 @@ def encode_parts(raw: bytes | memoryview, regions: list[tuple[int, int]], effort
     for cls in sorted(coded_by_class):
         for method, blob in coded_by_class[cls]:
             params.append(method)
-            _put_varint(params, len(blob))
-            payload.append(blob)
+            if isinstance(blob, tuple):  # a stream in pieces (rans32_enc.encode_ext_many: two parts)
+                _put_varint(params, sum(len(b) for b in blob))
+                payload.extend(blob)
+            else:
+                _put_varint(params, len(blob))
+                payload.append(blob)
     return bytes(params), payload
 
 
