@@ -301,7 +301,7 @@ def vector_ok() -> bool:
     freq = np.zeros(256, np.int64)
     freq[:13] = 315
     freq[0] += 1
-    from .rans32_enc import encode_ext
+    from .rans32e_enc import encode_ext
     from .rans32e import decode_ext_into
 
     buf = np.frombuffer(encode_ext(probe, freq, 2), np.uint8)

@@ -9,7 +9,7 @@ import numpy as np
 
 from ._jit import njit
 from .varint import get_varint, put_varint
-from . import fields, generic, rans, rans32, rans32_enc, rans32c, scratch, zeros
+from . import fields, generic, rans, rans32, rans32_enc, rans32c, rans32e_enc, scratch, zeros
 from .api import CODEC_TENSOR, CODEC_ZSTD, EncodedChunk, Segment
 
 log = logging.getLogger(__name__)
@@ -148,7 +148,7 @@ def _code_plane(plane: np.ndarray, method: int, freq, parts: int = 1) -> bytes |
         return rans.encode(plane, freq)
     if method == M_RANS32:
         return rans32_enc.encode(plane, freq)
-    return rans32_enc.encode_ext(plane, freq, parts)
+    return rans32e_enc.encode_ext(plane, freq, parts)
 
 
 # classes whose streams may use method 7: f32 (optimizer state and fp32 weights). bf16 would gain 0.002 of its
@@ -185,7 +185,7 @@ def _encode_planes(planes: list[np.ndarray], plans) -> list[tuple[int, bytes | m
             parts[k] = 2
     # every method-6 stream of the class in one call: their parts are coded two at a time
     ext = [k for k, (m, _, _) in enumerate(plans) if m == M_RANS32E]
-    coded = dict(zip(ext, rans32_enc.encode_ext_many([(planes[k], plans[k][1], parts[k]) for k in ext])))
+    coded = dict(zip(ext, rans32e_enc.encode_ext_many([(planes[k], plans[k][1], parts[k]) for k in ext])))
     out = []
     for k, (p, (m, freq, _), n) in enumerate(zip(planes, plans, parts)):
         if k in coded:
@@ -286,7 +286,7 @@ def encode_parts(raw: bytes | memoryview, regions: list[tuple[int, int]], effort
     for cls in sorted(coded_by_class):
         for method, blob in coded_by_class[cls]:
             params.append(method)
-            if isinstance(blob, tuple):  # a stream in pieces (rans32_enc.encode_ext_many: two parts)
+            if isinstance(blob, tuple):  # a stream in pieces (rans32e_enc.encode_ext_many: two parts)
                 _put_varint(params, sum(len(b) for b in blob))
                 payload.extend(blob)
             else:

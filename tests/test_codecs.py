@@ -297,13 +297,13 @@ def test_kernels_load_from_cache_in_a_new_process():
 def test_rans32_ext_vector_and_scalar_agree(n, alphabet, seed, parts, skew):
     """Method 6 (end states carry each lane's last K symbols; one or two parts) round-trips on both decoders,
     including streams shorter than one vector step and K = 0 (fewer than 32 symbols per part)."""
-    from dccfs.codecs import rans, rans32_enc, rans32e
+    from dccfs.codecs import rans, rans32e, rans32e_enc
 
     rng = np.random.default_rng(seed)
     data = np.minimum(rng.geometric(skew, n) - 1, alphabet - 1).astype(np.uint8)
     data[0], data[-1] = 0, 1
     freq = rans.normalize(rans.histogram(data), n)
-    buf = np.frombuffer(rans32_enc.encode_ext(data, freq, parts), np.uint8)
+    buf = np.frombuffer(rans32e_enc.encode_ext(data, freq, parts), np.uint8)
     assert buf[0] == parts
     for fn in (rans32e.decode_ext_into, rans32e.decode_ext_into_scalar):
         out = np.empty(n, np.uint8)
@@ -326,12 +326,12 @@ def test_rans32_ext_vector_and_scalar_agree(n, alphabet, seed, parts, skew):
 
 def test_rans32_ext_end_states_carry_symbols():
     """The end-state payload is what pays for the 32 states: K > 0 on real-looking planes, smaller than method 5."""
-    from dccfs.codecs import fields, rans, rans32_enc
+    from dccfs.codecs import fields, rans, rans32_enc, rans32e_enc
 
     raw = np.frombuffer(weights(65536, "f32", 5), np.uint8)
     exp = fields.split(fields.CLASS_F32, raw)[0]
     freq = rans.normalize(rans.histogram(exp), exp.size)
-    ext = rans32_enc.encode_ext(exp, freq, 1)
+    ext = rans32e_enc.encode_ext(exp, freq, 1)
     assert ext[1] > 0
     assert len(ext) < len(rans32_enc.encode(exp, freq)) - 16
 
@@ -439,7 +439,7 @@ def test_vector_step_quotient_is_exact():
 def test_rans32_ext_many_matches_single_streams(sizes, seed, parts):
     """Coding several method-6 streams together (parts paired across streams, scratch memory) gives each stream's
     bytes exactly as coding it alone, with the vector and with the scalar encoder."""
-    from dccfs.codecs import rans, rans32_enc, rans32e, scratch
+    from dccfs.codecs import rans, rans32_enc, rans32e, rans32e_enc, scratch
 
     rng = np.random.default_rng(seed)
     jobs = []
@@ -448,16 +448,16 @@ def test_rans32_ext_many_matches_single_streams(sizes, seed, parts):
         data = np.minimum(rng.geometric(0.2, n) - 1, 255).astype(np.uint8)
         data[0], data[-1] = 0, 1
         jobs.append((data, rans.normalize(rans.histogram(data), n), p))
-    alone = [rans32_enc.encode_ext(*job) for job in jobs]
+    alone = [rans32e_enc.encode_ext(*job) for job in jobs]
     with scratch.session():
-        together = [b"".join(b) if isinstance(b, tuple) else bytes(b) for b in rans32_enc.encode_ext_many(jobs)]
+        together = [b"".join(b) if isinstance(b, tuple) else bytes(b) for b in rans32e_enc.encode_ext_many(jobs)]
     assert together == alone
     for (data, _, _), blob in zip(jobs, alone):
         out = np.empty(data.size, np.uint8)
         assert rans32e.decode_ext_into(np.frombuffer(blob, np.uint8), out) == 0 and np.array_equal(out, data)
     saved, rans32_enc._enc_vector = rans32_enc.vector_ok(), False
     try:
-        assert [rans32_enc.encode_ext(*job) for job in jobs] == alone
+        assert [rans32e_enc.encode_ext(*job) for job in jobs] == alone
     finally:
         rans32_enc._enc_vector = saved
 
