@@ -11,6 +11,7 @@ from numba.extending import intrinsic
 from ._jit import njit
 from .rans import RANS_L, SCALE_BITS, _enc_step, histogram, normalize
 from .rans32 import LANES, SLOTS, TABLE_MAX, V, _decl, write_table
+from .rans32_enc import _encode as _encode_lanes
 from .rans32c import FLUSH, SRC_SELF
 
 log = logging.getLogger(__name__)
@@ -84,17 +85,7 @@ def _enc16c(typingctx, xs, k, idx, i, ftab, rcp, out, pos):
 @njit(nogil=True)
 def _encode(idx, freq, cum, rcp, out):
     """Encode symbols idx (bucket << 8 | symbol) backwards with the flat tables; return the first word's position."""
-    x = np.full(LANES, RANS_L, np.int64)
-    pos = out.size
-    for i in range(idx.size - 1, -1, -1):
-        s = idx[i]
-        j = i & (LANES - 1)
-        x[j], pos = _enc_step(x[j], freq[s], cum[s], rcp[s], out, pos)
-    for j in range(LANES - 1, -1, -1):
-        out[pos - 1] = x[j] & 0xFFFF
-        out[pos - 2] = x[j] >> 16
-        pos -= 2
-    return pos
+    return _encode_lanes(idx, freq, cum, rcp, out, np.full(LANES, RANS_L, np.int64))
 
 
 @njit(nogil=True, boundscheck=False)
