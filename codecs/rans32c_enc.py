@@ -12,7 +12,6 @@ from ._jit import njit
 from .rans import RANS_L, SCALE_BITS, _enc_step, histogram, normalize
 from .rans32 import LANES, SLOTS, TABLE_MAX, V, _decl, write_table
 from .rans32_enc import _encode as _encode_lanes
-from .rans32c import FLUSH, SRC_SELF
 
 log = logging.getLogger(__name__)
 
@@ -308,3 +307,8 @@ def plan(data: np.ndarray, source: int, ctx: np.ndarray | None):
         size += float((c[present] * (SCALE_BITS - np.log2(freq[present]))).sum()) / 8 + table_bytes(freq)
         freqs.append(freq)
     return thresholds, freqs, size, idx
+
+
+# Last: rans32c re-exports this module's names at its own end, so whichever of the two is
+# imported first, each finds the other's names already defined.
+from .rans32c import FLUSH, SRC_SELF  # noqa: E402
