@@ -119,19 +119,23 @@ def _enc16(typingctx, xs, k, data, i, ftab, rcp, out, pos):
         x_s, d_s, t_s, r_s, o_s = (context.make_array(signature.args[n])(context, builder, args[n])
                                    for n in (0, 2, 4, 5, 6))
         k, i, pos = args[1], args[3], args[7]
-        mod = builder.module
-        v32 = ir.VectorType(_i32, V)
-        vf32 = ir.VectorType(_f32, V)
-        v1 = ir.VectorType(_i1, V)
-        sym = _load_symbols(builder, d_s, i)
-        allm = ir.Constant(v1, [1] * V)
-        g32 = _decl(mod, "llvm.masked.gather.v16i32.v16p0", v32, [ir.VectorType(_i32.as_pointer(), V), v1, v32])
-        e = builder.call(g32, [_vgep(builder, t_s.data, sym, _i32), allm, ir.Constant(v32, ir.Undefined)])
-        gf = _decl(mod, "llvm.masked.gather.v16f32.v16p0", vf32, [ir.VectorType(_f32.as_pointer(), V), v1, vf32])
-        r = builder.call(gf, [_vgep(builder, r_s.data, sym, _f32), allm, ir.Constant(vf32, ir.Undefined)])
-        return _step_ir(builder, x_s, k, e, r, o_s, pos)
+        return gather_step_ir(builder, x_s, k, _load_symbols(builder, d_s, i), t_s, r_s, o_s, pos)
 
     return sig, codegen
+
+
+def gather_step_ir(builder, x_s, k, sym, t_s, r_s, o_s, pos):
+    """_step_ir with the table entries of the 16 symbols sym (i32 lanes) gathered from ftab and the float32 rcp."""
+    mod = builder.module
+    v32 = ir.VectorType(_i32, V)
+    vf32 = ir.VectorType(_f32, V)
+    v1 = ir.VectorType(_i1, V)
+    allm = ir.Constant(v1, [1] * V)
+    g32 = _decl(mod, "llvm.masked.gather.v16i32.v16p0", v32, [ir.VectorType(_i32.as_pointer(), V), v1, v32])
+    e = builder.call(g32, [_vgep(builder, t_s.data, sym, _i32), allm, ir.Constant(v32, ir.Undefined)])
+    gf = _decl(mod, "llvm.masked.gather.v16f32.v16p0", vf32, [ir.VectorType(_f32.as_pointer(), V), v1, vf32])
+    r = builder.call(gf, [_vgep(builder, r_s.data, sym, _f32), allm, ir.Constant(vf32, ir.Undefined)])
+    return _step_ir(builder, x_s, k, e, r, o_s, pos)
 
 
 @intrinsic
@@ -278,8 +282,8 @@ def _encode_vec(data, freq, cum, rcp, out, x0):
 @njit(nogil=True)
 def _rcp32(freq):
     """float32 reciprocals of freq (nearest) for the vector step's quotient."""
-    r = np.empty(256, np.float32)
-    for s in range(256):
+    r = np.empty(freq.size, np.float32)
+    for s in range(freq.size):
         r[s] = np.float32(1.0 / max(freq[s], 1))
     return r
 

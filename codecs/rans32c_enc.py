@@ -10,13 +10,12 @@ from numba.extending import intrinsic
 
 from ._jit import njit
 from .rans import RANS_L, SCALE_BITS, _enc_step, histogram, normalize
-from .rans32 import LANES, SLOTS, TABLE_MAX, V, _decl, write_table
-from .rans32_enc import _encode as _encode_lanes
+from .rans32 import LANES, SLOTS, TABLE_MAX, V, write_table
+from .rans32_enc import _encode as _encode_lanes, _rcp32, gather_step_ir
 
 log = logging.getLogger(__name__)
 
-_i1, _i8, _i16, _i32, _i64 = (ir.IntType(b) for b in (1, 8, 16, 32, 64))
-_f64 = ir.DoubleType()
+_i16, _i32 = ir.IntType(16), ir.IntType(32)
 
 
 # ---------------------------------------------------------------- encoder
@@ -24,59 +23,16 @@ _f64 = ir.DoubleType()
 
 @intrinsic
 def _enc16c(typingctx, xs, k, idx, i, ftab, rcp, out, pos):
-    """rans32._enc16 with 16-bit symbols idx = bucket << 8 | symbol indexing tables of all buckets; new pos."""
+    """rans32_enc._enc16 with 16-bit symbols idx = bucket << 8 | symbol indexing the tables of all buckets; new pos."""
     sig = types.int64(xs, types.int64, idx, types.int64, ftab, rcp, out, types.int64)
 
     def codegen(context, builder, signature, args):
-        xs_a, k, data_a, i, ftab_a, rcp_a, out_a, pos = args
-        x_s = context.make_array(signature.args[0])(context, builder, xs_a)
-        d_s = context.make_array(signature.args[2])(context, builder, data_a)
-        t_s = context.make_array(signature.args[4])(context, builder, ftab_a)
-        r_s = context.make_array(signature.args[5])(context, builder, rcp_a)
-        o_s = context.make_array(signature.args[6])(context, builder, out_a)
-        mod = builder.module
-        v32 = ir.VectorType(_i32, V)
-        v64 = ir.VectorType(_i64, V)
-        vf = ir.VectorType(_f64, V)
-        v1 = ir.VectorType(_i1, V)
-        v16 = ir.VectorType(_i16, V)
-
-        def splat(c, t=_i64):
-            return ir.Constant(ir.VectorType(t, V), [c] * V)
-
-        def bcast(v):
-            return builder.shuffle_vector(builder.insert_element(ir.Constant(v64, ir.Undefined), v, ir.Constant(_i32, 0)),
-                                          ir.Constant(v64, ir.Undefined), ir.Constant(ir.VectorType(_i32, V), [0] * V))
-
-        xptr = builder.bitcast(builder.gep(x_s.data, [builder.mul(k, ir.Constant(_i64, V))]), v32.as_pointer())
-        x = builder.zext(builder.load(xptr, align=4), v64)
-        sptr = builder.bitcast(builder.gep(d_s.data, [i]), v16.as_pointer())
-        sym = builder.zext(builder.load(sptr, align=2), v64)
-        allm = ir.Constant(v1, [1] * V)
-        p32 = ir.VectorType(_i32.as_pointer(), V)
-        taddr = builder.inttoptr(builder.add(bcast(builder.ptrtoint(t_s.data, _i64)), builder.shl(sym, splat(2))), p32)
-        g32 = _decl(mod, "llvm.masked.gather.v16i32.v16p0", v32, [p32, v1, v32])
-        e = builder.zext(builder.call(g32, [taddr, allm, ir.Constant(v32, ir.Undefined)]), v64)
-        pf = ir.VectorType(_f64.as_pointer(), V)
-        raddr = builder.inttoptr(builder.add(bcast(builder.ptrtoint(r_s.data, _i64)), builder.shl(sym, splat(3))), pf)
-        gf = _decl(mod, "llvm.masked.gather.v16f64.v16p0", vf, [pf, v1, vf])
-        r = builder.call(gf, [raddr, allm, ir.Constant(vf, ir.Undefined)])
-        f = builder.and_(e, splat(0xFFFF))
-        c = builder.lshr(e, splat(16))
-        need = builder.icmp_unsigned(">=", x, builder.shl(f, splat(32 - SCALE_BITS)))
-        cnt = builder.zext(builder.call(_decl(mod, "llvm.ctpop.i16", _i16, [_i16]), [builder.bitcast(need, _i16)]), _i64)
-        pos = builder.sub(pos, cnt)
-        cs = _decl(mod, "llvm.masked.compressstore.v16i16", ir.VoidType(), [v16, _i16.as_pointer(), v1])
-        builder.call(cs, [builder.trunc(x, v16), builder.gep(o_s.data, [pos]), need])
-        x = builder.select(need, builder.lshr(x, splat(16)), x)
-        q = builder.fptoui(builder.fmul(builder.uitofp(x, vf), r), v64)
-        rem = builder.sub(x, builder.mul(q, f))
-        adj = builder.icmp_unsigned(">=", rem, f)
-        q = builder.select(adj, builder.add(q, splat(1)), q)
-        rem = builder.select(adj, builder.sub(rem, f), rem)
-        xn = builder.add(builder.add(builder.shl(q, splat(SCALE_BITS)), rem), c)
-        builder.store(builder.trunc(xn, v32), xptr, align=4)
-        return pos
+        x_s, d_s, t_s, r_s, o_s = (context.make_array(signature.args[n])(context, builder, args[n])
+                                   for n in (0, 2, 4, 5, 6))
+        k, i, pos = args[1], args[3], args[7]
+        sptr = builder.bitcast(builder.gep(d_s.data, [i]), ir.VectorType(_i16, V).as_pointer())
+        sym = builder.zext(builder.load(sptr, align=2), ir.VectorType(_i32, V))
+        return gather_step_ir(builder, x_s, k, sym, t_s, r_s, o_s, pos)
 
     return sig, codegen
 
@@ -101,14 +57,15 @@ def _encode_vec(idx, freq, cum, rcp, out):
     ftab = np.empty(freq.size, np.uint32)
     for s in range(freq.size):
         ftab[s] = np.uint32(freq[s] | (cum[s] << 16))
+    rcp32 = _rcp32(freq)
     xs = np.empty(LANES, np.uint32)
     for j in range(LANES):
         xs[j] = np.uint32(x[j])
     g = full
     while g > 0:
         g -= LANES
-        pos = _enc16c(xs, 1, idx, g + V, ftab, rcp, out, pos)
-        pos = _enc16c(xs, 0, idx, g, ftab, rcp, out, pos)
+        pos = _enc16c(xs, 1, idx, g + V, ftab, rcp32, out, pos)
+        pos = _enc16c(xs, 0, idx, g, ftab, rcp32, out, pos)
     for j in range(LANES - 1, -1, -1):
         out[pos - 1] = xs[j] & 0xFFFF
         out[pos - 2] = xs[j] >> 16
