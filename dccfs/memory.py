@@ -15,7 +15,8 @@ log = logging.getLogger(__name__)
 # two or three times per chunk. With these settings the daemon's system time for one
 # torch.save of mpnet_fp32 was 0.7 s instead of 1.3-1.6 s (two A/B runs, noisy machine;
 # docs/performance.md). Mapping every buffer ≥ 256 KiB instead kept RSS at what the budgets
-# account for but tripled the daemon's system time for the bench_fs writes (3.4 s -> 11.7 s).
+# account for but tripled the daemon's system time for the bench_fs writes (3.4 s -> 11.7 s,
+# one-off A/B in docs/performance.md).
 MALLOC_TUNING = {
     -3: 16 << 20,   # M_MMAP_THRESHOLD: chunk-sized buffers come from the heap
     -1: 64 << 20,   # M_TRIM_THRESHOLD: keep up to 64 MiB of freed heap top mapped
