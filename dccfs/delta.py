@@ -88,11 +88,13 @@ class BaseStore:
         self.cache = cache
         self._open: dict[str, Container] = {}
         self._lock = threading.Lock()
+        self.warm_up_thread: threading.Thread | None = None
         if cache is not None:
             # The mount's store (the one with a cache): load the delta decode kernels in the
             # background, as the engine does for the keyframe codecs, so the first delta read
             # does not wait for them.
-            threading.Thread(target=_warm_up, name="dccfs-delta-warm-up", daemon=True).start()
+            self.warm_up_thread = threading.Thread(target=_warm_up, name="dccfs-delta-warm-up", daemon=True)
+            self.warm_up_thread.start()
 
     def container_for(self, ref: BaseRef) -> Container:
         with self._lock:

@@ -15,6 +15,7 @@ from dccfs.cache import ChunkCache
 from dccfs.codecs import ChunkHints, EncodedChunk, codec_name, encode_chunk
 from dccfs.config import Config
 from dccfs.delta import BaseStore
+from dccfs.memory import release_compiler_pages
 from dccfs.stats import MountStats
 
 log = logging.getLogger(__name__)
@@ -115,12 +116,15 @@ class Engine:
         self.trace = None
         threading.Thread(target=self._warm_up, name="dccfs-warm-up", daemon=True).start()
 
-    @staticmethod
-    def _warm_up() -> None:
+    def _warm_up(self) -> None:
         try:
             warm_up_codecs()
         except Exception:
             log.exception("codec warm-up failed; kernels will load on first use")
+            return
+        if self.bases.warm_up_thread is not None:
+            self.bases.warm_up_thread.join()
+        log.info("compiler pages released after warm-up: %d MiB", release_compiler_pages() >> 20)
 
     def encode_effort(self) -> int:
         """0 (cheapest codec) while encodes queue up behind the cores, so the codec never

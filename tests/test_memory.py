@@ -38,3 +38,54 @@ def test_the_heap_trimmer_gives_freed_chunk_buffers_back():
     assert got["freed"] > got["before_free"] - (64 << 20), got  # glibc kept the holes resident
     assert got["trims"] == 1 and got["given_back"] > 200 << 20, got
     assert got["after"] < got["freed"] - (200 << 20), got
+
+
+RELEASE_CHILD = r"""
+import json
+import numpy as np
+from dccfs.codecs import ChunkHints, Segment, decode_chunk, encode_chunk
+from dccfs.engine import warm_up_codecs
+from dccfs.memory import COMPILER_LIBRARIES, release_compiler_pages
+
+
+def compiler_pages():
+    # (private, shared) clean resident bytes of the compiler library's read-only mappings
+    private = shared = 0
+    path = perms = ""
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            fields = line.split()
+            if not fields[0].endswith(":"):
+                perms, path = fields[1], (fields[5] if len(fields) > 5 else "")
+            elif path.endswith(COMPILER_LIBRARIES) and "w" not in perms:
+                if fields[0] == "Private_Clean:":
+                    private += int(fields[1]) << 10
+                elif fields[0] == "Shared_Clean:":
+                    shared += int(fields[1]) << 10
+    return private, shared
+
+
+warm_up_codecs()
+before = compiler_pages()
+given_back = release_compiler_pages()
+after = compiler_pages()
+raw = np.random.default_rng(3).standard_normal(1 << 16).astype(np.float32).tobytes()
+enc = encode_chunk(raw, ChunkHints(segments=(Segment(0, len(raw), "f32"),)))
+ok = decode_chunk(enc.codec_id, enc.params, enc.payload, len(raw)) == raw
+print(json.dumps({"before": before, "after": after, "given_back": given_back, "ok": ok}))
+"""
+
+
+def test_compiler_pages_are_released_after_warm_up_and_kernels_still_run():
+    """The LLVM library pages that loading the kernels touched leave RSS (those no other
+    process shares: this test's own process maps the library too), and the loaded kernels
+    keep working without them."""
+    out = subprocess.run([sys.executable, "-c", RELEASE_CHILD], capture_output=True, text=True, timeout=300,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout)
+    assert got["ok"], got
+    private_after, _ = got["after"]
+    assert sum(got["before"]) > 8 << 20, got  # warm-up touched the library
+    assert private_after < 2 << 20, got
+    assert got["given_back"] >= 0, got
