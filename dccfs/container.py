@@ -21,7 +21,7 @@ from dccfs.format import (
 # Also re-exported: the rest of dccfs and the tests import these names from dccfs.container.
 from dccfs.container_records import (  # noqa: F401
     MAX_DELTA_CHAIN, ChunkError, ChunkLoc, ContainerError, Recovery, commit_from_scan,
-    commit_from_trailer, load_index_chain, pread_exact, pwrite_all, read_logical_size,
+    commit_from_trailer, load_index_chain, pread_exact, pwrite_all, pwritev_all, read_logical_size,
 )
 
 log = logging.getLogger(__name__)
@@ -185,12 +185,13 @@ class Container:
         durable at the next commit."""
         head = chunk_record_header(chunk_index, encoded.codec_id, len(encoded.params),
                                    len(encoded.payload), raw_len, raw_sum)
-        blob = b"".join((head.pack(), encoded.params, encoded.payload))
+        parts = [head.pack(), encoded.params, encoded.payload]
+        length = sum(len(p) for p in parts)
         with self._lock:
             self._cut_torn_tail_locked()
-            loc = ChunkLoc(self.end, len(blob))
-            self._append_or_undo(blob)
-            self.end += len(blob)
+            loc = ChunkLoc(self.end, length)
+            self._append_or_undo(parts)
+            self.end += length
             self.index[chunk_index] = loc
             self.pending[chunk_index] = loc
         return loc
@@ -233,7 +234,7 @@ class Container:
                 kind, prev = INDEX_DELTA, self.last_index
             index_offset = self.end
             blob = pack_index(kind, size, prev, entries) + trailer_record(size, index_offset)
-            self._append_or_undo(blob)
+            self._append_or_undo([blob])
             self.end += len(blob)
             self.last_index = index_offset
             self.delta_chain = 0 if full else self.delta_chain + 1
@@ -243,11 +244,11 @@ class Container:
             if durable:
                 os.fdatasync(self.fd)
 
-    def _append_or_undo(self, blob: bytes) -> None:
+    def _append_or_undo(self, parts: list[bytes | memoryview]) -> None:
         """Write at the end; on failure (ENOSPC) cut what was partly written, so the file
         still ends with its last trailer."""
         try:
-            pwrite_all(self.fd, blob, self.end)
+            pwritev_all(self.fd, parts, self.end)
         except OSError:
             try:
                 os.ftruncate(self.fd, self.end)

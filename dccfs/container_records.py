@@ -79,6 +79,20 @@ def pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
         offset += written
 
 
+def pwritev_all(fd: int, parts: list[bytes | memoryview], offset: int) -> None:
+    """Write the parts back to back at offset in as few syscalls as the kernel allows:
+    joining a record's header, params and payload first cost a copy of the payload."""
+    views = [memoryview(p).cast("B") for p in parts if len(p)]
+    while views:
+        written = os.pwritev(fd, views, offset)
+        offset += written
+        while views and written >= len(views[0]):
+            written -= len(views[0])
+            views.pop(0)
+        if views and written:
+            views[0] = views[0][written:]
+
+
 def read_record_header(fd: int, offset: int) -> RecordHeader | None:
     try:
         return RecordHeader.unpack(pread_exact(fd, RECORD_HEADER_SIZE, offset))
