@@ -8,15 +8,15 @@ import logging
 import numpy as np
 
 from ._jit import njit
-from .varint import get_varint, put_varint
 from . import fields, generic, rans, rans32, rans32_enc, rans32c, rans32e_enc, scratch, zeros
 from .api import CODEC_TENSOR, CODEC_ZSTD, EncodedChunk, Segment
+from .tensor_decode import decode, decode_into  # noqa: F401  (re-exported: api, blocks)
+# the format numbers, also re-exported (blocks and tests read them as tensor.FORMAT_VERSION, tensor.M_*)
+from .tensor_format import (FORMAT_VERSION, M_CONST, M_LZ4, M_RANS, M_RANS32, M_RANS32C,  # noqa: F401
+                            M_RANS32E, M_RAW, M_ZSTD, _get_varint, _put_varint)
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
-# stream methods (on-disk format, docs/codecs.md)
-M_RAW, M_ZSTD, M_RANS, M_CONST, M_LZ4, M_RANS32, M_RANS32E, M_RANS32C = 0, 1, 2, 3, 4, 5, 6, 7
 MIN_FLOAT_ELEMENTS = 16  # shorter float runs cost more in params than field splitting saves
 RANS_KEEP = 0.999  # keep a rANS stream if it beats raw by 0.1%: the targets are ratio-first
 # streams this long use the 32-lane coder (method 6: fast vector decoding; the end states carry the last symbols of
@@ -29,14 +29,6 @@ SPLIT_MIN = 100_000
 # typical cost of the final states beyond the entropy (method 6: per part)
 FLUSH_BYTES = {M_RANS: 12, M_RANS32: 96, M_RANS32E: 48}
 FLUSH_BYTES_RANS = FLUSH_BYTES[M_RANS]
-
-
-def _put_varint(out: bytearray, v: int) -> None:
-    put_varint(out, v)
-
-
-def _get_varint(buf: bytes, pos: int) -> tuple[int, int]:
-    return get_varint(buf, pos, "tensor", 35)
 
 
 def plan_regions(raw_len: int, segments: tuple[Segment, ...]) -> list[tuple[int, int]]:
@@ -293,6 +285,3 @@ def encode_parts(raw: bytes | memoryview, regions: list[tuple[int, int]], effort
                 _put_varint(params, len(blob))
                 payload.append(blob)
     return bytes(params), payload
-
-
-from .tensor_decode import decode, decode_into  # noqa: E402,F401  (re-exported: api, blocks)

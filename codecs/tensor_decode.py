@@ -9,8 +9,8 @@ import numpy as np
 from ._jit import njit
 from . import blocks, fields, generic, rans, rans32, rans32c, rans32e, zeros
 from .api import CodecError
-from .tensor import (FORMAT_VERSION, M_CONST, M_LZ4, M_RANS, M_RANS32, M_RANS32C, M_RANS32E, M_RAW, M_ZSTD,
-                     _get_varint)
+from .tensor_format import (FORMAT_VERSION, M_CONST, M_LZ4, M_RANS, M_RANS32, M_RANS32C, M_RANS32E, M_RAW,
+                            M_ZSTD, _get_varint)
 
 log = logging.getLogger(__name__)
 

@@ -291,6 +291,28 @@ def test_kernels_load_from_cache_in_a_new_process():
     assert not saved, "kernels recompiled in a second process:\n" + "\n".join(saved)
 
 
+def test_every_codec_module_imports_first_in_a_new_process():
+    """Each dccfs.codecs module can be the first one a process imports.
+
+    (tensor.py re-exports the decoder and the decoder needs the format numbers: while they lived in tensor.py,
+    importing tensor_decode first failed with a circular import.)"""
+    import pkgutil
+    import subprocess
+    import sys
+
+    import dccfs.codecs
+
+    names = [m.name for m in pkgutil.iter_modules(dccfs.codecs.__path__)]
+    assert "tensor_decode" in names
+    failed = {}
+    for name in names:
+        r = subprocess.run([sys.executable, "-c", f"import dccfs.codecs.{name}"], capture_output=True, text=True,
+                           timeout=300)
+        if r.returncode:
+            failed[name] = r.stderr[-1000:]
+    assert not failed, failed
+
+
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(n=st.integers(2, 9000), alphabet=st.integers(2, 256), seed=st.integers(0, 2**31), parts=st.sampled_from([1, 2]),
        skew=st.floats(0.05, 0.95))
