@@ -1,6 +1,6 @@
 """The tensor codec's on-disk numbers: the params format version, the stream method ids and the params varint."""
-# Its own module so that the encoder (tensor.py) and the decoder (tensor_decode.py) both import these without
-# importing each other: tensor.py re-exports the decoder, so a decoder importing tensor.py was a cycle.
+# Its own module so that the encoder (tensor.py) and the decoder (tensor_decode.py, tensor_fast.py) import these
+# without importing each other: tensor.py re-exports the decoder, so a decoder importing tensor.py was a cycle.
 from __future__ import annotations
 
 from .varint import get_varint, put_varint

@@ -286,7 +286,7 @@ def test_kernels_load_from_cache_in_a_new_process():
     for r in runs:
         assert r.returncode == 0, r.stderr[-2000:]
     log = runs[1].stdout + runs[1].stderr
-    assert "data loaded" in log and "tensor_decode._fused_vec" in log, log[-2000:]
+    assert "data loaded" in log and "tensor_fast._fused_vec" in log, log[-2000:]
     saved = [line for line in log.splitlines() if "saved" in line]
     assert not saved, "kernels recompiled in a second process:\n" + "\n".join(saved)
 

@@ -1,0 +1,270 @@
+"""The tensor decoder's compiled fast path: the one-class params parser and the fused decode-and-merge kernels."""
+# tensor_decode.py calls in here first and falls back to its Python parser and per-stream decoders for the rest.
+# The inline="always" helpers sit beside the kernels that inline them.
+from __future__ import annotations
+
+import logging
+import threading
+
+import numpy as np
+
+from ._jit import njit
+from . import fields, rans, rans32, rans32c, rans32e
+from .api import CodecError
+from .tensor_format import FORMAT_VERSION, M_CONST, M_RANS, M_RANS32, M_RANS32C, M_RANS32E, M_RAW
+
+log = logging.getLogger(__name__)
+
+_FAST_METHODS = (M_RAW, M_CONST, M_RANS, M_RANS32, M_RANS32E, M_RANS32C)
+
+
+@njit(nogil=True, inline="always")
+def _decode_simple(k, payload, meths, offs, lens, dst):
+    """Decode stream k if it is raw, const or method 2 (method 5 streams are left to the caller); 0 or -1."""
+    blob = payload[offs[k] : offs[k] + lens[k]]
+    m = meths[k]
+    if m == M_RAW:
+        # explicit loops: slice assignment pulls in numba's shape-error formatting (~3 s of cold compile)
+        if lens[k] != dst.size:
+            return -1
+        for i in range(dst.size):
+            dst[i] = blob[i]
+    elif m == M_CONST:
+        if lens[k] != 1:
+            return -1
+        v = blob[0]
+        for i in range(dst.size):
+            dst[i] = v
+    elif m == M_RANS:
+        if rans.decode_into(blob, dst) != 0:
+            return -1
+    return 0
+
+
+@njit(nogil=True, inline="always")
+def _ctx_ok(k, payload, offs, lens):
+    """A method-7 stream may take its context from stream 0 only if it is not stream 0 itself."""
+    return lens[k] > 0 and (k > 0 or payload[offs[k]] == rans32c.SRC_SELF)
+
+
+@njit(nogil=True, inline="always")
+def _merge_class(cls, scratch, out):
+    if cls == fields.CLASS_BF16:
+        fields._merge_bf16(scratch[0], scratch[1], out.view(np.uint16))
+    elif cls == fields.CLASS_F16:
+        fields._merge_f16(scratch[0], scratch[1], out.view(np.uint16))
+    elif cls == fields.CLASS_F32:
+        fields._merge_f32(scratch[0], scratch[1], scratch[2], scratch[3], out.view(np.uint32))
+    else:
+        fields._merge_planes(scratch, scratch.shape[0], out)
+
+
+# Two explicit variants rather than one closure built by a factory: numba's cache cannot reuse a closure that
+# captures dispatchers (their pickled form differs in every process), so a factory recompiled these kernels at
+# every process start (~5-10 s). Top-level functions calling the stream decoders directly load from the cache.
+
+
+@njit(nogil=True)
+def _fused_vec(cls, payload, meths, offs, lens, scratch, out):
+    """Decode a float class's streams (methods 0, 2, 3, 6, 7) into scratch rows and merge them into out;
+    0 or -(stream+1)."""
+    # two single-part method-6 streams at a time: one loop over both keeps four vector chains in flight
+    # (a two-part stream has its own two parts for that)
+    pending = -1
+    paired = np.zeros(meths.size, np.bool_)
+    if meths.size > 1 and meths[0] == M_RANS32C and lens[0] > 0 and payload[offs[0]] == rans32c.SRC_SELF:
+        # a method-7 exponent and the first single-part method-6 stream: one loop, four vector chains
+        for k in range(1, meths.size):
+            if meths[k] == M_RANS32E and lens[k] > 0 and payload[offs[k]] == 1:
+                st = rans32c.decode_pair_into(payload[offs[0] : offs[0] + lens[0]], scratch[0],
+                                              payload[offs[k] : offs[k] + lens[k]], scratch[k])
+                if st == -1:
+                    return -(k + 1)
+                if st == 0:
+                    paired[0] = paired[k] = True
+                break
+    for k in range(meths.size):
+        if paired[k] or meths[k] != M_RANS32E or lens[k] < 1 or payload[offs[k]] != 1:
+            continue
+        if pending < 0:
+            pending = k
+            continue
+        a = payload[offs[pending] : offs[pending] + lens[pending]]
+        b = payload[offs[k] : offs[k] + lens[k]]
+        if rans32e.decode_ext_pair_into(a, scratch[pending], b, scratch[k]) != 0:
+            return -(k + 1)
+        paired[pending] = paired[k] = True
+        pending = -1
+    n = scratch.shape[1]
+    # the usual f32 / f16 chunk: mantissa planes stored raw are merged straight from the payload (no copy)
+    raw_tail = cls == fields.CLASS_F32 or cls == fields.CLASS_F16
+    for k in range(1, meths.size):
+        if meths[k] != M_RAW or lens[k] != n:
+            raw_tail = False
+    for k in range(meths.size):
+        if raw_tail and k > 0:
+            break
+        if meths[k] == M_RANS32E:
+            if not paired[k] and rans32e.decode_ext_into(payload[offs[k] : offs[k] + lens[k]], scratch[k]) != 0:
+                return -(k + 1)
+        elif meths[k] == M_RANS32C:
+            if not paired[k] and (not _ctx_ok(k, payload, offs, lens) or
+                                  rans32c.decode_into(payload[offs[k] : offs[k] + lens[k]], scratch[0], scratch[k])):
+                return -(k + 1)
+        elif _decode_simple(k, payload, meths, offs, lens, scratch[k]) != 0:
+            return -(k + 1)
+    if raw_tail:
+        if cls == fields.CLASS_F32:
+            fields._merge_f32(scratch[0], payload[offs[1] : offs[1] + n], payload[offs[2] : offs[2] + n],
+                              payload[offs[3] : offs[3] + n], out.view(np.uint32))
+        else:
+            fields._merge_f16(scratch[0], payload[offs[1] : offs[1] + n], out.view(np.uint16))
+        return 0
+    _merge_class(cls, scratch, out)
+    return 0
+
+
+@njit(nogil=True)
+def _fused_vec5(cls, payload, meths, offs, lens, scratch, out):
+    """_fused_vec for chunks with method-5 streams (written before method 6; compiled on first use only)."""
+    pending = -1
+    for k in range(meths.size):
+        if meths[k] != M_RANS32:
+            continue
+        if pending < 0:
+            pending = k
+            continue
+        a = payload[offs[pending] : offs[pending] + lens[pending]]
+        b = payload[offs[k] : offs[k] + lens[k]]
+        if rans32.decode2_into(a, scratch[pending], b, scratch[k]) != 0:
+            return -(k + 1)
+        pending = -1
+    for k in range(meths.size):
+        if meths[k] == M_RANS32:
+            if k == pending and rans32.decode_into(payload[offs[k] : offs[k] + lens[k]], scratch[k]) != 0:
+                return -(k + 1)
+        elif meths[k] == M_RANS32E:
+            if rans32e.decode_ext_into(payload[offs[k] : offs[k] + lens[k]], scratch[k]) != 0:
+                return -(k + 1)
+        elif meths[k] == M_RANS32C:
+            if not _ctx_ok(k, payload, offs, lens) or \
+                    rans32c.decode_into(payload[offs[k] : offs[k] + lens[k]], scratch[0], scratch[k]) != 0:
+                return -(k + 1)
+        elif _decode_simple(k, payload, meths, offs, lens, scratch[k]) != 0:
+            return -(k + 1)
+    _merge_class(cls, scratch, out)
+    return 0
+
+
+@njit(nogil=True)
+def _fused_scalar(cls, payload, meths, offs, lens, scratch, out):
+    """_fused_vec without the vector decoder (used when its IR cannot be compiled on this machine)."""
+    for k in range(meths.size):
+        if meths[k] == M_RANS32:
+            if rans32.decode_into_scalar(payload[offs[k] : offs[k] + lens[k]], scratch[k]) != 0:
+                return -(k + 1)
+        elif meths[k] == M_RANS32E:
+            if rans32e.decode_ext_into_scalar(payload[offs[k] : offs[k] + lens[k]], scratch[k]) != 0:
+                return -(k + 1)
+        elif meths[k] == M_RANS32C:
+            if not _ctx_ok(k, payload, offs, lens) or \
+                    rans32c.decode_into_scalar(payload[offs[k] : offs[k] + lens[k]], scratch[0], scratch[k]) != 0:
+                return -(k + 1)
+        elif _decode_simple(k, payload, meths, offs, lens, scratch[k]) != 0:
+            return -(k + 1)
+    _merge_class(cls, scratch, out)
+    return 0
+
+
+_local = threading.local()
+
+
+def _scratch(rows: int, n: int) -> np.ndarray:
+    buf = getattr(_local, "scratch", None)
+    if buf is None or buf.size < rows * n:
+        buf = _local.scratch = np.empty(max(rows * n, 1 << 19), np.uint8)
+    return buf[: rows * n].reshape(rows, n)
+
+
+def _decode_fast(cls: int, payload: np.ndarray, meths, offs, lens, out: np.ndarray) -> None:
+    width, nstreams = fields.CLASSES[cls]
+    n = out.size // width
+    meths, offs, lens = (np.asarray(a, np.int64) for a in (meths, offs, lens))
+    if not rans32.vector_ok():
+        fused = _fused_scalar
+    else:
+        fused = _fused_vec5 if (meths == M_RANS32).any() else _fused_vec
+    st = fused(cls, payload, meths, offs, lens, _scratch(nstreams, n), out)
+    if st:
+        raise CodecError(f"tensor stream {-st - 1} of class {cls} is malformed")
+
+
+@njit(nogil=True, inline="always")
+def _varint_at(buf, pos):
+    """(value, next position), or (-1, pos) when truncated or longer than 5 bytes."""
+    v = np.int64(0)
+    shift = 0
+    while True:
+        if pos >= buf.size or shift > 28:
+            return np.int64(-1), pos
+        b = np.int64(buf[pos])
+        pos += 1
+        v |= (b & 0x7F) << shift
+        shift += 7
+        if not b & 0x80:
+            return v, pos
+
+
+@njit(nogil=True)
+def _single_class_plan(params, raw_len, payload_len, plan):
+    """Parse params of the common chunk, one float class covering it, all streams of the fused methods, into
+    plan[0:3, :streams] (methods, payload offsets, lengths); return the class id, or -1 for anything else
+    (other chunks, malformed params: the Python parser handles those and names the error)."""
+    n = params.size
+    if n < 2 or params[0] != FORMAT_VERSION:
+        return -1
+    nreg, pos = _varint_at(params, 1)
+    if nreg < 1:
+        return -1
+    cls = -1
+    total = 0
+    for _ in range(nreg):
+        length, pos = _varint_at(params, pos)
+        if length < 0 or pos >= n:
+            return -1
+        c = np.int64(params[pos])
+        pos += 1
+        if cls < 0:
+            cls = c
+        elif c != cls:
+            return -1
+        total += length
+    if total != raw_len:
+        return -1
+    if cls == fields.CLASS_BF16 or cls == fields.CLASS_F16:
+        width = 2
+    elif cls == fields.CLASS_F32:
+        width = 4
+    elif cls == fields.CLASS_F64:
+        width = 8
+    else:
+        return -1
+    if raw_len % width:
+        return -1
+    ppos = 0
+    for k in range(width):  # float classes have one stream per byte of the element
+        if pos >= n:
+            return -1
+        m = np.int64(params[pos])
+        if m != M_RAW and m != M_CONST and m != M_RANS and m != M_RANS32 and m != M_RANS32E and m != M_RANS32C:
+            return -1
+        blen, pos = _varint_at(params, pos + 1)
+        if blen < 0:
+            return -1
+        plan[0, k] = m
+        plan[1, k] = ppos
+        plan[2, k] = blen
+        ppos += blen
+    if ppos != payload_len or pos != n:
+        return -1
+    return cls
