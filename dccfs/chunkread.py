@@ -1,0 +1,115 @@
+"""The read path of an open container file: dirty bytes, then T0, then a verified single-flight disk read."""
+from __future__ import annotations
+
+import logging
+import time
+
+import trio
+
+from dccfs.container import ChunkError, ChunkLoc
+
+log = logging.getLogger(__name__)
+
+
+class ChunkReader:
+    """Reads of a ContainerFile, which inherits them (a mixin: ContainerFile.__init__ sets up the state).
+
+    Uses the file's engine, container, cache_id, chunk_size, size, dirty, closed, path and
+    readahead, and owns _loading: the trio.Event of each chunk being read from disk, so
+    concurrent loads of one chunk make one read (single flight, docs/cache.md)."""
+
+    async def read(self, offset: int, length: int) -> bytes:
+        end = min(offset + length, self.size)
+        if offset >= end:
+            return b""
+        cs = self.chunk_size
+        first, last = offset // cs, (end - 1) // cs
+        pieces: dict[int, bytes | bytearray | None] = {}
+        missing = []
+        for idx in range(first, last + 1):
+            buf = self.dirty.get(idx)
+            if buf is not None:
+                pieces[idx] = buf
+            else:
+                missing.append(idx)
+        if len(missing) == 1:
+            pieces[missing[0]] = await self.load_chunk(missing[0])
+        elif missing:
+            async def load_into(i):
+                pieces[i] = await self.load_chunk(i)
+            async with trio.open_nursery() as nursery:
+                for idx in missing:
+                    nursery.start_soon(load_into, idx)
+        self.readahead.note(self, offset, end, last)
+        if first == last:
+            data = pieces[first]
+            lo = offset - first * cs
+            hi = end - first * cs
+            if lo == 0 and isinstance(data, bytes) and hi >= len(data):
+                piece = data  # the whole chunk, as cached: no copy
+            else:
+                piece = bytes(memoryview(data)[lo:hi]) if data else b""
+            # A stored chunk may end before the logical size (zeros follow).
+            return piece + bytes(end - offset - len(piece)) if len(piece) < end - offset else piece
+        out = bytearray(end - offset)
+        for idx in range(first, last + 1):
+            data = pieces[idx]
+            if not data:
+                continue
+            chunk_start = idx * cs
+            lo = max(offset, chunk_start) - chunk_start
+            hi = min(end - chunk_start, len(data))
+            if hi > lo:
+                dst = chunk_start + lo - offset
+                out[dst:dst + hi - lo] = memoryview(data)[lo:hi]
+        return bytes(out)
+
+    async def load_chunk(self, idx: int, prefetch: bool = False) -> bytes | None:
+        """The raw bytes of a stored chunk via the cache; None for a hole."""
+        loc = self.container.index.get(idx)
+        if loc is None:
+            return None
+        key = (self.cache_id, idx, loc.offset)
+        cache = self.engine.cache
+        if not prefetch:
+            self.engine.record_access(key, loc.length, False)
+        data = cache.get(key) if not prefetch else None
+        if data is not None:
+            return data
+        pending = self._loading.get(key)
+        if pending is not None:
+            await pending.wait()
+            data = cache.get(key)
+            if data is not None:
+                return data
+        if prefetch and self.closed:
+            return None
+        done = self._loading[key] = trio.Event()
+        try:
+            data = await trio.to_thread.run_sync(self._read_verified, idx, loc, prefetch,
+                                                 limiter=self.engine.io_limiter)
+            if data is not None:
+                cache.put(key, data)
+            return data
+        finally:
+            del self._loading[key]
+            done.set()
+
+    def _read_verified(self, idx: int, loc: ChunkLoc, prefetch: bool = False) -> bytes | None:
+        started = time.perf_counter()
+        stats = self.engine.stats
+        try:
+            data = self.container.read_chunk(idx, loc)
+        except (ChunkError, OSError) as exc:
+            if prefetch and self.closed:
+                # The file closed under a prefetch: its descriptor is gone or already
+                # reused by another file, so this failure says nothing about the data.
+                log.debug("%s: prefetch of chunk %d after close: %s", self.path, idx, exc)
+                return None
+            if isinstance(exc, ChunkError):
+                stats.checksum_errors += 1
+                log.error("%s", exc)
+            raise
+        stats.disk.hits += 1  # served by T2, the containers on disk
+        stats.count_codec("decode", "all", len(data), loc.length, time.perf_counter() - started)
+        return data
