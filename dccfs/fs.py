@@ -1,16 +1,15 @@
-"""The pyfuse3 frontend: translates kernel requests into backing *at() calls and open-file ops.
+"""The pyfuse3 frontend: translates kernel requests into backing *at() calls (open files: fs_files.py).
 
-Every handler goes through `guarded`, so an unexpected exception is logged with its
-traceback and answered with EIO; the mount never dies on a request.
+The handlers of open files are OpenFileHandlers' (fs_files.py), which DccfsOperations
+inherits. Every handler goes through `guarded` (fs_errors.py), so an unexpected exception
+is logged with its traceback and answered with EIO; the mount never dies on a request.
 """
 from __future__ import annotations
 
 import errno
-import functools
 import logging
 import os
 import stat
-import time
 
 import pyfuse3
 import trio
@@ -19,6 +18,8 @@ from dccfs import syscalls
 from dccfs.chunkfile import ContainerFile
 from dccfs.container import Container
 from dccfs.engine import Engine
+from dccfs.fs_errors import guarded
+from dccfs.fs_files import OpenFileHandlers
 from dccfs.handles import HandleTable, logical_size, visible_nlink
 from dccfs.inodes import ROOT_INODE, Inode, InodeTable
 
@@ -34,26 +35,7 @@ STATE_DIR = b".dccfs"
 DEFAULT_TIMEOUT_S = 1.0
 
 
-def guarded(fn):
-    """Map OSError to its errno and anything unexpected to EIO, logging the traceback."""
-    @functools.wraps(fn)
-    async def wrapper(self, *args):
-        try:
-            return await fn(self, *args)
-        except pyfuse3.FUSEError:
-            raise
-        except OSError as exc:
-            if exc.errno == errno.EIO:
-                log.error("%s: %s", fn.__name__, exc)
-            raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
-        except Exception:
-            self.engine.stats.handler_errors += 1
-            log.exception("unexpected error in %s%r", fn.__name__, args[:3])
-            raise pyfuse3.FUSEError(errno.EIO) from None
-    return wrapper
-
-
-class DccfsOperations(pyfuse3.Operations):
+class DccfsOperations(OpenFileHandlers, pyfuse3.Operations):
     supports_dot_lookup = True
     enable_writeback_cache = False
 
@@ -158,17 +140,6 @@ class DccfsOperations(pyfuse3.Operations):
             if isinstance(file, ContainerFile) and fields.update_mtime:
                 file.set_mtime(mtime)
         return self._attrs(node, self._stat(node))
-
-    async def _truncate(self, node: Inode, fh, size: int) -> None:
-        if fh is not None:
-            await self.handles.get(fh).file.truncate(size)
-            return
-        handle = await self.handles.open(node, os.O_WRONLY)
-        try:
-            await handle.file.truncate(size)
-        finally:
-            await self.handles.release(handle.number)
-            self.inodes.release_open(node)
 
     # -- namespace -----------------------------------------------------------------
 
@@ -287,90 +258,6 @@ class DccfsOperations(pyfuse3.Operations):
         finally:
             os.close(fd)
 
-    # -- files ---------------------------------------------------------------------
-
-    def _file_info(self, handle, flags: int) -> pyfuse3.FileInfo:
-        # keep_cache: every write goes through this daemon, so pages the kernel cached
-        # from an earlier open are still right, except in --shared mode where another
-        # node may have replaced the file.
-        return pyfuse3.FileInfo(fh=handle.number, keep_cache=not self.engine.config.shared,
-                                direct_io=False)
-
-    def _open_flags(self, flags: int) -> int:
-        if self.enable_writeback_cache:
-            # The kernel applies O_APPEND itself against its cached size, and reads pages
-            # through any handle to fill partially written ones (write-only included).
-            flags &= ~os.O_APPEND
-            if flags & os.O_ACCMODE == os.O_WRONLY:
-                flags = (flags & ~os.O_ACCMODE) | os.O_RDWR
-        return flags
-
-    @guarded
-    async def open(self, inode, flags, ctx):
-        node = self.inodes.get(inode)
-        handle = await self.handles.open(node, self._open_flags(flags))
-        return self._file_info(handle, flags)
-
-    @guarded
-    async def create(self, parent_inode, name, mode, flags, ctx):
-        flags = self._open_flags(flags)
-        self._check_name(parent_inode, name)
-        parent = self.inodes.get(parent_inode)
-        try:
-            fd = os.open(name, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_CLOEXEC,
-                         stat.S_IMODE(mode), dir_fd=parent.fd)
-        except FileExistsError:
-            if flags & os.O_EXCL:
-                raise
-            inode, st = self.inodes.lookup_child(parent, name)
-            handle = await self.handles.open(inode, flags)
-            return self._file_info(handle, flags), self._attrs(inode, self._stat(inode))
-        try:
-            inode = await self._finish_create(parent, name, ctx, stat.S_IMODE(mode))
-        except BaseException:
-            os.close(fd)
-            raise
-        handle = await self.handles.attach_container(inode, fd, flags, create=True)
-        return self._file_info(handle, flags), self._attrs(inode, self._stat(inode))
-
-    @guarded
-    async def read(self, fh, off, size):
-        started = time.perf_counter()
-        data = await self.handles.get(fh).file.read(off, size)
-        self.engine.stats.read_latency.observe(time.perf_counter() - started)
-        return data
-
-    @guarded
-    async def write(self, fh, off, buf):
-        started = time.perf_counter()
-        handle = self.handles.get(fh)
-        if not handle.writable:
-            raise pyfuse3.FUSEError(errno.EBADF)
-        if handle.appends and isinstance(handle.file, ContainerFile):
-            off = handle.file.size
-        written = await handle.file.write(off, buf)
-        self.engine.stats.write_latency.observe(time.perf_counter() - started)
-        return written
-
-    @guarded
-    async def flush(self, fh):
-        handle = self.handles.get(fh)
-        file = handle.file
-        if isinstance(file, ContainerFile) and file.has_changes:
-            await file.commit(self.engine.config.sync_on_close)
-
-    @guarded
-    async def fsync(self, fh, datasync):
-        await self.handles.get(fh).file.commit(True)
-
-    @guarded
-    async def release(self, fh):
-        inode = self.handles.get(fh).inode
-        try:
-            await self.handles.release(fh)
-        finally:
-            self.inodes.release_open(inode)
-
     # -- extended attributes and the rest ----------------------------------------------
 
     @guarded
@@ -411,7 +298,3 @@ class DccfsOperations(pyfuse3.Operations):
     @guarded
     async def access(self, inode, mode, ctx):
         return True  # default_permissions: the kernel has already checked the mode bits
-
-    async def shutdown(self) -> None:
-        """Commit every open file durably (on unmount)."""
-        await self.handles.commit_all()

@@ -1,0 +1,117 @@
+"""The pyfuse3 handlers of open files: open, create, read, write, flush, fsync, release, truncate."""
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import time
+
+import pyfuse3
+
+from dccfs.chunkfile import ContainerFile
+from dccfs.fs_errors import guarded
+from dccfs.inodes import Inode
+
+
+class OpenFileHandlers:
+    """The open-file half of DccfsOperations (fs.py), which inherits it ahead of pyfuse3.Operations.
+
+    Uses the host's engine, inodes, handles and enable_writeback_cache, and its _attrs,
+    _stat, _check_name and _finish_create for create."""
+
+    async def _truncate(self, node: Inode, fh, size: int) -> None:
+        if fh is not None:
+            await self.handles.get(fh).file.truncate(size)
+            return
+        handle = await self.handles.open(node, os.O_WRONLY)
+        try:
+            await handle.file.truncate(size)
+        finally:
+            await self.handles.release(handle.number)
+            self.inodes.release_open(node)
+
+    def _file_info(self, handle, flags: int) -> pyfuse3.FileInfo:
+        # keep_cache: every write goes through this daemon, so pages the kernel cached
+        # from an earlier open are still right, except in --shared mode where another
+        # node may have replaced the file.
+        return pyfuse3.FileInfo(fh=handle.number, keep_cache=not self.engine.config.shared,
+                                direct_io=False)
+
+    def _open_flags(self, flags: int) -> int:
+        if self.enable_writeback_cache:
+            # The kernel applies O_APPEND itself against its cached size, and reads pages
+            # through any handle to fill partially written ones (write-only included).
+            flags &= ~os.O_APPEND
+            if flags & os.O_ACCMODE == os.O_WRONLY:
+                flags = (flags & ~os.O_ACCMODE) | os.O_RDWR
+        return flags
+
+    @guarded
+    async def open(self, inode, flags, ctx):
+        node = self.inodes.get(inode)
+        handle = await self.handles.open(node, self._open_flags(flags))
+        return self._file_info(handle, flags)
+
+    @guarded
+    async def create(self, parent_inode, name, mode, flags, ctx):
+        flags = self._open_flags(flags)
+        self._check_name(parent_inode, name)
+        parent = self.inodes.get(parent_inode)
+        try:
+            fd = os.open(name, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_CLOEXEC,
+                         stat.S_IMODE(mode), dir_fd=parent.fd)
+        except FileExistsError:
+            if flags & os.O_EXCL:
+                raise
+            inode, st = self.inodes.lookup_child(parent, name)
+            handle = await self.handles.open(inode, flags)
+            return self._file_info(handle, flags), self._attrs(inode, self._stat(inode))
+        try:
+            inode = await self._finish_create(parent, name, ctx, stat.S_IMODE(mode))
+        except BaseException:
+            os.close(fd)
+            raise
+        handle = await self.handles.attach_container(inode, fd, flags, create=True)
+        return self._file_info(handle, flags), self._attrs(inode, self._stat(inode))
+
+    @guarded
+    async def read(self, fh, off, size):
+        started = time.perf_counter()
+        data = await self.handles.get(fh).file.read(off, size)
+        self.engine.stats.read_latency.observe(time.perf_counter() - started)
+        return data
+
+    @guarded
+    async def write(self, fh, off, buf):
+        started = time.perf_counter()
+        handle = self.handles.get(fh)
+        if not handle.writable:
+            raise pyfuse3.FUSEError(errno.EBADF)
+        if handle.appends and isinstance(handle.file, ContainerFile):
+            off = handle.file.size
+        written = await handle.file.write(off, buf)
+        self.engine.stats.write_latency.observe(time.perf_counter() - started)
+        return written
+
+    @guarded
+    async def flush(self, fh):
+        handle = self.handles.get(fh)
+        file = handle.file
+        if isinstance(file, ContainerFile) and file.has_changes:
+            await file.commit(self.engine.config.sync_on_close)
+
+    @guarded
+    async def fsync(self, fh, datasync):
+        await self.handles.get(fh).file.commit(True)
+
+    @guarded
+    async def release(self, fh):
+        inode = self.handles.get(fh).inode
+        try:
+            await self.handles.release(fh)
+        finally:
+            self.inodes.release_open(inode)
+
+    async def shutdown(self) -> None:
+        """Commit every open file durably (on unmount)."""
+        await self.handles.commit_all()
