@@ -16,7 +16,6 @@ import trio
 
 from dccfs import syscalls
 from dccfs.chunkfile import ContainerFile
-from dccfs.container import Container
 from dccfs.engine import Engine
 from dccfs.fs_errors import guarded
 from dccfs.fs_files import OpenFileHandlers
