@@ -77,11 +77,13 @@ class ChunkReader:
         if data is not None:
             return data
         pending = self._loading.get(key)
-        if pending is not None:
+        while pending is not None:
             await pending.wait()
             data = cache.get(key)
             if data is not None:
                 return data
+            # Not kept by T0: another waiter may have started the next load already.
+            pending = self._loading.get(key)
         if prefetch and self.closed:
             return None
         done = self._loading[key] = trio.Event()

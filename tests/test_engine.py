@@ -257,3 +257,30 @@ def test_partial_chunks_are_copied_for_encoding_only_once_a_core_is_free(tmp_pat
             assert await f.read(i * CHUNK, len(second)) == second
 
     run_with_files(tmp_path, config, body)
+
+
+def test_concurrent_reads_of_a_chunk_the_cache_refuses_all_succeed(tmp_path, caplog):
+    """Single flight when T0 does not keep the chunk (too big, or refused by the policy):
+    readers that waited for one load each load again, and every one gets the bytes.
+    Two waiters used to both register their own load under the same key; the first to
+    finish removed the other's entry, and the second failed with KeyError (EIO)."""
+    config = Config(cache=CacheConfig(t0_bytes=CHUNK // 2), delta=False)
+    data = os.urandom(CHUNK)
+
+    async def body(engine, open_file):
+        f = open_file("refused")
+        await f.write(0, data)
+        await f.commit(durable=False)
+        results = []
+
+        async def reader():
+            results.append(await f.read(0, CHUNK))
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(4):
+                nursery.start_soon(reader)
+        assert results == [data] * 4
+        assert not f._loading
+
+    with caplog.at_level(logging.CRITICAL):
+        run_with_files(tmp_path, config, body)
