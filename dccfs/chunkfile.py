@@ -278,6 +278,14 @@ class ContainerFile(ChunkReader):
                 if buf is not None:
                     del buf[inner:]
                     self.versions[idx] += 1
+                if self.inflight:
+                    # While this waited for budget, the pressure hook may have started
+                    # encodes of chunks past the cut; their records land in the index
+                    # when they finish, so drop those chunks again after them.
+                    self.size = new_size
+                    while self.inflight:
+                        await self._wait_idle()
+                    self.container.drop_chunks_from(first_gone)
             self.size = new_size
             self.mtime_ns = self.changed_ns = time.time_ns()
 

@@ -12,7 +12,7 @@ import trio.testing
 from dccfs.chunkcoder import ChunkCoder
 from dccfs.chunkfile import ContainerFile
 from dccfs.codecs import ChunkHints, decode_chunk
-from dccfs.config import CacheConfig, Config
+from dccfs.config import CacheConfig, Config, Rule
 from dccfs.container import ChunkLoc, Container
 from dccfs.engine import Engine
 from dccfs.handles import HandleTable
@@ -281,6 +281,39 @@ def test_concurrent_reads_of_a_chunk_the_cache_refuses_all_succeed(tmp_path, cap
                 nursery.start_soon(reader)
         assert results == [data] * 4
         assert not f._loading
+
+    with caplog.at_level(logging.CRITICAL):
+        run_with_files(tmp_path, config, body)
+
+
+def test_a_truncate_that_waits_for_budget_does_not_bring_cut_chunks_back(tmp_path, caplog):
+    """A shrinking truncate that waits for dirty budget (for the chunk it cuts) lets the
+    budget's pressure hook start encodes of this file's dirty chunks. A chunk past the new
+    size whose encode was still running when the truncate dropped it must stay dropped:
+    its record used to land in the index afterwards, so growing the file again showed
+    the old bytes instead of zeros, also after a commit and a reopen."""
+    config = Config(cache=CacheConfig(dirty_bytes=2 * CHUNK), delta=False,
+                    rules=(Rule("slow*", codec="zstd", level=19),))
+    words = [os.urandom(6).hex().encode() for _ in range(4096)]
+    old = b" ".join(words[i % 4096] for i in range(CHUNK // 8))[:CHUNK - 1]
+
+    async def body(engine, open_file):
+        f = open_file("slow.bin")
+        await f.write(3 * CHUNK, old)              # chunk 3: partly written, dirty
+        await f.write(2 * CHUNK + 5, bytes(100))   # chunk 2: dirty zeros; the budget is full
+        assert engine.dirty.used == 2 * CHUNK and not f.inflight
+        # Cutting chunk 0 (a hole) needs budget: the pressure hook starts the encodes of
+        # chunks 2 and 3; chunk 2 (zeros) gives its budget back at once, chunk 3 is slow.
+        await f.truncate(CHUNK // 2)
+        assert set(f.dirty) == {0}
+        with trio.fail_after(120):
+            await f._wait_idle()
+        await f.truncate(4 * CHUNK)
+        assert await f.read(3 * CHUNK, CHUNK) == bytes(CHUNK)
+        await f.commit(durable=False)
+        reopened = Container.open(f.container.fd, "slow.bin")
+        assert reopened.size == 4 * CHUNK
+        assert reopened.read_chunk(3) is None
 
     with caplog.at_level(logging.CRITICAL):
         run_with_files(tmp_path, config, body)
