@@ -5,6 +5,7 @@ Knows nothing of FUSE: the frontend passes inodes and flags and gets handle numb
 from __future__ import annotations
 
 import errno
+import fcntl
 import logging
 import os
 import stat
@@ -178,6 +179,14 @@ class HandleTable:
     async def open(self, inode: Inode, flags: int) -> Handle:
         file = inode.extra.get("file")
         if isinstance(file, ContainerFile):
+            if _writable(flags) and not _writable(fcntl.fcntl(file.container.fd, fcntl.F_GETFL)):
+                # Opened read-only because the backing file could not be written: a writer
+                # gets the backing error now, or the descriptor becomes writable if it can.
+                fd = self._open_backing(inode, os.O_RDWR, read_only_ok=False)
+                try:
+                    os.dup2(fd, file.container.fd, inheritable=False)
+                finally:
+                    os.close(fd)
             if self.engine.config.shared:
                 await self._shared_open(file, flags)
             file.handles += 1
@@ -185,7 +194,7 @@ class HandleTable:
             if flags & os.O_TRUNC:
                 await file.truncate(0)
             return handle
-        fd = self._open_backing(inode, os.O_RDWR)
+        fd = self._open_backing(inode, os.O_RDWR, read_only_ok=not _writable(flags))
         try:
             is_container = is_container_head(pread_exact(fd, HEADER_SIZE, 0),
                                              relpath_of(inode, self.backing_root))

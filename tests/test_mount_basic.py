@@ -191,6 +191,55 @@ def test_write_only_open_of_an_unwritable_plain_file_fails(make_mount, tmp_path)
         subprocess.run(["chattr", "-i", str(target)], capture_output=True)
 
 
+def _open_must_be_refused(path, flags) -> None:
+    try:
+        fd = os.open(path, flags)
+    except PermissionError:
+        return
+    os.close(fd)
+    pytest.fail(f"open({path}, {flags:#o}) succeeded")
+
+
+def test_writable_open_of_an_unwritable_container_fails(make_mount, tmp_path):
+    """Like the plain file above, for a container: a writable open of a backing container
+    that cannot be written (immutable) fails with the backing error. It used to succeed on
+    a read-only descriptor: writes were accepted, then lost, with EBADF at close (also
+    for a reader that had the file open), and a truncate by path reported success."""
+    mount = make_mount("immc")
+    path = mount.mnt / "frozen.bin"
+    content = os.urandom(300_000)
+    path.write_bytes(content)
+    mount.stop()
+    target = mount.backing / "frozen.bin"
+    if subprocess.run(["chattr", "+i", str(target)], capture_output=True).returncode != 0:
+        pytest.skip("chattr +i is not available here")
+    try:
+        mount.start()
+        _open_must_be_refused(path, os.O_WRONLY)
+        with pytest.raises(PermissionError):
+            os.truncate(path, 10)
+        reader = os.open(path, os.O_RDONLY)  # the file object exists, read-only
+        try:
+            _open_must_be_refused(path, os.O_RDWR)
+            assert os.pread(reader, len(content) + 1, 0) == content
+            assert os.stat(path).st_size == len(content)
+            # Writable again while the reader holds the file: a writer now succeeds.
+            subprocess.run(["chattr", "-i", str(target)], check=True)
+            writer = os.open(path, os.O_WRONLY)
+            try:
+                assert os.pwrite(writer, b"changed", 1000) == 7
+            finally:
+                os.close(writer)
+            content = content[:1000] + b"changed" + content[1007:]
+            assert os.pread(reader, len(content) + 1, 0) == content
+        finally:
+            os.close(reader)
+    finally:
+        subprocess.run(["chattr", "-i", str(target)], capture_output=True)
+    mount.remount()
+    assert path.read_bytes() == content
+
+
 def test_concurrent_appenders_never_overwrite_each_other(mounted):
     """O_APPEND is the kernel's job under the writeback cache: two processes appending
     records to one file lose none and tear none."""
