@@ -90,6 +90,10 @@ class ChunkReader:
         try:
             data = await trio.to_thread.run_sync(self._read_verified, idx, loc, prefetch,
                                                  limiter=self.engine.io_limiter)
+            if prefetch and self.closed:
+                # Closed while this waited for its thread: the descriptor number may have
+                # been another container's by the time of the read; never cache that.
+                return None
             if data is not None:
                 cache.put(key, data)
             return data

@@ -317,3 +317,50 @@ def test_a_truncate_that_waits_for_budget_does_not_bring_cut_chunks_back(tmp_pat
 
     with caplog.at_level(logging.CRITICAL):
         run_with_files(tmp_path, config, body)
+
+
+def test_a_prefetch_that_reads_after_close_caches_nothing(tmp_path, caplog):
+    """A read-ahead task that passed its closed check but got its I/O thread only after the
+    file was closed reads whatever now has that descriptor number. Another container with
+    the same layout verifies there, and its chunk used to be cached under the closed file's
+    name: reopening the first file then read the other file's bytes."""
+    config = Config(cache=CacheConfig(write_admit="bypass"), delta=False)
+    ours, theirs = os.urandom(CHUNK), os.urandom(CHUNK)
+
+    async def body(engine, open_file):
+        a, b = open_file("a"), open_file("b")
+        for f, data in ((a, ours), (b, theirs)):  # same layout: records at the same offsets
+            await f.write(0, data)
+            await f.commit(durable=False)
+        assert a.container.index == b.container.index
+        loc = a.container.index[0]
+        assert not engine.cache.peek((a.cache_id, 0, loc.offset))
+        limiter = engine.io_limiter
+        holders = [object() for _ in range(int(limiter.total_tokens))]
+        for holder in holders:
+            limiter.acquire_on_behalf_of_nowait(holder)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(a.load_chunk, 0, True)
+                await trio.testing.wait_all_tasks_blocked()  # waiting for an I/O thread
+                a.closed = True
+                os.close(a.container.fd)
+                fd = os.open(tmp_path / "b", os.O_RDONLY)  # takes a's descriptor number
+                assert fd == a.container.fd
+                for holder in holders:
+                    limiter.release_on_behalf_of(holder)
+                holders = []
+        finally:
+            for holder in holders:
+                limiter.release_on_behalf_of(holder)
+        os.close(fd)
+        fd = os.open(tmp_path / "a", os.O_RDWR)
+        again = ContainerFile(engine, Container.open(fd, "a"), config.rule_for("a"))
+        assert again.cache_id == a.cache_id and again.container.index[0] == loc
+        try:
+            assert await again.read(0, CHUNK) == ours
+        finally:
+            os.close(fd)
+
+    with caplog.at_level(logging.CRITICAL):
+        run_with_files(tmp_path, config, body)
