@@ -10,6 +10,10 @@ from dccfs.container import ChunkError, ChunkLoc
 
 log = logging.getLogger(__name__)
 
+# _read_verified's answer for a record that is gone because the file was overwritten
+# (truncated to zero) after the chunk was looked up: look it up again.
+_GONE = object()
+
 
 class ChunkReader:
     """Reads of a ContainerFile, which inherits them (a mixin: ContainerFile.__init__ sets up the state).
@@ -89,29 +93,36 @@ class ChunkReader:
         done = self._loading[key] = trio.Event()
         try:
             data = await trio.to_thread.run_sync(self._read_verified, idx, loc, prefetch,
-                                                 limiter=self.engine.io_limiter)
+                                                 key[0], limiter=self.engine.io_limiter)
             if prefetch and self.closed:
                 # Closed while this waited for its thread: the descriptor number may have
                 # been another container's by the time of the read; never cache that.
                 return None
-            if data is not None:
-                cache.put(key, data)
-            return data
+            if data is not _GONE:
+                if data is not None:
+                    cache.put(key, data)
+                return data
         finally:
             del self._loading[key]
             done.set()
+        return await self.load_chunk(idx, prefetch)
 
-    def _read_verified(self, idx: int, loc: ChunkLoc, prefetch: bool = False) -> bytes | None:
+    def _read_verified(self, idx: int, loc: ChunkLoc, prefetch: bool = False,
+                       cache_id: bytes | None = None):
         started = time.perf_counter()
         stats = self.engine.stats
+        container = self.container
         try:
-            data = self.container.read_chunk(idx, loc)
+            data = container.read_chunk(idx, loc)
         except (ChunkError, OSError) as exc:
             if prefetch and self.closed:
                 # The file closed under a prefetch: its descriptor is gone or already
                 # reused by another file, so this failure says nothing about the data.
                 log.debug("%s: prefetch of chunk %d after close: %s", self.path, idx, exc)
                 return None
+            if cache_id is not None and not container.holds(idx, loc, cache_id):
+                log.debug("%s: chunk %d was overwritten while it was read: %s", self.path, idx, exc)
+                return _GONE
             if isinstance(exc, ChunkError):
                 stats.checksum_errors += 1
                 log.error("%s", exc)

@@ -177,6 +177,12 @@ class Container:
             raise ChunkError(self.path, chunk_index, f"delta base unavailable: {exc}") from exc
         return decode_delta(params, payload, raw_len, base)
 
+    def holds(self, chunk_index: int, loc: ChunkLoc, cache_id: bytes) -> bool:
+        """Whether loc is still where this chunk lives: not since reset (a new cache_id)
+        or moved. Waits for a reset or append in progress."""
+        with self._lock:
+            return self.cache_id == cache_id and self.index.get(chunk_index) == loc
+
     # -- writing ---------------------------------------------------------------
 
     def append_chunk(self, chunk_index: int, encoded: EncodedChunk, raw_len: int,

@@ -364,3 +364,47 @@ def test_a_prefetch_that_reads_after_close_caches_nothing(tmp_path, caplog):
 
     with caplog.at_level(logging.CRITICAL):
         run_with_files(tmp_path, config, body)
+
+
+def test_a_read_racing_an_overwrite_is_not_reported_as_damage(tmp_path, caplog):
+    """truncate(0) of a file (O_TRUNC) starts a fresh container in place. A read that had
+    looked the chunk up before that and reads it after gets the old record's offset in a
+    file that no longer holds it: that is the new content (zeros), not a damaged chunk.
+    It used to fail with EIO and count and log a checksum error."""
+    config = Config(cache=CacheConfig(t0_bytes=CHUNK // 2), delta=False)
+
+    async def body(engine, open_file):
+        f = open_file("over")
+        await f.write(0, os.urandom(CHUNK))
+        await f.commit(durable=False)
+        limiter = engine.io_limiter
+        holders = [object() for _ in range(int(limiter.total_tokens))]
+        for holder in holders:
+            limiter.acquire_on_behalf_of_nowait(holder)
+        got = []
+
+        async def reader():
+            got.append(await f.read(0, 4096))
+
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(f.load_chunk, 0, True)   # a prefetch, queued for a thread
+                await trio.testing.wait_all_tasks_blocked()
+                nursery.start_soon(reader)                  # waits for the prefetch
+                await trio.testing.wait_all_tasks_blocked()
+                nursery.start_soon(f.truncate, 0)           # queued for a thread next
+                await trio.testing.wait_all_tasks_blocked()
+                while holders:  # one thread at a time: prefetch, reset, then the reader
+                    limiter.release_on_behalf_of(holders.pop())
+                    while limiter.borrowed_tokens > len(holders):
+                        await trio.sleep(0.001)  # the thread has its token until it is done
+                    await trio.testing.wait_all_tasks_blocked()
+        finally:
+            for holder in holders:
+                limiter.release_on_behalf_of(holder)
+        assert f.size == 0
+        assert got and got[0] in (b"", bytes(4096)), got[0][:16]
+        assert engine.stats.checksum_errors == 0
+
+    with caplog.at_level(logging.CRITICAL):
+        run_with_files(tmp_path, config, body)
