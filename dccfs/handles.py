@@ -340,4 +340,11 @@ class HandleTable:
     async def commit_all(self) -> None:
         for file in list(self.open_files.values()):
             if file.has_changes:
-                await file.commit(True)
+                try:
+                    await file.commit(True)
+                except OSError as exc:
+                    # One file that cannot be stored must not cost the others their commit.
+                    level = logging.WARNING if exc.errno in (errno.ENOSPC, errno.EDQUOT) \
+                        else logging.ERROR
+                    log.log(level, "%s: commit at shutdown failed, uncommitted changes are lost: %s",
+                            file.path, exc)

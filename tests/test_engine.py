@@ -408,3 +408,42 @@ def test_a_read_racing_an_overwrite_is_not_reported_as_damage(tmp_path, caplog):
 
     with caplog.at_level(logging.CRITICAL):
         run_with_files(tmp_path, config, body)
+
+
+def test_commit_all_commits_every_file_when_one_fails(tmp_path, caplog):
+    """The unmount/SIGTERM commit of every open file: a file whose chunks cannot be stored
+    must not keep the files after it from being committed. The first failure used to end
+    commit_all, and the other files' writes were lost when the daemon stopped."""
+    config = Config(delta=False)
+    backing = tmp_path / "backing"
+    backing.mkdir()
+    good = os.urandom(CHUNK + 123)
+
+    async def main():
+        engine = Engine(config, str(backing))
+        inodes = InodeTable(os.open(backing, os.O_PATH | os.O_DIRECTORY))
+        handles = HandleTable(engine, str(backing), inodes)
+        async with trio.open_nursery() as nursery:
+            engine.nursery = nursery
+            root = inodes.get(ROOT_INODE)
+            opened = []
+            for name in ("failing.bin", "good.bin"):
+                fd = os.open(name, os.O_CREAT | os.O_RDWR, 0o644, dir_fd=root.fd)
+                inode, _ = inodes.lookup_child(root, name)
+                opened.append(await handles.attach_container(inode, fd, os.O_RDWR, create=True))
+            failing, ok = (h.file for h in opened)
+            failing.container.append_chunk = _failing_append([])
+            await failing.write(0, os.urandom(100))
+            await ok.write(0, good)
+            await handles.commit_all()
+            nursery.cancel_scope.cancel()
+        fd = os.open(backing / "good.bin", os.O_RDONLY)
+        try:
+            container = Container.open(fd, "good.bin")
+            assert container.size == len(good)
+            assert container.read_chunk(0) + container.read_chunk(1) == good
+        finally:
+            os.close(fd)
+
+    with caplog.at_level(logging.CRITICAL):
+        trio.run(main)
