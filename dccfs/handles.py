@@ -192,7 +192,7 @@ class HandleTable:
             file.handles += 1
             handle = self._add(inode, file, flags)
             if flags & os.O_TRUNC:
-                await file.truncate(0)
+                await self._truncate_or_unopen(handle)
             return handle
         fd = self._open_backing(inode, os.O_RDWR, read_only_ok=not _writable(flags))
         try:
@@ -213,8 +213,17 @@ class HandleTable:
             return self._add(inode, RawFile(raw_fd, relpath_of(inode, self.backing_root)), flags)
         handle = await self.attach_container(inode, fd, flags, create=False)
         if flags & os.O_TRUNC and handle.file.size:
-            await handle.file.truncate(0)
+            await self._truncate_or_unopen(handle)
         return handle
+
+    async def _truncate_or_unopen(self, handle: Handle) -> None:
+        """O_TRUNC; when it fails the open fails, and the kernel will never release it."""
+        try:
+            await handle.file.truncate(0)
+        except OSError:
+            await self.release(handle.number)
+            self.inodes.release_open(handle.inode)
+            raise
 
     async def attach_container(self, inode: Inode, fd: int, flags: int, create: bool) -> Handle:
         relpath = relpath_of(inode, self.backing_root)

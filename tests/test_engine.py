@@ -447,3 +447,38 @@ def test_commit_all_commits_every_file_when_one_fails(tmp_path, caplog):
 
     with caplog.at_level(logging.CRITICAL):
         trio.run(main)
+
+
+def test_an_o_trunc_open_that_fails_leaves_no_handle_behind(tmp_path, caplog):
+    """An open whose O_TRUNC fails (the reset of the container raises) is an open the kernel
+    never sees succeed, so it never releases it: the handle must not stay registered. It
+    used to, and kept the file open (its descriptor, no commit at its close) for good."""
+    config = Config(delta=False)
+    backing = tmp_path / "backing"
+    backing.mkdir()
+
+    def failing_reset():
+        raise OSError(errno.EIO, "injected disk error")
+
+    async def main():
+        engine = Engine(config, str(backing))
+        inodes = InodeTable(os.open(backing, os.O_PATH | os.O_DIRECTORY))
+        handles = HandleTable(engine, str(backing), inodes)
+        async with trio.open_nursery() as nursery:
+            engine.nursery = nursery
+            root = inodes.get(ROOT_INODE)
+            fd = os.open("f.bin", os.O_CREAT | os.O_RDWR, 0o644, dir_fd=root.fd)
+            inode, _ = inodes.lookup_child(root, "f.bin")
+            first = await handles.attach_container(inode, fd, os.O_RDWR, create=True)
+            await first.file.write(0, os.urandom(1000))
+            await first.file.commit(durable=False)
+            first.file.container.reset = failing_reset
+            with pytest.raises(OSError):
+                await handles.open(inode, os.O_RDWR | os.O_TRUNC)
+            assert len(handles) == 1 and first.file.handles == 1 and inode.opens == 1
+            await handles.release(first.number)
+            assert first.file.closed
+            nursery.cancel_scope.cancel()
+
+    with caplog.at_level(logging.CRITICAL):
+        trio.run(main)
