@@ -15,8 +15,6 @@ from dccfs.codecs import ChunkHints, decode_chunk
 from dccfs.config import CacheConfig, Config, Rule
 from dccfs.container import ChunkLoc, Container
 from dccfs.engine import Engine
-from dccfs.handles import HandleTable
-from dccfs.inodes import ROOT_INODE, InodeTable
 from dccfs.readahead import ADVISE_GAP, record_runs
 
 
@@ -138,61 +136,6 @@ def test_a_delta_encoder_error_stores_a_keyframe(tmp_path, caplog):
     assert decode_chunk(encoded.codec_id, encoded.params, encoded.payload, len(raw)) == raw
     assert engine.stats.codec_failures == 1
     assert "storing a keyframe" in caplog.text
-
-
-def test_an_open_right_after_a_compaction_swap_writes_to_the_new_container(tmp_path, caplog):
-    """Compaction renames a compacted copy over the container. An open that the trio loop
-    lets in between that swap and the closing of the old file object must get the new
-    container: writes into the replaced (unlinked) one would be lost at unmount."""
-    config = Config(delta=False)
-    backing = tmp_path / "backing"
-    backing.mkdir()
-    (backing / ".dccfs" / "tmp").mkdir(parents=True)
-    first, second = os.urandom(CHUNK), os.urandom(CHUNK)
-
-    async def main():
-        engine = Engine(config, str(backing))
-        inodes = InodeTable(os.open(backing, os.O_PATH | os.O_DIRECTORY))
-        handles = HandleTable(engine, str(backing), inodes)
-        async with trio.open_nursery() as nursery:
-            engine.nursery = nursery
-            root = inodes.get(ROOT_INODE)
-            fd = os.open("f.bin", os.O_CREAT | os.O_RDWR, 0o644, dir_fd=root.fd)
-            inode, _ = inodes.lookup_child(root, "f.bin")
-            handle = await handles.attach_container(inode, fd, os.O_RDWR, create=True)
-            for _ in range(12):  # rewrites leave dead records: the release compacts
-                await handle.file.write(0, os.urandom(CHUNK))
-                await handle.file.commit(durable=False)
-            await handle.file.write(0, first)
-            close_file = handles._close_file
-            raced = trio.Event()
-
-            async def open_in_the_window(inode_, file_, compact=True):
-                if not compact:  # called by the compaction task, after its swap
-                    again = await handles.open(inode_, os.O_RDWR)
-                    await again.file.write(0, second)
-                    await handles.release(again.number)
-                    raced.set()
-                await close_file(inode_, file_, compact)
-
-            handles._close_file = open_in_the_window
-            inode.opens += 1
-            await handles.release(handle.number)
-            with trio.fail_after(30):
-                await raced.wait()
-            handles._close_file = close_file
-            await trio.sleep(0.5)
-            assert engine.stats.compactions == 1
-            nursery.cancel_scope.cancel()
-        fd = os.open(backing / "f.bin", os.O_RDONLY)
-        try:
-            container = Container.open(fd, "f.bin")
-            assert container.read_chunk(0) == second
-        finally:
-            os.close(fd)
-
-    with caplog.at_level(logging.CRITICAL):
-        trio.run(main)
 
 
 def test_willneed_runs_join_adjacent_records_only():
@@ -408,77 +351,3 @@ def test_a_read_racing_an_overwrite_is_not_reported_as_damage(tmp_path, caplog):
 
     with caplog.at_level(logging.CRITICAL):
         run_with_files(tmp_path, config, body)
-
-
-def test_commit_all_commits_every_file_when_one_fails(tmp_path, caplog):
-    """The unmount/SIGTERM commit of every open file: a file whose chunks cannot be stored
-    must not keep the files after it from being committed. The first failure used to end
-    commit_all, and the other files' writes were lost when the daemon stopped."""
-    config = Config(delta=False)
-    backing = tmp_path / "backing"
-    backing.mkdir()
-    good = os.urandom(CHUNK + 123)
-
-    async def main():
-        engine = Engine(config, str(backing))
-        inodes = InodeTable(os.open(backing, os.O_PATH | os.O_DIRECTORY))
-        handles = HandleTable(engine, str(backing), inodes)
-        async with trio.open_nursery() as nursery:
-            engine.nursery = nursery
-            root = inodes.get(ROOT_INODE)
-            opened = []
-            for name in ("failing.bin", "good.bin"):
-                fd = os.open(name, os.O_CREAT | os.O_RDWR, 0o644, dir_fd=root.fd)
-                inode, _ = inodes.lookup_child(root, name)
-                opened.append(await handles.attach_container(inode, fd, os.O_RDWR, create=True))
-            failing, ok = (h.file for h in opened)
-            failing.container.append_chunk = _failing_append([])
-            await failing.write(0, os.urandom(100))
-            await ok.write(0, good)
-            await handles.commit_all()
-            nursery.cancel_scope.cancel()
-        fd = os.open(backing / "good.bin", os.O_RDONLY)
-        try:
-            container = Container.open(fd, "good.bin")
-            assert container.size == len(good)
-            assert container.read_chunk(0) + container.read_chunk(1) == good
-        finally:
-            os.close(fd)
-
-    with caplog.at_level(logging.CRITICAL):
-        trio.run(main)
-
-
-def test_an_o_trunc_open_that_fails_leaves_no_handle_behind(tmp_path, caplog):
-    """An open whose O_TRUNC fails (the reset of the container raises) is an open the kernel
-    never sees succeed, so it never releases it: the handle must not stay registered. It
-    used to, and kept the file open (its descriptor, no commit at its close) for good."""
-    config = Config(delta=False)
-    backing = tmp_path / "backing"
-    backing.mkdir()
-
-    def failing_reset():
-        raise OSError(errno.EIO, "injected disk error")
-
-    async def main():
-        engine = Engine(config, str(backing))
-        inodes = InodeTable(os.open(backing, os.O_PATH | os.O_DIRECTORY))
-        handles = HandleTable(engine, str(backing), inodes)
-        async with trio.open_nursery() as nursery:
-            engine.nursery = nursery
-            root = inodes.get(ROOT_INODE)
-            fd = os.open("f.bin", os.O_CREAT | os.O_RDWR, 0o644, dir_fd=root.fd)
-            inode, _ = inodes.lookup_child(root, "f.bin")
-            first = await handles.attach_container(inode, fd, os.O_RDWR, create=True)
-            await first.file.write(0, os.urandom(1000))
-            await first.file.commit(durable=False)
-            first.file.container.reset = failing_reset
-            with pytest.raises(OSError):
-                await handles.open(inode, os.O_RDWR | os.O_TRUNC)
-            assert len(handles) == 1 and first.file.handles == 1 and inode.opens == 1
-            await handles.release(first.number)
-            assert first.file.closed
-            nursery.cancel_scope.cancel()
-
-    with caplog.at_level(logging.CRITICAL):
-        trio.run(main)

@@ -1,0 +1,137 @@
+"""The handle table without a mount: opens, releases, compaction swaps and the shutdown commit on real containers."""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+
+import pytest
+import trio
+
+from dccfs.config import Config
+from dccfs.container import Container
+from dccfs.engine import Engine
+from dccfs.handles import HandleTable
+from dccfs.inodes import ROOT_INODE, InodeTable
+from test_engine import CHUNK, _failing_append
+
+
+def run_with_handles(backing, body) -> None:
+    """Run body(engine, inodes, handles) in a trio loop whose nursery carries the engine's background tasks."""
+    async def main():
+        engine = Engine(Config(delta=False), str(backing))
+        inodes = InodeTable(os.open(backing, os.O_PATH | os.O_DIRECTORY))
+        handles = HandleTable(engine, str(backing), inodes)
+        async with trio.open_nursery() as nursery:
+            engine.nursery = nursery
+            await body(engine, inodes, handles)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+
+
+async def create(inodes, handles, name):
+    """A new container file in the backing root, opened read-write: (inode, handle)."""
+    root = inodes.get(ROOT_INODE)
+    fd = os.open(name, os.O_CREAT | os.O_RDWR, 0o644, dir_fd=root.fd)
+    inode, _ = inodes.lookup_child(root, name)
+    return inode, await handles.attach_container(inode, fd, os.O_RDWR, create=True)
+
+
+def stored(backing, name) -> Container:
+    """The committed container as a fresh open sees it (the descriptor stays with the object)."""
+    return Container.open(os.open(backing / name, os.O_RDONLY), name)
+
+
+def test_an_open_right_after_a_compaction_swap_writes_to_the_new_container(tmp_path, caplog):
+    """Compaction renames a compacted copy over the container. An open that the trio loop
+    lets in between that swap and the closing of the old file object must get the new
+    container: writes into the replaced (unlinked) one would be lost at unmount."""
+    backing = tmp_path / "backing"
+    (backing / ".dccfs" / "tmp").mkdir(parents=True)
+    first, second = os.urandom(CHUNK), os.urandom(CHUNK)
+
+    async def body(engine, inodes, handles):
+        inode, handle = await create(inodes, handles, "f.bin")
+        for _ in range(12):  # rewrites leave dead records: the release compacts
+            await handle.file.write(0, os.urandom(CHUNK))
+            await handle.file.commit(durable=False)
+        await handle.file.write(0, first)
+        close_file = handles._close_file
+        raced = trio.Event()
+
+        async def open_in_the_window(inode_, file_, compact=True):
+            if not compact:  # called by the compaction task, after its swap
+                again = await handles.open(inode_, os.O_RDWR)
+                await again.file.write(0, second)
+                await handles.release(again.number)
+                raced.set()
+            await close_file(inode_, file_, compact)
+
+        handles._close_file = open_in_the_window
+        inode.opens += 1
+        await handles.release(handle.number)
+        with trio.fail_after(30):
+            await raced.wait()
+        handles._close_file = close_file
+        await trio.sleep(0.5)
+        assert engine.stats.compactions == 1
+
+    with caplog.at_level(logging.CRITICAL):
+        run_with_handles(backing, body)
+    container = stored(backing, "f.bin")
+    try:
+        assert container.read_chunk(0) == second
+    finally:
+        os.close(container.fd)
+
+
+def test_commit_all_commits_every_file_when_one_fails(tmp_path, caplog):
+    """The unmount/SIGTERM commit of every open file: a file whose chunks cannot be stored
+    must not keep the files after it from being committed. The first failure used to end
+    commit_all, and the other files' writes were lost when the daemon stopped."""
+    backing = tmp_path / "backing"
+    backing.mkdir()
+    good = os.urandom(CHUNK + 123)
+
+    async def body(engine, inodes, handles):
+        _, failing = await create(inodes, handles, "failing.bin")
+        _, ok = await create(inodes, handles, "good.bin")
+        failing.file.container.append_chunk = _failing_append([])
+        await failing.file.write(0, os.urandom(100))
+        await ok.file.write(0, good)
+        await handles.commit_all()
+
+    with caplog.at_level(logging.CRITICAL):
+        run_with_handles(backing, body)
+    container = stored(backing, "good.bin")
+    try:
+        assert container.size == len(good)
+        assert container.read_chunk(0) + container.read_chunk(1) == good
+    finally:
+        os.close(container.fd)
+
+
+def test_an_o_trunc_open_that_fails_leaves_no_handle_behind(tmp_path, caplog):
+    """An open whose O_TRUNC fails (the reset of the container raises) is an open the kernel
+    never sees succeed, so it never releases it: the handle must not stay registered. It
+    used to, and kept the file open (its descriptor, no commit at its close) for good."""
+    backing = tmp_path / "backing"
+    backing.mkdir()
+
+    def failing_reset():
+        raise OSError(errno.EIO, "injected disk error")
+
+    async def body(engine, inodes, handles):
+        inode, first = await create(inodes, handles, "f.bin")
+        await first.file.write(0, os.urandom(1000))
+        await first.file.commit(durable=False)
+        first.file.container.reset = failing_reset
+        with pytest.raises(OSError):
+            await handles.open(inode, os.O_RDWR | os.O_TRUNC)
+        assert len(handles) == 1 and first.file.handles == 1 and inode.opens == 1
+        await handles.release(first.number)
+        assert first.file.closed
+
+    with caplog.at_level(logging.CRITICAL):
+        run_with_handles(backing, body)
