@@ -256,9 +256,16 @@ class ContainerFile(ChunkReader):
                 # records must stay, so truncation is logged like any other.
                 for idx in list(self.dirty):
                     self._drop_dirty(idx)
-                await trio.to_thread.run_sync(self.container.reset, limiter=self.engine.io_limiter)
-                self.cache_id = self.container.cache_id
-                self.coder.reset()
+                emptied_from = self.cache_id
+                try:
+                    await trio.to_thread.run_sync(self.container.reset, limiter=self.engine.io_limiter)
+                finally:
+                    # A reset that failed after emptying the file (its header write) still
+                    # left it empty (a new cache id): nothing older may be served.
+                    self.cache_id = self.container.cache_id
+                    if self.cache_id != emptied_from:
+                        self.coder.reset()
+                        self.size = 0
             elif new_size < self.size:
                 first_gone = -(-new_size // cs)
                 inner = new_size % cs

@@ -194,6 +194,8 @@ class Container:
         parts = [head.pack(), encoded.params, encoded.payload]
         length = sum(len(p) for p in parts)
         with self._lock:
+            if self.end < HEADER_SIZE:
+                self._write_header_locked()
             self._cut_torn_tail_locked()
             loc = ChunkLoc(self.end, length)
             self._append_or_undo(parts)
@@ -223,6 +225,8 @@ class Container:
         index after, so a machine crash can never expose an index whose chunks are missing.
         """
         with self._lock:
+            if self.end < HEADER_SIZE:
+                self._write_header_locked()
             if not self.pending and size == self.committed_size:
                 if durable:
                     os.fdatasync(self.fd)
@@ -268,15 +272,25 @@ class Container:
         with self._lock:
             header = Header.new(self.header.chunk_shift, time.time_ns())
             os.ftruncate(self.fd, 0)
-            pwrite_all(self.fd, header.pack(), 0)
+            # The file is empty from here on, so the state says so even if writing the
+            # header fails: appending at the old end would build a file without a header,
+            # which a later open would take for a plain file of record bytes.
             self.header = header
             self.index = {}
             self.pending = {}
             self.size = self.committed_size = 0
-            self.end = HEADER_SIZE
+            self.end = 0
             self.last_index = 0
             self.delta_chain = 0
-            self.recovery = Recovery(HEADER_SIZE, HEADER_SIZE, False)
+            self.recovery = Recovery(0, 0, False)
+            self._write_header_locked()
+
+    def _write_header_locked(self) -> None:
+        """(Re)write the header of a file left empty by reset; the next append or commit
+        retries when that failed."""
+        pwrite_all(self.fd, self.header.pack(), 0)
+        self.end = HEADER_SIZE
+        self.recovery = Recovery(HEADER_SIZE, HEADER_SIZE, False)
 
     def _cut_torn_tail_locked(self) -> None:
         """Truncate bytes past the last commit before appending: a later scan stops at the

@@ -240,6 +240,37 @@ def test_torn_tail_is_cut_before_the_next_append(path):
         close(c)
 
 
+def test_a_reset_whose_header_write_fails_never_leaves_a_headerless_file(path, monkeypatch):
+    """Overwriting (reset) truncates the file, then writes a fresh header. If that write
+    fails, the next append used to land at the old end of an empty file: a file without a
+    header, which a later open takes for a plain file of record bytes."""
+    import dccfs.container as container_module
+    c = new_container(path)
+    try:
+        for idx in range(3):
+            append(c, idx, chunk_bytes(idx))
+        c.commit(3 * CS, durable=True)
+        real_pwrite_all = container_module.pwrite_all
+
+        def header_write_fails(fd, data, offset):
+            monkeypatch.setattr(container_module, "pwrite_all", real_pwrite_all)
+            raise OSError(5, "injected disk error")
+
+        monkeypatch.setattr(container_module, "pwrite_all", header_write_fails)
+        with pytest.raises(OSError):
+            c.reset()
+        assert os.path.getsize(path) == 0 and not c.index and c.size == 0
+        append(c, 0, chunk_bytes(9))
+        c.commit(CS, durable=True)
+    finally:
+        close(c)
+    c = reopen(path)
+    try:
+        assert c.size == CS and contents(c) == {0: chunk_bytes(9)}
+    finally:
+        close(c)
+
+
 def test_read_logical_size(path):
     c = new_container(path)
     assert read_logical_size(c.fd) == 0
