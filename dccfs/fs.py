@@ -150,10 +150,14 @@ class DccfsOperations(OpenFileHandlers, pyfuse3.Operations):
 
     async def _finish_create(self, parent: Inode, name: bytes, ctx, mode: int | None):
         inode, st = self.inodes.lookup_child(parent, name)
-        uid, gid = self._owner(parent, ctx)
-        syscalls.chown_fd(inode.fd, uid, gid)
-        if mode is not None and mode & (stat.S_ISUID | stat.S_ISGID):
-            os.chmod(inode.proc_path, mode)  # chown cleared them; the caller asked for them
+        try:
+            uid, gid = self._owner(parent, ctx)
+            syscalls.chown_fd(inode.fd, uid, gid)
+            if mode is not None and mode & (stat.S_ISUID | stat.S_ISGID):
+                os.chmod(inode.proc_path, mode)  # chown cleared them; the caller asked for them
+        except BaseException:
+            self.inodes.forget(inode.number, 1)  # the failed request returns no entry
+            raise
         return inode
 
     @guarded

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import stat
 import time
@@ -11,6 +12,8 @@ import pyfuse3
 from dccfs.chunkfile import ContainerFile
 from dccfs.fs_errors import guarded
 from dccfs.inodes import Inode
+
+log = logging.getLogger(__name__)
 
 
 class OpenFileHandlers:
@@ -64,14 +67,26 @@ class OpenFileHandlers:
             if flags & os.O_EXCL:
                 raise
             inode, st = self.inodes.lookup_child(parent, name)
-            handle = await self.handles.open(inode, flags)
+            try:
+                handle = await self.handles.open(inode, flags)
+            except BaseException:
+                self.inodes.forget(inode.number, 1)  # the kernel never learns of this entry
+                raise
             return self._file_info(handle, flags), self._attrs(inode, self._stat(inode))
         try:
             inode = await self._finish_create(parent, name, ctx, stat.S_IMODE(mode))
         except BaseException:
             os.close(fd)
+            _unlink_quietly(parent, name)
             raise
-        handle = await self.handles.attach_container(inode, fd, flags, create=True)
+        try:
+            handle = await self.handles.attach_container(inode, fd, flags, create=True)
+        except BaseException:
+            # A failed create leaves nothing: no lookup the kernel would never forget (an
+            # O_PATH descriptor per failed create, ENOSPC in a loop), no empty file.
+            self.inodes.forget(inode.number, 1)
+            _unlink_quietly(parent, name)
+            raise
         return self._file_info(handle, flags), self._attrs(inode, self._stat(inode))
 
     @guarded
@@ -115,3 +130,10 @@ class OpenFileHandlers:
     async def shutdown(self) -> None:
         """Commit every open file durably (on unmount)."""
         await self.handles.commit_all()
+
+
+def _unlink_quietly(parent, name) -> None:
+    try:
+        os.unlink(name, dir_fd=parent.fd)
+    except OSError as exc:
+        log.warning("could not remove %r after its create failed: %s", name, exc)

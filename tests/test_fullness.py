@@ -193,6 +193,52 @@ def test_enospc_on_small_writes_then_delete_frees(small_backing, make_mount):
         assert (mount.mnt / name).read_bytes() == data
 
 
+def test_creates_failing_on_a_full_disk_leave_nothing_behind(small_backing, make_mount):
+    """A create that fails with ENOSPC (the container header does not fit) leaves no empty
+    file and no inode in the daemon's table: each one used to keep an O_PATH descriptor
+    until unmount, so a saver retrying on a full disk leaked descriptors without bound."""
+    mount = make_mount("full4", backing=small_backing)
+    mount.expect_errors = True
+
+    def fill():
+        # big incompressible writes, then small files into whatever is left
+        try:
+            with open(mount.mnt / "filler", "wb") as f:
+                for i in range(100):
+                    f.write(stream_block(7, i))
+                    f.flush()
+                    os.fsync(f.fileno())
+        except OSError:
+            pass
+        for i in range(1000):
+            try:
+                with open(mount.mnt / f"pad{i}", "wb") as f:
+                    f.write(random.Random(i).randbytes(16 << 10))
+            except OSError as exc:
+                return exc.errno
+        return None
+
+    assert in_child(mount, fill) == errno.ENOSPC
+    fds = lambda: len(os.listdir(f"/proc/{mount.proc.pid}/fd"))  # noqa: E731
+
+    def creates():
+        failures = []
+        for i in range(40):
+            try:
+                with open(mount.mnt / f"new{i}", "wb") as f:
+                    f.write(b"x")
+            except OSError as exc:
+                failures.append(exc.errno)
+        return failures
+
+    before = fds()
+    failures = in_child(mount, creates)
+    assert failures and set(failures) == {errno.ENOSPC}, failures
+    assert fds() - before < 5, (before, fds())
+    left = [n for n in os.listdir(mount.mnt) if n.startswith("new")]
+    assert len(left) == 40 - len(failures), left
+
+
 def stream_until_error(path, seed: int) -> dict:
     """Write the stream with no fsync, so unstored chunks pile up against the dirty budget."""
     report = {"errno": None, "stage": "write", "written": 0}
