@@ -81,8 +81,7 @@ def release_compiler_pages() -> int:
             continue
         start, end = (int(x, 16) for x in fields[0].split("-"))
         if madvise(start, end - start, MADV_PAGEOUT) != 0:
-            log.debug("madvise(MADV_PAGEOUT) refused for %s", fields[5])
-            return 0
+            log.debug("madvise(MADV_PAGEOUT) refused for a mapping of %s", fields[5])
     return max(0, before - (resident_bytes() or before))
 
 
