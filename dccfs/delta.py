@@ -271,6 +271,9 @@ class DeltaWriter:
         # (effort >= 1), so it never slows a save down; a rule with delta = true forces it.
         self.always = always
         self.pinned = False
+        # The base was overwritten in place (reset under a new file id) before it was
+        # pinned: its records are gone, so no delta may name it.
+        self.base_changed = False
         self.delta_chunks = 0
         self._lock = threading.Lock()
 
@@ -318,7 +321,7 @@ class DeltaWriter:
     def encode(self, idx: int, raw: bytes, hints):
         """A delta EncodedChunk for chunk idx, or None when a keyframe is as small."""
         from dccfs.codecs.delta import encode_delta
-        if hints.effort < 1 and not self.always:
+        if (hints.effort < 1 and not self.always) or self.base_changed:
             return None
         found = self._base_chunk(idx)
         if found is None:
@@ -328,11 +331,34 @@ class DeltaWriter:
         if encoded is None:
             return None
         with self._lock:
+            if self.base_changed:
+                return None
             if not self.pinned:
-                pin_base(self.backing_root, self.base.fd, self.base.header)
+                path = pin_base(self.backing_root, self.base.fd, self.base.header)
+                if not self._pinned_base_is_unchanged(path):
+                    self.base_changed = True
+                    return None
                 self.pinned = True
             self.delta_chunks += 1
         return encoded
+
+    def _pinned_base_is_unchanged(self, path: str) -> bool:
+        """Once pinned (two links), the base is never reset in place; before, it may have
+        been (O_TRUNC through the mount), and then the chunks read from it (or from the
+        cache under its old name) are not what the pin now holds. Such a pin is removed."""
+        try:
+            header = Header.unpack(pread_exact(self.base.fd, HEADER_SIZE, 0))
+            if (header.file_id, header.generation) == (self.base.header.file_id,
+                                                        self.base.header.generation):
+                return True
+        except FormatError:
+            pass
+        log.warning("delta base %s was overwritten before it was pinned; storing keyframes",
+                    os.path.basename(path))
+        st, pin = os.fstat(self.base.fd), os.stat(path)
+        if (st.st_dev, st.st_ino) == (pin.st_dev, pin.st_ino):
+            os.unlink(path)
+        return False
 
     def close(self) -> None:
         os.close(self.base.fd)

@@ -132,3 +132,74 @@ def test_delta_chain_config_bounds_the_chain(make_mount, series, tmp_path, chain
     mount.stop()
     result = dccfs("fsck", "-q", mount.backing)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+
+def _safetensors_bytes(tensors: dict[str, np.ndarray]) -> bytes:
+    """A safetensors file built by hand: 8-byte header length, JSON header, data."""
+    header, blobs, offset = {}, [], 0
+    for name, values in tensors.items():
+        data = values.tobytes()
+        dtype = {np.dtype("uint8"): "U8", np.dtype("float32"): "F32"}[values.dtype]
+        header[name] = {"dtype": dtype, "shape": [values.size], "data_offsets": [offset, offset + len(data)]}
+        blobs.append(data)
+        offset += len(data)
+    head = json.dumps(header).encode()
+    head += b" " * (-len(head) % 8)
+    return len(head).to_bytes(8, "little") + head + b"".join(blobs)
+
+
+def test_a_base_overwritten_before_it_is_pinned_never_breaks_the_dependent(make_mount, tmp_path):
+    """The dependent opened its base, then the base was overwritten in place (O_TRUNC on a
+    file with one link resets the container under a new file id) before the first delta
+    chunk pinned it. The dependent must still read back exactly what was written."""
+    config = tmp_path / "delta.toml"
+    # No writeback cache, so writes reach the daemon in the order made; "store" keyframes
+    # put each record of the rewritten base at the offset and length of the old one.
+    config.write_text('writeback_cache = false\n'
+                      '[[rule]]\nglob = "*"\ncodec = "store"\ndelta = true\nchunk_size = "64KiB"\n')
+    mount = make_mount("delta-reset", "-c", str(config))
+    rng = np.random.default_rng(3)
+    cs = 1 << 16
+
+    def random_bytes():
+        return rng.integers(0, 256, cs, dtype=np.uint8)
+
+    old_w = rng.normal(0, 0.05, 15_000).astype(np.float32)
+    base_old = _safetensors_bytes({"a": random_bytes(), "w": old_w})
+    base_new = _safetensors_bytes({"a": random_bytes(),
+                                   "w": rng.normal(0, 0.05, 15_000).astype(np.float32)})
+    # Chunk 0 (random bytes) is no delta of anything; chunk 1 is a close delta of the old base.
+    dependent = bytearray(_safetensors_bytes({"a": random_bytes(),
+                                              "w": old_w + rng.normal(0, 1e-5, 15_000).astype(np.float32)}))
+    dependent[cs:] = base_old[cs:cs + 1000] + dependent[cs + 1000:]
+    dependent = bytes(dependent)
+    assert len(base_old) == len(base_new) == len(dependent) < 2 * cs
+
+    def write_in_chunks(fd, data):
+        for start in range(0, len(data), cs):
+            os.write(fd, data[start:start + cs])
+            os.fsync(fd)
+
+    base = mount.mnt / "ckpt-10.safetensors"
+    fd = os.open(base, os.O_CREAT | os.O_WRONLY, 0o644)
+    write_in_chunks(fd, base_old)
+    os.close(fd)
+    assert base.read_bytes() == base_old  # its chunks are in the cache now
+    fd = os.open(mount.mnt / "ckpt-20.safetensors", os.O_CREAT | os.O_WRONLY, 0o644)
+    try:
+        os.write(fd, dependent[:cs])
+        os.fsync(fd)  # chunk 0 stored (a keyframe): the base is open, not pinned
+        fd2 = os.open(base, os.O_WRONLY | os.O_TRUNC)  # the base is overwritten in place
+        write_in_chunks(fd2, base_new)
+        os.close(fd2)
+        os.write(fd, dependent[cs:])
+    finally:
+        os.close(fd)
+    row = stored_ratio(mount, "ckpt-20.safetensors")
+    mount.remount()
+    assert base.read_bytes() == base_new
+    assert (mount.mnt / "ckpt-20.safetensors").read_bytes() == dependent, row
+    mount.stop()
+    result = dccfs("fsck", "-q", mount.backing)
+    assert result.returncode == 0, result.stdout + result.stderr
