@@ -158,10 +158,11 @@ _stores_lock = threading.Lock()
 
 
 def store_for_path(path: str) -> BaseStore | None:
-    """The base store of the backing directory holding path (walks up to .dccfs)."""
+    """The base store of the backing directory holding path (walks up to the .dccfs that
+    holds bases/; a directory named .dccfs below the root is user data)."""
     directory = os.path.dirname(os.path.abspath(path))
     while True:
-        if os.path.isdir(os.path.join(directory, ".dccfs")):
+        if os.path.isdir(os.path.join(directory, BASES_DIR)):
             with _stores_lock:
                 return _stores.setdefault(directory, BaseStore(directory))
         parent = os.path.dirname(directory)

@@ -10,10 +10,9 @@ from dccfs.codecs.delta import CODEC_DELTA, delta_base_ref
 from dccfs.delta import BaseRef
 from dccfs.container import Container, ContainerError, pread_exact
 from dccfs.format import HEADER_SIZE, RECORD_HEADER_SIZE, FormatError, RecordHeader, looks_like_container
+from dccfs.offline_common import is_state_dir
 
 log = logging.getLogger(__name__)
-
-STATE_DIR = ".dccfs"
 
 
 def describe_file(path: str) -> dict:
@@ -61,7 +60,7 @@ def describe_tree(root: str) -> list[dict]:
         return [describe_file(root)]
     rows = []
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if d != STATE_DIR)
+        dirnames[:] = sorted(d for d in dirnames if not is_state_dir(dirpath, d))
         for name in sorted(filenames):
             path = os.path.join(dirpath, name)
             if os.path.isfile(path) and not os.path.islink(path):

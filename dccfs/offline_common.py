@@ -98,6 +98,16 @@ def is_stale_temp(name: str) -> bool:
     return False
 
 
+def is_state_dir(parent: str, name: str) -> bool:
+    """Whether parent/name is dccfs's own state directory, recognised by what dccfs keeps in
+    it (tmp/, bases/, the mount lock). The mount reserves the name .dccfs only at its root:
+    a directory of that name made through the mount deeper in the tree is user data."""
+    if name != STATE_DIR:
+        return False
+    path = os.path.join(parent, name)
+    return any(os.path.exists(os.path.join(path, entry)) for entry in (TMP_SUBDIR, "bases", LOCK_FILE))
+
+
 def walk_files(root: str) -> Iterator[FoundFile]:
     """Every regular file under root (or root itself), skipping .dccfs state directories and
     temp files of pack/unpack. Symlinks are never followed."""
@@ -111,7 +121,7 @@ def walk_files(root: str) -> Iterator[FoundFile]:
         log.warning("%s: cannot list: %s", exc.filename, exc.strerror)
 
     for dirpath, dirnames, filenames in os.walk(root, onerror=report):
-        dirnames[:] = sorted(d for d in dirnames if d != STATE_DIR)
+        dirnames[:] = sorted(d for d in dirnames if not is_state_dir(dirpath, d))
         for name in sorted(filenames):
             if TEMP_NAME.match(name):
                 continue
@@ -129,7 +139,7 @@ def find_temps(root: str) -> Iterator[str]:
     if not os.path.isdir(root):
         return
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = [d for d in dirnames if d != STATE_DIR]
+        dirnames[:] = [d for d in dirnames if not is_state_dir(dirpath, d)]
         for name in filenames:
             if TEMP_NAME.match(name):
                 yield os.path.join(dirpath, name)

@@ -203,3 +203,32 @@ def test_a_base_overwritten_before_it_is_pinned_never_breaks_the_dependent(make_
     mount.stop()
     result = dccfs("fsck", "-q", mount.backing)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_a_directory_named_dccfs_below_the_root_is_data_to_the_offline_tools(make_mount, series, tmp_path):
+    """The mount reserves .dccfs only at its root: run/.dccfs is an ordinary directory.
+    fsck must check the files in it and keep the bases they need, and cat must find the
+    bases of files beside it in the backing directory's own .dccfs."""
+    from safetensors.torch import save_file
+    config = tmp_path / "delta.toml"
+    config.write_text('[[rule]]\nglob = "*"\ndelta = true\n')
+    mount = make_mount("delta-userdir", "-c", str(config))
+    user_dir = mount.mnt / "run" / ".dccfs"
+    user_dir.mkdir(parents=True)
+    paths = [user_dir / f"step-{n}.safetensors" for n in (10, 20)]
+    for tensors, path in zip(series, paths):
+        save_file(tensors, str(path))
+    assert stored_ratio(mount, "run/.dccfs/step-20.safetensors")["codecs"].get("delta", 0) > 0
+    expected = paths[1].read_bytes()
+    os.unlink(paths[0])
+    mount.stop()
+    result = dccfs("fsck", "--repair", mount.backing)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "1 files: 1 containers" in result.stdout, result.stdout
+    assert "removed" not in result.stdout, result.stdout
+    out = subprocess.run([sys.executable, "-m", "dccfs.cli", "cat",
+                          str(mount.backing / "run" / ".dccfs" / "step-20.safetensors")],
+                         capture_output=True)
+    assert out.returncode == 0 and out.stdout == expected, out.stderr
+    mount.start()
+    assert paths[1].read_bytes() == expected
