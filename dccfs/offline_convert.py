@@ -154,8 +154,9 @@ def _replace_atomically(found: FoundFile, tmp_dir: str | None, convert, is_sourc
         st = os.fstat(src)
         if not is_source(file_kind(src)):
             raise _Already()
-        if st.st_nlink > 1:
-            raise SkipFile(f"it has {st.st_nlink} hard links; replacing it would split them")
+        links = st.st_nlink - _pin_links(path, src, st)
+        if links > 1:
+            raise SkipFile(f"it has {links} hard links; replacing it would split them")
         parent = os.path.dirname(os.path.abspath(path))
         temp_dir = tmp_dir if tmp_dir and os.stat(tmp_dir).st_dev == st.st_dev else parent
         dst, temp = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{os.getpid()}-", suffix=".tmp",
@@ -176,6 +177,22 @@ def _replace_atomically(found: FoundFile, tmp_dir: str | None, convert, is_sourc
         os.close(src)
     _fsync_dir(parent)
     return out_bytes
+
+
+def _pin_links(path: str, src: int, st: os.stat_result) -> int:
+    """1 when one of the links is dccfs's pin of a delta base (.dccfs/bases), else 0. That
+    link is not the user's: it keeps the records for dependents after the name is replaced."""
+    from dccfs.delta import base_link_path
+    from dccfs.format import FormatError, Header
+    backing_root = find_backing_root(path)
+    if st.st_nlink < 2 or backing_root is None:
+        return 0
+    try:
+        header = Header.unpack(pread_exact(src, HEADER_SIZE, 0))
+        pin = os.stat(base_link_path(backing_root, header.file_id, header.generation))
+    except (OSError, FormatError):
+        return 0
+    return 1 if (pin.st_dev, pin.st_ino) == (st.st_dev, st.st_ino) else 0
 
 
 def _unlink_quietly(path: str) -> None:

@@ -174,3 +174,25 @@ def test_delta_chain_config_key():
     for bad in (0, 17, True, "2"):
         with pytest.raises(ConfigError, match="delta_chain"):
             parse_config({"delta_chain": bad}, "t")
+
+
+def test_unpack_converts_a_pinned_base_and_its_dependent(backing, capsys):
+    """The link that pins a delta base is dccfs's own, hidden from st_nlink: unpack must not
+    take it for a user's hard link and leave the base a container ("2 hard links")."""
+    from dccfs.offline import run_unpack
+    from dccfs.offline_common import file_kind
+    (backing / ".dccfs" / "tmp").mkdir()
+    data, files = _write_series(backing, 2, max_chain=1)
+    for f in files:
+        os.close(f.fd)
+    assert os.stat(backing / "run" / "step-10.bin").st_nlink == 2  # pinned
+    assert run_unpack(str(backing), progress=False) == 0
+    err = capsys.readouterr().err
+    assert "skipped" not in err, err
+    for i, rel in enumerate(("run/step-10.bin", "run/step-20.bin")):
+        fd = os.open(backing / rel, os.O_RDONLY)
+        try:
+            assert file_kind(fd) == "plain", rel
+        finally:
+            os.close(fd)
+        assert (backing / rel).read_bytes() == data[i]
