@@ -144,7 +144,7 @@ class ControlServer:
     def describe_files(self, relpath: str) -> list[dict]:
         from dccfs.inspect import describe_tree
         root = os.path.realpath(os.path.join(self.ops.backing_root, relpath.lstrip("/")))
-        if not root.startswith(self.ops.backing_root):
+        if root != self.ops.backing_root and not root.startswith(self.ops.backing_root + os.sep):
             raise ValueError(f"{relpath} is outside the mount")
         rows = describe_tree(root)
         for row in rows:

@@ -170,3 +170,15 @@ def test_daemonised_mount_and_clean_umount(tmp_path):
     log = (backing / ".dccfs" / "dccfs.log").read_text()
     assert "mounted" in log and "unmounted" in log
     assert "ERROR" not in log
+
+
+@pytest.mark.mount
+def test_stats_files_refuses_a_sibling_of_the_backing_directory(mounted):
+    """The 'outside the mount' check compared string prefixes: /x/m-backing-other passed
+    as inside /x/m-backing."""
+    from dccfs.control import request
+    sibling = mounted.backing.parent / (mounted.backing.name + "-other")
+    sibling.mkdir()
+    (sibling / "not-in-the-mount").write_bytes(b"x" * 100)
+    reply = request(str(mounted.mnt), {"cmd": "files", "path": f"../{sibling.name}"})
+    assert reply["ok"] is False and "outside the mount" in reply["error"], reply
