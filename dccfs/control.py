@@ -13,7 +13,9 @@ import json
 import logging
 import os
 import socket
+import stat
 import struct
+import time
 from dataclasses import asdict, replace
 
 import trio
@@ -23,31 +25,54 @@ from dccfs.config import ConfigError, check_cache_value
 log = logging.getLogger(__name__)
 
 MAX_REQUEST = 1 << 16
+STARTUP_WAIT_S = 3.0  # how long a client waits for the socket of a mount that has just started
 TUNABLE = ("policy", "t0_bytes", "dirty_bytes", "readahead_chunks", "write_admit", "trace")
 
 
-def _socket_dirs() -> list[str]:
+USER_SOCKET_DIR = "/tmp/dccfs-{uid}"
+
+
+def _socket_dirs(uid: int | None = None) -> list[str]:
     """Where control sockets live: short paths, since AF_UNIX paths stop at 107 bytes."""
-    return ["/run/dccfs", f"/tmp/dccfs-{os.getuid()}"]
+    return ["/run/dccfs", USER_SOCKET_DIR.format(uid=os.getuid() if uid is None else uid)]
+
+
+def trusted_socket_dir(directory: str, owner: int) -> bool:
+    """A directory only its owner (or root) can change: in a shared /tmp another user could
+    have made it first, writable, and swapped the socket for their own."""
+    try:
+        st = os.lstat(directory)
+    except OSError:
+        return False
+    return stat.S_ISDIR(st.st_mode) and st.st_uid in (0, owner) and not st.st_mode & 0o022
 
 
 def socket_path(mountpoint: str, for_server: bool = False) -> str:
     """One socket per mount, named by the mountpoint, so it is found from the mountpoint alone
-    and several nodes can share a backing directory."""
+    and several nodes can share a backing directory. Root finds a user's mount too."""
     tag = hashlib.sha1(os.path.realpath(mountpoint).encode()).hexdigest()[:16]
-    for directory in _socket_dirs():
-        path = os.path.join(directory, f"{tag}.sock")
-        if for_server:
+    uid = os.getuid()
+    if for_server:
+        for directory in _socket_dirs():
             try:
-                os.makedirs(directory, mode=0o755, exist_ok=True)
+                os.makedirs(directory, mode=0o755 if directory.startswith("/run/") else 0o700, exist_ok=True)
             except OSError:
                 continue
+            if not trusted_socket_dir(directory, uid):
+                log.warning("%s is writable by other users or owned by another; not used for the "
+                            "control socket", directory)
+                continue
             if os.access(directory, os.W_OK):
-                return path
-        elif os.path.exists(path):
-            return path
-    if for_server:
+                return os.path.join(directory, f"{tag}.sock")
         raise OSError(f"no writable directory for the control socket among {_socket_dirs()}")
+    candidates = [(d, uid) for d in _socket_dirs()]
+    if uid == 0:
+        mount_uid = os.stat(mountpoint).st_uid
+        candidates.append((USER_SOCKET_DIR.format(uid=mount_uid), mount_uid))
+    for directory, owner in candidates:
+        path = os.path.join(directory, f"{tag}.sock")
+        if os.path.exists(path) and trusted_socket_dir(directory, owner):
+            return path
     return os.path.join(_socket_dirs()[0], f"{tag}.sock")
 
 
@@ -77,12 +102,16 @@ class ControlServer:
             log.exception("the control socket %s failed; stats and tune are unavailable", self.path)
 
     async def _serve(self) -> None:
-        if os.path.exists(self.path):
-            os.unlink(self.path)
+        # Bound and listening under a temporary name, then renamed into place: a client
+        # that finds the socket never connects between bind and listen (ECONNREFUSED).
+        staging = f"{self.path}.{os.getpid()}.tmp"
+        if os.path.lexists(staging):
+            os.unlink(staging)
         sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        await sock.bind(self.path)
-        os.chmod(self.path, 0o666)  # access is decided by peer uid, not by the mode
+        await sock.bind(staging)
+        os.chmod(staging, 0o666)  # access is decided by peer uid, not by the mode
         sock.listen(16)
+        os.rename(staging, self.path)
         self._sock = sock
         async with trio.open_nursery() as nursery:
             while True:
@@ -196,10 +225,24 @@ class ControlServer:
 
 def request(mountpoint: str, payload: dict, timeout: float = 10.0) -> dict:
     """Client side: send one request to the daemon serving mountpoint."""
-    path = socket_path(mountpoint)
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(timeout)
-        sock.connect(path)
+    deadline = time.monotonic() + STARTUP_WAIT_S
+    while True:
+        path = socket_path(mountpoint)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(timeout)
+            sock.connect(path)
+            break
+        except (FileNotFoundError, ConnectionRefusedError):
+            sock.close()
+            # A mount that has just started may not have its socket yet.
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+        except BaseException:
+            sock.close()
+            raise
+    with sock:
         sock.sendall(json.dumps(payload).encode() + b"\n")
         data = b""
         while not data.endswith(b"\n"):

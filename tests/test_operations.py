@@ -182,3 +182,24 @@ def test_stats_files_refuses_a_sibling_of_the_backing_directory(mounted):
     (sibling / "not-in-the-mount").write_bytes(b"x" * 100)
     reply = request(str(mounted.mnt), {"cmd": "files", "path": f"../{sibling.name}"})
     assert reply["ok"] is False and "outside the mount" in reply["error"], reply
+
+
+def test_control_socket_dirs_other_users_can_change_are_not_trusted(tmp_path):
+    """In a shared /tmp another user could make /tmp/dccfs-<uid> first, writable, and swap
+    the daemon's socket for their own: such a directory is used by neither side."""
+    from dccfs.control import trusted_socket_dir
+    mine = tmp_path / "mine"
+    mine.mkdir(mode=0o700)
+    assert trusted_socket_dir(str(mine), os.getuid())
+    open_dir = tmp_path / "open"
+    open_dir.mkdir()
+    open_dir.chmod(0o777)
+    assert not trusted_socket_dir(str(open_dir), os.getuid())
+    theirs = tmp_path / "theirs"
+    theirs.mkdir(mode=0o700)
+    os.chown(theirs, 65534, 65534)
+    assert not trusted_socket_dir(str(theirs), 1000)  # another user's directory
+    assert trusted_socket_dir(str(theirs), 65534)
+    link = tmp_path / "link"
+    link.symlink_to(mine)
+    assert not trusted_socket_dir(str(link), os.getuid())
