@@ -14,6 +14,7 @@ import errno
 import logging
 import os
 import re
+import stat
 import struct
 import threading
 from dataclasses import dataclass
@@ -21,10 +22,15 @@ from dataclasses import dataclass
 from dccfs.container import ChunkError, Container, ContainerError, pread_exact
 from dccfs.codecs import CodecError
 from dccfs.codecs.delta import CODEC_DELTA, delta_base_ref
-from dccfs.format import HEADER_SIZE, RECORD_HEADER_SIZE, FormatError, Header, RecordHeader
+from dccfs.format import (HEADER_SIZE, MAX_CHUNK_SHIFT, RECORD_HEADER_SIZE, FormatError, Header,
+                          RecordHeader)
 from dccfs.syscalls import AT_FDCWD, link_fd
 
 log = logging.getLogger(__name__)
+
+# The longest chunk record: header, params (a u16 length) and a payload no longer than the
+# largest chunk (a codec that cannot shrink a chunk stores it raw).
+MAX_RECORD_BYTES = RECORD_HEADER_SIZE + 0xFFFF + (1 << MAX_CHUNK_SHIFT)
 
 BASES_DIR = os.path.join(".dccfs", "bases")
 _REF = struct.Struct("<16sIQQIQ")  # file id, generation, chunk index, offset, length, raw xxh3
@@ -124,6 +130,10 @@ class BaseStore:
             if raw is not None:
                 return raw
         container = self.container_for(ref)
+        if not RECORD_HEADER_SIZE <= ref.length <= MAX_RECORD_BYTES:
+            # A damaged reference must not make one read ask for gigabytes.
+            raise ChunkError(container.path, ref.chunk_index,
+                             f"delta base reference names a record of {ref.length} bytes")
         record = pread_exact(container.fd, ref.length, ref.offset)
         try:
             head = RecordHeader.unpack(record)
@@ -221,7 +231,9 @@ def find_base_candidates(backing_root: str, relpath: str) -> list[str]:
                 st = os.stat(full, follow_symlinks=False)
             except OSError:
                 continue
-            if st.st_size > HEADER_SIZE and os.path.isfile(full):
+            # lstat only: a symlink is never a base (its target may be outside the backing
+            # directory or on another filesystem, where the pin cannot be a hard link)
+            if st.st_size > HEADER_SIZE and stat.S_ISREG(st.st_mode):
                 found.append((st.st_mtime_ns, full))
     found.sort(reverse=True)
     return [path for _, path in found[:MAX_CANDIDATES]]
@@ -335,7 +347,15 @@ class DeltaWriter:
             if self.base_changed:
                 return None
             if not self.pinned:
-                path = pin_base(self.backing_root, self.base.fd, self.base.header)
+                try:
+                    path = pin_base(self.backing_root, self.base.fd, self.base.header)
+                except OSError as exc:
+                    # Gone or moved before the pin (deleted, compacted, renamed away): this
+                    # file stores keyframes, with one warning rather than one per chunk.
+                    log.warning("delta base of %s cannot be pinned (%s); storing keyframes",
+                                os.path.basename(self.base.path), exc)
+                    self.base_changed = True
+                    return None
                 if not self._pinned_base_is_unchanged(path):
                     self.base_changed = True
                     return None
@@ -376,7 +396,15 @@ def unreferenced_bases(backing_root: str) -> list[str]:
     except FileNotFoundError:
         return []
     referenced: set[str] = set()
-    todo = [name for row in describe_tree(backing_root) for name in row.get("delta_of", ())]
+    rows = describe_tree(backing_root)
+    unsure = [row["path"] for row in rows
+              if row.get("kind") in ("damaged", "unreadable") or row.get("codecs", {}).get("damaged")]
+    if unsure:
+        # A file whose records cannot all be read may name any pin: none counts as unused.
+        log.warning("not looking for unused delta bases: %d file(s) cannot be fully read, "
+                    "first %s", len(unsure), unsure[0])
+        return []
+    todo = [name for row in rows for name in row.get("delta_of", ())]
     while todo:
         name = todo.pop()
         if name in referenced:

@@ -64,5 +64,9 @@ def describe_tree(root: str) -> list[dict]:
         for name in sorted(filenames):
             path = os.path.join(dirpath, name)
             if os.path.isfile(path) and not os.path.islink(path):
-                rows.append(describe_file(path))
+                try:
+                    rows.append(describe_file(path))
+                except OSError as exc:
+                    rows.append({"path": path, "kind": "unreadable", "stored": None, "logical": None,
+                                 "ratio": None, "codecs": {}, "error": exc.strerror or str(exc)})
     return rows

@@ -191,7 +191,6 @@ def run_fsck(backing: str, repair: bool, progress: bool) -> int:
     for temp in find_temps(backing):
         _report(f"{temp}: a temp file left by an interrupted pack/unpack (re-run it; "
                 "it removes the temp once its process is gone)")
-    _check_delta_bases(backing, repair)
     _report(totals.summary())
     return 1 if totals.damaged else 0
 
@@ -220,3 +219,6 @@ def _fsck_walk(backing: str, repair: bool, progress: bool, totals: FsckTotals) -
                     continue
                 seen.add(key)
                 _check_file(found.path, found.st, repair, totals, advance)
+        # Under the same lock: a mount starting in between could pin a base for a file
+        # it has not committed yet, which --repair would then remove.
+        _check_delta_bases(backing, repair)

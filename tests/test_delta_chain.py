@@ -196,3 +196,36 @@ def test_unpack_converts_a_pinned_base_and_its_dependent(backing, capsys):
         finally:
             os.close(fd)
         assert (backing / rel).read_bytes() == data[i]
+
+
+def test_a_reference_naming_a_huge_record_is_refused_before_reading(backing):
+    """A damaged reference's record length used to go straight into one pread: up to 4 GiB
+    asked of the disk and of memory. It is refused as a damaged chunk first."""
+    import dataclasses
+    _, files = _write_series(backing, 2, max_chain=1)
+    loc = files[1].index[0]
+    head = RecordHeader.unpack(os.pread(files[1].fd, RECORD_HEADER_SIZE, loc.offset))
+    params = os.pread(files[1].fd, head.params_len, loc.offset + RECORD_HEADER_SIZE)
+    ref = BaseRef.unpack(delta_base_ref(params))
+    store = BaseStore(str(backing))
+    try:
+        assert store.read_base_chunk(ref)  # the real reference reads
+        with pytest.raises(ChunkError, match="names a record of"):
+            store.read_base_chunk(dataclasses.replace(ref, length=(1 << 32) - 1))
+    finally:
+        store.close()
+
+
+def test_no_pin_counts_as_unused_while_a_dependent_is_damaged(backing):
+    """A dependent whose records cannot all be read may name any pin, so fsck --repair must
+    not remove pins then: it used to count only the readable references and delete the
+    rest, making the damage worse."""
+    _, files = _write_series(backing, 2, max_chain=1)
+    pins = os.listdir(backing / ".dccfs" / "bases")
+    assert pins and unreferenced_bases(str(backing)) == []
+    dependent = files[1]
+    for loc in dependent.index.values():  # every record header destroyed, the index intact
+        os.pwrite(dependent.fd, b"\xff" * 8, loc.offset)
+    os.unlink(backing / "run" / "step-10.bin")
+    assert unreferenced_bases(str(backing)) == []
+    assert os.listdir(backing / ".dccfs" / "bases") == pins
