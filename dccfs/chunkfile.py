@@ -24,6 +24,7 @@ from dccfs.config import Rule
 from dccfs.container import ChunkLoc, Container
 from dccfs.chunkcoder import ChunkCoder
 from dccfs.chunkread import ChunkReader
+from dccfs.delta import PIN_LOCK
 from dccfs.engine import Engine
 from dccfs.readahead import ReadAhead
 
@@ -248,17 +249,16 @@ class ContainerFile(ChunkReader):
         cs = self.chunk_size
         async with self._write_lock:
             await self._wait_idle()
-            if new_size == 0 and not self.engine.config.shared \
-                    and os.fstat(self.container.fd).st_nlink == 1:
+            reset = False
+            if new_size == 0 and not self.engine.config.shared:
                 # Overwrite (O_TRUNC, truncate -s 0): start a fresh container so a file
                 # saved again and again under one name does not grow with dead records.
-                # Not when linked elsewhere (a pinned delta base, a hard link): the
-                # records must stay, so truncation is logged like any other.
                 for idx in list(self.dirty):
                     self._drop_dirty(idx)
                 emptied_from = self.cache_id
                 try:
-                    await trio.to_thread.run_sync(self.container.reset, limiter=self.engine.io_limiter)
+                    reset = await trio.to_thread.run_sync(self._reset_unless_linked,
+                                                          limiter=self.engine.io_limiter)
                 finally:
                     # A reset that failed after emptying the file (its header write) still
                     # left it empty (a new cache id): nothing older may be served.
@@ -266,7 +266,7 @@ class ContainerFile(ChunkReader):
                     if self.cache_id != emptied_from:
                         self.coder.reset()
                         self.size = 0
-            elif new_size < self.size:
+            if not reset and new_size < self.size:
                 first_gone = -(-new_size // cs)
                 inner = new_size % cs
                 buf = None
@@ -295,6 +295,16 @@ class ContainerFile(ChunkReader):
                     self.container.drop_chunks_from(first_gone)
             self.size = new_size
             self.mtime_ns = self.changed_ns = time.time_ns()
+
+    def _reset_unless_linked(self) -> bool:
+        """Reset the container in place unless it is linked elsewhere (a pinned delta base, a
+        hard link): then its records must stay, and the truncation is logged like any other.
+        The check and the reset hold the pin lock, so no delta writer pins it in between."""
+        with PIN_LOCK:
+            if os.fstat(self.container.fd).st_nlink != 1:
+                return False
+            self.container.reset()
+            return True
 
     async def commit(self, durable: bool) -> None:
         """Make everything written so far the file's committed state (durable if asked)."""

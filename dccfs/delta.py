@@ -181,15 +181,22 @@ def store_for_path(path: str) -> BaseStore | None:
         directory = parent
 
 
+# Held while pinning, and by an overwrite (ContainerFile.truncate to 0) from its check that
+# the container has one link to its reset in place: a pin in between would keep records
+# that the reset then destroys.
+PIN_LOCK = threading.Lock()
+
+
 def pin_base(backing_root: str, base_fd: int, header: Header) -> str:
     """Hard-link the base container into .dccfs/bases (idempotent); returns the link path."""
     path = base_link_path(backing_root, header.file_id, header.generation)
-    if os.path.exists(path):
-        return path
-    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
-    link_fd(base_fd, AT_FDCWD, os.fsencode(tmp))
-    os.replace(tmp, path)
+    with PIN_LOCK:
+        if os.path.exists(path):
+            return path
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
+        link_fd(base_fd, AT_FDCWD, os.fsencode(tmp))
+        os.replace(tmp, path)
     return path
 
 

@@ -287,9 +287,12 @@ def test_a_prefetch_that_reads_after_close_caches_nothing(tmp_path, caplog):
                 nursery.start_soon(a.load_chunk, 0, True)
                 await trio.testing.wait_all_tasks_blocked()  # waiting for an I/O thread
                 a.closed = True
-                os.close(a.container.fd)
-                fd = os.open(tmp_path / "b", os.O_RDONLY)  # takes a's descriptor number
-                assert fd == a.container.fd
+                # a's descriptor number now names b, as after close and a reuse of the number
+                # (dup2 rather than close + open: another thread may take a freed number first)
+                other = os.open(tmp_path / "b", os.O_RDONLY)
+                os.dup2(other, a.container.fd)
+                os.close(other)
+                fd = a.container.fd
                 for holder in holders:
                     limiter.release_on_behalf_of(holder)
                 holders = []
@@ -351,3 +354,48 @@ def test_a_read_racing_an_overwrite_is_not_reported_as_damage(tmp_path, caplog):
 
     with caplog.at_level(logging.CRITICAL):
         run_with_files(tmp_path, config, body)
+
+
+def test_an_overwrite_never_resets_a_container_pinned_while_it_waited(tmp_path, caplog):
+    """An overwrite (truncate to 0) resets a container in place only when nothing else links
+    it. The link count used to be checked before waiting for an I/O thread, so a delta
+    base pinned in that wait was reset anyway: the pin then held no records and the
+    dependent read EIO. The check now runs with the reset, under the pin lock."""
+    config = Config(delta=False)
+    data = os.urandom(CHUNK + 4096)
+
+    locs = {}
+
+    async def body(engine, open_file):
+        a = open_file("a")
+        await a.write(0, data)
+        await a.commit(durable=False)
+        locs.update(a.container.index)
+        limiter = engine.io_limiter
+        holders = [object() for _ in range(int(limiter.total_tokens))]
+        for holder in holders:
+            limiter.acquire_on_behalf_of_nowait(holder)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(a.truncate, 0)
+                await trio.testing.wait_all_tasks_blocked()  # the truncate waits for a thread
+                os.link(tmp_path / "a", tmp_path / "pin")  # what pin_base does meanwhile
+                for holder in holders:
+                    limiter.release_on_behalf_of(holder)
+                holders = []
+        finally:
+            for holder in holders:
+                limiter.release_on_behalf_of(holder)
+        assert a.size == 0
+        await a.commit(durable=False)
+
+    with caplog.at_level(logging.CRITICAL):
+        run_with_files(tmp_path, config, body)
+    fd = os.open(tmp_path / "pin", os.O_RDONLY)
+    try:
+        pinned = Container.open(fd, "pin")
+        assert pinned.size == 0  # the truncation is logged like any other
+        # a delta names its base records by offset: they are all still there
+        assert pinned.read_chunk(0, locs[0]) + pinned.read_chunk(1, locs[1]) == data
+    finally:
+        os.close(fd)
