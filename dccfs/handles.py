@@ -325,14 +325,17 @@ class HandleTable:
         container = file.container
         tmp_path = os.path.join(self.tmp_dir, f"{container.header.file_id.hex()}-{inode.number}.compact")
         before = container.end
+        copied = (container.cache_id, before)
         try:
             await trio.to_thread.run_sync(compaction.write_compacted, container, tmp_path,
                                           limiter=self.engine.io_limiter)
         except OSError as exc:
             log.warning("%s: compaction failed, file left as it was: %s", container.path, exc)
             return
-        if file.handles or file.has_changes or file.closed:
-            os.unlink(tmp_path)  # reopened meanwhile: the copy may be stale
+        if file.handles or file.has_changes or file.closed or (container.cache_id, container.end) != copied:
+            # Reopened meanwhile, and maybe overwritten (a reset: a new file id) and released
+            # again, possibly ending at the same offset: the copy is stale.
+            os.unlink(tmp_path)
             return
         new_fd = compaction.swap_in(tmp_path, inode.proc_path, inode.key, before)
         if new_fd is not None:

@@ -7,6 +7,7 @@ import os
 
 import pytest
 import trio
+import trio.testing
 
 from dccfs.config import Config
 from dccfs.container import Container
@@ -135,3 +136,52 @@ def test_an_o_trunc_open_that_fails_leaves_no_handle_behind(tmp_path, caplog):
 
     with caplog.at_level(logging.CRITICAL):
         run_with_handles(backing, body)
+
+
+def test_a_compaction_never_swaps_over_a_file_rewritten_to_the_same_size(tmp_path, caplog, monkeypatch):
+    """While a released file is being compacted, it is reopened with O_TRUNC, rewritten by
+    the same sequence of writes (so it ends at the same offset) and released again. The
+    swap used to check only the backing file's size and identity, and renamed the stale
+    compacted copy over the new content."""
+    from dccfs import compaction
+    backing = tmp_path / "backing"
+    (backing / ".dccfs" / "tmp").mkdir(parents=True)
+    final = os.urandom(CHUNK)
+
+    async def save(handle, last):
+        for _ in range(12):  # incompressible rewrites: every record and index the same size
+            await handle.file.write(0, os.urandom(CHUNK))
+            await handle.file.commit(durable=False)
+        await handle.file.write(0, last)
+        await handle.file.commit(durable=False)
+
+    async def body(engine, inodes, handles):
+        inode, handle = await create(inodes, handles, "f.bin")
+        await save(handle, os.urandom(CHUNK))
+        real_write_compacted = compaction.write_compacted
+
+        def write_then_rewrite(source, tmp):
+            size = real_write_compacted(source, tmp)
+            trio.from_thread.run(rewrite)
+            return size
+
+        async def rewrite():  # runs in the compacting task, which holds the release lock
+            again = await handles.open(inode, os.O_RDWR | os.O_TRUNC)
+            await save(again, final)
+            inode.opens += 1
+            engine.nursery.start_soon(handles.release, again.number)  # waits for that lock
+            await trio.testing.wait_all_tasks_blocked()
+
+        monkeypatch.setattr(compaction, "write_compacted", write_then_rewrite)
+        inode.opens += 1
+        await handles.release(handle.number)
+        await trio.sleep(1)
+        monkeypatch.setattr(compaction, "write_compacted", real_write_compacted)
+
+    with caplog.at_level(logging.CRITICAL):
+        run_with_handles(backing, body)
+    container = stored(backing, "f.bin")
+    try:
+        assert container.read_chunk(0) == final
+    finally:
+        os.close(container.fd)
