@@ -134,6 +134,9 @@ def tune(mountpoint, settings):
         if not sep:
             _fail(f"expected KEY=VALUE, got {item!r}")
         changes[key.strip()] = value.strip()
+    if changes.get("trace") not in (None, "off", "", "none"):
+        import os
+        changes["trace"] = os.path.abspath(changes["trace"])  # the daemon works from /
     reply = _control(mountpoint, {"cmd": "tune", "set": changes} if changes else {"cmd": "stats"})
     click.echo(json.dumps(reply["cache"], indent=2))
 

@@ -168,7 +168,12 @@ def run_mount(req: MountRequest) -> int:
     backing = os.path.realpath(req.backing)
     mountpoint = os.path.realpath(req.mountpoint)
     lock_fd = take_mount_lock(backing, req.config.shared)
-    log_file = req.log_file
+    # The daemon works from /: paths the user gave relative to their directory are
+    # resolved now, before it forks (the fsname, which `dccfs umount` reads, included).
+    req.backing = backing
+    log_file = os.path.abspath(req.log_file) if req.log_file else None
+    if req.trace:
+        req.trace = os.path.abspath(req.trace)
     if not req.foreground and log_file is None:
         log_file = os.path.join(state_dir(backing), DEFAULT_LOG)
     holder: list = []

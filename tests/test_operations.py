@@ -203,3 +203,33 @@ def test_control_socket_dirs_other_users_can_change_are_not_trusted(tmp_path):
     link = tmp_path / "link"
     link.symlink_to(mine)
     assert not trusted_socket_dir(str(link), os.getuid())
+
+
+@pytest.mark.mount
+def test_relative_paths_of_a_daemonised_mount(tmp_path):
+    """A daemon works from /, so relative BACKING, --log and --trace (and tune trace=) must be
+    resolved before it forks: the fsname was the relative backing path, so `dccfs umount`
+    from another directory could not find the pid file and returned without waiting for
+    the daemon's commit; the log and trace were written to /rel.log and /rel.trace."""
+    from dccfs.mount import daemon_pid
+    (tmp_path / "b").mkdir()
+    (tmp_path / "m").mkdir()
+    result = dccfs("mount", "--log", "rel.log", "--trace", "rel.trace", "b", "m", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    mnt = tmp_path / "m"
+    try:
+        pid = int((tmp_path / "b" / ".dccfs" / "daemon.pid").read_text())
+        assert daemon_pid(str(mnt)) == pid
+        (mnt / "f").write_bytes(b"x" * 100000)
+        assert (mnt / "f").read_bytes() == b"x" * 100000
+        result = dccfs("tune", "m", "trace=tuned.trace", cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+        assert json.loads(result.stdout)["trace"] == str(tmp_path / "tuned.trace")
+    finally:
+        result = dccfs("umount", mnt, cwd="/")
+        if result.returncode != 0:
+            subprocess.run(["fusermount3", "-u", "-z", str(mnt)])
+    assert result.returncode == 0, result.stderr
+    assert "unmounted" in (tmp_path / "rel.log").read_text()
+    assert (tmp_path / "rel.trace").exists() and (tmp_path / "tuned.trace").exists()
+    assert not os.path.exists("/rel.log") and not os.path.exists("/tuned.trace")
