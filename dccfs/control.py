@@ -206,17 +206,19 @@ class ControlServer:
         return {"ok": True, "cache": self.cache_settings()}
 
     def set_trace(self, target: str) -> None:
+        from dccfs.engine import close_trace_quietly
         from dccfs.trace import TraceWriter
         if self.engine.trace is not None:
-            self.engine.trace.close()
-            self.engine.trace = None
+            trace, self.engine.trace = self.engine.trace, None
+            close_trace_quietly(trace)
         if target not in ("off", "", "none"):
             self.engine.trace = TraceWriter(target)
             log.info("recording the chunk access trace to %s", target)
 
     def close(self) -> None:
+        from dccfs.engine import close_trace_quietly
         if self.engine.trace is not None:
-            self.engine.trace.close()
+            close_trace_quietly(self.engine.trace)
         try:
             os.unlink(self.path)
         except OSError:

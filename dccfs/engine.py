@@ -158,7 +158,13 @@ class Engine:
             file_id, idx, offset = key
             obj_id = xxhash.xxh3_64_intdigest(file_id + idx.to_bytes(8, "little")
                                               + offset.to_bytes(8, "little"))
-            self.trace.record(time.time(), obj_id, size, is_write)
+            try:
+                self.trace.record(time.time(), obj_id, size, is_write)
+            except OSError as exc:
+                # A trace is advice: a full disk under it must not fail the read or write.
+                trace, self.trace = self.trace, None
+                log.warning("stopped recording the chunk access trace to %s: %s", trace.path, exc)
+                close_trace_quietly(trace)
 
     def start_background(self, fn, *args) -> None:
         """Run fn(*args) in the mount's nursery; errors are logged, never fatal to the mount."""
@@ -170,3 +176,11 @@ class Engine:
                 log.exception("background task %s failed", getattr(fn, "__name__", fn))
         assert self.nursery is not None
         self.nursery.start_soon(guarded)
+
+
+def close_trace_quietly(trace) -> None:
+    """Close a TraceWriter; a last flush that fails is logged, never raised."""
+    try:
+        trace.close()
+    except OSError as exc:
+        log.warning("the chunk access trace %s lost its last records: %s", trace.path, exc)

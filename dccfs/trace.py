@@ -62,7 +62,10 @@ class TraceWriter:
                 self._write_buffer()
 
     def _write_buffer(self) -> None:
-        self._file.write(self._buffer)
+        self._write_buffer_to(self._file)
+
+    def _write_buffer_to(self, file) -> None:
+        file.write(self._buffer)
         self._buffer.clear()
 
     def flush(self) -> None:
@@ -75,9 +78,12 @@ class TraceWriter:
         with self._lock:
             if self._file is None:
                 return
-            self._write_buffer()
-            self._file.close()
-            self._file = None
+            file, self._file = self._file, None
+            try:
+                self._write_buffer_to(file)
+            finally:
+                self._buffer.clear()
+                file.close()  # closes even when its own flush raises
 
     def __enter__(self) -> "TraceWriter":
         return self

@@ -68,3 +68,30 @@ def test_writer_is_thread_safe(tmp_path):
     writer.close()
     ids = read_oracle_general(path)["obj_id"]
     assert len(ids) == 20_000 and len(set(ids.tolist())) == 20_000
+
+
+@pytest.mark.mount
+def test_a_trace_that_cannot_be_written_never_fails_reads(make_mount):
+    """Recording is advice: a trace file on a full disk (here /dev/full) used to turn every
+    read into ENOSPC once 64 KiB of records were buffered, since the failed buffer flush
+    raised in the read's own request, and again at every later record."""
+    import mmap
+    import os
+
+    from dccfs.control import request
+    m = make_mount()
+    payload = os.urandom(1 << 20)
+    (m.mnt / "f").write_bytes(payload)
+    assert request(str(m.mnt), {"cmd": "tune", "set": {"trace": "/dev/full"}})["ok"]
+    buf = mmap.mmap(-1, 4096)
+    fd = os.open(m.mnt / "f", os.O_RDONLY | os.O_DIRECT)
+    try:
+        for i in range(4000):  # one READ and one trace record each; 24 bytes a record
+            offset = (i * 4096) % len(payload)
+            assert os.preadv(fd, [buf], offset) == 4096
+            assert buf[:] == payload[offset:offset + 4096]
+    finally:
+        os.close(fd)
+        buf.close()
+    assert (m.mnt / "f").read_bytes() == payload
+    assert request(str(m.mnt), {"cmd": "stats"})["cache"]["trace"] == "off"
