@@ -306,3 +306,30 @@ def test_rewrites_are_compacted_and_stay_readable(mounted):
     mounted.remount()
     assert path.read_bytes() == data
     assert "compacted" in mounted.log_text()
+
+
+@pytest.mark.xfail(strict=True, reason="open bug: SIGTERM loses bytes the kernel's writeback "
+                   "cache still holds for an open file")
+def test_sigterm_commits_writes_the_kernel_still_caches(make_mount):
+    """SIGTERM commits every open file, including what the kernel's writeback cache still
+    holds as dirty pages of a file that is open: the daemon commits only the chunks it has
+    received, then unmounts, and the kernel's pages are lost (the file reads empty).
+    A syncfs of the mount from a worker thread before the commit (tried, not kept) passed
+    unloaded but still lost the last partial chunk under CPU load (1 run in 6)."""
+    import signal
+    m = make_mount()
+    payload = os.urandom((1 << 20) + 12345)
+    fd = os.open(m.mnt / "f", os.O_CREAT | os.O_WRONLY, 0o644)
+    try:
+        os.write(fd, payload)
+        os.kill(m.pid, signal.SIGTERM)
+        assert m.proc.wait(60) == 0
+        m.proc = None
+    finally:
+        try:
+            os.close(fd)
+        except OSError:
+            pass  # the mount is gone: ENOTCONN
+    m.stop()
+    m.start()
+    assert (m.mnt / "f").read_bytes() == payload
