@@ -20,6 +20,9 @@ log = logging.getLogger(__name__)
 # value while processing that reply. docs/performance.md has the measurements.
 READ_AHEAD_KB = 1024
 
+# How long SIGTERM waits for the kernel to hand over the writes it still caches.
+KERNEL_FLUSH_S = 30.0
+
 
 def raise_read_ahead(mountpoint: str, kilobytes: int = READ_AHEAD_KB) -> None:
     """Set the FUSE connection's read_ahead_kb; found through mountinfo, because a stat of
@@ -58,7 +61,7 @@ async def _raise_read_ahead_after_init(ops: DccfsOperations, mountpoint: str) ->
 async def _main(ops: DccfsOperations, engine: Engine, control, mountpoint: str) -> None:
     async with trio.open_nursery() as nursery:
         engine.nursery = nursery
-        nursery.start_soon(_stop_on_signals, ops, nursery)
+        nursery.start_soon(_stop_on_signals, ops, mountpoint)
         if control is not None:
             nursery.start_soon(control.serve)
         nursery.start_soon(_raise_read_ahead_after_init, ops, mountpoint)
@@ -72,14 +75,50 @@ async def _main(ops: DccfsOperations, engine: Engine, control, mountpoint: str) 
         nursery.cancel_scope.cancel()
 
 
-async def _stop_on_signals(ops: DccfsOperations, nursery) -> None:
+async def _stop_on_signals(ops: DccfsOperations, mountpoint: str) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async for signum in signals:
             log.info("signal %d: committing open files and stopping", signum)
             with trio.CancelScope(shield=True):
+                with trio.move_on_after(KERNEL_FLUSH_S):
+                    await trio.to_thread.run_sync(_fsync_open_files, open_file_paths(ops, mountpoint),
+                                                  abandon_on_cancel=True)
                 await ops.shutdown()
             pyfuse3.terminate()
             return
+
+
+def open_file_paths(ops: DccfsOperations, mountpoint: str) -> list[str]:
+    """The open container files' current paths through the mount."""
+    from dccfs.handles import relpath_of
+    paths = []
+    for number in list(ops.handles.open_files):
+        try:
+            rel = relpath_of(ops.inodes.get(number), ops.backing_root)
+        except OSError:  # forgotten meanwhile
+            continue
+        if not rel.startswith(("<", "/")):  # an unlinked or unreachable file has no path
+            paths.append(os.path.join(mountpoint, rel))
+    return paths
+
+
+def _fsync_open_files(paths: list[str]) -> None:
+    """With the writeback cache the kernel may still hold dirty pages of an open file, which
+    the daemon has never seen. An fsync through the mount makes the kernel send them (this
+    daemon's main loop serves them meanwhile) and wait for the replies, and commits the
+    file; the shutdown commit after it would otherwise miss them."""
+    for path in paths:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError as exc:
+            log.info("%s: not flushed before stopping: %s", path, exc)
+            continue
+        try:
+            os.fsync(fd)
+        except OSError as exc:
+            log.warning("%s: flushing the kernel's cached writes failed: %s", path, exc)
+        finally:
+            os.close(fd)
 
 
 def serve(backing: str, mountpoint: str, req, on_mounted) -> None:

@@ -308,14 +308,12 @@ def test_rewrites_are_compacted_and_stay_readable(mounted):
     assert "compacted" in mounted.log_text()
 
 
-@pytest.mark.xfail(strict=True, reason="open bug: SIGTERM loses bytes the kernel's writeback "
-                   "cache still holds for an open file")
 def test_sigterm_commits_writes_the_kernel_still_caches(make_mount):
     """SIGTERM commits every open file, including what the kernel's writeback cache still
-    holds as dirty pages of a file that is open: the daemon commits only the chunks it has
-    received, then unmounts, and the kernel's pages are lost (the file reads empty).
-    A syncfs of the mount from a worker thread before the commit (tried, not kept) passed
-    unloaded but still lost the last partial chunk under CPU load (1 run in 6)."""
+    holds as dirty pages of a file that is open. The daemon used to commit only the chunks
+    it had received, then unmount, and the kernel's pages were lost (the file read empty).
+    It now fsyncs each open file through the mount first. (A syncfs of the mount, tried
+    before, still lost the last partial chunk under CPU load in 1 run of 6.)"""
     import signal
     m = make_mount()
     payload = os.urandom((1 << 20) + 12345)
