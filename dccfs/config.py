@@ -43,8 +43,13 @@ def parse_size(value, where: str = "size") -> int:
     m = _SIZE_RE.match(value)
     if not m:
         raise ConfigError(f"{where}: {value!r} is not a size (examples: 8G, 512MiB, 64k, 1048576)")
-    number, unit, _ = m.groups()
-    return int(float(number) * 1024 ** _UNITS[unit.lower()])
+    number, unit, suffix = m.groups()
+    if not unit and suffix.lower() not in ("", "b"):
+        raise ConfigError(f"{where}: {value!r} is not a size ('{suffix}' needs a unit: KiB, MiB, GiB)")
+    size = float(number) * 1024 ** _UNITS[unit.lower()]
+    if size != int(size):
+        raise ConfigError(f"{where}: {value!r} is not a whole number of bytes")
+    return int(size)
 
 
 @dataclass(frozen=True)
@@ -167,7 +172,7 @@ def _parse_rule(table, where: str) -> Rule:
     if codec not in CODEC_CHOICES:
         raise ConfigError(f"{where}: codec {codec!r} is not one of {', '.join(CODEC_CHOICES)}")
     level = table.get("level")
-    if level is not None and (not isinstance(level, int) or not -7 <= level <= 22):
+    if level is not None and (isinstance(level, bool) or not isinstance(level, int) or not -7 <= level <= 22):
         raise ConfigError(f"{where}: level must be an integer -7..22, got {level!r}")
     chunk = table.get("chunk_size")
     chunk_size = check_chunk_size(chunk, f"{where}.chunk_size") if chunk is not None else None
@@ -208,9 +213,11 @@ def load_config(path: str | Path | None) -> Config:
         return Config()
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read config: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: not UTF-8 text (byte {exc.start})") from exc
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:

@@ -40,10 +40,17 @@ def test_sizes_and_config_errors(tmp_path):
         "chunk_size = '100KiB'\n": "power of two",
         "[cache]\ncolour = 'red'\n": "unknown key 'colour'",
         "not toml [": "not valid TOML",
+        "[cache]\nt0_bytes = '64ib'\n": "needs a unit",  # was 64 bytes
+        "[cache]\ndirty_bytes = '0.3'\n": "whole number of bytes",  # was 0
+        "[[rule]]\nglob = '*'\nlevel = true\n": "level",  # was level 1
+        b"[cache]\npolicy = '\xff'\n": "not UTF-8",  # was a UnicodeDecodeError traceback
     }
     for text, message in cases.items():
         path = tmp_path / "c.toml"
-        path.write_text(text)
+        if isinstance(text, bytes):
+            path.write_bytes(text)
+        else:
+            path.write_text(text)
         with pytest.raises(ConfigError) as exc:
             load_config(path)
         assert message in str(exc.value) and str(path) in str(exc.value)
