@@ -149,6 +149,8 @@ class ControlServer:
                         reply = self.dispatch(request)
             except (ValueError, ConfigError) as exc:
                 reply = {"ok": False, "error": str(exc)}
+            except OSError as exc:  # a trace file that cannot be opened, for one
+                reply = {"ok": False, "error": f"{exc.filename or 'control'}: {exc.strerror or exc}"}
             except Exception as exc:
                 log.exception("control request failed")
                 reply = {"ok": False, "error": f"internal error: {exc}"}
@@ -208,11 +210,14 @@ class ControlServer:
     def set_trace(self, target: str) -> None:
         from dccfs.engine import close_trace_quietly
         from dccfs.trace import TraceWriter
+        # The new trace opens first: a target that cannot be written is refused, and the
+        # trace being recorded goes on.
+        new = TraceWriter(target) if target not in ("off", "", "none") else None
         if self.engine.trace is not None:
             trace, self.engine.trace = self.engine.trace, None
             close_trace_quietly(trace)
-        if target not in ("off", "", "none"):
-            self.engine.trace = TraceWriter(target)
+        if new is not None:
+            self.engine.trace = new
             log.info("recording the chunk access trace to %s", target)
 
     def close(self) -> None:

@@ -176,6 +176,15 @@ def run_mount(req: MountRequest) -> int:
         req.trace = os.path.abspath(req.trace)
     if not req.foreground and log_file is None:
         log_file = os.path.join(state_dir(backing), DEFAULT_LOG)
+    for what, path in (("log file", log_file), ("trace file", req.trace)):
+        # Checked here, where the error still reaches the terminal: a daemon has no log yet.
+        try:
+            if path is not None:
+                with open(path, "a"):
+                    pass
+        except OSError as exc:
+            os.close(lock_fd)
+            raise MountError(f"cannot write the {what} {path}: {exc.strerror}") from exc
     holder: list = []
     if not req.foreground:
         daemonize(holder)

@@ -240,3 +240,31 @@ def test_relative_paths_of_a_daemonised_mount(tmp_path):
     assert "unmounted" in (tmp_path / "rel.log").read_text()
     assert (tmp_path / "rel.trace").exists() and (tmp_path / "tuned.trace").exists()
     assert not os.path.exists("/rel.log") and not os.path.exists("/tuned.trace")
+
+
+def test_unwritable_log_or_trace_files_are_precise_errors(tmp_path):
+    """A log or trace file that cannot be written fails the mount with its path and reason
+    (the daemon had no log to say it in: a traceback, or "the daemon exited"), and a tune to
+    a trace that cannot be opened is refused while the current trace goes on (it used to
+    stop the current trace and answer "internal error")."""
+    (tmp_path / "b").mkdir()
+    (tmp_path / "m").mkdir()
+    for option in ("--log", "--trace"):
+        result = dccfs("mount", option, str(tmp_path / "missing" / "x"), tmp_path / "b", tmp_path / "m")
+        assert result.returncode == 1, result
+        assert "missing/x" in result.stderr and "No such file or directory" in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr
+    mnt = tmp_path / "m"
+    result = dccfs("mount", "--trace", str(tmp_path / "t.trace"), tmp_path / "b", mnt)
+    assert result.returncode == 0, result.stderr
+    try:
+        result = dccfs("tune", mnt, f"trace={tmp_path / 'missing' / 'y.trace'}")
+        assert result.returncode == 1 and "No such file or directory" in result.stderr, result
+        assert "internal error" not in result.stderr
+        result = dccfs("tune", mnt)
+        assert json.loads(result.stdout)["trace"] == str(tmp_path / "t.trace")
+    finally:
+        result = dccfs("umount", mnt)
+        if result.returncode != 0:
+            subprocess.run(["fusermount3", "-u", "-z", str(mnt)])
+    assert result.returncode == 0, result.stderr
