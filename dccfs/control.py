@@ -76,6 +76,19 @@ def socket_path(mountpoint: str, for_server: bool = False) -> str:
     return os.path.join(_socket_dirs()[0], f"{tag}.sock")
 
 
+def peer_pid(mountpoint: str) -> int | None:
+    """The pid of the process serving mountpoint's control socket, or None."""
+    path = socket_path(mountpoint)
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(5)
+            sock.connect(path)
+            creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+            return struct.unpack("3i", creds)[0]
+    except OSError:
+        return None
+
+
 def peer_uid(sock) -> int:
     creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     return struct.unpack("3i", creds)[1]
@@ -135,6 +148,8 @@ class ControlServer:
                     if not more:
                         break
                     data += more
+                if not data:
+                    return  # a probe for the daemon's pid (peer_pid): nothing to answer
                 if uid not in (0, self.owner_uid):
                     log.warning("control: refused uid %d (only root and uid %d may control this mount)",
                                 uid, self.owner_uid)

@@ -223,9 +223,16 @@ def run_mount(req: MountRequest) -> int:
 
 
 def daemon_pid(mountpoint: str) -> int | None:
+    """The pid of the daemon serving mountpoint: the peer of its control socket, exact per
+    mount (in --shared mode every node's daemon writes the backing directory's one pid
+    file), else that pid file."""
     entry = mounted_fuse_targets().get(os.path.realpath(mountpoint))
     if entry is None:
         return None
+    from dccfs.control import peer_pid
+    pid = peer_pid(os.path.realpath(mountpoint))
+    if pid is not None:
+        return pid
     source = entry[0]
     try:
         with open(os.path.join(source, STATE_DIR, PID_FILE)) as f:

@@ -56,3 +56,15 @@ def test_close_to_open_consistency_and_serialised_writers(make_mount, tmp_path):
     fsck = subprocess.run([sys.executable, "-m", "dccfs.cli", "fsck", "-q", str(a.backing)],
                           capture_output=True, text=True)
     assert fsck.returncode == 0, fsck.stdout + fsck.stderr
+
+
+def test_daemon_pid_names_each_shared_mount_s_own_daemon(make_mount):
+    """Every daemon of a --shared backing directory writes the same pid file, so `dccfs
+    umount` of one mount waited for whichever daemon wrote it last (up to 120 s for the
+    other node's, or not at all for a pid this host does not have). The pid now comes from
+    the mount's own control socket."""
+    from dccfs.mount import daemon_pid
+    a = make_mount("a", "--shared")
+    b = make_mount("b", "--shared", backing=a.backing)
+    assert daemon_pid(str(a.mnt)) == a.pid
+    assert daemon_pid(str(b.mnt)) == b.pid
