@@ -1,6 +1,7 @@
 """Engine and ContainerFile without a mount: a failing codec or store costs ratio or an error, never a hang."""
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -57,6 +58,19 @@ def run_with_files(tmp_path, config, body) -> None:
             nursery.cancel_scope.cancel()
 
     trio.run(main)
+
+
+@contextlib.contextmanager
+def all_tokens_held(limiter):
+    """Every token of limiter taken: work started in the block waits for a thread until it ends."""
+    holders = [object() for _ in range(int(limiter.total_tokens))]
+    for holder in holders:
+        limiter.acquire_on_behalf_of_nowait(holder)
+    try:
+        yield
+    finally:
+        for holder in holders:
+            limiter.release_on_behalf_of(holder)
 
 
 def _failing_append(calls):
@@ -181,18 +195,11 @@ def test_partial_chunks_are_copied_for_encoding_only_once_a_core_is_free(tmp_pat
         f = open_file("partial")
         for i in range(16):
             await f.write(i * CHUNK, first)
-        limiter = engine.cpu_limiter
-        holders = [object() for _ in range(int(limiter.total_tokens))]
-        for holder in holders:
-            limiter.acquire_on_behalf_of_nowait(holder)
-        try:
+        with all_tokens_held(engine.cpu_limiter):
             f.schedule_all()
             await trio.testing.wait_all_tasks_blocked()
             for i in range(16):
                 await f.write(i * CHUNK, second)
-        finally:
-            for holder in holders:
-                limiter.release_on_behalf_of(holder)
         with trio.fail_after(60):
             await f.flush_dirty()
         assert sum(row.chunks for row in engine.stats.encode.values()) == 16
@@ -278,12 +285,8 @@ def test_a_prefetch_that_reads_after_close_caches_nothing(tmp_path, caplog):
         assert a.container.index == b.container.index
         loc = a.container.index[0]
         assert not engine.cache.peek((a.cache_id, 0, loc.offset))
-        limiter = engine.io_limiter
-        holders = [object() for _ in range(int(limiter.total_tokens))]
-        for holder in holders:
-            limiter.acquire_on_behalf_of_nowait(holder)
-        try:
-            async with trio.open_nursery() as nursery:
+        async with trio.open_nursery() as nursery:
+            with all_tokens_held(engine.io_limiter):
                 nursery.start_soon(a.load_chunk, 0, True)
                 await trio.testing.wait_all_tasks_blocked()  # waiting for an I/O thread
                 a.closed = True
@@ -293,12 +296,6 @@ def test_a_prefetch_that_reads_after_close_caches_nothing(tmp_path, caplog):
                 os.dup2(other, a.container.fd)
                 os.close(other)
                 fd = a.container.fd
-                for holder in holders:
-                    limiter.release_on_behalf_of(holder)
-                holders = []
-        finally:
-            for holder in holders:
-                limiter.release_on_behalf_of(holder)
         os.close(fd)
         fd = os.open(tmp_path / "a", os.O_RDWR)
         again = ContainerFile(engine, Container.open(fd, "a"), config.rule_for("a"))
@@ -371,21 +368,11 @@ def test_an_overwrite_never_resets_a_container_pinned_while_it_waited(tmp_path, 
         await a.write(0, data)
         await a.commit(durable=False)
         locs.update(a.container.index)
-        limiter = engine.io_limiter
-        holders = [object() for _ in range(int(limiter.total_tokens))]
-        for holder in holders:
-            limiter.acquire_on_behalf_of_nowait(holder)
-        try:
-            async with trio.open_nursery() as nursery:
+        async with trio.open_nursery() as nursery:
+            with all_tokens_held(engine.io_limiter):
                 nursery.start_soon(a.truncate, 0)
                 await trio.testing.wait_all_tasks_blocked()  # the truncate waits for a thread
                 os.link(tmp_path / "a", tmp_path / "pin")  # what pin_base does meanwhile
-                for holder in holders:
-                    limiter.release_on_behalf_of(holder)
-                holders = []
-        finally:
-            for holder in holders:
-                limiter.release_on_behalf_of(holder)
         assert a.size == 0
         await a.commit(durable=False)
 
