@@ -13,8 +13,6 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import re
-import stat
 import struct
 import threading
 from dataclasses import dataclass
@@ -24,6 +22,8 @@ from dccfs.codecs import CodecError
 from dccfs.codecs.delta import CODEC_DELTA, delta_base_ref
 from dccfs.format import (HEADER_SIZE, MAX_CHUNK_SHIFT, RECORD_HEADER_SIZE, FormatError, Header,
                           RecordHeader)
+from dccfs.delta_candidates import (MAX_CANDIDATES, find_base_candidates, looks_temporary,  # noqa: F401
+                                    name_pattern, open_base)
 from dccfs.syscalls import AT_FDCWD, link_fd
 
 log = logging.getLogger(__name__)
@@ -37,9 +37,6 @@ _REF = struct.Struct("<16sIQQIQ")  # file id, generation, chunk index, offset, l
 # The config's delta_chain may not exceed this; a reader refuses deeper references, so a
 # damaged or cyclic reference cannot make it walk further.
 MAX_CHAIN = 16
-# Base files considered: siblings whose names differ only in digits (step-10 / step-20),
-# in the same directory or in sibling directories, newest first.
-MAX_CANDIDATES = 8
 
 
 @dataclass(frozen=True)
@@ -75,10 +72,6 @@ class BaseRef:
     @property
     def link_name(self) -> str:
         return f"{self.file_id.hex()}-{self.generation}"
-
-
-def name_pattern(name: str) -> str:
-    return re.sub(r"\d+", "#", name)
 
 
 def base_link_path(backing_root: str, file_id: bytes, generation: int) -> str:
@@ -198,73 +191,6 @@ def pin_base(backing_root: str, base_fd: int, header: Header) -> str:
         link_fd(base_fd, AT_FDCWD, os.fsencode(tmp))
         os.replace(tmp, path)
     return path
-
-
-def looks_temporary(name: str) -> bool:
-    """Atomic savers (safetensors, transformers, many trainers) write a hidden or *.tmp file
-    and rename it into place, so its name says nothing about its series."""
-    return name.startswith(".") or "tmp" in name.lower()
-
-
-def find_base_candidates(backing_root: str, relpath: str) -> list[str]:
-    """Container files that look like earlier versions of relpath, newest first: names that
-    differ only in digits, or any file beside a temporary one."""
-    directory, name = os.path.split(relpath)
-    pattern = name_pattern(name)
-    any_name = looks_temporary(name)
-    search_dirs = [directory]
-    parent, dirname = os.path.split(directory)
-    if dirname and name_pattern(dirname) != dirname:
-        try:
-            for sibling in os.listdir(os.path.join(backing_root, parent) or "."):
-                if sibling != dirname and name_pattern(sibling) == name_pattern(dirname):
-                    search_dirs.append(os.path.join(parent, sibling))
-        except OSError:
-            pass
-    found = []
-    for rel_dir in search_dirs:
-        full_dir = os.path.join(backing_root, rel_dir)
-        try:
-            entries = os.listdir(full_dir)
-        except OSError:
-            continue
-        for entry in entries:
-            if entry == name and rel_dir == directory:
-                continue
-            if looks_temporary(entry) or (not any_name and name_pattern(entry) != pattern):
-                continue
-            full = os.path.join(full_dir, entry)
-            try:
-                st = os.stat(full, follow_symlinks=False)
-            except OSError:
-                continue
-            # lstat only: a symlink is never a base (its target may be outside the backing
-            # directory or on another filesystem, where the pin cannot be a hard link)
-            if st.st_size > HEADER_SIZE and stat.S_ISREG(st.st_mode):
-                found.append((st.st_mtime_ns, full))
-    found.sort(reverse=True)
-    return [path for _, path in found[:MAX_CANDIDATES]]
-
-
-def open_base(path: str, exclude_file_id: bytes) -> Container | None:
-    """Open a candidate base read-only if it is a clean, committed container. Chain length
-    is bounded per chunk (DeltaWriter.max_chain)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return None
-    try:
-        head = pread_exact(fd, HEADER_SIZE, 0)
-        header = Header.unpack(head)
-        if header.file_id == exclude_file_id:
-            raise FormatError("same file")
-        container = Container.open(fd, path)
-        if container.recovery.torn_tail or not container.index:
-            raise FormatError("not a clean committed container")
-        return container
-    except (FormatError, ContainerError, OSError, struct.error):
-        os.close(fd)
-        return None
 
 
 DELTA_LAYOUTS = ("safetensors", "torch-zip")
