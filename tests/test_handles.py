@@ -1,6 +1,7 @@
 """The handle table without a mount: opens, releases, compaction swaps and the shutdown commit on real containers."""
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -39,9 +40,14 @@ async def create(inodes, handles, name):
     return inode, await handles.attach_container(inode, fd, os.O_RDWR, create=True)
 
 
-def stored(backing, name) -> Container:
-    """The committed container as a fresh open sees it (the descriptor stays with the object)."""
-    return Container.open(os.open(backing / name, os.O_RDONLY), name)
+@contextlib.contextmanager
+def stored(backing, name):
+    """The committed container as a fresh open sees it; its descriptor is closed afterwards."""
+    fd = os.open(backing / name, os.O_RDONLY)
+    try:
+        yield Container.open(fd, name)
+    finally:
+        os.close(fd)
 
 
 def test_an_open_right_after_a_compaction_swap_writes_to_the_new_container(tmp_path, caplog):
@@ -80,11 +86,8 @@ def test_an_open_right_after_a_compaction_swap_writes_to_the_new_container(tmp_p
 
     with caplog.at_level(logging.CRITICAL):
         run_with_handles(backing, body)
-    container = stored(backing, "f.bin")
-    try:
+    with stored(backing, "f.bin") as container:
         assert container.read_chunk(0) == second
-    finally:
-        os.close(container.fd)
 
 
 def test_commit_all_commits_every_file_when_one_fails(tmp_path, caplog):
@@ -105,12 +108,9 @@ def test_commit_all_commits_every_file_when_one_fails(tmp_path, caplog):
 
     with caplog.at_level(logging.CRITICAL):
         run_with_handles(backing, body)
-    container = stored(backing, "good.bin")
-    try:
+    with stored(backing, "good.bin") as container:
         assert container.size == len(good)
         assert container.read_chunk(0) + container.read_chunk(1) == good
-    finally:
-        os.close(container.fd)
 
 
 def test_an_o_trunc_open_that_fails_leaves_no_handle_behind(tmp_path, caplog):
@@ -180,8 +180,5 @@ def test_a_compaction_never_swaps_over_a_file_rewritten_to_the_same_size(tmp_pat
 
     with caplog.at_level(logging.CRITICAL):
         run_with_handles(backing, body)
-    container = stored(backing, "f.bin")
-    try:
+    with stored(backing, "f.bin") as container:
         assert container.read_chunk(0) == final
-    finally:
-        os.close(container.fd)
