@@ -43,9 +43,16 @@ def raise_read_ahead(mountpoint: str, kilobytes: int = READ_AHEAD_KB) -> None:
         log.info("kept the kernel's read-ahead (%s)", exc)
 
 
+def fsname_option(backing: str) -> str:
+    """The backing path as an fsname value: libfuse splits its options at commas and
+    takes a backslash as an escape, so both are escaped (a path with a comma failed to
+    mount otherwise). The kernel shows the unescaped path in mountinfo."""
+    return backing.replace("\\", "\\\\").replace(",", "\\,")
+
+
 def fuse_options(req) -> set[str]:
     options = set(pyfuse3.default_options)
-    options |= {"default_permissions", f"fsname={req.backing}", "subtype=dccfs"}
+    options |= {"default_permissions", f"fsname={fsname_option(req.backing)}", "subtype=dccfs"}
     for opt in req.fuse_options:
         if opt in ("debug", "nonempty"):
             continue

@@ -82,13 +82,22 @@ def preflight(req: MountRequest) -> None:
 
 def state_dir(backing: str) -> str:
     path = os.path.join(backing, STATE_DIR)
-    os.makedirs(os.path.join(path, "tmp"), mode=0o700, exist_ok=True)
+    try:
+        os.makedirs(os.path.join(path, "tmp"), mode=0o700, exist_ok=True)
+    except OSError as exc:
+        raise MountError(f"cannot create the state directory {path}: {exc.strerror} (the "
+                         "backing directory must be writable: dccfs stores every file there "
+                         "and keeps its lock, log and temporary files under .dccfs)") from exc
     return path
 
 
 def take_mount_lock(backing: str, shared: bool) -> int:
     """One exclusive daemon per backing directory, unless every mount of it says --shared."""
-    fd = os.open(os.path.join(state_dir(backing), LOCK_FILE), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    path = os.path.join(state_dir(backing), LOCK_FILE)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise MountError(f"cannot open the mount lock {path}: {exc.strerror}") from exc
     try:
         fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -268,3 +268,41 @@ def test_unwritable_log_or_trace_files_are_precise_errors(tmp_path):
         if result.returncode != 0:
             subprocess.run(["fusermount3", "-u", "-z", str(mnt)])
     assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.mount
+def test_a_backing_path_with_commas_and_backslashes_mounts(tmp_path):
+    """libfuse splits options at commas: the fsname (the backing path) used to end there,
+    and the mount failed with "fuse_session_new() failed"."""
+    backing, mnt = tmp_path / "a,b\\c" / "back", tmp_path / "m"
+    backing.mkdir(parents=True)
+    mnt.mkdir()
+    result = dccfs("mount", backing, mnt)
+    assert result.returncode == 0, result.stderr
+    try:
+        (mnt / "f").write_bytes(b"x" * 100_000)
+        assert (mnt / "f").read_bytes() == b"x" * 100_000
+        assert dccfs("stats", mnt).returncode == 0
+    finally:
+        result = dccfs("umount", mnt)
+        if result.returncode != 0:
+            subprocess.run(["fusermount3", "-u", "-z", str(mnt)])
+    assert result.returncode == 0, result.stderr
+    assert (backing / "f").exists()
+
+
+@pytest.mark.mount
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a read-only tmpfs needs root")
+def test_a_read_only_backing_directory_is_a_precise_error(tmp_path):
+    backing, mnt = tmp_path / "ro", tmp_path / "m"
+    backing.mkdir()
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(backing)], check=True)
+    try:
+        result = dccfs("mount", backing, mnt)
+    finally:
+        subprocess.run(["umount", str(backing)], check=True)
+    assert result.returncode == 1, result
+    assert f"{backing}/.dccfs" in result.stderr and "Read-only file system" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+    assert not os.path.ismount(mnt)
