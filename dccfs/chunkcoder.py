@@ -31,6 +31,11 @@ class ChunkCoder:
         self._delta: DeltaWriter | None = None
 
     @property
+    def delta(self) -> DeltaWriter | None:
+        """The file's delta writer, while it has a base."""
+        return self._delta
+
+    @property
     def layout_kind(self) -> str | None:
         return self._layout.kind if self._layout is not None else None
 
@@ -67,9 +72,11 @@ class ChunkCoder:
         if self._layout.kind not in DELTA_LAYOUTS and self.rule.delta is not True:
             return
         try:
+            config = self.engine.config
             self._delta = DeltaWriter.for_file(self.engine.backing_root, self.path, file_id,
                                                self.engine.cache, always=self.rule.delta is True,
-                                               max_chain=self.engine.config.delta_chain)
+                                               max_chain=config.delta_chain,
+                                               during_write=config.delta_during_write)
         except OSError as exc:
             log.warning("%s: no delta base (%s); storing keyframes", self.path, exc)
 

@@ -14,7 +14,7 @@ import errno
 import logging
 import os
 
-from dccfs.container import Container, pread_exact, pwrite_all
+from dccfs.container import Container, pread_exact, pwrite_all, pwritev_all
 from dccfs.format import HEADER_SIZE, INDEX_FULL, pack_index, trailer_record
 
 log = logging.getLogger(__name__)
@@ -34,8 +34,12 @@ def worth_compacting(container: Container) -> bool:
     return garbage >= MIN_GARBAGE_BYTES and garbage >= MIN_GARBAGE_FRACTION * container.live_bytes
 
 
-def write_compacted(source: Container, tmp_path: str) -> int:
-    """Write the compacted copy of source to tmp_path (fsynced); return its size."""
+def write_compacted(source: Container, tmp_path: str, rewrite=None, stop=None) -> int:
+    """Write the compacted copy of source to tmp_path (fsynced); return its size.
+
+    rewrite(idx, record), when given, returns the parts of a replacement record for a
+    live chunk (the same raw bytes, encoded another way), or None to copy it verbatim.
+    stop, a threading.Event, abandons the copy (ECANCELED) when set."""
     fd = os.open(tmp_path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
         index, size, _ = source.snapshot()
@@ -43,13 +47,19 @@ def write_compacted(source: Container, tmp_path: str) -> int:
         end = HEADER_SIZE
         entries = {}
         for idx in sorted(index):
+            if stop is not None and stop.is_set():
+                raise OSError(errno.ECANCELED, "the mount is stopping")
             loc = index[idx]
             record = pread_exact(source.fd, loc.length, loc.offset)
             if len(record) != loc.length:
                 raise OSError(errno.EIO, f"{source.path}: chunk {idx} record is truncated")
-            pwrite_all(fd, record, end)
-            entries[idx] = (end, loc.length)
-            end += loc.length
+            parts = rewrite(idx, record) if rewrite is not None else None
+            if parts is None:
+                parts = [record]
+            pwritev_all(fd, parts, end)
+            length = sum(len(p) for p in parts)
+            entries[idx] = (end, length)
+            end += length
         blob = pack_index(INDEX_FULL, size, 0, entries) + trailer_record(size, end)
         pwrite_all(fd, blob, end)
         end += len(blob)

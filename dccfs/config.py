@@ -91,6 +91,10 @@ class Config:
     delta: bool = True
     # Longest chain of deltas a new chunk may start (1: every delta refers to a keyframe).
     delta_chain: int = 1
+    # False: checkpoints are written as keyframes at full speed and stored as deltas by a
+    # background pass after their last close (dccfs/redelta.py). That pass also catches up
+    # on the chunks a busy writer left as keyframes when this is true.
+    delta_during_write: bool = True
     source: str = "<defaults>"
 
     def rule_for(self, relpath: str) -> Rule:
@@ -117,7 +121,7 @@ class Config:
 
 
 _TOP_KEYS = {"cache", "rule", "chunk_size", "sync_on_close", "shared", "delta", "delta_chain",
-             "writeback_cache"}
+             "delta_during_write", "writeback_cache"}
 _CACHE_KEYS = {"policy", "t0_bytes", "dirty_bytes", "readahead_chunks", "write_admit"}
 _RULE_KEYS = {"glob", "codec", "level", "chunk_size", "delta"}
 
@@ -195,7 +199,7 @@ def parse_config(data: dict, source: str) -> Config:
     top = {}
     if "chunk_size" in data:
         top["chunk_size"] = check_chunk_size(data["chunk_size"], f"{source}: chunk_size")
-    for key in ("sync_on_close", "shared", "delta", "writeback_cache"):
+    for key in ("sync_on_close", "shared", "delta", "delta_during_write", "writeback_cache"):
         if key in data:
             if not isinstance(data[key], bool):
                 raise ConfigError(f"{source}: {key} must be true or false")

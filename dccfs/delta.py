@@ -205,7 +205,7 @@ class DeltaWriter:
     """
 
     def __init__(self, backing_root: str, base: Container, cache=None, always: bool = False,
-                 max_chain: int = 1):
+                 max_chain: int = 1, during_write: bool = True):
         self.backing_root = backing_root
         self.base = base
         self.cache = cache
@@ -216,6 +216,11 @@ class DeltaWriter:
         # keyframe). By default it runs only while the encoders keep up with the writer
         # (effort >= 1), so it never slows a save down; a rule with delta = true forces it.
         self.always = always
+        # False: every chunk is written as a keyframe and left to the pass after close.
+        self.during_write = during_write
+        # Chunks written as keyframes only because the delta was put off (encoders behind
+        # the writer, or during_write off): dccfs.redelta encodes them after the last close.
+        self.deferred: set[int] = set()
         self.pinned = False
         # The base was overwritten in place (reset under a new file id) before it was
         # pinned: its records are gone, so no delta may name it.
@@ -225,13 +230,14 @@ class DeltaWriter:
 
     @classmethod
     def for_file(cls, backing_root: str, relpath: str, file_id: bytes, cache=None,
-                 always: bool = False, max_chain: int = 1) -> "DeltaWriter | None":
+                 always: bool = False, max_chain: int = 1,
+                 during_write: bool = True) -> "DeltaWriter | None":
         for path in find_base_candidates(backing_root, relpath):
             base = open_base(path, file_id)
             if base is not None:
                 log.info("%s: storing as a delta of %s", relpath,
                          os.path.relpath(path, backing_root))
-                return cls(backing_root, base, cache, always, max_chain)
+                return cls(backing_root, base, cache, always, max_chain, during_write)
         return None
 
     def _base_chunk(self, idx: int) -> tuple[bytes, BaseRef] | None:
@@ -265,9 +271,21 @@ class DeltaWriter:
         return raw, ref
 
     def encode(self, idx: int, raw: bytes, hints):
-        """A delta EncodedChunk for chunk idx, or None when a keyframe is as small."""
+        """A delta EncodedChunk for chunk idx, or None when a keyframe is as small (or the
+        delta is put off until after close: see deferred)."""
+        if self.base_changed:
+            return None
+        if not self.during_write or (hints.effort < 1 and not self.always):
+            if idx in self.base.index:
+                with self._lock:
+                    self.deferred.add(idx)
+            return None
+        return self.encode_now(idx, raw, hints)
+
+    def encode_now(self, idx: int, raw: bytes, hints):
+        """encode without putting anything off: a delta, or None when a keyframe is as small."""
         from dccfs.codecs.delta import encode_delta
-        if (hints.effort < 1 and not self.always) or self.base_changed:
+        if self.base_changed:
             return None
         found = self._base_chunk(idx)
         if found is None:

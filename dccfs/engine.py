@@ -110,6 +110,9 @@ class Engine:
         self.held_cpu_limiter = trio.CapacityLimiter(math.inf)
         # Backing-file I/O gets its own threads so a slow disk cannot starve encoders.
         self.io_limiter = trio.CapacityLimiter(16)
+        # Set at unmount: long background rewrites (compaction, deltas after close) stop
+        # at their next record instead of holding the exit up; their temporaries go.
+        self.stopping = threading.Event()
         self.dirty = DirtyBudget(config.cache.dirty_bytes, self.stats)
         self.bases = BaseStore(backing_root, cache=self.cache)
         self.nursery: trio.Nursery | None = None

@@ -128,7 +128,8 @@ class OpenFileHandlers:
             self.inodes.release_open(inode)
 
     async def shutdown(self) -> None:
-        """Commit every open file durably (on unmount)."""
+        """Commit every open file durably (on unmount); background rewrites stop early."""
+        self.engine.stopping.set()
         await self.handles.commit_all()
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import trio
 
-from dccfs import compaction, shared
+from dccfs import compaction, redelta, shared
 from dccfs.chunkfile import ContainerFile
 from dccfs.container import Container, pread_exact, read_logical_size
 from dccfs.engine import Engine
@@ -292,11 +292,13 @@ class HandleTable:
                                 file.path, exc)
                         gave_up = True
                     continue
-                if compact and not self.engine.config.shared \
-                        and compaction.worth_compacting(file.container):
-                    inode.opens += 1  # keeps the inode's descriptor until the task ends
-                    self.engine.start_background(self._compact_then_close, inode, file)
-                    return
+                if compact and not self.engine.config.shared:
+                    redelta_now = redelta.worth_redelta(file)
+                    if redelta_now or compaction.worth_compacting(file.container):
+                        inode.opens += 1  # keeps the inode's descriptor until the task ends
+                        self.engine.start_background(self._compact_then_close, inode, file,
+                                                     redelta_now)
+                        return
                 self._detach(inode, file)
 
     def _detach(self, inode: Inode, file: ContainerFile) -> None:
@@ -310,27 +312,33 @@ class HandleTable:
         file.closed = True
         os.close(file.container.fd)
 
-    async def _compact_then_close(self, inode: Inode, file: ContainerFile) -> None:
+    async def _compact_then_close(self, inode: Inode, file: ContainerFile, redelta_now: bool) -> None:
         try:
             async with file.release_lock:
                 if file.closed or file.handles:
                     return  # reopened: its next release decides again
                 if not file.has_changes:
-                    await self._compact(inode, file)
+                    await self._compact(inode, file, redelta.Rewriter(file) if redelta_now else None)
             await self._close_file(inode, file, compact=False)
         finally:
             self.inodes.release_open(inode)
 
-    async def _compact(self, inode: Inode, file: ContainerFile) -> None:
+    async def _compact(self, inode: Inode, file: ContainerFile,
+                       rewriter: redelta.Rewriter | None = None) -> None:
+        """Compaction, which also stores put-off deltas when given their rewriter."""
         container = file.container
         tmp_path = os.path.join(self.tmp_dir, f"{container.header.file_id.hex()}-{inode.number}.compact")
         before = container.end
         copied = (container.cache_id, before)
         try:
-            await trio.to_thread.run_sync(compaction.write_compacted, container, tmp_path,
-                                          limiter=self.engine.io_limiter)
+            await trio.to_thread.run_sync(compaction.write_compacted, container, tmp_path, rewriter,
+                                          self.engine.stopping, limiter=self.engine.io_limiter)
         except OSError as exc:
-            log.warning("%s: compaction failed, file left as it was: %s", container.path, exc)
+            level = logging.INFO if exc.errno in (errno.ESTALE, errno.ECANCELED) else logging.WARNING
+            log.log(level, "%s: compaction failed, file left as it was: %s", container.path, exc)
+            return
+        if rewriter is not None and not rewriter.replaced and not compaction.worth_compacting(container):
+            os.unlink(tmp_path)  # no delta was smaller: the copy would change nothing
             return
         if file.handles or file.has_changes or file.closed or (container.cache_id, container.end) != copied:
             # Reopened meanwhile, and maybe overwritten (a reset: a new file id) and released
@@ -346,6 +354,11 @@ class HandleTable:
             # container and lose those writes at unmount.
             self._detach(inode, file)
             self.engine.stats.compactions += 1
+            if rewriter is not None and rewriter.replaced:
+                self.engine.stats.deltas_after_close += rewriter.replaced
+                log.info("%s: %d chunks stored as deltas after close (%d -> %d bytes)",
+                         container.path, rewriter.replaced, rewriter.bytes_before,
+                         rewriter.bytes_after)
             log.info("%s: compacted %d -> %d bytes", container.path, before,
                      os.fstat(new_fd).st_size)
 

@@ -84,6 +84,7 @@ class MountStats:
     dirty_budget: int = 0
     readahead_chunks: int = 0
     compactions: int = 0
+    deltas_after_close: int = 0  # chunks the pass after close stored as deltas
     cheap_encodes: int = 0
     heap_trims: int = 0
     heap_trimmed_bytes: int = 0
@@ -129,6 +130,7 @@ class MountStats:
                           "writer_stalls": self.writer_stalls},
                 "readahead_chunks": self.readahead_chunks,
                 "compactions": self.compactions,
+                "deltas_after_close": self.deltas_after_close,
                 "cheap_encodes": self.cheap_encodes,
                 "memory": {"resident_bytes": resident_bytes() or 0, "heap_trims": self.heap_trims,
                            "heap_trimmed_bytes": self.heap_trimmed_bytes},

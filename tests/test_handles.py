@@ -160,8 +160,8 @@ def test_a_compaction_never_swaps_over_a_file_rewritten_to_the_same_size(tmp_pat
         await save(handle, os.urandom(CHUNK))
         real_write_compacted = compaction.write_compacted
 
-        def write_then_rewrite(source, tmp):
-            size = real_write_compacted(source, tmp)
+        def write_then_rewrite(source, tmp, *rest):
+            size = real_write_compacted(source, tmp, *rest)
             trio.from_thread.run(rewrite)
             return size
 

@@ -1,0 +1,97 @@
+"""Delta after close: re-encode the keyframes a checkpoint writer left behind as deltas of its base.
+
+While a file is written, DeltaWriter puts a chunk's delta off when the encoders are behind
+the writer (a `cp` from the page cache always outruns them) or when the config says
+`delta_during_write = false`; such chunks are stored as keyframes and remembered. After
+the file's last close, when enough of them are left, the compaction machinery rewrites
+the container in the background: every live record is copied, except that the put-off
+keyframes are decoded (verified), encoded against the same chunk of the base and
+replaced by the delta when it is smaller. The copy is swapped in with one rename under
+the same checks as a compaction (docs/commit-protocol.md), so a crash or a reopen
+during the pass leaves the keyframe file as it was.
+"""
+from __future__ import annotations
+
+import dataclasses
+import errno
+import logging
+import os
+
+from dccfs.codecs.delta import CODEC_DELTA
+from dccfs.container import ChunkError
+from dccfs.format import RECORD_HEADER_SIZE, FormatError, RecordHeader, chunk_record_header
+
+log = logging.getLogger(__name__)
+
+# Rewriting copies the whole file: worth it only when a fair share of it can shrink.
+MIN_DEFERRED_CHUNKS = 4
+MIN_DEFERRED_FRACTION = 0.1
+
+
+def deferred_chunks(file) -> int:
+    """How many live chunks of this closed file were left as keyframes for the pass."""
+    delta = file.coder.delta
+    if delta is None or delta.base_changed:
+        return 0
+    index = file.container.index
+    return sum(1 for idx in list(delta.deferred) if idx in index)
+
+
+def worth_redelta(file) -> bool:
+    deferred = deferred_chunks(file)
+    return deferred >= MIN_DEFERRED_CHUNKS and \
+        deferred >= MIN_DEFERRED_FRACTION * len(file.container.index)
+
+
+class Rewriter:
+    """The rewrite callback of compaction.write_compacted for one file; runs in a worker
+    thread and counts what it replaced."""
+
+    def __init__(self, file):
+        self.file = file
+        self.delta = file.coder.delta
+        self.replaced = 0
+        self.bytes_before = 0
+        self.bytes_after = 0
+
+    def __call__(self, idx: int, record: bytes):
+        if idx not in self.delta.deferred:
+            return None
+        if os.fstat(self.file.container.fd).st_nlink > 1:
+            # Pinned meanwhile as the base of the next checkpoint: the swap would keep both
+            # versions on disk (the pin holds the keyframes), so stop here.
+            raise OSError(errno.ESTALE, "it became a delta base during the pass")
+        try:
+            head = RecordHeader.unpack(record)
+        except FormatError:
+            # The file was overwritten under the pass (O_TRUNC resets it in place): this
+            # copy is stale and the swap will refuse it.
+            return None
+        if head.sub == CODEC_DELTA:
+            return None
+        container, coder, stats = self.file.container, self.file.coder, self.file.engine.stats
+        try:
+            raw = container.decode_record(idx, record)  # verified against the record's checksum
+        except ChunkError as exc:
+            log.warning("%s; copied as it is", exc)  # reads report it, as before the pass
+            return None
+        # Full effort: this runs after the writer is gone, which is the point of the pass.
+        hints = dataclasses.replace(coder.hints_for(idx, raw), effort=1)
+        try:
+            encoded = self.delta.encode_now(idx, raw, hints)
+        except Exception:
+            # A delta bug must cost ratio, never the chunk: keep the keyframe.
+            stats.codec_failures += 1
+            log.exception("%s: delta encoding of chunk %d after close failed; keeping the keyframe",
+                          container.path, idx)
+            return None
+        if encoded is None:
+            return None
+        stored = len(encoded.params) + len(encoded.payload)
+        stats.count_codec("encode", "delta", len(raw), stored, 0.0)
+        self.replaced += 1
+        self.bytes_before += len(record)
+        self.bytes_after += RECORD_HEADER_SIZE + stored
+        new_head = chunk_record_header(idx, encoded.codec_id, len(encoded.params),
+                                       len(encoded.payload), head.b, head.c)
+        return [new_head.pack(), encoded.params, encoded.payload]
