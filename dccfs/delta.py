@@ -240,7 +240,9 @@ class DeltaWriter:
                 return cls(backing_root, base, cache, always, max_chain, during_write)
         return None
 
-    def _base_chunk(self, idx: int) -> tuple[bytes, BaseRef] | None:
+    def _usable_base_record(self, idx: int):
+        """(location, record header, chain depth a delta on it would have) of the base's
+        chunk idx, or None when there is none or the chain is as long as allowed."""
         loc = self.base.index.get(idx)
         if loc is None:
             return None
@@ -254,8 +256,15 @@ class DeltaWriter:
                 depth = BaseRef.unpack(delta_base_ref(params)).depth + 1
                 if depth > self.max_chain:
                     return None  # the chain is as long as allowed: store a keyframe
-        except (FormatError, ValueError, CodecError):
+        except (FormatError, ValueError, CodecError, OSError):
             return None
+        return loc, head, depth
+
+    def _base_chunk(self, idx: int) -> tuple[bytes, BaseRef] | None:
+        found = self._usable_base_record(idx)
+        if found is None:
+            return None
+        loc, head, depth = found
         key = (self.base.cache_id, idx, loc.offset)
         raw = self.cache.get(key) if self.cache is not None else None
         if raw is None:
@@ -276,7 +285,7 @@ class DeltaWriter:
         if self.base_changed:
             return None
         if not self.during_write or (hints.effort < 1 and not self.always):
-            if idx in self.base.index:
+            if self._usable_base_record(idx) is not None:
                 with self._lock:
                     self.deferred.add(idx)
             return None
