@@ -3,11 +3,10 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import time
 
 import pytest
+from test_delta_mount import dccfs, series  # noqa: F401 (series is a fixture)
 
 pytestmark = pytest.mark.mount
 
@@ -16,22 +15,11 @@ pytestmark = pytest.mark.mount
 PASS_WAIT_S = 120
 
 
-def dccfs(*args):
-    return subprocess.run([sys.executable, "-m", "dccfs.cli", *map(str, args)],
-                          capture_output=True, text=True)
-
-
 @pytest.fixture(scope="module")
-def checkpoints(corpus):
-    """Two consecutive 'checkpoints' of six MiniLM layers (~21 MB), as safetensors bytes."""
-    import torch
-    from safetensors.torch import load_file, save
-    weights = load_file(str(corpus / "models" / "minilm" / "model.safetensors"))
-    weights = {k: v for k, v in weights.items() if any(f".layer.{i}." in k for i in range(6))}
-    gen = torch.Generator().manual_seed(1)
-    later = {k: (v - 1e-4 * torch.randn(v.shape, generator=gen) * v.abs().mean()).contiguous()
-             for k, v in weights.items()}
-    return save(weights), save(later)
+def checkpoints(series):
+    """The two checkpoints of test_delta_mount's series, as safetensors bytes."""
+    from safetensors.torch import save
+    return save(series[0]), save(series[1])
 
 
 def keyframes_then_deltas(tmp_path):
