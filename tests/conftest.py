@@ -48,6 +48,17 @@ def mounted(make_mount):
     return make_mount()
 
 
+@pytest.fixture
+def pm(make_mount):
+    """A mount with allow_other and a world-writable sticky scratch directory /pub."""
+    mount = make_mount("p", "-o", "allow_other")
+    os.chmod(mount.mnt, 0o755)
+    pub = mount.mnt / "pub"
+    pub.mkdir()
+    os.chmod(pub, 0o1777)
+    return mount
+
+
 @pytest.fixture(scope="session")
 def corpus() -> Path:
     if not (CORPUS / "models" / "minilm" / "model.safetensors").exists():

@@ -1,9 +1,12 @@
-"""Test helper: start a real dccfs mount as a subprocess, remount it, kill it, always unmount it."""
+"""Test helper: start a real dccfs mount as a subprocess, remount it, kill it, always unmount it; act on it as another uid."""
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import pickle
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -15,6 +18,8 @@ MOUNT_WAIT_S = 30
 UNMOUNT_WAIT_S = 60
 # Lines the daemon may log in a healthy run are INFO/DEBUG; these mean a surprise.
 SURPRISE_MARKERS = ("Traceback", " ERROR ", " CRITICAL ")
+
+A, B = 1001, 1002          # two unprivileged users, each with its own primary group
 
 
 def is_mounted(path: str | Path) -> bool:
@@ -101,3 +106,53 @@ class Mount:
             return []
         return [line for line in self.log_text().splitlines()
                 if any(marker in line for marker in SURPRISE_MARKERS)]
+
+
+def as_user(cwd, uid, fn, gid=None, groups=(), umask=0o022):
+    """Run fn() in a child as uid (gid defaults to uid) with cwd set; return its result or
+    the errno (as ('errno', n)) it raised.
+
+    The child first changes into cwd, a directory of the mount, as root (pytest's temporary
+    directories are 0700, so other uids could not walk to the mount), then drops to the
+    uid/gid and runs fn, which uses relative paths. It reports its result, or the errno it
+    got, through a pipe."""
+    gid = uid if gid is None else gid
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: never returns into pytest
+        status = 0
+        try:
+            os.close(r)
+            os.chdir(cwd)
+            os.setgroups(list(groups))
+            os.setgid(gid)
+            os.setuid(uid)
+            os.umask(umask)
+            try:
+                out = ("ok", fn())
+            except OSError as exc:
+                out = ("errno", exc.errno)
+            os.write(w, pickle.dumps(out))
+        except BaseException as exc:  # noqa: BLE001 - report anything to the parent
+            try:
+                os.write(w, pickle.dumps(("crash", repr(exc))))
+            except BaseException:  # noqa: BLE001
+                status = 1
+        finally:
+            os._exit(status)
+    os.close(w)
+    with os.fdopen(r, "rb") as pipe:
+        data = pipe.read()
+    os.waitpid(pid, 0)
+    kind, value = pickle.loads(data)
+    if kind == "crash":
+        raise AssertionError(f"child crashed: {value}")
+    return ("errno", value) if kind == "errno" else value
+
+
+def err(name):
+    return ("errno", getattr(errno, name))
+
+
+def mode_of(path):
+    return stat.S_IMODE(os.lstat(path).st_mode)
