@@ -1,10 +1,11 @@
-"""Shared fixtures: real dccfs mounts on temporary directories, and the built corpus."""
+"""Shared fixtures and helpers: real dccfs mounts on temporary directories, the built corpus, sample weights."""
 from __future__ import annotations
 
 import os
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -64,3 +65,14 @@ def corpus() -> Path:
     if not (CORPUS / "models" / "minilm" / "model.safetensors").exists():
         pytest.skip(f"corpus not built at {CORPUS} (make corpus)")
     return CORPUS
+
+# -- codec inputs ---------------------------------------------------------------------------------
+
+NP_FLOAT = {"f16": np.float16, "f32": np.float32, "f64": np.float64}
+
+
+def weights(n: int, dtype: str, seed: int = 0) -> bytes:
+    vals = np.random.default_rng(seed).normal(0, 0.05, n).astype(np.float32)
+    if dtype == "bf16":
+        return (vals.view(np.uint32) >> 16).astype(np.uint16).tobytes()
+    return vals.astype(NP_FLOAT[dtype]).tobytes()
