@@ -1,18 +1,12 @@
-"""Shared fixtures and helpers: real dccfs mounts, the built corpus, offline containers, sample weights."""
+"""Shared fixtures: real dccfs mounts, the built corpus, offline backing directories."""
 from __future__ import annotations
 
 import os
-import random
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 from click.testing import CliRunner
-
-from dccfs.codecs import ChunkHints, encode_chunk
-from dccfs.container import Container
-from dccfs.format import checksum64
 
 sys.path.insert(0, str(Path(__file__).parent))
 from mounting import Mount  # noqa: E402
@@ -73,44 +67,9 @@ def corpus() -> Path:
     return CORPUS
 
 
-# -- offline containers: written and checked without a mount ----------------------------------
-
-SHIFT = 16
-CS = 1 << SHIFT
-
-
-def text(seed: int, length: int) -> bytes:
-    rng = random.Random(seed)
-    words = [f"tok{seed}_{rng.randrange(500)}".encode() for _ in range(50)]
-    out = bytearray()
-    while len(out) < length:
-        out += rng.choice(words) + b" "
-    return bytes(out[:length])
-
-
-def write_container(path, data: bytes, commits: int = 1) -> Container:
-    """Store data as a container the way the mount does: zero chunks are holes.
-    With commits > 1 the chunks are spread over several commits. Returns the closed view."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        c = Container.create(fd, str(path), SHIFT)
-        n = -(-len(data) // CS)
-        per_commit = max(1, -(-n // commits))
-        for idx in range(n):
-            raw = data[idx * CS:(idx + 1) * CS]
-            if raw.count(0) != len(raw):
-                enc = encode_chunk(raw, ChunkHints(codec="zstd"))
-                c.append_chunk(idx, enc, len(raw), checksum64(raw))
-            if (idx + 1) % per_commit == 0:
-                c.commit(min(len(data), (idx + 1) * CS), durable=False)
-        c.commit(len(data), durable=True)
-        return c
-    finally:
-        os.close(fd)
-
-
 @pytest.fixture
 def backing(tmp_path):
+    """An empty backing directory with its state directory, for the offline tools."""
     root = tmp_path / "backing"
     (root / ".dccfs" / "tmp").mkdir(parents=True)
     return root
@@ -119,23 +78,3 @@ def backing(tmp_path):
 @pytest.fixture
 def runner():
     return CliRunner()
-
-
-def flip_byte(path, offset: int) -> None:
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        b = f.read(1)
-        f.seek(offset)
-        f.write(bytes([b[0] ^ 0x20]))
-
-
-# -- codec inputs ---------------------------------------------------------------------------------
-
-NP_FLOAT = {"f16": np.float16, "f32": np.float32, "f64": np.float64}
-
-
-def weights(n: int, dtype: str, seed: int = 0) -> bytes:
-    vals = np.random.default_rng(seed).normal(0, 0.05, n).astype(np.float32)
-    if dtype == "bf16":
-        return (vals.view(np.uint32) >> 16).astype(np.uint16).tobytes()
-    return vals.astype(NP_FLOAT[dtype]).tobytes()

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from dccfs.codecs import CODEC_STORE, ChunkHints, CodecError, Segment, codec_name, decode_chunk, encode_chunk
-from conftest import weights
+from codec_samples import weights
 
 
 def test_unknown_codec_rejected():

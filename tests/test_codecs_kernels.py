@@ -7,7 +7,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dccfs.codecs import ChunkHints, Segment, decode_chunk, encode_chunk
-from conftest import weights
+from codec_samples import weights
 
 
 def _stream_methods(enc):

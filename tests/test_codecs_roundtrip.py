@@ -16,7 +16,7 @@ from dccfs.codecs import (
     decode_chunk,
     encode_chunk,
 )
-from conftest import NP_FLOAT, weights
+from codec_samples import NP_FLOAT, weights
 
 DTYPES = ["bf16", "f16", "f32", "f64", "i8", "u8", "i16", "i32", "i64", "bool", "f8", "raw"]
 FAST = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])

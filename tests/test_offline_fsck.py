@@ -14,7 +14,7 @@ from dccfs.container import Container
 from dccfs.format import HEADER_SIZE, MAGIC, RECORD_HEADER_SIZE, REC_CHUNK, RecordHeader, checksum64
 from dccfs.offline import OfflineError, run_fsck, write_decoded
 from dccfs.offline_common import byte_progress
-from conftest import CS, SHIFT, flip_byte, text, write_container
+from offline_containers import CS, SHIFT, flip_byte, text, write_container
 
 
 def sample_data() -> bytes:

@@ -13,7 +13,7 @@ from dccfs.cli import main
 from dccfs.format import MAGIC
 from dccfs.offline import run_fsck, run_pack, run_unpack, write_decoded
 from dccfs.offline_common import TEMP_PREFIX
-from conftest import CS, flip_byte, text, write_container
+from offline_containers import CS, flip_byte, text, write_container
 
 
 def make_tree(root) -> dict[str, bytes]:
