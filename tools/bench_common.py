@@ -13,6 +13,8 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parent.parent
+MIB = 1 << 20
+MB = 10**6
 MOUNT_WAIT_S = 30
 UNMOUNT_WAIT_S = 180  # dccfs commits every open file before it exits
 
