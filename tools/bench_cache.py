@@ -27,36 +27,28 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import hashlib
 import json
 import logging
 import os
-import random
 import shutil
 import signal
-import statistics
-import string
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import (REPO, Daemon, drop_caches, fs_of, fusermount_unmount,  # noqa: E402
-                          is_mounted, machine_facts, mountinfo, tree_state)
+from bench_cache_data import TensorStream, write_set  # noqa: E402
+from bench_cache_dccfs import Watchdog, dccfs_cmd, export_rev, guarded_start, stats, use_dccfs_from  # noqa: E402
+from bench_cache_phases import part_hot, part_scan  # noqa: E402
+from bench_cache_report import render  # noqa: E402
+from bench_common import (MB, MIB, REPO, Daemon, fs_of, fusermount_unmount, machine_facts,  # noqa: E402
+                          mountinfo, tree_state)
 
 log = logging.getLogger("bench_cache")
 
-MIB = 1 << 20
-MB = 10**6
-BLOCK = MIB
 DEFAULT_POLICY = "wtinylfu"
-HOT_TARGET_RATIO = 0.9     # dccfs hot re-read >= 0.9x tmpfs
-KEPT_TARGET = 0.9          # >= 90% of the hot set's hits kept during the scan
 
-
-# -- sizes per mode --------------------------------------------------------------------------------
 
 def mode_params(quick: bool) -> dict:
     if quick:
@@ -67,400 +59,6 @@ def mode_params(quick: bool) -> dict:
             "hot_files": 4, "hot_bytes": 200 * MB, "scan_files": 10, "scan_bytes": 2000 * MB,
             "t0_bytes": 400 * MIB}
 
-
-# -- small helpers ---------------------------------------------------------------------------------
-
-# Where the daemon and the CLI import dccfs from: None = this checkout (python -m dccfs.cli), or a
-# directory holding a `git archive` of one revision (--dccfs-rev), put first on sys.path.
-DCCFS_SRC: Path | None = None
-_BOOT = "import sys; sys.path.insert(0, {src!r}); sys.argv[0] = 'dccfs'; from dccfs.cli import main; main()"
-
-
-def dccfs_cmd(*args: str) -> list[str]:
-    if DCCFS_SRC is None:
-        return [sys.executable, "-m", "dccfs.cli", *args]
-    return [sys.executable, "-c", _BOOT.format(src=str(DCCFS_SRC)), *args]
-
-
-def export_rev(rev: str, dest: Path) -> Path:
-    """`git archive REV` of the package directories into dest, laid out as an importable `dccfs`."""
-    sha = subprocess.run(["git", "rev-parse", "--verify", f"{rev}^{{commit}}"], capture_output=True, text=True,
-                         cwd=str(REPO), check=True).stdout.strip()
-    out = dest / sha[:12]
-    if not (out / "dccfs" / "cli.py").exists():
-        shutil.rmtree(out, ignore_errors=True)
-        out.mkdir(parents=True)
-        archive = subprocess.run(["git", "archive", sha, "dccfs", "codecs", "policies"], capture_output=True,
-                                 cwd=str(REPO), check=True).stdout
-        subprocess.run(["tar", "-x", "-C", str(out)], input=archive, check=True)
-        # pyproject maps dccfs.codecs -> codecs/ and dccfs.policies -> policies/.
-        (out / "dccfs" / "codecs").symlink_to("../codecs")
-        (out / "dccfs" / "policies").symlink_to("../policies")
-    return out
-
-
-def dccfs_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run(dccfs_cmd(*args), capture_output=True, text=True, cwd=str(REPO), timeout=timeout)
-
-
-def stats(mnt: Path) -> dict:
-    """`dccfs stats --json MNT`, reduced to the counters this benchmark uses."""
-    result = dccfs_cli("stats", "--json", str(mnt))
-    if result.returncode != 0:
-        raise RuntimeError(f"dccfs stats failed: {result.stderr.strip()}")
-    reply = json.loads(result.stdout)
-    t0, t2 = reply["stats"]["tiers"]["t0"], reply["stats"]["tiers"]["t2"]
-    return {"t0_hits": t0["hits"], "t0_misses": t0["misses"], "t0_resident": t0["resident_bytes"],
-            "t0_admissions": t0["admissions"], "t0_refused": t0["refused"], "t0_evictions": t0["evictions"],
-            "decodes": t2["misses"], "readahead": reply["stats"].get("readahead_chunks", 0),
-            "policy": reply["cache"]["policy"], "t0_bytes": reply["cache"]["t0_bytes"]}
-
-
-def delta(after: dict, before: dict) -> dict:
-    return {k: after[k] - before[k] for k in after if isinstance(after[k], int) and k in before
-            and k not in ("t0_resident", "t0_bytes")}
-
-
-def settled_stats(mnt: Path, tries: int = 6) -> dict:
-    """Stats once background read-ahead has stopped decoding (two snapshots with equal decode counts)."""
-    prev = stats(mnt)
-    for _ in range(tries):
-        time.sleep(0.1)
-        cur = stats(mnt)
-        if cur["decodes"] == prev["decodes"] and cur["t0_admissions"] == prev["t0_admissions"]:
-            return cur
-        prev = cur
-    return prev
-
-
-def tune(mnt: Path, **settings) -> dict:
-    result = dccfs_cli("tune", str(mnt), *[f"{k}={v}" for k, v in settings.items()])
-    if result.returncode != 0:
-        raise RuntimeError(f"dccfs tune {settings} failed: {result.stderr.strip()}")
-    return json.loads(result.stdout)
-
-
-def must_drop() -> None:
-    if not drop_caches():
-        raise SystemExit("cannot write /proc/sys/vm/drop_caches (run as root): every figure here needs it")
-
-
-def read_whole(path: Path, buf: bytearray, sha=None) -> int:
-    """Sequential 1 MiB reads into a preallocated buffer; returns the bytes read."""
-    total = 0
-    view = memoryview(buf)
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        while True:
-            n = os.readv(fd, [buf])
-            if not n:
-                return total
-            if sha is not None:
-                sha.update(view[:n])
-            total += n
-    finally:
-        os.close(fd)
-
-
-def timed_read(path: Path, buf: bytearray) -> tuple[int, float]:
-    started = time.perf_counter()
-    n = read_whole(path, buf)
-    return n, time.perf_counter() - started
-
-
-def sha1_of(path: Path, buf: bytearray) -> str:
-    h = hashlib.sha1()
-    read_whole(path, buf, h)
-    return h.hexdigest()
-
-
-def letters(i: int) -> str:
-    """a, b, ..., z, ba, bb, ...: file names without digits (keeps the delta codec's series detection off)."""
-    out = ""
-    while True:
-        out = string.ascii_lowercase[i % 26] + out
-        i //= 26
-        if i == 0:
-            return out
-
-
-# -- tmpfs -----------------------------------------------------------------------------------------
-
-class Tmpfs:
-    def __init__(self, path: Path, size: int):
-        self.path, self.size, self.mounted = path, size, False
-
-    def __enter__(self) -> "Tmpfs":
-        self.path.mkdir(parents=True, exist_ok=True)
-        if is_mounted(self.path):
-            raise RuntimeError(f"{self.path} is already mounted")
-        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={self.size},mode=0700", "tmpfs", str(self.path)],
-                       check=True, capture_output=True)
-        self.mounted = True
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.unmount()
-
-    def unmount(self) -> None:
-        if not self.mounted:
-            return
-        if subprocess.run(["umount", str(self.path)], capture_output=True).returncode != 0:
-            log.warning("umount %s failed; lazy unmount", self.path)
-            subprocess.run(["umount", "-l", str(self.path)], capture_output=True)
-        self.mounted = is_mounted(self.path)
-
-
-# -- realistic data --------------------------------------------------------------------------------
-
-class TensorStream:
-    """Endless realistic tensor data: real fp32 corpus tensors, shuffled, scaled, cast; one variant per pass."""
-
-    def __init__(self, corpus: Path, sources: list[str], seed: int):
-        from safetensors.torch import load_file
-        self.tensors = []
-        for name in sources:
-            path = corpus / "real" / f"{name}.safetensors"
-            if path.exists():
-                sd = load_file(str(path))
-                self.tensors = [(k, v.flatten()) for k, v in sd.items() if v.is_floating_point() and v.numel()]
-                log.info("realistic data from %s (%d tensors, %.0f M parameters)", path.name, len(self.tensors),
-                         sum(v.numel() for _, v in self.tensors) / 1e6)
-                break
-        if not self.tensors:
-            raise SystemExit(f"none of {sources} in {corpus}/real (make corpus / make corpus-full)")
-        self.rng = random.Random(seed)
-        self.variant = -1
-        self.queue: list = []
-
-    def _refill(self) -> None:
-        self.variant += 1
-        order = list(self.tensors)
-        self.rng.shuffle(order)
-        scale = 1.0 + 0.0137 * (self.variant + 1)
-        self.queue = [(f"{k}.v{self.variant}", v, scale) for k, v in order]
-
-    def file_dict(self, nbytes: int, dtype) -> dict:
-        """Tensors of `dtype` adding up to nbytes (the last one cut to fit)."""
-        out, have, elem = {}, 0, dtype.itemsize
-        while have < nbytes:
-            if not self.queue:
-                self._refill()
-            name, t, scale = self.queue.pop(0)
-            want = (nbytes - have) // elem
-            if want <= 0:
-                break
-            if t.numel() > want:
-                self.queue.insert(0, (name + ".tail", t[want:], scale))
-                t = t[:want]
-            out[name] = (t * scale).to(dtype).contiguous()
-            have += t.numel() * elem
-        return out
-
-
-def write_set(stream: TensorStream, root: Path, prefix: str, files: int, total: int) -> list[Path]:
-    import torch
-    from safetensors.torch import save_file
-    root.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i in range(files):
-        dtype = torch.bfloat16 if i % 2 == 0 else torch.float16
-        path = root / f"{prefix}_{letters(i)}.safetensors"
-        save_file(stream.file_dict(total // files, dtype), str(path))
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        paths.append(path)
-    return paths
-
-
-# -- part 1: hot re-read vs tmpfs -------------------------------------------------------------------
-
-def part_hot(daemon: Daemon, model: Path, workdir: Path, reps: int) -> dict:
-    mnt = daemon.mnt
-    size = model.stat().st_size
-    buf = bytearray(BLOCK)
-    dst = mnt / "model" / model.name
-    dst.parent.mkdir(exist_ok=True)
-    started = time.perf_counter()
-    shutil.copyfile(model, dst)
-    fd = os.open(dst, os.O_RDONLY)
-    os.fsync(fd)
-    os.close(fd)
-    write_s = time.perf_counter() - started
-    log.info("wrote %s into the mount: %.1f MB/s (copy + fsync)", model.name, size / MB / write_s)
-    guarded_start(daemon, remount=True)
-    must_drop()
-    s0 = stats(mnt)
-    n, secs = timed_read(dst, buf)
-    assert n == size, (n, size)
-    s1 = settled_stats(mnt)
-    log.info("cold read (fills T0): %.1f MB/s; %s", size / MB / secs, delta(s1, s0))
-    result = {"file": model.name, "bytes": size, "write_mb_s": size / MB / write_s,
-              "cold_mb_s": size / MB / secs, "fill": delta(s1, s0), "after_fill": s1, "reps": []}
-    with Tmpfs(workdir / "tmpfs", size + 64 * MIB) as tmp:
-        ref = Path(tmp.path) / model.name
-        shutil.copyfile(model, ref)
-        for rep in range(reps):
-            # Alternate the two so that load on this shared machine hits both alike.
-            must_drop()
-            before = stats(mnt)
-            n, d_secs = timed_read(dst, buf)
-            after = stats(mnt)
-            assert n == size
-            must_drop()
-            n, t_secs = timed_read(ref, buf)
-            assert n == size
-            row = {"dccfs_mb_s": size / MB / d_secs, "tmpfs_mb_s": size / MB / t_secs,
-                   "t0_before": {k: before[k] for k in ("t0_hits", "t0_misses", "decodes")},
-                   "t0_after": {k: after[k] for k in ("t0_hits", "t0_misses", "decodes")},
-                   "delta": delta(after, before)}
-            row["ratio"] = row["dccfs_mb_s"] / row["tmpfs_mb_s"]
-            result["reps"].append(row)
-            log.info("hot re-read %d: dccfs %.0f MB/s, tmpfs %.0f MB/s (%.2fx); T0 hits +%d misses +%d, "
-                     "decodes +%d", rep + 1, row["dccfs_mb_s"], row["tmpfs_mb_s"], row["ratio"],
-                     row["delta"]["t0_hits"], row["delta"]["t0_misses"], row["delta"]["decodes"])
-        src_sha = sha1_of(ref, buf)
-    result["verified"] = sha1_of(dst, buf) == src_sha
-    ratios = [r["ratio"] for r in result["reps"]]
-    result["ratio_median"] = statistics.median(ratios)
-    result["dccfs_median"] = statistics.median(r["dccfs_mb_s"] for r in result["reps"])
-    result["tmpfs_median"] = statistics.median(r["tmpfs_mb_s"] for r in result["reps"])
-    result["from_t0"] = all(r["delta"]["t0_misses"] == 0 and r["delta"]["decodes"] == 0
-                            and r["delta"]["t0_hits"] > 0 for r in result["reps"])
-    return result
-
-
-# -- part 2: scan resistance ---------------------------------------------------------------------------
-
-def blocks_of(paths: list[Path]) -> list[tuple[Path, int]]:
-    return [(p, off) for p in paths for off in range(0, p.stat().st_size, BLOCK)]
-
-
-def hot_pass(blocks: list[tuple[Path, int]], fds: dict, buf: bytearray, rng: random.Random) -> tuple[int, float]:
-    """Every hot 1 MiB block once, in random order (os.preadv into one buffer)."""
-    order = list(blocks)
-    rng.shuffle(order)
-    total = 0
-    started = time.perf_counter()
-    for path, off in order:
-        total += os.preadv(fds[path], [buf], off)
-    return total, time.perf_counter() - started
-
-
-class Scanner:
-    """One sequential reader over the cold files, advanced step by step."""
-
-    def __init__(self, paths: list[Path]):
-        self.paths = list(paths)
-        self.fd: int | None = None
-        self.done = False
-
-    def step(self, nbytes: int, buf: bytearray) -> int:
-        got = 0
-        while got < nbytes and not self.done:
-            if self.fd is None:
-                if not self.paths:
-                    self.done = True
-                    break
-                self.fd = os.open(self.paths.pop(0), os.O_RDONLY)
-            n = os.readv(self.fd, [buf])
-            if not n:
-                os.close(self.fd)
-                self.fd = None
-                continue
-            got += n
-        return got
-
-    def close(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
-
-
-def hit_ratio(d: dict) -> float | None:
-    total = d["t0_hits"] + d["t0_misses"]
-    return d["t0_hits"] / total if total else None
-
-
-def part_scan(daemon: Daemon, policy: str, t0_bytes: int, hot: list[Path], scan: list[Path], seed: int,
-              warm_passes: int = 2) -> dict:
-    mnt = daemon.mnt
-    # A fresh daemon: empty T0, counters from zero, nothing admitted by the writes.
-    guarded_start(daemon, remount=True)
-    settings = tune(mnt, policy=policy, t0_bytes=t0_bytes)
-    assert settings["policy"] == policy and int(settings["t0_bytes"]) == t0_bytes, settings
-    buf = bytearray(BLOCK)
-    rng = random.Random(seed)
-    blocks = blocks_of(hot)
-    hot_bytes = sum(p.stat().st_size for p in hot)
-    hot_chunks_est = sum((p.stat().st_size + 256 * 1024 - 1) // (256 * 1024) for p in hot)
-    fds = {p: os.open(p, os.O_RDONLY) for p in hot}
-    scanner = Scanner(scan)
-    out: dict = {"policy": policy, "t0_bytes": t0_bytes, "hot_bytes": hot_bytes, "hot_chunks": hot_chunks_est,
-                 "warm": [], "rounds": []}
-    try:
-        for _ in range(warm_passes):
-            must_drop()
-            hot_pass(blocks, fds, buf, rng)
-        must_drop()
-        s0 = settled_stats(mnt)
-        n, secs = hot_pass(blocks, fds, buf, rng)
-        s1 = settled_stats(mnt)
-        base = delta(s1, s0)
-        out["baseline"] = {**base, "hit_ratio": hit_ratio(base), "mb_s": n / MB / secs,
-                           "t0_resident": s1["t0_resident"]}
-        log.info("%s: hot set before the scan: T0 hit ratio %.4f, %d decodes, %.0f MB/s, resident %.0f MiB",
-                 policy, out["baseline"]["hit_ratio"] or 0, base["decodes"], n / MB / secs,
-                 s1["t0_resident"] / MIB)
-        scan_total = scan_secs = 0.0
-        while not scanner.done:
-            must_drop()
-            a = stats(mnt)
-            started = time.perf_counter()
-            got = scanner.step(t0_bytes, buf)
-            step_secs = time.perf_counter() - started
-            if not got:
-                break
-            b = settled_stats(mnt)
-            scan_total += got
-            scan_secs += step_secs
-            must_drop()
-            c = settled_stats(mnt)
-            n, secs = hot_pass(blocks, fds, buf, rng)
-            d = settled_stats(mnt)
-            hd = delta(d, c)
-            row = {"scan_bytes": got, "scan_mb_s": got / MB / step_secs, "scan": delta(b, a),
-                   "hot": hd, "hot_hit_ratio": hit_ratio(hd), "hot_mb_s": n / MB / secs,
-                   "t0_resident": d["t0_resident"]}
-            out["rounds"].append(row)
-            log.info("%s round %d: scanned %.0f MB at %.0f MB/s; hot pass: T0 hit ratio %.4f (hits %d, misses %d, "
-                     "decodes %d), %.0f MB/s", policy, len(out["rounds"]), got / MB, row["scan_mb_s"],
-                     row["hot_hit_ratio"] or 0, hd["t0_hits"], hd["t0_misses"], hd["decodes"], row["hot_mb_s"])
-        final = stats(mnt)
-    finally:
-        scanner.close()
-        for fd in fds.values():
-            os.close(fd)
-    hits = sum(r["hot"]["t0_hits"] for r in out["rounds"])
-    misses = sum(r["hot"]["t0_misses"] for r in out["rounds"])
-    decodes = sum(r["hot"]["decodes"] for r in out["rounds"])
-    during = hits / (hits + misses) if hits + misses else None
-    base_ratio = out["baseline"]["hit_ratio"]
-    out.update(scan_mb_s=scan_total / MB / scan_secs if scan_secs else None, scan_bytes=scan_total,
-               during_hit_ratio=during, during_hits=hits, during_misses=misses, during_decodes=decodes,
-               worst_round=min((r["hot_hit_ratio"] for r in out["rounds"] if r["hot_hit_ratio"] is not None),
-                               default=None),
-               chunk_hit_ratio=1 - decodes / (hot_chunks_est * len(out["rounds"])) if out["rounds"] else None,
-               kept=(during / base_ratio) if during is not None and base_ratio else None,
-               hot_mb_s_during=statistics.median(r["hot_mb_s"] for r in out["rounds"]) if out["rounds"] else None,
-               final=final)
-    return out
-
-
-# -- the run ------------------------------------------------------------------------------------------
 
 def clear_workdir(workdir: Path) -> None:
     prefix = str(workdir.resolve()) + "/"
@@ -475,52 +73,8 @@ def clear_workdir(workdir: Path) -> None:
     workdir.mkdir(parents=True)
 
 
-class Watchdog(threading.Thread):
-    """Kills the daemon this tool started (by PID) if the run outlives its deadline, so that a hung mount
-    turns into ENOTCONN errors and the `finally` clean-up runs instead of blocking forever."""
-
-    def __init__(self, daemon: Daemon, seconds: float):
-        super().__init__(daemon=True)
-        self.target, self.seconds, self.stopped = daemon, seconds, threading.Event()
-        self.fired = False
-
-    def run(self) -> None:
-        if self.stopped.wait(self.seconds):
-            return
-        proc = self.target.proc
-        if proc is not None and proc.poll() is None:
-            self.fired = True
-            log.error("deadline of %.0f s passed: killing dccfs pid %d (hung?)", self.seconds, proc.pid)
-            proc.kill()
-
-    def cancel(self) -> None:
-        self.stopped.set()
-
-
-MOUNT_GUARD_S = 90
-
-
-def guarded_start(daemon: Daemon, remount: bool = False) -> None:
-    """daemon.start()/remount(), killing our daemon if the mount does not come up (answer INIT) in time."""
-    def kill():
-        proc = daemon.proc
-        if proc is not None and proc.poll() is None:
-            log.error("dccfs pid %d did not answer on its mount within %d s; killing it", proc.pid, MOUNT_GUARD_S)
-            proc.kill()
-    timer = threading.Timer(MOUNT_GUARD_S, kill)
-    timer.daemon = True
-    timer.start()
-    try:
-        daemon.remount() if remount else daemon.start()
-        os.stat(daemon.mnt)  # the mount answers
-    finally:
-        timer.cancel()
-
-
 def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
-
-
 
 
 def run(args) -> dict:
@@ -532,18 +86,19 @@ def run(args) -> dict:
     model = corpus / "real" / f"{p['model']}.safetensors"
     if not model.exists():
         raise SystemExit(f"{model} missing (make corpus-full builds mpnet; --quick uses minilm)")
-    global DCCFS_SRC
+    dccfs_src = None
     if args.dccfs_rev:
-        DCCFS_SRC = export_rev(args.dccfs_rev, REPO / "build" / "bench_cache_src")
-        log.info("dccfs from %s (git archive of %s)", DCCFS_SRC, args.dccfs_rev)
+        dccfs_src = export_rev(args.dccfs_rev, REPO / "build" / "bench_cache_src")
+        use_dccfs_from(dccfs_src)
+        log.info("dccfs from %s (git archive of %s)", dccfs_src, args.dccfs_rev)
     policies = [x.strip() for x in args.policies.split(",") if x.strip()]
     workdir = Path(args.workdir).resolve()
     clear_workdir(workdir)
     if fs_of(workdir)[1] in ("tmpfs", "ramfs"):
         raise SystemExit(f"{workdir} is on a RAM filesystem; use a directory on a disk")
     facts = machine_facts(workdir)
-    facts["dccfs_tree"] = (tree_state() if DCCFS_SRC is None
-                           else f"git archive {DCCFS_SRC.name} ({args.dccfs_rev})")
+    facts["dccfs_tree"] = (tree_state() if dccfs_src is None
+                           else f"git archive {dccfs_src.name} ({args.dccfs_rev})")
     facts["loadavg_start"] = os.getloadavg()
     report: dict = {"date": datetime.datetime.now().isoformat(timespec="seconds"),
                     "mode": "quick" if args.quick else "full", "params": p, "policies": policies,
@@ -602,78 +157,6 @@ def run(args) -> dict:
     report["peak_rss"] = daemon.peak_rss
     report["machine"]["loadavg_end"] = os.getloadavg()
     return report
-
-
-# -- reporting ----------------------------------------------------------------------------------------
-
-def _pct(x) -> str:
-    return "-" if x is None else f"{100 * x:.1f}%"
-
-
-def render(report: dict) -> str:
-    p = report["params"]
-    m = report["machine"]
-    lines = [f"bench_cache {report['mode']} run, {report['date']}, {report['elapsed_s']} s; "
-             f"{m.get('nproc')} cores, load average {m['loadavg_start'][0]:.1f} at start, "
-             f"{m['loadavg_end'][0]:.1f} at end; dccfs tree {m.get('dccfs_tree')}; "
-             f"default cache {report['default_cache']['policy']} {report['default_cache']['t0_bytes'] // MIB} MiB; "
-             f"daemon peak RSS {report['peak_rss'] / MB:.0f} MB", ""]
-    checks = []
-    if "hot" in report:
-        h = report["hot"]
-        lines += [f"### 1. Hot re-read of {h['file']} ({h['bytes'] / MB:.1f} MB), 1 MiB reads, page cache dropped "
-                  f"before each read", "",
-                  f"write into the mount {h['write_mb_s']:.1f} MB/s; cold read after remount (fills T0) "
-                  f"{h['cold_mb_s']:.1f} MB/s: T0 hits +{h['fill']['t0_hits']}, misses +{h['fill']['t0_misses']}, "
-                  f"chunk decodes +{h['fill']['decodes']}, T0 resident {h['after_fill']['t0_resident'] / MIB:.0f} MiB;"
-                  f" sha1 through the mount matches: {h['verified']}", "",
-                  "| rep | dccfs MB/s (from T0) | tmpfs MB/s | dccfs/tmpfs | T0 hits before → after | "
-                  "T0 misses before → after | decodes before → after |", "|---|---|---|---|---|---|---|"]
-        for i, r in enumerate(h["reps"]):
-            b, a = r["t0_before"], r["t0_after"]
-            lines.append(f"| {i + 1} | {r['dccfs_mb_s']:,.0f} | {r['tmpfs_mb_s']:,.0f} | {r['ratio']:.2f} | "
-                         f"{b['t0_hits']} → {a['t0_hits']} | {b['t0_misses']} → {a['t0_misses']} | "
-                         f"{b['decodes']} → {a['decodes']} |")
-        lines.append(f"| median | {h['dccfs_median']:,.0f} | {h['tmpfs_median']:,.0f} | {h['ratio_median']:.2f} | | | |")
-        lines.append("")
-        checks.append((f"hot re-read from T0 >= {HOT_TARGET_RATIO}x tmpfs", f"{h['ratio_median']:.2f}x (median)",
-                       "met" if h["ratio_median"] >= HOT_TARGET_RATIO else "MISSED"))
-        checks.append(("second read served from T0 (T0 misses and decodes unchanged)",
-                       "yes" if h["from_t0"] else "no", "met" if h["from_t0"] else "MISSED"))
-    if "scan" in report:
-        sd = report["scan_data"]
-        lines += [f"### 2. Scan resistance: hot set {p['hot_bytes'] / MB:.0f} MB ({len(sd['hot_files'])} files), "
-                  f"scan {p['scan_bytes'] / MB:.0f} MB ({len(sd['scan_files'])} files) read once, "
-                  f"t0_bytes {p['t0_bytes'] // MIB} MiB, one hot pass after every {p['t0_bytes'] // MIB} MiB "
-                  f"of scan", "",
-                  f"data: {sd['logical'] / MB:.0f} MB logical, {sd['stored'] / MB:.0f} MB stored "
-                  f"({sd['stored'] / sd['logical']:.3f}), written at {sd['write_mb_s']:.1f} MB/s", "",
-                  "T0 hit ratios count FUSE read requests (one per chunk a request touches); the chunk column "
-                  "counts hot chunks that had to be decoded again, which is the stricter measure.", "",
-                  "| policy | hot T0 hit ratio before scan | during scan (all hot passes) | worst pass | kept | "
-                  "hot chunks decoded during scan | hot chunks kept | hot pass MB/s (median) | scan MB/s | "
-                  "T0 evictions / refused | target (kept >= 90%) |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
-        for s in report["scan"]:
-            kept = s["kept"]
-            status = "met" if kept is not None and kept >= KEPT_TARGET else "MISSED"
-            name = s["policy"] + (" (default)" if s["policy"] == report["default_cache"]["policy"] else "")
-            lines.append(f"| {name} | {_pct(s['baseline']['hit_ratio'])} | {_pct(s['during_hit_ratio'])} "
-                         f"({s['during_hits']}/{s['during_hits'] + s['during_misses']}) | {_pct(s['worst_round'])} | "
-                         f"{_pct(kept)} | {s['during_decodes']} of {s['hot_chunks'] * len(s['rounds'])} | "
-                         f"{_pct(s['chunk_hit_ratio'])} | "
-                         f"{s['hot_mb_s_during']:,.0f} | {s['scan_mb_s']:,.0f} | "
-                         f"{s['final']['t0_evictions']} / {s['final']['t0_refused']} | {status} |")
-            checks.append((f"scan resistance, {name}: >= 90% of hot hits kept", _pct(kept), status))
-        lines += ["", "Per hot pass (T0 hit ratio of the hot set after each scan step):", "",
-                  "| policy | " + " | ".join(f"pass {i + 1}" for i in range(max(len(s["rounds"]) for s in report["scan"])))
-                  + " |", "|---|" + "---|" * max(len(s["rounds"]) for s in report["scan"])]
-        for s in report["scan"]:
-            lines.append(f"| {s['policy']} | " + " | ".join(_pct(r["hot_hit_ratio"]) for r in s["rounds"]) + " |")
-        lines.append("")
-    lines += ["| target | measured | status |", "|---|---|---|"]
-    lines += [f"| {a} | {b} | {c} |" for a, b, c in checks]
-    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
