@@ -115,3 +115,29 @@ def test_flipped_byte_gives_eio_for_that_chunk_only(make_mount):
     result = fsck(mount.backing)
     assert result.returncode == 1
     assert "victim" in result.stdout + result.stderr
+
+
+def test_a_damaged_last_index_shows_the_earlier_commit_in_stat_and_read(make_mount):
+    """The size shortcut took the logical size from the trailer without checking the index
+    it names; the open fell back to the earlier commit, so stat said 13 bytes where 6 were
+    committed, and a read returned them padded with zeros: wrong bytes without an error."""
+    from dccfs.format import RECORD_HEADER_SIZE, RecordHeader
+    mount = make_mount("index")
+    path = mount.mnt / "f"
+    path.write_bytes(b"first\n")
+    with open(path, "ab") as f:
+        f.write(b"second\n")
+    mount.stop()
+    backing = mount.backing / "f"
+    with open(backing, "r+b") as f:
+        end = f.seek(0, os.SEEK_END)
+        f.seek(end - RECORD_HEADER_SIZE)
+        index_offset = RecordHeader.unpack(f.read(RECORD_HEADER_SIZE)).c
+        f.seek(index_offset + RECORD_HEADER_SIZE + 1)  # the index payload; the trailer stays intact
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0x01]))
+    mount.expect_errors = True
+    mount.start()
+    assert path.stat().st_size == 6
+    assert path.read_bytes() == b"first\n"

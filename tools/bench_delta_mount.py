@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import shutil
@@ -24,24 +23,28 @@ MODES = {
     # Keyframes while writing, deltas by the background pass after the last close.
     "after close": 'delta_during_write = false\n[[rule]]\nglob = "*"\ndelta = true\n'
                    'chunk_size = "1MiB"\n',
+    # No config: deltas while the encoders keep up, the rest after close.
+    "default": '',
 }
 SETTLE_S = 5
 PASS_WAIT_S = 600
+SETTLED_S = 3
 
 
-def deltas_after_close(mnt: Path) -> int:
-    out = subprocess.run([*DCCFS, "stats", "--json", str(mnt)], check=True, capture_output=True).stdout
-    return json.loads(out)["stats"]["deltas_after_close"]
-
-
-def wait_for_pass(mnt: Path, before: int) -> float:
-    """Seconds until the pass after close stored its deltas (the counter moved)."""
+def wait_until_settled(backing: Path, path: Path) -> float:
+    """Seconds until no pass after close runs (no temporary copy, file size unchanged for
+    SETTLED_S): the default mode may or may not have one to run."""
     started = time.perf_counter()
-    while deltas_after_close(mnt) == before:
+    last, since = None, time.perf_counter()
+    while time.perf_counter() - since < SETTLED_S:
+        busy = any(n.endswith(".compact") for n in os.listdir(backing / ".dccfs" / "tmp"))
+        size = path.stat().st_size
+        if busy or size != last:
+            last, since = size, time.perf_counter()
         if time.perf_counter() - started > PASS_WAIT_S:
-            raise SystemExit(f"no delta after close within {PASS_WAIT_S} s")
+            raise SystemExit(f"{path} did not settle within {PASS_WAIT_S} s")
         time.sleep(0.1)
-    return time.perf_counter() - started
+    return since - started
 
 
 def run(*args: str) -> None:
@@ -77,9 +80,8 @@ def bench_mode(mode: str, files: list[Path], work: Path, newest_first: bool = Fa
     run("mount", "-c", str(config), str(backing), str(mnt))
     try:
         (mnt / "run").mkdir()
-        for n, src in enumerate(files):
+        for src in files:
             data = src.read_bytes()
-            before = deltas_after_close(mnt)
             started = time.perf_counter()
             with open(mnt / "run" / src.name, "wb") as f:
                 f.write(data)
@@ -87,8 +89,8 @@ def bench_mode(mode: str, files: list[Path], work: Path, newest_first: bool = Fa
                 os.fsync(f.fileno())
             seconds = time.perf_counter() - started
             rows.append({"file": src.name, "size": len(data), "write_s": seconds})
-            if mode == "after close" and n > 0:
-                rows[-1]["pass_s"] = wait_for_pass(mnt, before)
+            if mode in ("after close", "default"):
+                rows[-1]["pass_s"] = wait_until_settled(backing, backing / "run" / src.name)
         run("umount", str(mnt))
         run("mount", "-c", str(config), str(backing), str(mnt))
         # A fresh mount loads its codec kernels in the background (seconds when numba's
