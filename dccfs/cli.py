@@ -48,7 +48,8 @@ def main():
               "no kernel caching, close-to-open consistency (default: off).")
 @click.option("--metrics", metavar="HOST:PORT", help="Serve Prometheus metrics there (default: off).")
 @click.option("--trace", "trace_file", type=click.Path(dir_okay=False),
-              help="Record the chunk access trace (oracleGeneral format) to this file (default: off).")
+              help="Record the chunk access trace to this file: libCacheSim's oracleGeneral "
+                   "binary format, or CSV for a name ending in .csv (default: off).")
 def mount(backing, mountpoint, foreground, config_path, options, log_file, shared, metrics, trace_file):
     """Mount BACKING on MOUNTPOINT."""
     from dccfs.mount import MountError, MountRequest, run_mount
@@ -156,7 +157,8 @@ def cat(paths):
 
 @main.command()
 @click.argument("backing", type=click.Path(exists=True, file_okay=False))
-@click.option("--repair", is_flag=True, help="Cut torn tails left by a crash (default: report only).")
+@click.option("--repair", is_flag=True, help="Cut torn tails left by a crash and remove pinned "
+              "delta bases no file needs any more (default: report only).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def fsck(backing, repair, quiet):
     """Verify every container and chunk checksum under BACKING; exit 1 if anything is damaged."""

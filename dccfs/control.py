@@ -105,7 +105,11 @@ class ControlServer:
             self.set_trace(req.trace)
         if req.metrics:
             from dccfs.metrics import serve_metrics
-            serve_metrics(req.metrics, engine)
+            from dccfs.mount import MountError
+            try:
+                serve_metrics(req.metrics, engine)
+            except ValueError as exc:
+                raise MountError(str(exc)) from None
 
     async def serve(self) -> None:
         try:

@@ -337,8 +337,11 @@ class HandleTable:
             await trio.to_thread.run_sync(compaction.write_compacted, container, tmp_path, rewriter,
                                           self.engine.stopping, limiter=self.engine.io_limiter)
         except OSError as exc:
-            level = logging.INFO if exc.errno in (errno.ESTALE, errno.ECANCELED) else logging.WARNING
-            log.log(level, "%s: compaction failed, file left as it was: %s", container.path, exc)
+            if exc.errno in (errno.ESTALE, errno.ECANCELED):
+                log.info("%s: background rewrite stopped, file left as it was: %s", container.path,
+                         exc.strerror)
+            else:
+                log.warning("%s: compaction failed, file left as it was: %s", container.path, exc)
             return
         if rewriter is not None and not rewriter.replaced and not compaction.worth_compacting(container):
             os.unlink(tmp_path)  # no delta was smaller: the copy would change nothing

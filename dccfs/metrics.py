@@ -6,6 +6,7 @@ MountStats.snapshot() at scrape time, so there is one source of truth.
 from __future__ import annotations
 
 import logging
+import socket
 
 from prometheus_client import start_http_server
 from prometheus_client.core import REGISTRY, CounterMetricFamily, GaugeMetricFamily
@@ -68,10 +69,33 @@ class MountCollector:
                                   value=snap["memory"]["heap_trimmed_bytes"])
 
 
-def serve_metrics(address: str, engine) -> None:
+def parse_address(address: str) -> tuple[str, int]:
+    """(host, port) of a --metrics HOST:PORT (an empty host is 127.0.0.1); ValueError if bad."""
     host, _, port = address.rpartition(":")
-    if not port.isdigit():
-        raise ValueError(f"--metrics wants HOST:PORT, got {address!r}")
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"--metrics wants HOST:PORT with a port 1..65535, got {address!r}")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def check_address(address: str) -> None:
+    """Fail now, with the reason, when the metrics endpoint could not listen there: the
+    daemon binds it only after it has forked."""
+    host, port = parse_address(address)
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        with socket.socket(infos[0][0], socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(infos[0][4])
+    except OSError as exc:
+        raise ValueError(f"--metrics {address}: cannot listen there: "
+                         f"{exc.strerror or exc}") from exc
+
+
+def serve_metrics(address: str, engine) -> None:
+    host, port = parse_address(address)
     REGISTRY.register(MountCollector(engine))
-    start_http_server(int(port), addr=host or "127.0.0.1")
-    log.info("Prometheus metrics on http://%s:%s/metrics", host or "127.0.0.1", port)
+    try:
+        start_http_server(port, addr=host)
+    except OSError as exc:
+        raise ValueError(f"--metrics {address}: cannot listen there: {exc.strerror or exc}") from exc
+    log.info("Prometheus metrics on http://%s:%d/metrics", host, port)

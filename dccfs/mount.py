@@ -78,6 +78,12 @@ def preflight(req: MountRequest) -> None:
                          "or give the container --device /dev/fuse")
     if shutil.which("fusermount3") is None:
         raise MountError("fusermount3 is not installed (apt-get install fuse3)")
+    if req.metrics:
+        from dccfs.metrics import check_address
+        try:
+            check_address(req.metrics)
+        except ValueError as exc:
+            raise MountError(str(exc)) from None
 
 
 def state_dir(backing: str) -> str:
@@ -205,7 +211,10 @@ def run_mount(req: MountRequest) -> int:
             clean_stale_temporaries(os.path.join(state_dir(backing), "tmp"))
         os.umask(0)  # the kernel already applied the caller's umask to every mode we get
         raise_fd_limit()
-        with open(os.path.join(state_dir(backing), PID_FILE), "w") as f:
+        pid_fd = os.open(os.path.join(state_dir(backing), PID_FILE),
+                         os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        os.fchmod(pid_fd, 0o644)  # one an earlier version left writable by everyone
+        with os.fdopen(pid_fd, "w") as f:
             f.write(f"{os.getpid()}\n")
 
         def on_mounted():

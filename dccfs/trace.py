@@ -41,7 +41,10 @@ class TraceWriter:
         self.csv_format = is_csv_path(path) if csv_format is None else csv_format
         self._lock = threading.Lock()
         self._buffer = bytearray()
-        self._file = open(self.path, "wb")
+        # 0644 whatever the umask: the daemon runs with umask 0 (the kernel applies the
+        # caller's umask to the files created through the mount).
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        self._file = os.fdopen(fd, "wb")
         self.records = 0
         if self.csv_format:
             self._buffer += (",".join(CSV_HEADER) + "\n").encode()

@@ -306,3 +306,33 @@ def test_a_read_only_backing_directory_is_a_precise_error(tmp_path):
     assert f"{backing}/.dccfs" in result.stderr and "Read-only file system" in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
     assert not os.path.ismount(mnt)
+
+
+@pytest.mark.mount
+def test_metrics_address_errors_come_before_the_fork_and_state_files_are_not_world_writable(tmp_path):
+    import socket
+    backing, mnt = tmp_path / "b", tmp_path / "m"
+    backing.mkdir()
+    mnt.mkdir()
+    for args in (("-f",), ()):
+        result = dccfs("mount", *args, "--metrics", "foo", backing, mnt)
+        assert result.returncode == 1 and "--metrics wants HOST:PORT" in result.stderr, result
+        assert "Traceback" not in result.stderr
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        address = "127.0.0.1:%d" % taken.getsockname()[1]
+        result = dccfs("mount", "--metrics", address, backing, mnt)
+    assert result.returncode == 1, result
+    assert f"--metrics {address}: cannot listen there" in result.stderr, result.stderr
+    result = dccfs("mount", backing, mnt)
+    assert result.returncode == 0, result.stderr
+    try:
+        assert dccfs("tune", mnt, f"trace={tmp_path / 't.trace'}").returncode == 0
+        for path in (backing / ".dccfs" / "daemon.pid", tmp_path / "t.trace"):
+            assert os.stat(path).st_mode & 0o777 == 0o644, path
+    finally:
+        result = dccfs("umount", mnt)
+        if result.returncode != 0:
+            subprocess.run(["fusermount3", "-u", "-z", str(mnt)])
+    assert result.returncode == 0, result.stderr
