@@ -168,7 +168,8 @@ def fsck(backing, repair, quiet):
 
 @main.command()
 @click.argument("path", type=click.Path(exists=True))
-@click.option("--chunk-size", default="256KiB", show_default=True, help="Chunk size of new containers.")
+@click.option("--chunk-size", default=None, help="Chunk size of new containers (default: what a mount "
+              "gives a new file of that name: 1MiB for checkpoint and weight files, else 256KiB).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def pack(path, chunk_size, quiet):
     """Convert plain files under PATH (in a backing directory, unmounted) into containers, atomically."""

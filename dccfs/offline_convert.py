@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import click
 
 from dccfs.codecs import encode_chunk, sniff_layout
-from dccfs.config import check_chunk_size
+from dccfs.config import Config, check_chunk_size
 from dccfs.container import Container, ContainerError, pread_exact, pwrite_all
 from dccfs.format import HEADER_SIZE, checksum64, looks_like_container
 from dccfs.mount import STATE_DIR
@@ -53,14 +53,18 @@ class ConvertTotals:
         return line
 
 
-def run_pack(path: str, chunk_size: str, progress: bool) -> int:
+def run_pack(path: str, chunk_size: str | None, progress: bool) -> int:
     """Convert every plain file under path into a container; returns the exit status.
 
+    Without chunk_size each file gets the chunk size a default mount gives a new file of
+    that name (1 MiB for checkpoint and weight files, 256 KiB otherwise).
     Re-running after an interruption resumes: files that are already containers are skipped.
     """
-    shift = check_chunk_size(chunk_size, "--chunk-size").bit_length() - 1
+    fixed = check_chunk_size(chunk_size, "--chunk-size").bit_length() - 1 if chunk_size else None
+    defaults = Config()
 
     def convert(found: FoundFile, src: int, dst: int, advance) -> int:
+        shift = fixed if fixed is not None else defaults.chunk_shift_for(os.path.basename(found.path))
         return _pack_into(found.path, src, dst, shift, advance)
 
     return _convert_tree(path, progress, "pack", "already containers", convert,
