@@ -131,6 +131,10 @@ def read_table(buf, freq):
             r |= np.int64((buf[(bitpos + b) >> 3] >> ((bitpos + b) & 7)) & 1) << b
         bitpos += nbits
         v = (q << k) | r if q < RICE_ESCAPE else r
+        if v >= SLOTS - 1:
+            # refused at once, not after the loop: k follows prev, so absurd values let it grow to 62 bits,
+            # where v wraps negative and _bitlen(prev) never ends (a hostile table hung the decoder)
+            return -1
         freq[s] = v + 1
         total += v + 1
         prev = v

@@ -1,13 +1,218 @@
 """Hostile chunk records, each crafted at one hole the decoders had: a clean error, never a hang, crash or huge allocation."""
 from __future__ import annotations
 
+import json
 import os
+import pickle
 import subprocess
 import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from dccfs.codecs import ChunkHints, EncodedChunk, Segment, encode_chunk
+from dccfs.codecs.varint import get_varint, put_varint
 
 # a child that takes longer than this hangs (a real decode takes milliseconds; the child's start, numba's cache
 # included, a few seconds)
 CHILD_SECONDS = 120
+
+# The child decodes each case and prints one JSON line per case: what came out and how much its peak RSS grew.
+_CHILD = textwrap.dedent("""
+    import json, pickle, resource, sys
+    from dccfs.codecs import CodecError, decode_chunk
+    from dccfs.codecs.delta import CODEC_DELTA, decode_delta
+    with open(sys.argv[1], "rb") as f:
+        cases = pickle.load(f)
+    for codec_id, params, payload, raw_len, base in cases:
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        try:
+            if codec_id == CODEC_DELTA:
+                out = decode_delta(params, payload, raw_len, base)
+            else:
+                out = decode_chunk(codec_id, params, payload, raw_len)
+            got = ["ok", len(out), ""]
+        except CodecError as exc:
+            cause = type(exc.__cause__).__name__ if exc.__cause__ is not None else ""
+            got = ["CodecError", str(exc), cause]
+        except Exception as exc:
+            got = [type(exc).__name__, str(exc), ""]
+        grew = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+        print(json.dumps(got + [grew * 1024]), flush=True)
+""")
+
+
+def decode_in_child(tmp_path, cases, env=None) -> list[list]:
+    """Decode (codec_id, params, payload, raw_len, base) cases in a fresh interpreter, so that a crash or a hang
+    fails the test instead of killing pytest; [outcome, length or message, cause, peak RSS growth] per case."""
+    path = tmp_path / "cases.pickle"
+    path.write_bytes(pickle.dumps([tuple(c) + (None,) * (5 - len(c)) for c in cases]))
+    try:
+        proc = subprocess.run([sys.executable, "-c", _CHILD, str(path)], capture_output=True, text=True,
+                              timeout=CHILD_SECONDS, env={**os.environ, **(env or {})})
+    except subprocess.TimeoutExpired as exc:
+        done = (exc.stdout or b"").count(b"\n") if isinstance(exc.stdout, bytes) else (exc.stdout or "").count("\n")
+        pytest.fail(f"decoding case {done} did not finish in {CHILD_SECONDS} s (a hang)")
+    lines = proc.stdout.splitlines()
+    assert proc.returncode == 0, (f"the decoding child died (rc {proc.returncode}) at case {len(lines)}: "
+                                  f"{proc.stderr[-2000:]}")
+    return [json.loads(line) for line in lines]
+
+
+# ---------------------------------------------------------------------------------------------- crafting records
+
+
+def parse_v1(params: bytes, payload: bytes) -> tuple[list[tuple[int, int]], list[tuple[int, bytes]]]:
+    """(regions, streams) of version-1 tensor params: [(length, class)], [(method, stream bytes)]."""
+    nreg, pos = get_varint(params, 1, "test")
+    regions = []
+    for _ in range(nreg):
+        length, pos = get_varint(params, pos, "test")
+        regions.append((length, params[pos]))
+        pos += 1
+    streams, ppos = [], 0
+    while pos < len(params):
+        method = params[pos]
+        blen, pos = get_varint(params, pos + 1, "test")
+        streams.append((method, bytes(payload[ppos : ppos + blen])))
+        ppos += blen
+    return regions, streams
+
+
+def build_v1(regions, streams) -> tuple[bytes, bytes]:
+    """(params, payload) of version-1 tensor params from parse_v1's form."""
+    params = bytearray([1])
+    put_varint(params, len(regions))
+    for length, cls in regions:
+        put_varint(params, length)
+        params.append(cls)
+    for method, blob in streams:
+        params.append(method)
+        put_varint(params, len(blob))
+    return bytes(params), b"".join(blob for _, blob in streams)
+
+
+def parse_v2(params: bytes, payload: bytes) -> list[tuple[int, bytes, bytes]]:
+    """The blocks of version-2 tensor params: [(raw length, version-1 params, payload)]."""
+    nblocks, pos = get_varint(params, 1, "test")
+    sizes = []
+    for _ in range(nblocks):
+        fields = []
+        for _ in range(3):
+            value, pos = get_varint(params, pos, "test")
+            fields.append(value)
+        sizes.append(fields)
+    blocks, ppos = [], 0
+    for length, plen, blen in sizes:
+        blocks.append((length, bytes(params[pos : pos + plen]), bytes(payload[ppos : ppos + blen])))
+        pos += plen
+        ppos += blen
+    return blocks
+
+
+def build_v2(blocks) -> tuple[bytes, bytes]:
+    params = bytearray([2])
+    put_varint(params, len(blocks))
+    for length, bparams, bpayload in blocks:
+        for value in (length, len(bparams), len(bpayload)):
+            put_varint(params, value)
+    for _, bparams, _ in blocks:
+        params += bparams
+    return bytes(params), b"".join(bpayload for _, _, bpayload in blocks)
+
+
+def float_chunks(n: int = 1 << 17, seed: int = 1) -> dict[str, tuple[bytes, ChunkHints]]:
+    """Raw chunks (with their hints) whose encodings cover the tensor codec's classes and stream methods."""
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal(n).astype(np.float32) * 0.02
+
+    def whole(raw: bytes, dtype: str) -> tuple[bytes, ChunkHints]:
+        return raw, ChunkHints(segments=(Segment(0, len(raw), dtype),))
+
+    def bf16(x: np.ndarray) -> bytes:
+        return (x.view(np.uint32) >> 16).astype(np.uint16).tobytes()
+
+    sparse = w.copy()
+    sparse[rng.random(n) < 0.5] = 0
+    third = n // 4
+    parts = [(rng.standard_normal(third) * s).astype(np.float32) for s in (0.02, 1e-8, 3.0)]
+    return {
+        "bf16": whole(bf16(w), "bf16"),  # method 6, two streams paired
+        "f16": whole(w.astype(np.float16).tobytes(), "f16"),  # method 6 in two parts, raw
+        "f32": whole(w[: n // 2].tobytes(), "f32"),
+        "bf16z": whole(bf16(sparse), "bf16"),  # zero runs (zstd), methods 6 and raw
+        "f32z": whole(sparse[: n // 2].tobytes(), "f32"),  # zero runs, method 2
+        "bf16-short": whole(bf16(w[:2000]), "bf16"),  # method 2
+        "f64": whole(rng.standard_normal(n // 4).tobytes(), "f64"),
+        "int": ((np.arange(n) % 1000).astype(np.int32).tobytes(), ChunkHints()),  # probed f32: method 7, const
+        "mixed": (b"header" * 100 + bf16(w[:50000]), ChunkHints(segments=(Segment(600, 100000, "bf16"),))),
+        "blocks": (b"".join(p.tobytes() for p in parts),  # params version 2
+                   ChunkHints(segments=tuple(Segment(i * 4 * third, 4 * third, "f32") for i in range(3)))),
+        "text": (b"".join(b"the quick brown fox %d\n" % i for i in range(8000)), ChunkHints()),
+        "lz4": (b"".join(b"the quick brown fox %d\n" % i for i in range(8000)), ChunkHints(codec="lz4")),
+    }
+
+
+def stream_with_method(kind: str, method: int) -> tuple[bytes, EncodedChunk, int]:
+    """(raw, encoding, index of the first stream of the method) of a sample chunk that has one."""
+    raw, hints = float_chunks()[kind]
+    enc = encode_chunk(raw, hints)
+    _, streams = parse_v1(enc.params, enc.payload)
+    return raw, enc, next(k for k, (m, _) in enumerate(streams) if m == method)
+
+
+def rice_table(values: list[int]) -> bytes:
+    """A method-5 frequency table (docs/codecs.md) coding freq - 1 = values for symbols 0..len - 1, written with the
+    Rice parameter the decoder derives, whatever the values (also ones no encoder writes)."""
+    n = len(values)
+    out = bytearray([0, n - 1])
+    bitmap = bytearray((n - 1 + 8) >> 3)
+    for s in range(n):
+        bitmap[s >> 3] |= 1 << (s & 7)
+    out += bitmap
+    bits: list[int] = []
+    prev = 16
+    for v in values:
+        k = max(prev.bit_length() - 1, 0)
+        q = v >> k
+        bits += [1] * q + [0] + [(v >> b) & 1 for b in range(k)]
+        prev = v
+    bits += [0] * (-len(bits) % 8)
+    out += bytes(sum(bits[i + j] << j for j in range(8)) for i in range(0, len(bits), 8))
+    return bytes(out)
+
+
+def exploding_rice_table(symbols: int = 24) -> bytes:
+    """A table whose Rice parameter grows by 3 per symbol (quotient 15, all remainder bits set): by the 20th symbol
+    freq - 1 no longer fits 63 bits. The frequencies are absurd, so a decoder must refuse the table."""
+    values, prev = [], 16
+    for _ in range(symbols):
+        k = max(prev.bit_length() - 1, 0)
+        v = (15 << k) | ((1 << k) - 1)
+        values.append(v)
+        prev = v
+    return rice_table(values)
+
+
+# ---------------------------------------------------------------------------------------------- the holes
+
+
+@pytest.mark.parametrize("method", [5, 6, 7])
+def test_a_rice_table_with_runaway_frequencies_is_refused_not_decoded_forever(tmp_path, method):
+    """The method-5 table reader (shared by methods 5, 6 and 7) let the Rice parameter follow absurd frequencies
+    up to 62 bits; one that wrapped negative made bit_length loop forever (a decoder thread spinning at 100%)."""
+    table = exploding_rice_table()
+    words = bytes(4 * 32 + 64)
+    kind, host = ("int", 7) if method == 7 else ("bf16", 6)
+    raw, enc, k = stream_with_method(kind, host)
+    regions, streams = parse_v1(enc.params, enc.payload)
+    blob = {5: table + words, 6: bytes([1, 0]) + table + words,
+            7: bytes([0, 1, 128]) + table + rice_table([2047, 2047]) + words}[method]
+    streams[k] = (method, blob)
+    params, payload = build_v1(regions, streams)
+    (got,) = decode_in_child(tmp_path, [(enc.codec_id, params, payload, len(raw))])
+    assert got[0] == "CodecError", got
 
 
 def test_a_cached_kernel_is_rebuilt_when_a_kernel_it_calls_changes_in_another_file(tmp_path):
