@@ -14,10 +14,14 @@ from .tensor_format import FORMAT_VERSION, M_CONST, M_LZ4, M_RANS, M_RANS32, M_R
 log = logging.getLogger(__name__)
 
 
-def _decode_runs(method: int, blob: memoryview) -> bytes:
+def _decode_runs(method: int, blob: memoryview, elements: int) -> bytes:
+    """The run list of a zero-masked class of this many elements (its length checked before it is decoded)."""
     length, pos = _get_varint(blob, 0)
     if method not in (M_RAW, M_ZSTD, M_LZ4):
         raise CodecError(f"zero runs: unknown method {method}")
+    if length > zeros.max_runs_bytes(elements):
+        # zstd and lz4 allocate the length they are given: a damaged L must not size a buffer
+        raise CodecError(f"zero runs: a list of {length} bytes for {elements} elements")
     return _decode_stream(method, blob[pos:], length).tobytes()
 
 
@@ -27,7 +31,8 @@ def _decode_zero_class(cls: int, payload: memoryview, meths, offs, lens, nbytes:
     out when given)."""
     base = zeros.BASE_CLASS[cls]
     width = fields.CLASSES[base][0]
-    runs, k, nonzero = zeros.parse_runs(_decode_runs(meths[0], payload[offs[0] : offs[0] + lens[0]]), nbytes // width)
+    elements = nbytes // width
+    runs, k, nonzero = zeros.parse_runs(_decode_runs(meths[0], payload[offs[0] : offs[0] + lens[0]], elements), elements)
     meths, offs, lens = meths[1:], offs[1:], lens[1:]
     if nonzero == 0:
         if any(lens):

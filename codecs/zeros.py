@@ -152,9 +152,15 @@ def split_zeros(data: np.ndarray, width: int) -> tuple[bytes, np.ndarray]:
     return buf[:blen].tobytes(), nz[:m].view(np.uint8)
 
 
+def max_runs_bytes(n: int) -> int:
+    """The longest run list of n elements: at most n + 1 runs (split_zeros), each a varint of at most 5 bytes."""
+    return 5 * (n + 1)
+
+
 def parse_runs(runs_bytes: bytes, n: int) -> tuple[np.ndarray, int, int]:
     """(runs, count, nonzero elements) of a run list that must cover n elements."""
-    runs = np.empty(len(runs_bytes) + 1, np.int64)
+    # at most n + 1 runs (split_zeros): a longer list is refused, and the table stays O(n) whatever its bytes
+    runs = np.empty(min(len(runs_bytes), n + 1), np.int64)
     k = _get_varints(np.frombuffer(runs_bytes, np.uint8), runs)
     if k < 0:
         raise CodecError("zero runs: malformed varint list")

@@ -10,6 +10,7 @@ import textwrap
 
 import numpy as np
 import pytest
+import zstandard
 
 from dccfs.codecs import ChunkHints, EncodedChunk, Segment, encode_chunk
 from dccfs.codecs.varint import get_varint, put_varint
@@ -213,6 +214,22 @@ def test_a_rice_table_with_runaway_frequencies_is_refused_not_decoded_forever(tm
     params, payload = build_v1(regions, streams)
     (got,) = decode_in_child(tmp_path, [(enc.codec_id, params, payload, len(raw))])
     assert got[0] == "CodecError", got
+
+
+def test_a_zero_run_list_longer_than_its_class_is_refused_before_it_is_decoded(tmp_path):
+    """Stream 0 of a zero-masked class says how long its run list is (varint L); L was trusted: a 10 KiB zstd
+    frame of 64 MiB made a 256 KiB chunk allocate 64 MiB and then 8 bytes per run byte (512 MiB) of run table."""
+    raw, enc, _ = stream_with_method("bf16z", 6)
+    regions, streams = parse_v1(enc.params, enc.payload)
+    assert regions[0][1] == 5 and streams[0][0] == 1  # bf16z; the run list coded with zstd
+    length = 64 << 20
+    head = bytearray()
+    put_varint(head, length)
+    streams[0] = (1, bytes(head) + zstandard.ZstdCompressor(level=1).compress(bytes(length)))
+    params, payload = build_v1(regions, streams)
+    (got,) = decode_in_child(tmp_path, [(enc.codec_id, params, payload, len(raw))])
+    assert got[0] == "CodecError", got
+    assert got[3] < 32 << 20, f"decoding the damaged chunk grew the peak RSS by {got[3] >> 20} MiB"
 
 
 def test_a_cached_kernel_is_rebuilt_when_a_kernel_it_calls_changes_in_another_file(tmp_path):
