@@ -144,6 +144,9 @@ class Container:
             raise ChunkError(self.path, chunk_index, f"record header: {exc}") from exc
         if head.rtype != REC_CHUNK or head.a != chunk_index or len(record) != head.total_len:
             raise ChunkError(self.path, chunk_index, "index points at a record of another chunk")
+        if head.b > self.chunk_size:
+            # checked before decoding: zstd, lz4 and the tensor codec allocate the raw length they are given
+            raise ChunkError(self.path, chunk_index, f"raw length {head.b} is larger than the chunk size")
         body = memoryview(record)[RECORD_HEADER_SIZE:]
         params = bytes(body[:head.params_len])
         payload = body[head.params_len:]

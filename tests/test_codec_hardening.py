@@ -14,6 +14,9 @@ import zstandard
 
 from dccfs.codecs import ChunkHints, EncodedChunk, Segment, encode_chunk
 from dccfs.codecs.varint import get_varint, put_varint
+from dccfs.container import ChunkError, Container
+from dccfs.format import (HEADER_SIZE, INDEX_FULL, RECORD_HEADER_SIZE, Header, checksum64, chunk_record_header, pack_index,
+                          trailer_record)
 
 # a child that takes longer than this hangs (a real decode takes milliseconds; the child's start, numba's cache
 # included, a few seconds)
@@ -230,6 +233,39 @@ def test_a_zero_run_list_longer_than_its_class_is_refused_before_it_is_decoded(t
     (got,) = decode_in_child(tmp_path, [(enc.codec_id, params, payload, len(raw))])
     assert got[0] == "CodecError", got
     assert got[3] < 32 << 20, f"decoding the damaged chunk grew the peak RSS by {got[3] >> 20} MiB"
+
+
+def _container_file(path, chunk_shift: int, records: list[bytes], entries: dict[int, tuple[int, int]],
+                    size: int) -> None:
+    """A committed container: header, the given records, one full index with entries, trailer."""
+    blob = bytearray(Header.new(chunk_shift, 1).pack())
+    for record in records:
+        blob += record
+    index_offset = len(blob)
+    blob += pack_index(INDEX_FULL, size, 0, entries)
+    blob += trailer_record(size, index_offset)
+    path.write_bytes(bytes(blob))
+
+
+def _open(path) -> tuple[int, Container]:
+    fd = os.open(path, os.O_RDONLY)
+    return fd, Container.open(fd, str(path))
+
+
+def test_a_chunk_record_longer_than_the_chunk_size_is_damage(tmp_path):
+    """The record's raw length (u32) was not held to the container's chunk size: a 2 KiB record of a 64 KiB-chunk
+    file decoded to 64 MiB (a zstd frame of zeros) and was returned, checksum and all."""
+    raw_len = 64 << 20
+    payload = zstandard.ZstdCompressor().compress(bytes(raw_len))
+    head = chunk_record_header(0, 1, 0, len(payload), raw_len, checksum64(bytes(raw_len)))
+    path = tmp_path / "big"
+    _container_file(path, 16, [head.pack() + payload], {0: (HEADER_SIZE, RECORD_HEADER_SIZE + len(payload))}, 1 << 16)
+    fd, container = _open(path)
+    try:
+        with pytest.raises(ChunkError, match="raw length"):
+            container.read_chunk(0)
+    finally:
+        os.close(fd)
 
 
 def test_a_cached_kernel_is_rebuilt_when_a_kernel_it_calls_changes_in_another_file(tmp_path):
