@@ -16,7 +16,7 @@ from dccfs.codecs import CodecError, EncodedChunk, decode_chunk
 from dccfs.codecs.delta import CODEC_DELTA, decode_delta, delta_base_ref
 from dccfs.format import (
     HEADER_SIZE, INDEX_DELTA, INDEX_FULL, RECORD_HEADER_SIZE, REC_CHUNK, FormatError, Header,
-    RecordHeader, checksum64, chunk_record_header, pack_index, trailer_record,
+    RecordHeader, checksum64, chunk_record_header, max_chunk_record_len, pack_index, trailer_record,
 )
 # Also re-exported: the rest of dccfs and the tests import these names from dccfs.container.
 from dccfs.container_records import (  # noqa: F401
@@ -134,6 +134,9 @@ class Container:
             loc = self.index.get(chunk_index)
             if loc is None:
                 return None
+        if not RECORD_HEADER_SIZE <= loc.length <= max_chunk_record_len(self.chunk_size):
+            # a damaged index entry must not make one read ask for gigabytes (or overflow pread)
+            raise ChunkError(self.path, chunk_index, f"index names a record of {loc.length} bytes")
         record = pread_exact(self.fd, loc.length, loc.offset)
         return self.decode_record(chunk_index, record, chain_left)
 

@@ -154,6 +154,12 @@ class RecordHeader:
         return rec
 
 
+def max_chunk_record_len(chunk_size: int) -> int:
+    """The longest chunk record of a container: header, params (a u16 length) and a payload no longer than a chunk
+    (a codec that cannot shrink a chunk stores it raw)."""
+    return RECORD_HEADER_SIZE + 0xFFFF + chunk_size
+
+
 def chunk_record_header(chunk_index: int, codec_id: int, params_len: int, payload_len: int,
                         raw_len: int, raw_sum: int) -> RecordHeader:
     return RecordHeader(REC_CHUNK, codec_id, params_len, payload_len, chunk_index, raw_len, raw_sum)

@@ -268,6 +268,22 @@ def test_a_chunk_record_longer_than_the_chunk_size_is_damage(tmp_path):
         os.close(fd)
 
 
+def test_an_index_entry_naming_a_huge_record_is_damage_without_reading_it(tmp_path):
+    """An index entry's record length (u64) went straight to pread: 2**40 asked Python for a 1 TiB buffer
+    (MemoryError, not ChunkError) and 2**63 overflowed (OverflowError)."""
+    raw = b"hello, dccfs!\n"
+    record = chunk_record_header(0, 0, 0, len(raw), len(raw), checksum64(raw)).pack() + raw
+    for length in (1 << 40, (1 << 64) - 1, 3):
+        path = tmp_path / f"index-{length}"
+        _container_file(path, 16, [record], {0: (HEADER_SIZE, length)}, len(raw))
+        fd, container = _open(path)
+        try:
+            with pytest.raises(ChunkError, match="record of"):
+                container.read_chunk(0)
+        finally:
+            os.close(fd)
+
+
 def test_a_cached_kernel_is_rebuilt_when_a_kernel_it_calls_changes_in_another_file(tmp_path):
     """numba keys a cached kernel on its own source file, but the kernel holds the code of every kernel it calls
     (found when a fix to rans32.read_table did not reach the cached fused decoders of tensor_fast.py: they kept
