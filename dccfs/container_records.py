@@ -146,9 +146,11 @@ def load_index_chain(fd: int, path: str, offset: int):
     """Apply a full index and the deltas after it; return (index, size, delta chain length)."""
     chain: list[dict[int, tuple[int, int]]] = []
     size = None
+    file_end = os.fstat(fd).st_size
     while True:
         head = read_record_header(fd, offset)
-        if head is None or head.rtype != REC_INDEX:
+        # a back pointer may name any record: its payload length (u32) is read only if the file holds it
+        if head is None or head.rtype != REC_INDEX or offset + head.total_len > file_end:
             raise ContainerError(path, f"index record at offset {offset} is damaged")
         payload = pread_exact(fd, head.payload_len, offset + RECORD_HEADER_SIZE)
         try:

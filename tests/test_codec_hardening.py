@@ -14,9 +14,9 @@ import zstandard
 
 from dccfs.codecs import ChunkHints, EncodedChunk, Segment, encode_chunk
 from dccfs.codecs.varint import get_varint, put_varint
-from dccfs.container import ChunkError, Container
-from dccfs.format import (HEADER_SIZE, INDEX_FULL, RECORD_HEADER_SIZE, Header, checksum64, chunk_record_header, pack_index,
-                          trailer_record)
+from dccfs.container import ChunkError, Container, ContainerError
+from dccfs.format import (HEADER_SIZE, INDEX_DELTA, INDEX_FULL, RECORD_HEADER_SIZE, REC_INDEX, Header, RecordHeader,
+                          checksum64, chunk_record_header, pack_index, trailer_record)
 
 # a child that takes longer than this hangs (a real decode takes milliseconds; the child's start, numba's cache
 # included, a few seconds)
@@ -282,6 +282,38 @@ def test_an_index_entry_naming_a_huge_record_is_damage_without_reading_it(tmp_pa
                 container.read_chunk(0)
         finally:
             os.close(fd)
+
+
+def test_a_delta_index_pointing_at_a_record_past_the_end_is_refused_before_reading(tmp_path):
+    """A delta index's back pointer reached a record header whose payload length (u32) was read as is: an
+    index record claiming 4 GiB made open() ask for a 4 GiB buffer before the checksum failed."""
+    path = tmp_path / "chain"
+    blob = bytearray(Header.new(16, 1).pack())
+    fake_offset = len(blob)
+    blob += RecordHeader(REC_INDEX, INDEX_FULL, 0, 0xFFFFFFFF, 0, 0, 0).pack()
+    index_offset = len(blob)
+    blob += pack_index(INDEX_DELTA, 0, fake_offset, {})
+    blob += trailer_record(0, index_offset)
+    path.write_bytes(bytes(blob))
+    # without numba or the codecs (they need more address space than the limit), under a 1 GiB limit on it
+    script = textwrap.dedent(f"""
+        import os, resource, sys
+        from dccfs.container_records import ContainerError, load_index_chain
+        resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
+        fd = os.open({str(path)!r}, os.O_RDONLY)
+        try:
+            load_index_chain(fd, "chain", {index_offset})
+        except ContainerError as exc:
+            print("ContainerError", exc)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=CHILD_SECONDS)
+    assert proc.returncode == 0 and proc.stdout.startswith("ContainerError"), proc.stderr[-2000:]
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        with pytest.raises(ContainerError):
+            Container.open(fd, str(path))
+    finally:
+        os.close(fd)
 
 
 def test_a_cached_kernel_is_rebuilt_when_a_kernel_it_calls_changes_in_another_file(tmp_path):
