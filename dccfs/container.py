@@ -15,7 +15,7 @@ import time
 from dccfs.codecs import CodecError, EncodedChunk, decode_chunk
 from dccfs.codecs.delta import CODEC_DELTA, decode_delta, delta_base_ref
 from dccfs.format import (
-    HEADER_SIZE, INDEX_DELTA, INDEX_FULL, RECORD_HEADER_SIZE, REC_CHUNK, FormatError, Header,
+    HEADER_SIZE, INDEX_DELTA, INDEX_FULL, MAX_FILE_OFFSET, RECORD_HEADER_SIZE, REC_CHUNK, FormatError, Header,
     RecordHeader, checksum64, chunk_record_header, max_chunk_record_len, pack_index, trailer_record,
 )
 # Also re-exported: the rest of dccfs and the tests import these names from dccfs.container.
@@ -134,9 +134,11 @@ class Container:
             loc = self.index.get(chunk_index)
             if loc is None:
                 return None
-        if not RECORD_HEADER_SIZE <= loc.length <= max_chunk_record_len(self.chunk_size):
+        if not (RECORD_HEADER_SIZE <= loc.length <= max_chunk_record_len(self.chunk_size)
+                and HEADER_SIZE <= loc.offset <= MAX_FILE_OFFSET - loc.length):
             # a damaged index entry must not make one read ask for gigabytes (or overflow pread)
-            raise ChunkError(self.path, chunk_index, f"index names a record of {loc.length} bytes")
+            raise ChunkError(self.path, chunk_index,
+                             f"index names a record of {loc.length} bytes at offset {loc.offset}")
         record = pread_exact(self.fd, loc.length, loc.offset)
         return self.decode_record(chunk_index, record, chain_left)
 

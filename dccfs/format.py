@@ -154,6 +154,10 @@ class RecordHeader:
         return rec
 
 
+# The largest file offset the OS takes (off_t): pread raises OverflowError past it, not OSError.
+MAX_FILE_OFFSET = (1 << 63) - 1
+
+
 def max_chunk_record_len(chunk_size: int) -> int:
     """The longest chunk record of a container: header, params (a u16 length) and a payload no longer than a chunk
     (a codec that cannot shrink a chunk stores it raw)."""

@@ -273,13 +273,15 @@ def test_a_chunk_record_longer_than_the_chunk_size_is_damage(tmp_path):
 
 
 def test_an_index_entry_naming_a_huge_record_is_damage_without_reading_it(tmp_path):
-    """An index entry's record length (u64) went straight to pread: 2**40 asked Python for a 1 TiB buffer
-    (MemoryError, not ChunkError) and 2**63 overflowed (OverflowError)."""
+    """An index entry's record length and offset (u64) went straight to pread: a length of 2**40 asked Python for
+    a 1 TiB buffer (MemoryError, not ChunkError); a length or an offset of 2**63 or more overflowed (OverflowError)."""
     raw = b"hello, dccfs!\n"
     record = chunk_record_header(0, 0, 0, len(raw), len(raw), checksum64(raw)).pack() + raw
-    for length in (1 << 40, (1 << 64) - 1, 3):
-        path = tmp_path / f"index-{length}"
-        _container_file(path, 16, [record], {0: (HEADER_SIZE, length)}, len(raw))
+    good = RECORD_HEADER_SIZE + len(raw)
+    for offset, length in ((HEADER_SIZE, 1 << 40), (HEADER_SIZE, (1 << 64) - 1), (HEADER_SIZE, 3), (1 << 63, good),
+                           ((1 << 64) - 1, good)):
+        path = tmp_path / f"index-{offset}-{length}"
+        _container_file(path, 16, [record], {0: (offset, length)}, len(raw))
         fd, container = _open(path)
         try:
             with pytest.raises(ChunkError, match="record of"):
