@@ -63,12 +63,7 @@ def write_compacted(source: Container, tmp_path: str, rewrite=None, stop=None) -
         blob = pack_index(INDEX_FULL, size, 0, entries) + trailer_record(size, end)
         pwrite_all(fd, blob, end)
         end += len(blob)
-        st = os.fstat(source.fd)
-        os.fchmod(fd, st.st_mode & 0o7777)
-        os.fchown(fd, st.st_uid, st.st_gid)
-        for name in os.listxattr(source.fd):
-            os.setxattr(fd, name, os.getxattr(source.fd, name))
-        os.utime(fd, ns=(st.st_atime_ns, st.st_mtime_ns))
+        copy_metadata(source.fd, fd)
         os.fsync(fd)
         return end
     except BaseException:
@@ -76,6 +71,21 @@ def write_compacted(source: Container, tmp_path: str, rewrite=None, stop=None) -
         raise
     finally:
         os.close(fd)
+
+
+def copy_metadata(source_fd: int, target_fd: int) -> None:
+    """Owner, mode, extended attributes and times of source onto target. The owner goes
+    first: a chown clears the set-user-ID and set-group-ID bits, root's chown included."""
+    st = os.fstat(source_fd)
+    os.fchown(target_fd, st.st_uid, st.st_gid)
+    os.fchmod(target_fd, st.st_mode & 0o7777)
+    names = os.listxattr(source_fd)
+    for name in os.listxattr(target_fd):
+        if name not in names:
+            os.removexattr(target_fd, name)
+    for name in names:
+        os.setxattr(target_fd, name, os.getxattr(source_fd, name))
+    os.utime(target_fd, ns=(st.st_atime_ns, st.st_mtime_ns))
 
 
 def clean_stale_temporaries(tmp_dir: str) -> None:
@@ -86,13 +96,14 @@ def clean_stale_temporaries(tmp_dir: str) -> None:
             os.unlink(os.path.join(tmp_dir, name))
 
 
-def swap_in(tmp_path: str, backing_fd_path: str, expected_key: tuple[int, int],
+def swap_in(tmp_path: str, source_fd: int, backing_fd_path: str, expected_key: tuple[int, int],
             expected_size: int) -> int | None:
     """Rename the compacted file over the original if the original is still exactly the file
     that was copied; return an O_PATH descriptor of the new file, or None (temp removed).
 
-    Runs on the FUSE thread with no await, so no request can rename or reopen the file
-    between the check and the rename.
+    Runs on the FUSE thread with no await, so no request can rename, reopen or change the
+    file between the check and the rename. The metadata is copied again here: a chmod,
+    chown or setxattr served while the copy was fsynced went to the original only.
     """
     try:
         path = os.readlink(backing_fd_path)
@@ -100,6 +111,11 @@ def swap_in(tmp_path: str, backing_fd_path: str, expected_key: tuple[int, int],
         if path.endswith(" (deleted)") or (st.st_dev, st.st_ino) != expected_key \
                 or st.st_nlink != 1 or st.st_size != expected_size:
             raise OSError(errno.ESTALE, "the file changed while it was being compacted")
+        tmp_fd = os.open(tmp_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            copy_metadata(source_fd, tmp_fd)
+        finally:
+            os.close(tmp_fd)
         os.rename(tmp_path, path)
     except OSError as exc:
         log.info("compaction skipped: %s", exc)

@@ -351,7 +351,7 @@ class HandleTable:
             # again, possibly ending at the same offset: the copy is stale.
             os.unlink(tmp_path)
             return
-        new_fd = compaction.swap_in(tmp_path, inode.proc_path, inode.key, before)
+        new_fd = compaction.swap_in(tmp_path, container.fd, inode.proc_path, inode.key, before)
         if new_fd is not None:
             self.inodes.rekey(inode, new_fd)
             # The file object still holds the replaced container. Closing it here, before
