@@ -24,6 +24,10 @@ from dccfs.inodes import Inode, InodeTable
 log = logging.getLogger(__name__)
 
 _ACCESS = os.O_RDONLY | os.O_WRONLY | os.O_RDWR
+# Background rewrites (compaction, deltas after close) run on threads of their own: a pass
+# encodes for minutes, and must neither hold the I/O tokens that reads and commits wait
+# for nor take every core from the writers.
+REWRITE_THREADS = max(1, (os.cpu_count() or 2) // 2)
 
 
 def _writable(flags: int) -> bool:
@@ -154,6 +158,11 @@ class HandleTable:
         self._handles: dict[int, Handle] = {}
         self._next = 1
         self.open_files: dict[int, ContainerFile] = {}
+        self.rewrite_limiter = trio.CapacityLimiter(REWRITE_THREADS)
+        # Files whose background rewrite task closes them when it ends: their last release
+        # leaves the close to it instead of waiting for the rewrite (a pyfuse3 request
+        # task held for minutes, and an unmount that waited for the whole pass).
+        self._closed_in_background: set[ContainerFile] = set()
         engine.dirty.on_pressure(self._relieve_dirty_pressure)
 
     def _relieve_dirty_pressure(self) -> None:
@@ -272,7 +281,7 @@ class HandleTable:
             os.close(file.fd)
             return handle
         file.handles -= 1
-        if file.handles == 0:
+        if file.handles == 0 and file not in self._closed_in_background:
             await self._close_file(handle.inode, file)
         return handle
 
@@ -299,6 +308,7 @@ class HandleTable:
                     redelta_now = redelta.worth_redelta(file)
                     if redelta_now or compaction.worth_compacting(file.container):
                         inode.opens += 1  # keeps the inode's descriptor until the task ends
+                        self._closed_in_background.add(file)
                         self.engine.start_background(self._compact_then_close, inode, file,
                                                      redelta_now)
                         return
@@ -324,6 +334,9 @@ class HandleTable:
                     await self._compact(inode, file, redelta.Rewriter(file) if redelta_now else None)
             await self._close_file(inode, file, compact=False)
         finally:
+            # No await from here on: a release that still finds the file in the set is
+            # one this task's _close_file loop has seen.
+            self._closed_in_background.discard(file)
             self.inodes.release_open(inode)
 
     async def _compact(self, inode: Inode, file: ContainerFile,
@@ -335,7 +348,7 @@ class HandleTable:
         copied = (container.cache_id, before)
         try:
             await trio.to_thread.run_sync(compaction.write_compacted, container, tmp_path, rewriter,
-                                          self.engine.stopping, limiter=self.engine.io_limiter)
+                                          self.engine.stopping, limiter=self.rewrite_limiter)
         except OSError as exc:
             if exc.errno in (errno.ESTALE, errno.ECANCELED):
                 log.info("%s: background rewrite stopped, file left as it was: %s", container.path,

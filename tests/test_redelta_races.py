@@ -4,20 +4,53 @@ from __future__ import annotations
 import logging
 import os
 import stat
+import threading
+import time
 
 import pytest
 import trio
 
 from dccfs import compaction
-from test_delta_mount import series  # noqa: F401 (series is a fixture)
-from test_handles import create, run_with_handles
+from mounting import unmount
+from test_delta_mount import dccfs, series  # noqa: F401 (series is a fixture)
+from test_handles import create, run_with_handles, stored
 from test_redelta import checkpoints, keyframes_then_deltas, wait_for_pass, write  # noqa: F401
+
+# How long a request may take while a background rewrite is held up before the test calls it stuck.
+PROMPT_S = 5
 
 
 def backing_dir(tmp_path):
     backing = tmp_path / "backing"
     (backing / ".dccfs" / "tmp").mkdir(parents=True)
     return backing
+
+
+class HeldRewrites:
+    """write_compacted that waits in its worker thread until let go, as a long pass does."""
+
+    def __init__(self, monkeypatch):
+        self.real = compaction.write_compacted
+        self.entered = threading.Semaphore(0)
+        self.gate = threading.Event()
+        monkeypatch.setattr(compaction, "write_compacted", self)
+
+    def __call__(self, source, tmp_path, *rest):
+        self.entered.release()
+        self.gate.wait(60)
+        return self.real(source, tmp_path, *rest)
+
+    async def wait_entered(self, count: int = 1) -> None:
+        for _ in range(count):
+            assert await trio.to_thread.run_sync(self.entered.acquire, True, 30)
+
+
+async def release_like_fuse(handles, inodes, handle):
+    """What the FUSE release handler does."""
+    try:
+        await handles.release(handle.number)
+    finally:
+        inodes.release_open(handle.inode)
 
 
 async def wait_until(predicate, timeout: float = 30) -> None:
@@ -72,3 +105,107 @@ def test_a_chmod_or_setxattr_after_the_copy_survives_the_swap(tmp_path, caplog, 
     st = os.stat(backing / "f.bin")
     assert stat.S_IMODE(st.st_mode) == 0o640
     assert os.getxattr(backing / "f.bin", "user.note") == b"set during the fsync"
+
+
+def test_a_release_during_a_background_rewrite_does_not_wait_for_it(tmp_path, caplog, monkeypatch):
+    """A reader that opens and closes the file while its pass runs: the release waited for
+    the whole pass (the pass holds the file's release lock), which ties up one of
+    pyfuse3's request tasks per release, and keeps an unmount waiting for the pass."""
+    backing = backing_dir(tmp_path)
+    content = os.urandom(1000)
+    released = trio.Event()
+
+    async def body(engine, inodes, handles):
+        held = HeldRewrites(monkeypatch)
+        monkeypatch.setattr(compaction, "worth_compacting", lambda container: True)
+        inode, handle = await create(inodes, handles, "f.bin")
+        await handle.file.write(0, content)
+        inode.opens += 1
+        await handles.release(handle.number)
+        await held.wait_entered()
+        reader = await handles.open(inode, os.O_RDONLY)
+        assert await reader.file.read(0, len(content)) == content
+        with trio.move_on_after(PROMPT_S):
+            await release_like_fuse(handles, inodes, reader)
+            released.set()
+        held.gate.set()
+        await wait_until(lambda: handle.file.closed)
+
+    with caplog.at_level(logging.CRITICAL):
+        run_with_handles(backing, body)
+    assert released.is_set(), "the release waited for the background rewrite"
+    with stored(backing, "f.bin") as container:
+        assert container.read_chunk(0) == content
+
+
+def test_background_rewrites_leave_the_io_threads_to_reads_and_commits(tmp_path, caplog, monkeypatch):
+    """Each pass held one of the 16 I/O tokens that chunk reads and commits use, for its
+    whole CPU-bound duration: a checkpoint of 16 shards left to the pass after close
+    stalled every cache-missing read and every fsync or close on the mount."""
+    backing = backing_dir(tmp_path)
+    committed = trio.Event()
+
+    async def body(engine, inodes, handles):
+        held = HeldRewrites(monkeypatch)
+        monkeypatch.setattr(compaction, "worth_compacting", lambda container: True)
+        shards = []
+        for n in range(16):
+            inode, handle = await create(inodes, handles, f"shard-{n}.bin")
+            await handle.file.write(0, os.urandom(1000))
+            inode.opens += 1
+            await handles.release(handle.number)
+            shards.append(handle.file)
+        await held.wait_entered()
+        await trio.sleep(0.2)  # lets every pass that can start take its thread
+        _, other = await create(inodes, handles, "other.bin")
+        await other.file.write(0, b"saved while the shards are rewritten")
+        with trio.move_on_after(PROMPT_S):
+            await other.file.commit(durable=True)
+            committed.set()
+        held.gate.set()
+        await wait_until(lambda: all(shard.closed for shard in shards), 60)
+        await handles.release(other.number)
+
+    with caplog.at_level(logging.CRITICAL):
+        run_with_handles(backing, body)
+    assert committed.is_set(), "a commit waited for the background rewrites"
+    with stored(backing, "other.bin") as container:
+        assert container.read_chunk(0) == b"saved while the shards are rewritten"
+
+
+@pytest.fixture(scope="module")
+def large_checkpoints(series):
+    """The two checkpoints of the series, sixteen times over (about 110 MB each), so that a
+    pass after close takes seconds."""
+    from safetensors.torch import save
+    return tuple(save({f"copy{n}.{name}": tensor.clone() for n in range(16)
+                       for name, tensor in tensors.items()})
+                 for tensors in series)
+
+
+@pytest.mark.mount
+def test_an_unmount_after_a_read_during_the_pass_stops_the_pass(make_mount, large_checkpoints, tmp_path):
+    """A file read (opened and closed) while its pass runs, then the mount is unmounted:
+    the daemon must stop the pass at its next record, not run it to the end first."""
+    mount = make_mount("later-read-umount", *keyframes_then_deltas(tmp_path))
+    write(mount.mnt / "step-10.safetensors", large_checkpoints[0])
+    target = mount.mnt / "step-20.safetensors"
+    write(target, large_checkpoints[1])
+    tmp_dir = mount.backing / ".dccfs" / "tmp"
+    deadline = time.monotonic() + 60
+    while not any(n.endswith(".compact") for n in os.listdir(tmp_dir)):
+        assert time.monotonic() < deadline, "the pass did not start"
+        time.sleep(0.005)
+    with open(target, "rb") as f:
+        assert f.read(8) == large_checkpoints[1][:8]
+    unmount(mount.mnt)
+    mount.proc.wait(120)
+    log_text = mount.log_text()
+    assert "stored as deltas after close" not in log_text, "the unmount waited for the whole pass"
+    assert "the mount is stopping" in log_text
+    mount.start()
+    for n, data in zip((10, 20), large_checkpoints):
+        assert (mount.mnt / f"step-{n}.safetensors").read_bytes() == data
+    mount.stop()
+    result = dccfs("fsck", "-q", mount.backing)
+    assert result.returncode == 0, result.stdout + result.stderr
