@@ -97,13 +97,14 @@ def clean_stale_temporaries(tmp_dir: str) -> None:
 
 
 def swap_in(tmp_path: str, source_fd: int, backing_fd_path: str, expected_key: tuple[int, int],
-            expected_size: int) -> int | None:
+            expected_size: int, mtime_ns: int | None = None) -> int | None:
     """Rename the compacted file over the original if the original is still exactly the file
     that was copied; return an O_PATH descriptor of the new file, or None (temp removed).
 
     Runs on the FUSE thread with no await, so no request can rename, reopen or change the
     file between the check and the rename. The metadata is copied again here: a chmod,
     chown or setxattr served while the copy was fsynced went to the original only.
+    mtime_ns, when given, replaces the original's mtime.
     """
     try:
         path = os.readlink(backing_fd_path)
@@ -114,6 +115,8 @@ def swap_in(tmp_path: str, source_fd: int, backing_fd_path: str, expected_key: t
         tmp_fd = os.open(tmp_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         try:
             copy_metadata(source_fd, tmp_fd)
+            if mtime_ns is not None:
+                os.utime(tmp_fd, ns=(os.fstat(tmp_fd).st_atime_ns, mtime_ns))
         finally:
             os.close(tmp_fd)
         os.rename(tmp_path, path)

@@ -71,6 +71,12 @@ class Handle:
         return bool(self.flags & os.O_APPEND)
 
 
+def _data_changed(file: ContainerFile) -> bool:
+    """Writes not yet committed. An explicit mtime alone (the kernel sends the times back
+    after a rename, with the writeback cache) is no change to the content a rewrite copies."""
+    return bool(file.dirty) or file.container.dirty
+
+
 def is_container_head(head: bytes, path: str) -> bool:
     """Container or plain file; a damaged container header is an I/O error, since serving
     the container's raw bytes as a plain file would return bytes nobody wrote."""
@@ -330,7 +336,7 @@ class HandleTable:
             async with file.release_lock:
                 if file.closed or file.handles:
                     return  # reopened: its next release decides again
-                if not file.has_changes:
+                if not _data_changed(file):
                     await self._compact(inode, file, redelta.Rewriter(file) if redelta_now else None)
             await self._close_file(inode, file, compact=False)
         finally:
@@ -359,12 +365,14 @@ class HandleTable:
         if rewriter is not None and not rewriter.replaced and not compaction.worth_compacting(container):
             os.unlink(tmp_path)  # no delta was smaller: the copy would change nothing
             return
-        if file.handles or file.has_changes or file.closed or (container.cache_id, container.end) != copied:
+        if file.handles or _data_changed(file) or file.closed or (container.cache_id, container.end) != copied:
             # Reopened meanwhile, and maybe overwritten (a reset: a new file id) and released
             # again, possibly ending at the same offset: the copy is stale.
             os.unlink(tmp_path)
             return
-        new_fd = compaction.swap_in(tmp_path, container.fd, inode.proc_path, inode.key, before)
+        # A pending explicit mtime waits for a commit that the swapped-in file will not have.
+        new_fd = compaction.swap_in(tmp_path, container.fd, inode.proc_path, inode.key, before,
+                                    file.mtime_ns)
         if new_fd is not None:
             self.inodes.rekey(inode, new_fd)
             # The file object still holds the replaced container. Closing it here, before

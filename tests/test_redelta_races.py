@@ -14,7 +14,8 @@ from dccfs import compaction
 from mounting import unmount
 from test_delta_mount import dccfs, series  # noqa: F401 (series is a fixture)
 from test_handles import create, run_with_handles, stored
-from test_redelta import checkpoints, keyframes_then_deltas, wait_for_pass, write  # noqa: F401
+from test_redelta import (checkpoints, deltas_after_close, keyframes_then_deltas, wait_for_pass,  # noqa: F401
+                          write)
 
 # How long a request may take while a background rewrite is held up before the test calls it stuck.
 PROMPT_S = 5
@@ -209,3 +210,30 @@ def test_an_unmount_after_a_read_during_the_pass_stops_the_pass(make_mount, larg
     mount.stop()
     result = dccfs("fsck", "-q", mount.backing)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.mount
+def test_a_rename_right_after_close_keeps_the_pass(make_mount, checkpoints, tmp_path):
+    """A rename makes the kernel (writeback cache) send the file's times back in a SETATTR,
+    which the daemon keeps as an explicit mtime: the pass took that for a change to the
+    file and threw its copy away, so a checkpoint renamed after its save (as many
+    trainers do) never got its deltas."""
+    mount = make_mount("later-rename", *keyframes_then_deltas(tmp_path))
+    write(mount.mnt / "step-10.safetensors", checkpoints[0])
+    write(mount.mnt / "step-20.safetensors", checkpoints[1])
+    os.rename(mount.mnt / "step-20.safetensors", mount.mnt / "step-21.safetensors")
+    mtime = os.stat(mount.mnt / "step-21.safetensors").st_mtime_ns
+    deadline = time.monotonic() + 120
+    while deltas_after_close(mount) == 0 and not any(
+            n.endswith(".compact") for n in os.listdir(mount.backing / ".dccfs" / "tmp")):
+        assert time.monotonic() < deadline, "the pass did not start"
+        time.sleep(0.01)
+    while any(n.endswith(".compact") for n in os.listdir(mount.backing / ".dccfs" / "tmp")):
+        assert time.monotonic() < deadline, "the pass did not end"
+        time.sleep(0.05)
+    time.sleep(0.5)  # the swap and its stats follow the copy
+    assert deltas_after_close(mount) > 0
+    mount.remount()
+    path = mount.mnt / "step-21.safetensors"
+    assert path.read_bytes() == checkpoints[1]
+    assert os.stat(path).st_mtime_ns == mtime
