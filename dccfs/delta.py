@@ -285,7 +285,9 @@ class DeltaWriter:
         if self.base_changed:
             return None
         if not self.during_write or (hints.effort < 1 and not self.always):
-            if self._usable_base_record(idx) is not None:
+            # Pinned now, not when the pass gets to it: an atomic saver renames this file
+            # over its base right after the close, and an unlinked base cannot be pinned.
+            if self._usable_base_record(idx) is not None and self._pin():
                 with self._lock:
                     self.deferred.add(idx)
             return None
@@ -301,11 +303,17 @@ class DeltaWriter:
             return None
         base_raw, ref = found
         encoded = encode_delta(raw, base_raw, hints, ref.pack())
-        if encoded is None:
+        if encoded is None or not self._pin():
             return None
         with self._lock:
+            self.delta_chunks += 1
+        return encoded
+
+    def _pin(self) -> bool:
+        """Pin the base (once); False when it cannot be, and from then on for this file."""
+        with self._lock:
             if self.base_changed:
-                return None
+                return False
             if not self.pinned:
                 try:
                     path = pin_base(self.backing_root, self.base.fd, self.base.header)
@@ -315,13 +323,12 @@ class DeltaWriter:
                     log.warning("delta base of %s cannot be pinned (%s); storing keyframes",
                                 os.path.basename(self.base.path), exc)
                     self.base_changed = True
-                    return None
+                    return False
                 if not self._pinned_base_is_unchanged(path):
                     self.base_changed = True
-                    return None
+                    return False
                 self.pinned = True
-            self.delta_chunks += 1
-        return encoded
+            return True
 
     def _pinned_base_is_unchanged(self, path: str) -> bool:
         """Once pinned (two links), the base is never reset in place; before, it may have

@@ -213,6 +213,31 @@ def test_an_unmount_after_a_read_during_the_pass_stops_the_pass(make_mount, larg
 
 
 @pytest.mark.mount
+def test_an_atomic_save_over_its_base_still_gets_its_deltas_after_close(make_mount, checkpoints, tmp_path):
+    """An atomic saver writes a temporary file, whose base is the file it is about to
+    replace, then renames it over that file right after the close. The pass pinned the
+    base only when its first delta was ready, by which time the rename had unlinked it:
+    the pin failed and the new checkpoint stayed keyframes."""
+    mount = make_mount("later-atomic", *keyframes_then_deltas(tmp_path))
+    final = mount.mnt / "latest.safetensors"
+    write(final, checkpoints[0])
+    temporary = mount.mnt / ".tmpk3j4h5"  # a saver's temporary name: the checkpoint chunk size
+    write(temporary, checkpoints[1])
+    os.rename(temporary, final)
+    deadline = time.monotonic() + 120
+    while deltas_after_close(mount) == 0 and "cannot be pinned" not in mount.log_text():
+        assert time.monotonic() < deadline, "the pass did not end"
+        time.sleep(0.1)
+    assert deltas_after_close(mount) > 0, mount.log_text()[-2000:]
+    assert final.read_bytes() == checkpoints[1]
+    mount.remount()
+    assert final.read_bytes() == checkpoints[1]
+    mount.stop()
+    result = dccfs("fsck", "-q", mount.backing)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.mount
 def test_a_rename_right_after_close_keeps_the_pass(make_mount, checkpoints, tmp_path):
     """A rename makes the kernel (writeback cache) send the file's times back in a SETATTR,
     which the daemon keeps as an explicit mtime: the pass took that for a change to the
