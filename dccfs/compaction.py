@@ -50,6 +50,7 @@ def write_compacted(source: Container, tmp_path: str, rewrite=None, stop=None) -
             if stop is not None and stop.is_set():
                 raise OSError(errno.ECANCELED, "the mount is stopping")
             loc = index[idx]
+            source.check_loc(idx, loc)  # ChunkError (an OSError): the copy is abandoned
             record = pread_exact(source.fd, loc.length, loc.offset)
             if len(record) != loc.length:
                 raise OSError(errno.EIO, f"{source.path}: chunk {idx} record is truncated")

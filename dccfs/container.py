@@ -134,13 +134,17 @@ class Container:
             loc = self.index.get(chunk_index)
             if loc is None:
                 return None
-        if not (RECORD_HEADER_SIZE <= loc.length <= max_chunk_record_len(self.chunk_size)
-                and HEADER_SIZE <= loc.offset <= MAX_FILE_OFFSET - loc.length):
-            # a damaged index entry must not make one read ask for gigabytes (or overflow pread)
-            raise ChunkError(self.path, chunk_index,
-                             f"index names a record of {loc.length} bytes at offset {loc.offset}")
+        self.check_loc(chunk_index, loc)
         record = pread_exact(self.fd, loc.length, loc.offset)
         return self.decode_record(chunk_index, record, chain_left)
+
+    def check_loc(self, chunk_index: int, loc: ChunkLoc) -> None:
+        """ChunkError unless loc could name a chunk record of this container: a damaged index
+        entry must not make one read ask for gigabytes (or overflow pread)."""
+        if not (RECORD_HEADER_SIZE <= loc.length <= max_chunk_record_len(self.chunk_size)
+                and HEADER_SIZE <= loc.offset <= MAX_FILE_OFFSET - loc.length):
+            raise ChunkError(self.path, chunk_index,
+                             f"index names a record of {loc.length} bytes at offset {loc.offset}")
 
     def decode_record(self, chunk_index: int, record: bytes, chain_left: int | None = None) -> bytes:
         try:

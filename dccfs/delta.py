@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from dccfs.container import ChunkError, Container, ContainerError, pread_exact
 from dccfs.codecs import CodecError
 from dccfs.codecs.delta import CODEC_DELTA, delta_base_ref
-from dccfs.format import (HEADER_SIZE, MAX_CHUNK_SHIFT, RECORD_HEADER_SIZE, FormatError, Header,
+from dccfs.format import (HEADER_SIZE, MAX_CHUNK_SHIFT, MAX_FILE_OFFSET, RECORD_HEADER_SIZE, FormatError, Header,
                           RecordHeader)
 from dccfs.delta_candidates import (MAX_CANDIDATES, find_base_candidates, looks_temporary,  # noqa: F401
                                     name_pattern, open_base)
@@ -123,10 +123,12 @@ class BaseStore:
             if raw is not None:
                 return raw
         container = self.container_for(ref)
-        if not RECORD_HEADER_SIZE <= ref.length <= MAX_RECORD_BYTES:
-            # A damaged reference must not make one read ask for gigabytes.
+        if not (RECORD_HEADER_SIZE <= ref.length <= MAX_RECORD_BYTES
+                and HEADER_SIZE <= ref.offset <= MAX_FILE_OFFSET - ref.length):
+            # A damaged reference must not make one read ask for gigabytes (or overflow pread).
             raise ChunkError(container.path, ref.chunk_index,
-                             f"delta base reference names a record of {ref.length} bytes")
+                             f"delta base reference names a record of {ref.length} bytes "
+                             f"at offset {ref.offset}")
         record = pread_exact(container.fd, ref.length, ref.offset)
         try:
             head = RecordHeader.unpack(record)

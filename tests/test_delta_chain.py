@@ -212,6 +212,8 @@ def test_a_reference_naming_a_huge_record_is_refused_before_reading(backing):
         assert store.read_base_chunk(ref)  # the real reference reads
         with pytest.raises(ChunkError, match="names a record of"):
             store.read_base_chunk(dataclasses.replace(ref, length=(1 << 32) - 1))
+        with pytest.raises(ChunkError, match="names a record of"):  # OverflowError from pread before
+            store.read_base_chunk(dataclasses.replace(ref, offset=1 << 63))
     finally:
         store.close()
 
