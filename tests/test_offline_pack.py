@@ -178,3 +178,20 @@ def test_unpack_leaves_damaged_and_ambiguous_containers(backing, runner):
     with open(backing / "nested", "rb") as f:
         assert f.read(len(MAGIC)) == MAGIC
     assert os.listdir(backing / ".dccfs" / "tmp") == []
+
+
+def test_pack_gives_each_file_the_chunk_size_a_mount_would(backing, runner):
+    """Without --chunk-size, checkpoint and weight files get 1 MiB chunks, as on a mount
+    (pack used 256 KiB for every file)."""
+    from dccfs.container import Container
+    (backing / "model.safetensors").write_bytes(text(31, 3 << 20))
+    (backing / "notes.txt").write_bytes(text(32, 3 << 20))
+    result = runner.invoke(main, ["pack", "-q", str(backing)])
+    assert result.exit_code == 0, result.output
+    for name, chunk_size in (("model.safetensors", 1 << 20), ("notes.txt", 256 << 10)):
+        fd = os.open(backing / name, os.O_RDONLY)
+        try:
+            assert Container.open(fd, name).chunk_size == chunk_size, name
+        finally:
+            os.close(fd)
+    assert (backing / "model.safetensors").read_bytes()[:4] == MAGIC[:4]
