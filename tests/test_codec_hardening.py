@@ -22,41 +22,18 @@ from dccfs.format import (HEADER_SIZE, INDEX_DELTA, INDEX_FULL, RECORD_HEADER_SI
 # included, a few seconds)
 CHILD_SECONDS = 120
 
-# The child decodes each case and prints one JSON line per case: what came out and the most memory Python and
-# numpy held during it beyond what they held before (tracemalloc: unlike the peak RSS, numba compiling a kernel on
-# first use does not count).
-_CHILD = textwrap.dedent("""
-    import json, pickle, sys, tracemalloc
-    from dccfs.codecs import CodecError, decode_chunk
-    from dccfs.codecs.delta import CODEC_DELTA, decode_delta
-    with open(sys.argv[1], "rb") as f:
-        cases = pickle.load(f)
-    tracemalloc.start()
-    for codec_id, params, payload, raw_len, base in cases:
-        tracemalloc.reset_peak()
-        before = tracemalloc.get_traced_memory()[0]
-        try:
-            if codec_id == CODEC_DELTA:
-                out = decode_delta(params, payload, raw_len, base)
-            else:
-                out = decode_chunk(codec_id, params, payload, raw_len)
-            got = ["ok", len(out), ""]
-        except CodecError as exc:
-            cause = type(exc.__cause__).__name__ if exc.__cause__ is not None else ""
-            got = ["CodecError", str(exc), cause]
-        except Exception as exc:
-            got = [type(exc).__name__, str(exc), ""]
-        print(json.dumps(got + [tracemalloc.get_traced_memory()[1] - before]), flush=True)
-""")
+# The child (tests/decode_child.py) prints one JSON line per case: outcome, length or message, the cause's type
+# and text, and the memory the decode allocated.
+DECODE_CHILD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "decode_child.py")
 
 
 def decode_in_child(tmp_path, cases, env=None) -> list[list]:
     """Decode (codec_id, params, payload, raw_len, base) cases in a fresh interpreter, so that a crash or a hang
-    fails the test instead of killing pytest; [outcome, length or message, cause, peak allocation] per case."""
+    fails the test instead of killing pytest; decode_child.decode_one's list per case."""
     path = tmp_path / "cases.pickle"
     path.write_bytes(pickle.dumps([tuple(c) + (None,) * (5 - len(c)) for c in cases]))
     try:
-        proc = subprocess.run([sys.executable, "-c", _CHILD, str(path)], capture_output=True, text=True,
+        proc = subprocess.run([sys.executable, DECODE_CHILD, str(path)], capture_output=True, text=True,
                               timeout=CHILD_SECONDS, env={**os.environ, **(env or {})})
     except subprocess.TimeoutExpired as exc:
         done = (exc.stdout or b"").count(b"\n") if isinstance(exc.stdout, bytes) else (exc.stdout or "").count("\n")
@@ -236,7 +213,7 @@ def test_a_zero_run_list_longer_than_its_class_is_refused_before_it_is_decoded(t
     params, payload = build_v1(regions, streams)
     (got,) = decode_in_child(tmp_path, [(enc.codec_id, params, payload, len(raw))])
     assert got[0] == "CodecError", got
-    assert got[3] < 32 << 20, f"decoding the damaged chunk allocated {got[3] >> 20} MiB"
+    assert got[-1] < 32 << 20, f"decoding the damaged chunk allocated {got[-1] >> 20} MiB"
 
 
 def _container_file(path, chunk_shift: int, records: list[bytes], entries: dict[int, tuple[int, int]],

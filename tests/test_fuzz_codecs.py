@@ -11,7 +11,6 @@ import select
 import struct
 import subprocess
 import sys
-import textwrap
 import time
 
 import numpy as np
@@ -32,36 +31,9 @@ CASE_SECONDS = 30  # one decode of a 256 KiB chunk takes milliseconds: longer is
 START_SECONDS = 600  # the worker's start: numba's cache, or a full compile with bounds checks
 MAX_ALLOCATION = 64 << 20  # what one decode of a 256 KiB chunk may allocate (a real one: ~1 MiB)
 
-# The worker decodes cases sent on stdin (u32 length + pickle) and answers each with one JSON line:
-# [outcome, length or message, the type and text of the exception behind a CodecError, the most memory Python
-# and numpy held during the decode beyond what they held before (tracemalloc)].
-_WORKER = textwrap.dedent("""
-    import json, pickle, struct, sys, tracemalloc
-    from dccfs.codecs import CodecError, decode_chunk
-    from dccfs.codecs.delta import CODEC_DELTA, decode_delta
-    tracemalloc.start()
-    while True:
-        head = sys.stdin.buffer.read(4)
-        if len(head) < 4:
-            break
-        codec_id, params, payload, raw_len, base = pickle.loads(sys.stdin.buffer.read(struct.unpack("<I", head)[0]))
-        tracemalloc.reset_peak()
-        before = tracemalloc.get_traced_memory()[0]
-        try:
-            if codec_id == CODEC_DELTA:
-                out = decode_delta(params, payload, raw_len, base)
-            else:
-                out = decode_chunk(codec_id, params, payload, raw_len)
-            got = ["ok", len(out), "", ""]
-        except CodecError as exc:
-            cause = exc.__cause__
-            got = ["CodecError", str(exc), type(cause).__name__ if cause else "", str(cause) if cause else ""]
-        except Exception as exc:
-            got = [type(exc).__name__, str(exc), "", ""]
-        got.append(tracemalloc.get_traced_memory()[1] - before)
-        sys.stdout.write(json.dumps(got) + "\\n")
-        sys.stdout.flush()
-""")
+# The worker (tests/decode_child.py without arguments) decodes cases sent on stdin (u32 length + pickle) and
+# answers each with one JSON line: decode_child.decode_one's list.
+DECODE_CHILD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "decode_child.py")
 
 
 class DecodeWorker:
@@ -76,7 +48,7 @@ class DecodeWorker:
         if self.proc is None or self.proc.poll() is not None:
             self.close()  # a worker that died on an earlier case
             with open(self.stderr_path, "wb") as err:
-                self.proc = subprocess.Popen([sys.executable, "-c", _WORKER], stdin=subprocess.PIPE,
+                self.proc = subprocess.Popen([sys.executable, DECODE_CHILD], stdin=subprocess.PIPE,
                                              stdout=subprocess.PIPE, stderr=err, env=self.env)
             seconds = max(seconds, START_SECONDS)
         blob = pickle.dumps(case)
