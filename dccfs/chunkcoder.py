@@ -80,10 +80,13 @@ class ChunkCoder:
         except OSError as exc:
             log.warning("%s: no delta base (%s); storing keyframes", self.path, exc)
 
-    def hints_for(self, idx: int, raw: bytes) -> ChunkHints:
+    def hints_for(self, idx: int, raw: bytes, effort: int | None = None) -> ChunkHints:
+        """The hints for encoding chunk idx; effort None asks the engine (the writer's
+        backlog decides, and counts a cheap encode), a background pass gives 1."""
         rule = self.rule
         forced = None if rule.codec == "auto" else rule.codec
-        effort = self.engine.encode_effort()
+        if effort is None:
+            effort = self.engine.encode_effort()
         if self._layout is not None and forced in (None, "tensor"):
             try:
                 hints = self._layout.hints_for(idx * self.chunk_size, raw)

@@ -12,11 +12,11 @@ during the pass leaves the keyframe file as it was.
 """
 from __future__ import annotations
 
-import dataclasses
 import errno
 import logging
 import os
 
+from dccfs import compaction
 from dccfs.codecs.delta import CODEC_DELTA
 from dccfs.container import ChunkError
 from dccfs.format import RECORD_HEADER_SIZE, FormatError, RecordHeader, chunk_record_header
@@ -53,6 +53,8 @@ class Rewriter:
         self.replaced = 0
         self.bytes_before = 0
         self.bytes_after = 0
+        # Whether the copy is worth swapping in without any delta (dead records to drop).
+        self.compacting = compaction.worth_compacting(file.container)
 
     def __call__(self, idx: int, record: bytes):
         if idx not in self.delta.deferred:
@@ -61,6 +63,10 @@ class Rewriter:
             # Pinned meanwhile as the base of the next checkpoint: the swap would keep both
             # versions on disk (the pin holds the keyframes), so stop here.
             raise OSError(errno.ESTALE, "it became a delta base during the pass")
+        if self.delta.base_changed and not self.replaced and not self.compacting:
+            # The base is gone or changed (its pin failed): no delta can follow, and the
+            # copy would be thrown away at the end.
+            raise OSError(errno.ESTALE, "its delta base can no longer be pinned")
         try:
             head = RecordHeader.unpack(record)
         except FormatError:
@@ -76,7 +82,7 @@ class Rewriter:
             log.warning("%s; copied as it is", exc)  # reads report it, as before the pass
             return None
         # Full effort: this runs after the writer is gone, which is the point of the pass.
-        hints = dataclasses.replace(coder.hints_for(idx, raw), effort=1)
+        hints = coder.hints_for(idx, raw, effort=1)
         try:
             encoded = self.delta.encode_now(idx, raw, hints)
         except Exception:
