@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from dccfs.format import (
     HEADER_SIZE, INDEX_FULL, RECORD_HEADER_SIZE, REC_INDEX, REC_TRAILER, FormatError, RecordHeader,
-    unpack_index_payload,
+    parse_index_body, verify_index_payload,
 )
 
 log = logging.getLogger(__name__)
@@ -129,7 +129,7 @@ def commit_from_scan(fd: int, path: str, file_end: int) -> tuple[int, int]:
         if head.rtype == REC_INDEX:
             payload = pread_exact(fd, head.payload_len, offset + RECORD_HEADER_SIZE)
             try:
-                unpack_index_payload(head, payload)
+                verify_index_payload(head, payload)
             except FormatError:
                 break
             last_index, committed_end = offset, offset + head.total_len
@@ -142,11 +142,11 @@ def commit_from_scan(fd: int, path: str, file_end: int) -> tuple[int, int]:
     return last_index, committed_end
 
 
-def load_index_chain(fd: int, path: str, offset: int):
-    """Apply a full index and the deltas after it; return (index, size, delta chain length)."""
-    chain: list[dict[int, tuple[int, int]]] = []
-    size = None
+def _index_chain(fd: int, path: str, offset: int):
+    """Yield (header, verified entry bytes) of the index records from the one at offset back
+    to the full index; ContainerError on the first that is damaged."""
     file_end = os.fstat(fd).st_size
+    walked = 0
     while True:
         head = read_record_header(fd, offset)
         # a back pointer may name any record: its payload length (u32) is read only if the file holds it
@@ -154,19 +154,38 @@ def load_index_chain(fd: int, path: str, offset: int):
             raise ContainerError(path, f"index record at offset {offset} is damaged")
         payload = pread_exact(fd, head.payload_len, offset + RECORD_HEADER_SIZE)
         try:
-            entries = unpack_index_payload(head, payload)
+            body = verify_index_payload(head, payload)
         except FormatError as exc:
             raise ContainerError(path, f"index at offset {offset}: {exc}") from exc
-        if size is None:
-            size = head.a
-        chain.append(entries)
+        yield head, body
+        walked += 1
         if head.sub == INDEX_FULL:
-            break
-        if not HEADER_SIZE <= head.c < offset or len(chain) > 4 * MAX_DELTA_CHAIN:
+            return
+        if not HEADER_SIZE <= head.c < offset or walked > 4 * MAX_DELTA_CHAIN:
             raise ContainerError(path, f"index at offset {offset} has a bad back pointer")
         offset = head.c
+
+
+def verified_logical_size(fd: int, path: str) -> int | None:
+    """The logical size of the commit the trailer names once its whole index chain verifies
+    (checksums only, no index built: a stat of a closed file), or None when an open would
+    have to fall back or scan."""
+    found = commit_from_trailer(fd, os.fstat(fd).st_size)
+    if found is None:
+        return None
+    try:
+        chain = list(_index_chain(fd, path, found[0]))
+    except ContainerError:
+        return None
+    return chain[0][0].a
+
+
+def load_index_chain(fd: int, path: str, offset: int):
+    """Apply a full index and the deltas after it; return (index, size, delta chain length)."""
+    chain = [(head, parse_index_body(head, body)) for head, body in _index_chain(fd, path, offset)]
+    size = chain[0][0].a
     index: dict[int, ChunkLoc] = {}
-    for entries in reversed(chain):
+    for _, entries in reversed(chain):
         for idx, (rec_off, rec_len) in entries.items():
             if rec_off == 0:
                 index.pop(idx, None)

@@ -190,7 +190,8 @@ def pack_index(kind: int, logical_size: int, prev_offset: int,
     return head.pack() + payload
 
 
-def unpack_index_payload(head: RecordHeader, payload: bytes) -> dict[int, tuple[int, int]]:
+def verify_index_payload(head: RecordHeader, payload: bytes) -> bytes:
+    """The index entries' bytes once their length and checksum hold; FormatError if not."""
     expected = head.b * INDEX_ENTRY_SIZE + 8
     if len(payload) != expected or head.payload_len != expected:
         raise FormatError(f"index payload is {len(payload)} bytes, expected {expected}")
@@ -198,5 +199,10 @@ def unpack_index_payload(head: RecordHeader, payload: bytes) -> dict[int, tuple[
     (stored_sum,) = _U64.unpack_from(payload, len(payload) - 8)
     if stored_sum != checksum64(body):
         raise FormatError("index checksum mismatch")
+    return body
+
+
+def parse_index_body(head: RecordHeader, body: bytes) -> dict[int, tuple[int, int]]:
+    """chunk index -> (record offset, record length) of a verified index body."""
     flat = struct.unpack(f"<{3 * head.b}Q", body)
     return {flat[i]: (flat[i + 1], flat[i + 2]) for i in range(0, len(flat), 3)}

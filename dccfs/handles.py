@@ -16,6 +16,7 @@ import trio
 from dccfs import compaction, redelta, shared
 from dccfs.chunkfile import ContainerFile
 from dccfs.container import Container, ContainerError, pread_exact, read_logical_size
+from dccfs.container_records import verified_logical_size
 from dccfs.engine import Engine
 from dccfs.delta import base_link_path
 from dccfs.format import HEADER_SIZE, MAGIC, FormatError, Header, looks_like_container
@@ -145,10 +146,12 @@ def logical_size(inode: Inode, st: os.stat_result) -> int:
         else:
             # The size an open would read, index verified: the trailer alone may name an
             # index that does not verify, and the open then falls back to an earlier commit.
-            try:
-                size = Container.open(fd, inode.proc_path).size
-            except ContainerError:
-                size = read_logical_size(fd) or st.st_size  # unreadable: reads report it
+            size = verified_logical_size(fd, inode.proc_path)
+            if size is None:
+                try:
+                    size = Container.open(fd, inode.proc_path).size
+                except ContainerError:
+                    size = read_logical_size(fd) or st.st_size  # unreadable: reads report it
     finally:
         os.close(fd)
     inode.extra["size_sig"] = (signature, size)
