@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import fnmatch
+import json
 import logging
 import re
 import tomllib
@@ -26,6 +27,14 @@ TENSOR_FILE_GLOBS = ("*.safetensors", "*.pt", "*.pth", "*.bin", "*.ckpt", "*.npy
 TENSOR_CHUNK_SIZE = 1 << 20
 
 
+def toml_text(value) -> str:
+    """A config value as the TOML file spells it (true, "512MiB"), for error messages."""
+    try:
+        return json.dumps(value)
+    except (TypeError, ValueError):
+        return str(value)
+
+
 class ConfigError(ValueError):
     """A config value that cannot be used; the message names the file, key and reason."""
 
@@ -33,22 +42,22 @@ class ConfigError(ValueError):
 def parse_size(value, where: str = "size") -> int:
     """'8G', '512MiB', '64k', 1048576 -> bytes. K/M/G are binary (1024-based) as in df -h."""
     if isinstance(value, bool):
-        raise ConfigError(f"{where}: expected a size like 512MiB, got {value!r}")
+        raise ConfigError(f"{where}: expected a size like 512MiB, got {toml_text(value)}")
     if isinstance(value, int):
         if value < 0:
-            raise ConfigError(f"{where}: size must not be negative, got {value}")
+            raise ConfigError(f"{where}: size must not be negative, got {toml_text(value)}")
         return value
     if not isinstance(value, str):
-        raise ConfigError(f"{where}: expected a size like 512MiB, got {value!r}")
+        raise ConfigError(f"{where}: expected a size like 512MiB, got {toml_text(value)}")
     m = _SIZE_RE.match(value)
     if not m:
-        raise ConfigError(f"{where}: {value!r} is not a size (examples: 8G, 512MiB, 64k, 1048576)")
+        raise ConfigError(f"{where}: {toml_text(value)} is not a size (examples: 8G, 512MiB, 64k, 1048576)")
     number, unit, suffix = m.groups()
     if not unit and suffix.lower() not in ("", "b"):
-        raise ConfigError(f"{where}: {value!r} is not a size ('{suffix}' needs a unit: KiB, MiB, GiB)")
+        raise ConfigError(f"{where}: {toml_text(value)} is not a size ('{suffix}' needs a unit: KiB, MiB, GiB)")
     size = float(number) * 1024 ** _UNITS[unit.lower()]
     if size != int(size):
-        raise ConfigError(f"{where}: {value!r} is not a whole number of bytes")
+        raise ConfigError(f"{where}: {toml_text(value)} is not a whole number of bytes")
     return int(size)
 
 
@@ -129,13 +138,13 @@ _RULE_KEYS = {"glob", "codec", "level", "chunk_size", "delta"}
 def _check_keys(table: dict, allowed: set, where: str) -> None:
     unknown = sorted(set(table) - allowed)
     if unknown:
-        raise ConfigError(f"{where}: unknown key {unknown[0]!r} (valid keys: {', '.join(sorted(allowed))})")
+        raise ConfigError(f"{where}: unknown key {toml_text(unknown[0])} (valid keys: {', '.join(sorted(allowed))})")
 
 
 def check_chunk_size(value, where: str) -> int:
     size = parse_size(value, where)
     if size & (size - 1) or not (1 << MIN_CHUNK_SHIFT) <= size <= (1 << MAX_CHUNK_SHIFT):
-        raise ConfigError(f"{where}: chunk size must be a power of two from 64KiB to 64MiB, got {value!r}")
+        raise ConfigError(f"{where}: chunk size must be a power of two from 64KiB to 64MiB, got {toml_text(value)}")
     return size
 
 
@@ -143,24 +152,24 @@ def check_cache_value(key: str, value, where: str):
     """Validate one [cache] key; shared by the config file and `dccfs tune`."""
     if key == "policy":
         if value not in POLICY_CHOICES:
-            raise ConfigError(f"{where}: policy {value!r} is not one of {', '.join(POLICY_CHOICES)}")
+            raise ConfigError(f"{where}: policy {toml_text(value)} is not one of {', '.join(POLICY_CHOICES)}")
         return value
     if key in ("t0_bytes", "dirty_bytes"):
         size = parse_size(value, where)
         if key == "dirty_bytes" and size < (4 << 20):
-            raise ConfigError(f"{where}: dirty_bytes must be at least 4MiB, got {value!r}")
+            raise ConfigError(f"{where}: dirty_bytes must be at least 4MiB, got {toml_text(value)}")
         return size
     if key == "readahead_chunks":
         if isinstance(value, str) and value.isdigit():
             value = int(value)
         if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 256:
-            raise ConfigError(f"{where}: readahead_chunks must be an integer 0..256, got {value!r}")
+            raise ConfigError(f"{where}: readahead_chunks must be an integer 0..256, got {toml_text(value)}")
         return value
     if key == "write_admit":
         if value not in WRITE_ADMIT_CHOICES:
             raise ConfigError(f"{where}: write_admit must be one of {', '.join(WRITE_ADMIT_CHOICES)}")
         return value
-    raise ConfigError(f"{where}: unknown key {key!r} (valid keys: {', '.join(sorted(_CACHE_KEYS))})")
+    raise ConfigError(f"{where}: unknown key {toml_text(key)} (valid keys: {', '.join(sorted(_CACHE_KEYS))})")
 
 
 def _parse_rule(table, where: str) -> Rule:
@@ -171,18 +180,18 @@ def _parse_rule(table, where: str) -> Rule:
     if not isinstance(glob, str) or not glob:
         raise ConfigError(f"{where}: 'glob' is required and must be a non-empty string")
     if glob.count("[") != glob.count("]"):
-        raise ConfigError(f"{where}: glob {glob!r} has unbalanced brackets")
+        raise ConfigError(f"{where}: glob {toml_text(glob)} has unbalanced brackets")
     codec = table.get("codec", "auto")
     if codec not in CODEC_CHOICES:
-        raise ConfigError(f"{where}: codec {codec!r} is not one of {', '.join(CODEC_CHOICES)}")
+        raise ConfigError(f"{where}: codec {toml_text(codec)} is not one of {', '.join(CODEC_CHOICES)}")
     level = table.get("level")
     if level is not None and (isinstance(level, bool) or not isinstance(level, int) or not -7 <= level <= 22):
-        raise ConfigError(f"{where}: level must be an integer -7..22, got {level!r}")
+        raise ConfigError(f"{where}: level must be an integer -7..22, got {toml_text(level)}")
     chunk = table.get("chunk_size")
     chunk_size = check_chunk_size(chunk, f"{where}.chunk_size") if chunk is not None else None
     delta = table.get("delta")
     if delta is not None and not isinstance(delta, bool):
-        raise ConfigError(f"{where}: delta must be true or false, got {delta!r}")
+        raise ConfigError(f"{where}: delta must be true or false, got {toml_text(delta)}")
     return Rule(glob, codec, level, chunk_size, delta)
 
 
@@ -207,7 +216,7 @@ def parse_config(data: dict, source: str) -> Config:
     if "delta_chain" in data:
         chain = data["delta_chain"]
         if not isinstance(chain, int) or isinstance(chain, bool) or not 1 <= chain <= 16:
-            raise ConfigError(f"{source}: delta_chain must be an integer 1..16, got {chain!r}")
+            raise ConfigError(f"{source}: delta_chain must be an integer 1..16, got {toml_text(chain)}")
         top["delta_chain"] = chain
     return Config(cache=CacheConfig(**cache), rules=rules, source=source, **top)
 

@@ -33,16 +33,16 @@ def test_sizes_and_config_errors(tmp_path):
     assert parse_size("512MiB") == 512 << 20
     assert parse_size("64k") == 64 << 10
     cases = {
-        "[cache]\npolicy = 'lfu'\n": "policy 'lfu' is not one of",
+        "[cache]\npolicy = 'lfu'\n": 'policy "lfu" is not one of',
         "[cache]\nt0_bytes = '12 parsecs'\n": "is not a size",
-        "bogus = 1\n": "unknown key 'bogus'",
+        "bogus = 1\n": 'unknown key "bogus"',
         "[[rule]]\nglob = 'a[b'\n": "unbalanced brackets",
         "chunk_size = '100KiB'\n": "power of two",
-        "[cache]\ncolour = 'red'\n": "unknown key 'colour'",
+        "[cache]\ncolour = 'red'\n": 'unknown key "colour"',
         "not toml [": "not valid TOML",
         "[cache]\nt0_bytes = '64ib'\n": "needs a unit",  # was 64 bytes
         "[cache]\ndirty_bytes = '0.3'\n": "whole number of bytes",  # was 0
-        "[[rule]]\nglob = '*'\nlevel = true\n": "level",  # was level 1
+        "[[rule]]\nglob = '*'\nlevel = true\n": "level must be an integer -7..22, got true",  # was level 1
         b"[cache]\npolicy = '\xff'\n": "not UTF-8",  # was a UnicodeDecodeError traceback
     }
     for text, message in cases.items():
