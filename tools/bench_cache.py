@@ -4,7 +4,9 @@ Part 1 (hot re-read): write a real model into the mount, remount (cold), read it
 kernel page cache (the FUSE mount's pages go too, so the next read reaches the daemon) and read it again.
 The MB/s of that read is compared with reading the same file from a tmpfs after the same drop (tmpfs pages
 cannot be dropped: that is the RAM baseline). T0 hits/misses and chunk decodes from `dccfs stats --json`
-around the timed read show whether it was served from T0 (misses and decodes must not grow).
+around the timed read show whether it was served from T0 (misses and decodes must not grow). Each rep
+then reads the file once more without a drop: the kernel's page cache serves that one (dccfs opens files
+with keep_cache), which is what a user's second load gets until the kernel evicts the pages.
 
 Part 2 (scan resistance): a hot file set that fits in `t0_bytes` is re-read (every 1 MiB block once per pass,
 in random order) between steps of one sequential scan over a cold file set ten times larger. Each step of

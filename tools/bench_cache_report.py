@@ -28,17 +28,27 @@ def render(report: dict) -> str:
                   f"{h['cold_mb_s']:.1f} MB/s: T0 hits +{h['fill']['t0_hits']}, misses +{h['fill']['t0_misses']}, "
                   f"chunk decodes +{h['fill']['decodes']}, T0 resident {h['after_fill']['t0_resident'] / MIB:.0f} MiB;"
                   f" sha1 through the mount matches: {h['verified']}", "",
-                  "| rep | dccfs MB/s (from T0) | tmpfs MB/s | dccfs/tmpfs | T0 hits before → after | "
-                  "T0 misses before → after | decodes before → after |", "|---|---|---|---|---|---|---|"]
+                  "The page-cache column is the same read repeated at once without a drop: the kernel keeps "
+                  "the pages (dccfs opens files with keep_cache), so it is what a second load gets while the "
+                  "kernel has not evicted them; the T0 column is what it gets after they were evicted.", "",
+                  "| rep | dccfs MB/s (from T0) | dccfs MB/s (page cache kept) | tmpfs MB/s | T0/tmpfs | "
+                  "page cache/tmpfs | T0 hits before → after | T0 misses before → after | decodes before → after |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for i, r in enumerate(h["reps"]):
             b, a = r["t0_before"], r["t0_after"]
-            lines.append(f"| {i + 1} | {r['dccfs_mb_s']:,.0f} | {r['tmpfs_mb_s']:,.0f} | {r['ratio']:.2f} | "
+            lines.append(f"| {i + 1} | {r['dccfs_mb_s']:,.0f} | {r['page_cache_mb_s']:,.0f} | "
+                         f"{r['tmpfs_mb_s']:,.0f} | {r['ratio']:.2f} | {r['page_cache_ratio']:.2f} | "
                          f"{b['t0_hits']} → {a['t0_hits']} | {b['t0_misses']} → {a['t0_misses']} | "
                          f"{b['decodes']} → {a['decodes']} |")
-        lines.append(f"| median | {h['dccfs_median']:,.0f} | {h['tmpfs_median']:,.0f} | {h['ratio_median']:.2f} | | | |")
+        lines.append(f"| median | {h['dccfs_median']:,.0f} | {h['page_cache_median']:,.0f} | "
+                     f"{h['tmpfs_median']:,.0f} | {h['ratio_median']:.2f} | {h['page_cache_ratio_median']:.2f} "
+                     "| | | |")
         lines.append("")
         checks.append((f"hot re-read from T0 >= {HOT_TARGET_RATIO}x tmpfs", f"{h['ratio_median']:.2f}x (median)",
                        "met" if h["ratio_median"] >= HOT_TARGET_RATIO else "MISSED"))
+        checks.append((f"second read with the page cache kept >= {HOT_TARGET_RATIO}x tmpfs",
+                       f"{h['page_cache_ratio_median']:.2f}x (median)",
+                       "met" if h["page_cache_ratio_median"] >= HOT_TARGET_RATIO else "MISSED"))
         checks.append(("second read served from T0 (T0 misses and decodes unchanged)",
                        "yes" if h["from_t0"] else "no", "met" if h["from_t0"] else "MISSED"))
     if "scan" in report:
