@@ -26,6 +26,7 @@ from dccfs.chunkcoder import ChunkCoder
 from dccfs.chunkread import ChunkReader
 from dccfs.delta import PIN_LOCK
 from dccfs.engine import Engine
+from dccfs.pins import header_name
 from dccfs.readahead import ReadAhead
 
 log = logging.getLogger(__name__)
@@ -227,6 +228,11 @@ class ContainerFile(ChunkReader):
                 self._idle.set()
 
     def _encode_and_append(self, idx: int, raw: bytes, hints: ChunkHints) -> ChunkLoc:
+        delta = self.coder.delta
+        if delta is not None:
+            # The pin's record names the container the delta goes into; no reset runs
+            # while an encode is in flight, so every encode of this moment agrees.
+            delta.dependent_key = header_name(self.container.header)
         encoded, raw_sum = self.coder.encode(idx, raw, hints)
         return self.container.append_chunk(idx, encoded, len(raw), raw_sum)
 
@@ -303,7 +309,11 @@ class ContainerFile(ChunkReader):
         with PIN_LOCK:
             if os.fstat(self.container.fd).st_nlink != 1:
                 return False
+            gone = header_name(self.container.header)
             self.container.reset()
+            if self.engine.pins is not None:
+                # The old records are gone with the old file id: so are their references.
+                self.engine.pins.destroyed(gone)
             return True
 
     async def commit(self, durable: bool) -> None:

@@ -24,6 +24,7 @@ from dccfs.format import (HEADER_SIZE, MAX_CHUNK_SHIFT, MAX_FILE_OFFSET, RECORD_
                           RecordHeader)
 from dccfs.delta_candidates import (MAX_CANDIDATES, find_base_candidates, looks_temporary,  # noqa: F401
                                     name_pattern, open_base)
+from dccfs import pins
 from dccfs.syscalls import AT_FDCWD, link_fd
 
 log = logging.getLogger(__name__)
@@ -184,14 +185,25 @@ PIN_LOCK = threading.Lock()
 
 def pin_base(backing_root: str, base_fd: int, header: Header) -> str:
     """Hard-link the base container into .dccfs/bases (idempotent); returns the link path."""
-    path = base_link_path(backing_root, header.file_id, header.generation)
     with PIN_LOCK:
-        if os.path.exists(path):
-            return path
-        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-        tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
-        link_fd(base_fd, AT_FDCWD, os.fsencode(tmp))
-        os.replace(tmp, path)
+        return _link_pin_locked(backing_root, base_fd, header)
+
+
+def _link_pin_locked(backing_root: str, base_fd: int, header: Header) -> str:
+    path = base_link_path(backing_root, header.file_id, header.generation)
+    if os.path.exists(path):
+        return path
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
+    link_fd(base_fd, AT_FDCWD, os.fsencode(tmp))
+    os.replace(tmp, path)
+    # Durable before the first delta naming it is committed (that commit fsyncs only the
+    # dependent's own file).
+    dir_fd = os.open(os.path.dirname(path), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
     return path
 
 
@@ -229,6 +241,12 @@ class DeltaWriter:
         self.base_changed = False
         self.delta_chunks = 0
         self._lock = threading.Lock()
+        # The name (file id and generation) of the container the writer's chunks go into;
+        # ContainerFile sets it before each encode (an overwrite gives the file a new id).
+        self.dependent_key: str | None = None
+        self._recorded: set[str | None] = set()  # dependents with a record for the pin
+        self._registry = pins.registry_for(backing_root)
+        self._holds: str | None = None  # the pin this writer keeps from being freed
 
     @classmethod
     def for_file(cls, backing_root: str, relpath: str, file_id: bytes, cache=None,
@@ -289,14 +307,15 @@ class DeltaWriter:
         if not self.during_write or (hints.effort < 1 and not self.always):
             # Pinned now, not when the pass gets to it: an atomic saver renames this file
             # over its base right after the close, and an unlinked base cannot be pinned.
-            if self._usable_base_record(idx) is not None and self._pin():
+            if self._usable_base_record(idx) is not None and self._pin(self.dependent_key):
                 with self._lock:
                     self.deferred.add(idx)
             return None
         return self.encode_now(idx, raw, hints)
 
-    def encode_now(self, idx: int, raw: bytes, hints):
-        """encode without putting anything off: a delta, or None when a keyframe is as small."""
+    def encode_now(self, idx: int, raw: bytes, hints, dependent: str | None = None):
+        """encode without putting anything off: a delta, or None when a keyframe is as small.
+        dependent names the container the delta goes into (default: the writer's)."""
         from dccfs.codecs.delta import encode_delta
         if self.base_changed:
             return None
@@ -305,32 +324,77 @@ class DeltaWriter:
             return None
         base_raw, ref = found
         encoded = encode_delta(raw, base_raw, hints, ref.pack())
-        if encoded is None or not self._pin():
+        if encoded is None or not self._pin(dependent or self.dependent_key):
             return None
         with self._lock:
             self.delta_chunks += 1
         return encoded
 
-    def _pin(self) -> bool:
-        """Pin the base (once); False when it cannot be, and from then on for this file."""
+    def _pin(self, dependent: str | None) -> bool:
+        """Pin the base for the container named dependent (the one the delta goes into),
+        recording durably that it needs the pin; False when it cannot be, and from then on
+        for this file."""
         with self._lock:
             if self.base_changed:
                 return False
-            if not self.pinned:
-                try:
-                    path = pin_base(self.backing_root, self.base.fd, self.base.header)
-                except OSError as exc:
-                    # Gone or moved before the pin (deleted, compacted, renamed away): this
-                    # file stores keyframes, with one warning rather than one per chunk.
-                    log.warning("delta base of %s cannot be pinned (%s); storing keyframes",
-                                os.path.basename(self.base.path), exc)
-                    self.base_changed = True
-                    return False
-                if not self._pinned_base_is_unchanged(path):
-                    self.base_changed = True
-                    return False
-                self.pinned = True
+            if self.pinned and dependent in self._recorded:
+                return True
+            try:
+                with PIN_LOCK:
+                    pinned = self._pin_locked(dependent)
+            except OSError as exc:
+                # Gone or moved before the pin (deleted, compacted, renamed away): this
+                # file stores keyframes, with one warning rather than one per chunk.
+                log.warning("delta base of %s cannot be pinned (%s); storing keyframes",
+                            os.path.basename(self.base.path), exc)
+                pinned = False
+            if not pinned:
+                self.base_changed = True
+                return False
+            self.pinned = True
+            self._recorded.add(dependent)
             return True
+
+    def _pin_locked(self, dependent: str | None) -> bool:
+        """The record first, then the link (both durable), under PIN_LOCK: the pin registry
+        frees a pin only under that lock and only when its refs directory is empty."""
+        name = pins.header_name(self.base.header)
+        path = base_link_path(self.backing_root, self.base.header.file_id, self.base.header.generation)
+        managed = pins.is_managed(self.backing_root, name)
+        recorded = False
+        if os.path.exists(path) and not managed:
+            pass  # pinned by an older version: never freed online, so no record is needed
+        elif dependent is None:
+            if managed:
+                log.warning("delta base %s: no dependent name to record; storing keyframes", name)
+                return False
+            # No dependent to name (a writer used outside a mount): a pin without records,
+            # which only fsck --repair removes.
+        else:
+            pins.write_record(self.backing_root, name, dependent)
+            recorded = True
+            if self._registry is not None:
+                self._registry.noted(name, dependent)
+        try:
+            _link_pin_locked(self.backing_root, self.base.fd, self.base.header)
+        except OSError:
+            if recorded:
+                pins.remove_record(self.backing_root, name, dependent)
+            raise
+        if not self.pinned and not self._pinned_base_is_unchanged(path):
+            if recorded:
+                pins.remove_record(self.backing_root, name, dependent)
+            return False
+        if self._registry is not None and not self._holds:
+            self._registry.hold(name)
+            self._holds = name
+        return True
+
+    def forget_dependent(self, dependent: str) -> None:
+        """The container named dependent was thrown away (an abandoned copy): a later copy
+        of the same name must record again."""
+        with self._lock:
+            self._recorded.discard(dependent)
 
     def _pinned_base_is_unchanged(self, path: str) -> bool:
         """Once pinned (two links), the base is never reset in place; before, it may have
@@ -352,6 +416,9 @@ class DeltaWriter:
 
     def close(self) -> None:
         os.close(self.base.fd)
+        if self._holds is not None:
+            self._registry.release(self._holds)
+            self._holds = None
 
 
 def unreferenced_bases(backing_root: str) -> list[str]:

@@ -14,8 +14,9 @@ import xxhash
 from dccfs.cache import ChunkCache
 from dccfs.codecs import ChunkHints, EncodedChunk, codec_name, encode_chunk
 from dccfs.config import Config
-from dccfs.delta import BaseStore
+from dccfs.delta import PIN_LOCK, BaseStore
 from dccfs.memory import release_compiler_pages
+from dccfs.pins import PinRegistry, close_cached_base
 from dccfs.stats import MountStats
 
 log = logging.getLogger(__name__)
@@ -115,6 +116,12 @@ class Engine:
         self.stopping = threading.Event()
         self.dirty = DirtyBudget(config.cache.dirty_bytes, self.stats)
         self.bases = BaseStore(backing_root, cache=self.cache)
+        # Frees delta-base pins once nothing needs them; not with --shared, where other
+        # nodes write containers this mount never hears of.
+        self.pins: PinRegistry | None = None
+        if not config.shared:
+            self.pins = PinRegistry(backing_root, PIN_LOCK)
+            self.pins.on_freed = lambda pin: close_cached_base(self.bases, pin)
         self.nursery: trio.Nursery | None = None
         self.trace = None
         threading.Thread(target=self._warm_up, name="dccfs-warm-up", daemon=True).start()

@@ -20,7 +20,8 @@ from dccfs.engine import Engine
 from dccfs.fs_errors import guarded
 from dccfs.fs_files import OpenFileHandlers
 from dccfs.handles import HandleTable, logical_size, visible_nlink
-from dccfs.inodes import ROOT_INODE, Inode, InodeTable
+from dccfs.inodes import ROOT_INODE, Inode
+from dccfs.pins import PinTrackingInodeTable
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,8 @@ class DccfsOperations(OpenFileHandlers, pyfuse3.Operations):
         super().__init__()
         self.backing_root = backing_root
         self.engine = engine
-        self.inodes = InodeTable(root_fd)
+        # Tells the pin registry when a container is let go of for good (docs/delta.md).
+        self.inodes = PinTrackingInodeTable(root_fd, engine.pins)
         self.handles = HandleTable(engine, backing_root, self.inodes)
         self.timeout = 0.0 if engine.config.shared else DEFAULT_TIMEOUT_S
         # The kernel's writeback cache turns 64 KiB splice writes (cp) and unaligned 1 MiB

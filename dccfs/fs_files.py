@@ -8,12 +8,16 @@ import stat
 import time
 
 import pyfuse3
+import trio
 
 from dccfs.chunkfile import ContainerFile
 from dccfs.fs_errors import guarded
 from dccfs.inodes import Inode
 
 log = logging.getLogger(__name__)
+
+# At unmount, how long to wait for the pin registry's pending work (a syncfs, unlinks).
+SHUTDOWN_PIN_WAIT_S = 30.0
 
 
 class OpenFileHandlers:
@@ -131,6 +135,9 @@ class OpenFileHandlers:
         """Commit every open file durably (on unmount); background rewrites stop early."""
         self.engine.stopping.set()
         await self.handles.commit_all()
+        if self.engine.pins is not None:
+            # Pins already let go of are freed now rather than left for fsck --repair.
+            await trio.to_thread.run_sync(self.engine.pins.drain, SHUTDOWN_PIN_WAIT_S)
 
 
 def _unlink_quietly(parent, name) -> None:

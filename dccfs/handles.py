@@ -21,6 +21,7 @@ from dccfs.engine import Engine
 from dccfs.delta import base_link_path
 from dccfs.format import HEADER_SIZE, MAGIC, FormatError, Header, looks_like_container
 from dccfs.inodes import Inode, InodeTable
+from dccfs.pins import header_name
 
 log = logging.getLogger(__name__)
 
@@ -350,8 +351,24 @@ class HandleTable:
 
     async def _compact(self, inode: Inode, file: ContainerFile,
                        rewriter: redelta.Rewriter | None = None) -> None:
-        """Compaction, which also stores put-off deltas when given their rewriter."""
+        """Compaction, which also stores put-off deltas when given their rewriter. The pin
+        records of the file are carried over to the copy before the swap; the copy's are
+        dropped when it is thrown away, the replaced file's once it is gone."""
+        pins = self.engine.pins
+        copy_name = header_name(file.container.header.next_generation())
+        swapped = False
+        try:
+            swapped = await self._compact_and_swap(inode, file, rewriter)
+        finally:
+            if pins is not None and not swapped:
+                if rewriter is not None:
+                    rewriter.delta.forget_dependent(copy_name)
+                pins.destroyed(copy_name)
+
+    async def _compact_and_swap(self, inode: Inode, file: ContainerFile,
+                                rewriter: redelta.Rewriter | None) -> bool:
         container = file.container
+        pins = self.engine.pins
         tmp_path = os.path.join(self.tmp_dir, f"{container.header.file_id.hex()}-{inode.number}.compact")
         before = container.end
         copied = (container.cache_id, before)
@@ -364,33 +381,53 @@ class HandleTable:
                          exc.strerror)
             else:
                 log.warning("%s: compaction failed, file left as it was: %s", container.path, exc)
-            return
+            return False
         if rewriter is not None and not rewriter.replaced and not compaction.worth_compacting(container):
             os.unlink(tmp_path)  # no delta was smaller: the copy would change nothing
-            return
+            return False
+        if pins is not None:
+            # The copy holds the file's delta records: their pins need a record naming it
+            # before it replaces the file (a crash after the rename must find them).
+            try:
+                await trio.to_thread.run_sync(pins.carry_over, header_name(container.header),
+                                              header_name(container.header.next_generation()),
+                                              limiter=self.engine.io_limiter)
+            except OSError as exc:
+                log.warning("%s: compaction skipped, its pin records could not be written: %s",
+                            container.path, exc)
+                os.unlink(tmp_path)
+                return False
         if file.handles or _data_changed(file) or file.closed or (container.cache_id, container.end) != copied:
             # Reopened meanwhile, and maybe overwritten (a reset: a new file id) and released
             # again, possibly ending at the same offset: the copy is stale.
             os.unlink(tmp_path)
-            return
+            return False
+        # Kept across the swap so the pin registry can tell when the replaced file is gone.
+        replaced_fd = os.dup(container.fd) if pins is not None else None
         # A pending explicit mtime waits for a commit that the swapped-in file will not have.
         new_fd = compaction.swap_in(tmp_path, container.fd, inode.proc_path, inode.key, before,
                                     file.mtime_ns)
-        if new_fd is not None:
-            self.inodes.rekey(inode, new_fd)
-            # The file object still holds the replaced container. Closing it here, before
-            # any await, makes the next open read the compacted one; an open that came
-            # between this and a later close would write into the replaced, unlinked
-            # container and lose those writes at unmount.
-            self._detach(inode, file)
-            self.engine.stats.compactions += 1
-            if rewriter is not None and rewriter.replaced:
-                self.engine.stats.deltas_after_close += rewriter.replaced
-                log.info("%s: %d chunks stored as deltas after close (%d -> %d bytes)",
-                         container.path, rewriter.replaced, rewriter.bytes_before,
-                         rewriter.bytes_after)
-            log.info("%s: compacted %d -> %d bytes", container.path, before,
-                     os.fstat(new_fd).st_size)
+        if new_fd is None:
+            if replaced_fd is not None:
+                os.close(replaced_fd)
+            return False
+        self.inodes.rekey(inode, new_fd)
+        # The file object still holds the replaced container. Closing it here, before
+        # any await, makes the next open read the compacted one; an open that came
+        # between this and a later close would write into the replaced, unlinked
+        # container and lose those writes at unmount.
+        self._detach(inode, file)
+        if replaced_fd is not None:
+            pins.let_go(replaced_fd)
+        self.engine.stats.compactions += 1
+        if rewriter is not None and rewriter.replaced:
+            self.engine.stats.deltas_after_close += rewriter.replaced
+            log.info("%s: %d chunks stored as deltas after close (%d -> %d bytes)",
+                     container.path, rewriter.replaced, rewriter.bytes_before,
+                     rewriter.bytes_after)
+        log.info("%s: compacted %d -> %d bytes", container.path, before,
+                 os.fstat(new_fd).st_size)
+        return True
 
     async def commit_all(self) -> None:
         for file in list(self.open_files.values()):

@@ -20,6 +20,7 @@ from dccfs import compaction
 from dccfs.codecs.delta import CODEC_DELTA
 from dccfs.container import ChunkError
 from dccfs.format import RECORD_HEADER_SIZE, FormatError, RecordHeader, chunk_record_header
+from dccfs.pins import header_name
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,8 @@ class Rewriter:
         self.bytes_after = 0
         # Whether the copy is worth swapping in without any delta (dead records to drop).
         self.compacting = compaction.worth_compacting(file.container)
+        # The copy's name (the next generation): its deltas' pin gets a record for it.
+        self.copy_name = header_name(file.container.header.next_generation())
 
     def __call__(self, idx: int, record: bytes):
         if idx not in self.delta.deferred:
@@ -84,7 +87,7 @@ class Rewriter:
         # Full effort: this runs after the writer is gone, which is the point of the pass.
         hints = coder.hints_for(idx, raw, effort=1)
         try:
-            encoded = self.delta.encode_now(idx, raw, hints)
+            encoded = self.delta.encode_now(idx, raw, hints, dependent=self.copy_name)
         except Exception:
             # A delta bug must cost ratio, never the chunk: keep the keyframe.
             stats.codec_failures += 1

@@ -1,0 +1,358 @@
+"""Delta-base pins freed online: durable per-pin reference records, and the worker that drops pins nobody needs.
+
+A DeltaWriter writes `.dccfs/refs/<pin>/<dependent>` (fsynced) before the first delta of
+the dependent container naming the pin is committed (docs/delta.md). When the mount lets
+go of a container for good (its last link and last descriptor gone, an overwrite that
+gives it a new file id, a compaction swap that gives it a new generation), its records go,
+and a pin whose refs directory is then empty, and that no live DeltaWriter holds, is
+unlinked; when that was the last link of the pinned container, its own records go in turn
+(chains). Pins without a refs directory (made before this existed) are never freed here:
+only `dccfs fsck --repair` removes them. Knows nothing of FUSE.
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+import os
+import queue
+import stat
+import threading
+from collections import Counter
+from typing import Callable
+
+from dccfs.format import HEADER_SIZE, FormatError, Header
+from dccfs.inodes import InodeTable
+
+log = logging.getLogger(__name__)
+
+STATE_DIR = ".dccfs"
+REFS_DIR = os.path.join(STATE_DIR, "refs")
+BASES_DIR = os.path.join(STATE_DIR, "bases")
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+
+def container_name(file_id: bytes, generation: int) -> str:
+    """How pins and records name a container: the file id and generation of its header."""
+    return f"{file_id.hex()}-{generation}"
+
+
+def header_name(header: Header) -> str:
+    return container_name(header.file_id, header.generation)
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def is_managed(backing_root: str, pin: str) -> bool:
+    """Whether the pin has a refs directory, i.e. its dependents are recorded (this version)."""
+    return os.path.isdir(os.path.join(backing_root, REFS_DIR, pin))
+
+
+def write_record(backing_root: str, pin: str, dependent: str) -> None:
+    """Record durably that container `dependent` may hold deltas naming `pin`. Callers hold
+    delta.PIN_LOCK, so no pin is freed between the record and its first use."""
+    refs = os.path.join(backing_root, REFS_DIR)
+    pin_dir = os.path.join(refs, pin)
+    made = []
+    for directory in (refs, pin_dir):
+        try:
+            os.mkdir(directory, 0o700)
+            made.append(directory)
+        except FileExistsError:
+            pass
+    fd = os.open(os.path.join(pin_dir, dependent), os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    os.close(fd)  # empty: its name is the record
+    _fsync_dir(pin_dir)
+    for directory in reversed(made):
+        _fsync_dir(os.path.dirname(directory))
+
+
+def remove_record(backing_root: str, pin: str, dependent: str) -> None:
+    try:
+        os.unlink(os.path.join(backing_root, REFS_DIR, pin, dependent))
+    except FileNotFoundError:
+        pass
+
+
+def read_records(backing_root: str) -> dict[str, list[str]]:
+    """pin name -> dependents recorded for it (the refs directories as they are)."""
+    refs = os.path.join(backing_root, REFS_DIR)
+    try:
+        pins = os.listdir(refs)
+    except FileNotFoundError:
+        return {}
+    records = {}
+    for pin in pins:
+        try:
+            records[pin] = os.listdir(os.path.join(refs, pin))
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+    return records
+
+
+def syncfs(fd: int) -> None:
+    if _libc.syncfs(fd) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"syncfs: {os.strerror(err)}")
+
+
+def close_cached_base(store, pin: str) -> None:
+    """The mount's BaseStore keeps pinned bases open for reads; a freed pin's blocks return
+    to the filesystem only once that descriptor is closed. No reader can need it any more:
+    no container references it."""
+    lock, opened = getattr(store, "_lock", None), getattr(store, "_open", None)
+    if lock is None or not isinstance(opened, dict):
+        return
+    with lock:
+        container = opened.pop(pin, None)
+    if container is not None:
+        os.close(container.fd)
+
+
+_registries: dict[str, "PinRegistry"] = {}
+_registries_lock = threading.Lock()
+
+
+def registry_for(backing_root: str) -> "PinRegistry | None":
+    with _registries_lock:
+        return _registries.get(os.path.abspath(backing_root))
+
+
+class PinRegistry:
+    """One mount's pin bookkeeping: which pins each container has records in (loaded from
+    the refs directories, then kept current), pins held by live DeltaWriters, and a worker
+    thread that removes records and frees pins off the FUSE thread."""
+
+    def __init__(self, backing_root: str, pin_lock: threading.Lock):
+        self.backing_root = os.path.abspath(backing_root)
+        self.pin_lock = pin_lock
+        # Whether a backing (st_dev, st_ino) is still an inode of the mount (open, or known
+        # to the kernel); such a container is let go of by the table, not by a pin's removal.
+        self.in_use: Callable[[tuple[int, int]], bool] = lambda key: True
+        self.on_freed: Callable[[str], None] = lambda pin: None
+        self._lock = threading.Lock()
+        self._pins_of: dict[str, set[str]] = {}  # dependent -> pins it has records in
+        self._held: Counter = Counter()
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self.freed = 0
+        # Loaded before the mount serves anything: a compaction's carry_over must see them.
+        self._queue.put(("pins", self._load()))
+        with _registries_lock:
+            _registries[self.backing_root] = self
+        self._thread = threading.Thread(target=self._run, name="dccfs-pins", daemon=True)
+        self._thread.start()
+
+    # -- called from any thread ------------------------------------------------------
+
+    @property
+    def has_records(self) -> bool:
+        return bool(self._pins_of)
+
+    def noted(self, pin: str, dependent: str) -> None:
+        """A record was written (write_record) by this mount."""
+        with self._lock:
+            self._pins_of.setdefault(dependent, set()).add(pin)
+
+    def hold(self, pin: str) -> None:
+        with self._lock:
+            self._held[pin] += 1
+
+    def release(self, pin: str) -> None:
+        with self._lock:
+            self._held[pin] -= 1
+            if self._held[pin] <= 0:
+                del self._held[pin]
+        self._queue.put(("pins", {pin}))
+
+    def destroyed(self, dependent: str) -> None:
+        """The container named dependent no longer exists anywhere (reset, abandoned copy)."""
+        self._queue.put(("gone", dependent))
+
+    def let_go(self, fd: int) -> None:
+        """The mount no longer uses this backing object; takes ownership of fd (any kind of
+        descriptor). It is destroyed when it has no link left and is not an inode again."""
+        self._queue.put(("fd", fd))
+
+    def carry_over(self, old: str, new: str) -> None:
+        """A rewritten copy (compaction, delta after close) holds the records of old: give
+        each of its pins a durable record for new before the copy replaces it."""
+        with self._lock:
+            pins = sorted(self._pins_of.get(old, ()))
+        with self.pin_lock:
+            for pin in pins:
+                write_record(self.backing_root, pin, new)
+                self.noted(pin, new)
+
+    def drain(self, timeout: float | None = None) -> bool:
+        """Wait until everything queued so far is done (tests, unmount)."""
+        done = threading.Event()
+        self._queue.put(("drained", done))
+        return done.wait(timeout)
+
+    def close(self) -> None:
+        with _registries_lock:
+            if _registries.get(self.backing_root) is self:
+                del _registries[self.backing_root]
+
+    # -- the worker ------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            batch = [self._queue.get()]
+            while True:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            candidates: set[str] = set()
+            waiters = []
+            for kind, value in batch:
+                try:
+                    if kind == "fd":
+                        candidates |= self._check_let_go(value)
+                    elif kind == "gone":
+                        candidates |= self._forget_dependent(value)
+                    elif kind == "pins":
+                        candidates |= value
+                    elif kind == "drained":
+                        waiters.append(value)
+                except Exception:
+                    log.exception("delta base pin bookkeeping failed for %s %r; a pin may stay "
+                                  "until fsck --repair", kind, value)
+            try:
+                self._free_unused(candidates)
+            except Exception:
+                log.exception("freeing unused delta base pins failed; they stay until fsck --repair")
+            for waiter in waiters:
+                waiter.set()
+
+    def _load(self) -> set[str]:
+        """Read the records; pins left with an empty refs directory (a crash after their last
+        record went) are candidates at once."""
+        empty = set()
+        with self._lock:
+            for pin, dependents in read_records(self.backing_root).items():
+                if not dependents:
+                    empty.add(pin)
+                for dependent in dependents:
+                    self._pins_of.setdefault(dependent, set()).add(pin)
+        return empty
+
+    def _check_let_go(self, fd: int) -> set[str]:
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_nlink or self.in_use((st.st_dev, st.st_ino)):
+                return set()
+            # Reopened through /proc: fd may be an O_PATH descriptor, and the file has no name.
+            rfd = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                head = os.pread(rfd, HEADER_SIZE, 0)
+            finally:
+                os.close(rfd)
+        finally:
+            os.close(fd)
+        try:
+            header = Header.unpack(head)
+        except FormatError:
+            return set()  # a plain file, or an empty one
+        return self._forget_dependent(header_name(header))
+
+    def _forget_dependent(self, dependent: str) -> set[str]:
+        """Remove the records of a destroyed container; returns the pins they were in."""
+        with self._lock:
+            pins = self._pins_of.pop(dependent, set())
+        for pin in pins:
+            remove_record(self.backing_root, pin, dependent)
+        if pins:
+            log.debug("container %s is gone; its records in %s removed", dependent, sorted(pins))
+        return pins
+
+    def _looks_unused(self, pin: str) -> bool:
+        with self._lock:
+            if self._held.get(pin):
+                return False
+        try:
+            return not os.listdir(os.path.join(self.backing_root, REFS_DIR, pin))
+        except (FileNotFoundError, NotADirectoryError):
+            return False  # not ours to free (made before records existed), or already freed
+
+    def _free_unused(self, candidates: set[str]) -> None:
+        level = candidates
+        while level:
+            unused = sorted(p for p in level if self._looks_unused(p))
+            if not unused:
+                return
+            # What made these pins unused (an unlink, a rename over, a reset, the previous
+            # level's pin removal) must be on disk before they go: after a power cut a
+            # dependent that came back would name a pin that did not.
+            root_fd = os.open(self.backing_root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                syncfs(root_fd)
+            finally:
+                os.close(root_fd)
+            level = set()
+            for pin in unused:
+                if self._unlink_if_unused(pin):
+                    level |= self._forget_dependent(pin)  # its container is gone: a chain
+
+    def _unlink_if_unused(self, pin: str) -> bool:
+        """Unlink the pin if nothing needs it (checked again under the pin lock); returns
+        whether its container is now destroyed (that was its last link, not an inode)."""
+        pin_dir = os.path.join(self.backing_root, REFS_DIR, pin)
+        pin_path = os.path.join(self.backing_root, BASES_DIR, pin)
+        with self.pin_lock:
+            with self._lock:
+                if self._held.get(pin):
+                    return False
+            try:
+                if os.listdir(pin_dir):
+                    return False
+            except (FileNotFoundError, NotADirectoryError):
+                return False
+            try:
+                fd = os.open(pin_path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+            except FileNotFoundError:
+                os.rmdir(pin_dir)
+                return False
+            try:
+                os.unlink(pin_path)
+                os.rmdir(pin_dir)
+                st = os.fstat(fd)
+            finally:
+                os.close(fd)
+        self.freed += 1
+        log.info("freed delta base pin %s: no file needs it any more", pin)
+        self.on_freed(pin)
+        return st.st_nlink == 0 and not self.in_use((st.st_dev, st.st_ino))
+
+
+class PinTrackingInodeTable(InodeTable):
+    """The mount's inode table, telling the pin registry about each regular file it lets go
+    of: the last step of an unlink, a rename over, or a close of an unlinked file."""
+
+    def __init__(self, root_fd: int, registry: PinRegistry | None):
+        super().__init__(root_fd)
+        self.registry = registry
+        if registry is not None:
+            registry.in_use = lambda key: self.find(key) is not None
+
+    def _drop_if_unused(self, inode) -> None:
+        registry = self.registry
+        if (registry is None or not registry.has_records or inode.lookups > 0 or inode.opens > 0
+                or not stat.S_ISREG(inode.mode)):
+            super()._drop_if_unused(inode)
+            return
+        # Duplicated before the drop, checked after it by the registry's worker: a pin
+        # removal that races with this drop then always sees one of the two gone.
+        fd = os.dup(inode.fd)
+        try:
+            super()._drop_if_unused(inode)
+        finally:
+            registry.let_go(fd)
