@@ -15,6 +15,7 @@ from dccfs.cache import ChunkCache
 from dccfs.codecs import ChunkHints, EncodedChunk, codec_name, encode_chunk
 from dccfs.config import Config
 from dccfs.delta import PIN_LOCK, BaseStore
+from dccfs.delta import _stores as _delta_stores
 from dccfs.memory import release_compiler_pages
 from dccfs.pins import PinRegistry, close_cached_base
 from dccfs.stats import MountStats
@@ -121,7 +122,7 @@ class Engine:
         self.pins: PinRegistry | None = None
         if not config.shared:
             self.pins = PinRegistry(backing_root, PIN_LOCK)
-            self.pins.on_freed = lambda pin: close_cached_base(self.bases, pin)
+            self.pins.on_freed = self._close_freed_base
         self.nursery: trio.Nursery | None = None
         self.trace = None
         threading.Thread(target=self._warm_up, name="dccfs-warm-up", daemon=True).start()
@@ -135,6 +136,12 @@ class Engine:
         if self.bases.warm_up_thread is not None:
             self.bases.warm_up_thread.join()
         log.info("compiler pages released after warm-up: %d MiB", release_compiler_pages() >> 20)
+
+    def _close_freed_base(self, pin: str) -> None:
+        """A freed pin may be open in the mount's base store, and, for a pin that is itself a
+        delta (a chain), in the backing directory's store its own chunks read their bases from."""
+        close_cached_base(self.bases, pin)
+        close_cached_base(delta_stores().get(os.path.abspath(self.backing_root)), pin)
 
     def encode_effort(self) -> int:
         """0 (cheapest codec) while encodes queue up behind the cores, so the codec never
@@ -186,6 +193,11 @@ class Engine:
                 log.exception("background task %s failed", getattr(fn, "__name__", fn))
         assert self.nursery is not None
         self.nursery.start_soon(guarded)
+
+
+def delta_stores() -> dict:
+    """The per-backing-directory base stores of dccfs.delta (store_for_path)."""
+    return _delta_stores
 
 
 def close_trace_quietly(trace) -> None:

@@ -49,6 +49,7 @@ def describe_file(path: str) -> dict:
         row.update(kind="container", logical=container.size, chunk_size=container.chunk_size,
                    ratio=round(st.st_size / container.size, 4) if container.size else 0.0,
                    codecs=dict(codecs), file_id=container.header.file_id.hex(),
+                   generation=container.header.generation,
                    delta_of=sorted(delta_of))
         return row
     finally:

@@ -14,6 +14,7 @@ from dccfs.offline_common import (
     file_kind, find_temps, offline_lock, ratio, walk_files,
 )
 from dccfs.offline_convert import run_pack, run_unpack
+from dccfs.offline_pins import check_pins
 
 log = logging.getLogger(__name__)
 
@@ -195,19 +196,6 @@ def run_fsck(backing: str, repair: bool, progress: bool) -> int:
     return 1 if totals.damaged else 0
 
 
-def _check_delta_bases(backing: str, repair: bool) -> None:
-    """Every delta's base was verified while decoding its chunks; here, pinned bases that
-    nothing references any more are reported, and removed with --repair."""
-    from dccfs.delta import unreferenced_bases
-    for path in unreferenced_bases(backing):
-        if repair:
-            os.unlink(path)
-            _report(f"{path}: removed a delta base that no file references any more")
-        else:
-            _report(f"{path}: a delta base that no file references any more "
-                    "(fsck --repair removes it)")
-
-
 def _fsck_walk(backing: str, repair: bool, progress: bool, totals: FsckTotals) -> None:
     with offline_lock(backing, required=repair):
         files = list(walk_files(backing))
@@ -221,4 +209,4 @@ def _fsck_walk(backing: str, repair: bool, progress: bool, totals: FsckTotals) -
                 _check_file(found.path, found.st, repair, totals, advance)
         # Under the same lock: a mount starting in between could pin a base for a file
         # it has not committed yet, which --repair would then remove.
-        _check_delta_bases(backing, repair)
+        totals.damaged += check_pins(backing, repair, _report)

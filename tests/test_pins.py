@@ -102,3 +102,136 @@ def test_pin_stays_while_needed_and_goes_with_its_last_dependent(make_mount, ste
     wait_no_pins(mount)
     mount.stop()
     assert_fsck_clean(mount)
+
+
+def test_open_unlinked_dependent_stays_readable_until_its_close(make_mount, steps, tmp_path):
+    mount = make_mount("pins-open", *forced(tmp_path))
+    step10, step20 = two_steps(mount, steps)
+    mount.remount()  # nothing of step 20 in the kernel's page cache
+    with open(step20, "rb") as f:
+        os.unlink(step10)
+        os.unlink(step20)
+        assert f.read() == steps[1]
+        assert len(pins_of(mount)) == 1
+    wait_no_pins(mount)
+    mount.stop()
+    assert_fsck_clean(mount)
+
+
+def test_dependent_renamed_elsewhere_then_base_then_dependent_deleted(make_mount, steps, tmp_path):
+    mount = make_mount("pins-rename", *forced(tmp_path))
+    step10, step20 = two_steps(mount, steps)
+    (mount.mnt / "kept" / "deeper").mkdir(parents=True)
+    moved = mount.mnt / "kept" / "deeper" / "final.safetensors"
+    os.rename(step20, moved)
+    os.unlink(step10)
+    mount.remount()
+    assert len(pins_of(mount)) == 1
+    assert moved.read_bytes() == steps[1]
+    os.unlink(moved)
+    wait_no_pins(mount)
+    mount.stop()
+    assert_fsck_clean(mount)
+
+
+def test_dependent_with_a_second_hard_link(make_mount, steps, tmp_path):
+    mount = make_mount("pins-link", *forced(tmp_path))
+    step10, step20 = two_steps(mount, steps)
+    other = mount.mnt / "run" / "best.safetensors"
+    os.link(step20, other)
+    os.unlink(step10)
+    os.unlink(step20)
+    mount.remount()
+    assert len(pins_of(mount)) == 1
+    assert other.read_bytes() == steps[1]
+    os.unlink(other)
+    wait_no_pins(mount)
+    mount.stop()
+    assert_fsck_clean(mount)
+
+
+def test_overwriting_a_dependent_in_place_frees_its_base(make_mount, steps, tmp_path):
+    mount = make_mount("pins-trunc", *forced(tmp_path))
+    step10, step20 = two_steps(mount, steps)
+    os.unlink(step10)
+    write(step20, b"not a checkpoint any more\n" * 1000)  # O_TRUNC: reset in place, a new file id
+    wait_no_pins(mount)
+    assert step20.read_bytes() == b"not a checkpoint any more\n" * 1000
+    mount.stop()
+    assert_fsck_clean(mount)
+
+
+def test_atomic_save_over_a_dependent_frees_its_base(make_mount, steps, tmp_path):
+    mount = make_mount("pins-replace", *forced(tmp_path))
+    step10, step20 = two_steps(mount, steps)
+    os.unlink(step10)
+    tmp = mount.mnt / "run" / "notes.tmp"
+    write(tmp, b"saved atomically\n" * 1000)
+    os.replace(tmp, step20)
+    wait_no_pins(mount)
+    assert step20.read_bytes() == b"saved atomically\n" * 1000
+    mount.stop()
+    assert_fsck_clean(mount)
+
+
+def test_a_chain_is_freed_bottom_up(make_mount, steps, tmp_path):
+    mount = make_mount("pins-chain", *forced(tmp_path, "delta_chain = 2\n"))
+    (mount.mnt / "run").mkdir()
+    paths = [mount.mnt / "run" / f"step-{n}.safetensors" for n in (10, 20, 30)]
+    for data, path in zip(steps, paths):
+        write(path, data)
+    assert len(pins_of(mount)) == 2  # step 10 for step 20, step 20 for step 30
+    os.unlink(paths[0])
+    os.unlink(paths[1])
+    mount.remount()
+    assert len(pins_of(mount)) == 2  # step 30 needs step 20, which needs step 10
+    assert paths[2].read_bytes() == steps[2]
+    os.unlink(paths[2])
+    wait_no_pins(mount)
+    mount.stop()
+    assert_fsck_clean(mount)
+
+
+def test_deltas_after_close_record_the_rewritten_file_and_free_its_pin(make_mount, steps, tmp_path):
+    from test_redelta import keyframes_then_deltas, wait_for_pass
+    mount = make_mount("pins-later", *keyframes_then_deltas(tmp_path))
+    step10, step20 = two_steps(mount, steps)
+    assert wait_for_pass(mount) > 0
+    pins = pins_of(mount)
+    assert len(pins) == 1
+    # The swapped-in copy (the next generation) has its record; the replaced file's goes.
+    wait_until(lambda: len(records_of(mount).get(pins[0], [])) == 1, "one record left")
+    assert records_of(mount)[pins[0]][0].endswith("-1")
+    os.unlink(step10)
+    mount.remount()
+    assert pins_of(mount) == pins
+    assert step20.read_bytes() == steps[1]
+    os.unlink(step20)
+    wait_no_pins(mount)
+    mount.stop()
+    assert_fsck_clean(mount)
+
+
+def test_kill9_right_after_deletes_leaves_every_file_readable(make_mount, steps, tmp_path):
+    mount = make_mount("pins-crash", *forced(tmp_path))
+    kept_a = two_steps(mount, steps, "alpha")
+    gone_b = two_steps(mount, steps, "beta")
+    assert len(pins_of(mount)) == 2
+    os.unlink(kept_a[0])
+    for path in gone_b:
+        os.unlink(path)
+    mount.kill()
+    mount.expect_errors = True  # the killed daemon's last lines are whatever they were
+    mount.start()
+    mount.expect_errors = False
+    assert kept_a[1].read_bytes() == steps[1]
+    mount.stop()
+    result = dccfs("fsck", "--repair", mount.backing)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert_fsck_clean(mount)
+    mount.start()
+    assert kept_a[1].read_bytes() == steps[1]
+    assert len(pins_of(mount)) == 1 and len(records_of(mount)) == 1
+    os.unlink(kept_a[1])
+    wait_no_pins(mount)
+    mount.stop()
