@@ -339,6 +339,10 @@ class DeltaWriter:
                 return False
             if self.pinned and dependent in self._recorded:
                 return True
+            if dependent is None and self._registry is not None:
+                # In a mount, only an encode that started before this writer existed has
+                # no container name to record: that chunk is a keyframe, the next ones not.
+                return False
             try:
                 with PIN_LOCK:
                     pinned = self._pin_locked(dependent)
@@ -368,7 +372,7 @@ class DeltaWriter:
             if managed:
                 log.warning("delta base %s: no dependent name to record; storing keyframes", name)
                 return False
-            # No dependent to name (a writer used outside a mount): a pin without records,
+            # A writer used outside a mount names no dependent: a pin without records,
             # which only fsck --repair removes.
         else:
             pins.write_record(self.backing_root, name, dependent)

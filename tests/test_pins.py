@@ -235,3 +235,59 @@ def test_kill9_right_after_deletes_leaves_every_file_readable(make_mount, steps,
     os.unlink(kept_a[1])
     wait_no_pins(mount)
     mount.stop()
+
+
+def test_pins_of_older_versions_and_shared_mounts_are_left_to_fsck(make_mount, steps, tmp_path):
+    import shutil
+    mount = make_mount("pins-legacy", *forced(tmp_path))
+    step10, step20 = two_steps(mount, steps)
+    mount.stop()
+    shutil.rmtree(mount.backing / ".dccfs" / "refs")  # as an older version left it: no records
+    mount.start()
+    pins = pins_of(mount)
+    os.unlink(step10)
+    newer = two_steps(mount, steps, "newer")  # a pin made now, with its record
+    assert len(pins_of(mount)) == 2 and len(records_of(mount)) == 1
+    os.unlink(step20)
+    for path in newer:
+        os.unlink(path)
+    wait_until(lambda: pins_of(mount) == pins, "the new pin freed")
+    mount.remount()
+    assert pins_of(mount) == pins  # the old one is never freed online
+    shared_pair = two_steps(mount, steps, "shared")
+    mount.stop()
+    held = pins_of(mount)
+    assert len(held) == 2 and len(records_of(mount)) == 1
+    # A --shared mount frees nothing: other nodes write containers it never hears of.
+    shared = make_mount("pins-shared", "--shared", backing=mount.backing)
+    for path in shared_pair:
+        os.unlink(shared.mnt / "shared" / path.name)
+    shared.stop()
+    assert pins_of(mount) == held and len(records_of(mount)) == 1
+    result = dccfs("fsck", "--repair", mount.backing)
+    assert result.returncode == 0 and "removed a delta base" in result.stdout, result.stdout
+    assert pins_of(mount) == []
+    assert_fsck_clean(mount)
+
+
+def test_fsck_reports_and_repairs_stale_and_missing_records(make_mount, steps, tmp_path):
+    mount = make_mount("pins-fsck", *forced(tmp_path))
+    step10, step20 = two_steps(mount, steps)
+    mount.stop()
+    (pin, (dependent,)), = records_of(mount).items()
+    refs = mount.backing / ".dccfs" / "refs" / pin
+    os.unlink(refs / dependent)  # missing: the mount could free a pin step 20 needs
+    (refs / ("0" * 32 + "-0")).touch()  # stale: no such container
+    result = dccfs("fsck", mount.backing)
+    assert result.returncode == 1
+    assert "MISSING RECORD" in result.stdout and "stale record" in result.stdout, result.stdout
+    assert sorted(os.listdir(refs)) == ["0" * 32 + "-0"]  # fsck alone changes nothing
+    result = dccfs("fsck", "--repair", mount.backing)
+    assert result.returncode == 0, result.stdout
+    assert records_of(mount) == {pin: [dependent]}
+    assert_fsck_clean(mount)
+    mount.start()
+    os.unlink(step10)
+    os.unlink(step20)
+    wait_no_pins(mount)
+    mount.stop()
