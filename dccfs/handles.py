@@ -363,7 +363,7 @@ class HandleTable:
             if pins is not None and not swapped:
                 if rewriter is not None:
                     rewriter.delta.forget_dependent(copy_name)
-                pins.destroyed(copy_name)
+                pins.forget_copy(copy_name)
 
     async def _compact_and_swap(self, inode: Inode, file: ContainerFile,
                                 rewriter: redelta.Rewriter | None) -> bool:

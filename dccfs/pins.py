@@ -141,7 +141,6 @@ class PinRegistry:
         self._pins_of: dict[str, set[str]] = {}  # dependent -> pins it has records in
         self._held: Counter = Counter()
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        self.freed = 0
         # Loaded before the mount serves anything: a compaction's carry_over must see them.
         self._queue.put(("pins", self._load()))
         with _registries_lock:
@@ -172,8 +171,16 @@ class PinRegistry:
         self._queue.put(("pins", {pin}))
 
     def destroyed(self, dependent: str) -> None:
-        """The container named dependent no longer exists anywhere (reset, abandoned copy)."""
+        """The container named dependent no longer exists anywhere, and no container will
+        have that name again (the old file id of a reset)."""
         self._queue.put(("gone", dependent))
+
+    def forget_copy(self, name: str) -> None:
+        """A rewritten copy was thrown away: its records go now, not from the queue, since
+        the next copy of the same file has the same name and may be written at once."""
+        pins = self._forget_dependent(name)
+        if pins:
+            self._queue.put(("pins", pins))
 
     def let_go(self, fd: int) -> None:
         """The mount no longer uses this backing object; takes ownership of fd (any kind of
@@ -195,11 +202,6 @@ class PinRegistry:
         done = threading.Event()
         self._queue.put(("drained", done))
         return done.wait(timeout)
-
-    def close(self) -> None:
-        with _registries_lock:
-            if _registries.get(self.backing_root) is self:
-                del _registries[self.backing_root]
 
     # -- the worker ------------------------------------------------------------------
 
@@ -327,7 +329,6 @@ class PinRegistry:
                 st = os.fstat(fd)
             finally:
                 os.close(fd)
-        self.freed += 1
         log.info("freed delta base pin %s: no file needs it any more", pin)
         self.on_freed(pin)
         return st.st_nlink == 0 and not self.in_use((st.st_dev, st.st_ino))

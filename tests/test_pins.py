@@ -291,3 +291,26 @@ def test_fsck_reports_and_repairs_stale_and_missing_records(make_mount, steps, t
     os.unlink(step20)
     wait_no_pins(mount)
     mount.stop()
+
+
+def test_compaction_of_a_dependent_carries_its_records_over(make_mount, steps, tmp_path):
+    mount = make_mount("pins-compact", *forced(tmp_path))
+    step10, step20 = two_steps(mount, steps)
+    (pin, (first,)), = records_of(mount).items()
+    os.unlink(step10)  # the rewrites below are keyframes: step 20's first chunk stays a delta
+    tail = steps[1][1 << 20:]
+    for _ in range(6):
+        with open(step20, "r+b") as f:  # dead records pile up until a close compacts the file
+            f.seek(1 << 20)
+            f.write(tail)
+        if records_of(mount).get(pin) != [first]:
+            break
+    wait_until(lambda: records_of(mount).get(pin, [""])[0].endswith("-1"), "the copy's record alone")
+    assert records_of(mount) == {pin: [first[:-1] + "1"]}
+    mount.remount()
+    assert pins_of(mount) == [pin]
+    assert step20.read_bytes() == steps[1]
+    os.unlink(step20)
+    wait_no_pins(mount)
+    mount.stop()
+    assert_fsck_clean(mount)
