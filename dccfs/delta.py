@@ -247,6 +247,7 @@ class DeltaWriter:
         self._recorded: set[str | None] = set()  # dependents with a record for the pin
         self._registry = pins.registry_for(backing_root)
         self._holds: str | None = None  # the pin this writer keeps from being freed
+        self._base_depth: int | None = None  # the base's deepest chunk, once looked at
 
     @classmethod
     def for_file(cls, backing_root: str, relpath: str, file_id: bytes, cache=None,
@@ -264,7 +265,7 @@ class DeltaWriter:
         """(location, record header, chain depth a delta on it would have) of the base's
         chunk idx, or None when there is none or the chain is as long as allowed."""
         loc = self.base.index.get(idx)
-        if loc is None:
+        if loc is None or not self._base_is_shallow():
             return None
         try:
             head = RecordHeader.unpack(pread_exact(self.base.fd, RECORD_HEADER_SIZE, loc.offset))
@@ -279,6 +280,34 @@ class DeltaWriter:
         except (FormatError, ValueError, CodecError, OSError):
             return None
         return loc, head, depth
+
+    def _base_is_shallow(self) -> bool:
+        """Whether the base's deepest chunk is shallower than the bound. A pin keeps its whole
+        container, and so the pins its deltas name: a file that took a delta of even one
+        keyframe chunk of a delta file would keep that file and its own bases pinned, then
+        the next file this one, and a rotating run would free none of them. So the bound
+        holds per file too (delta_chain 1: only a base without deltas is used)."""
+        with self._lock:
+            if self._base_depth is None:
+                self._base_depth = self._deepest_base_chunk()
+            return self._base_depth < self.max_chain
+
+    def _deepest_base_chunk(self) -> int:
+        """The chain depth of the base's deepest live chunk (0: keyframes only), reading
+        record headers until one reaches the bound; an unreadable one counts as too deep."""
+        deepest = 0
+        for loc in self.base.index.values():
+            try:
+                head = RecordHeader.unpack(pread_exact(self.base.fd, RECORD_HEADER_SIZE, loc.offset))
+                if head.sub != CODEC_DELTA:
+                    continue
+                params = pread_exact(self.base.fd, head.params_len, loc.offset + RECORD_HEADER_SIZE)
+                deepest = max(deepest, BaseRef.unpack(delta_base_ref(params)).depth)
+            except (FormatError, ValueError, CodecError, OSError):
+                return self.max_chain
+            if deepest >= self.max_chain:
+                break
+        return deepest
 
     def _base_chunk(self, idx: int) -> tuple[bytes, BaseRef] | None:
         found = self._usable_base_record(idx)

@@ -314,3 +314,36 @@ def test_compaction_of_a_dependent_carries_its_records_over(make_mount, steps, t
     wait_no_pins(mount)
     mount.stop()
     assert_fsck_clean(mount)
+
+
+@pytest.fixture(scope="module")
+def noisy_steps(series):
+    """Three checkpoints with a random tensor that changes from the first to the second and
+    then stays: the second file stores it as keyframes, which the third could use."""
+    import torch
+    from safetensors.torch import save
+    noise = [torch.randint(0, 256, (2 << 20,), dtype=torch.uint8, generator=torch.Generator().manual_seed(s))
+             for s in (1, 2)]
+    return tuple(save({**weights, "noise": n}) for weights, n in
+                 ((series[0], noise[0]), (series[1], noise[1]), (series[0], noise[1])))
+
+
+def test_no_delta_against_a_file_that_is_a_delta_with_the_default_chain(make_mount, noisy_steps, tmp_path):
+    """With delta_chain 1 a file never takes deltas of a delta file, not even of its keyframe
+    chunks: the pin would keep that file and its own base, then the next file this one."""
+    from test_delta_mount import stored_ratio
+    mount = make_mount("pins-depth", *forced(tmp_path))
+    (mount.mnt / "run").mkdir()
+    paths = [mount.mnt / "run" / f"step-{n}.safetensors" for n in (10, 20, 30)]
+    for data, path in zip(noisy_steps, paths):
+        write(path, data)
+    rows = [stored_ratio(mount, f"run/{p.name}") for p in paths]
+    assert rows[1]["codecs"].get("delta", 0) > 0, rows[1]
+    assert "delta" not in rows[2]["codecs"], rows[2]
+    assert len(pins_of(mount)) == 1
+    os.unlink(paths[0])
+    os.unlink(paths[1])
+    wait_no_pins(mount)
+    assert paths[2].read_bytes() == noisy_steps[2]
+    mount.stop()
+    assert_fsck_clean(mount)
