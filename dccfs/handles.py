@@ -351,66 +351,45 @@ class HandleTable:
 
     async def _compact(self, inode: Inode, file: ContainerFile,
                        rewriter: redelta.Rewriter | None = None) -> None:
-        """Compaction, which also stores put-off deltas when given their rewriter. The pin
-        records of the file are carried over to the copy before the swap; the copy's are
-        dropped when it is thrown away, the replaced file's once it is gone."""
-        pins = self.engine.pins
-        copy_name = header_name(file.container.header.next_generation())
-        swapped = False
-        try:
-            swapped = await self._compact_and_swap(inode, file, rewriter)
-        finally:
-            if pins is not None and not swapped:
-                if rewriter is not None:
-                    rewriter.delta.forget_dependent(copy_name)
-                pins.forget_copy(copy_name)
-
-    async def _compact_and_swap(self, inode: Inode, file: ContainerFile,
-                                rewriter: redelta.Rewriter | None) -> bool:
+        """Compaction, which also stores put-off deltas when given their rewriter. The file's
+        pin records are carried over to the copy before the swap (docs/delta.md)."""
         container = file.container
         pins = self.engine.pins
+        copy_name = header_name(container.header.next_generation())
         tmp_path = os.path.join(self.tmp_dir, f"{container.header.file_id.hex()}-{inode.number}.compact")
         before = container.end
         copied = (container.cache_id, before)
         try:
             await trio.to_thread.run_sync(compaction.write_compacted, container, tmp_path, rewriter,
                                           self.engine.stopping, limiter=self.rewrite_limiter)
+            if rewriter is not None and not rewriter.replaced and not compaction.worth_compacting(container):
+                raise OSError(errno.ESTALE, "no delta was smaller: the copy would change nothing")
+            if pins is not None:
+                await trio.to_thread.run_sync(pins.carry_over, header_name(container.header), copy_name,
+                                              limiter=self.engine.io_limiter)
         except OSError as exc:
             if exc.errno in (errno.ESTALE, errno.ECANCELED):
                 log.info("%s: background rewrite stopped, file left as it was: %s", container.path,
                          exc.strerror)
             else:
                 log.warning("%s: compaction failed, file left as it was: %s", container.path, exc)
-            return False
-        if rewriter is not None and not rewriter.replaced and not compaction.worth_compacting(container):
-            os.unlink(tmp_path)  # no delta was smaller: the copy would change nothing
-            return False
-        if pins is not None:
-            # The copy holds the file's delta records: their pins need a record naming it
-            # before it replaces the file (a crash after the rename must find them).
-            try:
-                await trio.to_thread.run_sync(pins.carry_over, header_name(container.header),
-                                              header_name(container.header.next_generation()),
-                                              limiter=self.engine.io_limiter)
-            except OSError as exc:
-                log.warning("%s: compaction skipped, its pin records could not be written: %s",
-                            container.path, exc)
-                os.unlink(tmp_path)
-                return False
+            self._abandon_copy(tmp_path, rewriter, copy_name)
+            return
         if file.handles or _data_changed(file) or file.closed or (container.cache_id, container.end) != copied:
             # Reopened meanwhile, and maybe overwritten (a reset: a new file id) and released
             # again, possibly ending at the same offset: the copy is stale.
-            os.unlink(tmp_path)
-            return False
-        # Kept across the swap so the pin registry can tell when the replaced file is gone.
+            self._abandon_copy(tmp_path, rewriter, copy_name)
+            return
+        # Kept across the swap, so the pin registry can tell when the replaced file is gone.
         replaced_fd = os.dup(container.fd) if pins is not None else None
         # A pending explicit mtime waits for a commit that the swapped-in file will not have.
         new_fd = compaction.swap_in(tmp_path, container.fd, inode.proc_path, inode.key, before,
                                     file.mtime_ns)
-        if new_fd is None:
+        if new_fd is None:  # refused before the rename, the copy removed
             if replaced_fd is not None:
                 os.close(replaced_fd)
-            return False
+            self._abandon_copy(None, rewriter, copy_name)
+            return
         self.inodes.rekey(inode, new_fd)
         # The file object still holds the replaced container. Closing it here, before
         # any await, makes the next open read the compacted one; an open that came
@@ -418,7 +397,7 @@ class HandleTable:
         # container and lose those writes at unmount.
         self._detach(inode, file)
         if replaced_fd is not None:
-            pins.let_go(replaced_fd)
+            pins.let_go(replaced_fd)  # after the rekey: no longer an inode of the mount
         self.engine.stats.compactions += 1
         if rewriter is not None and rewriter.replaced:
             self.engine.stats.deltas_after_close += rewriter.replaced
@@ -427,7 +406,19 @@ class HandleTable:
                      rewriter.bytes_after)
         log.info("%s: compacted %d -> %d bytes", container.path, before,
                  os.fstat(new_fd).st_size)
-        return True
+
+    def _abandon_copy(self, tmp_path: str | None, rewriter, copy_name: str) -> None:
+        """Remove a copy that will not be swapped in, and its pin records (only once it is
+        certainly not the file: an unexpected error leaves them, a leak fsck repairs)."""
+        if tmp_path is not None:
+            try:
+                os.unlink(tmp_path)
+            except FileNotFoundError:
+                pass  # write_compacted removes its own on failure
+        if self.engine.pins is not None:
+            if rewriter is not None:
+                rewriter.delta.forget_dependent(copy_name)
+            self.engine.pins.forget_copy(copy_name)
 
     async def commit_all(self) -> None:
         for file in list(self.open_files.values()):
