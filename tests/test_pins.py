@@ -347,3 +347,28 @@ def test_no_delta_against_a_file_that_is_a_delta_with_the_default_chain(make_mou
     assert paths[2].read_bytes() == noisy_steps[2]
     mount.stop()
     assert_fsck_clean(mount)
+
+
+def test_a_writer_that_truncates_and_writes_again_records_the_new_file_id(make_mount, steps, tmp_path):
+    mount = make_mount("pins-rewrite", *forced(tmp_path))
+    (mount.mnt / "run").mkdir()
+    step10, step20 = (mount.mnt / "run" / f"step-{n}.safetensors" for n in (10, 20))
+    write(step10, steps[0])
+    with open(step20, "wb") as f:
+        f.write(steps[1])
+        f.flush()
+        os.fsync(f.fileno())
+        first = records_of(mount)
+        f.seek(0)
+        f.truncate(0)  # a reset in place: a new file id, the old one's record goes
+        f.write(steps[1])
+    (pin, (old,)), = first.items()
+    wait_until(lambda: len(records_of(mount)[pin]) == 1 and records_of(mount)[pin] != [old],
+               "only the new file id's record")
+    os.unlink(step10)
+    mount.remount()
+    assert step20.read_bytes() == steps[1]
+    os.unlink(step20)
+    wait_no_pins(mount)
+    mount.stop()
+    assert_fsck_clean(mount)
