@@ -372,3 +372,84 @@ def test_a_writer_that_truncates_and_writes_again_records_the_new_file_id(make_m
     wait_no_pins(mount)
     mount.stop()
     assert_fsck_clean(mount)
+
+
+ROTATE_CLIENT = r"""
+import os, sys
+mnt, journal, first, sources = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4:]
+log = open(journal, "a", buffering=1)
+k = first
+while True:
+    data = open(sources[(k - 1) % len(sources)], "rb").read()
+    final = os.path.join(mnt, f"step-{k}.safetensors")
+    with open(final + ".tmp", "wb") as f:  # an atomic save, as checkpoint writers do
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.rename(final + ".tmp", final)
+    log.write(f"done {k}\n")
+    if k > 2:
+        log.write(f"unlinking {k - 2}\n")
+        os.unlink(os.path.join(mnt, f"step-{k - 2}.safetensors"))
+        log.write(f"unlinked {k - 2}\n")
+    k += 1
+"""
+
+
+def _crash_rotation(make_mount, steps, tmp_path, points: int, seed: int) -> None:
+    import random
+    import subprocess
+    import sys
+    rng = random.Random(seed)
+    sources = []
+    for i, data in enumerate(steps):
+        sources.append(tmp_path / f"src-{i}")
+        sources[-1].write_bytes(data)
+    journal = tmp_path / "journal"
+    journal.touch()
+    mount = make_mount("pins-crash-rotation", *forced(tmp_path))
+    (mount.mnt / "run").mkdir()
+    next_step = 1
+    for _ in range(points):
+        client = subprocess.Popen([sys.executable, "-c", ROTATE_CLIENT, str(mount.mnt / "run"), str(journal),
+                                   str(next_step), *map(str, sources)],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(0.2, 3.0))
+        mount.kill()
+        client.kill()  # it started by this test; its writes now fail anyway
+        client.wait()
+        done, unlinking, unlinked = set(), set(), set()
+        for line in journal.read_text().splitlines():
+            what, k = line.split()
+            {"done": done, "unlinking": unlinking, "unlinked": unlinked}[what].add(int(k))
+        next_step = max(done, default=0) + 1
+        mount.expect_errors = True
+        mount.start()
+        mount.expect_errors = False
+        for k in sorted(done - unlinked):
+            path = mount.mnt / "run" / f"step-{k}.safetensors"
+            if k in unlinking and not path.exists():
+                continue
+            assert path.read_bytes() == steps[(k - 1) % len(steps)], f"step {k} after a kill"
+        for name in os.listdir(mount.mnt / "run"):
+            if name.endswith(".tmp"):
+                os.unlink(mount.mnt / "run" / name)  # a save the crash interrupted
+        mount.stop()
+        result = dccfs("fsck", "--repair", mount.backing)
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert_fsck_clean(mount)
+        mount.start()
+    for name in os.listdir(mount.mnt / "run"):
+        os.unlink(mount.mnt / "run" / name)
+    wait_no_pins(mount)
+    mount.stop()
+
+
+def test_kill9_during_a_rotating_run(make_mount, steps, tmp_path):
+    _crash_rotation(make_mount, steps, tmp_path, points=2, seed=7)
+
+
+@pytest.mark.stress
+def test_kill9_during_a_rotating_run_many_points(make_mount, steps, tmp_path):
+    _crash_rotation(make_mount, steps, tmp_path, points=int(os.environ.get("DCCFS_CRASH_POINTS", "30")),
+                    seed=int(os.environ.get("DCCFS_SEED", "11")))
