@@ -14,8 +14,7 @@ import xxhash
 from dccfs.cache import ChunkCache
 from dccfs.codecs import ChunkHints, EncodedChunk, codec_name, encode_chunk
 from dccfs.config import Config
-from dccfs.delta import PIN_LOCK, BaseStore
-from dccfs.delta import _stores as _delta_stores
+from dccfs.delta import BASES_DIR, PIN_LOCK, BaseStore, store_for_path
 from dccfs.memory import release_compiler_pages
 from dccfs.pins import PinRegistry, close_cached_base
 from dccfs.stats import MountStats
@@ -141,7 +140,7 @@ class Engine:
         """A freed pin may be open in the mount's base store, and, for a pin that is itself a
         delta (a chain), in the backing directory's store its own chunks read their bases from."""
         close_cached_base(self.bases, pin)
-        close_cached_base(delta_stores().get(os.path.abspath(self.backing_root)), pin)
+        close_cached_base(store_for_path(os.path.join(self.backing_root, BASES_DIR, pin)), pin)
 
     def encode_effort(self) -> int:
         """0 (cheapest codec) while encodes queue up behind the cores, so the codec never
@@ -193,11 +192,6 @@ class Engine:
                 log.exception("background task %s failed", getattr(fn, "__name__", fn))
         assert self.nursery is not None
         self.nursery.start_soon(guarded)
-
-
-def delta_stores() -> dict:
-    """The per-backing-directory base stores of dccfs.delta (store_for_path)."""
-    return _delta_stores
 
 
 def close_trace_quietly(trace) -> None:
