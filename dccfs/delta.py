@@ -455,55 +455,6 @@ class DeltaWriter:
 
 
 def unreferenced_bases(backing_root: str) -> list[str]:
-    """Pinned base links that no container's delta chunk names any more, directly or
-    through another pinned base (a chain: the base of a base is needed as long as its
-    dependent is)."""
-    from dccfs.inspect import describe_tree
-    bases_dir = os.path.join(backing_root, BASES_DIR)
-    pinned = pinned_names(backing_root)
-    if not pinned:
-        return []
-    rows = describe_tree(backing_root)
-    if unreadable_rows(rows):
-        return []
-    referenced = referenced_pins(backing_root, rows, pinned)
-    return [os.path.join(bases_dir, n) for n in sorted(pinned) if n not in referenced]
-
-
-def pinned_names(backing_root: str) -> list[str]:
-    try:
-        return [n for n in os.listdir(os.path.join(backing_root, BASES_DIR)) if not n.endswith(".tmp")]
-    except FileNotFoundError:
-        return []
-
-
-def unreadable_rows(rows: list[dict]) -> list[str]:
-    """Files whose records cannot all be read: they may name any pin, so while there is one
-    no pin counts as unused (logged)."""
-    unsure = [row["path"] for row in rows
-              if row.get("kind") in ("damaged", "unreadable") or row.get("codecs", {}).get("damaged")]
-    if unsure:
-        log.warning("not looking for unused delta bases: %d file(s) cannot be fully read, "
-                    "first %s", len(unsure), unsure[0])
-    return unsure
-
-
-def referenced_pins(backing_root: str, rows: list[dict], pinned: list[str]) -> dict[str, list[str]]:
-    """The pins the rows' deltas name, directly or through other pins, each with the pins
-    its own deltas name (empty for a keyframe base or a missing pin)."""
-    from dccfs.inspect import describe_file
-    bases_dir = os.path.join(backing_root, BASES_DIR)
-    referenced: dict[str, list[str]] = {}
-    todo = [name for row in rows for name in row.get("delta_of", ())]
-    while todo:
-        name = todo.pop()
-        if name in referenced:
-            continue
-        referenced[name] = []
-        if name in pinned:
-            try:
-                referenced[name] = describe_file(os.path.join(bases_dir, name)).get("delta_of", [])
-                todo.extend(referenced[name])
-            except OSError as exc:
-                log.warning("%s: cannot read pinned base: %s", name, exc)
-    return referenced
+    """Pinned base links that no container's delta chunk names any more (dccfs.offline_pins)."""
+    from dccfs.offline_pins import unreferenced_bases as find_unreferenced
+    return find_unreferenced(backing_root)
