@@ -17,7 +17,8 @@ def check_pins(backing: str, repair: bool, report) -> int:
     (stale: they keep a pin until fsck --repair), and deltas whose managed pin has no
     record for them (missing: the mount could free a pin they need). --repair adds the
     missing records and removes the rest, and does nothing while any file cannot be fully
-    read (such a file may name any pin). Returns how many missing records remain."""
+    read (such a file may name any pin). Returns how many problems remain that could let a
+    mount free a pin a file needs (missing records, copied dependents)."""
     pinned = pinned_names(backing)
     records = read_records(backing)
     if not pinned and not records:
@@ -35,6 +36,11 @@ def check_pins(backing: str, repair: bool, report) -> int:
                      if pin in records and pin in pinned and dependent not in records[pin])
     stale = sorted((pin, dependent) for pin, dependents in records.items() for dependent in dependents
                    if dependent not in existing or pin not in pinned)
+    copies = _copied_dependents(rows, records)
+    for path, other in copies:
+        report(f"{path}: DUPLICATE: the same file id and generation as {other} (a copy made in "
+               "the backing directory, not through a mount), and it holds deltas: deleting either "
+               "through a mount can free the pin the other needs; copy it through a mount instead")
     refs = os.path.join(backing, REFS_DIR)
     for pin, dependent in missing:
         where = os.path.join(refs, pin, dependent)
@@ -67,7 +73,24 @@ def check_pins(backing: str, repair: bool, report) -> int:
                     os.rmdir(os.path.join(refs, pin))  # empty now: its records were stale
                 except OSError as exc:
                     log.warning("%s: cannot remove: %s", os.path.join(refs, pin), exc)
-    return 0 if repair else len(missing)
+    return len(copies) + (0 if repair else len(missing))
+
+
+def _copied_dependents(rows: list[dict], records: dict[str, list[str]]) -> list[tuple[str, str]]:
+    """Containers that share a name (file id, generation) with another inode, and hold
+    deltas naming a pin with records: records name containers, so they cannot tell the two
+    apart. Hard links are one inode and are not copies."""
+    first: dict[str, tuple[str, tuple[int, int]]] = {}
+    copies = []
+    for row in rows:
+        if row.get("kind") != "container" or not any(pin in records for pin in row.get("delta_of", ())):
+            continue
+        name = f"{row['file_id']}-{row['generation']}"
+        st = os.stat(row["path"])
+        seen = first.setdefault(name, (row["path"], (st.st_dev, st.st_ino)))
+        if seen[1] != (st.st_dev, st.st_ino):
+            copies.append((row["path"], seen[0]))
+    return copies
 
 
 def unreferenced_bases(backing_root: str) -> list[str]:

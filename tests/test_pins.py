@@ -453,3 +453,14 @@ def test_kill9_during_a_rotating_run(make_mount, steps, tmp_path):
 def test_kill9_during_a_rotating_run_many_points(make_mount, steps, tmp_path):
     _crash_rotation(make_mount, steps, tmp_path, points=int(os.environ.get("DCCFS_CRASH_POINTS", "30")),
                     seed=int(os.environ.get("DCCFS_SEED", "11")))
+
+
+def test_fsck_reports_a_dependent_copied_behind_the_mount(make_mount, steps, tmp_path):
+    import shutil
+    mount = make_mount("pins-copy", *forced(tmp_path))
+    step10, step20 = two_steps(mount, steps)
+    mount.stop()
+    shutil.copy2(mount.backing / "run" / step20.name, mount.backing / "run" / "backup.safetensors")
+    result = dccfs("fsck", "--repair", mount.backing)
+    assert result.returncode == 1 and "DUPLICATE" in result.stdout, result.stdout
+    assert len(pins_of(mount)) == 1
