@@ -1,0 +1,111 @@
+"""Background rewrites of a closed file (compaction, deltas after close): the copy, its checks and the swap-in."""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+
+import trio
+
+from dccfs import compaction, redelta
+from dccfs.chunkfile import ContainerFile
+from dccfs.inodes import Inode
+from dccfs.pins import header_name
+
+log = logging.getLogger(__name__)
+
+
+def _data_changed(file: ContainerFile) -> bool:
+    """Writes not yet committed. An explicit mtime alone (the kernel sends the times back
+    after a rename, with the writeback cache) is no change to the content a rewrite copies."""
+    return bool(file.dirty) or file.container.dirty
+
+
+class BackgroundRewrites:
+    """HandleTable's part that rewrites closed files in the background. The table provides
+    engine, inodes, tmp_dir, rewrite_limiter, _closed_in_background, _close_file and _detach."""
+
+    async def _compact_then_close(self, inode: Inode, file: ContainerFile, redelta_now: bool) -> None:
+        try:
+            async with file.release_lock:
+                if file.closed or file.handles:
+                    return  # reopened: its next release decides again
+                if not _data_changed(file):
+                    await self._compact(inode, file, redelta.Rewriter(file) if redelta_now else None)
+            await self._close_file(inode, file, compact=False)
+        finally:
+            # No await from here on: a release that still finds the file in the set is
+            # one this task's _close_file loop has seen.
+            self._closed_in_background.discard(file)
+            self.inodes.release_open(inode)
+
+    async def _compact(self, inode: Inode, file: ContainerFile,
+                       rewriter: redelta.Rewriter | None = None) -> None:
+        """Compaction, which also stores put-off deltas when given their rewriter. The file's
+        pin records are carried over to the copy before the swap (docs/delta.md)."""
+        container = file.container
+        pins = self.engine.pins
+        copy_name = header_name(container.header.next_generation())
+        tmp_path = os.path.join(self.tmp_dir, f"{container.header.file_id.hex()}-{inode.number}.compact")
+        before = container.end
+        copied = (container.cache_id, before)
+        try:
+            await trio.to_thread.run_sync(compaction.write_compacted, container, tmp_path, rewriter,
+                                          self.engine.stopping, limiter=self.rewrite_limiter)
+            if rewriter is not None and not rewriter.replaced and not compaction.worth_compacting(container):
+                raise OSError(errno.ESTALE, "no delta was smaller: the copy would change nothing")
+            if pins is not None:
+                await trio.to_thread.run_sync(pins.carry_over, header_name(container.header), copy_name,
+                                              limiter=self.engine.io_limiter)
+        except OSError as exc:
+            if exc.errno in (errno.ESTALE, errno.ECANCELED):
+                log.info("%s: background rewrite stopped, file left as it was: %s", container.path,
+                         exc.strerror)
+            else:
+                log.warning("%s: compaction failed, file left as it was: %s", container.path, exc)
+            self._abandon_copy(tmp_path, rewriter, copy_name)
+            return
+        if file.handles or _data_changed(file) or file.closed or (container.cache_id, container.end) != copied:
+            # Reopened meanwhile, and maybe overwritten (a reset: a new file id) and released
+            # again, possibly ending at the same offset: the copy is stale.
+            self._abandon_copy(tmp_path, rewriter, copy_name)
+            return
+        # Kept across the swap, so the pin registry can tell when the replaced file is gone.
+        replaced_fd = os.dup(container.fd) if pins is not None else None
+        # A pending explicit mtime waits for a commit that the swapped-in file will not have.
+        new_fd = compaction.swap_in(tmp_path, container.fd, inode.proc_path, inode.key, before,
+                                    file.mtime_ns)
+        if new_fd is None:  # refused before the rename, the copy removed
+            if replaced_fd is not None:
+                os.close(replaced_fd)
+            self._abandon_copy(None, rewriter, copy_name)
+            return
+        self.inodes.rekey(inode, new_fd)
+        # The file object still holds the replaced container. Closing it here, before
+        # any await, makes the next open read the compacted one; an open that came
+        # between this and a later close would write into the replaced, unlinked
+        # container and lose those writes at unmount.
+        self._detach(inode, file)
+        if replaced_fd is not None:
+            pins.let_go(replaced_fd)  # after the rekey: no longer an inode of the mount
+        self.engine.stats.compactions += 1
+        if rewriter is not None and rewriter.replaced:
+            self.engine.stats.deltas_after_close += rewriter.replaced
+            log.info("%s: %d chunks stored as deltas after close (%d -> %d bytes)",
+                     container.path, rewriter.replaced, rewriter.bytes_before,
+                     rewriter.bytes_after)
+        log.info("%s: compacted %d -> %d bytes", container.path, before,
+                 os.fstat(new_fd).st_size)
+
+    def _abandon_copy(self, tmp_path: str | None, rewriter, copy_name: str) -> None:
+        """Remove a copy that will not be swapped in, and its pin records (only once it is
+        certainly not the file: an unexpected error leaves them, a leak fsck repairs)."""
+        if tmp_path is not None:
+            try:
+                os.unlink(tmp_path)
+            except FileNotFoundError:
+                pass  # write_compacted removes its own on failure
+        if self.engine.pins is not None:
+            if rewriter is not None:
+                rewriter.delta.forget_dependent(copy_name)
+            self.engine.pins.forget_copy(copy_name)
