@@ -154,6 +154,15 @@ def table_bytes(freq: np.ndarray) -> int:
 # ---------------------------------------------------------------- decoder
 
 
+def gather_ptrs(builder, base, idx):
+    """<16 x i32*> = base + idx (a vector GEP: LLVM then emits one vpgatherdd with 32-bit indices, where
+    ptrtoint arithmetic gave two vpgatherqd on 64-bit addresses)."""
+    gep = ir.GEPInstr(builder.block, base, [idx], False, "", source_etype=base.type.pointee)
+    gep.type = ir.VectorType(base.type, V)
+    builder._insert(gep)
+    return gep
+
+
 def _decl(module, name, ret, args):
     fn = module.globals.get(name)
     return fn if fn is not None else ir.Function(module, ir.FunctionType(ret, args), name=name)
@@ -181,16 +190,9 @@ def _round16(typingctx, lut, words, p, xs, k, out, i):
         xptr = builder.bitcast(builder.gep(x_s.data, [builder.mul(k, ir.Constant(_i64, V))]), vt.as_pointer())
         x = builder.load(xptr, align=4)
         slot = builder.and_(x, splat(SLOTS - 1))
-        base = builder.ptrtoint(lut_s.data, _i64)
-        bvec = builder.shuffle_vector(
-            builder.insert_element(ir.Constant(v64, ir.Undefined), base, ir.Constant(_i32, 0)),
-            ir.Constant(v64, ir.Undefined),
-            ir.Constant(ir.VectorType(_i32, V), [0] * V),
-        )
-        addrs = builder.add(builder.shl(builder.zext(slot, v64), splat(2, _i64)), bvec)
         pvt = ir.VectorType(_i32.as_pointer(), V)
         gather = _decl(mod, "llvm.masked.gather.v16i32.v16p0", vt, [pvt, v1, vt])
-        e = builder.call(gather, [builder.inttoptr(addrs, pvt), ir.Constant(v1, [1] * V), ir.Constant(vt, ir.Undefined)])
+        e = builder.call(gather, [gather_ptrs(builder, lut_s.data, slot), ir.Constant(v1, [1] * V), ir.Constant(vt, ir.Undefined)])
         optr = builder.bitcast(builder.gep(o_s.data, [i]), ir.VectorType(_i8, V).as_pointer())
         builder.store(builder.trunc(e, ir.VectorType(_i8, V)), optr, align=1)
         f = builder.and_(builder.lshr(e, splat(8)), splat(SLOTS - 1))

@@ -18,7 +18,7 @@ from numba.extending import intrinsic
 
 from ._jit import njit
 from .rans import RANS_L, SCALE_BITS
-from .rans32 import LANES, SLOTS, V, _decl, _round16, _tail as _tail6, build_lut, read_table
+from .rans32 import LANES, SLOTS, V, _decl, gather_ptrs, _round16, _tail as _tail6, build_lut, read_table
 from .rans32e import _prepare_ext, _state_symbols
 
 log = logging.getLogger(__name__)
@@ -69,11 +69,9 @@ def _round16c(typingctx, lut, words, p, xs, k, out, oi, ctx, ci, thr):
             tv = bcast(builder.trunc(builder.load(builder.gep(t_s.data, [ir.Constant(_i64, t)])), _i32), _i32)
             bucket = builder.add(bucket, builder.zext(builder.icmp_unsigned(">=", cv, tv), vt))
         idx = builder.or_(builder.shl(bucket, splat(SCALE_BITS)), slot)
-        base = builder.ptrtoint(lut_s.data, _i64)
-        addrs = builder.add(builder.shl(builder.zext(idx, v64), splat(2, _i64)), bcast(base, _i64))
         pvt = ir.VectorType(_i32.as_pointer(), V)
         gather = _decl(mod, "llvm.masked.gather.v16i32.v16p0", vt, [pvt, v1, vt])
-        e = builder.call(gather, [builder.inttoptr(addrs, pvt), ir.Constant(v1, [1] * V), ir.Constant(vt, ir.Undefined)])
+        e = builder.call(gather, [gather_ptrs(builder, lut_s.data, idx), ir.Constant(v1, [1] * V), ir.Constant(vt, ir.Undefined)])
         optr = builder.bitcast(builder.gep(o_s.data, [oi]), v8.as_pointer())
         builder.store(builder.trunc(e, v8), optr, align=1)
         f = builder.and_(builder.lshr(e, splat(8)), splat(SLOTS - 1))
