@@ -272,16 +272,11 @@ def decode_into(buf, out):
     words, xs, st = _prepare(buf, lut)
     if st:
         return -1
-    n = out.size
-    nw = words.size
-    p = 2 * LANES
-    i = 0
-    # each vector step consumes at most 16 words, so 32 more words must exist for two steps
-    while i + LANES <= n and p + LANES <= nw:
-        p = _round16(lut, words, p, xs, 0, out, i)
-        p = _round16(lut, words, p, xs, 1, out, i + V)
-        i += LANES
-    return _tail(words, lut, xs, out, i, p)
+    # each vector step consumes at most 16 words, so 32 more words must exist for a round of two steps
+    st = np.empty(3, np.int64)
+    st[0], st[1], st[2] = 0, out.size, 2 * LANES
+    i = loop1(lut, words, xs, out, st)
+    return _tail(words, lut, xs, out, i, st[2])
 
 
 @njit(nogil=True, boundscheck=False)
@@ -339,28 +334,17 @@ def decode(buf: np.ndarray, out: np.ndarray, ext: bool = False) -> None:
 @njit(nogil=True, inline="always")
 def _run2(lut_a, words_a, xs_a, out_a, lut_b, words_b, xs_b, out_b, closed=True):
     """Decode two prepared streams in one loop (four independent vector chains), then finish each; 0 or -1."""
-    na = words_a.size
-    nb = words_b.size
-    pa = pb = 2 * LANES
-    n = min(out_a.size, out_b.size)
-    i = 0
-    while i + LANES <= n and pa + LANES <= na and pb + LANES <= nb:
-        pa = _round16(lut_a, words_a, pa, xs_a, 0, out_a, i)
-        pb = _round16(lut_b, words_b, pb, xs_b, 0, out_b, i)
-        pa = _round16(lut_a, words_a, pa, xs_a, 1, out_a, i + V)
-        pb = _round16(lut_b, words_b, pb, xs_b, 1, out_b, i + V)
-        i += LANES
-    # finish each stream on its own (vector steps while words remain, then the checked tail)
-    ia = ib = i
-    while ia + LANES <= out_a.size and pa + LANES <= na:
-        pa = _round16(lut_a, words_a, pa, xs_a, 0, out_a, ia)
-        pa = _round16(lut_a, words_a, pa, xs_a, 1, out_a, ia + V)
-        ia += LANES
-    while ib + LANES <= out_b.size and pb + LANES <= nb:
-        pb = _round16(lut_b, words_b, pb, xs_b, 0, out_b, ib)
-        pb = _round16(lut_b, words_b, pb, xs_b, 1, out_b, ib + V)
-        ib += LANES
-    if _tail(words_a, lut_a, xs_a, out_a, ia, pa, closed) or _tail(words_b, lut_b, xs_b, out_b, ib, pb, closed):
+    st = np.empty(4, np.int64)
+    st[0], st[1], st[2], st[3] = 0, min(out_a.size, out_b.size), 2 * LANES, 2 * LANES
+    i = loop2(lut_a, words_a, xs_a, out_a, lut_b, words_b, xs_b, out_b, st)
+    # finish each stream on its own (vector rounds while words remain, then the checked tail)
+    sa = np.empty(3, np.int64)
+    sa[0], sa[1], sa[2] = i, out_a.size, st[2]
+    ia = loop1(lut_a, words_a, xs_a, out_a, sa)
+    sb = np.empty(3, np.int64)
+    sb[0], sb[1], sb[2] = i, out_b.size, st[3]
+    ib = loop1(lut_b, words_b, xs_b, out_b, sb)
+    if _tail(words_a, lut_a, xs_a, out_a, ia, sa[2], closed) or _tail(words_b, lut_b, xs_b, out_b, ib, sb[2], closed):
         return -1
     return 0
 
@@ -382,3 +366,6 @@ def decode2_into_scalar(buf_a, out_a, buf_b, out_b):
     if decode_into_scalar(buf_a, out_a) or decode_into_scalar(buf_b, out_b):
         return -1
     return 0
+
+
+from .rans32_loop import loop1, loop2  # noqa: E402 (built on this module's IR helpers above)

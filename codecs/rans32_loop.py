@@ -1,0 +1,185 @@
+"""The vector decoding loops of stream methods 5-7 as LLVM IR, with the lane states in registers across rounds.
+
+Why: a 16-lane step is one chain of dependent instructions (gather, multiply, compare, expand-load), so the
+decoders are bound by its latency, not by throughput. rans32._round16 loaded and stored the states from memory at
+every step (a store-forwarding delay on every chain) and rans32c._round16c read its context bytes back from the
+output it had just written. Here one loop runs up to two streams at once (four chains in flight), keeps states,
+word positions and context symbols in registers, and writes only the decoded symbols; the callers finish each
+stream with the checked scalar tails of rans32.py and rans32c.py, exactly as before. Same format, same bytes.
+"""
+from __future__ import annotations
+
+import logging
+
+from llvmlite import ir
+from numba import types
+from numba.extending import intrinsic
+
+from .rans import RANS_L, SCALE_BITS
+from .rans32 import LANES, SLOTS, V, _decl, gather_ptrs
+
+log = logging.getLogger(__name__)
+
+THRESHOLDS = 3  # method 7: at most 3 thresholds (4 buckets); unused ones are 256, which no byte reaches
+
+_i1, _i8, _i16, _i32, _i64 = (ir.IntType(b) for b in (1, 8, 16, 32, 64))
+_vt = ir.VectorType(_i32, V)
+_v1 = ir.VectorType(_i1, V)
+_v8 = ir.VectorType(_i8, V)
+_v16 = ir.VectorType(_i16, V)
+
+
+def _splat(c):
+    return ir.Constant(_vt, [c] * V)
+
+
+def _bcast(builder, val):
+    vec = builder.insert_element(ir.Constant(_vt, ir.Undefined), val, ir.Constant(_i32, 0))
+    return builder.shuffle_vector(vec, ir.Constant(_vt, ir.Undefined), ir.Constant(_vt, [0] * V))
+
+
+def _step(builder, s, x, p, ctx, i):
+    """One 16-lane step of stream s (dict of its arrays) with states x at word position p; the symbols go to
+    out[i:i+16]. Returns (new states, new position, the symbols as i32 lanes)."""
+    mod = builder.module
+    slot = builder.and_(x, _splat(SLOTS - 1))
+    idx = slot
+    if ctx is not None:
+        bucket = _splat(0)
+        for thr in s["thr"]:
+            bucket = builder.add(bucket, builder.zext(builder.icmp_unsigned(">=", ctx, thr), _vt))
+        idx = builder.or_(builder.shl(bucket, _splat(SCALE_BITS)), slot)
+    gather = _decl(mod, "llvm.masked.gather.v16i32.v16p0", _vt, [ir.VectorType(_i32.as_pointer(), V), _v1, _vt])
+    e = builder.call(gather, [gather_ptrs(builder, s["lut"], idx), ir.Constant(_v1, [1] * V),
+                              ir.Constant(_vt, ir.Undefined)])
+    optr = builder.bitcast(builder.gep(s["out"], [i]), _v8.as_pointer())
+    builder.store(builder.trunc(e, _v8), optr, align=1)
+    f = builder.and_(builder.lshr(e, _splat(8)), _splat(SLOTS - 1))
+    x = builder.sub(builder.add(builder.mul(f, builder.lshr(x, _splat(SCALE_BITS))), slot), builder.lshr(e, _splat(20)))
+    need = builder.icmp_unsigned("<", x, _splat(RANS_L))
+    expand = _decl(mod, "llvm.masked.expandload.v16i16", _v16, [_i16.as_pointer(), _v1, _v16])
+    w = builder.call(expand, [builder.gep(s["words"], [p]), need, ir.Constant(_v16, [0] * V)])
+    # shift under the mask while the words load, then one or (the lanes not renormalised got zero words):
+    # LLVM turned the select of (x << 16) | w into a word permute that sat on every chain with a longer latency
+    x = builder.or_(builder.select(need, builder.shl(x, _splat(16)), x), builder.zext(w, _vt))
+    ctpop = _decl(mod, "llvm.ctpop.i16", _i16, [_i16])
+    p = builder.add(p, builder.zext(builder.call(ctpop, [builder.bitcast(need, _i16)]), _i64))
+    return x, p, builder.and_(e, _splat(0xFF))
+
+
+def _emit_loop(context, builder, signature, args, with_ctx):
+    """Codegen of the loops below. args: per stream lut, words, xs, out (+ thr, ctx0 where with_ctx[s]), then
+    state = [i, n, p of each stream]; runs rounds of 32 symbols per stream while i + 32 <= n and every stream
+    has 32 words left, writes back states, positions and i; returns i."""
+    streams = []
+    pos = 0
+    for has_ctx in with_ctx:
+        n_args = 6 if has_ctx else 4
+        arrs = [context.make_array(t)(context, builder, a)
+                for t, a in zip(signature.args[pos : pos + n_args], args[pos : pos + n_args])]
+        s = {"lut": arrs[0].data, "words": arrs[1].data, "nw": arrs[1].nitems, "xs": arrs[2].data, "out": arrs[3].data}
+        if has_ctx:
+            s["thr"] = [_bcast(builder, builder.trunc(builder.load(builder.gep(arrs[4].data, [ir.Constant(_i64, t)])),
+                                                      _i32)) for t in range(THRESHOLDS)]
+            s["ctx0"] = arrs[5].data
+        streams.append(s)
+        pos += n_args
+    state = context.make_array(signature.args[pos])(context, builder, args[pos]).data
+
+    def state_at(k):
+        return builder.gep(state, [ir.Constant(_i64, k)])
+
+    i0 = builder.load(state_at(0))
+    n = builder.load(state_at(1))
+    init = []  # per stream: p, x0, x1, ctx0, ctx1
+    for si, s in enumerate(streams):
+        p = builder.load(state_at(2 + si))
+        xs = [builder.load(builder.bitcast(builder.gep(s["xs"], [ir.Constant(_i64, V * k)]), _vt.as_pointer()), align=4)
+              for k in range(2)]
+        ctx = [None, None]
+        if "thr" in s:
+            ctx = [builder.zext(builder.load(builder.bitcast(builder.gep(s["ctx0"], [ir.Constant(_i64, V * k)]),
+                                                             _v8.as_pointer()), align=1), _vt) for k in range(2)]
+        init.append([p, *xs, *ctx])
+    entry = builder.block
+    header = builder.append_basic_block("rans_loop_header")
+    body = builder.append_basic_block("rans_loop_body")
+    done = builder.append_basic_block("rans_loop_done")
+    builder.branch(header)
+
+    builder.position_at_end(header)
+    i_phi = builder.phi(_i64)
+    i_phi.add_incoming(i0, entry)
+    phis = []
+    for vals in init:
+        row = []
+        for v in vals:
+            if v is None:
+                row.append(None)
+                continue
+            ph = builder.phi(v.type)
+            ph.add_incoming(v, entry)
+            row.append(ph)
+        phis.append(row)
+    lanes = ir.Constant(_i64, LANES)
+    ok = builder.icmp_signed("<=", builder.add(i_phi, lanes), n)
+    for s, row in zip(streams, phis):
+        ok = builder.and_(ok, builder.icmp_signed("<=", builder.add(row[0], lanes), s["nw"]))
+    builder.cbranch(ok, body, done)
+
+    builder.position_at_end(body)
+    new = [list(row) for row in phis]
+    for k in range(2):  # lanes 0-15 of every stream, then lanes 16-31: the chains interleave
+        ik = builder.add(i_phi, ir.Constant(_i64, V * k))
+        for s, row in zip(streams, new):
+            x, p, sym = _step(builder, s, row[1 + k], row[0], row[3 + k], ik)
+            row[0], row[1 + k] = p, x
+            if row[3 + k] is not None:
+                row[3 + k] = sym  # the context of the symbol 32 later in this lane
+    i_next = builder.add(i_phi, lanes)
+    builder.branch(header)
+    i_phi.add_incoming(i_next, body)
+    for row_phi, row_new in zip(phis, new):
+        for ph, v in zip(row_phi, row_new):
+            if ph is not None:
+                ph.add_incoming(v, body)
+
+    builder.position_at_end(done)
+    builder.store(i_phi, state_at(0))
+    for si, (s, row) in enumerate(zip(streams, phis)):
+        builder.store(row[0], state_at(2 + si))
+        for k in range(2):
+            builder.store(row[1 + k], builder.bitcast(builder.gep(s["xs"], [ir.Constant(_i64, V * k)]),
+                                                      _vt.as_pointer()), align=4)
+    return i_phi
+
+
+# Four top-level intrinsics rather than one built by a factory: each is one fixed shape of the loop.
+
+
+@intrinsic
+def loop1(typingctx, lut, words, xs, out, state):
+    """One stream of methods 5/6 (see _emit_loop)."""
+    return types.int64(lut, words, xs, out, state), lambda c, b, sig, a: _emit_loop(c, b, sig, a, (False,))
+
+
+@intrinsic
+def loop2(typingctx, lut_a, words_a, xs_a, out_a, lut_b, words_b, xs_b, out_b, state):
+    """Two streams of methods 5/6 in one loop (four chains)."""
+    sig = types.int64(lut_a, words_a, xs_a, out_a, lut_b, words_b, xs_b, out_b, state)
+    return sig, lambda c, b, s, a: _emit_loop(c, b, s, a, (False, False))
+
+
+@intrinsic
+def loop1c(typingctx, lut, words, xs, out, thr, ctx0, state):
+    """One method-7 stream of source 0: the context of symbol i is symbol i - 32 (ctx0 holds those of the first
+    round, out[i-32:i] or zeros at i = 0)."""
+    return (types.int64(lut, words, xs, out, thr, ctx0, state),
+            lambda c, b, sig, a: _emit_loop(c, b, sig, a, (True,)))
+
+
+@intrinsic
+def loop2c(typingctx, lut_c, words_c, xs_c, out_c, thr, ctx0, lut_e, words_e, xs_e, out_e, state):
+    """A method-7 stream of source 0 and a method-5/6 stream in one loop."""
+    sig = types.int64(lut_c, words_c, xs_c, out_c, thr, ctx0, lut_e, words_e, xs_e, out_e, state)
+    return sig, lambda c, b, s, a: _emit_loop(c, b, s, a, (True, False))
