@@ -323,7 +323,7 @@ def decode(params: bytes, payload: bytes | memoryview, raw_len: int) -> bytes:
             or sum(s[2] for s in sizes) != len(payload):
         raise CodecError("tensor v2 params: blocks do not cover the chunk, params or payload")
     payload = memoryview(payload)
-    out = np.empty(raw_len, np.uint8)
+    result, out = tensor.new_bytes(raw_len)
     opos = ppos = 0
     for length, plen, blen in sizes:
         p = params[pos : pos + plen]
@@ -333,4 +333,4 @@ def decode(params: bytes, payload: bytes | memoryview, raw_len: int) -> bytes:
         pos += plen
         ppos += blen
         opos += length
-    return out.tobytes()
+    return tensor.finish_bytes(result, out)

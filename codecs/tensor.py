@@ -10,7 +10,7 @@ import numpy as np
 from ._jit import njit
 from . import fields, generic, rans, rans32, rans32_enc, rans32c, rans32e_enc, scratch, zeros
 from .api import CODEC_TENSOR, CODEC_ZSTD, EncodedChunk, Segment
-from .tensor_decode import decode, decode_into  # noqa: F401  (re-exported: api, blocks)
+from .tensor_decode import decode, decode_into, finish_bytes, new_bytes  # noqa: F401  (re-exported: api, blocks)
 # the format numbers, also re-exported (blocks and tests read them as tensor.FORMAT_VERSION, tensor.M_*)
 from .tensor_format import (FORMAT_VERSION, M_CONST, M_LZ4, M_RANS, M_RANS32, M_RANS32C,  # noqa: F401
                             M_RANS32E, M_RAW, M_ZSTD, _get_varint, _put_varint)
