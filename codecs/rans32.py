@@ -17,12 +17,10 @@ from numba import types
 from numba.extending import intrinsic
 
 from .rans import RANS_L, SCALE_BITS
+from .rans32_loop import LANES, SLOTS, V, _decl, gather_ptrs, loop1, loop2  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
 
-LANES = 32
-V = 16  # lanes per vector step
-SLOTS = 1 << SCALE_BITS
 RICE_ESCAPE = 16  # unary quotients of 16 or more are sent as 16 ones + the value in SCALE_BITS bits
 TABLE_MAX = 2 + 32 + 256 * 4  # generous bound on the table size in bytes
 
@@ -152,20 +150,6 @@ def table_bytes(freq: np.ndarray) -> int:
 
 
 # ---------------------------------------------------------------- decoder
-
-
-def gather_ptrs(builder, base, idx):
-    """<16 x i32*> = base + idx (a vector GEP: LLVM then emits one vpgatherdd with 32-bit indices, where
-    ptrtoint arithmetic gave two vpgatherqd on 64-bit addresses)."""
-    gep = ir.GEPInstr(builder.block, base, [idx], False, "", source_etype=base.type.pointee)
-    gep.type = ir.VectorType(base.type, V)
-    builder._insert(gep)
-    return gep
-
-
-def _decl(module, name, ret, args):
-    fn = module.globals.get(name)
-    return fn if fn is not None else ir.Function(module, ir.FunctionType(ret, args), name=name)
 
 
 @intrinsic
@@ -366,6 +350,3 @@ def decode2_into_scalar(buf_a, out_a, buf_b, out_b):
     if decode_into_scalar(buf_a, out_a) or decode_into_scalar(buf_b, out_b):
         return -1
     return 0
-
-
-from .rans32_loop import loop1, loop2  # noqa: E402 (built on this module's IR helpers above)

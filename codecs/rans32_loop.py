@@ -1,4 +1,5 @@
-"""The vector decoding loops of stream methods 5-7 as LLVM IR, with the lane states in registers across rounds.
+"""The vector decoding loops of stream methods 5-7 as LLVM IR (lane states in registers across rounds), and the
+IR helpers the other vector kernels share.
 
 Why: a 16-lane step is one chain of dependent instructions (gather, multiply, compare, expand-load), so the
 decoders are bound by its latency, not by throughput. rans32._round16 loaded and stored the states from memory at
@@ -16,9 +17,12 @@ from numba import types
 from numba.extending import intrinsic
 
 from .rans import RANS_L, SCALE_BITS
-from .rans32 import LANES, SLOTS, V, _decl, gather_ptrs
 
 log = logging.getLogger(__name__)
+
+LANES = 32  # states of methods 5-7
+V = 16  # lanes per vector step
+SLOTS = 1 << SCALE_BITS
 
 THRESHOLDS = 3  # method 7: at most 3 thresholds (4 buckets); unused ones are 256, which no byte reaches
 
@@ -27,6 +31,20 @@ _vt = ir.VectorType(_i32, V)
 _v1 = ir.VectorType(_i1, V)
 _v8 = ir.VectorType(_i8, V)
 _v16 = ir.VectorType(_i16, V)
+
+
+def gather_ptrs(builder, base, idx):
+    """<16 x i32*> = base + idx (a vector GEP: LLVM then emits one vpgatherdd with 32-bit indices, where
+    ptrtoint arithmetic gave two vpgatherqd on 64-bit addresses)."""
+    gep = ir.GEPInstr(builder.block, base, [idx], False, "", source_etype=base.type.pointee)
+    gep.type = ir.VectorType(base.type, V)
+    builder._insert(gep)
+    return gep
+
+
+def _decl(module, name, ret, args):
+    fn = module.globals.get(name)
+    return fn if fn is not None else ir.Function(module, ir.FunctionType(ret, args), name=name)
 
 
 def _splat(c):

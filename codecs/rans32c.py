@@ -18,7 +18,8 @@ from numba.extending import intrinsic
 
 from ._jit import njit
 from .rans import RANS_L, SCALE_BITS
-from .rans32 import LANES, SLOTS, V, _decl, gather_ptrs, _round16, _tail as _tail6, build_lut, read_table
+from .rans32 import LANES, SLOTS, V, _decl, gather_ptrs, _tail as _tail6, build_lut, read_table
+from .rans32_loop import loop1, loop1c, loop2c
 from .rans32e import _prepare_ext, _state_symbols
 
 log = logging.getLogger(__name__)
@@ -209,16 +210,10 @@ def decode_into(buf, stream0, out):
             i += LANES
         return _tail(words, lut, blut, xs, out, 0, stream0, 0, i, n, p)
     # own context: the first 32 symbols see context 0, every later one the symbol 32 before it in out
-    zero = np.zeros(LANES, np.uint8)
-    if LANES <= n and p + LANES <= nw:
-        p = _round16c(lut, words, p, xs, 0, out, 0, zero, 0, thr)
-        p = _round16c(lut, words, p, xs, 1, out, V, zero, V, thr)
-        i = LANES
-        while i + LANES <= n and p + LANES <= nw:
-            p = _round16c(lut, words, p, xs, 0, out, i, out, i - LANES, thr)
-            p = _round16c(lut, words, p, xs, 1, out, i + V, out, i + V - LANES, thr)
-            i += LANES
-    return _tail_self(words, lut, blut, xs, out, i, n, p)
+    st = np.empty(3, np.int64)
+    st[0], st[1], st[2] = 0, n, p
+    i = loop1c(lut, words, xs, out, thr, np.zeros(LANES, np.uint8), st)
+    return _tail_self(words, lut, blut, xs, out, i, n, st[2])
 
 
 @njit(nogil=True, boundscheck=False)
@@ -238,36 +233,19 @@ def decode_pair_into(buf_c, out_c, buf_e, out_e):
     if m_e < 0:
         return -1
     oe = out_e[:m_e]
-    nwc = words_c.size
-    nwe = words_e.size
-    pc = pe = 2 * LANES
+    st = np.empty(4, np.int64)
+    st[0], st[1], st[2], st[3] = 0, min(n_c, m_e), 2 * LANES, 2 * LANES
     zero = np.zeros(LANES, np.uint8)
-    i = 0
-    n = min(n_c, m_e)
-    if LANES <= n and pc + LANES <= nwc and pe + LANES <= nwe:
-        pc = _round16c(lut_c, words_c, pc, xs_c, 0, out_c, 0, zero, 0, thr)
-        pe = _round16(lut_e, words_e, pe, xs_e, 0, oe, 0)
-        pc = _round16c(lut_c, words_c, pc, xs_c, 1, out_c, V, zero, V, thr)
-        pe = _round16(lut_e, words_e, pe, xs_e, 1, oe, V)
-        i = LANES
-        while i + LANES <= n and pc + LANES <= nwc and pe + LANES <= nwe:
-            pc = _round16c(lut_c, words_c, pc, xs_c, 0, out_c, i, out_c, i - LANES, thr)
-            pe = _round16(lut_e, words_e, pe, xs_e, 0, oe, i)
-            pc = _round16c(lut_c, words_c, pc, xs_c, 1, out_c, i + V, out_c, i + V - LANES, thr)
-            pe = _round16(lut_e, words_e, pe, xs_e, 1, oe, i + V)
-            i += LANES
-    # each finishes on its own: vector steps while words remain, then the checked scalar tail
-    ic = i
-    if ic >= LANES:
-        while ic + LANES <= n_c and pc + LANES <= nwc:
-            pc = _round16c(lut_c, words_c, pc, xs_c, 0, out_c, ic, out_c, ic - LANES, thr)
-            pc = _round16c(lut_c, words_c, pc, xs_c, 1, out_c, ic + V, out_c, ic + V - LANES, thr)
-            ic += LANES
-    ie = i
-    while ie + LANES <= m_e and pe + LANES <= nwe:
-        pe = _round16(lut_e, words_e, pe, xs_e, 0, oe, ie)
-        pe = _round16(lut_e, words_e, pe, xs_e, 1, oe, ie + V)
-        ie += LANES
+    i = loop2c(lut_c, words_c, xs_c, out_c, thr, zero, lut_e, words_e, xs_e, oe, st)
+    # each finishes on its own: vector rounds while words remain, then the checked scalar tail
+    sc = np.empty(3, np.int64)
+    sc[0], sc[1], sc[2] = i, n_c, st[2]
+    ic = loop1c(lut_c, words_c, xs_c, out_c, thr, out_c[i - LANES : i] if i >= LANES else zero, sc)
+    pc = sc[2]
+    se = np.empty(3, np.int64)
+    se[0], se[1], se[2] = i, m_e, st[3]
+    ie = loop1(lut_e, words_e, xs_e, oe, se)
+    pe = se[2]
     if _tail_self(words_c, lut_c, blut, xs_c, out_c, ic, n_c, pc):
         return -1
     if _tail6(words_e, lut_e, xs_e, oe, ie, pe, False) or _state_symbols(lut_e, xs_e, out_e, m_e):
