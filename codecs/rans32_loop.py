@@ -56,9 +56,9 @@ def _bcast(builder, val):
     return builder.shuffle_vector(vec, ir.Constant(_vt, ir.Undefined), ir.Constant(_vt, [0] * V))
 
 
-def _step(builder, s, x, p, ctx, i):
+def _step(builder, s, x, p, ctx, i, store=True):
     """One 16-lane step of stream s (dict of its arrays) with states x at word position p; the symbols go to
-    out[i:i+16]. Returns (new states, new position, the symbols as i32 lanes)."""
+    out[i:i+16] if store. Returns (new states, new position, the symbols as i32 lanes)."""
     mod = builder.module
     slot = builder.and_(x, _splat(SLOTS - 1))
     idx = slot
@@ -70,8 +70,9 @@ def _step(builder, s, x, p, ctx, i):
     gather = _decl(mod, "llvm.masked.gather.v16i32.v16p0", _vt, [ir.VectorType(_i32.as_pointer(), V), _v1, _vt])
     e = builder.call(gather, [gather_ptrs(builder, s["lut"], idx), ir.Constant(_v1, [1] * V),
                               ir.Constant(_vt, ir.Undefined)])
-    optr = builder.bitcast(builder.gep(s["out"], [i]), _v8.as_pointer())
-    builder.store(builder.trunc(e, _v8), optr, align=1)
+    if store:
+        optr = builder.bitcast(builder.gep(s["out"], [i]), _v8.as_pointer())
+        builder.store(builder.trunc(e, _v8), optr, align=1)
     f = builder.and_(builder.lshr(e, _splat(8)), _splat(SLOTS - 1))
     x = builder.sub(builder.add(builder.mul(f, builder.lshr(x, _splat(SCALE_BITS))), slot), builder.lshr(e, _splat(20)))
     need = builder.icmp_unsigned("<", x, _splat(RANS_L))
@@ -85,10 +86,19 @@ def _step(builder, s, x, p, ctx, i):
     return x, p, builder.and_(e, _splat(0xFF))
 
 
-def _emit_loop(context, builder, signature, args, with_ctx):
+def _store_bf16(builder, u16, i, exp, sm):
+    """u16[i:i+16] = the bf16 elements of exponents exp and sign|mantissa bytes sm (i32 lanes; fields.py)."""
+    u = builder.or_(builder.shl(exp, _splat(7)),
+                    builder.or_(builder.shl(builder.and_(sm, _splat(0x80)), _splat(8)), builder.and_(sm, _splat(0x7F))))
+    optr = builder.bitcast(builder.gep(u16, [i]), _v16.as_pointer())
+    builder.store(builder.trunc(u, _v16), optr, align=2)
+
+
+def _emit_loop(context, builder, signature, args, with_ctx, bf16=False):
     """Codegen of the loops below. args: per stream lut, words, xs, out (+ thr, ctx0 where with_ctx[s]), then
-    state = [i, n, p of each stream]; runs rounds of 32 symbols per stream while i + 32 <= n and every stream
-    has 32 words left, writes back states, positions and i; returns i."""
+    (bf16) the uint16 output, then state = [i, n, p of each stream]; runs rounds of 32 symbols per stream while
+    i + 32 <= n and every stream has 32 words left, writes back states, positions and i; returns i. With bf16 the
+    two streams are a bf16 class's exponents and sign|mantissa bytes, merged into the output instead of stored."""
     streams = []
     pos = 0
     for has_ctx in with_ctx:
@@ -102,6 +112,9 @@ def _emit_loop(context, builder, signature, args, with_ctx):
             s["ctx0"] = arrs[5].data
         streams.append(s)
         pos += n_args
+    if bf16:
+        u16 = context.make_array(signature.args[pos])(context, builder, args[pos]).data
+        pos += 1
     state = context.make_array(signature.args[pos])(context, builder, args[pos]).data
 
     def state_at(k):
@@ -149,11 +162,15 @@ def _emit_loop(context, builder, signature, args, with_ctx):
     new = [list(row) for row in phis]
     for k in range(2):  # lanes 0-15 of every stream, then lanes 16-31: the chains interleave
         ik = builder.add(i_phi, ir.Constant(_i64, V * k))
+        syms = []
         for s, row in zip(streams, new):
-            x, p, sym = _step(builder, s, row[1 + k], row[0], row[3 + k], ik)
+            x, p, sym = _step(builder, s, row[1 + k], row[0], row[3 + k], ik, not bf16)
             row[0], row[1 + k] = p, x
+            syms.append(sym)
             if row[3 + k] is not None:
                 row[3 + k] = sym  # the context of the symbol 32 later in this lane
+        if bf16:
+            _store_bf16(builder, u16, ik, *syms)
     i_next = builder.add(i_phi, lanes)
     builder.branch(header)
     i_phi.add_incoming(i_next, body)
@@ -172,7 +189,7 @@ def _emit_loop(context, builder, signature, args, with_ctx):
     return i_phi
 
 
-# Four top-level intrinsics rather than one built by a factory: each is one fixed shape of the loop.
+# Top-level intrinsics rather than ones built by a factory: each is one fixed shape of the loop.
 
 
 @intrinsic
@@ -201,3 +218,10 @@ def loop2c(typingctx, lut_c, words_c, xs_c, out_c, thr, ctx0, lut_e, words_e, xs
     """A method-7 stream of source 0 and a method-5/6 stream in one loop."""
     sig = types.int64(lut_c, words_c, xs_c, out_c, thr, ctx0, lut_e, words_e, xs_e, out_e, state)
     return sig, lambda c, b, s, a: _emit_loop(c, b, s, a, (True, False))
+
+
+@intrinsic
+def loop2_bf16(typingctx, lut_a, words_a, xs_a, out_a, lut_b, words_b, xs_b, out_b, u16, state):
+    """loop2 over a bf16 class's two streams, writing the merged elements to u16 (out_a, out_b are not written)."""
+    sig = types.int64(lut_a, words_a, xs_a, out_a, lut_b, words_b, xs_b, out_b, u16, state)
+    return sig, lambda c, b, s, a: _emit_loop(c, b, s, a, (False, False), True)

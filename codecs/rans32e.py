@@ -9,6 +9,7 @@ import numpy as np
 from ._jit import njit
 from .rans import RANS_L, SCALE_BITS
 from .rans32 import LANES, SLOTS, _run2, _tail, build_lut, read_table
+from .rans32_loop import loop1, loop2_bf16
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +127,33 @@ def decode_ext_pair_into(buf_a, out_a, buf_b, out_b):
     if st_a or st_b or parts_a != 1 or parts_b != 1:
         return -1
     return _decode_parts(lut_a, words_a, xs_a, out_a, k_a, lut_b, words_b, xs_b, out_b, k_b)
+
+
+@njit(nogil=True, boundscheck=False)
+def decode_ext_pair_bf16(buf_a, out_a, buf_b, out_b, u16):
+    """decode_ext_pair_into for the two streams of a bf16 class (exponents, sign|mantissa bytes): the rounds both
+    decode together are merged straight into the elements u16, skipping the planes; returns how many leading
+    elements were (the rest is left in out_a / out_b for the caller to merge), or -1 (also for two-part streams)."""
+    lut_a = np.empty(SLOTS, np.uint32)
+    lut_b = np.empty(SLOTS, np.uint32)
+    parts_a, k_a, _, words_a, xs_a, _, _, st_a = _prepare_ext(buf_a, lut_a)
+    parts_b, k_b, _, words_b, xs_b, _, _, st_b = _prepare_ext(buf_b, lut_b)
+    m_a = out_a.size - LANES * k_a
+    m_b = out_b.size - LANES * k_b
+    if st_a or st_b or parts_a != 1 or parts_b != 1 or m_a < 0 or m_b < 0:
+        return -1
+    st = np.empty(4, np.int64)
+    st[0], st[1], st[2], st[3] = 0, min(m_a, m_b, u16.size), 2 * LANES, 2 * LANES
+    merged = loop2_bf16(lut_a, words_a, xs_a, out_a, lut_b, words_b, xs_b, out_b, u16, st)
+    # each stream finishes into its plane: vector rounds while words remain, the checked tail, the state symbols
+    for lut, words, xs, out, m, k, p in ((lut_a, words_a, xs_a, out_a, m_a, k_a, st[2]),
+                                         (lut_b, words_b, xs_b, out_b, m_b, k_b, st[3])):
+        s1 = np.empty(3, np.int64)
+        s1[0], s1[1], s1[2] = merged, m, p
+        i = loop1(lut, words, xs, out, s1)
+        if _tail(words, lut, xs, out[:m], i, s1[2], False) or _state_symbols(lut, xs, out, m):
+            return -1
+    return merged
 
 
 @njit(nogil=True, boundscheck=False)

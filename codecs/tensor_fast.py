@@ -70,6 +70,16 @@ def _fused_vec(cls, payload, meths, offs, lens, scratch, out):
     0 or -(stream+1)."""
     # two single-part method-6 streams at a time: one loop over both keeps four vector chains in flight
     # (a two-part stream has its own two parts for that)
+    if (cls == fields.CLASS_BF16 and meths[0] == M_RANS32E and meths[1] == M_RANS32E and lens[0] > 0
+            and lens[1] > 0 and payload[offs[0]] == 1 and payload[offs[1]] == 1):
+        # the usual bf16 chunk: most elements are merged inside the decoding loop, the last ones here
+        u = out.view(np.uint16)
+        done = rans32e.decode_ext_pair_bf16(payload[offs[0] : offs[0] + lens[0]], scratch[0],
+                                            payload[offs[1] : offs[1] + lens[1]], scratch[1], u)
+        if done < 0:
+            return -2
+        fields._merge_bf16(scratch[0][done:], scratch[1][done:], u[done:])
+        return 0
     pending = -1
     paired = np.zeros(meths.size, np.bool_)
     if meths.size > 1 and meths[0] == M_RANS32C and lens[0] > 0 and payload[offs[0]] == rans32c.SRC_SELF:

@@ -1,0 +1,103 @@
+"""The register-loop decoders (codecs/rans32_loop.py), the bf16 merge inside the loop and decoding into new bytes."""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+
+from dccfs.codecs import ChunkHints, CodecError, Segment, decode_chunk, encode_chunk
+from dccfs.codecs import rans32, rans32e, tensor_fast
+
+log = logging.getLogger(__name__)
+
+# element counts around the loop's 32-symbol rounds, the state-carried symbols and the 2-part split
+SIZES = (40, 1000, 4097, 32768 + 33, 150001, 524288)
+
+
+def _floats(n: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return rng.normal(0, 0.05, n) * np.exp(rng.normal(0, 1, n) * 0.5)
+
+
+def _bf16(x: np.ndarray) -> bytes:
+    return (x.astype(np.float32).view(np.uint32) >> 16).astype(np.uint16).tobytes()
+
+
+def _roundtrip(raw: bytes, dtype: str) -> None:
+    enc = encode_chunk(raw, ChunkHints(segments=(Segment(0, len(raw), dtype),)))
+    out = decode_chunk(enc.codec_id, enc.params, enc.payload, len(raw))
+    assert type(out) is bytes and out == raw
+
+
+@pytest.mark.parametrize("n", SIZES)
+def test_bf16_merged_in_the_loop_roundtrips(n):
+    _roundtrip(_bf16(_floats(n, n)), "bf16")
+
+
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("dtype", ["f16", "f32"])
+def test_f16_f32_roundtrip(n, dtype):
+    x = _floats(n, n + 1)
+    _roundtrip((x.astype(np.float16) if dtype == "f16" else x.astype(np.float32)).tobytes(), dtype)
+
+
+def test_checkpoint_like_rows_with_method7_roundtrip():
+    rng = np.random.default_rng(7)
+    rows = rng.normal(0, 1e-3, (1024, 384)) * np.exp(rng.normal(0, 2, (1024, 1)))
+    raw = rows.astype(np.float32).tobytes()
+    enc = encode_chunk(raw, ChunkHints(segments=(Segment(0, len(raw), "f32"),)))
+    plan = np.empty((3, 8), np.int64)
+    assert tensor_fast._single_class_plan(np.frombuffer(enc.params, np.uint8), len(raw), len(enc.payload), plan) == 3
+    assert plan[0, 0] == 7, "expected a method-7 exponent stream in this chunk"
+    assert decode_chunk(enc.codec_id, enc.params, enc.payload, len(raw)) == raw
+
+
+def test_results_are_independent_bytes_objects():
+    raw = _bf16(_floats(65536, 3))
+    enc = encode_chunk(raw, ChunkHints(segments=(Segment(0, len(raw), "bf16"),)))
+    first = decode_chunk(enc.codec_id, enc.params, enc.payload, len(raw))
+    other = _bf16(_floats(65536, 4))
+    enc2 = encode_chunk(other, ChunkHints(segments=(Segment(0, len(other), "bf16"),)))
+    second = decode_chunk(enc2.codec_id, enc2.params, enc2.payload, len(other))
+    again = decode_chunk(enc.codec_id, enc.params, enc.payload, len(raw))
+    assert first == raw and second == other and again == raw and first is not again
+    assert hash(first) == hash(raw)
+
+
+def test_loop_decoders_agree_with_the_scalar_ones_on_a_pair():
+    """The paired bf16 path, the plain pair and the scalar decoders give the same planes for the same streams."""
+    raw = _bf16(_floats(150001, 9))
+    enc = encode_chunk(raw, ChunkHints(segments=(Segment(0, len(raw), "bf16"),)))
+    plan = np.empty((3, 8), np.int64)
+    assert tensor_fast._single_class_plan(np.frombuffer(enc.params, np.uint8), len(raw), len(enc.payload), plan) == 1
+    pay = np.frombuffer(enc.payload, np.uint8)
+    a, b = (pay[plan[1, k] : plan[1, k] + plan[2, k]] for k in range(2))
+    n = len(raw) // 2
+    ref = [np.empty(n, np.uint8) for _ in range(2)]
+    assert rans32e.decode_ext_into_scalar(a, ref[0]) == 0 and rans32e.decode_ext_into_scalar(b, ref[1]) == 0
+    pair = [np.empty(n, np.uint8) for _ in range(2)]
+    assert rans32e.decode_ext_pair_into(a, pair[0], b, pair[1]) == 0
+    assert all(np.array_equal(p, r) for p, r in zip(pair, ref))
+    if rans32.vector_ok():
+        u = np.empty(n, np.uint16)
+        planes = [np.empty(n, np.uint8) for _ in range(2)]
+        done = rans32e.decode_ext_pair_bf16(a, planes[0], b, planes[1], u)
+        assert 0 < done <= n
+        assert np.array_equal(planes[0][done:], ref[0][done:]) and np.array_equal(planes[1][done:], ref[1][done:])
+        assert np.array_equal(u[:done], np.frombuffer(raw, np.uint16)[:done])
+
+
+def test_damaged_bf16_streams_are_refused_or_exact_length():
+    raw = _bf16(_floats(65536, 11))
+    enc = encode_chunk(raw, ChunkHints(segments=(Segment(0, len(raw), "bf16"),)))
+    rng = np.random.default_rng(12)
+    for _ in range(200):
+        payload = bytearray(enc.payload)
+        pos = int(rng.integers(len(payload)))
+        payload[pos] ^= 1 << int(rng.integers(8))
+        try:
+            out = decode_chunk(enc.codec_id, enc.params, bytes(payload), len(raw))
+        except CodecError:
+            continue
+        assert len(out) == len(raw)
