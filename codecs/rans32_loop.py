@@ -94,11 +94,24 @@ def _store_bf16(builder, u16, i, exp, sm):
     builder.store(builder.trunc(u, _v16), optr, align=2)
 
 
-def _emit_loop(context, builder, signature, args, with_ctx, bf16=False):
+def _store_f32(builder, u32, i, exp, sm, m1, m0):
+    """u32[i:i+16] = the f32 elements of exponents exp, sign|mantissa-top bytes sm (i32 lanes) and the mantissa
+    bytes m1[i:i+16], m0[i:i+16] (raw planes; fields.py)."""
+    def plane(ptr):
+        return builder.zext(builder.load(builder.bitcast(builder.gep(ptr, [i]), _v8.as_pointer()), align=1), _vt)
+
+    u = builder.or_(builder.shl(exp, _splat(23)), builder.shl(builder.and_(sm, _splat(0x80)), _splat(24)))
+    u = builder.or_(u, builder.shl(builder.and_(sm, _splat(0x7F)), _splat(16)))
+    u = builder.or_(u, builder.or_(builder.shl(plane(m1), _splat(8)), plane(m0)))
+    builder.store(u, builder.bitcast(builder.gep(u32, [i]), _vt.as_pointer()), align=4)
+
+
+def _emit_loop(context, builder, signature, args, with_ctx, merge=None):
     """Codegen of the loops below. args: per stream lut, words, xs, out (+ thr, ctx0 where with_ctx[s]), then
-    (bf16) the uint16 output, then state = [i, n, p of each stream]; runs rounds of 32 symbols per stream while
-    i + 32 <= n and every stream has 32 words left, writes back states, positions and i; returns i. With bf16 the
-    two streams are a bf16 class's exponents and sign|mantissa bytes, merged into the output instead of stored."""
+    the merge target (merge "bf16": a uint16 output; "f32": a uint32 output and the raw planes m1, m0), then
+    state = [i, n, p of each stream]; runs rounds of 32 symbols per stream while i + 32 <= n and every stream has
+    32 words left, writes back states, positions and i; returns i. With a merge the two streams are a class's
+    first two (exponents, sign|mantissa bytes), merged into the output instead of stored."""
     streams = []
     pos = 0
     for has_ctx in with_ctx:
@@ -112,8 +125,9 @@ def _emit_loop(context, builder, signature, args, with_ctx, bf16=False):
             s["ctx0"] = arrs[5].data
         streams.append(s)
         pos += n_args
-    if bf16:
-        u16 = context.make_array(signature.args[pos])(context, builder, args[pos]).data
+    targets = []
+    for _ in range({None: 0, "bf16": 1, "f32": 3}[merge]):
+        targets.append(context.make_array(signature.args[pos])(context, builder, args[pos]).data)
         pos += 1
     state = context.make_array(signature.args[pos])(context, builder, args[pos]).data
 
@@ -164,13 +178,15 @@ def _emit_loop(context, builder, signature, args, with_ctx, bf16=False):
         ik = builder.add(i_phi, ir.Constant(_i64, V * k))
         syms = []
         for s, row in zip(streams, new):
-            x, p, sym = _step(builder, s, row[1 + k], row[0], row[3 + k], ik, not bf16)
+            x, p, sym = _step(builder, s, row[1 + k], row[0], row[3 + k], ik, merge is None)
             row[0], row[1 + k] = p, x
             syms.append(sym)
             if row[3 + k] is not None:
                 row[3 + k] = sym  # the context of the symbol 32 later in this lane
-        if bf16:
-            _store_bf16(builder, u16, ik, *syms)
+        if merge == "bf16":
+            _store_bf16(builder, targets[0], ik, *syms)
+        elif merge == "f32":
+            _store_f32(builder, targets[0], ik, *syms, targets[1], targets[2])
     i_next = builder.add(i_phi, lanes)
     builder.branch(header)
     i_phi.add_incoming(i_next, body)
@@ -224,4 +240,18 @@ def loop2c(typingctx, lut_c, words_c, xs_c, out_c, thr, ctx0, lut_e, words_e, xs
 def loop2_bf16(typingctx, lut_a, words_a, xs_a, out_a, lut_b, words_b, xs_b, out_b, u16, state):
     """loop2 over a bf16 class's two streams, writing the merged elements to u16 (out_a, out_b are not written)."""
     sig = types.int64(lut_a, words_a, xs_a, out_a, lut_b, words_b, xs_b, out_b, u16, state)
-    return sig, lambda c, b, s, a: _emit_loop(c, b, s, a, (False, False), True)
+    return sig, lambda c, b, s, a: _emit_loop(c, b, s, a, (False, False), "bf16")
+
+
+@intrinsic
+def loop2_f32(typingctx, lut_a, words_a, xs_a, out_a, lut_b, words_b, xs_b, out_b, u32, m1, m0, state):
+    """loop2 over an f32 class's first two streams whose mantissa planes m1, m0 are raw, writing the elements."""
+    sig = types.int64(lut_a, words_a, xs_a, out_a, lut_b, words_b, xs_b, out_b, u32, m1, m0, state)
+    return sig, lambda c, b, s, a: _emit_loop(c, b, s, a, (False, False), "f32")
+
+
+@intrinsic
+def loop2c_f32(typingctx, lut_c, words_c, xs_c, out_c, thr, ctx0, lut_e, words_e, xs_e, out_e, u32, m1, m0, state):
+    """loop2c over an f32 class's method-7 exponents and method-6 sign|mantissa bytes, writing the elements."""
+    sig = types.int64(lut_c, words_c, xs_c, out_c, thr, ctx0, lut_e, words_e, xs_e, out_e, u32, m1, m0, state)
+    return sig, lambda c, b, s, a: _emit_loop(c, b, s, a, (True, False), "f32")

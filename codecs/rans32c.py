@@ -18,9 +18,9 @@ from numba.extending import intrinsic
 
 from ._jit import njit
 from .rans import RANS_L, SCALE_BITS
-from .rans32 import LANES, SLOTS, V, _decl, gather_ptrs, _tail as _tail6, build_lut, read_table
-from .rans32_loop import loop1, loop1c, loop2c
-from .rans32e import _prepare_ext, _state_symbols
+from .rans32 import LANES, SLOTS, V, _decl, gather_ptrs, build_lut, read_table
+from .rans32_loop import loop1c, loop2c, loop2c_f32
+from .rans32e import _prepare_ext, finish_part
 
 log = logging.getLogger(__name__)
 
@@ -217,9 +217,12 @@ def decode_into(buf, stream0, out):
 
 
 @njit(nogil=True, boundscheck=False)
-def decode_pair_into(buf_c, out_c, buf_e, out_e):
+def decode_pair_into(buf_c, out_c, buf_e, out_e, m1, m0, u32):
     """A method-7 stream of source 0 and a single-part method-6 stream in one loop (four vector chains, as two
-    method-6 streams decode); 0, -1 if malformed, -2 if the pair does not qualify (the caller decodes each)."""
+    method-6 streams decode). If u32 is not empty the two are an f32 class's first streams, with raw mantissa
+    planes m1, m0: the rounds they decode together are merged straight into the elements u32. Returns how many
+    leading elements were merged (0 without u32; the rest is in out_c / out_e), -1 if malformed, -2 if the pair
+    does not qualify (the caller decodes each)."""
     lut_c = np.empty(MAX_BUCKETS * SLOTS, np.uint32)
     blut = np.empty(256, np.uint8)
     thr = np.empty(MAX_BUCKETS - 1, np.int64)
@@ -232,25 +235,29 @@ def decode_pair_into(buf_c, out_c, buf_e, out_e):
     m_e = out_e.size - LANES * k_e
     if m_e < 0:
         return -1
-    oe = out_e[:m_e]
     st = np.empty(4, np.int64)
     st[0], st[1], st[2], st[3] = 0, min(n_c, m_e), 2 * LANES, 2 * LANES
     zero = np.zeros(LANES, np.uint8)
-    i = loop2c(lut_c, words_c, xs_c, out_c, thr, zero, lut_e, words_e, xs_e, oe, st)
+    if u32.size:
+        st[1] = min(st[1], u32.size, m1.size, m0.size)
+        i = loop2c_f32(lut_c, words_c, xs_c, out_c, thr, zero, lut_e, words_e, xs_e, out_e, u32, m1, m0, st)
+        merged = i
+    else:
+        i = loop2c(lut_c, words_c, xs_c, out_c, thr, zero, lut_e, words_e, xs_e, out_e, st)
+        merged = 0
+    if merged >= LANES:
+        # the next symbols' contexts: the last round's exponents, which the merged loop left in the elements only
+        for j in range(i - LANES, i):
+            out_c[j] = (u32[j] >> 23) & 0xFF
     # each finishes on its own: vector rounds while words remain, then the checked scalar tail
     sc = np.empty(3, np.int64)
     sc[0], sc[1], sc[2] = i, n_c, st[2]
     ic = loop1c(lut_c, words_c, xs_c, out_c, thr, out_c[i - LANES : i] if i >= LANES else zero, sc)
-    pc = sc[2]
-    se = np.empty(3, np.int64)
-    se[0], se[1], se[2] = i, m_e, st[3]
-    ie = loop1(lut_e, words_e, xs_e, oe, se)
-    pe = se[2]
-    if _tail_self(words_c, lut_c, blut, xs_c, out_c, ic, n_c, pc):
+    if _tail_self(words_c, lut_c, blut, xs_c, out_c, ic, n_c, sc[2]):
         return -1
-    if _tail6(words_e, lut_e, xs_e, oe, ie, pe, False) or _state_symbols(lut_e, xs_e, out_e, m_e):
+    if finish_part(lut_e, words_e, xs_e, out_e, m_e, i, st[3]):
         return -1
-    return 0
+    return merged
 
 
 @njit(nogil=True, boundscheck=False)

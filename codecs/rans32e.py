@@ -9,7 +9,7 @@ import numpy as np
 from ._jit import njit
 from .rans import RANS_L, SCALE_BITS
 from .rans32 import LANES, SLOTS, _run2, _tail, build_lut, read_table
-from .rans32_loop import loop1, loop2_bf16
+from .rans32_loop import loop1, loop2_bf16, loop2_f32
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +129,26 @@ def decode_ext_pair_into(buf_a, out_a, buf_b, out_b):
     return _decode_parts(lut_a, words_a, xs_a, out_a, k_a, lut_b, words_b, xs_b, out_b, k_b)
 
 
+@njit(nogil=True, inline="always")
+def _prepare_pair(buf_a, buf_b, lut_a, lut_b):
+    """Both single-part method-6 headers: (words_a, xs_a, k_a, words_b, xs_b, k_b, ok)."""
+    parts_a, k_a, _, words_a, xs_a, _, _, st_a = _prepare_ext(buf_a, lut_a)
+    parts_b, k_b, _, words_b, xs_b, _, _, st_b = _prepare_ext(buf_b, lut_b)
+    return words_a, xs_a, k_a, words_b, xs_b, k_b, st_a == 0 and st_b == 0 and parts_a == 1 and parts_b == 1
+
+
+@njit(nogil=True, inline="always")
+def finish_part(lut, words, xs, out, m, start, p):
+    """A method-6 part from symbol start on (word position p) into out, after a merged loop left it: vector rounds
+    while words remain, the checked tail, the state symbols (out[m:]); 0 or -1."""
+    s1 = np.empty(3, np.int64)
+    s1[0], s1[1], s1[2] = start, m, p
+    i = loop1(lut, words, xs, out, s1)
+    if _tail(words, lut, xs, out[:m], i, s1[2], False) or _state_symbols(lut, xs, out, m):
+        return -1
+    return 0
+
+
 @njit(nogil=True, boundscheck=False)
 def decode_ext_pair_bf16(buf_a, out_a, buf_b, out_b, u16):
     """decode_ext_pair_into for the two streams of a bf16 class (exponents, sign|mantissa bytes): the rounds both
@@ -136,23 +156,37 @@ def decode_ext_pair_bf16(buf_a, out_a, buf_b, out_b, u16):
     elements were (the rest is left in out_a / out_b for the caller to merge), or -1 (also for two-part streams)."""
     lut_a = np.empty(SLOTS, np.uint32)
     lut_b = np.empty(SLOTS, np.uint32)
-    parts_a, k_a, _, words_a, xs_a, _, _, st_a = _prepare_ext(buf_a, lut_a)
-    parts_b, k_b, _, words_b, xs_b, _, _, st_b = _prepare_ext(buf_b, lut_b)
+    words_a, xs_a, k_a, words_b, xs_b, k_b, ok = _prepare_pair(buf_a, buf_b, lut_a, lut_b)
     m_a = out_a.size - LANES * k_a
     m_b = out_b.size - LANES * k_b
-    if st_a or st_b or parts_a != 1 or parts_b != 1 or m_a < 0 or m_b < 0:
+    if not ok or m_a < 0 or m_b < 0:
         return -1
     st = np.empty(4, np.int64)
     st[0], st[1], st[2], st[3] = 0, min(m_a, m_b, u16.size), 2 * LANES, 2 * LANES
     merged = loop2_bf16(lut_a, words_a, xs_a, out_a, lut_b, words_b, xs_b, out_b, u16, st)
-    # each stream finishes into its plane: vector rounds while words remain, the checked tail, the state symbols
-    for lut, words, xs, out, m, k, p in ((lut_a, words_a, xs_a, out_a, m_a, k_a, st[2]),
-                                         (lut_b, words_b, xs_b, out_b, m_b, k_b, st[3])):
-        s1 = np.empty(3, np.int64)
-        s1[0], s1[1], s1[2] = merged, m, p
-        i = loop1(lut, words, xs, out, s1)
-        if _tail(words, lut, xs, out[:m], i, s1[2], False) or _state_symbols(lut, xs, out, m):
-            return -1
+    if finish_part(lut_a, words_a, xs_a, out_a, m_a, merged, st[2]) or \
+            finish_part(lut_b, words_b, xs_b, out_b, m_b, merged, st[3]):
+        return -1
+    return merged
+
+
+@njit(nogil=True, boundscheck=False)
+def decode_ext_pair_f32(buf_a, out_a, buf_b, out_b, m1, m0, u32):
+    """decode_ext_pair_bf16 for an f32 class's exponents and sign|mantissa-top bytes whose mantissa planes m1, m0
+    are raw: the shared rounds write the elements u32; returns how many leading elements, or -1."""
+    lut_a = np.empty(SLOTS, np.uint32)
+    lut_b = np.empty(SLOTS, np.uint32)
+    words_a, xs_a, k_a, words_b, xs_b, k_b, ok = _prepare_pair(buf_a, buf_b, lut_a, lut_b)
+    m_a = out_a.size - LANES * k_a
+    m_b = out_b.size - LANES * k_b
+    if not ok or m_a < 0 or m_b < 0:
+        return -1
+    st = np.empty(4, np.int64)
+    st[0], st[1], st[2], st[3] = 0, min(m_a, m_b, u32.size, m1.size, m0.size), 2 * LANES, 2 * LANES
+    merged = loop2_f32(lut_a, words_a, xs_a, out_a, lut_b, words_b, xs_b, out_b, u32, m1, m0, st)
+    if finish_part(lut_a, words_a, xs_a, out_a, m_a, merged, st[2]) or \
+            finish_part(lut_b, words_b, xs_b, out_b, m_b, merged, st[3]):
+        return -1
     return merged
 
 

@@ -59,6 +59,47 @@ def _merge_class(cls, scratch, out):
         fields._merge_planes(scratch, scratch.shape[0], out)
 
 
+@njit(nogil=True, inline="always")
+def _single_part(k, payload, meths, offs, lens, method):
+    return meths[k] == method and lens[k] > 0 and payload[offs[k]] == (1 if method == M_RANS32E else rans32c.SRC_SELF)
+
+
+@njit(nogil=True, inline="always")
+def _merged_in_loop(cls, payload, meths, offs, lens, scratch, out):
+    """The usual bf16 and f32 chunks: the first two streams decode in one loop that writes most elements itself
+    (the last ones are merged here); False where the chunk is not of that shape or a stream is malformed (the
+    caller then decodes stream by stream and names the stream)."""
+    n = scratch.shape[1]
+    if n == 0 or not _single_part(1, payload, meths, offs, lens, M_RANS32E):
+        return False
+    a = payload[offs[0] : offs[0] + lens[0]]
+    b = payload[offs[1] : offs[1] + lens[1]]
+    if cls == fields.CLASS_BF16:
+        if not _single_part(0, payload, meths, offs, lens, M_RANS32E):
+            return False
+        u = out.view(np.uint16)
+        done = rans32e.decode_ext_pair_bf16(a, scratch[0], b, scratch[1], u)
+        if done < 0:
+            return False
+        fields._merge_bf16(scratch[0][done:], scratch[1][done:], u[done:])
+        return True
+    if cls != fields.CLASS_F32 or meths[2] != M_RAW or lens[2] != n or meths[3] != M_RAW or lens[3] != n:
+        return False
+    m1 = payload[offs[2] : offs[2] + n]
+    m0 = payload[offs[3] : offs[3] + n]
+    u = out.view(np.uint32)
+    if _single_part(0, payload, meths, offs, lens, M_RANS32E):
+        done = rans32e.decode_ext_pair_f32(a, scratch[0], b, scratch[1], m1, m0, u)
+    elif _single_part(0, payload, meths, offs, lens, M_RANS32C):
+        done = rans32c.decode_pair_into(a, scratch[0], b, scratch[1], m1, m0, u)
+    else:
+        return False
+    if done < 0:
+        return False
+    fields._merge_f32(scratch[0][done:], scratch[1][done:], m1[done:], m0[done:], u[done:])
+    return True
+
+
 # Two explicit variants rather than one closure built by a factory: numba's cache cannot reuse a closure that
 # captures dispatchers (their pickled form differs in every process), so a factory recompiled these kernels at
 # every process start (~5-10 s). Top-level functions calling the stream decoders directly load from the cache.
@@ -70,15 +111,7 @@ def _fused_vec(cls, payload, meths, offs, lens, scratch, out):
     0 or -(stream+1)."""
     # two single-part method-6 streams at a time: one loop over both keeps four vector chains in flight
     # (a two-part stream has its own two parts for that)
-    if (cls == fields.CLASS_BF16 and meths[0] == M_RANS32E and meths[1] == M_RANS32E and lens[0] > 0
-            and lens[1] > 0 and payload[offs[0]] == 1 and payload[offs[1]] == 1):
-        # the usual bf16 chunk: most elements are merged inside the decoding loop, the last ones here
-        u = out.view(np.uint16)
-        done = rans32e.decode_ext_pair_bf16(payload[offs[0] : offs[0] + lens[0]], scratch[0],
-                                            payload[offs[1] : offs[1] + lens[1]], scratch[1], u)
-        if done < 0:
-            return -2
-        fields._merge_bf16(scratch[0][done:], scratch[1][done:], u[done:])
+    if _merged_in_loop(cls, payload, meths, offs, lens, scratch, out):
         return 0
     pending = -1
     paired = np.zeros(meths.size, np.bool_)
@@ -87,10 +120,11 @@ def _fused_vec(cls, payload, meths, offs, lens, scratch, out):
         for k in range(1, meths.size):
             if meths[k] == M_RANS32E and lens[k] > 0 and payload[offs[k]] == 1:
                 st = rans32c.decode_pair_into(payload[offs[0] : offs[0] + lens[0]], scratch[0],
-                                              payload[offs[k] : offs[k] + lens[k]], scratch[k])
+                                              payload[offs[k] : offs[k] + lens[k]], scratch[k], out[:0], out[:0],
+                                              out[:0].view(np.uint32))
                 if st == -1:
                     return -(k + 1)
-                if st == 0:
+                if st >= 0:
                     paired[0] = paired[k] = True
                 break
     for k in range(meths.size):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from dccfs.codecs import ChunkHints, CodecError, Segment, decode_chunk, encode_chunk
-from dccfs.codecs import rans32, rans32e, tensor_fast
+from dccfs.codecs import rans32, rans32c, rans32e, tensor_fast
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +51,14 @@ def test_checkpoint_like_rows_with_method7_roundtrip():
     assert tensor_fast._single_class_plan(np.frombuffer(enc.params, np.uint8), len(raw), len(enc.payload), plan) == 3
     assert plan[0, 0] == 7, "expected a method-7 exponent stream in this chunk"
     assert decode_chunk(enc.codec_id, enc.params, enc.payload, len(raw)) == raw
+    if rans32.vector_ok() and plan[0, 1] == 6 and plan[0, 2] == plan[0, 3] == 0:
+        # the merged loop itself must succeed (a failure falls back to the stream-by-stream decoders, also exact)
+        pay = np.frombuffer(enc.payload, np.uint8)
+        s0, s1, m1, m0 = (pay[plan[1, k] : plan[1, k] + plan[2, k]] for k in range(4))
+        n = len(raw) // 4
+        e, sm, u = np.empty(n, np.uint8), np.empty(n, np.uint8), np.empty(n, np.uint32)
+        done = rans32c.decode_pair_into(s0, e, s1, sm, m1, m0, u)
+        assert done > 0 and np.array_equal(u[:done], np.frombuffer(raw, np.uint32)[:done])
 
 
 def test_results_are_independent_bytes_objects():
@@ -101,3 +109,19 @@ def test_damaged_bf16_streams_are_refused_or_exact_length():
         except CodecError:
             continue
         assert len(out) == len(raw)
+
+
+def test_f32_merged_in_the_loop_decodes_most_elements():
+    x = _floats(262144, 5).astype(np.float32)
+    raw = x.tobytes()
+    enc = encode_chunk(raw, ChunkHints(segments=(Segment(0, len(raw), "f32"),)))
+    plan = np.empty((3, 8), np.int64)
+    assert tensor_fast._single_class_plan(np.frombuffer(enc.params, np.uint8), len(raw), len(enc.payload), plan) == 3
+    assert decode_chunk(enc.codec_id, enc.params, enc.payload, len(raw)) == raw
+    if rans32.vector_ok() and list(plan[0, :4]) == [6, 6, 0, 0]:
+        pay = np.frombuffer(enc.payload, np.uint8)
+        s0, s1, m1, m0 = (pay[plan[1, k] : plan[1, k] + plan[2, k]] for k in range(4))
+        n = x.size
+        e, sm, u = np.empty(n, np.uint8), np.empty(n, np.uint8), np.empty(n, np.uint32)
+        done = rans32e.decode_ext_pair_f32(s0, e, s1, sm, m1, m0, u)
+        assert n - 1024 <= done <= n and np.array_equal(u[:done], x.view(np.uint32)[:done])
