@@ -106,12 +106,20 @@ def _store_f32(builder, u32, i, exp, sm, m1, m0):
     builder.store(u, builder.bitcast(builder.gep(u32, [i]), _vt.as_pointer()), align=4)
 
 
+def _store_f16(builder, u16, i, hi, lo):
+    """u16[i:i+16] = the f16 elements of high bytes hi (i32 lanes) and the raw low bytes lo[i:i+16]."""
+    low = builder.zext(builder.load(builder.bitcast(builder.gep(lo, [i]), _v8.as_pointer()), align=1), _vt)
+    u = builder.or_(builder.shl(hi, _splat(8)), low)
+    builder.store(builder.trunc(u, _v16), builder.bitcast(builder.gep(u16, [i]), _v16.as_pointer()), align=2)
+
+
 def _emit_loop(context, builder, signature, args, with_ctx, merge=None):
     """Codegen of the loops below. args: per stream lut, words, xs, out (+ thr, ctx0 where with_ctx[s]), then
-    the merge target (merge "bf16": a uint16 output; "f32": a uint32 output and the raw planes m1, m0), then
-    state = [i, n, p of each stream]; runs rounds of 32 symbols per stream while i + 32 <= n and every stream has
-    32 words left, writes back states, positions and i; returns i. With a merge the two streams are a class's
-    first two (exponents, sign|mantissa bytes), merged into the output instead of stored."""
+    the merge target (merge "bf16": a uint16 output; "f32": a uint32 output and the raw planes m1, m0; "f16": per
+    stream a uint16 output and its raw low bytes), then state = [i, n, p of each stream]; runs rounds of 32
+    symbols per stream while i + 32 <= n and every stream has 32 words left, writes back states, positions and i;
+    returns i. With bf16 / f32 the two streams are a class's first two (exponents, sign|mantissa bytes), with f16
+    the two parts of an f16 class's high bytes; they are merged into the output instead of stored."""
     streams = []
     pos = 0
     for has_ctx in with_ctx:
@@ -126,7 +134,7 @@ def _emit_loop(context, builder, signature, args, with_ctx, merge=None):
         streams.append(s)
         pos += n_args
     targets = []
-    for _ in range({None: 0, "bf16": 1, "f32": 3}[merge]):
+    for _ in range({None: 0, "bf16": 1, "f32": 3, "f16": 4}[merge]):
         targets.append(context.make_array(signature.args[pos])(context, builder, args[pos]).data)
         pos += 1
     state = context.make_array(signature.args[pos])(context, builder, args[pos]).data
@@ -187,6 +195,9 @@ def _emit_loop(context, builder, signature, args, with_ctx, merge=None):
             _store_bf16(builder, targets[0], ik, *syms)
         elif merge == "f32":
             _store_f32(builder, targets[0], ik, *syms, targets[1], targets[2])
+        elif merge == "f16":
+            for si, sym in enumerate(syms):
+                _store_f16(builder, targets[2 * si], ik, sym, targets[2 * si + 1])
     i_next = builder.add(i_phi, lanes)
     builder.branch(header)
     i_phi.add_incoming(i_next, body)
@@ -255,3 +266,11 @@ def loop2c_f32(typingctx, lut_c, words_c, xs_c, out_c, thr, ctx0, lut_e, words_e
     """loop2c over an f32 class's method-7 exponents and method-6 sign|mantissa bytes, writing the elements."""
     sig = types.int64(lut_c, words_c, xs_c, out_c, thr, ctx0, lut_e, words_e, xs_e, out_e, u32, m1, m0, state)
     return sig, lambda c, b, s, a: _emit_loop(c, b, s, a, (True, False), "f32")
+
+
+@intrinsic
+def loop2_f16(typingctx, lut_a, words_a, xs_a, out_a, lut_b, words_b, xs_b, out_b, u16_a, lo_a, u16_b, lo_b, state):
+    """loop2 over the two parts of an f16 class's high bytes, writing each part's elements u16_a / u16_b from its
+    raw low bytes lo_a / lo_b."""
+    sig = types.int64(lut_a, words_a, xs_a, out_a, lut_b, words_b, xs_b, out_b, u16_a, lo_a, u16_b, lo_b, state)
+    return sig, lambda c, b, s, a: _emit_loop(c, b, s, a, (False, False), "f16")

@@ -9,7 +9,7 @@ import numpy as np
 from ._jit import njit
 from .rans import RANS_L, SCALE_BITS
 from .rans32 import LANES, SLOTS, _run2, _tail, build_lut, read_table
-from .rans32_loop import loop1, loop2_bf16, loop2_f32
+from .rans32_loop import loop1, loop2_bf16, loop2_f16, loop2_f32
 
 log = logging.getLogger(__name__)
 
@@ -186,6 +186,31 @@ def decode_ext_pair_f32(buf_a, out_a, buf_b, out_b, m1, m0, u32):
     merged = loop2_f32(lut_a, words_a, xs_a, out_a, lut_b, words_b, xs_b, out_b, u32, m1, m0, st)
     if finish_part(lut_a, words_a, xs_a, out_a, m_a, merged, st[2]) or \
             finish_part(lut_b, words_b, xs_b, out_b, m_b, merged, st[3]):
+        return -1
+    return merged
+
+
+@njit(nogil=True, boundscheck=False)
+def decode_ext_f16(buf, out, lo, u16):
+    """A two-part method-6 stream of an f16 class's high bytes whose low bytes lo are raw: the rounds both parts
+    decode together write the elements u16 (of part A from 0, of part B from h = ceil(n/2)). Returns how many
+    leading elements of each part were (the rest is in out), or -1 (also for one-part streams)."""
+    lut = np.empty(SLOTS, np.uint32)
+    parts, k_a, k_b, words_a, xs_a, words_b, xs_b, st = _prepare_ext(buf, lut)
+    n = out.size
+    h = (n + 1) >> 1
+    if st or parts != 2 or lo.size != n or u16.size != n:
+        return -1
+    out_a, out_b = out[:h], out[h:]
+    m_a = h - LANES * k_a
+    m_b = (n - h) - LANES * k_b
+    if m_a < 0 or m_b < 0:
+        return -1
+    s2 = np.empty(4, np.int64)
+    s2[0], s2[1], s2[2], s2[3] = 0, min(m_a, m_b), 2 * LANES, 2 * LANES
+    merged = loop2_f16(lut, words_a, xs_a, out_a, lut, words_b, xs_b, out_b, u16[:h], lo[:h], u16[h:], lo[h:], s2)
+    if finish_part(lut, words_a, xs_a, out_a, m_a, merged, s2[2]) or \
+            finish_part(lut, words_b, xs_b, out_b, m_b, merged, s2[3]):
         return -1
     return merged
 

@@ -66,11 +66,27 @@ def _single_part(k, payload, meths, offs, lens, method):
 
 @njit(nogil=True, inline="always")
 def _merged_in_loop(cls, payload, meths, offs, lens, scratch, out):
-    """The usual bf16 and f32 chunks: the first two streams decode in one loop that writes most elements itself
-    (the last ones are merged here); False where the chunk is not of that shape or a stream is malformed (the
+    """The usual bf16, f32 and f16 chunks: the first two streams (f16: the two parts of the first) decode in one
+    loop that writes most elements itself (the last ones are merged here); False where the chunk is not of that shape or a stream is malformed (the
     caller then decodes stream by stream and names the stream)."""
     n = scratch.shape[1]
-    if n == 0 or not _single_part(1, payload, meths, offs, lens, M_RANS32E):
+    if n == 0:
+        return False
+    if cls == fields.CLASS_F16:
+        # high bytes in two parts, low bytes raw (the f16 chunks of 1 MiB)
+        if (meths[0] != M_RANS32E or lens[0] < 1 or payload[offs[0]] != 2 or meths[1] != M_RAW
+                or lens[1] != n):
+            return False
+        lo = payload[offs[1] : offs[1] + n]
+        u = out.view(np.uint16)
+        done = rans32e.decode_ext_f16(payload[offs[0] : offs[0] + lens[0]], scratch[0], lo, u)
+        if done < 0:
+            return False
+        h = (n + 1) >> 1
+        fields._merge_f16(scratch[0][done:h], lo[done:h], u[done:h])
+        fields._merge_f16(scratch[0][h + done :], lo[h + done :], u[h + done :])
+        return True
+    if not _single_part(1, payload, meths, offs, lens, M_RANS32E):
         return False
     a = payload[offs[0] : offs[0] + lens[0]]
     b = payload[offs[1] : offs[1] + lens[1]]

@@ -125,3 +125,23 @@ def test_f32_merged_in_the_loop_decodes_most_elements():
         e, sm, u = np.empty(n, np.uint8), np.empty(n, np.uint8), np.empty(n, np.uint32)
         done = rans32e.decode_ext_pair_f32(s0, e, s1, sm, m1, m0, u)
         assert n - 1024 <= done <= n and np.array_equal(u[:done], x.view(np.uint32)[:done])
+
+
+def test_f16_two_part_high_bytes_merged_in_the_loop():
+    x = _floats(524288, 6).astype(np.float16)
+    raw = x.tobytes()
+    enc = encode_chunk(raw, ChunkHints(segments=(Segment(0, len(raw), "f16"),)))
+    plan = np.empty((3, 8), np.int64)
+    assert tensor_fast._single_class_plan(np.frombuffer(enc.params, np.uint8), len(raw), len(enc.payload), plan) == 2
+    assert decode_chunk(enc.codec_id, enc.params, enc.payload, len(raw)) == raw
+    pay = np.frombuffer(enc.payload, np.uint8)
+    hi = pay[plan[1, 0] : plan[1, 0] + plan[2, 0]]
+    if rans32.vector_ok() and list(plan[0, :2]) == [6, 0] and hi[0] == 2:
+        n = x.size
+        lo = pay[plan[1, 1] : plan[1, 1] + n]
+        planes, u = np.empty(n, np.uint8), np.empty(n, np.uint16)
+        done = rans32e.decode_ext_f16(hi, planes, lo, u)
+        h = (n + 1) // 2
+        ref = x.view(np.uint16)
+        assert h - 1024 <= done <= h
+        assert np.array_equal(u[:done], ref[:done]) and np.array_equal(u[h : h + done], ref[h : h + done])
