@@ -1,10 +1,10 @@
 """32-lane interleaved rANS (stream methods 5 and 6): the bit-packed frequency table and the decoders.
 
 The format is the 4-state coder of rans.py widened to 32 states, so that a decoder can run 16 states per SIMD
-instruction. The vector decoder is written as LLVM IR (masked gather for the slot table, masked expand-load for the
-renormalisation words, one popcount to advance); on CPUs without AVX-512 LLVM lowers the same IR to scalar code,
-and if the IR cannot be compiled at all a plain numba loop decodes the same format. The encoders are in
-rans32_enc.py.
+instruction. The vector decoding loops are LLVM IR in rans32_loop.py (masked gather for the slot table, masked
+expand-load for the renormalisation words, one popcount to advance); on CPUs without AVX-512 LLVM lowers the same
+IR to scalar code, and if the IR cannot be compiled at all a plain numba loop decodes the same format. The
+encoders are in rans32_enc.py.
 """
 from __future__ import annotations
 
@@ -12,9 +12,6 @@ import logging
 
 from ._jit import njit
 import numpy as np
-from llvmlite import ir
-from numba import types
-from numba.extending import intrinsic
 
 from .rans import RANS_L, SCALE_BITS
 from .rans32_loop import LANES, SLOTS, V, _decl, gather_ptrs, loop1, loop2  # noqa: F401 (re-exported)
@@ -24,7 +21,6 @@ log = logging.getLogger(__name__)
 RICE_ESCAPE = 16  # unary quotients of 16 or more are sent as 16 ones + the value in SCALE_BITS bits
 TABLE_MAX = 2 + 32 + 256 * 4  # generous bound on the table size in bytes
 
-_i1, _i8, _i16, _i32, _i64 = (ir.IntType(b) for b in (1, 8, 16, 32, 64))
 
 # ---------------------------------------------------------------- table (format: docs/codecs.md, "rans32")
 
@@ -150,47 +146,6 @@ def table_bytes(freq: np.ndarray) -> int:
 
 
 # ---------------------------------------------------------------- decoder
-
-
-@intrinsic
-def _round16(typingctx, lut, words, p, xs, k, out, i):
-    """Decode symbol i+j with state xs[16k+j] for j < 16 (one vector step); return the new word position."""
-    sig = types.int64(lut, words, types.int64, xs, types.int64, out, types.int64)
-
-    def codegen(context, builder, signature, args):
-        lut_a, words_a, p, xs_a, k, out_a, i = args
-        lut_s = context.make_array(signature.args[0])(context, builder, lut_a)
-        w_s = context.make_array(signature.args[1])(context, builder, words_a)
-        x_s = context.make_array(signature.args[3])(context, builder, xs_a)
-        o_s = context.make_array(signature.args[5])(context, builder, out_a)
-        mod = builder.module
-        vt = ir.VectorType(_i32, V)
-        v64 = ir.VectorType(_i64, V)
-        v1 = ir.VectorType(_i1, V)
-
-        def splat(c, t=_i32):
-            return ir.Constant(ir.VectorType(t, V), [c] * V)
-
-        xptr = builder.bitcast(builder.gep(x_s.data, [builder.mul(k, ir.Constant(_i64, V))]), vt.as_pointer())
-        x = builder.load(xptr, align=4)
-        slot = builder.and_(x, splat(SLOTS - 1))
-        pvt = ir.VectorType(_i32.as_pointer(), V)
-        gather = _decl(mod, "llvm.masked.gather.v16i32.v16p0", vt, [pvt, v1, vt])
-        e = builder.call(gather, [gather_ptrs(builder, lut_s.data, slot), ir.Constant(v1, [1] * V), ir.Constant(vt, ir.Undefined)])
-        optr = builder.bitcast(builder.gep(o_s.data, [i]), ir.VectorType(_i8, V).as_pointer())
-        builder.store(builder.trunc(e, ir.VectorType(_i8, V)), optr, align=1)
-        f = builder.and_(builder.lshr(e, splat(8)), splat(SLOTS - 1))
-        x = builder.sub(builder.add(builder.mul(f, builder.lshr(x, splat(SCALE_BITS))), slot), builder.lshr(e, splat(20)))
-        need = builder.icmp_unsigned("<", x, splat(RANS_L))
-        v16 = ir.VectorType(_i16, V)
-        expand = _decl(mod, "llvm.masked.expandload.v16i16", v16, [_i16.as_pointer(), v1, v16])
-        w = builder.call(expand, [builder.gep(w_s.data, [p]), need, ir.Constant(v16, [0] * V)])
-        x = builder.select(need, builder.or_(builder.shl(x, splat(16)), builder.zext(w, vt)), x)
-        builder.store(x, xptr, align=4)
-        ctpop = _decl(mod, "llvm.ctpop.i16", _i16, [_i16])
-        return builder.add(p, builder.zext(builder.call(ctpop, [builder.bitcast(need, _i16)]), _i64))
-
-    return sig, codegen
 
 
 @njit(nogil=True)

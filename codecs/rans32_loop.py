@@ -2,11 +2,13 @@
 IR helpers the other vector kernels share.
 
 Why: a 16-lane step is one chain of dependent instructions (gather, multiply, compare, expand-load), so the
-decoders are bound by its latency, not by throughput. rans32._round16 loaded and stored the states from memory at
-every step (a store-forwarding delay on every chain) and rans32c._round16c read its context bytes back from the
-output it had just written. Here one loop runs up to two streams at once (four chains in flight), keeps states,
-word positions and context symbols in registers, and writes only the decoded symbols; the callers finish each
-stream with the checked scalar tails of rans32.py and rans32c.py, exactly as before. Same format, same bytes.
+decoders are bound by its latency, not by throughput. The former rans32._round16 (one step per call) loaded and
+stored the states from memory at every step (a store-forwarding delay on every chain), and rans32c._round16c read
+its context bytes back from the output it had just written. Here one loop runs up to two streams at once (four
+chains in flight) and keeps states, word positions and context symbols in registers; it writes the decoded
+symbols, or for the usual chunk shapes the merged elements themselves (no plane pass). The callers finish each
+stream with the checked scalar tails of rans32.py, rans32c.py and rans32e.py, exactly as before: same format,
+same bytes, same streams refused.
 """
 from __future__ import annotations
 

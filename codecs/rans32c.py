@@ -33,8 +33,9 @@ _i1, _i8, _i16, _i32, _i64 = (ir.IntType(b) for b in (1, 8, 16, 32, 64))
 
 @intrinsic
 def _round16c(typingctx, lut, words, p, xs, k, out, oi, ctx, ci, thr):
-    """As rans32._round16 for symbols oi+j (j < 16) with table bucket(ctx[ci+j]) (thr: 3 thresholds, 256 =
-    unused); return the new word position."""
+    """One 16-lane step (as rans32_loop._step) for symbols oi+j (j < 16) with table bucket(ctx[ci+j]) (thr: 3
+    thresholds, 256 = unused); return the new word position. Only method-7 streams of source 1 (not written)
+    still decode with it."""
     sig = types.int64(lut, words, types.int64, xs, types.int64, out, types.int64, ctx, types.int64, thr)
 
     def codegen(context, builder, signature, args):
@@ -72,7 +73,8 @@ def _round16c(typingctx, lut, words, p, xs, k, out, oi, ctx, ci, thr):
         idx = builder.or_(builder.shl(bucket, splat(SCALE_BITS)), slot)
         pvt = ir.VectorType(_i32.as_pointer(), V)
         gather = _decl(mod, "llvm.masked.gather.v16i32.v16p0", vt, [pvt, v1, vt])
-        e = builder.call(gather, [gather_ptrs(builder, lut_s.data, idx), ir.Constant(v1, [1] * V), ir.Constant(vt, ir.Undefined)])
+        e = builder.call(gather, [gather_ptrs(builder, lut_s.data, idx), ir.Constant(v1, [1] * V),
+                                  ir.Constant(vt, ir.Undefined)])
         optr = builder.bitcast(builder.gep(o_s.data, [oi]), v8.as_pointer())
         builder.store(builder.trunc(e, v8), optr, align=1)
         f = builder.and_(builder.lshr(e, splat(8)), splat(SLOTS - 1))
