@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 
+import llvmlite.binding as llvm
 from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
@@ -26,6 +27,9 @@ LANES = 32  # states of methods 5-7
 V = 16  # lanes per vector step
 SLOTS = 1 << SCALE_BITS
 
+# AVX-512 hosts expand the renormalisation words in a register (an x86 intrinsic); elsewhere the portable
+# expand-load, which LLVM lowers to scalar code where it has no instruction for it. numba keys its cache on the CPU.
+_EXPAND_REGISTER = bool(llvm.get_host_cpu_features().get("avx512f", False))
 THRESHOLDS = 3  # method 7: at most 3 thresholds (4 buckets); unused ones are 256, which no byte reaches
 
 _i1, _i8, _i16, _i32, _i64 = (ir.IntType(b) for b in (1, 8, 16, 32, 64))
@@ -78,11 +82,18 @@ def _step(builder, s, x, p, ctx, i, store=True):
     f = builder.and_(builder.lshr(e, _splat(8)), _splat(SLOTS - 1))
     x = builder.sub(builder.add(builder.mul(f, builder.lshr(x, _splat(SCALE_BITS))), slot), builder.lshr(e, _splat(20)))
     need = builder.icmp_unsigned("<", x, _splat(RANS_L))
-    expand = _decl(mod, "llvm.masked.expandload.v16i16", _v16, [_i16.as_pointer(), _v1, _v16])
-    w = builder.call(expand, [builder.gep(s["words"], [p]), need, ir.Constant(_v16, [0] * V)])
+    if _EXPAND_REGISTER:
+        # the next 16 words are loaded and widened before the mask is known (the round bound leaves 32 words);
+        # only the register expand (a few cycles) waits for it, where the expand-load from memory took ~10
+        ahead = builder.load(builder.bitcast(builder.gep(s["words"], [p]), _v16.as_pointer()), align=2)
+        expand = _decl(mod, "llvm.x86.avx512.mask.expand.v16i32", _vt, [_vt, _vt, _v1])
+        w = builder.call(expand, [builder.zext(ahead, _vt), _splat(0), need])
+    else:
+        expand = _decl(mod, "llvm.masked.expandload.v16i16", _v16, [_i16.as_pointer(), _v1, _v16])
+        w = builder.zext(builder.call(expand, [builder.gep(s["words"], [p]), need, ir.Constant(_v16, [0] * V)]), _vt)
     # shift under the mask while the words load, then one or (the lanes not renormalised got zero words):
     # LLVM turned the select of (x << 16) | w into a word permute that sat on every chain with a longer latency
-    x = builder.or_(builder.select(need, builder.shl(x, _splat(16)), x), builder.zext(w, _vt))
+    x = builder.or_(builder.select(need, builder.shl(x, _splat(16)), x), w)
     ctpop = _decl(mod, "llvm.ctpop.i16", _i16, [_i16])
     p = builder.add(p, builder.zext(builder.call(ctpop, [builder.bitcast(need, _i16)]), _i64))
     return x, p, builder.and_(e, _splat(0xFF))
