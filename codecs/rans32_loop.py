@@ -17,6 +17,7 @@ import logging
 import llvmlite.binding as llvm
 from llvmlite import ir
 from numba import types
+from numba.core import config as numba_config
 from numba.extending import intrinsic
 
 from .rans import RANS_L, SCALE_BITS
@@ -29,7 +30,9 @@ SLOTS = 1 << SCALE_BITS
 
 # AVX-512 hosts expand the renormalisation words in a register (an x86 intrinsic); elsewhere the portable
 # expand-load, which LLVM lowers to scalar code where it has no instruction for it. numba keys its cache on the CPU.
-_EXPAND_REGISTER = bool(llvm.get_host_cpu_features().get("avx512f", False))
+# NUMBA_CPU_NAME / NUMBA_CPU_FEATURES compile for another CPU than this one (portable caches): portable then.
+_EXPAND_REGISTER = (not (numba_config.CPU_NAME or numba_config.CPU_FEATURES)
+                    and bool(llvm.get_host_cpu_features().get("avx512f", False)))
 THRESHOLDS = 3  # method 7: at most 3 thresholds (4 buckets); unused ones are 256, which no byte reaches
 
 _i1, _i8, _i16, _i32, _i64 = (ir.IntType(b) for b in (1, 8, 16, 32, 64))
