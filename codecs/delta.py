@@ -8,6 +8,7 @@ Pure functions, no shared mutable state: safe to call from many threads (the num
 """
 from __future__ import annotations
 
+import ctypes
 import logging
 import struct
 import threading
@@ -15,7 +16,9 @@ import threading
 import numpy as np
 
 from .varint import get_varint, put_varint
-from .api import ChunkHints, CodecError, EncodedChunk, Segment, decode_chunk, encode_chunk  # noqa: F401
+from .api import CODEC_TENSOR, ChunkHints, CodecError, EncodedChunk, Segment, decode_chunk, encode_chunk  # noqa: F401
+from .tensor_decode import decode_into as tensor_decode_into
+from .tensor_format import FORMAT_VERSION as TENSOR_V1
 # Re-exported so that callers keep importing the codec's names from here. encode_delta calls
 # _transform through this module's global, which tools/bench_delta.py --no-scale replaces.
 from .delta_kernels import SINT, UINT, _scale_pred, _unsub, _unzigzag, _zigzag, warm_up  # noqa: F401
@@ -62,17 +65,53 @@ _local = threading.local()
 
 
 def _scratch(n: int) -> np.ndarray:
-    """A per-thread output buffer: a fresh 1 MiB array per chunk costs its page faults every time."""
-    buf = getattr(_local, "out", None)
+    """A per-thread buffer for the decoded residual: a fresh 1 MiB array per chunk costs its page faults every
+    time."""
+    buf = getattr(_local, "residual", None)
     if buf is None or buf.size < n:
-        buf = _local.out = np.empty(max(n, 1 << 20), np.uint8)
+        buf = _local.residual = np.empty(max(n, 1 << 20), np.uint8)
     return buf[:n]
 
 
-def _untransform(data: bytes, base, desc, transform: int) -> bytes:
+_new_bytes = ctypes.pythonapi.PyBytes_FromStringAndSize
+_new_bytes.restype = ctypes.py_object
+_new_bytes.argtypes = (ctypes.c_char_p, ctypes.c_ssize_t)
+
+
+def _fresh_bytes(n: int) -> tuple[bytes, np.ndarray]:
+    """A new bytes object of n uninitialised bytes and a writable array over them, filled before the bytes object
+    is handed out (as C code fills PyBytes_FromStringAndSize(NULL, n)).
+
+    Why: a decoded chunk stays in the chunk cache as bytes. Writing it into an array and then copying that into
+    bytes (ndarray.tobytes) held the GIL for the copy into fresh memory, page faults included (0.4 ms per MiB),
+    which serialised the decode threads; the kernels that fill this array fault its pages in without the GIL."""
+    if n == 0:  # CPython returns its shared empty bytes object, which must never be written into
+        return b"", np.empty(0, np.uint8)
+    out = _new_bytes(None, n)
+    address = ctypes.cast(ctypes.c_char_p(out), ctypes.c_void_p).value
+    return out, np.ctypeslib.as_array((ctypes.c_uint8 * n).from_address(address))
+
+
+def _decode_residual(inner_id: int, inner_params: bytes, payload, raw_len: int) -> np.ndarray:
+    """The transformed chunk T: a one-layer tensor encoding (what encode_delta writes) decodes straight into this
+    thread's scratch buffer, without a bytes copy; other codecs through decode_chunk."""
+    if inner_id != CODEC_TENSOR or not inner_params or inner_params[0] != TENSOR_V1:
+        return np.frombuffer(decode_chunk(inner_id, inner_params, payload, raw_len), np.uint8)
+    out = _scratch(raw_len)
+    try:
+        tensor_decode_into(inner_params, payload, raw_len, out)
+    except CodecError:
+        raise
+    except Exception as exc:  # as decode_chunk: any failure on a damaged payload is a codec error
+        raise CodecError(f"tensor: {exc}") from exc
+    return out
+
+
+def _untransform(data, base, desc, transform: int) -> bytes:
+    """The chunk's raw bytes from T (any buffer) and the base, region by region."""
     t = np.frombuffer(data, np.uint8)
     old = np.frombuffer(base, np.uint8)
-    out = _scratch(t.size)
+    raw, out = _fresh_bytes(t.size)
     pos = 0
     for length, kind, cbits in desc:
         width = KIND_WIDTH[kind]
@@ -91,8 +130,7 @@ def _untransform(data: bytes, base, desc, transform: int) -> bytes:
             u = UINT[width]
             o.view(u)[:] = b.view(u) + _unzigzag(z.view(u), width)
         pos += length
-    return out.tobytes()
-
+    return raw
 
 
 # ---------------------------------------------------------------------------------------------- public API
@@ -183,7 +221,7 @@ def decode_delta(params: bytes, payload: bytes | memoryview, raw_len: int, base:
     if raw_len < 0:
         raise CodecError(f"negative raw_len {raw_len}")
     transform, desc, inner_id, inner_params = _parse(params, raw_len)
-    data = decode_chunk(inner_id, inner_params, payload, raw_len)
+    data = _decode_residual(inner_id, inner_params, payload, raw_len)
     base = memoryview(base)[:raw_len] if len(base) >= raw_len else bytes(base).ljust(raw_len, b"\0")
     try:
         out = _untransform(data, base, desc, transform)
