@@ -166,12 +166,14 @@ def warm_up() -> None:
     pay for it (about 0.1 s from numba's cache, seconds without)."""
     for u, bits, perm, (ebits, mbits) in ((np.uint32, 32, True, (8, 23)), (np.uint16, 16, False, (8, 7))):
         n = 64 * np.dtype(u).itemsize
-        # the argument types of real calls: read-only views of bytes, a writable output, each
-        # aligned or not (a region can start at any offset)
+        # the argument types of real calls: the residual in a writable scratch buffer (or a read-only
+        # view of bytes when another codec decoded it), the base a read-only view of bytes, a
+        # writable output, each aligned or not (a region can start at any offset)
         for skip in (0, 1):
             ro = np.frombuffer(bytes(n + skip), np.uint8)[skip:].view(u)
             out = np.empty(n + skip, np.uint8)[skip:].view(u)
-            _unsub(ro, ro, out, bits, perm, True, ebits, mbits, 0x3F7FFFF8, 1)
+            for residual in (np.zeros(n + skip, np.uint8)[skip:].view(u), ro):
+                _unsub(residual, ro, out, bits, perm, True, ebits, mbits, 0x3F7FFFF8, 1)
 
 
 def _zigzag(d: np.ndarray, width: int) -> np.ndarray:
