@@ -81,7 +81,12 @@ def base_link_path(backing_root: str, file_id: bytes, generation: int) -> str:
 
 class BaseStore:
     """Opens pinned base containers by reference and hands out their verified chunks,
-    through the chunk cache when one is given (hot base chunks stay decoded)."""
+    from the chunk cache when one is given and holds them (the base file was read).
+
+    A base chunk decoded for a delta read is not put into the cache: chunk i of a delta
+    names chunk i of its base, so one read of the dependent uses each base chunk once, and
+    keeping it would double the memory (and the page faults) a delta read takes in T0 for
+    a chunk only a later read of the base file itself could use (docs/delta.md)."""
 
     def __init__(self, backing_root: str, cache=None):
         self.backing_root = backing_root
@@ -139,10 +144,7 @@ class BaseStore:
         # that checksum with the one the delta recorded verifies them without hashing twice.
         if head.c != ref.raw_sum:
             raise ChunkError(container.path, ref.chunk_index, "delta base chunk does not match")
-        raw = container.decode_record(ref.chunk_index, record, chain_left=ref.depth - 1)
-        if self.cache is not None:
-            self.cache.put(key, raw)
-        return raw
+        return container.decode_record(ref.chunk_index, record, chain_left=ref.depth - 1)
 
     def close(self) -> None:
         with self._lock:
