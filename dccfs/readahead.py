@@ -10,6 +10,12 @@ log = logging.getLogger(__name__)
 
 # Records this close together are advised as one run.
 ADVISE_GAP = 64 << 10
+# The window counts stored chunks, so holes (chunks of zeros, stored as nothing) do not use it up:
+# checkpoints have runs of them (optimizer state of embedding rows without gradient), and a window
+# of 8 chunk numbers over such a run held one chunk to decode, so the decoders idled while the
+# reader crossed the run and then waited for the chunks after it. A scan for stored chunks looks at
+# most this many chunk numbers past the window.
+MAX_HOLES_SKIPPED = 256
 
 
 def record_runs(locs) -> list[tuple[int, int]]:
@@ -33,8 +39,9 @@ class ReadAhead:
         self.prefetched_to = -1
 
     def note(self, file, start: int, end: int, last_idx: int) -> None:
-        """After a read of [start, end) ending in chunk last_idx, prefetch the chunks a
-        sequential reader will want next (from the third sequential read on)."""
+        """After a read of [start, end) ending in chunk last_idx, prefetch the next
+        readahead_chunks stored chunks a sequential reader will want (from the third
+        sequential read on); holes in between do not count."""
         if start == self.next_sequential:
             self.sequential_run += 1
         else:
@@ -44,16 +51,20 @@ class ReadAhead:
         ahead = engine.config.cache.readahead_chunks
         if self.sequential_run < 2 or ahead <= 0:
             return
-        first = max(last_idx + 1, self.prefetched_to + 1)
-        stop = min(last_idx + 1 + ahead, (file.size + file.chunk_size - 1) // file.chunk_size)
+        index = file.container.index
+        limit = min(last_idx + 1 + ahead + MAX_HOLES_SKIPPED,
+                    (file.size + file.chunk_size - 1) // file.chunk_size)
         wanted = []
-        for idx in range(first, stop):
-            loc = file.container.index.get(idx)
-            if loc is None or idx in file.dirty:
-                continue
-            if engine.cache.peek((file.cache_id, idx, loc.offset)):
-                continue
-            wanted.append((idx, loc))
+        stored = 0
+        idx = last_idx + 1
+        while idx < limit and stored < ahead:
+            loc = index.get(idx)
+            if loc is not None and idx not in file.dirty:
+                stored += 1
+                if idx > self.prefetched_to and not engine.cache.peek((file.cache_id, idx, loc.offset)):
+                    wanted.append((idx, loc))
+            idx += 1
+        stop = idx
         # The prefetches below pread records from several threads at once, out of order,
         # which defeats the backing file's own read-ahead; WILLNEED over the runs of
         # adjacent records lets the kernel read them in large sequential I/Os (a record
