@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -69,6 +70,33 @@ def read_all(path: Path) -> float:
     return time.perf_counter() - started
 
 
+def daemon_cpu_s(backing: Path) -> float:
+    """User + system CPU seconds of the daemon serving backing so far."""
+    pid = int((backing / ".dccfs" / "daemon.pid").read_text())
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cold_reads(work: Path, name: str, reps: int) -> dict[str, list[tuple[float, float]]]:
+    """(wall s, daemon CPU s) of reps cold reads of one file per mode, the modes interleaved: each read
+    gets a fresh mount, SETTLE_S for the kernel warm-up and a page-cache drop."""
+    results: dict[str, list[tuple[float, float]]] = {"keyframe": [], "delta": []}
+    for _ in range(reps):
+        for mode, rows in results.items():
+            backing, mnt = work / mode / "backing", work / mode / "mnt"
+            run("mount", "-c", str(work / f"{mode}.toml"), str(backing), str(mnt))
+            try:
+                time.sleep(SETTLE_S)
+                drop_caches()
+                cpu = daemon_cpu_s(backing)
+                wall = read_all(mnt / "run" / name)
+                rows.append((wall, daemon_cpu_s(backing) - cpu))
+            finally:
+                subprocess.run([*DCCFS, "umount", str(mnt)], capture_output=True)
+    return results
+
+
 def bench_mode(mode: str, files: list[Path], work: Path, newest_first: bool = False) -> list[dict]:
     backing, mnt = work / mode / "backing", work / mode / "mnt"
     shutil.rmtree(work / mode, ignore_errors=True)
@@ -120,6 +148,9 @@ def main() -> int:
     parser.add_argument("--newest-first", action="store_true",
                         help="read the files newest first, so a delta's base chunks are not in the "
                              "chunk cache yet (default: in the order written)")
+    parser.add_argument("--reps", type=int, default=0,
+                        help="then read the last file cold this many more times per mode, keyframe and delta "
+                             "mounts interleaved, and report median wall and daemon CPU (default: 0)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     out = sys.stdout
@@ -150,6 +181,15 @@ def main() -> int:
         out.write(f"{files[-1].name} with its deltas after close: written at "
                   f"{last_key['write_s'] / later['write_s']:.2f}x the keyframe speed, stored "
                   f"{later['stored'] / later['size']:.4f} after a {later['pass_s']:.1f} s pass\n")
+        if args.reps:
+            reads = cold_reads(args.workdir, files[-1].name, args.reps)
+            med = {mode: (statistics.median(w for w, _ in rows), statistics.median(c for _, c in rows))
+                   for mode, rows in reads.items()}
+            out.write(f"{files[-1].name}, {args.reps} cold reads per mode, interleaved: median wall "
+                      f"{med['keyframe'][0]:.3f} s keyframe, {med['delta'][0]:.3f} s delta "
+                      f"({med['keyframe'][0] / med['delta'][0]:.2f}x); median daemon CPU {med['keyframe'][1]:.2f} s "
+                      f"keyframe, {med['delta'][1]:.2f} s delta; per read delta/keyframe speed "
+                      + " ".join(f"{k[0] / d[0]:.2f}" for k, d in zip(reads["keyframe"], reads["delta"])) + "\n")
         # The same ratio inside one mount (the first file written has no earlier version, so
         # it is all keyframes): less exposed to load that changes between the two mounts.
         first = results["delta"][0]
