@@ -8,7 +8,6 @@ Pure functions, no shared mutable state: safe to call from many threads (the num
 """
 from __future__ import annotations
 
-import ctypes
 import logging
 import struct
 import threading
@@ -17,7 +16,7 @@ import numpy as np
 
 from .varint import get_varint, put_varint
 from .api import CODEC_TENSOR, ChunkHints, CodecError, EncodedChunk, Segment, decode_chunk, encode_chunk  # noqa: F401
-from .tensor_decode import decode_into as tensor_decode_into
+from .tensor_decode import decode_into as tensor_decode_into, finish_bytes, new_bytes
 from .tensor_format import FORMAT_VERSION as TENSOR_V1
 # Re-exported so that callers keep importing the codec's names from here. encode_delta calls
 # _transform through this module's global, which tools/bench_delta.py --no-scale replaces.
@@ -73,25 +72,6 @@ def _scratch(n: int) -> np.ndarray:
     return buf[:n]
 
 
-_new_bytes = ctypes.pythonapi.PyBytes_FromStringAndSize
-_new_bytes.restype = ctypes.py_object
-_new_bytes.argtypes = (ctypes.c_char_p, ctypes.c_ssize_t)
-
-
-def _fresh_bytes(n: int) -> tuple[bytes, np.ndarray]:
-    """A new bytes object of n uninitialised bytes and a writable array over them, filled before the bytes object
-    is handed out (as C code fills PyBytes_FromStringAndSize(NULL, n)).
-
-    Why: a decoded chunk stays in the chunk cache as bytes. Writing it into an array and then copying that into
-    bytes (ndarray.tobytes) held the GIL for the copy into fresh memory, page faults included (0.4 ms per MiB),
-    which serialised the decode threads; the kernels that fill this array fault its pages in without the GIL."""
-    if n == 0:  # CPython returns its shared empty bytes object, which must never be written into
-        return b"", np.empty(0, np.uint8)
-    out = _new_bytes(None, n)
-    address = ctypes.cast(ctypes.c_char_p(out), ctypes.c_void_p).value
-    return out, np.ctypeslib.as_array((ctypes.c_uint8 * n).from_address(address))
-
-
 def _decode_residual(inner_id: int, inner_params: bytes, payload, raw_len: int) -> np.ndarray:
     """The transformed chunk T: a one-layer tensor encoding (what encode_delta writes) decodes straight into this
     thread's scratch buffer, without a bytes copy; other codecs through decode_chunk."""
@@ -111,7 +91,7 @@ def _untransform(data, base, desc, transform: int) -> bytes:
     """The chunk's raw bytes from T (any buffer) and the base, region by region."""
     t = np.frombuffer(data, np.uint8)
     old = np.frombuffer(base, np.uint8)
-    raw, out = _fresh_bytes(t.size)
+    raw, out = new_bytes(t.size)
     pos = 0
     for length, kind, cbits in desc:
         width = KIND_WIDTH[kind]
@@ -130,7 +110,7 @@ def _untransform(data, base, desc, transform: int) -> bytes:
             u = UINT[width]
             o.view(u)[:] = b.view(u) + _unzigzag(z.view(u), width)
         pos += length
-    return raw
+    return finish_bytes(raw, out)
 
 
 # ---------------------------------------------------------------------------------------------- public API
