@@ -172,7 +172,7 @@ class Container:
 
     def _decode_delta(self, chunk_index: int, params: bytes, payload, raw_len: int,
                       chain_left: int | None) -> bytes:
-        from dccfs.delta import BaseRef, store_for_path
+        from dccfs.delta_bases import BaseRef, store_for_path
         store = self.base_store or store_for_path(self.path)
         if store is None:
             raise ChunkError(self.path, chunk_index, "a delta chunk, but no backing directory "

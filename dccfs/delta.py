@@ -6,178 +6,28 @@ raw checksum), never by path. Before the first delta chunk against a base is wri
 the base container is hard-linked as BACKING/.dccfs/bases/<file id>-<generation>;
 that link keeps the base's records (append-only, never reset in place while linked)
 readable after the base is renamed, overwritten or deleted through the mount.
-`dccfs fsck --repair` removes links that no container references any more.
+The mount frees a pin once no container needs it (dccfs.pins); `dccfs fsck --repair`
+removes the ones that leaked. Base references and the store that reads base chunks are in
+dccfs.delta_bases.
 """
 from __future__ import annotations
 
-import errno
 import logging
 import os
-import struct
 import threading
-from dataclasses import dataclass
 
-from dccfs.container import ChunkError, Container, ContainerError, pread_exact
+from dccfs.container import ChunkError, Container, pread_exact
 from dccfs.codecs import CodecError
 from dccfs.codecs.delta import CODEC_DELTA, delta_base_ref
-from dccfs.format import (HEADER_SIZE, MAX_CHUNK_SHIFT, MAX_FILE_OFFSET, RECORD_HEADER_SIZE, FormatError, Header,
-                          RecordHeader)
+from dccfs.format import HEADER_SIZE, RECORD_HEADER_SIZE, FormatError, Header, RecordHeader
 from dccfs.delta_candidates import (MAX_CANDIDATES, find_base_candidates, looks_temporary,  # noqa: F401
                                     name_pattern, open_base)
 from dccfs import pins
+from dccfs.delta_bases import (BASES_DIR, MAX_CHAIN, BaseRef, BaseStore, base_link_path,  # noqa: F401
+                               store_for_path)
 from dccfs.syscalls import AT_FDCWD, link_fd
 
 log = logging.getLogger(__name__)
-
-# The longest chunk record: header, params (a u16 length) and a payload no longer than the
-# largest chunk (a codec that cannot shrink a chunk stores it raw).
-MAX_RECORD_BYTES = RECORD_HEADER_SIZE + 0xFFFF + (1 << MAX_CHUNK_SHIFT)
-
-BASES_DIR = os.path.join(".dccfs", "bases")
-_REF = struct.Struct("<16sIQQIQ")  # file id, generation, chunk index, offset, length, raw xxh3
-# The config's delta_chain may not exceed this; a reader refuses deeper references, so a
-# damaged or cyclic reference cannot make it walk further.
-MAX_CHAIN = 16
-
-
-@dataclass(frozen=True)
-class BaseRef:
-    file_id: bytes
-    generation: int
-    chunk_index: int
-    offset: int
-    length: int
-    raw_sum: int
-    # Deltas from this chunk down to a keyframe: 1 when the base chunk is a keyframe.
-    # Packed as a 49th byte only when > 1, so chain-1 references keep their 48 bytes.
-    depth: int = 1
-
-    def pack(self) -> bytes:
-        ref = _REF.pack(self.file_id, self.generation, self.chunk_index, self.offset,
-                        self.length, self.raw_sum)
-        return ref + bytes([self.depth]) if self.depth > 1 else ref
-
-    @classmethod
-    def unpack(cls, data: bytes) -> "BaseRef":
-        if len(data) == _REF.size + 1:
-            depth = data[-1]
-            if not 2 <= depth <= MAX_CHAIN:
-                raise ValueError(f"delta base reference has chain depth {depth}, "
-                                 f"expected 2..{MAX_CHAIN}")
-            return cls(*_REF.unpack(data[:-1]), depth)
-        if len(data) != _REF.size:
-            raise ValueError(f"delta base reference is {len(data)} bytes, expected {_REF.size} "
-                             f"or {_REF.size + 1}")
-        return cls(*_REF.unpack(data))
-
-    @property
-    def link_name(self) -> str:
-        return f"{self.file_id.hex()}-{self.generation}"
-
-
-def base_link_path(backing_root: str, file_id: bytes, generation: int) -> str:
-    return os.path.join(backing_root, BASES_DIR, f"{file_id.hex()}-{generation}")
-
-
-class BaseStore:
-    """Opens pinned base containers by reference and hands out their verified chunks,
-    from the chunk cache when one is given and holds them (the base file was read).
-
-    A base chunk decoded for a delta read is not put into the cache: chunk i of a delta
-    names chunk i of its base, so one read of the dependent uses each base chunk once, and
-    keeping it would double the memory (and the page faults) a delta read takes in T0 for
-    a chunk only a later read of the base file itself could use (docs/delta.md)."""
-
-    def __init__(self, backing_root: str, cache=None):
-        self.backing_root = backing_root
-        self.cache = cache
-        self._open: dict[str, Container] = {}
-        self._lock = threading.Lock()
-        self.warm_up_thread: threading.Thread | None = None
-        if cache is not None:
-            # The mount's store (the one with a cache): load the delta decode kernels in the
-            # background, as the engine does for the keyframe codecs, so the first delta read
-            # does not wait for them.
-            self.warm_up_thread = threading.Thread(target=_warm_up, name="dccfs-delta-warm-up", daemon=True)
-            self.warm_up_thread.start()
-
-    def container_for(self, ref: BaseRef) -> Container:
-        with self._lock:
-            container = self._open.get(ref.link_name)
-            if container is not None:
-                return container
-            path = base_link_path(self.backing_root, ref.file_id, ref.generation)
-            try:
-                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-            except OSError as exc:
-                raise OSError(errno.EIO, f"delta base {ref.link_name} is missing: {exc.strerror}") from exc
-            try:
-                container = Container.open(fd, path)
-            except (ContainerError, OSError):
-                os.close(fd)
-                raise
-            self._open[ref.link_name] = container
-            return container
-
-    def read_base_chunk(self, ref: BaseRef) -> bytes:
-        """The base chunk's raw bytes, verified against the checksum the delta recorded.
-        A base chunk that is itself a delta must be one of depth ref.depth - 1 (a keyframe
-        for depth 1), so a read walks at most ref.depth records."""
-        key = (ref.file_id + ref.generation.to_bytes(4, "little"), ref.chunk_index, ref.offset)
-        if self.cache is not None:
-            raw = self.cache.get(key)
-            if raw is not None:
-                return raw
-        container = self.container_for(ref)
-        if not (RECORD_HEADER_SIZE <= ref.length <= MAX_RECORD_BYTES
-                and HEADER_SIZE <= ref.offset <= MAX_FILE_OFFSET - ref.length):
-            # A damaged reference must not make one read ask for gigabytes (or overflow pread).
-            raise ChunkError(container.path, ref.chunk_index,
-                             f"delta base reference names a record of {ref.length} bytes "
-                             f"at offset {ref.offset}")
-        record = pread_exact(container.fd, ref.length, ref.offset)
-        try:
-            head = RecordHeader.unpack(record)
-        except FormatError as exc:
-            raise ChunkError(container.path, ref.chunk_index, f"delta base record: {exc}") from exc
-        # decode_record checks the decoded bytes against the record's checksum, so comparing
-        # that checksum with the one the delta recorded verifies them without hashing twice.
-        if head.c != ref.raw_sum:
-            raise ChunkError(container.path, ref.chunk_index, "delta base chunk does not match")
-        return container.decode_record(ref.chunk_index, record, chain_left=ref.depth - 1)
-
-    def close(self) -> None:
-        with self._lock:
-            for container in self._open.values():
-                os.close(container.fd)
-            self._open.clear()
-
-
-def _warm_up() -> None:
-    from dccfs.codecs.delta import warm_up
-    try:
-        warm_up()
-    except Exception:
-        log.exception("delta kernel warm-up failed; they will load on first use")
-
-
-_stores: dict[str, BaseStore] = {}
-_stores_lock = threading.Lock()
-
-
-def store_for_path(path: str) -> BaseStore | None:
-    """The base store of the backing directory holding path (walks up to the .dccfs that
-    holds bases/; a directory named .dccfs below the root is user data)."""
-    directory = os.path.dirname(os.path.abspath(path))
-    while True:
-        if os.path.isdir(os.path.join(directory, BASES_DIR)):
-            with _stores_lock:
-                return _stores.setdefault(directory, BaseStore(directory))
-        parent = os.path.dirname(directory)
-        if parent == directory:
-            return None
-        directory = parent
-
 
 # Held while pinning, and by an overwrite (ContainerFile.truncate to 0) from its check that
 # the container has one link to its reset in place: a pin in between would keep records

@@ -14,9 +14,10 @@ import xxhash
 from dccfs.cache import ChunkCache
 from dccfs.codecs import ChunkHints, EncodedChunk, codec_name, encode_chunk
 from dccfs.config import Config
-from dccfs.delta import BASES_DIR, PIN_LOCK, BaseStore, store_for_path
+from dccfs.delta import PIN_LOCK
+from dccfs.delta_bases import BASES_DIR, BaseStore, store_for_path
 from dccfs.memory import release_compiler_pages
-from dccfs.pins import PinRegistry, close_cached_base
+from dccfs.pins import PinRegistry
 from dccfs.stats import MountStats
 
 log = logging.getLogger(__name__)
@@ -139,8 +140,10 @@ class Engine:
     def _close_freed_base(self, pin: str) -> None:
         """A freed pin may be open in the mount's base store, and, for a pin that is itself a
         delta (a chain), in the backing directory's store its own chunks read their bases from."""
-        close_cached_base(self.bases, pin)
-        close_cached_base(store_for_path(os.path.join(self.backing_root, BASES_DIR, pin)), pin)
+        self.bases.forget(pin)
+        store = store_for_path(os.path.join(self.backing_root, BASES_DIR, pin))
+        if store is not None:
+            store.forget(pin)
 
     def encode_effort(self) -> int:
         """0 (cheapest codec) while encodes queue up behind the cores, so the codec never

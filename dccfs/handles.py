@@ -18,7 +18,7 @@ from dccfs.chunkfile import ContainerFile
 from dccfs.container import Container, ContainerError, pread_exact, read_logical_size
 from dccfs.container_records import verified_logical_size
 from dccfs.engine import Engine
-from dccfs.delta import base_link_path
+from dccfs.delta_bases import base_link_path
 from dccfs.format import HEADER_SIZE, MAGIC, FormatError, Header, looks_like_container
 from dccfs.handles_rewrite import BackgroundRewrites
 from dccfs.inodes import Inode, InodeTable

@@ -7,7 +7,7 @@ from collections import Counter
 
 from dccfs.codecs import codec_name
 from dccfs.codecs.delta import CODEC_DELTA, delta_base_ref
-from dccfs.delta import BaseRef
+from dccfs.delta_bases import BaseRef
 from dccfs.container import Container, ContainerError, pread_exact
 from dccfs.format import HEADER_SIZE, RECORD_HEADER_SIZE, FormatError, RecordHeader, looks_like_container
 from dccfs.offline_common import is_state_dir

@@ -186,7 +186,7 @@ def _replace_atomically(found: FoundFile, tmp_dir: str | None, convert, is_sourc
 def _pin_links(path: str, src: int, st: os.stat_result) -> int:
     """1 when one of the links is dccfs's pin of a delta base (.dccfs/bases), else 0. That
     link is not the user's: it keeps the records for dependents after the name is replaced."""
-    from dccfs.delta import base_link_path
+    from dccfs.delta_bases import base_link_path
     from dccfs.format import FormatError, Header
     backing_root = find_backing_root(path)
     if st.st_nlink < 2 or backing_root is None:

@@ -5,7 +5,7 @@ import logging
 import os
 import shutil
 
-from dccfs.delta import BASES_DIR
+from dccfs.delta_bases import BASES_DIR
 from dccfs.inspect import describe_file, describe_tree
 from dccfs.pins import REFS_DIR, read_records, remove_record, write_record
 

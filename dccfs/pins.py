@@ -103,19 +103,6 @@ def syncfs(fd: int) -> None:
         raise OSError(err, f"syncfs: {os.strerror(err)}")
 
 
-def close_cached_base(store, pin: str) -> None:
-    """The mount's BaseStore keeps pinned bases open for reads; a freed pin's blocks return
-    to the filesystem only once that descriptor is closed. No reader can need it any more:
-    no container references it."""
-    lock, opened = getattr(store, "_lock", None), getattr(store, "_open", None)
-    if lock is None or not isinstance(opened, dict):
-        return
-    with lock:
-        container = opened.pop(pin, None)
-    if container is not None:
-        os.close(container.fd)
-
-
 _registries: dict[str, "PinRegistry"] = {}
 _registries_lock = threading.Lock()
 

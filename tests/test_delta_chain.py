@@ -231,3 +231,27 @@ def test_no_pin_counts_as_unused_while_a_dependent_is_damaged(backing):
     os.unlink(backing / "run" / "step-10.bin")
     assert unreferenced_bases(str(backing)) == []
     assert os.listdir(backing / ".dccfs" / "bases") == pins
+
+
+def test_a_base_chunk_is_cached_when_asked_for_a_second_time(backing):
+    """One read of one dependent uses each base chunk once, so the first decode stays out of
+    T0; a chunk asked for again (a second dependent, a re-read after T0 dropped the
+    dependent's chunk) is hot and is kept."""
+    from dccfs.cache import ChunkCache
+    _, files = _write_series(backing, 2, max_chain=1)
+    refs = []
+    for idx in sorted(files[1].index):
+        loc = files[1].index[idx]
+        head = RecordHeader.unpack(os.pread(files[1].fd, RECORD_HEADER_SIZE, loc.offset))
+        params = os.pread(files[1].fd, head.params_len, loc.offset + RECORD_HEADER_SIZE)
+        refs.append(BaseRef.unpack(delta_base_ref(params)))
+    cache = ChunkCache("lru", 16 << 20)
+    store = BaseStore(str(backing), cache)
+    try:
+        first = [store.read_base_chunk(ref) for ref in refs]
+        assert cache.used == 0
+        second = [store.read_base_chunk(ref) for ref in refs]
+        assert second == first and cache.used == sum(map(len, first))
+        assert [store.read_base_chunk(ref) for ref in refs] == first  # now from the cache
+    finally:
+        store.close()
