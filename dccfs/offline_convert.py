@@ -18,6 +18,7 @@ from dccfs.config import Config, check_chunk_size
 from dccfs.container import Container, ContainerError, pread_exact, pwrite_all
 from dccfs.format import HEADER_SIZE, checksum64, looks_like_container
 from dccfs.mount import STATE_DIR
+from dccfs.syscalls import fsync_dir
 from dccfs.offline_common import (
     TEMP_NAME, TEMP_PREFIX, TMP_SUBDIR, FoundFile, OfflineError, byte_progress, decoded_chunks,
     file_kind, find_backing_root, find_temps, inside_state_dir, is_stale_temp, offline_lock,
@@ -179,7 +180,7 @@ def _replace_atomically(found: FoundFile, tmp_dir: str | None, convert, is_sourc
             raise
     finally:
         os.close(src)
-    _fsync_dir(parent)
+    fsync_dir(parent)
     return out_bytes
 
 
@@ -204,14 +205,6 @@ def _unlink_quietly(path: str) -> None:
         os.unlink(path)
     except OSError as exc:
         log.warning("%s: cannot remove temp file: %s", path, exc.strerror)
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _check_unchanged(path: str, src: int, before: os.stat_result) -> None:

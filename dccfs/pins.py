@@ -23,6 +23,7 @@ from typing import Callable
 
 from dccfs.format import HEADER_SIZE, FormatError, Header
 from dccfs.inodes import InodeTable
+from dccfs.syscalls import fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -40,14 +41,6 @@ def container_name(file_id: bytes, generation: int) -> str:
 
 def header_name(header: Header) -> str:
     return container_name(header.file_id, header.generation)
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def is_managed(backing_root: str, pin: str) -> bool:
@@ -69,9 +62,9 @@ def write_record(backing_root: str, pin: str, dependent: str) -> None:
             pass
     fd = os.open(os.path.join(pin_dir, dependent), os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
     os.close(fd)  # empty: its name is the record
-    _fsync_dir(pin_dir)
+    fsync_dir(pin_dir)
     for directory in reversed(made):
-        _fsync_dir(os.path.dirname(directory))
+        fsync_dir(os.path.dirname(directory))
 
 
 def remove_record(backing_root: str, pin: str, dependent: str) -> None:

@@ -41,3 +41,12 @@ def link_fd(fd: int, new_dir_fd: int, new_name: bytes) -> None:
 
 def rename_at(old_dir_fd: int, old_name: bytes, new_dir_fd: int, new_name: bytes, flags: int) -> None:
     _check(_libc.renameat2(old_dir_fd, old_name, new_dir_fd, new_name, flags), "renameat2", new_name)
+
+
+def fsync_dir(path: str) -> None:
+    """Make the directory's entries (a create, rename or unlink in it) durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
