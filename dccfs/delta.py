@@ -115,23 +115,24 @@ class DeltaWriter:
 
     def _usable_base_record(self, idx: int):
         """(location, record header, chain depth a delta on it would have) of the base's
-        chunk idx, or None when there is none or the chain is as long as allowed."""
+        chunk idx, or None when there is none or the chain is as long as allowed. Once the
+        base passed _base_is_shallow, no chunk of it is at the bound."""
         loc = self.base.index.get(idx)
         if loc is None or not self._base_is_shallow():
             return None
         try:
-            head = RecordHeader.unpack(pread_exact(self.base.fd, RECORD_HEADER_SIZE, loc.offset))
-            depth = 1
-            if head.sub == CODEC_DELTA:
-                if self.max_chain == 1:
-                    return None
-                params = pread_exact(self.base.fd, head.params_len, loc.offset + RECORD_HEADER_SIZE)
-                depth = BaseRef.unpack(delta_base_ref(params)).depth + 1
-                if depth > self.max_chain:
-                    return None  # the chain is as long as allowed: store a keyframe
+            head, depth = self._record_depth(loc)
         except (FormatError, ValueError, CodecError, OSError):
             return None
-        return loc, head, depth
+        return loc, head, depth + 1
+
+    def _record_depth(self, loc) -> tuple[RecordHeader, int]:
+        """The base record's header and its chain depth (0 for a keyframe)."""
+        head = RecordHeader.unpack(pread_exact(self.base.fd, RECORD_HEADER_SIZE, loc.offset))
+        if head.sub != CODEC_DELTA:
+            return head, 0
+        params = pread_exact(self.base.fd, head.params_len, loc.offset + RECORD_HEADER_SIZE)
+        return head, BaseRef.unpack(delta_base_ref(params)).depth
 
     def _base_is_shallow(self) -> bool:
         """Whether the base's deepest chunk is shallower than the bound. A pin keeps its whole
@@ -150,11 +151,7 @@ class DeltaWriter:
         deepest = 0
         for loc in self.base.index.values():
             try:
-                head = RecordHeader.unpack(pread_exact(self.base.fd, RECORD_HEADER_SIZE, loc.offset))
-                if head.sub != CODEC_DELTA:
-                    continue
-                params = pread_exact(self.base.fd, head.params_len, loc.offset + RECORD_HEADER_SIZE)
-                deepest = max(deepest, BaseRef.unpack(delta_base_ref(params)).depth)
+                deepest = max(deepest, self._record_depth(loc)[1])
             except (FormatError, ValueError, CodecError, OSError):
                 return self.max_chain
             if deepest >= self.max_chain:
