@@ -11,6 +11,7 @@ import trio
 from dccfs.engine import Engine
 from dccfs.fs import DccfsOperations
 from dccfs.memory import HeapTrimmer, tune_malloc
+from dccfs.mountinfo import read_mountinfo
 
 log = logging.getLogger(__name__)
 
@@ -28,19 +29,18 @@ def raise_read_ahead(mountpoint: str, kilobytes: int = READ_AHEAD_KB) -> None:
     """Set the FUSE connection's read_ahead_kb; found through mountinfo, because a stat of
     the mountpoint (realpath included) would wait for this very daemon. mountpoint is
     already resolved by the caller."""
-    target = mountpoint
     try:
-        with open("/proc/self/mountinfo") as f:
-            for line in f:
-                fields = line.split()
-                if fields[4] == target:
-                    path = f"/sys/class/bdi/{fields[2]}/read_ahead_kb"
-                    with open(path, "w") as knob:
-                        knob.write(str(kilobytes))
-                    log.info("read-ahead of %s set to %d KiB", mountpoint, kilobytes)
-                    return
+        for entry in read_mountinfo():
+            if entry.mountpoint == mountpoint:
+                path = f"/sys/class/bdi/{entry.device}/read_ahead_kb"
+                with open(path, "w") as knob:
+                    knob.write(str(kilobytes))
+                log.info("read-ahead of %s set to %d KiB", mountpoint, kilobytes)
+                return
     except OSError as exc:
         log.info("kept the kernel's read-ahead (%s)", exc)
+        return
+    log.warning("kept the kernel's read-ahead: %s is not in /proc/self/mountinfo", mountpoint)
 
 
 def fsname_option(backing: str) -> str:

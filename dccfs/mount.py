@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import trio
 
 from dccfs.config import Config
+from dccfs.mountinfo import read_mountinfo
 
 log = logging.getLogger(__name__)
 
@@ -48,14 +49,7 @@ class MountRequest:
 
 def mounted_fuse_targets() -> dict[str, tuple[str, str]]:
     """mountpoint -> (source, fstype) for every FUSE mount, from /proc/self/mountinfo."""
-    out = {}
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            left, right = line.split(" - ", 1)
-            target = left.split()[4].replace("\\040", " ")
-            fstype, source = right.split()[:2]
-            out[target] = (source.replace("\\040", " "), fstype)
-    return out
+    return {e.mountpoint: (e.source, e.fstype) for e in read_mountinfo()}
 
 
 def preflight(req: MountRequest) -> None:

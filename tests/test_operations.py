@@ -6,13 +6,16 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
 from dccfs.cli import main as cli
 from dccfs.config import ConfigError, load_config, parse_size
+from dccfs.daemon import READ_AHEAD_KB
 from dccfs.mount_helper import translate
+from dccfs.mountinfo import MountEntry, read_mountinfo
 
 DCCFS = [sys.executable, "-m", "dccfs.cli"]
 
@@ -289,6 +292,37 @@ def test_a_backing_path_with_commas_and_backslashes_mounts(tmp_path):
             subprocess.run(["fusermount3", "-u", "-z", str(mnt)])
     assert result.returncode == 0, result.stderr
     assert (backing / "f").exists()
+
+
+def test_mountinfo_paths_are_unescaped(tmp_path):
+    table = tmp_path / "mountinfo"
+    table.write_text("36 35 0:52 / /tmp/a\\040b\\011c\\134d rw,nosuid - fuse.dccfs /x\\040y rw,user_id=0\n")
+    assert read_mountinfo(str(table)) == [MountEntry("/tmp/a b\tc\\d", "fuse.dccfs", "/x y", "0:52")]
+
+
+@pytest.mark.mount
+@pytest.mark.skipif(os.geteuid() != 0, reason="raising a bdi's read_ahead_kb needs root")
+def test_a_mountpoint_with_a_space_gets_its_read_ahead_raised(tmp_path):
+    """mountinfo writes a space as \\040: the daemon compared the raw field with the path,
+    found no mount and kept the kernel's 128 KiB read-ahead, without a word in the log
+    (cold reads through such a mount ran at two thirds of the speed)."""
+    backing, mnt = tmp_path / "back", tmp_path / "mount point"
+    backing.mkdir()
+    mnt.mkdir()
+    result = dccfs("mount", backing, mnt)
+    assert result.returncode == 0, result.stderr
+    try:
+        device = next(e.device for e in read_mountinfo() if e.mountpoint == str(mnt))
+        knob = Path(f"/sys/class/bdi/{device}/read_ahead_kb")
+        deadline = time.monotonic() + 10
+        while knob.read_text().strip() != str(READ_AHEAD_KB):
+            assert time.monotonic() < deadline, f"{knob} is {knob.read_text().strip()}"
+            time.sleep(0.05)
+    finally:
+        result = dccfs("umount", mnt)
+        if result.returncode != 0:
+            subprocess.run(["fusermount3", "-u", "-z", str(mnt)])
+    assert result.returncode == 0, result.stderr
 
 
 @pytest.mark.mount

@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+from dccfs.mountinfo import read_mountinfo
+
 log = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parent.parent
@@ -21,14 +23,7 @@ UNMOUNT_WAIT_S = 180  # dccfs commits every open file before it exits
 
 def mountinfo() -> list[tuple[str, str, str, str]]:
     """(mountpoint, fstype, source, major:minor) for every mount, from /proc/self/mountinfo."""
-    out = []
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            left, right = line.split(" - ", 1)
-            fields = left.split()
-            fstype, source = right.split()[:2]
-            out.append((fields[4].replace("\\040", " "), fstype, source, fields[2]))
-    return out
+    return [(e.mountpoint, e.fstype, e.source, e.device) for e in read_mountinfo()]
 
 
 def is_mounted(path: str | Path) -> bool:

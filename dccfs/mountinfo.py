@@ -1,0 +1,30 @@
+"""The kernel's table of mounts (/proc/self/mountinfo), with its octal escapes undone."""
+from __future__ import annotations
+
+import re
+from typing import NamedTuple
+
+# The kernel writes a space, tab, newline or backslash in a path as \040, \011, \012, \134.
+_ESCAPE = re.compile(r"\\([0-7]{3})")
+
+
+class MountEntry(NamedTuple):
+    mountpoint: str
+    fstype: str
+    source: str
+    device: str  # major:minor, which names the mount's bdi in /sys/class/bdi
+
+
+def unescape(field: str) -> str:
+    return _ESCAPE.sub(lambda m: chr(int(m.group(1), 8)), field)
+
+
+def read_mountinfo(path: str = "/proc/self/mountinfo") -> list[MountEntry]:
+    out = []
+    with open(path) as f:
+        for line in f:
+            left, right = line.split(" - ", 1)
+            fields = left.split()
+            fstype, source = right.split()[:2]
+            out.append(MountEntry(unescape(fields[4]), unescape(fstype), unescape(source), fields[2]))
+    return out
