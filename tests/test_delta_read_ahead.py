@@ -1,15 +1,24 @@
-"""Read-ahead over a sparse checkpoint (dccfs/readahead.py): the window counts stored chunks, not holes."""
+"""Read-ahead: over a sparse checkpoint the window counts stored chunks, and a delta reader's base records are advised."""
 from __future__ import annotations
 
+import ctypes
+import mmap
 import os
+import time
 
+import numpy as np
 import trio
 import trio.testing
+
+from dccfs.codecs import ChunkHints, Segment, encode_chunk
 
 from dccfs.chunkfile import ContainerFile
 from dccfs.config import CacheConfig, Config
 from dccfs.container import Container
 from dccfs.engine import Engine
+from dccfs.delta import BaseStore, DeltaWriter
+from dccfs.delta_bases import BASE_ADVISE_CHUNKS
+from dccfs.format import checksum64
 from dccfs.readahead import MAX_HOLES_SKIPPED
 
 SHIFT = 16
@@ -85,3 +94,99 @@ def test_read_ahead_scans_a_bounded_distance_for_stored_chunks(tmp_path):
         assert await file.read(far * CHUNK, CHUNK) == data[far]
 
     _run(tmp_path, body)
+
+
+# -- base records of a delta reader ---------------------------------------------------------------
+
+# Chunks large enough that the advised window (BASE_ADVISE_CHUNKS records, ~7 MB) reaches well
+# past what the kernel's own read-ahead fetches after one small read of a cold file.
+BASE_SHIFT = 18
+BASE_CHUNK = 1 << BASE_SHIFT
+BASE_CHUNKS = 2 * BASE_ADVISE_CHUNKS + 8
+libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _write_container(root, rel: str, data: bytes) -> Container:
+    """data as a container the way a mount writes it: deltas against the newest earlier sibling."""
+    path = os.path.join(root, rel)
+    container = Container.create(os.open(path, os.O_RDWR | os.O_CREAT, 0o644), path, BASE_SHIFT)
+    writer = DeltaWriter.for_file(str(root), rel, container.header.file_id, always=True)
+    for idx in range(len(data) // BASE_CHUNK):
+        raw = data[idx * BASE_CHUNK:(idx + 1) * BASE_CHUNK]
+        hints = ChunkHints(segments=(Segment(0, BASE_CHUNK, "f32"),), effort=1)
+        encoded = (writer.encode(idx, raw, hints) if writer else None) or encode_chunk(raw, hints)
+        container.append_chunk(idx, encoded, BASE_CHUNK, checksum64(raw))
+    container.commit(len(data), durable=True)
+    if writer:
+        writer.close()
+    return container
+
+
+def _resident_pages(fd: int) -> np.ndarray:
+    """mincore over the whole file: which of its pages the page cache holds. Probing with
+    reads would not do: a read that misses, even with RWF_NOWAIT, starts the kernel's own
+    read-ahead."""
+    size = os.fstat(fd).st_size
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+    assert addr not in (None, ctypes.c_void_p(-1).value), os.strerror(ctypes.get_errno())
+    try:
+        vec = np.zeros((size + mmap.PAGESIZE - 1) // mmap.PAGESIZE, np.uint8)
+        assert libc.mincore(addr, size, vec.ctypes.data) == 0, os.strerror(ctypes.get_errno())
+        return vec & 1
+    finally:
+        libc.munmap(addr, size)
+
+
+def _in_page_cache(container: Container, idx: int) -> bool:
+    loc = container.index[idx]
+    pages = _resident_pages(container.fd)
+    return bool(pages[loc.offset // mmap.PAGESIZE:(loc.offset + loc.length - 1) // mmap.PAGESIZE + 1].all())
+
+
+def _base_and_delta(tmp_path) -> tuple[Container, Container]:
+    (tmp_path / ".dccfs").mkdir()
+    (tmp_path / "run").mkdir()
+    rng = np.random.default_rng(3)
+    x = rng.normal(0, 0.05, BASE_CHUNKS * BASE_CHUNK // 4).astype(np.float32)
+    base = _write_container(tmp_path, "run/step-10.bin", x.tobytes())
+    os.utime(base.path, ns=(10**18, 10**18))
+    later = (x + rng.normal(0, 1e-4, x.size)).astype(np.float32)
+    delta = _write_container(tmp_path, "run/step-20.bin", later.tobytes())
+    # Written pages stay cached: drop the base's, as a cold mount would find it.
+    os.posix_fadvise(base.fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    assert not any(_in_page_cache(base, idx) for idx in (2, BASE_ADVISE_CHUNKS))
+    return base, delta
+
+
+def test_a_sequential_delta_reader_gets_its_base_records_advised(tmp_path):
+    """Reading a delta's chunks 0..2 in order asks the kernel for the base records ahead of
+    the reader (the decode threads pread them out of order, which the kernel's own read-ahead
+    does not follow), so the base record BASE_ADVISE_CHUNKS chunks on is soon in the page cache."""
+    base, delta = _base_and_delta(tmp_path)
+    delta.base_store = BaseStore(str(tmp_path))
+    try:
+        for idx in range(3):
+            delta.read_chunk(idx)
+        deadline = time.monotonic() + 10
+        while not _in_page_cache(base, BASE_ADVISE_CHUNKS):
+            assert time.monotonic() < deadline, f"base record {BASE_ADVISE_CHUNKS} was not read ahead"
+            time.sleep(0.01)
+    finally:
+        delta.base_store.close()
+
+
+def test_a_random_delta_reader_gets_no_base_advice(tmp_path):
+    """Two reads far apart are a random reader: nothing between them is read ahead."""
+    base, delta = _base_and_delta(tmp_path)
+    delta.base_store = BaseStore(str(tmp_path))
+    try:
+        delta.read_chunk(BASE_CHUNKS - 1)
+        delta.read_chunk(2)
+        time.sleep(0.5)
+        assert not _in_page_cache(base, BASE_ADVISE_CHUNKS)
+    finally:
+        delta.base_store.close()
