@@ -148,9 +148,10 @@ def main() -> int:
     parser.add_argument("--newest-first", action="store_true",
                         help="read the files newest first, so a delta's base chunks are not in the "
                              "chunk cache yet (default: in the order written)")
-    parser.add_argument("--reps", type=int, default=0,
+    parser.add_argument("--reps", type=int, default=5,
                         help="then read the last file cold this many more times per mode, keyframe and delta "
-                             "mounts interleaved, and report median wall and daemon CPU (default: 0)")
+                             "mounts interleaved, and report median wall and daemon CPU; the read-speed target "
+                             "is judged on this median (default: 5; 0 skips it)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     out = sys.stdout
@@ -174,8 +175,10 @@ def main() -> int:
                           f"{row['size'] / row['write_s'] / 1e6:.0f} | {pass_s} | "
                           f"{row['size'] / row['read_s'] / 1e6:.0f} | {row['exact']} |\n")
         last_key, last_delta = results["keyframe"][-1], results["delta"][-1]
+        # One read per mode, minutes apart: a keyframe read alone moved between 0.29 and 0.40 s on
+        # this machine, so the target is judged on the median of the interleaved reads below.
         out.write(f"{files[-1].name}: delta/keyframe cold read speed "
-                  f"{last_key['read_s'] / last_delta['read_s']:.2f}x (target >= 0.7), stored "
+                  f"{last_key['read_s'] / last_delta['read_s']:.2f}x (one read per mode), stored "
                   f"{last_delta['stored'] / last_delta['size']:.4f} (target <= 0.34)\n")
         later = results["after close"][-1]
         out.write(f"{files[-1].name} with its deltas after close: written at "
@@ -187,7 +190,8 @@ def main() -> int:
                    for mode, rows in reads.items()}
             out.write(f"{files[-1].name}, {args.reps} cold reads per mode, interleaved: median wall "
                       f"{med['keyframe'][0]:.3f} s keyframe, {med['delta'][0]:.3f} s delta "
-                      f"({med['keyframe'][0] / med['delta'][0]:.2f}x); median daemon CPU {med['keyframe'][1]:.2f} s "
+                      f"({med['keyframe'][0] / med['delta'][0]:.2f}x, target >= 0.7: "
+                      f"{'met' if med['keyframe'][0] / med['delta'][0] >= 0.7 else 'MISSED'}); median daemon CPU {med['keyframe'][1]:.2f} s "
                       f"keyframe, {med['delta'][1]:.2f} s delta; per read delta/keyframe speed "
                       + " ".join(f"{k[0] / d[0]:.2f}" for k, d in zip(reads["keyframe"], reads["delta"])) + "\n")
         # The same ratio inside one mount (the first file written has no earlier version, so
