@@ -1,6 +1,7 @@
 """Operating a mount: CLI errors and help, config validation, stats, tune, mount -t, fstab helper."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -22,6 +23,21 @@ DCCFS = [sys.executable, "-m", "dccfs.cli"]
 
 def dccfs(*args, **kw):
     return subprocess.run([*DCCFS, *map(str, args)], capture_output=True, text=True, **kw)
+
+
+@contextlib.contextmanager
+def cli_mount(backing, mnt, *options):
+    """`dccfs mount [options] backing mnt` for the body of a with block, unmounted with
+    `dccfs umount` after it (lazily if that fails, and then the test fails too)."""
+    result = dccfs("mount", *options, backing, mnt)
+    assert result.returncode == 0, result.stderr
+    try:
+        yield
+    finally:
+        result = dccfs("umount", mnt)
+        if result.returncode != 0:
+            subprocess.run(["fusermount3", "-u", "-z", str(mnt)])
+    assert result.returncode == 0, result.stderr
 
 
 @pytest.mark.parametrize("command", ["mount", "umount", "stats", "tune", "cat", "fsck", "pack", "unpack"])
@@ -167,16 +183,9 @@ def test_daemonised_mount_and_clean_umount(tmp_path):
     backing, mnt = tmp_path / "b", tmp_path / "m"
     backing.mkdir()
     mnt.mkdir()
-    result = dccfs("mount", backing, mnt)
-    assert result.returncode == 0, result.stderr
-    try:
+    with cli_mount(backing, mnt):
         with open(mnt / "big", "wb") as f:
             f.write(os.urandom(8 << 20))
-    finally:
-        result = dccfs("umount", mnt)
-        if result.returncode != 0:
-            subprocess.run(["fusermount3", "-u", "-z", str(mnt)])
-    assert result.returncode == 0, result.stderr
     log = (backing / ".dccfs" / "dccfs.log").read_text()
     assert "mounted" in log and "unmounted" in log
     assert "ERROR" not in log
@@ -258,19 +267,12 @@ def test_unwritable_log_or_trace_files_are_precise_errors(tmp_path):
         assert "missing/x" in result.stderr and "No such file or directory" in result.stderr, result.stderr
         assert "Traceback" not in result.stderr
     mnt = tmp_path / "m"
-    result = dccfs("mount", "--trace", str(tmp_path / "t.trace"), tmp_path / "b", mnt)
-    assert result.returncode == 0, result.stderr
-    try:
+    with cli_mount(tmp_path / "b", mnt, "--trace", str(tmp_path / "t.trace")):
         result = dccfs("tune", mnt, f"trace={tmp_path / 'missing' / 'y.trace'}")
         assert result.returncode == 1 and "No such file or directory" in result.stderr, result
         assert "internal error" not in result.stderr
         result = dccfs("tune", mnt)
         assert json.loads(result.stdout)["trace"] == str(tmp_path / "t.trace")
-    finally:
-        result = dccfs("umount", mnt)
-        if result.returncode != 0:
-            subprocess.run(["fusermount3", "-u", "-z", str(mnt)])
-    assert result.returncode == 0, result.stderr
 
 
 @pytest.mark.mount
@@ -280,17 +282,10 @@ def test_a_backing_path_with_commas_and_backslashes_mounts(tmp_path):
     backing, mnt = tmp_path / "a,b\\c" / "back", tmp_path / "m"
     backing.mkdir(parents=True)
     mnt.mkdir()
-    result = dccfs("mount", backing, mnt)
-    assert result.returncode == 0, result.stderr
-    try:
+    with cli_mount(backing, mnt):
         (mnt / "f").write_bytes(b"x" * 100_000)
         assert (mnt / "f").read_bytes() == b"x" * 100_000
         assert dccfs("stats", mnt).returncode == 0
-    finally:
-        result = dccfs("umount", mnt)
-        if result.returncode != 0:
-            subprocess.run(["fusermount3", "-u", "-z", str(mnt)])
-    assert result.returncode == 0, result.stderr
     assert (backing / "f").exists()
 
 
@@ -309,20 +304,13 @@ def test_a_mountpoint_with_a_space_gets_its_read_ahead_raised(tmp_path):
     backing, mnt = tmp_path / "back", tmp_path / "mount point"
     backing.mkdir()
     mnt.mkdir()
-    result = dccfs("mount", backing, mnt)
-    assert result.returncode == 0, result.stderr
-    try:
+    with cli_mount(backing, mnt):
         device = next(e.device for e in read_mountinfo() if e.mountpoint == str(mnt))
         knob = Path(f"/sys/class/bdi/{device}/read_ahead_kb")
         deadline = time.monotonic() + 10
         while knob.read_text().strip() != str(READ_AHEAD_KB):
             assert time.monotonic() < deadline, f"{knob} is {knob.read_text().strip()}"
             time.sleep(0.05)
-    finally:
-        result = dccfs("umount", mnt)
-        if result.returncode != 0:
-            subprocess.run(["fusermount3", "-u", "-z", str(mnt)])
-    assert result.returncode == 0, result.stderr
 
 
 @pytest.mark.mount
@@ -359,14 +347,7 @@ def test_metrics_address_errors_come_before_the_fork_and_state_files_are_not_wor
         result = dccfs("mount", "--metrics", address, backing, mnt)
     assert result.returncode == 1, result
     assert f"--metrics {address}: cannot listen there" in result.stderr, result.stderr
-    result = dccfs("mount", backing, mnt)
-    assert result.returncode == 0, result.stderr
-    try:
+    with cli_mount(backing, mnt):
         assert dccfs("tune", mnt, f"trace={tmp_path / 't.trace'}").returncode == 0
         for path in (backing / ".dccfs" / "daemon.pid", tmp_path / "t.trace"):
             assert os.stat(path).st_mode & 0o777 == 0o644, path
-    finally:
-        result = dccfs("umount", mnt)
-        if result.returncode != 0:
-            subprocess.run(["fusermount3", "-u", "-z", str(mnt)])
-    assert result.returncode == 0, result.stderr
