@@ -9,8 +9,8 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 
+from dccfs.advice import record_runs, willneed
 from dccfs.container import ChunkError, Container, ContainerError, pread_exact
-from dccfs.readahead import record_runs
 from dccfs.format import HEADER_SIZE, MAX_CHUNK_SHIFT, MAX_FILE_OFFSET, RECORD_HEADER_SIZE, FormatError, RecordHeader
 
 log = logging.getLogger(__name__)
@@ -164,13 +164,16 @@ class BaseStore:
         base. The read-ahead of the delta file advises its own records only, and the decode
         threads pread base records out of order, which defeats the base file's own read-ahead:
         every base record was a cold read on the critical path (a delta cold read took 0.1 s
-        longer than with the base file already in the page cache). One base chunk read far
-        from the previous one is a random reader, which gets no advice."""
+        longer than with the base file already in the page cache). A base chunk read far from
+        the previous one is a jump: a random reader gets no advice, and one that starts over
+        (a second read of the dependent) gets a new window from there. One reader per base is
+        followed: two dependents of one base read at once look like jumps to each other."""
         name, idx = ref.link_name, ref.chunk_index
         with self._lock:
             last = self._last_read.get(name)
             self._last_read[name] = idx
             if last is None or abs(idx - last) > BASE_ADVISE_CHUNKS:
+                self._advised_to[name] = idx + 1
                 return
             advised_to = self._advised_to.get(name, 0)
             if idx + BASE_ADVISE_CHUNKS // 2 < advised_to:
@@ -178,12 +181,7 @@ class BaseStore:
             start, end = max(advised_to, idx), idx + BASE_ADVISE_CHUNKS
             self._advised_to[name] = end
         locs = [loc for loc in map(container.index.get, range(start, end)) if loc is not None]
-        for lo, hi in record_runs(locs):
-            try:
-                os.posix_fadvise(container.fd, lo, hi - lo, os.POSIX_FADV_WILLNEED)
-            except OSError as exc:  # advice only
-                log.debug("%s: read-ahead advice failed: %s", container.path, exc)
-                return
+        willneed(container.fd, record_runs(locs), container.path)
 
     def _seen_before(self, key: tuple) -> bool:
         """Whether this base chunk was decoded before (and so is worth caching); remembers it
@@ -202,6 +200,8 @@ class BaseStore:
             for container in self._open.values():
                 os.close(container.fd)
             self._open.clear()
+            self._last_read.clear()
+            self._advised_to.clear()
 
 
 def _warm_up() -> None:

@@ -1,32 +1,16 @@
 """Sequential read-ahead for one open file: detect a sequential reader, prefetch and advise."""
 from __future__ import annotations
 
-import logging
-import os
-
 import trio
 
-log = logging.getLogger(__name__)
+from dccfs.advice import record_runs, willneed
 
-# Records this close together are advised as one run.
-ADVISE_GAP = 64 << 10
 # The window counts stored chunks, so holes (chunks of zeros, stored as nothing) do not use it up:
 # checkpoints have runs of them (optimizer state of embedding rows without gradient), and a window
 # of 8 chunk numbers over such a run held one chunk to decode, so the decoders idled while the
 # reader crossed the run and then waited for the chunks after it. A scan for stored chunks looks at
 # most this many chunk numbers past the window.
 MAX_HOLES_SKIPPED = 256
-
-
-def record_runs(locs) -> list[tuple[int, int]]:
-    """(start, end) of the runs of records no more than ADVISE_GAP apart, by offset."""
-    runs: list[list[int]] = []
-    for loc in sorted(locs, key=lambda loc: loc.offset):
-        if runs and loc.offset - runs[-1][1] <= ADVISE_GAP:
-            runs[-1][1] = max(runs[-1][1], loc.offset + loc.length)
-        else:
-            runs.append([loc.offset, loc.offset + loc.length])
-    return [(lo, hi) for lo, hi in runs]
 
 
 class ReadAhead:
@@ -69,17 +53,14 @@ class ReadAhead:
         # which defeats the backing file's own read-ahead; WILLNEED over the runs of
         # adjacent records lets the kernel read them in large sequential I/Os (a record
         # rewritten at the container's far end gets a run of its own).
-        for lo, hi in record_runs([loc for _, loc in wanted]):
-            engine.start_background(advise_willneed, file, lo, hi - lo)
+        runs = record_runs([loc for _, loc in wanted])
+        if runs:
+            engine.start_background(advise_willneed, file, runs)
         for idx, _ in wanted:
             engine.stats.readahead_chunks += 1
             engine.start_background(file.load_chunk, idx, True)
         self.prefetched_to = max(self.prefetched_to, stop - 1)
 
 
-async def advise_willneed(file, offset: int, length: int) -> None:
-    try:
-        await trio.to_thread.run_sync(os.posix_fadvise, file.container.fd, offset, length,
-                                      os.POSIX_FADV_WILLNEED, limiter=file.engine.io_limiter)
-    except OSError as exc:  # advice only: a closed or odd descriptor changes nothing
-        log.debug("%s: read-ahead advice failed: %s", file.path, exc)
+async def advise_willneed(file, runs: list[tuple[int, int]]) -> None:
+    await trio.to_thread.run_sync(willneed, file.container.fd, runs, file.path, limiter=file.engine.io_limiter)

@@ -16,7 +16,7 @@ from dccfs.codecs import ChunkHints, decode_chunk
 from dccfs.config import CacheConfig, Config, Rule
 from dccfs.container import ChunkLoc, Container
 from dccfs.engine import Engine
-from dccfs.readahead import ADVISE_GAP, record_runs
+from dccfs.advice import ADVISE_GAP, record_runs
 
 
 def test_a_codec_error_falls_back_to_zstd(tmp_path, caplog):
