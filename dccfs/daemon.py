@@ -37,7 +37,7 @@ def raise_read_ahead(mountpoint: str, kilobytes: int = READ_AHEAD_KB) -> None:
                     knob.write(str(kilobytes))
                 log.info("read-ahead of %s set to %d KiB", mountpoint, kilobytes)
                 return
-    except OSError as exc:
+    except (OSError, ValueError) as exc:  # ValueError: a line of the table we cannot parse
         log.info("kept the kernel's read-ahead (%s)", exc)
         return
     log.warning("kept the kernel's read-ahead: %s is not in /proc/self/mountinfo", mountpoint)

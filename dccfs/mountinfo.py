@@ -21,10 +21,13 @@ def unescape(field: str) -> str:
 
 def read_mountinfo(path: str = "/proc/self/mountinfo") -> list[MountEntry]:
     out = []
-    with open(path) as f:
+    # Paths are bytes to the kernel: decoded as os.fsdecode does, so that a mount elsewhere
+    # with a name that is not UTF-8 neither raises nor fails to compare with our own paths.
+    with open(path, encoding="utf-8", errors="surrogateescape") as f:
         for line in f:
-            left, right = line.split(" - ", 1)
+            left, right = line.rstrip("\n").split(" - ", 1)
             fields = left.split()
-            fstype, source = right.split()[:2]
+            # An empty source is printed as nothing between two spaces.
+            fstype, source = right.split(" ", 2)[:2]
             out.append(MountEntry(unescape(fields[4]), unescape(fstype), unescape(source), fields[2]))
     return out

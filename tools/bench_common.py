@@ -23,7 +23,7 @@ UNMOUNT_WAIT_S = 180  # dccfs commits every open file before it exits
 
 def mountinfo() -> list[tuple[str, str, str, str]]:
     """(mountpoint, fstype, source, major:minor) for every mount, from /proc/self/mountinfo."""
-    return [(e.mountpoint, e.fstype, e.source, e.device) for e in read_mountinfo()]
+    return read_mountinfo()
 
 
 def is_mounted(path: str | Path) -> bool:
