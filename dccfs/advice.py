@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 
 log = logging.getLogger(__name__)
 
@@ -10,9 +11,12 @@ log = logging.getLogger(__name__)
 ADVISE_GAP = 64 << 10
 # One WILLNEED call reads at most max(the device's largest I/O, the file's read-ahead window)
 # and drops the rest without a word (force_page_cache_ra). Runs of records reach megabytes,
-# which a disk with the default 128 KiB read-ahead cut to their first 128 KiB-1.25 MiB; a
-# slice of 128 KiB is read whole on any device.
+# which a disk with the default 128 KiB read-ahead cut to their first 128 KiB-1.25 MiB. So
+# the advice goes out in slices of that size, read from sysfs per device (a disk that takes
+# 8 MiB keeps its few large I/Os); 128 KiB, the kernel's default window, where sysfs does not
+# say.
 WILLNEED_SLICE = 128 << 10
+_slice_of_device: dict[int, int] = {}
 
 
 def record_runs(locs) -> list[tuple[int, int]]:
@@ -26,13 +30,32 @@ def record_runs(locs) -> list[tuple[int, int]]:
     return [(lo, hi) for lo, hi in runs]
 
 
-def willneed(fd: int, runs, path: str) -> None:
-    """Ask the kernel to read the (start, end) byte ranges of fd ahead, slice by slice. Advice
-    only: a failure (a descriptor closed under it) is logged and ends it."""
-    for lo, hi in runs:
-        for start in range(lo, hi, WILLNEED_SLICE):
+def device_slice(dev: int) -> int:
+    """The most one WILLNEED call reads on block device dev: max(its largest I/O, its read-ahead
+    window), at least WILLNEED_SLICE; WILLNEED_SLICE for a file system with no block device
+    of its own in sysfs (tmpfs, network, btrfs's anonymous devices)."""
+    size = _slice_of_device.get(dev)
+    if size is None:
+        size = WILLNEED_SLICE
+        node = f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}"
+        for queue in (os.path.join(node, "queue"), os.path.join(node, "..", "queue")):  # a partition's is its disk's
             try:
-                os.posix_fadvise(fd, start, min(WILLNEED_SLICE, hi - start), os.POSIX_FADV_WILLNEED)
-            except OSError as exc:
-                log.debug("%s: read-ahead advice failed: %s", path, exc)
-                return
+                kib = max(int(Path(queue, name).read_text()) for name in ("read_ahead_kb", "max_sectors_kb"))
+            except (OSError, ValueError):
+                continue
+            size = max(kib << 10, WILLNEED_SLICE)
+            break
+        _slice_of_device[dev] = size
+    return size
+
+
+def willneed(fd: int, runs, path: str) -> None:
+    """Ask the kernel to read the (start, end) byte ranges of fd ahead, in slices it reads whole.
+    Advice only: a failure (a descriptor closed under it) is logged and ends it."""
+    try:
+        step = device_slice(os.fstat(fd).st_dev)
+        for lo, hi in runs:
+            for start in range(lo, hi, step):
+                os.posix_fadvise(fd, start, min(step, hi - start), os.POSIX_FADV_WILLNEED)
+    except OSError as exc:
+        log.debug("%s: read-ahead advice failed: %s", path, exc)

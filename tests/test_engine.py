@@ -5,6 +5,7 @@ import contextlib
 import errno
 import logging
 import os
+from pathlib import Path
 
 import pytest
 import trio
@@ -16,7 +17,7 @@ from dccfs.codecs import ChunkHints, decode_chunk
 from dccfs.config import CacheConfig, Config, Rule
 from dccfs.container import ChunkLoc, Container
 from dccfs.engine import Engine
-from dccfs.advice import ADVISE_GAP, record_runs
+from dccfs.advice import ADVISE_GAP, WILLNEED_SLICE, device_slice, record_runs
 
 
 def test_a_codec_error_falls_back_to_zstd(tmp_path, caplog):
@@ -156,6 +157,17 @@ def test_willneed_runs_join_adjacent_records_only():
     locs = [ChunkLoc(100, 50), ChunkLoc(0, 100), ChunkLoc(150 + ADVISE_GAP, 10), ChunkLoc(10 << 30, 7)]
     assert record_runs(locs) == [(0, 160 + ADVISE_GAP), (10 << 30, (10 << 30) + 7)]
     assert record_runs([]) == []
+
+
+def test_willneed_slices_follow_the_device(tmp_path):
+    """One WILLNEED call reads at most max(read_ahead_kb, max_sectors_kb) of the device; /proc
+    has no block device, so it gets the kernel's default window."""
+    assert device_slice(os.stat("/proc").st_dev) == WILLNEED_SLICE
+    dev = os.stat(tmp_path).st_dev
+    queue = f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}/queue"
+    if os.path.isdir(queue):
+        kib = max(int(Path(queue, name).read_text()) for name in ("read_ahead_kb", "max_sectors_kb"))
+        assert device_slice(dev) == max(kib << 10, WILLNEED_SLICE)
 
 
 def test_a_prefetch_after_close_is_quiet(tmp_path, caplog):
