@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from dccfs.mountinfo import read_mountinfo
+from dccfs.mountinfo import read_mountinfo as mountinfo  # (mountpoint, fstype, source, major:minor) per mount
 
 log = logging.getLogger(__name__)
 
@@ -19,11 +19,6 @@ MIB = 1 << 20
 MB = 10**6
 MOUNT_WAIT_S = 30
 UNMOUNT_WAIT_S = 180  # dccfs commits every open file before it exits
-
-
-def mountinfo() -> list[tuple[str, str, str, str]]:
-    """(mountpoint, fstype, source, major:minor) for every mount, from /proc/self/mountinfo."""
-    return read_mountinfo()
 
 
 def is_mounted(path: str | Path) -> bool:
