@@ -83,7 +83,11 @@ def _step(builder, s, x, p, ctx, i, store=True):
         optr = builder.bitcast(builder.gep(s["out"], [i]), _v8.as_pointer())
         builder.store(builder.trunc(e, _v8), optr, align=1)
     f = builder.and_(builder.lshr(e, _splat(8)), _splat(SLOTS - 1))
-    x = builder.sub(builder.add(builder.mul(f, builder.lshr(x, _splat(SCALE_BITS))), slot), builder.lshr(e, _splat(20)))
+    q = builder.mul(f, builder.lshr(x, _splat(SCALE_BITS)))
+    if ctx is None:  # rans32.build_lut: the table holds slot - cum
+        x = builder.add(q, builder.lshr(e, _splat(20)))
+    else:  # method 7 (rans32.build_lut_cum): the table holds cum
+        x = builder.sub(builder.add(q, slot), builder.lshr(e, _splat(20)))
     need = builder.icmp_unsigned("<", x, _splat(RANS_L))
     if _EXPAND_REGISTER:
         # the next 16 words are loaded and widened before the mask is known (the round bound leaves 32 words);
@@ -150,7 +154,7 @@ def _emit_loop(context, builder, signature, args, with_ctx, merge=None):
         streams.append(s)
         pos += n_args
     targets = []
-    for _ in range({None: 0, "bf16": 1, "f32": 3, "f16": 4}[merge]):
+    for _ in range({None: 0, "bf16": 1, "bf16x2": 2, "f32": 3, "f16": 4}[merge]):
         targets.append(context.make_array(signature.args[pos])(context, builder, args[pos]).data)
         pos += 1
     state = context.make_array(signature.args[pos])(context, builder, args[pos]).data
@@ -209,6 +213,9 @@ def _emit_loop(context, builder, signature, args, with_ctx, merge=None):
                 row[3 + k] = sym  # the context of the symbol 32 later in this lane
         if merge == "bf16":
             _store_bf16(builder, targets[0], ik, *syms)
+        elif merge == "bf16x2":
+            _store_bf16(builder, targets[0], ik, syms[0], syms[1])
+            _store_bf16(builder, targets[1], ik, syms[2], syms[3])
         elif merge == "f32":
             _store_f32(builder, targets[0], ik, *syms, targets[1], targets[2])
         elif merge == "f16":
@@ -268,6 +275,16 @@ def loop2_bf16(typingctx, lut_a, words_a, xs_a, out_a, lut_b, words_b, xs_b, out
     """loop2 over a bf16 class's two streams, writing the merged elements to u16 (out_a, out_b are not written)."""
     sig = types.int64(lut_a, words_a, xs_a, out_a, lut_b, words_b, xs_b, out_b, u16, state)
     return sig, lambda c, b, s, a: _emit_loop(c, b, s, a, (False, False), "bf16")
+
+
+@intrinsic
+def loop4_bf16(typingctx, lut_a0, words_a0, xs_a0, out_a0, lut_b0, words_b0, xs_b0, out_b0,
+               lut_a1, words_a1, xs_a1, out_a1, lut_b1, words_b1, xs_b1, out_b1, u16_0, u16_1, state):
+    """A bf16 class's two streams (a: exponents, b: sign|mantissa bytes), each in two parts, in one loop (eight
+    chains): the parts 0 (first half of the elements) are merged into u16_0, the parts 1 into u16_1."""
+    sig = types.int64(lut_a0, words_a0, xs_a0, out_a0, lut_b0, words_b0, xs_b0, out_b0,
+                      lut_a1, words_a1, xs_a1, out_a1, lut_b1, words_b1, xs_b1, out_b1, u16_0, u16_1, state)
+    return sig, lambda c, b, s, a: _emit_loop(c, b, s, a, (False,) * 4, "bf16x2")
 
 
 @intrinsic

@@ -110,12 +110,15 @@ def encode_ext_many(jobs: list[tuple[np.ndarray, np.ndarray, int]]) -> list[memo
             x0 = np.empty(LANES, np.int64)
             ks[p] = k = _setup_part(piece, freq, cum, x0)
             off += piece.size + 2 * LANES + 8
-            parts.append([piece[: piece.size - LANES * k], freq, cum, x0, words[:off], 0])
+            parts.append([piece[: piece.size - LANES * k], freq, cum, x0, words[:off], 0, p])
         streams.append((region, words, freq, ks, parts[first:]))
     encode = _encode_pair if vector_ok() else _encode_pair_scalar
-    for i in range(0, len(parts), 2):
-        a = parts[i]
-        b = parts[i + 1] if i + 1 < len(parts) else [a[0][:0], a[1], a[2], a[3], np.empty(2 * LANES, np.uint16), 0]
+    # pairs of the same part of consecutive streams: a class's first stream (a bf16 or f32 exponent, whose
+    # alphabet is narrow: permuted tables in _encode_pair) then goes first in each pair, as with one part each
+    order = sorted(parts, key=lambda part: part[6])
+    for i in range(0, len(order), 2):
+        a = order[i]
+        b = order[i + 1] if i + 1 < len(order) else [a[0][:0], a[1], a[2], a[3], np.empty(2 * LANES, np.uint16), 0]
         a[5], b[5] = encode(*a[:5], *b[:5])
     out = []
     for region, words, freq, ks, ps in streams:

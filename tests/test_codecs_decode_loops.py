@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from dccfs.codecs import ChunkHints, CodecError, Segment, decode_chunk, encode_chunk
-from dccfs.codecs import rans32, rans32c, rans32e, tensor_fast
+from dccfs.codecs import rans32, rans32c, rans32e, tensor, tensor_fast
 
 log = logging.getLogger(__name__)
 
@@ -73,9 +73,11 @@ def test_results_are_independent_bytes_objects():
     assert hash(first) == hash(raw)
 
 
-def test_loop_decoders_agree_with_the_scalar_ones_on_a_pair():
-    """The paired bf16 path, the plain pair and the scalar decoders give the same planes for the same streams."""
-    raw = _bf16(_floats(150001, 9))
+def _bf16_streams(elements, seed):
+    """A bf16 chunk's raw bytes, its two method-6 streams and their planes from the scalar decoder. The two low
+    mantissa bits are cleared so that the sign|mantissa plane is surely worth coding (random mantissas sit at the
+    edge of raw)."""
+    raw = (np.frombuffer(_bf16(_floats(elements, seed)), np.uint16) & 0xFFFC).tobytes()
     enc = encode_chunk(raw, ChunkHints(segments=(Segment(0, len(raw), "bf16"),)))
     plan = np.empty((3, 8), np.int64)
     assert tensor_fast._single_class_plan(np.frombuffer(enc.params, np.uint8), len(raw), len(enc.payload), plan) == 1
@@ -84,6 +86,15 @@ def test_loop_decoders_agree_with_the_scalar_ones_on_a_pair():
     n = len(raw) // 2
     ref = [np.empty(n, np.uint8) for _ in range(2)]
     assert rans32e.decode_ext_into_scalar(a, ref[0]) == 0 and rans32e.decode_ext_into_scalar(b, ref[1]) == 0
+    return raw, a, b, ref
+
+
+def test_loop_decoders_agree_with_the_scalar_ones_on_a_pair():
+    """The paired bf16 path, the plain pair and the scalar decoders give the same planes for the same streams
+    (streams shorter than tensor.SPLIT_MIN are written in one part)."""
+    raw, a, b, ref = _bf16_streams(90001, 9)
+    assert a[0] == 1 and b[0] == 1
+    n = len(raw) // 2
     pair = [np.empty(n, np.uint8) for _ in range(2)]
     assert rans32e.decode_ext_pair_into(a, pair[0], b, pair[1]) == 0
     assert all(np.array_equal(p, r) for p, r in zip(pair, ref))
@@ -94,6 +105,31 @@ def test_loop_decoders_agree_with_the_scalar_ones_on_a_pair():
         assert 0 < done <= n
         assert np.array_equal(planes[0][done:], ref[0][done:]) and np.array_equal(planes[1][done:], ref[1][done:])
         assert np.array_equal(u[:done], np.frombuffer(raw, np.uint16)[:done])
+        assert rans32e.decode_ext_quad_bf16(a, planes[0], b, planes[1], u) == -1  # one-part streams
+
+
+@pytest.mark.parametrize("elements", [150001, 150000, 2 * tensor.SPLIT_MIN + 65])
+def test_eight_chain_bf16_loop_agrees_with_the_scalar_decoder(elements):
+    """Long bf16 streams are written in two parts each; the loop over all four writes the same elements as the
+    scalar decoder's planes, from both halves, and leaves the rest in the planes."""
+    raw, a, b, ref = _bf16_streams(elements, 10)
+    assert a[0] == 2 and b[0] == 2
+    n = len(raw) // 2
+    h = (n + 1) >> 1
+    pair = [np.empty(n, np.uint8) for _ in range(2)]
+    assert rans32e.decode_ext_pair_into(a, pair[0], b, pair[1]) == -1  # two-part streams
+    if not rans32.vector_ok():
+        return
+    u = np.empty(n, np.uint16)
+    planes = [np.empty(n, np.uint8) for _ in range(2)]
+    done = rans32e.decode_ext_quad_bf16(a, planes[0], b, planes[1], u)
+    assert 0 < done <= n - h
+    want = np.frombuffer(raw, np.uint16)
+    assert np.array_equal(u[:done], want[:done]) and np.array_equal(u[h : h + done], want[h : h + done])
+    for p, r in zip(planes, ref):
+        assert np.array_equal(p[done:h], r[done:h]) and np.array_equal(p[h + done :], r[h + done :])
+    enc = encode_chunk(raw, ChunkHints(segments=(Segment(0, len(raw), "bf16"),)))
+    assert decode_chunk(enc.codec_id, enc.params, enc.payload, len(raw)) == raw
 
 
 def test_damaged_bf16_streams_are_refused_or_exact_length():
