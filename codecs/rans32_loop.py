@@ -154,7 +154,7 @@ def _emit_loop(context, builder, signature, args, with_ctx, merge=None):
         streams.append(s)
         pos += n_args
     targets = []
-    for _ in range({None: 0, "bf16": 1, "bf16x2": 2, "f32": 3, "f16": 4}[merge]):
+    for _ in range({None: 0, "bf16": 1, "bf16x2": 2, "f32": 3, "f32x2": 6, "f16": 4}[merge]):
         targets.append(context.make_array(signature.args[pos])(context, builder, args[pos]).data)
         pos += 1
     state = context.make_array(signature.args[pos])(context, builder, args[pos]).data
@@ -218,6 +218,9 @@ def _emit_loop(context, builder, signature, args, with_ctx, merge=None):
             _store_bf16(builder, targets[1], ik, syms[2], syms[3])
         elif merge == "f32":
             _store_f32(builder, targets[0], ik, *syms, targets[1], targets[2])
+        elif merge == "f32x2":
+            _store_f32(builder, targets[0], ik, syms[0], syms[1], targets[1], targets[2])
+            _store_f32(builder, targets[3], ik, syms[2], syms[3], targets[4], targets[5])
         elif merge == "f16":
             for si, sym in enumerate(syms):
                 _store_f16(builder, targets[2 * si], ik, sym, targets[2 * si + 1])
@@ -292,6 +295,18 @@ def loop2_f32(typingctx, lut_a, words_a, xs_a, out_a, lut_b, words_b, xs_b, out_
     """loop2 over an f32 class's first two streams whose mantissa planes m1, m0 are raw, writing the elements."""
     sig = types.int64(lut_a, words_a, xs_a, out_a, lut_b, words_b, xs_b, out_b, u32, m1, m0, state)
     return sig, lambda c, b, s, a: _emit_loop(c, b, s, a, (False, False), "f32")
+
+
+@intrinsic
+def loop4_f32(typingctx, lut_a0, words_a0, xs_a0, out_a0, lut_b0, words_b0, xs_b0, out_b0,
+              lut_a1, words_a1, xs_a1, out_a1, lut_b1, words_b1, xs_b1, out_b1, u32_0, m1_0, m0_0, u32_1, m1_1, m0_1,
+              state):
+    """loop4_bf16 for an f32 class's first two streams in two parts each, with raw mantissa planes: the parts 0
+    write u32_0 from m1_0 / m0_0, the parts 1 u32_1 from m1_1 / m0_1."""
+    sig = types.int64(lut_a0, words_a0, xs_a0, out_a0, lut_b0, words_b0, xs_b0, out_b0,
+                      lut_a1, words_a1, xs_a1, out_a1, lut_b1, words_b1, xs_b1, out_b1,
+                      u32_0, m1_0, m0_0, u32_1, m1_1, m0_1, state)
+    return sig, lambda c, b, s, a: _emit_loop(c, b, s, a, (False,) * 4, "f32x2")
 
 
 @intrinsic

@@ -170,10 +170,13 @@ def _encode_planes(cls: int, planes: list[np.ndarray], plans) -> list[tuple[int,
     parts = [1] * len(planes)
     coders = [k for k, (m, _, _) in enumerate(plans) if m in (M_RANS32E, M_RANS32C)]
     # a lone method-6 stream is split in two parts (four vector chains); next to a method-7 stream it is not:
-    # the two decode in one loop. Both method-6 streams of a bf16 class are split too: their four parts decode in
-    # one loop (eight chains; about 110 bytes more per 1 MiB chunk for decoding ~15% faster, docs/codecs.md)
-    if len(coders) == 1 or (cls == fields.CLASS_BF16 and len(coders) == 2):
-        # all or none: a bf16 class with one stream split has no fused loop
+    # the two decode in one loop. The two method-6 streams of a bf16 class, or of an f32 class with raw mantissa
+    # planes, are split too: their four parts decode in one loop (eight chains; about 110 bytes more per 1 MiB
+    # chunk for decoding 10-15% faster, docs/codecs.md)
+    quad = coders == [0, 1] and (cls == fields.CLASS_BF16 or (
+        cls == fields.CLASS_F32 and plans[2][0] == M_RAW and plans[3][0] == M_RAW))
+    if len(coders) == 1 or quad:
+        # all or none: a class with one of the two streams split has no fused loop
         if all(plans[k][0] == M_RANS32E and planes[k].size >= SPLIT_MIN
                and plans[k][2] + FLUSH_BYTES[M_RANS32E] + 3 < RANS_KEEP * planes[k].size for k in coders):
             for k in coders:

@@ -72,7 +72,7 @@ def _parts(k, payload, meths, offs, lens):
 
 @njit(nogil=True, inline="always")
 def _merged_in_loop(cls, payload, meths, offs, lens, scratch, out):
-    """The usual bf16, f32 and f16 chunks: the first two streams (f16: the two parts of the first; bf16: both
+    """The usual bf16, f32 and f16 chunks: the first two streams (f16: the two parts of the first; bf16, f32: both
     streams' two parts where they have two) decode in one loop that writes most elements itself (the last ones are merged here); False where the chunk is not of that
     shape or a stream is malformed (the caller then decodes stream by stream and names the stream)."""
     n = scratch.shape[1]
@@ -94,7 +94,7 @@ def _merged_in_loop(cls, payload, meths, offs, lens, scratch, out):
         return True
     if cls == fields.CLASS_BF16 and _parts(0, payload, meths, offs, lens) == 2 \
             and _parts(1, payload, meths, offs, lens) == 2:
-        # both streams in two parts (the bf16 chunks written since 2026-12-05): eight chains in one loop
+        # both streams in two parts (bf16 and f32 chunks written since 2026-12-05): eight chains in one loop
         u = out.view(np.uint16)
         done = rans32e.decode_ext_quad_bf16(payload[offs[0] : offs[0] + lens[0]], scratch[0],
                                             payload[offs[1] : offs[1] + lens[1]], scratch[1], u)
@@ -103,6 +103,21 @@ def _merged_in_loop(cls, payload, meths, offs, lens, scratch, out):
         h = (n + 1) >> 1
         fields._merge_bf16(scratch[0][done:h], scratch[1][done:h], u[done:h])
         fields._merge_bf16(scratch[0][h + done :], scratch[1][h + done :], u[h + done :])
+        return True
+    if cls == fields.CLASS_F32 and _parts(0, payload, meths, offs, lens) == 2 \
+            and _parts(1, payload, meths, offs, lens) == 2 and meths[2] == M_RAW and lens[2] == n \
+            and meths[3] == M_RAW and lens[3] == n:
+        m1 = payload[offs[2] : offs[2] + n]
+        m0 = payload[offs[3] : offs[3] + n]
+        u = out.view(np.uint32)
+        done = rans32e.decode_ext_quad_f32(payload[offs[0] : offs[0] + lens[0]], scratch[0],
+                                           payload[offs[1] : offs[1] + lens[1]], scratch[1], m1, m0, u)
+        if done < 0:
+            return False
+        h = (n + 1) >> 1
+        fields._merge_f32(scratch[0][done:h], scratch[1][done:h], m1[done:h], m0[done:h], u[done:h])
+        fields._merge_f32(scratch[0][h + done :], scratch[1][h + done :], m1[h + done :], m0[h + done :],
+                          u[h + done :])
         return True
     if not _single_part(1, payload, meths, offs, lens, M_RANS32E):
         return False

@@ -132,6 +132,36 @@ def test_eight_chain_bf16_loop_agrees_with_the_scalar_decoder(elements):
     assert decode_chunk(enc.codec_id, enc.params, enc.payload, len(raw)) == raw
 
 
+@pytest.mark.parametrize("elements", [150001, 2 * tensor.SPLIT_MIN + 33])
+def test_eight_chain_f32_loop_agrees_with_the_scalar_decoder(elements):
+    """The f32 form of the eight-chain loop: exponents and sign|mantissa-top bytes in two parts each, the mantissa
+    planes raw."""
+    raw = _floats(elements, 11).astype(np.float32).tobytes()
+    enc = encode_chunk(raw, ChunkHints(segments=(Segment(0, len(raw), "f32"),)))
+    plan = np.empty((3, 8), np.int64)
+    assert tensor_fast._single_class_plan(np.frombuffer(enc.params, np.uint8), len(raw), len(enc.payload), plan) == 3
+    pay = np.frombuffer(enc.payload, np.uint8)
+    n = elements
+    a, b, m1, m0 = (pay[plan[1, k] : plan[1, k] + plan[2, k]] for k in range(4))
+    assert list(plan[0, :4]) == [tensor.M_RANS32E, tensor.M_RANS32E, tensor.M_RAW, tensor.M_RAW]
+    assert a[0] == 2 and b[0] == 2
+    ref = [np.empty(n, np.uint8) for _ in range(2)]
+    assert rans32e.decode_ext_into_scalar(a, ref[0]) == 0 and rans32e.decode_ext_into_scalar(b, ref[1]) == 0
+    assert decode_chunk(enc.codec_id, enc.params, enc.payload, len(raw)) == raw
+    if not rans32.vector_ok():
+        return
+    h = (n + 1) >> 1
+    u = np.empty(n, np.uint32)
+    planes = [np.empty(n, np.uint8) for _ in range(2)]
+    done = rans32e.decode_ext_quad_f32(a, planes[0], b, planes[1], m1, m0, u)
+    assert 0 < done <= n - h
+    want = np.frombuffer(raw, np.uint32)
+    assert np.array_equal(u[:done], want[:done]) and np.array_equal(u[h : h + done], want[h : h + done])
+    for p, r in zip(planes, ref):
+        assert np.array_equal(p[done:h], r[done:h]) and np.array_equal(p[h + done :], r[h + done :])
+    assert rans32e.decode_ext_quad_f32(a, planes[0], b, planes[1], m1[:-1], m0, u) == -1  # plane length checked
+
+
 def test_damaged_bf16_streams_are_refused_or_exact_length():
     raw = _bf16(_floats(65536, 11))
     enc = encode_chunk(raw, ChunkHints(segments=(Segment(0, len(raw), "bf16"),)))
@@ -148,7 +178,8 @@ def test_damaged_bf16_streams_are_refused_or_exact_length():
 
 
 def test_f32_merged_in_the_loop_decodes_most_elements():
-    x = _floats(262144, 5).astype(np.float32)
+    """Single-part streams (shorter than tensor.SPLIT_MIN): the pair loop."""
+    x = _floats(90000, 5).astype(np.float32)
     raw = x.tobytes()
     enc = encode_chunk(raw, ChunkHints(segments=(Segment(0, len(raw), "f32"),)))
     plan = np.empty((3, 8), np.int64)
