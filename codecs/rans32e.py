@@ -240,15 +240,29 @@ def decode_ext_into_scalar(buf, out):
 
 @njit(nogil=True, inline="always")
 def _prepare_quad(buf_a, buf_b, lut_a, lut_b, n):
-    """Both two-part method-6 headers of streams of n symbols: (parts A0, B0, A1, B1 as (words, xs, m) each,
-    h = ceil(n/2), ok)."""
+    """Both two-part method-6 headers of streams of n symbols: (words, xs, m of parts A0, B0, A1, B1, the loop
+    state [0, shared rounds' bound, word positions], h = ceil(n/2), ok)."""
     parts_a, ka0, ka1, wa0, xa0, wa1, xa1, st_a = _prepare_ext(buf_a, lut_a)
     parts_b, kb0, kb1, wb0, xb0, wb1, xb1, st_b = _prepare_ext(buf_b, lut_b)
     h = (n + 1) >> 1
     ma0, ma1 = h - LANES * ka0, (n - h) - LANES * ka1
     mb0, mb1 = h - LANES * kb0, (n - h) - LANES * kb1
     ok = st_a == 0 and st_b == 0 and parts_a == 2 and parts_b == 2 and min(ma0, ma1, mb0, mb1) >= 0
-    return wa0, xa0, ma0, wb0, xb0, mb0, wa1, xa1, ma1, wb1, xb1, mb1, h, ok
+    st = np.empty(6, np.int64)
+    st[0], st[1] = 0, min(ma0, ma1, mb0, mb1)
+    st[2] = st[3] = st[4] = st[5] = 2 * LANES
+    return wa0, xa0, ma0, wb0, xb0, mb0, wa1, xa1, ma1, wb1, xb1, mb1, st, h, ok
+
+
+@njit(nogil=True, inline="always")
+def _finish_quad(lut_a, lut_b, wa0, xa0, oa0, ma0, wb0, xb0, ob0, mb0, wa1, xa1, oa1, ma1, wb1, xb1, ob1, mb1,
+                 merged, st):
+    """finish_part for the four parts after the shared rounds: merged, or -1."""
+    if finish_part(lut_a, wa0, xa0, oa0, ma0, merged, st[2]) or finish_part(lut_b, wb0, xb0, ob0, mb0, merged, st[3]) \
+            or finish_part(lut_a, wa1, xa1, oa1, ma1, merged, st[4]) \
+            or finish_part(lut_b, wb1, xb1, ob1, mb1, merged, st[5]):
+        return -1
+    return merged
 
 
 @njit(nogil=True, boundscheck=False)
@@ -260,20 +274,15 @@ def decode_ext_quad_bf16(buf_a, out_a, buf_b, out_b, u16):
     lut_a = np.empty(SLOTS, np.uint32)
     lut_b = np.empty(SLOTS, np.uint32)
     n = out_a.size
-    wa0, xa0, ma0, wb0, xb0, mb0, wa1, xa1, ma1, wb1, xb1, mb1, h, ok = _prepare_quad(buf_a, buf_b, lut_a, lut_b, n)
+    wa0, xa0, ma0, wb0, xb0, mb0, wa1, xa1, ma1, wb1, xb1, mb1, st, h, ok = _prepare_quad(buf_a, buf_b, lut_a,
+                                                                                          lut_b, n)
     if not ok or out_b.size != n or u16.size != n:
         return -1
     oa0, oa1, ob0, ob1 = out_a[:h], out_a[h:], out_b[:h], out_b[h:]
-    st = np.empty(6, np.int64)
-    st[0], st[1] = 0, min(ma0, ma1, mb0, mb1)
-    st[2] = st[3] = st[4] = st[5] = 2 * LANES
     merged = loop4_bf16(lut_a, wa0, xa0, oa0, lut_b, wb0, xb0, ob0, lut_a, wa1, xa1, oa1, lut_b, wb1, xb1, ob1,
                         u16[:h], u16[h:], st)
-    if finish_part(lut_a, wa0, xa0, oa0, ma0, merged, st[2]) or finish_part(lut_b, wb0, xb0, ob0, mb0, merged, st[3]) \
-            or finish_part(lut_a, wa1, xa1, oa1, ma1, merged, st[4]) \
-            or finish_part(lut_b, wb1, xb1, ob1, mb1, merged, st[5]):
-        return -1
-    return merged
+    return _finish_quad(lut_a, lut_b, wa0, xa0, oa0, ma0, wb0, xb0, ob0, mb0, wa1, xa1, oa1, ma1, wb1, xb1, ob1, mb1,
+                        merged, st)
 
 
 @njit(nogil=True, boundscheck=False)
@@ -283,17 +292,12 @@ def decode_ext_quad_f32(buf_a, out_a, buf_b, out_b, m1, m0, u32):
     lut_a = np.empty(SLOTS, np.uint32)
     lut_b = np.empty(SLOTS, np.uint32)
     n = out_a.size
-    wa0, xa0, ma0, wb0, xb0, mb0, wa1, xa1, ma1, wb1, xb1, mb1, h, ok = _prepare_quad(buf_a, buf_b, lut_a, lut_b, n)
+    wa0, xa0, ma0, wb0, xb0, mb0, wa1, xa1, ma1, wb1, xb1, mb1, st, h, ok = _prepare_quad(buf_a, buf_b, lut_a,
+                                                                                          lut_b, n)
     if not ok or out_b.size != n or u32.size != n or m1.size != n or m0.size != n:
         return -1
     oa0, oa1, ob0, ob1 = out_a[:h], out_a[h:], out_b[:h], out_b[h:]
-    st = np.empty(6, np.int64)
-    st[0], st[1] = 0, min(ma0, ma1, mb0, mb1)
-    st[2] = st[3] = st[4] = st[5] = 2 * LANES
     merged = loop4_f32(lut_a, wa0, xa0, oa0, lut_b, wb0, xb0, ob0, lut_a, wa1, xa1, oa1, lut_b, wb1, xb1, ob1,
                        u32[:h], m1[:h], m0[:h], u32[h:], m1[h:], m0[h:], st)
-    if finish_part(lut_a, wa0, xa0, oa0, ma0, merged, st[2]) or finish_part(lut_b, wb0, xb0, ob0, mb0, merged, st[3]) \
-            or finish_part(lut_a, wa1, xa1, oa1, ma1, merged, st[4]) \
-            or finish_part(lut_b, wb1, xb1, ob1, mb1, merged, st[5]):
-        return -1
-    return merged
+    return _finish_quad(lut_a, lut_b, wa0, xa0, oa0, ma0, wb0, xb0, ob0, mb0, wa1, xa1, oa1, ma1, wb1, xb1, ob1, mb1,
+                        merged, st)
