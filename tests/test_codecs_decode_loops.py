@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from dccfs.codecs import ChunkHints, CodecError, Segment, decode_chunk, encode_chunk
-from dccfs.codecs import rans32, rans32c, rans32e, tensor, tensor_fast
+from dccfs.codecs import fields, rans32, rans32c, rans32e, scratch, tensor, tensor_fast, zeros
 
 log = logging.getLogger(__name__)
 
@@ -160,6 +160,25 @@ def test_eight_chain_f32_loop_agrees_with_the_scalar_decoder(elements):
     for p, r in zip(planes, ref):
         assert np.array_equal(p[done:h], r[done:h]) and np.array_equal(p[h + done :], r[h + done :])
     assert rans32e.decode_ext_quad_f32(a, planes[0], b, planes[1], m1[:-1], m0, u) == -1  # plane length checked
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "f32"])
+def test_zero_masked_classes_use_the_eight_chain_loop_for_their_nonzero_elements(dtype):
+    """A third of the elements +0.0 (zero-masked class): the nonzero elements' streams are long enough to be split
+    in two parts each and decode through the base class's eight-chain loop, bit-exact."""
+    rng = np.random.default_rng(13)
+    x = _floats(300_000, 13)
+    x[rng.random(x.size) < 0.33] = 0.0
+    raw = _bf16(x) if dtype == "bf16" else x.astype(np.float32).tobytes()
+    base = fields.CLASS_BF16 if dtype == "bf16" else fields.CLASS_F32
+    with scratch.session():
+        cls, streams = tensor._encode_float(base, np.frombuffer(raw, np.uint8), 1, None)
+        assert cls == zeros.ZERO_CLASS[base]
+        # stream 0 is the run list; a two-part stream comes as its two pieces
+        assert [m for m, _ in streams[1:3]] == [tensor.M_RANS32E] * 2
+        assert all(isinstance(blob, tuple) and blob[0][0] == 2 for _, blob in streams[1:3])
+    enc = encode_chunk(raw, ChunkHints(segments=(Segment(0, len(raw), dtype),)))
+    assert decode_chunk(enc.codec_id, enc.params, enc.payload, len(raw)) == raw
 
 
 def test_damaged_bf16_streams_are_refused_or_exact_length():
