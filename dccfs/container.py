@@ -12,7 +12,7 @@ import os
 import threading
 import time
 
-from dccfs.codecs import CodecError, EncodedChunk, decode_chunk
+from dccfs.codecs import CodecError, EncodedChunk, codec_name, decode_chunk
 from dccfs.codecs.delta import CODEC_DELTA, decode_delta, delta_base_ref
 from dccfs.format import (
     HEADER_SIZE, INDEX_DELTA, INDEX_FULL, MAX_FILE_OFFSET, RECORD_HEADER_SIZE, REC_CHUNK, FormatError, Header,
@@ -25,6 +25,12 @@ from dccfs.container_records import (  # noqa: F401
 )
 
 log = logging.getLogger(__name__)
+
+
+def record_codec(record: bytes) -> str:
+    """The codec name of a chunk record whose header decode_record accepted (for stats)."""
+    sub = RecordHeader.unpack(record).sub
+    return "delta" if sub == CODEC_DELTA else codec_name(sub)
 
 
 class Container:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -125,6 +126,24 @@ def test_stats_and_tune_on_a_live_mount(mounted):
     assert bad.returncode == 1 and "not one of" in bad.stderr
     bad = dccfs("tune", mounted.mnt, "colour=red")
     assert bad.returncode == 1 and "unknown key" in bad.stderr
+
+
+@pytest.mark.mount
+def test_stats_count_decodes_per_codec(mounted):
+    """A chunk read from disk counts under its codec: real bf16 weights under tensor, a text file under zstd."""
+    weights = Path(__file__).resolve().parents[1] / ".corpus" / "real" / "minilm_bf16.safetensors"
+    if not weights.exists():
+        pytest.skip("corpus not built (make corpus)")
+    shutil.copyfile(weights, mounted.mnt / "model.safetensors")
+    text = b"".join(b"line %d of a log that compresses\n" % i for i in range(50_000))
+    (mounted.mnt / "notes.txt").write_bytes(text)
+    mounted.remount()
+    assert (mounted.mnt / "model.safetensors").read_bytes() == weights.read_bytes()
+    assert (mounted.mnt / "notes.txt").read_bytes() == text
+    decode = json.loads(dccfs("stats", "--json", mounted.mnt).stdout)["stats"]["decode"]
+    assert "all" not in decode and {"tensor", "zstd"} <= set(decode), decode
+    tensor = decode["tensor"]
+    assert tensor["chunks"] > 0 and tensor["bytes_in"] > tensor["bytes_out"] > 0 and tensor["seconds"] > 0
 
 
 @pytest.mark.mount
