@@ -19,7 +19,7 @@ from dccfs.chunkfile import ContainerFile
 from dccfs.engine import Engine
 from dccfs.fs_errors import guarded
 from dccfs.fs_files import OpenFileHandlers
-from dccfs.handles import HandleTable, logical_size, visible_nlink
+from dccfs.handles import HandleTable, attrs_need_reading, logical_size, visible_nlink
 from dccfs.inodes import ROOT_INODE, Inode
 from dccfs.pins import PinTrackingInodeTable
 
@@ -89,6 +89,19 @@ class DccfsOperations(OpenFileHandlers, pyfuse3.Operations):
         entry.st_ctime_ns = ctime
         return entry
 
+    async def _attrs_read(self, inode: Inode, st: os.stat_result) -> pyfuse3.EntryAttributes:
+        """_attrs, reading the container's size (and a pinned base's hidden link) on a worker
+        thread when no answer is cached: a cold container's verified size costs a header, a
+        trailer and an index read (~1 ms each file), which on the trio thread held up every
+        other request, e.g. a training job's writes while someone runs ls -l or du."""
+        if attrs_need_reading(inode, st):
+            await trio.to_thread.run_sync(self._read_attrs, inode, st)
+        return self._attrs(inode, st)
+
+    def _read_attrs(self, inode: Inode, st: os.stat_result) -> None:
+        logical_size(inode, st)  # both cache their answer in inode.extra
+        visible_nlink(inode, st, self.backing_root)
+
     def _stat(self, inode: Inode) -> os.stat_result:
         return os.stat(inode.fd)
 
@@ -98,7 +111,7 @@ class DccfsOperations(OpenFileHandlers, pyfuse3.Operations):
 
     async def _entry(self, parent: Inode, name: bytes) -> pyfuse3.EntryAttributes:
         inode, st = self.inodes.lookup_child(parent, name)
-        return self._attrs(inode, st)
+        return await self._attrs_read(inode, st)
 
     @guarded
     async def lookup(self, parent_inode, name, ctx=None):
@@ -120,7 +133,7 @@ class DccfsOperations(OpenFileHandlers, pyfuse3.Operations):
     @guarded
     async def getattr(self, inode, ctx=None):
         node = self.inodes.get(inode)
-        return self._attrs(node, self._stat(node))
+        return await self._attrs_read(node, self._stat(node))
 
     @guarded
     async def setattr(self, inode, attr, fields, fh, ctx):
@@ -246,7 +259,8 @@ class DccfsOperations(OpenFileHandlers, pyfuse3.Operations):
                 inode, st = self.inodes.lookup_child(node, name)
             except FileNotFoundError:
                 continue  # removed since opendir
-            if not pyfuse3.readdir_reply(token, name, self._attrs(inode, st), position + 1):
+            # lookup_child took a lookup reference: the inode stays while the attributes are read
+            if not pyfuse3.readdir_reply(token, name, await self._attrs_read(inode, st), position + 1):
                 self.inodes.forget(inode.number, 1)
                 break
 

@@ -119,6 +119,22 @@ def visible_nlink(inode: Inode, st: os.stat_result, backing_root: str) -> int:
     return nlink
 
 
+def attrs_need_reading(inode: Inode, st: os.stat_result) -> bool:
+    """Whether logical_size or visible_nlink would read the backing file for these stats
+    (no open file, no answer cached for this size, mtime, ctime and link count)."""
+    if not stat.S_ISREG(st.st_mode):
+        return False
+    extra = inode.extra
+    if st.st_nlink >= 2:
+        cached = extra.get("nlink_sig")
+        if not cached or cached[0] != (st.st_nlink, st.st_ctime_ns):
+            return True
+    if isinstance(extra.get("file"), ContainerFile) or st.st_size < HEADER_SIZE:
+        return False
+    cached = extra.get("size_sig")
+    return not cached or cached[0] != (st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
 def logical_size(inode: Inode, st: os.stat_result) -> int:
     """st_size as the mount shows it: the container's logical size, or the raw size."""
     file = inode.extra.get("file")
