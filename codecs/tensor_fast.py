@@ -73,8 +73,9 @@ def _parts(k, payload, meths, offs, lens):
 @njit(nogil=True, inline="always")
 def _merged_in_loop(cls, payload, meths, offs, lens, scratch, out):
     """The usual bf16, f32 and f16 chunks: the first two streams (f16: the two parts of the first; bf16, f32: both
-    streams' two parts where they have two) decode in one loop that writes most elements itself (the last ones are merged here); False where the chunk is not of that
-    shape or a stream is malformed (the caller then decodes stream by stream and names the stream)."""
+    streams' two parts where they have two) decode in one loop that writes most elements itself (the last ones
+    are merged here); False where the chunk is not of that shape or a stream is malformed (the caller then
+    decodes stream by stream and names the stream)."""
     n = scratch.shape[1]
     if n == 0:
         return False

@@ -6,7 +6,7 @@ import time
 
 import trio
 
-from dccfs.container import ChunkError, ChunkLoc, pread_exact, record_codec
+from dccfs.container import ChunkError, ChunkLoc, record_codec
 
 log = logging.getLogger(__name__)
 
@@ -112,8 +112,7 @@ class ChunkReader:
         stats = self.engine.stats
         container = self.container
         try:
-            container.check_loc(idx, loc)
-            record = pread_exact(container.fd, loc.length, loc.offset)
+            record = container.read_record(idx, loc)
             # Timed without the read from disk (the read latency covers it), so the decode
             # MB/s in `dccfs stats` is the codec's.
             started = time.perf_counter()

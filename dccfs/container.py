@@ -140,9 +140,12 @@ class Container:
             loc = self.index.get(chunk_index)
             if loc is None:
                 return None
+        return self.decode_record(chunk_index, self.read_record(chunk_index, loc), chain_left)
+
+    def read_record(self, chunk_index: int, loc: ChunkLoc) -> bytes:
+        """The stored record loc names, unverified (decode_record checks it)."""
         self.check_loc(chunk_index, loc)
-        record = pread_exact(self.fd, loc.length, loc.offset)
-        return self.decode_record(chunk_index, record, chain_left)
+        return pread_exact(self.fd, loc.length, loc.offset)
 
     def check_loc(self, chunk_index: int, loc: ChunkLoc) -> None:
         """ChunkError unless loc could name a chunk record of this container: a damaged index

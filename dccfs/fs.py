@@ -111,7 +111,24 @@ class DccfsOperations(OpenFileHandlers, pyfuse3.Operations):
 
     async def _entry(self, parent: Inode, name: bytes) -> pyfuse3.EntryAttributes:
         inode, st = self.inodes.lookup_child(parent, name)
-        return await self._attrs_read(inode, st)
+        try:
+            return await self._attrs_read(inode, st)
+        except BaseException:
+            self.inodes.forget(inode.number, 1)  # the kernel never got this reference
+            raise
+
+    def _unverified_attrs(self, inode: Inode, st: os.stat_result) -> pyfuse3.EntryAttributes:
+        """The backing file's own attributes, not to be cached by the kernel: a directory
+        listing shows an entry whose container cannot be read (a damaged header), and a stat
+        of it then asks again and gets the error."""
+        entry = pyfuse3.EntryAttributes()
+        entry.st_ino = inode.number
+        entry.entry_timeout = entry.attr_timeout = 0
+        for field in ("st_mode", "st_nlink", "st_uid", "st_gid", "st_rdev", "st_size", "st_blocks",
+                      "st_atime_ns", "st_mtime_ns", "st_ctime_ns"):
+            setattr(entry, field, getattr(st, field))
+        entry.st_blksize = 128 * 1024
+        return entry
 
     @guarded
     async def lookup(self, parent_inode, name, ctx=None):
@@ -260,7 +277,11 @@ class DccfsOperations(OpenFileHandlers, pyfuse3.Operations):
             except FileNotFoundError:
                 continue  # removed since opendir
             # lookup_child took a lookup reference: the inode stays while the attributes are read
-            if not pyfuse3.readdir_reply(token, name, await self._attrs_read(inode, st), position + 1):
+            try:
+                attrs = await self._attrs_read(inode, st)
+            except OSError:
+                attrs = self._unverified_attrs(inode, st)  # the error was logged where it arose
+            if not pyfuse3.readdir_reply(token, name, attrs, position + 1):
                 self.inodes.forget(inode.number, 1)
                 break
 

@@ -95,6 +95,22 @@ def relpath_of(inode: Inode, backing_root: str) -> str:
     return full
 
 
+def _open_backing(inode: Inode, st: os.stat_result) -> int | None:
+    """A read descriptor of the inode's backing file, or None if it cannot be opened or is
+    no longer the file st describes: these reads run on worker threads, and a rewrite's
+    rekey closes the inode's old descriptor, whose number another file may then take."""
+    try:
+        # O_NOATIME: reading our own header must not change the atime users see.
+        fd = os.open(inode.proc_path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOATIME)
+    except OSError:
+        return None
+    opened = os.fstat(fd)
+    if (opened.st_dev, opened.st_ino) != (st.st_dev, st.st_ino):
+        os.close(fd)
+        return None
+    return fd
+
+
 def visible_nlink(inode: Inode, st: os.stat_result, backing_root: str) -> int:
     """st_nlink without the hidden link that pins a delta base in .dccfs/bases."""
     if st.st_nlink < 2 or not stat.S_ISREG(st.st_mode):
@@ -104,8 +120,10 @@ def visible_nlink(inode: Inode, st: os.stat_result, backing_root: str) -> int:
     if cached and cached[0] == signature:
         return cached[1]
     nlink = st.st_nlink
+    fd = _open_backing(inode, st)
+    if fd is None:
+        return nlink
     try:
-        fd = os.open(inode.proc_path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOATIME)
         try:
             header = Header.unpack(pread_exact(fd, HEADER_SIZE, 0))
         finally:
@@ -146,10 +164,8 @@ def logical_size(inode: Inode, st: os.stat_result) -> int:
     cached = inode.extra.get("size_sig")
     if cached and cached[0] == signature:
         return cached[1]
-    try:
-        # O_NOATIME: reading our own header must not change the atime users see.
-        fd = os.open(inode.proc_path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOATIME)
-    except OSError:
+    fd = _open_backing(inode, st)
+    if fd is None:
         return st.st_size
     try:
         if not is_container_head(pread_exact(fd, HEADER_SIZE, 0), inode.proc_path):

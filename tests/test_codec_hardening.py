@@ -121,10 +121,17 @@ def float_chunks(n: int = 1 << 17, seed: int = 1) -> dict[str, tuple[bytes, Chun
     sparse[rng.random(n) < 0.5] = 0
     third = n // 4
     parts = [(rng.standard_normal(third) * s).astype(np.float32) for s in (0.02, 1e-8, 3.0)]
+    # spread over exponents like real weights, with the two lowest bits of the sign|mantissa stream cleared so
+    # that it is surely coded (random ones sit at the edge of raw); the f32 mantissa planes below it stay raw
+    g = (rng.normal(0, 0.05, n) * np.exp(rng.normal(0, 1, n) * 0.5)).astype(np.float32).view(np.uint32)
+    g &= np.uint32(~0x30000 & 0xFFFFFFFF)
+    g16 = (g >> 16).astype(np.uint16)
     return {
-        "bf16": whole(bf16(w), "bf16"),  # method 6, two streams paired
+        "bf16": whole(bf16(w), "bf16"),  # method 6, both streams in two parts (eight-chain loop)
+        "bf16-pair": whole(g16[:80000].tobytes(), "bf16"),  # method 6, one part each, paired
         "f16": whole(w.astype(np.float16).tobytes(), "f16"),  # method 6 in two parts, raw
         "f32": whole(w[: n // 2].tobytes(), "f32"),
+        "f32-quad": whole(g[:110000].tobytes(), "f32"),  # methods 6, 6 in two parts each, raw, raw
         "bf16z": whole(bf16(sparse), "bf16"),  # zero runs (zstd), methods 6 and raw
         "f32z": whole(sparse[: n // 2].tobytes(), "f32"),  # zero runs, method 2
         "bf16-short": whole(bf16(w[:2000]), "bf16"),  # method 2

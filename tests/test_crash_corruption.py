@@ -141,3 +141,37 @@ def test_a_damaged_last_index_shows_the_earlier_commit_in_stat_and_read(make_mou
     mount.start()
     assert path.stat().st_size == 6
     assert path.read_bytes() == b"first\n"
+
+
+def test_a_damaged_header_fails_that_file_not_its_directory_listing(make_mount):
+    """readdirplus asks for every entry's attributes; a container whose header is damaged
+    used to fail the whole listing with EIO. Now the directory lists, the damaged file's
+    stat and open give EIO, and its neighbours are untouched."""
+    from dccfs.format import MAGIC
+    mount = make_mount("header")
+    (mount.mnt / "d").mkdir()
+    for name in ("a", "victim", "z"):
+        (mount.mnt / "d" / name).write_bytes(name.encode() * 70_000)
+    mount.stop()
+    with open(mount.backing / "d" / "victim", "r+b") as f:
+        f.seek(len(MAGIC) + 2)  # inside the header, after the magic: fails its checksum
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0x10]))
+    mount.expect_errors = True
+    mount.start()
+    for _ in range(2):  # the second listing comes after the entries were looked up once
+        assert sorted(os.listdir(mount.mnt / "d")) == ["a", "victim", "z"]
+        sizes = {}
+        with os.scandir(mount.mnt / "d") as entries:
+            for entry in entries:
+                try:
+                    sizes[entry.name] = entry.stat().st_size
+                except OSError as exc:
+                    sizes[entry.name] = exc.errno
+        assert sizes == {"a": 70_000, "victim": errno.EIO, "z": 70_000}
+    with pytest.raises(OSError) as exc:
+        (mount.mnt / "d" / "victim").read_bytes()
+    assert exc.value.errno == errno.EIO
+    assert (mount.mnt / "d" / "z").read_bytes() == b"z" * 70_000
+    assert "damaged container header" in mount.log_text()
