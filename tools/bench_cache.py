@@ -6,7 +6,9 @@ The MB/s of that read is compared with reading the same file from a tmpfs after 
 cannot be dropped: that is the RAM baseline). T0 hits/misses and chunk decodes from `dccfs stats --json`
 around the timed read show whether it was served from T0 (misses and decodes must not grow). Each rep
 then reads the file once more without a drop: the kernel's page cache serves that one (dccfs opens files
-with keep_cache), which is what a user's second load gets until the kernel evicts the pages.
+with keep_cache), which is what a user's second load gets until the kernel evicts the pages. Then, per rep,
+the same model is loaded the way safetensors loads it (mmap, copied out 1 MiB at a time) twice after a drop,
+from dccfs (first from T0, second from the page cache) and from a fresh tmpfs copy.
 
 Part 2 (scan resistance): a hot file set that fits in `t0_bytes` is re-read (every 1 MiB block once per pass,
 in random order) between steps of one sequential scan over a cold file set ten times larger. Each step of

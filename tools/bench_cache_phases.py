@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import mmap
 import os
 import random
 import shutil
@@ -45,6 +46,24 @@ def timed_read(path: Path, buf: bytearray) -> tuple[int, float]:
     started = time.perf_counter()
     n = read_whole(path, buf)
     return n, time.perf_counter() - started
+
+
+def mmap_load(path: Path, buf: bytearray) -> tuple[int, float]:
+    """Load the file the way safetensors does: map it and copy it out 1 MiB at a time (page faults, not
+    read calls); returns (bytes, seconds)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        started = time.perf_counter()
+        with mmap.mmap(fd, 0, prot=mmap.PROT_READ) as mapped:
+            view = memoryview(mapped)
+            size = len(view)
+            for off in range(0, size, len(buf)):
+                n = min(len(buf), size - off)
+                buf[:n] = view[off : off + n]
+            view.release()
+        return size, time.perf_counter() - started
+    finally:
+        os.close(fd)
 
 
 def sha1_of(path: Path, buf: bytearray) -> str:
@@ -106,7 +125,7 @@ def part_hot(daemon: Daemon, model: Path, workdir: Path, reps: int) -> dict:
     log.info("cold read (fills T0): %.1f MB/s; %s", size / MB / secs, delta(s1, s0))
     result = {"file": model.name, "bytes": size, "write_mb_s": size / MB / write_s,
               "cold_mb_s": size / MB / secs, "fill": delta(s1, s0), "after_fill": s1, "reps": []}
-    with Tmpfs(workdir / "tmpfs", size + 64 * MIB) as tmp:
+    with Tmpfs(workdir / "tmpfs", 2 * size + 64 * MIB) as tmp:
         ref = Path(tmp.path) / model.name
         shutil.copyfile(model, ref)
         for rep in range(reps):
@@ -135,6 +154,7 @@ def part_hot(daemon: Daemon, model: Path, workdir: Path, reps: int) -> dict:
                      "(%.2fx, %.2fx); T0 hits +%d misses +%d, decodes +%d", rep + 1, row["dccfs_mb_s"],
                      row["page_cache_mb_s"], row["tmpfs_mb_s"], row["ratio"], row["page_cache_ratio"],
                      row["delta"]["t0_hits"], row["delta"]["t0_misses"], row["delta"]["decodes"])
+        result["mmap"] = _mmap_loads(dst, model, Path(tmp.path), reps, buf)
         src_sha = sha1_of(ref, buf)
     result["verified"] = sha1_of(dst, buf) == src_sha
     ratios = [r["ratio"] for r in result["reps"]]
@@ -146,6 +166,28 @@ def part_hot(daemon: Daemon, model: Path, workdir: Path, reps: int) -> dict:
     result["from_t0"] = all(r["delta"]["t0_misses"] == 0 and r["delta"]["decodes"] == 0
                             and r["delta"]["t0_hits"] > 0 for r in result["reps"])
     return result
+
+
+def _mmap_loads(dst: Path, model: Path, tmp: Path, reps: int, buf: bytearray) -> dict:
+    """Two loads through mmap after a drop, of the dccfs file (the first from T0 through FUSE page faults,
+    the second from the page cache) and of a fresh tmpfs copy, alternating: what a safetensors load gets."""
+    rows = []
+    for rep in range(reps):
+        fresh = tmp / "fresh-copy"
+        shutil.copyfile(model, fresh)
+        must_drop()
+        t1, t2 = (mmap_load(fresh, buf) for _ in range(2))
+        fresh.unlink()
+        must_drop()
+        d1, d2 = (mmap_load(dst, buf) for _ in range(2))
+        row = {k: n / MB / secs for k, (n, secs) in (("tmpfs_first", t1), ("tmpfs_second", t2),
+                                                      ("dccfs_first", d1), ("dccfs_second", d2))}
+        row["ratio"] = row["dccfs_second"] / row["tmpfs_second"]
+        rows.append(row)
+        log.info("mmap load %d: dccfs %.0f then %.0f MB/s, fresh tmpfs copy %.0f then %.0f MB/s (%.2fx)", rep + 1,
+                 row["dccfs_first"], row["dccfs_second"], row["tmpfs_first"], row["tmpfs_second"], row["ratio"])
+    return {"reps": rows, **{f"{k}_median": statistics.median(r[k] for r in rows)
+                             for k in ("tmpfs_first", "tmpfs_second", "dccfs_first", "dccfs_second", "ratio")}}
 
 
 # -- part 2: scan resistance ---------------------------------------------------------------------------
