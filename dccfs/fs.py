@@ -281,6 +281,9 @@ class DccfsOperations(OpenFileHandlers, pyfuse3.Operations):
                 attrs = await self._attrs_read(inode, st)
             except OSError:
                 attrs = self._unverified_attrs(inode, st)  # the error was logged where it arose
+            except BaseException:  # cancelled (unmount): the kernel never gets this reference
+                self.inodes.forget(inode.number, 1)
+                raise
             if not pyfuse3.readdir_reply(token, name, attrs, position + 1):
                 self.inodes.forget(inode.number, 1)
                 break
