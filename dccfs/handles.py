@@ -111,14 +111,20 @@ def _open_backing(inode: Inode, st: os.stat_result) -> int | None:
     return fd
 
 
-def visible_nlink(inode: Inode, st: os.stat_result, backing_root: str) -> int:
-    """st_nlink without the hidden link that pins a delta base in .dccfs/bases."""
+def _known_nlink(inode: Inode, st: os.stat_result) -> int | None:
+    """visible_nlink's answer where it needs no read of the backing file, else None."""
     if st.st_nlink < 2 or not stat.S_ISREG(st.st_mode):
         return st.st_nlink
-    signature = (st.st_nlink, st.st_ctime_ns)
     cached = inode.extra.get("nlink_sig")
-    if cached and cached[0] == signature:
-        return cached[1]
+    return cached[1] if cached and cached[0] == (st.st_nlink, st.st_ctime_ns) else None
+
+
+def visible_nlink(inode: Inode, st: os.stat_result, backing_root: str) -> int:
+    """st_nlink without the hidden link that pins a delta base in .dccfs/bases."""
+    known = _known_nlink(inode, st)
+    if known is not None:
+        return known
+    signature = (st.st_nlink, st.st_ctime_ns)
     nlink = st.st_nlink
     fd = _open_backing(inode, st)
     if fd is None:
@@ -138,32 +144,28 @@ def visible_nlink(inode: Inode, st: os.stat_result, backing_root: str) -> int:
 
 
 def attrs_need_reading(inode: Inode, st: os.stat_result) -> bool:
-    """Whether logical_size or visible_nlink would read the backing file for these stats
-    (no open file, no answer cached for this size, mtime, ctime and link count)."""
-    if not stat.S_ISREG(st.st_mode):
-        return False
-    extra = inode.extra
-    if st.st_nlink >= 2:
-        cached = extra.get("nlink_sig")
-        if not cached or cached[0] != (st.st_nlink, st.st_ctime_ns):
-            return True
-    if isinstance(extra.get("file"), ContainerFile) or st.st_size < HEADER_SIZE:
-        return False
-    cached = extra.get("size_sig")
-    return not cached or cached[0] != (st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    """Whether logical_size or visible_nlink would read the backing file for these stats."""
+    return _known_size(inode, st) is None or _known_nlink(inode, st) is None
 
 
-def logical_size(inode: Inode, st: os.stat_result) -> int:
-    """st_size as the mount shows it: the container's logical size, or the raw size."""
+def _known_size(inode: Inode, st: os.stat_result) -> int | None:
+    """logical_size's answer where it needs no read of the backing file (an open file, not a
+    container, or cached for this size, mtime and ctime), else None."""
     file = inode.extra.get("file")
     if isinstance(file, ContainerFile):
         return file.size
     if not stat.S_ISREG(st.st_mode) or st.st_size < HEADER_SIZE:
         return st.st_size
-    signature = (st.st_size, st.st_mtime_ns, st.st_ctime_ns)
     cached = inode.extra.get("size_sig")
-    if cached and cached[0] == signature:
-        return cached[1]
+    return cached[1] if cached and cached[0] == (st.st_size, st.st_mtime_ns, st.st_ctime_ns) else None
+
+
+def logical_size(inode: Inode, st: os.stat_result) -> int:
+    """st_size as the mount shows it: the container's logical size, or the raw size."""
+    known = _known_size(inode, st)
+    if known is not None:
+        return known
+    signature = (st.st_size, st.st_mtime_ns, st.st_ctime_ns)
     fd = _open_backing(inode, st)
     if fd is None:
         return st.st_size
