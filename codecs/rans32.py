@@ -149,27 +149,17 @@ def table_bytes(freq: np.ndarray) -> int:
 
 
 @njit(nogil=True)
-def build_lut_cum(freq, lut):
-    # method 7's bucket tables: slot -> symbol | freq << 8 | cum << 20, next state freq * (x >> 12) + slot - cum
-    # (with the offset table of build_lut its vector loop ran 2x slower on this Xeon; not understood)
+def build_lut(freq, lut, offsets=True):
+    # slot -> symbol | freq << 8 | (slot - cum) << 20: one load serves a symbol, and the next state is
+    # freq * (x >> 12) + (e >> 20) (storing the offset rather than cum saves the vector loop an add per step).
+    # offsets=False stores cum instead (method 7's bucket tables: next state freq * (x >> 12) + slot - cum);
+    # with offsets its vector loop ran 2x slower on this Xeon, not understood.
     pos = 0
     for s in range(256):
         f = freq[s]
         c = pos
-        for _ in range(f):
-            lut[pos] = np.uint32(s | (f << 8) | (c << 20))
-            pos += 1
-
-
-@njit(nogil=True)
-def build_lut(freq, lut):
-    # slot -> symbol | freq << 8 | (slot - cum) << 20: one load serves a symbol, and the next state is
-    # freq * (x >> 12) + (e >> 20) (storing the offset rather than cum saves the vector loop an add per step)
-    pos = 0
-    for s in range(256):
-        f = freq[s]
         for k in range(f):
-            lut[pos] = np.uint32(s | (f << 8) | (k << 20))
+            lut[pos] = np.uint32(s | (f << 8) | ((k if offsets else c) << 20))
             pos += 1
 
 

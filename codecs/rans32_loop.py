@@ -86,7 +86,7 @@ def _step(builder, s, x, p, ctx, i, store=True):
     q = builder.mul(f, builder.lshr(x, _splat(SCALE_BITS)))
     if ctx is None:  # rans32.build_lut: the table holds slot - cum
         x = builder.add(q, builder.lshr(e, _splat(20)))
-    else:  # method 7 (rans32.build_lut_cum): the table holds cum
+    else:  # method 7 (rans32.build_lut(..., offsets=False)): the table holds cum
         x = builder.sub(builder.add(q, slot), builder.lshr(e, _splat(20)))
     need = builder.icmp_unsigned("<", x, _splat(RANS_L))
     if _EXPAND_REGISTER:

@@ -18,7 +18,7 @@ from numba.extending import intrinsic
 
 from ._jit import njit
 from .rans import RANS_L, SCALE_BITS
-from .rans32 import LANES, SLOTS, V, _decl, gather_ptrs, build_lut_cum, read_table
+from .rans32 import LANES, SLOTS, V, _decl, gather_ptrs, build_lut, read_table
 from .rans32_loop import loop1c, loop2c, loop2c_f32
 from .rans32e import _prepare_ext, finish_part
 
@@ -127,7 +127,7 @@ def _prepare(buf, lut, blut, thr):
         tlen = read_table(buf[pos:], freq)
         if tlen < 0:
             return 0, words, xs, -1
-        build_lut_cum(freq, lut[b * SLOTS : (b + 1) * SLOTS])
+        build_lut(freq, lut[b * SLOTS : (b + 1) * SLOTS], False)
         pos += tlen
     if (buf.size - pos) & 1 or buf.size - pos < 4 * LANES:
         return 0, words, xs, -1
