@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-import threading
 
 from ._jit import njit
 import numpy as np
@@ -99,107 +98,6 @@ def _merge_planes(planes, width, b):
     for i in range(n):
         for k in range(width):
             b[i * width + width - 1 - k] = planes[k, i]
-
-
-JOINT_MIN = 1 << 15  # from this many elements on, one 65536-bin histogram of whole elements is the cheaper count
-
-
-@njit(nogil=True, boundscheck=False)
-def _count16(u, mode, joint, counts):
-    """Histograms of both streams of 2-byte elements u (mode 1 bf16, 2 f16) into counts[0] / counts[1], those of
-    every 8th element into counts[2] / counts[3] (tensor._plan_plane's raw test), and +0.0 elements, all / every
-    16th, into counts[4, 0] / counts[4, 1] (zeros.zeros_if_worth). Large inputs count whole elements in joint
-    (65536 uint32 bins, all zero on entry and left so: _joint) and fold: one increment per element instead of one
-    per stream byte."""
-    n = u.size
-    if n < JOINT_MIN:
-        for i in range(n):
-            v = np.int64(u[i])
-            if mode == 1:
-                x = (v >> 7) & 0xFF
-                y = ((v >> 8) & 0x80) | (v & 0x7F)
-            else:
-                x = v >> 8
-                y = v & 0xFF
-            counts[0, x] += 1
-            counts[1, y] += 1
-            counts[4, 0] += v == 0
-            if (i & 7) == 0:
-                counts[2, x] += 1
-                counts[3, y] += 1
-                if (i & 15) == 0 and v == 0:
-                    counts[4, 1] += 1
-        return
-    n8 = n & ~7
-    for i in range(0, n8, 8):
-        v = np.int64(u[i])
-        if mode == 1:
-            counts[2, (v >> 7) & 0xFF] += 1
-            counts[3, ((v >> 8) & 0x80) | (v & 0x7F)] += 1
-        else:
-            counts[2, v >> 8] += 1
-            counts[3, v & 0xFF] += 1
-        if (i & 15) == 0 and v == 0:
-            counts[4, 1] += 1
-        joint[v] += 1
-        for k in range(1, 8):
-            joint[u[i + k]] += 1
-    for i in range(n8, n):  # i % 8 != 0 here: no sample
-        joint[u[i]] += 1
-    counts[4, 0] = joint[0]
-    # fold: the sums of runs of bins first (contiguous, vectorised), then the other stream from the non-empty
-    # runs only (a chunk uses ~25 of the 256 bf16 exponents)
-    runs = np.zeros(512, np.int64)
-    rl = 128 if mode == 1 else 256
-    for r in range(65536 // rl):
-        t = np.int64(0)
-        for m in range(rl):
-            t += joint[r * rl + m]
-        runs[r] = t
-    for r in range(65536 // rl):
-        if runs[r] == 0:
-            continue
-        if mode == 1:  # run r = sign << 8 | exponent, bins = mantissa
-            counts[0, r & 0xFF] += runs[r]
-            hi = (r >> 8) << 7
-            for m in range(128):
-                counts[1, hi | m] += joint[r * 128 + m]
-        else:  # run r = high byte, bins = low byte
-            counts[0, r] += runs[r]
-            for m in range(256):
-                counts[1, m] += joint[r * 256 + m]
-        joint[r * rl : (r + 1) * rl] = 0  # left clean for the next call
-
-
-_local = threading.local()
-
-
-def _joint() -> np.ndarray:
-    """This thread's 65536 bins for _count16, all zero between calls (clearing them for every chunk cost more
-    than counting a bf16 exponent plane)."""
-    j = getattr(_local, "joint", None)
-    if j is None:
-        j = _local.joint = np.zeros(1 << 16, np.uint32)
-    return j
-
-
-def split_count(cls: int, data: np.ndarray, out: np.ndarray | None = None):
-    """(streams, counts) of a 2-byte float class (bf16, f16): the streams as split() gives them (into out, 2 * n
-    bytes, when given) and counts as _count16 fills them."""
-    n = data.size // 2
-    u = data.view("<u2")
-    if out is None:
-        out = np.empty(2 * n, np.uint8)
-    a, b = out[:n], out[n : 2 * n]
-    counts = np.zeros((5, 256), np.int64)
-    # count first, split second: the coder then reads streams that are still in the cache (the other order cost
-    # ~10% of the encoding time of a 1 MiB chunk)
-    _count16(u, 1 if cls == CLASS_BF16 else 2, _joint(), counts)
-    if cls == CLASS_BF16:
-        _split_bf16(u, a, b)
-    else:
-        _split_f16(u, a, b)
-    return [a, b], counts
 
 
 def split(cls: int, data: np.ndarray) -> list[np.ndarray]:

@@ -8,7 +8,7 @@ import logging
 import numpy as np
 
 from ._jit import njit
-from . import fields, generic, rans, rans32, rans32_enc, rans32c, rans32e_enc, scratch, zeros
+from . import count16, fields, generic, rans, rans32, rans32_enc, rans32c, rans32e_enc, scratch, zeros
 from .api import CODEC_TENSOR, CODEC_ZSTD, EncodedChunk, Segment
 from .tensor_decode import decode, decode_into, finish_bytes, new_bytes  # noqa: F401  (re-exported: api, blocks)
 # the format numbers, also re-exported (blocks and tests read them as tensor.FORMAT_VERSION, tensor.M_*)
@@ -86,10 +86,14 @@ def _sample_says_raw(n, sample):
 def _plan_counts(n, counts, rans32_min, method32, flush32, freq):
     """_plan_plane's choice from the plane's histogram: (method, estimated size), freq filled for the rANS
     methods. (In numpy these expressions cost ~25 us per plane.)"""
+    # one symbol with a count, not a count of n: estimated counts (count16) need not add up to n
+    nsym = 0
     for s in range(256):
-        if counts[s] == n:
-            return M_CONST, 1.0
-    rans._normalize(counts, n, freq)
+        nsym += counts[s] > 0
+    if nsym == 1:
+        return M_CONST, 1.0
+    # the counts may be a sample's estimate (count16): their sum is the scale, n the stream's length
+    rans._normalize(counts, counts.sum(), freq)
     body = 0.0
     nsym = 0
     big = 0
@@ -151,11 +155,11 @@ CONTEXT_CLASSES = (fields.CLASS_F32,)
 def _plan_planes(cls: int, planes: list[np.ndarray], context: bool = True, counts: np.ndarray | None = None) -> list:
     """Plans of a float class's streams: order-0 (_plan_plane), or method 7 where a context bucketing is estimated
     smaller (stream 0 given its own symbol 32 earlier, later streams given stream 0). counts: as
-    fields.split_count gives them (2-byte classes)."""
+    count16.split_count gives them (2-byte classes)."""
     if counts is None:
         plans = [_plan_plane(p) for p in planes]
-    else:
-        plans = [_plan_plane(p, counts[k], counts[2 + k]) for k, p in enumerate(planes)]
+    else:  # counts of streams 0 and 1 (count16); f32 mantissa byte streams take their own sample
+        plans = [_plan_plane(p, counts[k], counts[2 + k]) if k < 2 else _plan_plane(p) for k, p in enumerate(planes)]
     if not context or cls not in CONTEXT_CLASSES or plans[0][0] not in (M_RANS, M_RANS32E):
         return plans
     # stream 0 only: the exponent given the same lane's previous exponent carries nearly all of the gain (the
@@ -205,13 +209,18 @@ def _encode_runs(runs: bytes, effort: int, level: int | None) -> tuple[int, byte
 
 
 def _split(cls: int, data: np.ndarray):
-    """(streams, counts or None, +0.0 elements if masking is worth trying else -1) of a float class. bf16 and f16
-    split and count in one pass into scratch memory (their histograms and the zero test were half of the
-    encoding time)."""
+    """(streams, counts or None, +0.0 elements if masking is worth trying else -1) of a float class. bf16, f16
+    and f32 split and count their 16-bit streams together (count16: their histograms and the zero test were half
+    of the encoding time); the +0.0 count of a long input is estimated from its sample."""
     width = fields.CLASSES[cls][0]
     if cls in (fields.CLASS_BF16, fields.CLASS_F16):
-        planes, counts = fields.split_count(cls, data, scratch.take(data.size))
+        planes, counts = count16.split_count(cls, data, scratch.take(data.size))
         return planes, counts, zeros.worth(data.size // width, int(counts[4, 0]), int(counts[4, 1]))
+    if cls == fields.CLASS_F32:
+        planes, counts = count16.split_count32(data)
+        if counts is not None:
+            return planes, counts, zeros.worth(data.size // width, int(counts[4, 0]), int(counts[4, 1]))
+        return planes, None, zeros.zeros_if_worth(data, width)
     nzero = zeros.zeros_if_worth(data, width) if cls in zeros.ZERO_CLASS else -1
     return fields.split(cls, data), None, nzero
 

@@ -207,21 +207,64 @@ def test_rans32_vector_encoder_matches_scalar(n, alphabet, seed):
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(n=st.sampled_from([1, 7, 8, 15, 16, 17, 1000, (1 << 15) - 1, 1 << 15, 70000]), seed=st.integers(0, 2**31),
        zero_share=st.floats(0, 0.5), cls=st.sampled_from([1, 2]))
-def test_split_count_matches_split_and_histograms(n, seed, zero_share, cls):
-    """The fused split + count of bf16/f16 gives exactly the streams of fields.split and the histograms, samples
-    and zero counts the separate passes gave (both sides of JOINT_MIN)."""
-    from dccfs.codecs import fields, rans
+def test_split_count_streams_and_counts(n, seed, zero_share, cls):
+    """The fused split + count of bf16/f16 gives exactly the streams of fields.split and the samples' histograms;
+    below count16.EXACT_MAX the exact histograms and zero counts, from it on estimates that are positive for
+    every symbol that occurs (else the rANS table would have no slot for it)."""
+    from dccfs.codecs import count16, fields, rans
 
     rng = np.random.default_rng(seed)
     u = rng.integers(0, 1 << 16, n).astype(np.uint16)
     u[rng.random(n) < zero_share] = 0
     data = u.view(np.uint8)
-    streams, counts = fields.split_count(cls, data)
+    streams, counts = count16.split_count(cls, data)
     for k, (got, want) in enumerate(zip(streams, fields.split(cls, data))):
         assert np.array_equal(got, want)
-        assert np.array_equal(counts[k], rans.histogram(want))
+        hist = rans.histogram(want)
         assert np.array_equal(counts[2 + k], rans.histogram(np.ascontiguousarray(want[::8])))
-    assert counts[4, 0] == n - np.count_nonzero(u) and counts[4, 1] == u[::16].size - np.count_nonzero(u[::16])
+        if n < count16.EXACT_MAX:
+            assert np.array_equal(counts[k], hist)
+        else:
+            assert np.all(counts[k][hist > 0] > 0)
+    zeros16 = u[::16].size - np.count_nonzero(u[::16])
+    want_zeros = n - np.count_nonzero(u) if n < count16.EXACT_MAX else 8 * (u[::8].size - np.count_nonzero(u[::8]))
+    assert counts[4, 0] == want_zeros and counts[4, 1] == zeros16
+
+
+def _real_like(rng, n, cls, scale):
+    """n 2-byte floats of class cls drawn like weights: normal with the given scale (float16 overflows to inf)."""
+    x = rng.normal(0, scale, n).astype(np.float32)
+    if cls == 1:
+        return (x.view(np.uint32) >> 16).astype(np.uint16)
+    with np.errstate(over="ignore"):
+        return x.astype(np.float16).view(np.uint16)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 2**31), cls=st.sampled_from([1, 2]), scale=st.sampled_from([1e-6, 0.02, 1.0, 3e4]),
+       specials=st.lists(st.sampled_from([0x0000, 0x8000, 0x0001, 0x8001, 0x7F80, 0xFF80, 0x7FC0, 0x7C00, 0xFC00,
+                                          0x7E00, 0x03FF, 0x83FF, 0x7BFF, 0x0400]), max_size=4),
+       positive=st.booleans())
+def test_sampled_support_holds_every_symbol(seed, cls, scale, specials, positive):
+    """Long weight-like inputs with a few rare special values (zeros, denormals, infinities, NaNs, extremes) at
+    places the 1-in-8 sample skips: every stream symbol that occurs has a positive count, and the chunk round-trips
+    through the encoder."""
+    from dccfs.codecs import count16, fields, rans, tensor
+
+    rng = np.random.default_rng(seed)
+    n = 40_000
+    u = _real_like(rng, n, cls, scale)
+    if positive:
+        u &= 0x7FFF
+    for j, v in enumerate(specials):
+        u[8 * (j + 1) + 3] = v  # never a sampled element
+    data = u.view(np.uint8)
+    streams, counts = count16.split_count(cls, data)
+    for k, s in enumerate(streams):
+        assert np.all(counts[k][rans.histogram(s) > 0] > 0)
+    dtype = "bf16" if cls == 1 else "f16"
+    got = tensor.encode(data.tobytes(), (Segment(0, data.size, dtype),), 1, None)
+    assert tensor.decode(got.params, got.payload, data.size) == data.tobytes()
 
 
 def test_vector_step_quotient_is_exact():
@@ -294,3 +337,29 @@ def test_scratch_session_reuses_memory_and_hands_out_fresh_arrays_outside():
     assert all(x.ctypes.data % scratch.ALIGN == 0 for x in (a, b, c))
     outside = scratch.take(100)
     assert not np.shares_memory(outside, scratch.take(100)) and not np.shares_memory(outside, a)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 2**31), scale=st.sampled_from([1e-30, 0.02, 1.0, 1e30]),
+       specials=st.lists(st.sampled_from([0x00000000, 0x80000000, 0x00000001, 0x7F800000, 0xFF800000, 0x7FC00000,
+                                          0x00800000, 0x7F7FFFFF]), max_size=4),
+       zero_share=st.sampled_from([0.0, 0.3, 0.9]))
+def test_sampled_support_f32(seed, scale, specials, zero_share):
+    """f32 inputs count streams 0 and 1 from the sample too: every symbol that occurs has a positive count, rare
+    special values off the sample included, the +0.0 estimate is 8 times the sample's, and the chunk
+    round-trips (zero-masked or not)."""
+    from dccfs.codecs import count16, rans, tensor
+
+    rng = np.random.default_rng(seed)
+    n = 40_000
+    u = rng.normal(0, scale, n).astype(np.float32).view(np.uint32).copy()
+    u[rng.random(n) < zero_share] = 0
+    for j, v in enumerate(specials):
+        u[8 * (j + 1) + 5] = v
+    data = u.view(np.uint8)
+    streams, counts = count16.split_count32(data)
+    for k in (0, 1):
+        assert np.all(counts[k][rans.histogram(streams[k]) > 0] > 0)
+    assert counts[4, 0] == 8 * (u[::8].size - np.count_nonzero(u[::8]))
+    got = tensor.encode(data.tobytes(), (Segment(0, data.size, "f32"),), 1, None)
+    assert tensor.decode(got.params, got.payload, data.size) == data.tobytes()
