@@ -322,3 +322,17 @@ def loop2_f16(typingctx, lut_a, words_a, xs_a, out_a, lut_b, words_b, xs_b, out_
     raw low bytes lo_a / lo_b."""
     sig = types.int64(lut_a, words_a, xs_a, out_a, lut_b, words_b, xs_b, out_b, u16_a, lo_a, u16_b, lo_b, state)
     return sig, lambda c, b, s, a: _emit_loop(c, b, s, a, (False, False), "f16")
+
+
+
+@intrinsic
+def loop4c_f32(typingctx, lut_c0, words_c0, xs_c0, out_c0, thr_0, ctx0_0, lut_e0, words_e0, xs_e0, out_e0,
+               lut_c1, words_c1, xs_c1, out_c1, thr_1, ctx0_1, lut_e1, words_e1, xs_e1, out_e1,
+               u32_0, m1_0, m0_0, u32_1, m1_1, m0_1, state):
+    """loop2c_f32 for a two-part method-7 exponent stream (source 2) and a two-part method-6 sign|mantissa stream
+    (eight chains): the parts 0 write u32_0 from m1_0 / m0_0, the parts 1 u32_1 from m1_1 / m0_1 (the parts of a
+    stream share its tables: callers pass them twice)."""
+    sig = types.int64(lut_c0, words_c0, xs_c0, out_c0, thr_0, ctx0_0, lut_e0, words_e0, xs_e0, out_e0,
+                      lut_c1, words_c1, xs_c1, out_c1, thr_1, ctx0_1, lut_e1, words_e1, xs_e1, out_e1,
+                      u32_0, m1_0, m0_0, u32_1, m1_1, m0_1, state)
+    return sig, lambda c, b, s, a: _emit_loop(c, b, s, a, (True, False, True, False), "f32x2")

@@ -19,13 +19,15 @@ from numba.extending import intrinsic
 from ._jit import njit
 from .rans import RANS_L, SCALE_BITS
 from .rans32 import LANES, SLOTS, V, _decl, gather_ptrs, build_lut, read_table
-from .rans32_loop import loop1c, loop2c, loop2c_f32
-from .rans32e import _prepare_ext, finish_part
+from .rans32_loop import loop1c, loop2c, loop2c_f32, loop4c_f32
+from .rans32e import _prepare_ext, _prepare_halves, finish_part
 
 log = logging.getLogger(__name__)
 
 MAX_BUCKETS = 4
-SRC_SELF, SRC_STREAM0 = 0, 1  # context sources (docs/codecs.md, method 7)
+# context sources (docs/codecs.md, method 7); source 2 is source 0 in two parts (each half of the symbols coded on
+# its own with the shared tables: a decoder runs both with the class's other stream in eight vector chains)
+SRC_SELF, SRC_STREAM0, SRC_SELF2 = 0, 1, 2
 FLUSH = 4 * LANES  # the 32 final states
 
 _i1, _i8, _i16, _i32, _i64 = (ir.IntType(b) for b in (1, 8, 16, 32, 64))
@@ -96,23 +98,25 @@ def _round16c(typingctx, lut, words, p, xs, k, out, oi, ctx, ci, thr):
 
 @njit(nogil=True)
 def _prepare(buf, lut, blut, thr):
-    """Parse source, thresholds, tables and initial states: (source, words, xs, status); fills lut[buckets * 4096],
-    blut[256] (context -> bucket) and thr[3] (256 = unused)."""
+    """Parse source, thresholds, tables and initial states: (source, words, xs, words_b, xs_b, status) with the
+    words and states of part B for source 2 (else empty); fills lut[buckets * 4096], blut[256] (context -> bucket)
+    and thr[3] (256 = unused)."""
     xs = np.empty(LANES, np.uint32)
+    xs_b = np.empty(LANES, np.uint32)
     words = buf[:0].view(np.uint16)
     if buf.size < 3:
-        return 0, words, xs, -1
+        return 0, words, xs, words, xs_b, -1
     src = np.int64(buf[0])
     nt = np.int64(buf[1])
-    if src > SRC_STREAM0 or nt < 1 or nt >= MAX_BUCKETS or buf.size < 2 + nt:
-        return 0, words, xs, -1
+    if src > SRC_SELF2 or nt < 1 or nt >= MAX_BUCKETS or buf.size < 2 + nt:
+        return 0, words, xs, words, xs_b, -1
     for t in range(MAX_BUCKETS - 1):
         thr[t] = 256
     prev = 0
     for t in range(nt):
         v = np.int64(buf[2 + t])
         if v <= prev:
-            return 0, words, xs, -1
+            return 0, words, xs, words, xs_b, -1
         thr[t] = v
         prev = v
     for c in range(256):
@@ -126,15 +130,36 @@ def _prepare(buf, lut, blut, thr):
     for b in range(nt + 1):
         tlen = read_table(buf[pos:], freq)
         if tlen < 0:
-            return 0, words, xs, -1
+            return 0, words, xs, words, xs_b, -1
         build_lut(freq, lut[b * SLOTS : (b + 1) * SLOTS], False)
         pos += tlen
+    na = np.int64(-1)
+    if src == SRC_SELF2:  # varint: the words of part A
+        na = 0
+        shift = 0
+        while True:
+            if pos >= buf.size or shift > 28:
+                return 0, words, xs, words, xs_b, -1
+            v = np.int64(buf[pos])
+            pos += 1
+            na |= (v & 0x7F) << shift
+            shift += 7
+            if not v & 0x80:
+                break
     if (buf.size - pos) & 1 or buf.size - pos < 4 * LANES:
-        return 0, words, xs, -1
-    words = buf[pos:].view(np.uint16)
+        return 0, words, xs, words, xs_b, -1
+    all_words = buf[pos:].view(np.uint16)
+    if na < 0:
+        na = all_words.size
+    elif na < 2 * LANES or all_words.size - na < 2 * LANES:
+        return 0, words, xs, words, xs_b, -1
+    words = all_words[:na]
+    words_b = all_words[na:]
     for j in range(LANES):
         xs[j] = (np.uint32(words[2 * j]) << 16) | np.uint32(words[2 * j + 1])
-    return src, words, xs, 0
+        if src == SRC_SELF2:
+            xs_b[j] = (np.uint32(words_b[2 * j]) << 16) | np.uint32(words_b[2 * j + 1])
+    return src, words, xs, words_b, xs_b, 0
 
 
 @njit(nogil=True, inline="always")
@@ -196,10 +221,15 @@ def decode_into(buf, stream0, out):
     lut = np.empty(MAX_BUCKETS * SLOTS, np.uint32)
     blut = np.empty(256, np.uint8)
     thr = np.empty(MAX_BUCKETS - 1, np.int64)
-    src, words, xs, st = _prepare(buf, lut, blut, thr)
+    src, words, xs, words_b, xs_b, st = _prepare(buf, lut, blut, thr)
     n = out.size
     if st:
         return -1
+    if src == SRC_SELF2:
+        h = (n + 1) >> 1
+        if _decode_self(lut, blut, thr, words, xs, out[:h]):
+            return -1
+        return _decode_self(lut, blut, thr, words_b, xs_b, out[h:])
     nw = words.size
     p = 2 * LANES
     i = 0
@@ -211,9 +241,16 @@ def decode_into(buf, stream0, out):
             p = _round16c(lut, words, p, xs, 1, out, i + V, stream0, i + V, thr)
             i += LANES
         return _tail(words, lut, blut, xs, out, 0, stream0, 0, i, n, p)
-    # own context: the first 32 symbols see context 0, every later one the symbol 32 before it in out
+    return _decode_self(lut, blut, thr, words, xs, out)
+
+
+@njit(nogil=True, inline="always")
+def _decode_self(lut, blut, thr, words, xs, out):
+    """A source-0 coder (or one part of source 2) into out: the first 32 symbols see context 0, every later one
+    the symbol 32 before it in out. 0 or -1."""
+    n = out.size
     st = np.empty(3, np.int64)
-    st[0], st[1], st[2] = 0, n, p
+    st[0], st[1], st[2] = 0, n, 2 * LANES
     i = loop1c(lut, words, xs, out, thr, np.zeros(LANES, np.uint8), st)
     return _tail_self(words, lut, blut, xs, out, i, n, st[2])
 
@@ -228,7 +265,7 @@ def decode_pair_into(buf_c, out_c, buf_e, out_e, m1, m0, u32):
     lut_c = np.empty(MAX_BUCKETS * SLOTS, np.uint32)
     blut = np.empty(256, np.uint8)
     thr = np.empty(MAX_BUCKETS - 1, np.int64)
-    src, words_c, xs_c, st_c = _prepare(buf_c, lut_c, blut, thr)
+    src, words_c, xs_c, _, _, st_c = _prepare(buf_c, lut_c, blut, thr)
     lut_e = np.empty(SLOTS, np.uint32)
     parts, k_e, _, words_e, xs_e, _, _, st_e = _prepare_ext(buf_e, lut_e)
     if st_c or st_e or parts != 1 or src != SRC_SELF:
@@ -247,19 +284,61 @@ def decode_pair_into(buf_c, out_c, buf_e, out_e, m1, m0, u32):
     else:
         i = loop2c(lut_c, words_c, xs_c, out_c, thr, zero, lut_e, words_e, xs_e, out_e, st)
         merged = 0
-    if merged >= LANES:
-        # the next symbols' contexts: the last round's exponents, which the merged loop left in the elements only
-        for j in range(i - LANES, i):
-            out_c[j] = (u32[j] >> 23) & 0xFF
     # each finishes on its own: vector rounds while words remain, then the checked scalar tail
-    sc = np.empty(3, np.int64)
-    sc[0], sc[1], sc[2] = i, n_c, st[2]
-    ic = loop1c(lut_c, words_c, xs_c, out_c, thr, out_c[i - LANES : i] if i >= LANES else zero, sc)
-    if _tail_self(words_c, lut_c, blut, xs_c, out_c, ic, n_c, sc[2]):
+    if _finish_self(lut_c, blut, thr, words_c, xs_c, out_c, u32, merged, i, st[2]):
         return -1
     if finish_part(lut_e, words_e, xs_e, out_e, m_e, i, st[3]):
         return -1
     return merged
+
+
+@njit(nogil=True, inline="always")
+def _finish_self(lut, blut, thr, words, xs, out, u32, merged, i, p):
+    """A source-0 coder (or part) from symbol i on (word position p) after a shared loop; merged: how many of the
+    elements u32 the loop wrote instead of out. 0 or -1."""
+    if merged >= LANES:
+        # the next symbols' contexts: the last round's exponents, which the merged loop left in the elements only
+        for j in range(i - LANES, i):
+            out[j] = (u32[j] >> 23) & 0xFF
+    sc = np.empty(3, np.int64)
+    sc[0], sc[1], sc[2] = i, out.size, p
+    ic = loop1c(lut, words, xs, out, thr, out[i - LANES : i] if i >= LANES else np.zeros(LANES, np.uint8), sc)
+    return _tail_self(words, lut, blut, xs, out, ic, out.size, sc[2])
+
+
+@njit(nogil=True, boundscheck=False)
+def decode_quad_f32(buf_c, out_c, buf_e, out_e, m1, m0, u32):
+    """decode_pair_into for a two-part method-7 exponent stream (source 2) and a two-part method-6 sign|mantissa
+    stream of an f32 class with raw mantissa planes m1, m0 (eight vector chains): the rounds all four parts decode
+    together are merged into u32 (parts A from element 0, parts B from h = ceil(n/2)). Returns how many leading
+    elements of each half were (the rest is left in out_c / out_e), -1 if malformed, -2 if the streams do not have
+    that shape (the caller decodes each)."""
+    lut_c = np.empty(MAX_BUCKETS * SLOTS, np.uint32)
+    blut = np.empty(256, np.uint8)
+    thr = np.empty(MAX_BUCKETS - 1, np.int64)
+    src, wc0, xc0, wc1, xc1, st_c = _prepare(buf_c, lut_c, blut, thr)
+    lut_e = np.empty(SLOTS, np.uint32)
+    n = out_c.size
+    if st_c or src != SRC_SELF2:
+        return -2
+    we0, xe0, me0, we1, xe1, me1, ok = _prepare_halves(buf_e, lut_e, n)
+    if not ok:
+        return -2
+    if out_e.size != n or u32.size != n or m1.size != n or m0.size != n:
+        return -1
+    h = (n + 1) >> 1
+    oc0, oc1, oe0, oe1 = out_c[:h], out_c[h:], out_e[:h], out_e[h:]
+    st = np.empty(6, np.int64)
+    st[0], st[1] = 0, min(n - h, me0, me1)
+    st[2] = st[3] = st[4] = st[5] = 2 * LANES
+    zero = np.zeros(LANES, np.uint8)
+    i = loop4c_f32(lut_c, wc0, xc0, oc0, thr, zero, lut_e, we0, xe0, oe0, lut_c, wc1, xc1, oc1, thr, zero, lut_e,
+                   we1, xe1, oe1, u32[:h], m1[:h], m0[:h], u32[h:], m1[h:], m0[h:], st)
+    if _finish_self(lut_c, blut, thr, wc0, xc0, oc0, u32[:h], i, i, st[2]) \
+            or _finish_self(lut_c, blut, thr, wc1, xc1, oc1, u32[h:], i, i, st[4]) \
+            or finish_part(lut_e, we0, xe0, oe0, me0, i, st[3]) or finish_part(lut_e, we1, xe1, oe1, me1, i, st[5]):
+        return -1
+    return i
 
 
 @njit(nogil=True, boundscheck=False)
@@ -268,7 +347,7 @@ def decode_into_scalar(buf, stream0, out):
     lut = np.empty(MAX_BUCKETS * SLOTS, np.uint32)
     blut = np.empty(256, np.uint8)
     thr = np.empty(MAX_BUCKETS - 1, np.int64)
-    src, words, xs, st = _prepare(buf, lut, blut, thr)
+    src, words, xs, words_b, xs_b, st = _prepare(buf, lut, blut, thr)
     n = out.size
     if st:
         return -1
@@ -276,6 +355,11 @@ def decode_into_scalar(buf, stream0, out):
         if stream0.size < n:
             return -1
         return _tail(words, lut, blut, xs, out, 0, stream0, 0, 0, n, 2 * LANES)
+    if src == SRC_SELF2:
+        h = (n + 1) >> 1
+        if _tail_self(words, lut, blut, xs, out[:h], 0, h, 2 * LANES):
+            return -1
+        return _tail_self(words_b, lut, blut, xs_b, out[h:], 0, n - h, 2 * LANES)
     return _tail_self(words, lut, blut, xs, out, 0, n, 2 * LANES)
 
 

@@ -12,6 +12,7 @@ from ._jit import njit
 from .rans import RANS_L, SCALE_BITS, _enc_step, histogram, normalize
 from .rans32 import LANES, SLOTS, TABLE_MAX, V, write_table
 from .rans32_enc import _encode as _encode_lanes, _rcp32, gather_step_ir
+from .varint import put_varint
 
 log = logging.getLogger(__name__)
 
@@ -175,27 +176,47 @@ def _blut(thresholds: list[int]) -> np.ndarray:
     return blut
 
 
+def _bucket_parts(data: np.ndarray, source: int, ctx: np.ndarray | None, blut: np.ndarray, parts: int, nb: int):
+    """(idx, counts) of bucket_symbols over the stream, or over each half on its own (parts = 2, source 0: each
+    half's first 32 symbols see context 0)."""
+    idx = np.empty(data.size, np.uint16)
+    counts = np.zeros(nb * 256, np.int64)
+    if parts == 1:
+        bucket_symbols(data, ctx if ctx is not None else data, LANES if source == SRC_SELF else 0, blut, idx, counts)
+        return idx, counts
+    h = (data.size + 1) >> 1
+    more = np.zeros_like(counts)
+    bucket_symbols(data[:h], data[:h], LANES, blut, idx[:h], counts)
+    bucket_symbols(data[h:], data[h:], LANES, blut, idx[h:], more)
+    return idx, counts + more
+
+
 def encode(data: np.ndarray, source: int, ctx: np.ndarray | None, thresholds: list[int],
-           freqs: list[np.ndarray], idx: np.ndarray | None = None) -> bytes:
+           freqs: list[np.ndarray], idx: np.ndarray | None = None, parts: int = 1) -> bytes:
     """Method-7 stream of data with len(thresholds) + 1 bucket tables freqs (context: own symbol 32 earlier for
-    source 0, ctx[i] for source 1); idx from bucket_symbols if the caller has it."""
+    source 0, ctx[i] for source 1); idx from bucket_symbols (or plan with the same parts) if the caller has it.
+    parts = 2 (source 0 only) writes source 2: each half of the symbols coded on its own with the same tables."""
     nb = len(thresholds) + 1
     if idx is None:
-        idx = np.empty(data.size, np.uint16)
-        bucket_symbols(data, ctx if ctx is not None else data, LANES if source == SRC_SELF else 0, _blut(thresholds),
-                       idx, np.zeros(nb * 256, np.int64))
+        idx, _ = _bucket_parts(data, source, ctx, _blut(thresholds), parts, nb)
     freq = np.concatenate(freqs).astype(np.int64)
     cum = np.zeros(nb * 256, np.int64)
     for b in range(nb):
         cum[b * 256 + 1 : (b + 1) * 256] = np.cumsum(freq[b * 256 : (b + 1) * 256 - 1])
     rcp = 1.0 / np.maximum(freq, 1)
-    out = np.empty(data.size + 2 * LANES + 8, np.uint16)
-    pos = _encoder()(idx, freq, cum, rcp, out)
-    head = bytearray([source, len(thresholds), *thresholds])
+    h = (data.size + 1) >> 1 if parts == 2 else data.size
+    coded = []
+    for piece in ((idx,) if parts == 1 else (idx[:h], idx[h:])):
+        out = np.empty(piece.size + 2 * LANES + 8, np.uint16)
+        pos = _encoder()(piece, freq, cum, rcp, out)
+        coded.append(out[pos:].astype("<u2").tobytes())
+    head = bytearray([SRC_SELF2 if parts == 2 else source, len(thresholds), *thresholds])
     tab = np.empty(TABLE_MAX, np.uint8)
     for f in freqs:
         head += tab[: write_table(f, tab)].tobytes()
-    return bytes(head) + out[pos:].astype("<u2").tobytes()
+    if parts == 2:
+        put_varint(head, len(coded[0]) // 2)
+    return bytes(head) + b"".join(coded)
 
 
 # ---------------------------------------------------------------- chooser (not part of the format)
@@ -233,8 +254,9 @@ def _quantiles(hist: np.ndarray) -> list[int]:
     return sorted(t for t in th if 0 < t < 256)
 
 
-def plan(data: np.ndarray, source: int, ctx: np.ndarray | None):
-    """(thresholds, bucket tables, estimated bytes, idx) of method 7 for data, or None when it cannot pay."""
+def plan(data: np.ndarray, source: int, ctx: np.ndarray | None, parts: int = 1):
+    """(thresholds, bucket tables, estimated bytes, idx) of method 7 for data, or None when it cannot pay; parts =
+    2 (source 0 only): for the stream in two halves (encode with the same parts)."""
     if data.size < MIN_SYMBOLS:
         return None
     src = data if source == SRC_SELF else ctx
@@ -252,10 +274,8 @@ def plan(data: np.ndarray, source: int, ctx: np.ndarray | None):
     gain = _entropy_bits(per.sum(0)) - sum(_entropy_bits(row) for row in per)
     if gain * SAMPLE_STEP / 8 < SAMPLE_MIN_GAIN * nb + FLUSH:
         return None
-    idx = np.empty(data.size, np.uint16)
-    counts = np.zeros(nb * 256, np.int64)
-    bucket_symbols(data, src, lag, blut, idx, counts)
-    size = 2.0 + len(thresholds) + FLUSH
+    idx, counts = _bucket_parts(data, source, ctx, blut, parts, nb)
+    size = 2.0 + len(thresholds) + parts * FLUSH + (3 if parts == 2 else 0)
     freqs = []
     for b in range(nb):
         c = counts[b * 256 : (b + 1) * 256]
@@ -268,4 +288,4 @@ def plan(data: np.ndarray, source: int, ctx: np.ndarray | None):
 
 # Last: rans32c re-exports this module's names at its own end, so whichever of the two is
 # imported first, each finds the other's names already defined.
-from .rans32c import FLUSH, SRC_SELF  # noqa: E402
+from .rans32c import FLUSH, SRC_SELF, SRC_SELF2  # noqa: E402

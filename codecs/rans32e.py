@@ -239,19 +239,25 @@ def decode_ext_into_scalar(buf, out):
 
 
 @njit(nogil=True, inline="always")
+def _prepare_halves(buf, lut, n):
+    """A two-part method-6 header of a stream of n symbols: (words, xs, m of part A, of part B, ok), m = the
+    symbols a part codes before those its end states carry."""
+    parts, k0, k1, w0, x0, w1, x1, st = _prepare_ext(buf, lut)
+    h = (n + 1) >> 1
+    m0, m1 = h - LANES * k0, (n - h) - LANES * k1
+    return w0, x0, m0, w1, x1, m1, st == 0 and parts == 2 and min(m0, m1) >= 0
+
+
+@njit(nogil=True, inline="always")
 def _prepare_quad(buf_a, buf_b, lut_a, lut_b, n):
     """Both two-part method-6 headers of streams of n symbols: (words, xs, m of parts A0, B0, A1, B1, the loop
     state [0, shared rounds' bound, word positions], h = ceil(n/2), ok)."""
-    parts_a, ka0, ka1, wa0, xa0, wa1, xa1, st_a = _prepare_ext(buf_a, lut_a)
-    parts_b, kb0, kb1, wb0, xb0, wb1, xb1, st_b = _prepare_ext(buf_b, lut_b)
-    h = (n + 1) >> 1
-    ma0, ma1 = h - LANES * ka0, (n - h) - LANES * ka1
-    mb0, mb1 = h - LANES * kb0, (n - h) - LANES * kb1
-    ok = st_a == 0 and st_b == 0 and parts_a == 2 and parts_b == 2 and min(ma0, ma1, mb0, mb1) >= 0
+    wa0, xa0, ma0, wa1, xa1, ma1, ok_a = _prepare_halves(buf_a, lut_a, n)
+    wb0, xb0, mb0, wb1, xb1, mb1, ok_b = _prepare_halves(buf_b, lut_b, n)
     st = np.empty(6, np.int64)
     st[0], st[1] = 0, min(ma0, ma1, mb0, mb1)
     st[2] = st[3] = st[4] = st[5] = 2 * LANES
-    return wa0, xa0, ma0, wb0, xb0, mb0, wa1, xa1, ma1, wb1, xb1, mb1, st, h, ok
+    return wa0, xa0, ma0, wb0, xb0, mb0, wa1, xa1, ma1, wb1, xb1, mb1, st, (n + 1) >> 1, ok_a and ok_b
 
 
 @njit(nogil=True, inline="always")

@@ -164,10 +164,21 @@ def _plan_planes(cls: int, planes: list[np.ndarray], context: bool = True, count
         return plans
     # stream 0 only: the exponent given the same lane's previous exponent carries nearly all of the gain (the
     # mantissa given the exponent added 0.0003 on the checkpoint for twice the encoding time)
-    got = rans32c.plan(planes[0], rans32c.SRC_SELF, None)
+    # next to a method-6 sign|mantissa stream that splits, with raw mantissa planes (the usual checkpoint chunk),
+    # both streams go in two parts: eight vector chains decode them (rans32c.decode_quad_f32) where one part each
+    # ran four, nearly twice the time; ~130 bytes more per 1 MiB chunk
+    parts = 2 if (planes[0].size >= SPLIT_MIN and _splits(plans[1], planes[1].size)
+                  and plans[2][0] == M_RAW and plans[3][0] == M_RAW) else 1
+    got = rans32c.plan(planes[0], rans32c.SRC_SELF, None, parts)
     if got is not None and got[2] < plans[0][2]:
-        plans[0] = (M_RANS32C, (rans32c.SRC_SELF, got[0], got[1], got[3]), got[2])
+        plans[0] = (M_RANS32C, (rans32c.SRC_SELF, got[0], got[1], got[3], parts), got[2])
     return plans
+
+
+def _splits(plan, n: int) -> bool:
+    """Whether a stream of n symbols with this plan is coded in two parts (method 6, long enough, still kept
+    against raw with a second flush)."""
+    return plan[0] == M_RANS32E and n >= SPLIT_MIN and plan[2] + FLUSH_BYTES[M_RANS32E] + 3 < RANS_KEEP * n
 
 
 def _encode_planes(cls: int, planes: list[np.ndarray], plans) -> list[tuple[int, bytes | memoryview]]:
@@ -179,10 +190,11 @@ def _encode_planes(cls: int, planes: list[np.ndarray], plans) -> list[tuple[int,
     # chunk for decoding 10-15% faster, docs/codecs.md)
     quad = coders == [0, 1] and (cls == fields.CLASS_BF16 or (
         cls == fields.CLASS_F32 and plans[2][0] == M_RAW and plans[3][0] == M_RAW))
-    if len(coders) == 1 or quad:
+    if plans[0][0] == M_RANS32C and plans[0][1][4] == 2:
+        parts[1] = 2  # _plan_planes checked that it splits
+    elif len(coders) == 1 or quad:
         # all or none: a class with one of the two streams split has no fused loop
-        if all(plans[k][0] == M_RANS32E and planes[k].size >= SPLIT_MIN
-               and plans[k][2] + FLUSH_BYTES[M_RANS32E] + 3 < RANS_KEEP * planes[k].size for k in coders):
+        if all(_splits(plans[k], planes[k].size) for k in coders):
             for k in coders:
                 parts[k] = 2
     # every method-6 stream of the class in one call: their parts are coded two at a time
@@ -193,8 +205,8 @@ def _encode_planes(cls: int, planes: list[np.ndarray], plans) -> list[tuple[int,
         if k in coded:
             out.append((m, coded[k]))
         elif m == M_RANS32C:
-            src, thresholds, freqs, idx = freq
-            out.append((m, rans32c.encode(p, src, planes[0] if src else None, thresholds, freqs, idx)))
+            src, thresholds, freqs, idx, nparts = freq
+            out.append((m, rans32c.encode(p, src, planes[0] if src else None, thresholds, freqs, idx, nparts)))
         else:
             out.append((m, _code_plane(p, m, freq, n)))
     return out

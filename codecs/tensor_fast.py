@@ -44,7 +44,7 @@ def _decode_simple(k, payload, meths, offs, lens, dst):
 @njit(nogil=True, inline="always")
 def _ctx_ok(k, payload, offs, lens):
     """A method-7 stream may take its context from stream 0 only if it is not stream 0 itself."""
-    return lens[k] > 0 and (k > 0 or payload[offs[k]] == rans32c.SRC_SELF)
+    return lens[k] > 0 and (k > 0 or payload[offs[k]] != rans32c.SRC_STREAM0)
 
 
 @njit(nogil=True, inline="always")
@@ -113,6 +113,23 @@ def _merged_in_loop(cls, payload, meths, offs, lens, scratch, out):
         u = out.view(np.uint32)
         done = rans32e.decode_ext_quad_f32(payload[offs[0] : offs[0] + lens[0]], scratch[0],
                                            payload[offs[1] : offs[1] + lens[1]], scratch[1], m1, m0, u)
+        if done < 0:
+            return False
+        h = (n + 1) >> 1
+        fields._merge_f32(scratch[0][done:h], scratch[1][done:h], m1[done:h], m0[done:h], u[done:h])
+        fields._merge_f32(scratch[0][h + done :], scratch[1][h + done :], m1[h + done :], m0[h + done :],
+                          u[h + done :])
+        return True
+    if cls == fields.CLASS_F32 and meths[0] == M_RANS32C and lens[0] > 0 and payload[offs[0]] == rans32c.SRC_SELF2 \
+            and _parts(1, payload, meths, offs, lens) == 2 and meths[2] == M_RAW and lens[2] == n \
+            and meths[3] == M_RAW and lens[3] == n:
+        # a two-part method-7 exponent stream and two-part sign|mantissa bytes (checkpoint chunks written since
+        # 2026-12-05): eight chains in one loop
+        m1 = payload[offs[2] : offs[2] + n]
+        m0 = payload[offs[3] : offs[3] + n]
+        u = out.view(np.uint32)
+        done = rans32c.decode_quad_f32(payload[offs[0] : offs[0] + lens[0]], scratch[0],
+                                       payload[offs[1] : offs[1] + lens[1]], scratch[1], m1, m0, u)
         if done < 0:
             return False
         h = (n + 1) >> 1

@@ -126,12 +126,17 @@ def float_chunks(n: int = 1 << 17, seed: int = 1) -> dict[str, tuple[bytes, Chun
     g = (rng.normal(0, 0.05, n) * np.exp(rng.normal(0, 1, n) * 0.5)).astype(np.float32).view(np.uint32)
     g &= np.uint32(~0x30000 & 0xFFFFFFFF)
     g16 = (g >> 16).astype(np.uint16)
+    # rows with their own scale (optimizer state): method-7 exponents
+    rows = (rng.normal(0, 1e-3, (300, 384)) * np.exp(rng.normal(0, 2, (300, 1)))).astype(np.float32).view(np.uint32)
+    rows = rows.reshape(-1) & np.uint32(~0x30000 & 0xFFFFFFFF)
     return {
         "bf16": whole(bf16(w), "bf16"),  # method 6, both streams in two parts (eight-chain loop)
         "bf16-pair": whole(g16[:80000].tobytes(), "bf16"),  # method 6, one part each, paired
         "f16": whole(w.astype(np.float16).tobytes(), "f16"),  # method 6 in two parts, raw
         "f32": whole(w[: n // 2].tobytes(), "f32"),
         "f32-quad": whole(g[:110000].tobytes(), "f32"),  # methods 6, 6 in two parts each, raw, raw
+        "f32-ctx-pair": whole(rows[:76800].tobytes(), "f32"),  # methods 7 (source 0), 6, raw, raw
+        "f32-ctx-quad": whole(rows.tobytes(), "f32"),  # methods 7 (source 2), 6 in two parts, raw, raw
         "bf16z": whole(bf16(sparse), "bf16"),  # zero runs (zstd), methods 6 and raw
         "f32z": whole(sparse[: n // 2].tobytes(), "f32"),  # zero runs, method 2
         "bf16-short": whole(bf16(w[:2000]), "bf16"),  # method 2

@@ -5,7 +5,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dccfs.codecs import ChunkHints, CodecError, Segment, decode_chunk, encode_chunk
-from dccfs.codecs import blocks, fields, rans32c, rans32c_enc, tensor, zeros
+from dccfs.codecs import blocks, fields, rans32, rans32c, rans32c_enc, tensor, zeros
+from dccfs.codecs.varint import get_varint, put_varint
 
 FAST = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 ROW = 384
@@ -167,6 +168,33 @@ def test_rans32c_vector_and_scalar_agree(n, alphabet, seed, source, nthr):
         bad[-1] ^= 0x40
         out = np.empty(n, np.uint8)
         assert rans32c.decode_into(bad, ctx, out) in (0, -1)
+
+
+@FAST
+@given(n=st.integers(0, 5000), alphabet=st.integers(2, 256), seed=st.integers(0, 2**31), nthr=st.integers(1, 3))
+def test_rans32c_two_parts_vector_and_scalar_agree(n, alphabet, seed, nthr):
+    """Source 2 (each half coded on its own, contexts restarting at the half): both decoders give the data back,
+    and a cut or grown part-A length is refused, never mis-decoded."""
+    rng = np.random.default_rng(seed)
+    data = rng.integers(0, alphabet, n).astype(np.uint8)
+    thresholds = sorted(set(int(t) for t in rng.integers(1, 256, nthr)))
+    _, counts = rans32c_enc._bucket_parts(data, rans32c.SRC_SELF, None, rans32c_enc._blut(thresholds), 2,
+                                          len(thresholds) + 1)
+    freqs = [rans32c.bucket_freqs(c) for c in counts.reshape(-1, 256)]
+    blob = np.frombuffer(rans32c.encode(data, rans32c.SRC_SELF, None, thresholds, freqs, parts=2), np.uint8)
+    assert blob[0] == rans32c.SRC_SELF2
+    for fn in (rans32c.decode_into, rans32c.decode_into_scalar):
+        out = np.empty(n, np.uint8)
+        assert fn(blob, data, out) == 0
+        assert (out == data).all()
+    head = 2 + len(thresholds) + sum(int(rans32.write_table(f, np.empty(rans32.TABLE_MAX, np.uint8))) for f in freqs)
+    words_a, pos = get_varint(bytes(blob), head, "test", 35)
+    for delta in (-1, 1):
+        bad = bytearray(blob[:head].tobytes())
+        put_varint(bad, words_a + delta)
+        bad += blob[pos:].tobytes()
+        out = np.empty(n, np.uint8)
+        assert rans32c.decode_into(np.frombuffer(bytes(bad), np.uint8), data, out) == -1
 
 
 def test_method_7_in_stream_0_must_use_its_own_context():

@@ -42,9 +42,12 @@ def test_f16_f32_roundtrip(n, dtype):
     _roundtrip((x.astype(np.float16) if dtype == "f16" else x.astype(np.float32)).tobytes(), dtype)
 
 
-def test_checkpoint_like_rows_with_method7_roundtrip():
+@pytest.mark.parametrize("nrows", [256, 1024])
+def test_checkpoint_like_rows_with_method7_roundtrip(nrows):
+    """Row-scaled f32 with method-7 exponents: below tensor.SPLIT_MIN elements both streams in one part (pair
+    loop, four chains), above both in two (source 2 and a two-part method-6 stream: eight chains)."""
     rng = np.random.default_rng(7)
-    rows = rng.normal(0, 1e-3, (1024, 384)) * np.exp(rng.normal(0, 2, (1024, 1)))
+    rows = rng.normal(0, 1e-3, (nrows, 384)) * np.exp(rng.normal(0, 2, (nrows, 1)))
     raw = rows.astype(np.float32).tobytes()
     enc = encode_chunk(raw, ChunkHints(segments=(Segment(0, len(raw), "f32"),)))
     plan = np.empty((3, 8), np.int64)
@@ -57,8 +60,19 @@ def test_checkpoint_like_rows_with_method7_roundtrip():
         s0, s1, m1, m0 = (pay[plan[1, k] : plan[1, k] + plan[2, k]] for k in range(4))
         n = len(raw) // 4
         e, sm, u = np.empty(n, np.uint8), np.empty(n, np.uint8), np.empty(n, np.uint32)
-        done = rans32c.decode_pair_into(s0, e, s1, sm, m1, m0, u)
-        assert done > 0 and np.array_equal(u[:done], np.frombuffer(raw, np.uint32)[:done])
+        want = np.frombuffer(raw, np.uint32)
+        split = n >= tensor.SPLIT_MIN
+        assert s0[0] == (rans32c.SRC_SELF2 if split else rans32c.SRC_SELF) and s1[0] == (2 if split else 1)
+        if split:
+            done = rans32c.decode_quad_f32(s0, e, s1, sm, m1, m0, u)
+            h = (n + 1) >> 1
+            assert done > 0 and np.array_equal(u[:done], want[:done]) and np.array_equal(u[h : h + done],
+                                                                                         want[h : h + done])
+            assert rans32c.decode_pair_into(s0, e, s1, sm, m1, m0, u) == -2  # not its shape
+        else:
+            done = rans32c.decode_pair_into(s0, e, s1, sm, m1, m0, u)
+            assert done > 0 and np.array_equal(u[:done], want[:done])
+            assert rans32c.decode_quad_f32(s0, e, s1, sm, m1, m0, u) == -2
 
 
 def test_results_are_independent_bytes_objects():
