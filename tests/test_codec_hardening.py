@@ -138,7 +138,7 @@ def float_chunks(n: int = 1 << 17, seed: int = 1) -> dict[str, tuple[bytes, Chun
         "f32-ctx-pair": whole(rows[:76800].tobytes(), "f32"),  # methods 7 (source 0), 6, raw, raw
         "f32-ctx-quad": whole(rows.tobytes(), "f32"),  # methods 7 (source 2), 6 in two parts, raw, raw
         "bf16z": whole(bf16(sparse), "bf16"),  # zero runs (zstd), methods 6 and raw
-        "f32z": whole(sparse[: n // 2].tobytes(), "f32"),  # zero runs, method 2
+        "f32z": whole(sparse[: n // 2].tobytes(), "f32"),  # zero runs, method 6
         "bf16-short": whole(bf16(w[:2000]), "bf16"),  # method 2
         "f64": whole(rng.standard_normal(n // 4).tobytes(), "f64"),
         "int": ((np.arange(n) % 1000).astype(np.int32).tobytes(), ChunkHints()),  # probed f32: method 7, const

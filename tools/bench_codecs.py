@@ -131,6 +131,12 @@ def side_by_side(paths: list[Path], window_mib: int, offset_mib: int, passes: in
         start = min(offset_mib << 20, max(len(whole) - (window_mib << 20), 0)) // chunk * chunk
         data = whole[start : start + (window_mib << 20)]
         layout = sniff_layout(whole[: 1 << 20], len(whole))
+        if layout is not None:
+            # a torch zip layout learns where storages start from the local headers of the chunks it sees, as a
+            # mount's writer shows it every chunk in order: the chunks before the window too (else a window past
+            # the first storages was only probed: zero runs of optimizer state went to zstd)
+            for o in range(0, start, chunk):
+                layout.hints_for(o, whole[o : o + chunk])
         chunks = [(data[o : o + chunk], layout.hints_for(start + o, data[o : o + chunk]) if layout else ChunkHints())
                   for o in range(0, len(data), chunk)]
         dtypes = Counter(seg.dtype for _, h in chunks for seg in h.segments)
