@@ -75,7 +75,7 @@ SAMPLE_MIN = 1 << 16
 
 @njit(nogil=True)
 def _sample_says_raw(n, sample):
-    total = (n + 7) >> 3
+    total = sample.sum()  # ~n / 8: every 8th byte, or count16's rotating sample
     bits = 0.0
     for s in range(256):
         if sample[s]:
@@ -211,6 +211,11 @@ def _encode_planes(cls: int, planes: list[np.ndarray], plans) -> list[tuple[int,
             out.append((m, rans32c.encode(p, src, planes[0] if src else None, thresholds, freqs, idx, nparts)))
         else:
             out.append((m, _code_plane(p, m, freq, n)))
+    for k, (m, blob) in enumerate(out):
+        coded = sum(len(b) for b in blob) if isinstance(blob, tuple) else len(blob)
+        if m not in (M_RAW, M_CONST) and coded >= planes[k].size:
+            # the plan's estimate comes from a sample (count16): never keep a coded stream larger than the plane
+            out[k] = (M_RAW, _code_plane(planes[k], M_RAW, None))
     return out
 
 
