@@ -8,6 +8,7 @@ import pytest
 
 from dccfs.codecs import ChunkHints, CodecError, Segment, decode_chunk, encode_chunk
 from dccfs.codecs import fields, rans32, rans32c, rans32e, scratch, tensor, tensor_fast, zeros
+from dccfs.codecs.varint import get_varint
 
 log = logging.getLogger(__name__)
 
@@ -245,3 +246,69 @@ def test_f16_two_part_high_bytes_merged_in_the_loop():
         ref = x.view(np.uint16)
         assert h - 1024 <= done <= h
         assert np.array_equal(u[:done], ref[:done]) and np.array_equal(u[h : h + done], ref[h : h + done])
+
+
+def _torch_zip_like(rng, sizes, header=130, scales=None):
+    """Float tensors of the given element counts (and scales) with a zip-header-like run of bytes between them:
+    (raw, hints)."""
+    raw, segs = bytearray(), []
+    for k, n in enumerate(sizes):
+        if k:
+            name = b"ckpt/data/%d" % k  # then zero padding to the next storage, as torch writes it
+            raw += (b"PK\x03\x04" + name).ljust(header, b"\0")
+        segs.append(Segment(len(raw), 4 * n, "f32"))
+        scale = scales[k] if scales else 0.05
+        raw += (rng.normal(0, scale, n) * np.exp(rng.normal(0, 1, n) * 0.5)).astype(np.float32).tobytes()
+    return bytes(raw), ChunkHints(segments=tuple(segs))
+
+
+@pytest.mark.parametrize("header", [64, 130, 256, 300])
+def test_float_chunk_with_small_generic_gaps_decodes_compiled(header):
+    """Two storages of a .pt with the zip header between them: up to tensor.SMALL_GENERIC bytes of header are stored
+    raw and the chunk decodes in tensor_fast.decode_mixed (the Python multi-class path otherwise); either way exact,
+    and a payload of the wrong length raises CodecError."""
+    rng = np.random.default_rng(header)
+    raw, hints = _torch_zip_like(rng, [150_000, 110_000], header)
+    enc = encode_chunk(raw, hints)
+    assert enc.params[0] == tensor.FORMAT_VERSION
+    out = np.empty(len(raw), np.uint8)
+    st = tensor_fast.decode_mixed(np.frombuffer(enc.params, np.uint8), np.frombuffer(enc.payload, np.uint8),
+                                  len(raw), out, tensor_fast.scratch_for(2 * len(raw)))
+    if rans32.vector_ok():
+        assert (st == 0) == (header <= tensor.SMALL_GENERIC)
+        if st == 0:
+            assert out.tobytes() == raw
+    assert decode_chunk(enc.codec_id, enc.params, enc.payload, len(raw)) == raw
+    for payload in (enc.payload[:-1], enc.payload + b"\0"):  # refused by both paths, named by the Python one
+        with pytest.raises(CodecError):
+            decode_chunk(enc.codec_id, enc.params, payload, len(raw))
+
+
+def test_blocks_with_mixed_blocks_decode_in_the_compiled_loop(monkeypatch):
+    """A version-2 chunk whose blocks are one float class or a float class with a small raw header: every block in
+    tensor_fast.decode_blocks, exactly."""
+    from dccfs.codecs import blocks
+
+    rng = np.random.default_rng(3)
+    raw, hints = _torch_zip_like(rng, [60_000, 40_000, 100_000, 50_000], scales=[1e-6, 1.0, 1e4, 1e-2])
+    monkeypatch.setattr(blocks, "BLOCK_PENALTY", 0)  # cut wherever it pays at all
+    enc = encode_chunk(raw, hints)
+    assert enc.params[0] == blocks.VERSION
+    assert decode_chunk(enc.codec_id, enc.params, enc.payload, len(raw)) == raw
+    if rans32.vector_ok():
+        nblocks, pos = get_varint(enc.params, 1, "test", 35)
+        table = np.empty((nblocks, 6), np.int64)
+        opos, qpos, sizes = 0, 0, []
+        for b in range(nblocks):
+            length, pos = get_varint(enc.params, pos, "test", 35)
+            plen, pos = get_varint(enc.params, pos, "test", 35)
+            blen, pos = get_varint(enc.params, pos, "test", 35)
+            sizes.append((length, plen, blen))
+        ppos = pos
+        for b, (length, plen, blen) in enumerate(sizes):
+            table[b] = opos, length, ppos, plen, qpos, blen
+            opos, ppos, qpos = opos + length, ppos + plen, qpos + blen
+        out = np.empty(len(raw), np.uint8)
+        done = tensor_fast.decode_blocks(np.frombuffer(enc.params, np.uint8), np.frombuffer(enc.payload, np.uint8),
+                                         table, out, tensor_fast.scratch_for(2 * len(raw)))
+        assert done == nblocks and out.tobytes() == raw
