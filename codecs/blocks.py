@@ -14,7 +14,7 @@ import numpy as np
 from ._jit import njit
 from .api import CODEC_TENSOR, CodecError, EncodedChunk, Segment
 from .varint import get_varint, put_varint
-from . import fields, rans, rans32, scratch, tensor_fast
+from . import chunk_fast, fields, rans, rans32, scratch, tensor_fast
 
 log = logging.getLogger(__name__)
 
@@ -332,7 +332,7 @@ def decode(params: bytes, payload: bytes | memoryview, raw_len: int) -> bytes:
         for b, (length, plen, blen) in enumerate(sizes):
             table[b] = opos, length, ppos, plen, qpos, blen
             opos, ppos, qpos = opos + length, ppos + plen, qpos + blen
-        first = tensor_fast.decode_blocks(np.frombuffer(params, np.uint8), np.frombuffer(payload, np.uint8), table,
+        first = chunk_fast.decode_blocks(np.frombuffer(params, np.uint8), np.frombuffer(payload, np.uint8), table,
                                           out, tensor_fast.scratch_for(2 * max(s[0] for s in sizes)))
     opos = sum(s[0] for s in sizes[:first])
     ppos = sum(s[2] for s in sizes[:first])

@@ -7,7 +7,7 @@ import logging
 
 import numpy as np
 
-from . import blocks, fields, generic, rans, rans32, tensor_fast, zeros
+from . import blocks, chunk_fast, fields, generic, rans, rans32, tensor_fast, zeros
 from .api import CodecError
 from .tensor_fast import _FAST_METHODS, _decode_fast, _single_class_plan
 from .tensor_format import FORMAT_VERSION, M_CONST, M_LZ4, M_RANS, M_RANS32, M_RANS32E, M_RAW, M_ZSTD, _get_varint
@@ -131,7 +131,7 @@ def decode_into(params: bytes, payload: bytes | memoryview, raw_len: int, out: n
         ns = fields.CLASSES[cls][1]
         _decode_fast(cls, np.frombuffer(payload, np.uint8), plan[0, :ns], plan[1, :ns], plan[2, :ns], out)
         return out
-    if params and rans32.vector_ok() and not tensor_fast.decode_mixed(
+    if params and rans32.vector_ok() and not chunk_fast.decode_mixed(
             np.frombuffer(params, np.uint8), np.frombuffer(payload, np.uint8), raw_len, out,
             tensor_fast.scratch_for(2 * raw_len)):
         return out

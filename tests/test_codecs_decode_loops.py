@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from dccfs.codecs import ChunkHints, CodecError, Segment, decode_chunk, encode_chunk
-from dccfs.codecs import fields, rans32, rans32c, rans32e, scratch, tensor, tensor_fast, zeros
+from dccfs.codecs import chunk_fast, fields, rans32, rans32c, rans32e, scratch, tensor, tensor_fast, zeros
 from dccfs.codecs.varint import get_varint
 
 log = logging.getLogger(__name__)
@@ -272,7 +272,7 @@ def test_float_chunk_with_small_generic_gaps_decodes_compiled(header):
     enc = encode_chunk(raw, hints)
     assert enc.params[0] == tensor.FORMAT_VERSION
     out = np.empty(len(raw), np.uint8)
-    st = tensor_fast.decode_mixed(np.frombuffer(enc.params, np.uint8), np.frombuffer(enc.payload, np.uint8),
+    st = chunk_fast.decode_mixed(np.frombuffer(enc.params, np.uint8), np.frombuffer(enc.payload, np.uint8),
                                   len(raw), out, tensor_fast.scratch_for(2 * len(raw)))
     if rans32.vector_ok():
         assert (st == 0) == (header <= tensor.SMALL_GENERIC)
@@ -309,6 +309,6 @@ def test_blocks_with_mixed_blocks_decode_in_the_compiled_loop(monkeypatch):
             table[b] = opos, length, ppos, plen, qpos, blen
             opos, ppos, qpos = opos + length, ppos + plen, qpos + blen
         out = np.empty(len(raw), np.uint8)
-        done = tensor_fast.decode_blocks(np.frombuffer(enc.params, np.uint8), np.frombuffer(enc.payload, np.uint8),
+        done = chunk_fast.decode_blocks(np.frombuffer(enc.params, np.uint8), np.frombuffer(enc.payload, np.uint8),
                                          table, out, tensor_fast.scratch_for(2 * len(raw)))
         assert done == nblocks and out.tobytes() == raw
