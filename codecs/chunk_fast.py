@@ -22,7 +22,7 @@ def decode_mixed(params, payload, raw_len, out, scratch):
     if n_p < 2 or params[0] != FORMAT_VERSION:
         return -1
     nreg, pos = _varint_at(params, 1)
-    if nreg < 2 or nreg > 64:
+    if nreg < 2 or nreg > 64 or nreg > raw_len + 1:
         return -1
     lens_r = np.empty(nreg, np.int64)
     cls_r = np.empty(nreg, np.int64)
@@ -51,8 +51,11 @@ def decode_mixed(params, payload, raw_len, out, scratch):
         width = 4
     else:
         return -1
-    if gb == 0 or fb + gb != raw_len or fb % width or 2 * raw_len > scratch.size:
+    if gb == 0 or fb + gb != raw_len or 2 * raw_len > scratch.size:
         return -1
+    for r in range(nreg):  # every float region whole elements, as the Python parser demands
+        if cls_r[r] != fields.CLASS_GENERIC and lens_r[r] % width:
+            return -1
     # streams: the generic class's (raw) first, then the float class's, one per byte of its element
     if pos >= n_p or params[pos] != M_RAW:
         return -1

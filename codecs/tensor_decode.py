@@ -131,6 +131,7 @@ def decode_into(params: bytes, payload: bytes | memoryview, raw_len: int, out: n
         ns = fields.CLASSES[cls][1]
         _decode_fast(cls, np.frombuffer(payload, np.uint8), plan[0, :ns], plan[1, :ns], plan[2, :ns], out)
         return out
+    # (the thread's decode scratch grows to twice the chunk size for it: 2 MiB per decoding thread at 1 MiB chunks)
     if params and rans32.vector_ok() and not chunk_fast.decode_mixed(
             np.frombuffer(params, np.uint8), np.frombuffer(payload, np.uint8), raw_len, out,
             tensor_fast.scratch_for(2 * raw_len)):

@@ -29,6 +29,9 @@ log = logging.getLogger(__name__)
 # stored at 0.5434-0.5436, next to the 0.545 target; at 16, 0.5405-0.5418 for 259-279 against 279-280 MB/s
 # (three runs each, alternating, 2026-12-05); never cheap: 0.5357 at 252-254 MB/s
 BACKLOG_CHEAP_FACTOR = 16
+# ...but never more than a quarter of the 1 MiB chunks the dirty budget holds: every waiting encode holds a dirty
+# chunk, so on many cores (or a small budget) 16 per core could never be reached and effort 0 would never come
+BACKLOG_CHEAP_BUDGET_SHARE = 4
 
 
 class DirtyBudget:
@@ -153,7 +156,8 @@ class Engine:
         """0 (cheapest codec) while encodes queue up behind the cores, so the codec never
         becomes the writer's bottleneck; 1 otherwise. Each chunk records what it used."""
         stats = self.cpu_limiter.statistics()
-        if stats.tasks_waiting >= BACKLOG_CHEAP_FACTOR * stats.total_tokens:
+        reachable = max(1, (self.dirty.limit >> 20) // BACKLOG_CHEAP_BUDGET_SHARE)
+        if stats.tasks_waiting >= min(BACKLOG_CHEAP_FACTOR * stats.total_tokens, reachable):
             self.stats.cheap_encodes += 1
             return 0
         return 1

@@ -312,3 +312,23 @@ def test_blocks_with_mixed_blocks_decode_in_the_compiled_loop(monkeypatch):
         done = chunk_fast.decode_blocks(np.frombuffer(enc.params, np.uint8), np.frombuffer(enc.payload, np.uint8),
                                          table, out, tensor_fast.scratch_for(2 * len(raw)))
         assert done == nblocks and out.tobytes() == raw
+
+
+def test_mixed_chunk_params_the_python_parser_refuses_are_refused():
+    """decode_mixed takes only what the Python parser takes (review, 2026-12-05): a float region that is not whole
+    elements, or more regions than bytes, is a CodecError, never bytes laid out around a shifted gap."""
+    from test_codec_hardening import build_v1, parse_v1
+
+    rng = np.random.default_rng(5)
+    raw, hints = _torch_zip_like(rng, [20000, 15000], 130)
+    enc = encode_chunk(raw, hints)
+    regions, streams = parse_v1(enc.params, enc.payload)
+    assert [c for _, c in regions] == [fields.CLASS_F32, fields.CLASS_GENERIC, fields.CLASS_F32]
+    shifted = [(regions[0][0] - 2, regions[0][1]), regions[1], (regions[2][0] + 2, regions[2][1])]
+    params, payload = build_v1(shifted, streams)
+    with pytest.raises(CodecError, match="bad region"):
+        decode_chunk(enc.codec_id, params, payload, len(raw))
+    small = [(1, fields.CLASS_GENERIC), (4, fields.CLASS_F32)] + [(0, fields.CLASS_F32)] * 5
+    params, payload = build_v1(small, [(tensor.M_RAW, b"g")] + [(tensor.M_RAW, b"x")] * 4)
+    with pytest.raises(CodecError):
+        decode_chunk(enc.codec_id, params, payload, 5)
