@@ -8,7 +8,8 @@ import numpy as np
 
 from ._jit import njit
 from . import fields
-from .tensor_fast import _fused_vec, _single_class_plan, _varint_at
+from .rans32e import varint_at
+from .tensor_fast import _fused_vec, _single_class_plan
 from .tensor_format import FORMAT_VERSION, M_CONST, M_RANS, M_RANS32, M_RANS32C, M_RANS32E, M_RAW
 
 
@@ -21,7 +22,7 @@ def decode_mixed(params, payload, raw_len, out, scratch):
     n_p = params.size
     if n_p < 2 or params[0] != FORMAT_VERSION:
         return -1
-    nreg, pos = _varint_at(params, 1)
+    nreg, pos = varint_at(params, 1)
     if nreg < 2 or nreg > 64 or nreg > raw_len + 1:
         return -1
     lens_r = np.empty(nreg, np.int64)
@@ -30,7 +31,7 @@ def decode_mixed(params, payload, raw_len, out, scratch):
     fb = 0
     gb = 0
     for r in range(nreg):
-        length, pos = _varint_at(params, pos)
+        length, pos = varint_at(params, pos)
         if length < 0 or pos >= n_p:
             return -1
         c = np.int64(params[pos])
@@ -59,7 +60,7 @@ def decode_mixed(params, payload, raw_len, out, scratch):
     # streams: the generic class's (raw) first, then the float class's, one per byte of its element
     if pos >= n_p or params[pos] != M_RAW:
         return -1
-    glen, pos = _varint_at(params, pos + 1)
+    glen, pos = varint_at(params, pos + 1)
     if glen != gb:
         return -1
     plan = np.empty((3, 8), np.int64)
@@ -70,7 +71,7 @@ def decode_mixed(params, payload, raw_len, out, scratch):
         m = np.int64(params[pos])
         if m != M_RAW and m != M_CONST and m != M_RANS and m != M_RANS32E and m != M_RANS32C:
             return -1
-        blen, pos = _varint_at(params, pos + 1)
+        blen, pos = varint_at(params, pos + 1)
         if blen < 0:
             return -1
         plan[0, k] = m

@@ -20,7 +20,7 @@ from ._jit import njit
 from .rans import RANS_L, SCALE_BITS
 from .rans32 import LANES, SLOTS, V, _decl, gather_ptrs, build_lut, read_table
 from .rans32_loop import loop1c, loop2c, loop2c_f32, loop4c_f32
-from .rans32e import _prepare_ext, _prepare_halves, finish_part
+from .rans32e import _prepare_ext, _prepare_halves, finish_part, varint_at
 
 log = logging.getLogger(__name__)
 
@@ -135,17 +135,9 @@ def _prepare(buf, lut, blut, thr):
         pos += tlen
     na = np.int64(-1)
     if src == SRC_SELF2:  # varint: the words of part A
-        na = 0
-        shift = 0
-        while True:
-            if pos >= buf.size or shift > 28:
-                return 0, words, xs, words, xs_b, -1
-            v = np.int64(buf[pos])
-            pos += 1
-            na |= (v & 0x7F) << shift
-            shift += 7
-            if not v & 0x80:
-                break
+        na, pos = varint_at(buf, pos)
+        if na < 0:
+            return 0, words, xs, words, xs_b, -1
     if (buf.size - pos) & 1 or buf.size - pos < 4 * LANES:
         return 0, words, xs, words, xs_b, -1
     all_words = buf[pos:].view(np.uint16)

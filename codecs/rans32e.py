@@ -15,6 +15,22 @@ log = logging.getLogger(__name__)
 
 
 @njit(nogil=True, inline="always")
+def varint_at(buf, pos):
+    """(value, next position) of the varint at buf[pos], or (-1, pos) when truncated or longer than 5 bytes."""
+    v = np.int64(0)
+    shift = 0
+    while True:
+        if pos >= buf.size or shift > 28:
+            return np.int64(-1), pos
+        b = np.int64(buf[pos])
+        pos += 1
+        v |= (b & 0x7F) << shift
+        shift += 7
+        if not b & 0x80:
+            return v, pos
+
+
+@njit(nogil=True, inline="always")
 def _prepare_ext(buf, lut):
     """Parse a method-6 header: (parts, k_a, k_b, words_a, xs_a, words_b, xs_b, status)."""
     xs_a = np.empty(LANES, np.uint32)
@@ -35,17 +51,9 @@ def _prepare_ext(buf, lut):
     pos += tlen
     na = np.int64(-1)
     if parts == 2:
-        na = 0
-        shift = 0
-        while True:
-            if pos >= buf.size or shift > 28:
-                return 0, 0, 0, empty, xs_a, empty, xs_b, -1
-            b = np.int64(buf[pos])
-            pos += 1
-            na |= (b & 0x7F) << shift
-            shift += 7
-            if not b & 0x80:
-                break
+        na, pos = varint_at(buf, pos)
+        if na < 0:
+            return 0, 0, 0, empty, xs_a, empty, xs_b, -1
     rest = buf.size - pos
     if rest & 1:
         return 0, 0, 0, empty, xs_a, empty, xs_b, -1

@@ -105,38 +105,28 @@ def _merged_in_loop(cls, payload, meths, offs, lens, scratch, out):
         fields._merge_bf16(scratch[0][done:h], scratch[1][done:h], u[done:h])
         fields._merge_bf16(scratch[0][h + done :], scratch[1][h + done :], u[h + done :])
         return True
-    if cls == fields.CLASS_F32 and _parts(0, payload, meths, offs, lens) == 2 \
-            and _parts(1, payload, meths, offs, lens) == 2 and meths[2] == M_RAW and lens[2] == n \
-            and meths[3] == M_RAW and lens[3] == n:
-        m1 = payload[offs[2] : offs[2] + n]
-        m0 = payload[offs[3] : offs[3] + n]
-        u = out.view(np.uint32)
-        done = rans32e.decode_ext_quad_f32(payload[offs[0] : offs[0] + lens[0]], scratch[0],
-                                           payload[offs[1] : offs[1] + lens[1]], scratch[1], m1, m0, u)
-        if done < 0:
-            return False
-        h = (n + 1) >> 1
-        fields._merge_f32(scratch[0][done:h], scratch[1][done:h], m1[done:h], m0[done:h], u[done:h])
-        fields._merge_f32(scratch[0][h + done :], scratch[1][h + done :], m1[h + done :], m0[h + done :],
-                          u[h + done :])
-        return True
-    if cls == fields.CLASS_F32 and meths[0] == M_RANS32C and lens[0] > 0 and payload[offs[0]] == rans32c.SRC_SELF2 \
-            and _parts(1, payload, meths, offs, lens) == 2 and meths[2] == M_RAW and lens[2] == n \
-            and meths[3] == M_RAW and lens[3] == n:
-        # a two-part method-7 exponent stream and two-part sign|mantissa bytes (checkpoint chunks written since
-        # 2026-12-05): eight chains in one loop
-        m1 = payload[offs[2] : offs[2] + n]
-        m0 = payload[offs[3] : offs[3] + n]
-        u = out.view(np.uint32)
-        done = rans32c.decode_quad_f32(payload[offs[0] : offs[0] + lens[0]], scratch[0],
-                                       payload[offs[1] : offs[1] + lens[1]], scratch[1], m1, m0, u)
-        if done < 0:
-            return False
-        h = (n + 1) >> 1
-        fields._merge_f32(scratch[0][done:h], scratch[1][done:h], m1[done:h], m0[done:h], u[done:h])
-        fields._merge_f32(scratch[0][h + done :], scratch[1][h + done :], m1[h + done :], m0[h + done :],
-                          u[h + done :])
-        return True
+    if cls == fields.CLASS_F32 and _parts(1, payload, meths, offs, lens) == 2 and meths[2] == M_RAW \
+            and lens[2] == n and meths[3] == M_RAW and lens[3] == n:
+        # the exponents in two parts too: method 6 (weights), or method 7 of source 2 (checkpoint chunks written
+        # since 2026-12-05); eight chains in one loop
+        quad6 = _parts(0, payload, meths, offs, lens) == 2
+        if quad6 or (meths[0] == M_RANS32C and lens[0] > 0 and payload[offs[0]] == rans32c.SRC_SELF2):
+            m1 = payload[offs[2] : offs[2] + n]
+            m0 = payload[offs[3] : offs[3] + n]
+            u = out.view(np.uint32)
+            s0 = payload[offs[0] : offs[0] + lens[0]]
+            s1 = payload[offs[1] : offs[1] + lens[1]]
+            if quad6:
+                done = rans32e.decode_ext_quad_f32(s0, scratch[0], s1, scratch[1], m1, m0, u)
+            else:
+                done = rans32c.decode_quad_f32(s0, scratch[0], s1, scratch[1], m1, m0, u)
+            if done < 0:
+                return False
+            h = (n + 1) >> 1
+            fields._merge_f32(scratch[0][done:h], scratch[1][done:h], m1[done:h], m0[done:h], u[done:h])
+            fields._merge_f32(scratch[0][h + done :], scratch[1][h + done :], m1[h + done :], m0[h + done :],
+                              u[h + done :])
+            return True
     if not _single_part(1, payload, meths, offs, lens, M_RANS32E):
         return False
     a = payload[offs[0] : offs[0] + lens[0]]
@@ -310,22 +300,6 @@ def _decode_fast(cls: int, payload: np.ndarray, meths, offs, lens, out: np.ndarr
         raise CodecError(f"tensor stream {-st - 1} of class {cls} is malformed")
 
 
-@njit(nogil=True, inline="always")
-def _varint_at(buf, pos):
-    """(value, next position), or (-1, pos) when truncated or longer than 5 bytes."""
-    v = np.int64(0)
-    shift = 0
-    while True:
-        if pos >= buf.size or shift > 28:
-            return np.int64(-1), pos
-        b = np.int64(buf[pos])
-        pos += 1
-        v |= (b & 0x7F) << shift
-        shift += 7
-        if not b & 0x80:
-            return v, pos
-
-
 @njit(nogil=True)
 def _single_class_plan(params, raw_len, payload_len, plan):
     """Parse params of the common chunk, one float class covering it, all streams of the fused methods, into
@@ -334,13 +308,13 @@ def _single_class_plan(params, raw_len, payload_len, plan):
     n = params.size
     if n < 2 or params[0] != FORMAT_VERSION:
         return -1
-    nreg, pos = _varint_at(params, 1)
+    nreg, pos = rans32e.varint_at(params, 1)
     if nreg < 1:
         return -1
     cls = -1
     total = 0
     for _ in range(nreg):
-        length, pos = _varint_at(params, pos)
+        length, pos = rans32e.varint_at(params, pos)
         if length < 0 or pos >= n:
             return -1
         c = np.int64(params[pos])
@@ -369,7 +343,7 @@ def _single_class_plan(params, raw_len, payload_len, plan):
         m = np.int64(params[pos])
         if m != M_RAW and m != M_CONST and m != M_RANS and m != M_RANS32 and m != M_RANS32E and m != M_RANS32C:
             return -1
-        blen, pos = _varint_at(params, pos + 1)
+        blen, pos = rans32e.varint_at(params, pos + 1)
         if blen < 0:
             return -1
         plan[0, k] = m
