@@ -24,11 +24,12 @@ log = logging.getLogger(__name__)
 
 
 # Encodes waiting per core before the chooser drops to its cheapest codec.
-# effort 0 (no block cuts, no method 7) once this many encodes per core wait. At 4, 183 of 193 encoded chunks of a
-# torch.save of the corpus checkpoint went cheap on this 2-core VM (the writer fills the queue in bursts) and it was
-# stored at 0.5434-0.5436, next to the 0.545 target; at 16, 0.5405-0.5418 for 259-279 against 279-280 MB/s
-# (three runs each, alternating, 2026-12-05); never cheap: 0.5357 at 252-254 MB/s
-BACKLOG_CHEAP_FACTOR = 16
+# effort 0 (no block cuts, no method 7) once this many encodes per core wait. At 4 a torch.save of the corpus
+# checkpoint went 95% cheap on this 2-core VM and was stored at 0.5434-0.5446 (issue 3's limit through the mount:
+# 0.545); 16 stored it at 0.5405-0.5418, but tools/bench_fs.py then wrote its torch.save files at 78 instead of 270
+# MB/s (0.77x instead of 0.92x the passthrough for all writes) and peaked 67 MB higher in RSS, past issue 5's
+# limits (2026-12-05): 4 stays
+BACKLOG_CHEAP_FACTOR = 4
 # ...but never more than a quarter of the 1 MiB chunks the dirty budget holds: every waiting encode holds a dirty
 # chunk, so on many cores (or a small budget) 16 per core could never be reached and effort 0 would never come
 BACKLOG_CHEAP_BUDGET_SHARE = 4
