@@ -68,7 +68,7 @@ def plan_regions(raw_len: int, segments: tuple[Segment, ...]) -> list[tuple[int,
 
 # the bytes of a chunk's generic regions next to a float class up to this many (one torch zip local header between
 # two storages, ~130 bytes) are stored raw: zstd saved ~40% of them, and the chunk then decodes in the compiled path
-# (tensor_fast.decode_mixed: 0.21 instead of 0.25 ms per 1 MiB .pt chunk). The corpus .pt: +0.00001 at 256, +0.00003
+# (chunk_fast.decode_mixed: 0.21 instead of 0.25 ms per 1 MiB .pt chunk). The corpus .pt: +0.00001 at 256, +0.00003
 # at 512, +0.00014 at 4096 (chunks of many small tensors)
 SMALL_GENERIC = 256
 
@@ -219,8 +219,8 @@ def _encode_planes(cls: int, planes: list[np.ndarray], plans) -> list[tuple[int,
         else:
             out.append((m, _code_plane(p, m, freq, n)))
     for k, (m, blob) in enumerate(out):
-        coded = sum(len(b) for b in blob) if isinstance(blob, tuple) else len(blob)
-        if m not in (M_RAW, M_CONST) and coded >= planes[k].size:
+        size = sum(len(b) for b in blob) if isinstance(blob, tuple) else len(blob)
+        if m not in (M_RAW, M_CONST) and size >= planes[k].size:
             # the plan's estimate comes from a sample (count16): never keep a coded stream larger than the plane
             out[k] = (M_RAW, _code_plane(planes[k], M_RAW, None))
     return out
@@ -306,7 +306,7 @@ def encode_parts(raw: bytes | memoryview, regions: list[tuple[int, int]], effort
     for cls in sorted(by_class):
         data = by_class[cls][0] if len(by_class[cls]) == 1 else np.concatenate(by_class[cls])
         if cls == fields.CLASS_GENERIC and len(by_class) > 1 and data.size <= SMALL_GENERIC:
-            # stored raw: the compiled decoder then takes the chunk whole (tensor_fast.decode_mixed)
+            # stored raw: the compiled decoder then takes the chunk whole (chunk_fast.decode_mixed)
             written[cls], coded = cls, [(M_RAW, data.tobytes())]
         elif cls == fields.CLASS_GENERIC:
             written[cls], coded = cls, [_encode_generic(data, effort, level)]

@@ -265,7 +265,7 @@ def _torch_zip_like(rng, sizes, header=130, scales=None):
 @pytest.mark.parametrize("header", [64, 130, 256, 300])
 def test_float_chunk_with_small_generic_gaps_decodes_compiled(header):
     """Two storages of a .pt with the zip header between them: up to tensor.SMALL_GENERIC bytes of header are stored
-    raw and the chunk decodes in tensor_fast.decode_mixed (the Python multi-class path otherwise); either way exact,
+    raw and the chunk decodes in chunk_fast.decode_mixed (the Python multi-class path otherwise); either way exact,
     and a payload of the wrong length raises CodecError."""
     rng = np.random.default_rng(header)
     raw, hints = _torch_zip_like(rng, [150_000, 110_000], header)
@@ -286,7 +286,7 @@ def test_float_chunk_with_small_generic_gaps_decodes_compiled(header):
 
 def test_blocks_with_mixed_blocks_decode_in_the_compiled_loop(monkeypatch):
     """A version-2 chunk whose blocks are one float class or a float class with a small raw header: every block in
-    tensor_fast.decode_blocks, exactly."""
+    chunk_fast.decode_blocks, exactly."""
     from dccfs.codecs import blocks
 
     rng = np.random.default_rng(3)
