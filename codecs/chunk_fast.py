@@ -9,8 +9,8 @@ import numpy as np
 from ._jit import njit
 from . import fields
 from .rans32e import varint_at
-from .tensor_fast import _fused_vec, _single_class_plan
-from .tensor_format import FORMAT_VERSION, M_CONST, M_RANS, M_RANS32, M_RANS32C, M_RANS32E, M_RAW
+from .tensor_fast import _fused_vec, _single_class_plan, stream_plan
+from .tensor_format import FORMAT_VERSION, M_RANS32, M_RAW
 
 
 @njit(nogil=True)
@@ -64,22 +64,12 @@ def decode_mixed(params, payload, raw_len, out, scratch):
     if glen != gb:
         return -1
     plan = np.empty((3, 8), np.int64)
-    ppos = gb
-    for k in range(width):
-        if pos >= n_p:
-            return -1
-        m = np.int64(params[pos])
-        if m != M_RAW and m != M_CONST and m != M_RANS and m != M_RANS32E and m != M_RANS32C:
-            return -1
-        blen, pos = varint_at(params, pos + 1)
-        if blen < 0:
-            return -1
-        plan[0, k] = m
-        plan[1, k] = ppos - gb
-        plan[2, k] = blen
-        ppos += blen
-    if ppos != payload.size or pos != n_p:
+    pos, total = stream_plan(params, pos, width, plan)
+    if pos != n_p or gb + total != payload.size:
         return -1
+    for k in range(width):
+        if plan[0, k] == M_RANS32:  # method 5: the _fused_vec5 variant, left to the Python path
+            return -1
     n = fb // width
     floats = scratch[:fb]
     if _fused_vec(cls, payload[gb:], plan[0, :width], plan[1, :width], plan[2, :width],

@@ -336,23 +336,32 @@ def _single_class_plan(params, raw_len, payload_len, plan):
         return -1
     if raw_len % width:
         return -1
-    ppos = 0
-    for k in range(width):  # float classes have one stream per byte of the element
-        if pos >= n:
-            return -1
-        m = np.int64(params[pos])
-        if m != M_RAW and m != M_CONST and m != M_RANS and m != M_RANS32 and m != M_RANS32E and m != M_RANS32C:
-            return -1
-        blen, pos = rans32e.varint_at(params, pos + 1)
-        if blen < 0:
-            return -1
-        plan[0, k] = m
-        plan[1, k] = ppos
-        plan[2, k] = blen
-        ppos += blen
-    if ppos != payload_len or pos != n:
+    pos, total = stream_plan(params, pos, width, plan)
+    if pos != n or total != payload_len:
         return -1
     return cls
+
+
+@njit(nogil=True, inline="always")
+def stream_plan(params, pos, width, plan):
+    """The width streams of a float class (one per byte of its element) from params[pos] into plan[0:3, :width]:
+    methods, payload offsets from 0, lengths; (next position, their total bytes), or (-1, 0) when truncated or of
+    a method the fused decoders do not take."""
+    total = 0
+    for k in range(width):
+        if pos >= params.size:
+            return -1, 0
+        m = np.int64(params[pos])
+        if m != M_RAW and m != M_CONST and m != M_RANS and m != M_RANS32 and m != M_RANS32E and m != M_RANS32C:
+            return -1, 0
+        blen, pos = rans32e.varint_at(params, pos + 1)
+        if blen < 0:
+            return -1, 0
+        plan[0, k] = m
+        plan[1, k] = total
+        plan[2, k] = blen
+        total += blen
+    return pos, total
 
 
 def scratch_for(nbytes: int) -> np.ndarray:
