@@ -1,13 +1,13 @@
 """Split bf16/f16/f32 elements into their streams and count the 16-bit ones for the encoder: exact histograms of
 short inputs, a 1-in-8 sample over a proven support for long ones.
 
-bf16 streams and the first two f32 streams hold the same fields (exponent; sign and top 7 mantissa bits), so
-both count the top 16 bits of their elements. A long input's histograms come from every 8th element, scaled by 8, and every symbol the stream can hold gets a
-count of at least 1: the support is bounded by vectorised min/max passes over the streams (the exponent's range,
-plus its all-zero and all-one values, which zeros, denormals, infinities and NaNs take), so the rANS table has a
-slot for every symbol that occurs. Counting every element was a third of the encoding time of a 1 MiB chunk (one
-65536-bin histogram increment per element, ~0.45 ns); the sample costs about 0.0001 of the coded size on the
-corpus (docs/codecs.md, "Sampled tables").
+bf16 streams and the first two f32 streams hold the same fields (exponent; sign and top 7 mantissa bits), so both
+count the top 16 bits of their elements. A long input's histograms come from every 8th element (the phase rotating
+every 1024), scaled by 8, and every symbol the stream can hold gets a count of at least 1: the support is bounded by
+vectorised min/max passes over the streams (the exponent's range, plus its all-zero and all-one values, which zeros,
+denormals, infinities and NaNs take), so the rANS table has a slot for every symbol that occurs. Counting every
+element was a third of the encoding time of a 1 MiB chunk (one 65536-bin histogram increment per element, ~0.45 ns);
+the sample costs 0.0001-0.0003 of the coded size on the corpus (docs/codecs.md, "Sampled tables").
 """
 from __future__ import annotations
 

@@ -22,7 +22,8 @@ RANS_KEEP = 0.999  # keep a rANS stream if it beats raw by 0.1%: the targets are
 # streams this long use the 32-lane coder (method 6: fast vector decoding; the end states carry the last symbols of
 # every lane, which pays for most of the 32 states' flush); shorter ones keep the 4-state coder (method 2). At 16384
 # (it was 60000 until 2026-12-05) every corpus file's ratio is the same to 5 digits, and the 64 KiB blocks of cut
-# checkpoint chunks decode faster: one .pt chunk 0.84 -> 0.46 ms, the whole .pt ~5% (blocks.py estimates the same)
+# checkpoint chunks decode faster: one .pt chunk 0.84 -> 0.46 ms, the whole .pt ~5% (one-off timings; blocks.py
+# estimates the same)
 RANS32_MIN = 16_384
 RANS32_METHOD = M_RANS32E  # what long streams are written with (tests set M_RANS32 to write legacy streams)
 # a class whose only rANS stream is this long codes it in two parts (method 6, parts = 2) so that the decoder has
@@ -68,8 +69,8 @@ def plan_regions(raw_len: int, segments: tuple[Segment, ...]) -> list[tuple[int,
 
 # the bytes of a chunk's generic regions next to a float class up to this many (one torch zip local header between
 # two storages, ~130 bytes) are stored raw: zstd saved ~40% of them, and the chunk then decodes in the compiled path
-# (chunk_fast.decode_mixed: 0.21 instead of 0.25 ms per 1 MiB .pt chunk). The corpus .pt: +0.00001 at 256, +0.00003
-# at 512, +0.00014 at 4096 (chunks of many small tensors)
+# (chunk_fast.decode_mixed: 0.21 instead of 0.25 ms per 1 MiB .pt chunk, one-off timing). The corpus .pt: +0.00001
+# at 256, +0.00003 at 512, +0.00014 at 4096 (chunks of many small tensors)
 SMALL_GENERIC = 256
 
 

@@ -95,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
                 log.error("%s: the tensors read back differ", name)
                 return 1
     for name, limit in LIMITS.items():
-        log.info("%s: worst %.4f against %.3f: %s", name, worst[name], limit, "met" if worst[name] <= limit else "MISSED")
+        log.info("%s: worst %.4f against %.3f: %s", name, worst[name], limit,
+                 "met" if worst[name] <= limit else "MISSED")
     return 0
 
 
