@@ -65,15 +65,18 @@ def _count_sample(u, joint):
 
 
 @njit(nogil=True, boundscheck=False)
-def _count_sample32(u, joint):
-    """_count_sample for f32 elements: their top 16 bits into joint (the bf16 fields); returns the +0.0 elements
-    of the sample (the top bits alone cannot tell them)."""
+def _count_sample32(u, joint, low):
+    """_count_sample for f32 elements: their top 16 bits into joint (the bf16 fields), their two low bytes into
+    low[0] / low[1] (the mantissa streams' samples, for the planner's raw test); returns the +0.0 elements of the
+    sample (the top bits alone cannot tell them)."""
     n = u.size
     z = 0
     for blk in range(0, n, ROTATE):
         for i in range(blk + ((blk // ROTATE) & (STEP - 1)), min(blk + ROTATE, n), STEP):
             v = u[i]
             joint[v >> 16] += 1
+            low[0, (v >> 8) & 0xFF] += 1
+            low[1, v & 0xFF] += 1
             z += v == 0
     return z
 
@@ -184,17 +187,18 @@ def _joint() -> np.ndarray:
 
 def split_count32(data: np.ndarray) -> tuple[list[np.ndarray], np.ndarray | None]:
     """(streams, counts) of an f32 class: the four streams as fields.split gives them, and for inputs of
-    EXACT_MAX elements or more the counts of streams 0 and 1 as split_count gives them (rows 0-4; the mantissa
-    byte streams are left to the planner's own sample), else None."""
+    EXACT_MAX elements or more the counts of streams 0 and 1 as split_count gives them (rows 0-4) and the samples
+    of the mantissa byte streams (rows 5 and 6: the planner's raw test; a strided copy and histogram of each cost
+    ~35 us per MiB), else None."""
     n = data.size // 4
     u = data.view("<u4")
     planes = [np.empty(n, np.uint8) for _ in range(4)]
     if n < EXACT_MAX:
         _split_f32(u, *planes)
         return planes, None
-    counts = np.zeros((5, 256), np.int64)
+    counts = np.zeros((7, 256), np.int64)
     joint = _joint()
-    zeros = _count_sample32(u, joint)
+    zeros = _count_sample32(u, joint, counts[5:])
     _split_f32(u, *planes)
     try:
         in_a, in_b = support(1, planes[0], planes[1])

@@ -9,7 +9,7 @@ from numba import types
 from numba.extending import intrinsic
 
 from ._jit import njit
-from .rans import RANS_L, SCALE_BITS, _enc_step, histogram, normalize
+from .rans import RANS_L, SCALE_BITS, _enc_step, _normalize, histogram, normalize
 from .rans32 import LANES, SLOTS, TABLE_MAX, V, write_table
 from .rans32_enc import _encode as _encode_lanes, _rcp32, gather_step_ir
 from .varint import put_varint
@@ -244,9 +244,94 @@ def _entropy_bits(c: np.ndarray) -> float:
     return float((c * np.log2(n / c)).sum()) if n else 0.0
 
 
+@njit(nogil=True)
+def _entropy_bits_jit(c):
+    n = 0.0
+    for s in range(c.size):
+        n += c[s]
+    bits = 0.0
+    for s in range(c.size):
+        if c[s]:
+            bits += c[s] * np.log2(n / c[s])
+    return bits
+
+
+@njit(nogil=True)
+def _sample_choice(data, src, lag, thresholds):
+    """The sampled half of plan, compiled (its numpy steps cost ~100 us per f32 chunk): quartile thresholds of a
+    1-in-16 sample of the contexts into thresholds (returns their count; 0: none), and the bits a 1-in-16 sample
+    of the bucketed symbols saves against one table (second value)."""
+    hist = np.zeros(256, np.int64)
+    for i in range(0, src.size, SAMPLE_STEP):
+        hist[src[i]] += 1
+    total = 0
+    for s in range(256):
+        total += hist[s]
+    if total == 0:
+        return 0, 0.0
+    # the contexts' mass in quarters (within 0.0001 of a greedy search on the corpus checkpoint, at a fraction of
+    # its cost): the first context whose running count passes each quartile, once each, strictly inside 1..255
+    nt = 0
+    for q in (0.25, 0.5, 0.75):
+        limit = total * q
+        run = 0
+        t = 0
+        while t < 256 and run + hist[t] <= limit:
+            run += hist[t]
+            t += 1
+        if 0 < t < 256 and (nt == 0 or thresholds[nt - 1] != t):
+            thresholds[nt] = t
+            nt += 1
+    if nt == 0:
+        return 0, 0.0
+    blut = np.zeros(256, np.uint8)
+    for k in range(nt):
+        for c in range(thresholds[k], 256):
+            blut[c] += 1
+    sample = np.zeros((nt + 1) * 256, np.int64)
+    _sample_counts(data, src, lag, blut, SAMPLE_STEP, sample)
+    per = sample.reshape(nt + 1, 256)
+    gain = _entropy_bits_jit(per.sum(axis=0))
+    for b in range(nt + 1):
+        gain -= _entropy_bits_jit(per[b])
+    return nt, gain
+
+
+@njit(nogil=True)
+def _bucket_tables(counts, nb, freqs, tab):
+    """Normalised tables of each bucket's counts into freqs[b] (bucket_freqs) and their estimated coded bytes
+    (symbols and tables), or -1.0 where a table cannot be normalised."""
+    size = 0.0
+    for b in range(nb):
+        c = counts[b * 256 : (b + 1) * 256]
+        f = freqs[b]
+        nsym = 0
+        total = 0
+        first = -1
+        for s in range(256):
+            if c[s]:
+                nsym += 1
+                total += c[s]
+                if first < 0:
+                    first = s
+        if nsym >= 2:
+            if _normalize(c, total, f) != 0:
+                return -1.0
+        else:  # a two-symbol stand-in: the table must hold two symbols
+            f[:] = 0
+            s0 = first if first >= 0 else 0
+            f[s0] = SLOTS - 1
+            f[s0 + 1 if s0 < 255 else s0 - 1] = 1
+        bits = 0.0
+        for s in range(256):
+            if c[s]:
+                bits += c[s] * (SCALE_BITS - np.log2(f[s]))
+        size += bits / 8 + write_table(f, tab)
+    return size
+
+
 def _quantiles(hist: np.ndarray) -> list[int]:
-    """Thresholds splitting the contexts' mass into quarters (within 0.0001 of a greedy search on the corpus
-    checkpoint, at a fraction of its cost)."""
+    """Thresholds splitting the contexts' mass into quarters (the reference for _sample_choice's, in tests)."""
     cs = np.cumsum(hist)
     if cs[-1] == 0:
         return []
@@ -260,30 +345,24 @@ def plan(data: np.ndarray, source: int, ctx: np.ndarray | None, parts: int = 1):
     if data.size < MIN_SYMBOLS:
         return None
     src = data if source == SRC_SELF else ctx
-    thresholds = _quantiles(histogram(np.ascontiguousarray(src[::16])))
-    if not thresholds:
-        return None
-    nb = len(thresholds) + 1
-    blut = _blut(thresholds)
     lag = LANES if source == SRC_SELF else 0
     # a 1-in-16 sample first (lag 32 keeps its contexts): most weight planes gain too little to pay for the
     # extra tables and flush, and the full pass below costs about as much as coding the plane
-    sample = np.zeros(nb * 256, np.int64)
-    _sample_counts(data, src, lag, blut, SAMPLE_STEP, sample)
-    per = sample.reshape(nb, 256)
-    gain = _entropy_bits(per.sum(0)) - sum(_entropy_bits(row) for row in per)
+    th = np.zeros(3, np.int64)
+    nt, gain = _sample_choice(data, src, lag, th)
+    if nt == 0:
+        return None
+    nb = nt + 1
     if gain * SAMPLE_STEP / 8 < SAMPLE_MIN_GAIN * nb + FLUSH:
         return None
-    idx, counts = _bucket_parts(data, source, ctx, blut, parts, nb)
-    size = 2.0 + len(thresholds) + parts * FLUSH + (3 if parts == 2 else 0)
-    freqs = []
-    for b in range(nb):
-        c = counts[b * 256 : (b + 1) * 256]
-        freq = bucket_freqs(c)
-        present = c > 0
-        size += float((c[present] * (SCALE_BITS - np.log2(freq[present]))).sum()) / 8 + table_bytes(freq)
-        freqs.append(freq)
-    return thresholds, freqs, size, idx
+    thresholds = [int(t) for t in th[:nt]]
+    idx, counts = _bucket_parts(data, source, ctx, _blut(thresholds), parts, nb)
+    freqs = np.empty((nb, 256), np.int64)
+    tables = _bucket_tables(counts, nb, freqs, np.empty(TABLE_MAX, np.uint8))
+    if tables < 0:
+        raise ValueError("more than 4096 distinct symbols")
+    size = 2.0 + nt + parts * FLUSH + (3 if parts == 2 else 0) + tables
+    return thresholds, list(freqs), size, idx
 
 
 # Last: rans32c re-exports this module's names at its own end, so whichever of the two is

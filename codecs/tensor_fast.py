@@ -59,6 +59,36 @@ def _merge_class(cls, scratch, out):
         fields._merge_planes(scratch, scratch.shape[0], out)
 
 
+@njit(nogil=True)
+def _constant_class(cls, payload, meths, offs, lens, scratch, out):
+    """Fill out with one element when every stream of the class is constant (all-zero optimizer state: a fill is
+    ~4x faster than filling each stream and merging them); False where a stream is not constant."""
+    width = meths.size
+    for k in range(width):
+        if meths[k] != M_CONST or lens[k] != 1:
+            return False
+    n = out.size // width
+    if n == 0:
+        return True
+    for k in range(width):
+        scratch[k, 0] = payload[offs[k]]
+    _merge_class(cls, scratch[:, :1], out[:width])
+    if width == 2:
+        w2 = out.view(np.uint16)
+        v2 = w2[0]
+        for i in range(n):
+            w2[i] = v2
+    elif width == 4:
+        w4 = out.view(np.uint32)
+        v4 = w4[0]
+        for i in range(n):
+            w4[i] = v4
+    else:
+        for i in range(width, out.size):
+            out[i] = out[i - width]
+    return True
+
+
 @njit(nogil=True, inline="always")
 def _single_part(k, payload, meths, offs, lens, method):
     return meths[k] == method and lens[k] > 0 and payload[offs[k]] == (1 if method == M_RANS32E else rans32c.SRC_SELF)
@@ -169,6 +199,8 @@ def _fused_vec(cls, payload, meths, offs, lens, scratch, out):
     # two single-part method-6 streams at a time: one loop over both keeps four vector chains in flight
     # (a two-part stream has its own two parts for that)
     if _merged_in_loop(cls, payload, meths, offs, lens, scratch, out):
+        return 0
+    if _constant_class(cls, payload, meths, offs, lens, scratch, out):
         return 0
     pending = -1
     paired = np.zeros(meths.size, np.bool_)

@@ -21,26 +21,53 @@ _UINT = {2: np.uint16, 4: np.uint32}
 MIN_ZERO_SHARE = 0.02
 
 
-@njit(nogil=True)
-def _runs(u, runs):
-    """Alternating run lengths of u == 0 and u != 0, starting with a zero run (possibly 0); return the count."""
-    k = 0
-    cur = 0
-    i = 0
+# _split_runs looks at blocks of this many elements first: a block of zeros inside a zero run, or of nonzero
+# elements inside a nonzero run, is skipped or copied whole
+RUN_BLOCK = 64
+
+
+@njit(nogil=True, boundscheck=False)
+def _split_runs(u, runs, out):
+    """(run count, nonzero count): alternating run lengths of u == 0 and u != 0 into runs, starting with a zero run
+    (possibly 0), and the nonzero elements into out. runs needs room for u.size + 2 values (the run boundaries)."""
+    # branchless per element where a block changes (a branch per element mispredicts on scattered zeros), block
+    # tests elsewhere: optimizer state masks whole embedding rows (one-off timings per 1 MiB of f32: 14 us for zeros,
+    # 80 us for rows of 512, ~300 us for scattered zeros, against 150-2300 us for a branch per element)
     n = u.size
-    while i < n:
-        j = i
-        if cur == 0:
-            while j < n and u[j] == 0:
-                j += 1
-        else:
-            while j < n and u[j] != 0:
-                j += 1
-        runs[k] = j - i
-        k += 1
-        cur ^= 1
-        i = j
-    return k
+    if n == 0:
+        return 0, 0
+    runs[0] = 0
+    k = 1
+    m = 0
+    prev = 1  # "in a zero run" before element 0, so a leading nonzero element closes an empty first run
+    nblocks = n // RUN_BLOCK
+    for blk in range(nblocks + 1):
+        base = blk * RUN_BLOCK
+        end = min(base + RUN_BLOCK, n)
+        if end - base == RUN_BLOCK:
+            lo = u[base]
+            hi = u[base]
+            for i in range(base + 1, end):
+                lo = min(lo, u[i])
+                hi = max(hi, u[i])
+            if hi == 0 and prev == 1:
+                continue
+            if lo != 0 and prev == 0:
+                for j in range(RUN_BLOCK):
+                    out[m + j] = u[base + j]
+                m += RUN_BLOCK
+                continue
+        for i in range(base, end):
+            z = 1 if u[i] == 0 else 0
+            runs[k] = i
+            k += z ^ prev
+            prev = z
+            out[m] = u[i]
+            m += 1 - z
+    runs[k] = n
+    for j in range(k):  # boundaries -> lengths
+        runs[j] = runs[j + 1] - runs[j]
+    return k, m
 
 
 @njit(nogil=True)
@@ -78,16 +105,6 @@ def _get_varints(buf, runs):
             return -1
         runs[k] = v
         k += 1
-    return k
-
-
-@njit(nogil=True)
-def _compact(u, out):
-    k = 0
-    for i in range(u.size):
-        if u[i] != 0:
-            out[k] = u[i]
-            k += 1
     return k
 
 
@@ -143,12 +160,11 @@ def worth(n: int, z: int, z16: int) -> int:
 def split_zeros(data: np.ndarray, width: int) -> tuple[bytes, np.ndarray]:
     """(run list as varints, the nonzero elements as uint8) of a class's bytes."""
     u = data.view(_UINT[width])
-    runs = np.empty(u.size + 1, np.int64)
-    k = _runs(u, runs)
+    runs = np.empty(u.size + 2, np.int64)
+    nz = np.empty(u.size, u.dtype)
+    k, m = _split_runs(u, runs, nz)
     buf = np.empty(5 * k + 1, np.uint8)
     blen = _put_varints(runs, k, buf)
-    nz = np.empty(u.size, u.dtype)
-    m = _compact(u, nz)
     return buf[:blen].tobytes(), nz[:m].view(np.uint8)
 
 
