@@ -126,6 +126,15 @@ def _store_f32(builder, u32, i, exp, sm, m1, m0):
     builder.store(u, builder.bitcast(builder.gep(u32, [i]), _vt.as_pointer()), align=4)
 
 
+def _store_f32_coded(builder, u32, i, exp, sm, m1, m0):
+    """u32[i:i+16] = the f32 elements of four decoded fields (i32 lanes: exponents, sign|mantissa-top bytes, the
+    two mantissa bytes)."""
+    u = builder.or_(builder.shl(exp, _splat(23)), builder.shl(builder.and_(sm, _splat(0x80)), _splat(24)))
+    u = builder.or_(u, builder.shl(builder.and_(sm, _splat(0x7F)), _splat(16)))
+    u = builder.or_(u, builder.or_(builder.shl(m1, _splat(8)), m0))
+    builder.store(u, builder.bitcast(builder.gep(u32, [i]), _vt.as_pointer()), align=4)
+
+
 def _store_f16(builder, u16, i, hi, lo):
     """u16[i:i+16] = the f16 elements of high bytes hi (i32 lanes) and the raw low bytes lo[i:i+16]."""
     low = builder.zext(builder.load(builder.bitcast(builder.gep(lo, [i]), _v8.as_pointer()), align=1), _vt)
@@ -135,8 +144,8 @@ def _store_f16(builder, u16, i, hi, lo):
 
 def _emit_loop(context, builder, signature, args, with_ctx, merge=None):
     """Codegen of the loops below. args: per stream lut, words, xs, out (+ thr, ctx0 where with_ctx[s]), then
-    the merge target (merge "bf16": a uint16 output; "f32": a uint32 output and the raw planes m1, m0; "f16": per
-    stream a uint16 output and its raw low bytes), then state = [i, n, p of each stream]; runs rounds of 32
+    the merge target (merge "bf16": a uint16 output; "f32": a uint32 output and the raw planes m1, m0; "f32x4": a
+    uint32 output of four decoded streams; "f16": per stream a uint16 output and its raw low bytes), then state = [i, n, p of each stream]; runs rounds of 32
     symbols per stream while i + 32 <= n and every stream has 32 words left, writes back states, positions and i;
     returns i. With bf16 / f32 the two streams are a class's first two (exponents, sign|mantissa bytes), with f16
     the two parts of an f16 class's high bytes; they are merged into the output instead of stored."""
@@ -154,7 +163,7 @@ def _emit_loop(context, builder, signature, args, with_ctx, merge=None):
         streams.append(s)
         pos += n_args
     targets = []
-    for _ in range({None: 0, "bf16": 1, "bf16x2": 2, "f32": 3, "f32x2": 6, "f16": 4}[merge]):
+    for _ in range({None: 0, "bf16": 1, "bf16x2": 2, "f32": 3, "f32x2": 6, "f32x4": 1, "f16": 4}[merge]):
         targets.append(context.make_array(signature.args[pos])(context, builder, args[pos]).data)
         pos += 1
     state = context.make_array(signature.args[pos])(context, builder, args[pos]).data
@@ -221,6 +230,8 @@ def _emit_loop(context, builder, signature, args, with_ctx, merge=None):
         elif merge == "f32x2":
             _store_f32(builder, targets[0], ik, syms[0], syms[1], targets[1], targets[2])
             _store_f32(builder, targets[3], ik, syms[2], syms[3], targets[4], targets[5])
+        elif merge == "f32x4":
+            _store_f32_coded(builder, targets[0], ik, *syms)
         elif merge == "f16":
             for si, sym in enumerate(syms):
                 _store_f16(builder, targets[2 * si], ik, sym, targets[2 * si + 1])
@@ -307,6 +318,26 @@ def loop4_f32(typingctx, lut_a0, words_a0, xs_a0, out_a0, lut_b0, words_b0, xs_b
                       lut_a1, words_a1, xs_a1, out_a1, lut_b1, words_b1, xs_b1, out_b1,
                       u32_0, m1_0, m0_0, u32_1, m1_1, m0_1, state)
     return sig, lambda c, b, s, a: _emit_loop(c, b, s, a, (False,) * 4, "f32x2")
+
+
+@intrinsic
+def loop4s_f32(typingctx, lut_a, words_a, xs_a, out_a, lut_b, words_b, xs_b, out_b,
+               lut_c, words_c, xs_c, out_c, lut_d, words_d, xs_d, out_d, u32, state):
+    """All four streams of an f32 class, each one method-6 part (mantissa planes coded too: weights whose low
+    bytes carry little information), in one loop (eight chains) that writes the elements to u32."""
+    sig = types.int64(lut_a, words_a, xs_a, out_a, lut_b, words_b, xs_b, out_b,
+                      lut_c, words_c, xs_c, out_c, lut_d, words_d, xs_d, out_d, u32, state)
+    return sig, lambda c, b, s, a: _emit_loop(c, b, s, a, (False,) * 4, "f32x4")
+
+
+@intrinsic
+def loop4sc_f32(typingctx, lut_c, words_c, xs_c, out_c, thr, ctx0, lut_b, words_b, xs_b, out_b,
+                lut_1, words_1, xs_1, out_1, lut_0, words_0, xs_0, out_0, u32, state):
+    """loop4s_f32 with the exponents a method-7 stream of source 0 (checkpoint weights whose mantissa bytes are
+    coded too)."""
+    sig = types.int64(lut_c, words_c, xs_c, out_c, thr, ctx0, lut_b, words_b, xs_b, out_b,
+                      lut_1, words_1, xs_1, out_1, lut_0, words_0, xs_0, out_0, u32, state)
+    return sig, lambda c, b, s, a: _emit_loop(c, b, s, a, (True, False, False, False), "f32x4")
 
 
 @intrinsic

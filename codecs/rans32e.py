@@ -9,7 +9,7 @@ import numpy as np
 from ._jit import njit
 from .rans import RANS_L, SCALE_BITS
 from .rans32 import LANES, SLOTS, _run2, _tail, build_lut, read_table
-from .rans32_loop import loop1, loop2_bf16, loop2_f16, loop2_f32, loop4_bf16, loop4_f32
+from .rans32_loop import loop1, loop2_bf16, loop2_f16, loop2_f32, loop4_bf16, loop4_f32, loop4s_f32
 
 log = logging.getLogger(__name__)
 
@@ -194,6 +194,35 @@ def decode_ext_pair_f32(buf_a, out_a, buf_b, out_b, m1, m0, u32):
     merged = loop2_f32(lut_a, words_a, xs_a, out_a, lut_b, words_b, xs_b, out_b, u32, m1, m0, st)
     if finish_part(lut_a, words_a, xs_a, out_a, m_a, merged, st[2]) or \
             finish_part(lut_b, words_b, xs_b, out_b, m_b, merged, st[3]):
+        return -1
+    return merged
+
+
+@njit(nogil=True, boundscheck=False)
+def decode_ext_four_f32(buf_a, out_a, buf_b, out_b, buf_c, out_c, buf_d, out_d, u32):
+    """decode_ext_pair_f32 for an f32 class whose four streams are all single-part method 6 (the mantissa planes
+    coded too): eight chains, the shared rounds write the elements u32; returns how many leading elements, or -1
+    (the two pairs then decode as before: 376 us per 1 MiB chunk of the corpus .pt, one-off timing)."""
+    lut_a = np.empty(SLOTS, np.uint32)
+    lut_b = np.empty(SLOTS, np.uint32)
+    lut_c = np.empty(SLOTS, np.uint32)
+    lut_d = np.empty(SLOTS, np.uint32)
+    words_a, xs_a, k_a, words_b, xs_b, k_b, ok_ab = _prepare_pair(buf_a, buf_b, lut_a, lut_b)
+    words_c, xs_c, k_c, words_d, xs_d, k_d, ok_cd = _prepare_pair(buf_c, buf_d, lut_c, lut_d)
+    n = u32.size
+    m_a, m_b, m_c, m_d = n - LANES * k_a, n - LANES * k_b, n - LANES * k_c, n - LANES * k_d
+    if not (ok_ab and ok_cd) or min(m_a, m_b, m_c, m_d) < 0 \
+            or out_a.size != n or out_b.size != n or out_c.size != n or out_d.size != n:
+        return -1
+    st = np.empty(6, np.int64)
+    st[0], st[1] = 0, min(m_a, m_b, m_c, m_d)
+    st[2] = st[3] = st[4] = st[5] = 2 * LANES
+    merged = loop4s_f32(lut_a, words_a, xs_a, out_a, lut_b, words_b, xs_b, out_b,
+                        lut_c, words_c, xs_c, out_c, lut_d, words_d, xs_d, out_d, u32, st)
+    if finish_part(lut_a, words_a, xs_a, out_a, m_a, merged, st[2]) \
+            or finish_part(lut_b, words_b, xs_b, out_b, m_b, merged, st[3]) \
+            or finish_part(lut_c, words_c, xs_c, out_c, m_c, merged, st[4]) \
+            or finish_part(lut_d, words_d, xs_d, out_d, m_d, merged, st[5]):
         return -1
     return merged
 

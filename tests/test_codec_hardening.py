@@ -129,6 +129,9 @@ def float_chunks(n: int = 1 << 17, seed: int = 1) -> dict[str, tuple[bytes, Chun
     # rows with their own scale (optimizer state): method-7 exponents
     rows = (rng.normal(0, 1e-3, (300, 384)) * np.exp(rng.normal(0, 2, (300, 1)))).astype(np.float32).view(np.uint32)
     rows = rows.reshape(-1) & np.uint32(~0x30000 & 0xFFFFFFFF)
+    # every byte coded: few mantissa-top bits, skewed low mantissa bytes
+    low = np.minimum(rng.geometric(0.02, n), 255).astype(np.uint32) << 8 | np.minimum(rng.geometric(0.05, n), 255)
+    coded = (g & np.uint32(0xFFF80000)) | low.astype(np.uint32)
     return {
         "bf16": whole(bf16(w), "bf16"),  # method 6, both streams in two parts (eight-chain loop)
         "bf16-pair": whole(g16[:80000].tobytes(), "bf16"),  # method 6, one part each, paired
@@ -137,6 +140,9 @@ def float_chunks(n: int = 1 << 17, seed: int = 1) -> dict[str, tuple[bytes, Chun
         "f32-quad": whole(g[:110000].tobytes(), "f32"),  # methods 6, 6 in two parts each, raw, raw
         "f32-ctx-pair": whole(rows[:76800].tobytes(), "f32"),  # methods 7 (source 0), 6, raw, raw
         "f32-ctx-quad": whole(rows.tobytes(), "f32"),  # methods 7 (source 2), 6 in two parts, raw, raw
+        "f32-four": whole(coded[:40000].tobytes(), "f32"),  # method 6 in one part, all four streams
+        "f32-ctx-four": whole(((rows & np.uint32(0xFFF80000)) | np.resize(low, rows.size).astype(np.uint32)).tobytes(),
+                              "f32"),  # methods 7 (source 0), then 6 in one part for the other three streams
         "bf16z": whole(bf16(sparse), "bf16"),  # zero runs (zstd), methods 6 and raw
         "f32z": whole(sparse[: n // 2].tobytes(), "f32"),  # zero runs, method 6
         "bf16-short": whole(bf16(w[:2000]), "bf16"),  # method 2

@@ -177,6 +177,86 @@ def test_eight_chain_f32_loop_agrees_with_the_scalar_decoder(elements):
     assert rans32e.decode_ext_quad_f32(a, planes[0], b, planes[1], m1[:-1], m0, u) == -1  # plane length checked
 
 
+def _f32_with_skewed_mantissa(n: int, seed: int) -> bytes:
+    """f32 weights whose two low mantissa bytes carry well under 8 bits (so all four streams are coded)."""
+    rng = np.random.default_rng(seed)
+    top = _floats(n, seed).astype(np.float32).view(np.uint32) & np.uint32(0xFFF80000)  # 4 mantissa bits
+    low = np.minimum(rng.geometric(0.02, n), 255).astype(np.uint32) << 8 | np.minimum(rng.geometric(0.05, n), 255)
+    return (top | low.astype(np.uint32)).tobytes()
+
+
+@pytest.mark.parametrize("elements", [40, 1000, 32768 + 33, 262144])
+def test_four_coded_f32_streams_decode_in_one_loop(elements):
+    """Every stream of an f32 class coded, one part each: the eight-chain loop writes the elements, the parts'
+    tails and state symbols are finished after it, and the result matches the scalar decoder of each stream."""
+    raw = _f32_with_skewed_mantissa(elements, 17)
+    enc = encode_chunk(raw, ChunkHints(segments=(Segment(0, len(raw), "f32"),)))
+    assert decode_chunk(enc.codec_id, enc.params, enc.payload, len(raw)) == raw
+    if elements < tensor.RANS32_MIN:
+        return  # short streams take the 4-state coder (or the chunk another codec)
+    plan = np.empty((3, 8), np.int64)
+    assert tensor_fast._single_class_plan(np.frombuffer(enc.params, np.uint8), len(raw), len(enc.payload), plan) == 3
+    assert list(plan[0, :4]) == [tensor.M_RANS32E] * 4
+    pay = np.frombuffer(enc.payload, np.uint8)
+    bufs = [pay[plan[1, k] : plan[1, k] + plan[2, k]] for k in range(4)]
+    assert all(b[0] == 1 for b in bufs)
+    ref = [np.empty(elements, np.uint8) for _ in range(4)]
+    assert all(rans32e.decode_ext_into_scalar(b, r) == 0 for b, r in zip(bufs, ref))
+    if not rans32.vector_ok():
+        return
+    u = np.empty(elements, np.uint32)
+    planes = [np.empty(elements, np.uint8) for _ in range(4)]
+    done = rans32e.decode_ext_four_f32(bufs[0], planes[0], bufs[1], planes[1], bufs[2], planes[2], bufs[3],
+                                       planes[3], u)
+    assert 0 < done <= elements
+    assert np.array_equal(u[:done], np.frombuffer(raw, np.uint32)[:done])
+    for p, r in zip(planes, ref):
+        assert np.array_equal(p[done:], r[done:])
+    assert rans32e.decode_ext_four_f32(bufs[0], planes[0], bufs[1], planes[1], bufs[2], planes[2], bufs[3],
+                                       planes[3][:-1], u) == -1  # plane length checked
+    damaged = bytearray(enc.payload)
+    damaged[plan[1, 3] + plan[2, 3] // 2] ^= 0x40
+    try:
+        out = decode_chunk(enc.codec_id, enc.params, bytes(damaged), len(raw))
+    except CodecError:
+        return
+    assert len(out) == len(raw)
+
+
+@pytest.mark.parametrize("elements", [65536 + 17, 262144])
+def test_four_coded_f32_streams_with_method_7_exponents_decode_in_one_loop(elements):
+    """Rows with their own scale (method-7 exponents) and coded mantissa bytes: the method-7 form of the loop."""
+    rng = np.random.default_rng(19)
+    rows = (rng.normal(0, 1e-3, (elements // 384 + 1, 384)) * np.exp(rng.normal(0, 2, (elements // 384 + 1, 1))))
+    top = rows.reshape(-1)[:elements].astype(np.float32).view(np.uint32) & np.uint32(0xFFF80000)
+    low = np.minimum(rng.geometric(0.02, elements), 255).astype(np.uint32) << 8 | np.minimum(
+        rng.geometric(0.05, elements), 255)
+    raw = (top | low.astype(np.uint32)).tobytes()
+    enc = encode_chunk(raw, ChunkHints(segments=(Segment(0, len(raw), "f32"),)))
+    assert decode_chunk(enc.codec_id, enc.params, enc.payload, len(raw)) == raw
+    plan = np.empty((3, 8), np.int64)
+    assert tensor_fast._single_class_plan(np.frombuffer(enc.params, np.uint8), len(raw), len(enc.payload), plan) == 3
+    assert list(plan[0, :4]) == [tensor.M_RANS32C] + [tensor.M_RANS32E] * 3
+    pay = np.frombuffer(enc.payload, np.uint8)
+    bufs = [pay[plan[1, k] : plan[1, k] + plan[2, k]] for k in range(4)]
+    assert bufs[0][0] == rans32c.SRC_SELF and all(b[0] == 1 for b in bufs[1:])
+    ref = [np.empty(elements, np.uint8) for _ in range(4)]
+    assert rans32c.decode_into_scalar(bufs[0], ref[0], ref[0]) == 0
+    assert all(rans32e.decode_ext_into_scalar(b, r) == 0 for b, r in zip(bufs[1:], ref[1:]))
+    if not rans32.vector_ok():
+        return
+    u = np.empty(elements, np.uint32)
+    planes = [np.empty(elements, np.uint8) for _ in range(4)]
+    args = [x for pair in zip(bufs, planes) for x in pair]
+    done = rans32c.decode_four_f32(*args, u)
+    assert 0 < done <= elements
+    assert np.array_equal(u[:done], np.frombuffer(raw, np.uint32)[:done])
+    for p, r in zip(planes, ref):
+        assert np.array_equal(p[done:], r[done:])
+    assert rans32c.decode_four_f32(*args[:-1], planes[3][:-1], u) == -1  # plane length checked
+    assert rans32c.decode_four_f32(bufs[1], planes[0], *args[2:], u) == -2  # not a method-7 stream first
+
+
 @pytest.mark.parametrize("dtype", ["bf16", "f32"])
 def test_zero_masked_classes_use_the_eight_chain_loop_for_their_nonzero_elements(dtype):
     """A third of the elements +0.0 (zero-masked class): the nonzero elements' streams are long enough to be split
