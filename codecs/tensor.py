@@ -67,11 +67,12 @@ def plan_regions(raw_len: int, segments: tuple[Segment, ...]) -> list[tuple[int,
     return regions
 
 
-# the bytes of a chunk's generic regions next to a float class up to this many (one torch zip local header between
-# two storages, ~130 bytes) are stored raw: zstd saved ~40% of them, and the chunk then decodes in the compiled path
-# (chunk_fast.decode_mixed: 0.21 instead of 0.25 ms per 1 MiB .pt chunk, one-off timing). The corpus .pt: +0.00001
-# at 256, +0.00003 at 512, +0.00014 at 4096 (chunks of many small tensors)
-SMALL_GENERIC = 256
+# the bytes of a chunk's generic regions next to a float class up to this many (torch zip local headers between
+# storages, ~130 bytes each) are stored raw: zstd saved ~40% of them, and the chunk then decodes in the compiled
+# path (chunk_fast.decode_mixed). On the corpus step-20 .pt (tools/bench_codecs.py whole file, 2026-12-05): 256
+# bytes 0.53549, decoding 5,710 MB/s (its 32 MiB window at 32 MiB 4,744); 1024 bytes 0.53558, 6,026 (5,264): blocks
+# of several small tensors and their headers had gone through the Python parser and zstd; 4096 bytes 0.53562
+SMALL_GENERIC = 1024
 
 
 # a plane whose 1-in-8 sample has more than this order-0 entropy is stored raw without a full histogram: the

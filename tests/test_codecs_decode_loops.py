@@ -342,7 +342,7 @@ def _torch_zip_like(rng, sizes, header=130, scales=None):
     return bytes(raw), ChunkHints(segments=tuple(segs))
 
 
-@pytest.mark.parametrize("header", [64, 130, 256, 300])
+@pytest.mark.parametrize("header", [64, 130, 300, 1024, 1100])
 def test_float_chunk_with_small_generic_gaps_decodes_compiled(header):
     """Two storages of a .pt with the zip header between them: up to tensor.SMALL_GENERIC bytes of header are stored
     raw and the chunk decodes in chunk_fast.decode_mixed (the Python multi-class path otherwise); either way exact,
