@@ -135,26 +135,19 @@ def _merged_in_loop(cls, payload, meths, offs, lens, scratch, out):
         fields._merge_bf16(scratch[0][done:h], scratch[1][done:h], u[done:h])
         fields._merge_bf16(scratch[0][h + done :], scratch[1][h + done :], u[h + done :])
         return True
-    if cls == fields.CLASS_F32 and _parts(0, payload, meths, offs, lens) == 1 and \
+    ctx = _single_part(0, payload, meths, offs, lens, M_RANS32C)
+    if cls == fields.CLASS_F32 and (ctx or _parts(0, payload, meths, offs, lens) == 1) and \
             _parts(1, payload, meths, offs, lens) == 1 and _parts(2, payload, meths, offs, lens) == 1 and \
             _parts(3, payload, meths, offs, lens) == 1:
-        # every stream coded, one part each (weights whose mantissa bytes carry a little less than 8 bits)
+        # every stream coded, one part each (weights whose mantissa bytes carry a little less than 8 bits; the
+        # exponents method 6, or method 7 in checkpoints): eight chains in one loop
         u = out.view(np.uint32)
-        done = rans32e.decode_ext_four_f32(
-            payload[offs[0] : offs[0] + lens[0]], scratch[0], payload[offs[1] : offs[1] + lens[1]], scratch[1],
-            payload[offs[2] : offs[2] + lens[2]], scratch[2], payload[offs[3] : offs[3] + lens[3]], scratch[3], u)
-        if done < 0:
-            return False
-        fields._merge_f32(scratch[0][done:], scratch[1][done:], scratch[2][done:], scratch[3][done:], u[done:])
-        return True
-    if cls == fields.CLASS_F32 and _single_part(0, payload, meths, offs, lens, M_RANS32C) and \
-            _parts(1, payload, meths, offs, lens) == 1 and _parts(2, payload, meths, offs, lens) == 1 and \
-            _parts(3, payload, meths, offs, lens) == 1:
-        # the same with method-7 exponents (checkpoint weights)
-        u = out.view(np.uint32)
-        done = rans32c.decode_four_f32(
-            payload[offs[0] : offs[0] + lens[0]], scratch[0], payload[offs[1] : offs[1] + lens[1]], scratch[1],
-            payload[offs[2] : offs[2] + lens[2]], scratch[2], payload[offs[3] : offs[3] + lens[3]], scratch[3], u)
+        s0, s1 = payload[offs[0] : offs[0] + lens[0]], payload[offs[1] : offs[1] + lens[1]]
+        s2, s3 = payload[offs[2] : offs[2] + lens[2]], payload[offs[3] : offs[3] + lens[3]]
+        if ctx:
+            done = rans32c.decode_four_f32(s0, scratch[0], s1, scratch[1], s2, scratch[2], s3, scratch[3], u)
+        else:
+            done = rans32e.decode_ext_four_f32(s0, scratch[0], s1, scratch[1], s2, scratch[2], s3, scratch[3], u)
         if done < 0:
             return False
         fields._merge_f32(scratch[0][done:], scratch[1][done:], scratch[2][done:], scratch[3][done:], u[done:])
