@@ -71,9 +71,27 @@ def decode_mixed(params, payload, raw_len, out, scratch):
         if plan[0, k] == M_RANS32:  # method 5: the _fused_vec5 variant, left to the Python path
             return -1
     n = fb // width
-    floats = scratch[:fb]
-    if _fused_vec(cls, payload[gb:], plan[0, :width], plan[1, :width], plan[2, :width],
-                  scratch[fb : fb + width * n].reshape(width, n), floats):
+    # the class decodes straight into out where the largest float region then lies in its place (the others are
+    # moved, the generic bytes written last): one copy of the chunk less than decoding into scratch and laying
+    # out every region
+    big = -1
+    gen = 0
+    base = 0  # the generic bytes before the largest float region
+    for r in range(nreg):
+        if cls_r[r] == fields.CLASS_GENERIC:
+            gen += lens_r[r]
+        elif big < 0 or lens_r[r] > lens_r[big]:
+            big = r
+            base = gen
+    planes = scratch[: width * n].reshape(width, n)
+    if (out.ctypes.data + base) % width == 0:
+        if _fused_vec(cls, payload[gb:], plan[0, :width], plan[1, :width], plan[2, :width], planes,
+                      out[base : base + fb]):
+            return -1
+        _lay_out_in_place(out, payload, lens_r, cls_r, nreg, big, base)
+        return 0
+    floats = scratch[width * n : width * n + fb]
+    if _fused_vec(cls, payload[gb:], plan[0, :width], plan[1, :width], plan[2, :width], planes, floats):
         return -1
     o = 0
     gi = 0
@@ -92,6 +110,69 @@ def decode_mixed(params, payload, raw_len, out, scratch):
             dst[i] = src[i]
         o += length
     return 0
+
+
+@njit(nogil=True, inline="always")
+def _copy(out, dst, src, length):
+    """out[dst:dst + length] = out[src:src + length] for ranges that do not overlap."""
+    a = out[dst : dst + length]
+    b = out[src : src + length]
+    for i in range(length):
+        a[i] = b[i]
+
+
+@njit(nogil=True)
+def _move(out, dst, src, length):
+    """memmove within out, in pieces no longer than the distance, so that each piece is a vectorised copy of
+    ranges that do not overlap (a byte loop over overlapping ranges ran scalar)."""
+    if dst < src:
+        step = src - dst
+        k = 0
+        while k < length:
+            m = min(step, length - k)
+            _copy(out, dst + k, src + k, m)
+            k += m
+    elif dst > src:
+        step = dst - src
+        k = length
+        while k > 0:
+            m = min(step, k)
+            k -= m
+            _copy(out, dst + k, src + k, m)
+
+
+@njit(nogil=True)
+def _lay_out_in_place(out, payload, lens_r, cls_r, nreg, big, base):
+    """The float class lies contiguous at out[base:], its region big already in place: move the float regions
+    before it down (first to last) and those after it up (last to first), then write the generic bytes (the first
+    gb of the payload). Each region's final place is the sum of the lengths before it; no move overwrites a region
+    not yet moved."""
+    final = np.empty(nreg + 1, np.int64)
+    cur = np.empty(nreg, np.int64)
+    gpos = np.empty(nreg, np.int64)
+    final[0] = 0
+    coff = 0
+    gi = 0
+    for r in range(nreg):
+        final[r + 1] = final[r] + lens_r[r]
+        if cls_r[r] == fields.CLASS_GENERIC:
+            gpos[r] = gi
+            gi += lens_r[r]
+        else:
+            cur[r] = base + coff
+            coff += lens_r[r]
+    for r in range(big):
+        if cls_r[r] != fields.CLASS_GENERIC:
+            _move(out, final[r], cur[r], lens_r[r])
+    for r in range(nreg - 1, big, -1):
+        if cls_r[r] != fields.CLASS_GENERIC:
+            _move(out, final[r], cur[r], lens_r[r])
+    for r in range(nreg):
+        if cls_r[r] == fields.CLASS_GENERIC:
+            a = out[final[r] : final[r] + lens_r[r]]
+            b = payload[gpos[r] : gpos[r] + lens_r[r]]
+            for i in range(lens_r[r]):
+                a[i] = b[i]
 
 
 @njit(nogil=True)
