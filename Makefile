@@ -15,10 +15,10 @@ setup: $(STAMP) mount-helper
 
 system-deps:
 	@if ! command -v fusermount3 >/dev/null || ! command -v pkg-config >/dev/null \
-	    || ! pkg-config --exists fuse3; then \
-	  echo "installing fuse3, libfuse3-dev and pkg-config with apt"; \
+	    || ! pkg-config --exists fuse3 || ! command -v rsync >/dev/null; then \
+	  echo "installing fuse3, libfuse3-dev, pkg-config and rsync (the checkpoint-copy test) with apt"; \
 	  $(SUDO) apt-get update -qq && \
-	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fuse3 libfuse3-dev pkg-config; \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fuse3 libfuse3-dev pkg-config rsync; \
 	fi
 
 $(STAMP): pyproject.toml | system-deps
