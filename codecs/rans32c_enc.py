@@ -9,7 +9,7 @@ from numba import types
 from numba.extending import intrinsic
 
 from ._jit import njit
-from .rans import RANS_L, SCALE_BITS, _enc_step, _normalize, histogram, normalize
+from .rans import RANS_L, SCALE_BITS, _enc_step, _normalize, normalize
 from .rans32 import LANES, SLOTS, TABLE_MAX, V, write_table
 from .rans32_enc import _encode as _encode_lanes, _rcp32, gather_step_ir
 from .varint import put_varint
@@ -238,14 +238,8 @@ def _sample_counts(data, ctx, lag, blut, step, counts):
         counts[(np.int64(blut[c]) << 8) | np.int64(data[i])] += 1
 
 
-def _entropy_bits(c: np.ndarray) -> float:
-    c = c[c > 0]
-    n = c.sum()
-    return float((c * np.log2(n / c)).sum()) if n else 0.0
-
-
 @njit(nogil=True)
-def _entropy_bits_jit(c):
+def _entropy_bits(c):
     n = 0.0
     for s in range(c.size):
         n += c[s]
@@ -291,9 +285,9 @@ def _sample_choice(data, src, lag, thresholds):
     sample = np.zeros((nt + 1) * 256, np.int64)
     _sample_counts(data, src, lag, blut, SAMPLE_STEP, sample)
     per = sample.reshape(nt + 1, 256)
-    gain = _entropy_bits_jit(per.sum(axis=0))
+    gain = _entropy_bits(per.sum(axis=0))
     for b in range(nt + 1):
-        gain -= _entropy_bits_jit(per[b])
+        gain -= _entropy_bits(per[b])
     return nt, gain
 
 
@@ -328,15 +322,6 @@ def _bucket_tables(counts, nb, freqs, tab):
                 bits += c[s] * (SCALE_BITS - np.log2(f[s]))
         size += bits / 8 + write_table(f, tab)
     return size
-
-
-def _quantiles(hist: np.ndarray) -> list[int]:
-    """Thresholds splitting the contexts' mass into quarters (the reference for _sample_choice's, in tests)."""
-    cs = np.cumsum(hist)
-    if cs[-1] == 0:
-        return []
-    th = {int(np.searchsorted(cs, cs[-1] * q, side="right")) for q in (0.25, 0.5, 0.75)}
-    return sorted(t for t in th if 0 < t < 256)
 
 
 def plan(data: np.ndarray, source: int, ctx: np.ndarray | None, parts: int = 1):

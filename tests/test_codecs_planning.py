@@ -143,16 +143,31 @@ def test_a_damaged_constant_stream_is_refused():
     assert "Codec" in type(got.value).__name__
 
 
+def _entropy_bits(c: np.ndarray) -> float:
+    c = c[c > 0]
+    n = c.sum()
+    return float((c * np.log2(n / c)).sum()) if n else 0.0
+
+
+def _quantiles(hist: np.ndarray) -> list[int]:
+    """Thresholds splitting the contexts' mass into quarters."""
+    cs = np.cumsum(hist)
+    if cs[-1] == 0:
+        return []
+    th = {int(np.searchsorted(cs, cs[-1] * q, side="right")) for q in (0.25, 0.5, 0.75)}
+    return sorted(t for t in th if 0 < t < 256)
+
+
 def _sample_choice_reference(data: np.ndarray, src: np.ndarray, lag: int):
     """plan's sampled choice as numpy steps (what it was before it was compiled)."""
-    thresholds = rans32c_enc._quantiles(rans.histogram(np.ascontiguousarray(src[:: rans32c_enc.SAMPLE_STEP])))
+    thresholds = _quantiles(rans.histogram(np.ascontiguousarray(src[:: rans32c_enc.SAMPLE_STEP])))
     if not thresholds:
         return [], 0.0
     nb = len(thresholds) + 1
     sample = np.zeros(nb * 256, np.int64)
     rans32c_enc._sample_counts(data, src, lag, rans32c_enc._blut(thresholds), rans32c_enc.SAMPLE_STEP, sample)
     per = sample.reshape(nb, 256)
-    gain = rans32c_enc._entropy_bits(per.sum(0)) - sum(rans32c_enc._entropy_bits(row) for row in per)
+    gain = _entropy_bits(per.sum(0)) - sum(_entropy_bits(row) for row in per)
     return thresholds, gain
 
 
