@@ -69,9 +69,10 @@ def plan_regions(raw_len: int, segments: tuple[Segment, ...]) -> list[tuple[int,
 
 # the bytes of a chunk's generic regions next to a float class up to this many (torch zip local headers between
 # storages, ~130 bytes each) are stored raw: zstd saved ~40% of them, and the chunk then decodes in the compiled
-# path (chunk_fast.decode_mixed). On the corpus step-20 .pt (tools/bench_codecs.py whole file, 2026-12-05): 256
-# bytes 0.53549, decoding 5,710 MB/s (its 32 MiB window at 32 MiB 4,744); 1024 bytes 0.53558, 6,026 (5,264): blocks
-# of several small tensors and their headers had gone through the Python parser and zstd; 4096 bytes 0.53562
+# path (chunk_fast.decode_mixed). On the corpus step-20 .pt (ratios as tools/bench_codecs.py prints them; decoding
+# from a one-off script timing decode_chunk over the tool's chunks, 2026-12-05): 256 bytes 0.53549, 5,710 MB/s (its
+# 32 MiB window at 32 MiB 4,744); 1024 bytes 0.53558, 6,026 (5,264): blocks of several small tensors and their
+# headers had gone through the Python parser and zstd; 4096 bytes 0.53562
 SMALL_GENERIC = 1024
 
 
