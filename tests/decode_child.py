@@ -1,7 +1,9 @@
 """Runs in a child interpreter: decode chunk cases and report each outcome as one JSON line, so a crash or hang kills only the child."""
 from __future__ import annotations
 
+import faulthandler
 import json
+import os
 import pickle
 import struct
 import sys
@@ -36,12 +38,25 @@ def report(got: list) -> None:
     sys.stdout.flush()
 
 
-def decode_file(path: str) -> None:
-    """Every case of a pickled list."""
+def warm_up() -> None:
+    """Load (or compile) the decoding kernels before any case, as a mount does at its start: a cold compile takes
+    minutes on a fresh clone (three times longer under tracemalloc) and must not read as a hanging case."""
+    from dccfs.codecs.delta import warm_up as warm_up_delta
+    from dccfs.engine import warm_up_codecs
+    warm_up_codecs()
+    warm_up_delta()
+
+
+def decode_file(path: str, case_seconds: float) -> None:
+    """Every case of a pickled list; a case still decoding after case_seconds ends the process (exit status 1,
+    faulthandler's "Timeout" and the stack on stderr), a watchdog that fires even inside a compiled loop."""
     with open(path, "rb") as f:
         cases = pickle.load(f)
     for case in cases:
-        report(decode_one(*case))
+        faulthandler.dump_traceback_later(case_seconds, exit=True)
+        got = decode_one(*case)
+        faulthandler.cancel_dump_traceback_later()
+        report(got)
 
 
 def serve_stdin() -> None:
@@ -54,8 +69,9 @@ def serve_stdin() -> None:
 
 
 if __name__ == "__main__":
+    warm_up()
     tracemalloc.start()
     if len(sys.argv) > 1:
-        decode_file(sys.argv[1])
+        decode_file(sys.argv[1], float(os.environ.get("DCCFS_CASE_SECONDS", "120")))
     else:
         serve_stdin()
