@@ -19,6 +19,9 @@ CLASS_F64 = 4  # streams: bytes 7..0 (byte planes, most significant first)
 CLASS_BF16Z = 5
 CLASS_F16Z = 6
 CLASS_F32Z = 7
+# bf16 with the exponent and top two mantissa bits as one symbol (codecs/joint.py): streams base exponent (one raw
+# byte) | symbols | the six other bits of every element, packed (raw)
+CLASS_BF16J = 8
 CLASSES = {
     CLASS_GENERIC: (1, 1),
     CLASS_BF16: (2, 2),
@@ -28,6 +31,7 @@ CLASSES = {
     CLASS_BF16Z: (2, 3),
     CLASS_F16Z: (2, 3),
     CLASS_F32Z: (4, 5),
+    CLASS_BF16J: (2, 3),
 }
 DTYPE_CLASS = {"bf16": CLASS_BF16, "f16": CLASS_F16, "f32": CLASS_F32, "f64": CLASS_F64}
 

@@ -145,7 +145,9 @@ def _store_f16(builder, u16, i, hi, lo):
 def _emit_loop(context, builder, signature, args, with_ctx, merge=None):
     """Codegen of the loops below. args: per stream lut, words, xs, out (+ thr, ctx0 where with_ctx[s]), then
     the merge target (merge "bf16": a uint16 output; "f32": a uint32 output and the raw planes m1, m0; "f32x4": a
-    uint32 output of four decoded streams; "f16": per stream a uint16 output and its raw low bytes), then state = [i, n, p of each stream]; runs rounds of 32
+    uint32 output of four decoded streams; "f16": per stream a uint16 output and its raw low bytes; or an object with
+    targets, extra_state and store(builder, targets, i, symbols, extras)), then state = [i, n, p of each stream,
+    the merge's extra values]; runs rounds of 32
     symbols per stream while i + 32 <= n and every stream has 32 words left, writes back states, positions and i;
     returns i. With bf16 / f32 the two streams are a class's first two (exponents, sign|mantissa bytes), with f16
     the two parts of an f16 class's high bytes; they are merged into the output instead of stored."""
@@ -163,13 +165,17 @@ def _emit_loop(context, builder, signature, args, with_ctx, merge=None):
         streams.append(s)
         pos += n_args
     targets = []
-    for _ in range({None: 0, "bf16": 1, "bf16x2": 2, "f32": 3, "f32x2": 6, "f32x4": 1, "f16": 4}[merge]):
+    custom = hasattr(merge, "store")  # a merge of another module (joint_loop): its targets, extra state, store
+    for _ in range(merge.targets if custom else
+                   {None: 0, "bf16": 1, "bf16x2": 2, "f32": 3, "f32x2": 6, "f32x4": 1, "f16": 4}[merge]):
         targets.append(context.make_array(signature.args[pos])(context, builder, args[pos]).data)
         pos += 1
     state = context.make_array(signature.args[pos])(context, builder, args[pos]).data
 
     def state_at(k):
         return builder.gep(state, [ir.Constant(_i64, k)])
+
+    extras = [builder.load(state_at(2 + len(streams) + k)) for k in range(merge.extra_state if custom else 0)]
 
     i0 = builder.load(state_at(0))
     n = builder.load(state_at(1))
@@ -235,6 +241,8 @@ def _emit_loop(context, builder, signature, args, with_ctx, merge=None):
         elif merge == "f16":
             for si, sym in enumerate(syms):
                 _store_f16(builder, targets[2 * si], ik, sym, targets[2 * si + 1])
+        elif custom:
+            merge.store(builder, targets, ik, syms, extras)
     i_next = builder.add(i_phi, lanes)
     builder.branch(header)
     i_phi.add_incoming(i_next, body)

@@ -8,7 +8,7 @@ import logging
 import numpy as np
 
 from ._jit import njit
-from . import count16, fields, generic, rans, rans32, rans32_enc, rans32c, rans32e_enc, scratch, zeros
+from . import count16, fields, generic, joint, rans, rans32, rans32_enc, rans32c, rans32e_enc, scratch, zeros
 from .api import CODEC_TENSOR, CODEC_ZSTD, EncodedChunk, Segment
 from .tensor_decode import decode, decode_into, finish_bytes, new_bytes  # noqa: F401  (re-exported: api, blocks)
 # the format numbers, also re-exported (blocks and tests read them as tensor.FORMAT_VERSION, tensor.M_*)
@@ -265,12 +265,57 @@ def _split(cls: int, data: np.ndarray):
     return fields.split(cls, data), None, nzero
 
 
+def _split_joint(data: np.ndarray):
+    """(symbols, packed low bits, base, counts, +0.0 elements if masking is worth trying else -1) of a bf16 class
+    in class 8 (codecs/joint.py), or None where class 1 stays: exponents outside one window, low bits that are not
+    near uniform (their sampled entropy), or too few elements for the sample to say."""
+    n = data.size // 2
+    if n < joint.MIN_ELEMENTS:
+        return None
+    u = data.view("<u2")
+    got = joint.plan(u)
+    if got is None:
+        return None
+    base, present = got
+    buf = scratch.take(n + joint.packed_bytes(n))
+    sym, packed = buf[:n], buf[n:]
+    sample = np.zeros(256, np.int64)
+    low = np.zeros(64, np.int64)
+    z = joint.split(u, base, sym, packed, sample, low)
+    if joint.low_bits_entropy(low) < joint.MIN_LOW_BITS:
+        return None
+    if n < count16.EXACT_MAX:
+        counts = rans.histogram(sym)
+    else:
+        counts = np.empty(256, np.int64)
+        count16._estimate(sample, present, n, counts)
+    # (as count16 estimates them: the sample's +0.0 elements times 8, those of every 16th half of them)
+    return sym, packed, base, (counts, sample), zeros.worth(n, count16.STEP * z, (z + 1) >> 1)
+
+
+def _encode_joint(sym: np.ndarray, packed: np.ndarray, base: int, plan) -> list[tuple[int, bytes | memoryview]]:
+    """The three streams of class 8: the base exponent, the symbols (two parts where long enough: the fused
+    decoder runs them as four chains), the packed low bits."""
+    method, freq, _ = plan
+    coded = _code_plane(sym, method, freq, 2 if _splits(plan, sym.size) else 1)
+    size = sum(len(b) for b in coded) if isinstance(coded, tuple) else len(coded)
+    if method not in (M_RAW, M_CONST) and size >= sym.size:
+        method, coded = M_RAW, _code_plane(sym, M_RAW, None)
+    return [(M_RAW, bytes([base])), (method, coded), (M_RAW, memoryview(packed).cast("B"))]
+
+
 def _encode_float(cls: int, data: np.ndarray, effort: int, level: int | None
                   ) -> tuple[int, list[tuple[int, bytes | memoryview]]]:
-    """(class written, streams): the class itself, or its zero-masked variant where that is estimated smaller."""
+    """(class written, streams): the class itself (bf16: class 8 where it applies), or its zero-masked variant
+    where that is estimated smaller."""
     width = fields.CLASSES[cls][0]
     n = data.size // width
-    planes, counts, nzero = _split(cls, data)
+    joint_split = _split_joint(data) if cls == fields.CLASS_BF16 else None
+    if joint_split is not None:
+        sym, packed, base, (counts, sample), nzero = joint_split
+        planes = [sym, sym]  # (the constant class below: two streams of class 1)
+    else:
+        planes, counts, nzero = _split(cls, data)
     # effort 0 skips method 7 altogether: its planning and encoding cost ~0.5 ms per MiB
     context = effort > 0
     # the count may be a sample's estimate (not exactly n for all-zero classes whose length is not a multiple of
@@ -284,7 +329,10 @@ def _encode_float(cls: int, data: np.ndarray, effort: int, level: int | None
     # MiB of optimizer state). Not at effort 0: its run list is coded with lz4, and with scattered zeros the plain
     # bf16/f16 class was 2-4% smaller there (found by review)
     plain = nzero < n // 4 or effort == 0
-    if plain:
+    if plain and joint_split is not None:
+        jplan = _plan_plane(sym, counts, sample)
+        best = jplan[2] + packed.size + 3
+    elif plain:
         plans = _plan_planes(cls, planes, context=context, counts=counts)
         best = sum(p[2] for p in plans)
     if nzero >= 0:
@@ -294,6 +342,8 @@ def _encode_float(cls: int, data: np.ndarray, effort: int, level: int | None
         run_stream = _encode_runs(runs, effort, level)
         if not plain or sum(p[2] for p in zplans) + len(run_stream[1]) + 1 < best:
             return zeros.ZERO_CLASS[cls], [run_stream] + _encode_planes(cls, zplanes, zplans)
+    if joint_split is not None:
+        return fields.CLASS_BF16J, _encode_joint(sym, packed, base, jplan)
     return cls, _encode_planes(cls, planes, plans)
 
 

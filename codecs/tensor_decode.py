@@ -7,7 +7,7 @@ import logging
 
 import numpy as np
 
-from . import blocks, chunk_fast, fields, generic, rans, rans32, tensor_fast, zeros
+from . import blocks, chunk_fast, fields, generic, joint, joint_loop, rans, rans32, tensor_fast, zeros
 from .api import CodecError
 from .tensor_fast import _FAST_METHODS, _decode_fast, _single_class_plan
 from .tensor_format import FORMAT_VERSION, M_CONST, M_LZ4, M_RANS, M_RANS32, M_RANS32E, M_RAW, M_ZSTD, _get_varint
@@ -48,6 +48,32 @@ def _decode_zero_class(cls: int, payload: memoryview, meths, offs, lens, nbytes:
     if out is None:
         out = np.empty(nbytes, np.uint8)
     zeros.expand(packed, runs, k, width, out)
+    return out
+
+
+def _decode_joint_class(payload: memoryview, meths, offs, lens, out: np.ndarray) -> np.ndarray:
+    """Class 8 (codecs/joint.py) into out: the base exponent, the symbols (both parts of a two-part method-6
+    stream in the fused loop, which writes most elements), then the remaining elements from the packed bits."""
+    n = out.size // 2
+    if meths[0] != M_RAW or lens[0] != 1:
+        raise CodecError("joint class: stream 0 is not one raw byte")
+    base = payload[offs[0]]
+    if not 1 <= base <= 255 - joint.WINDOW:
+        raise CodecError(f"joint class: base exponent {base} out of range")
+    if meths[2] != M_RAW or lens[2] != joint.packed_bytes(n):
+        raise CodecError(f"joint class: low bits stream of {lens[2]} bytes (method {meths[2]}) for {n} elements")
+    arr = np.frombuffer(payload, np.uint8)
+    packed = arr[offs[2] : offs[2] + lens[2]]
+    sym = tensor_fast.scratch_for(n)[:n]
+    u = out.view(np.uint16)
+    done = 0
+    if meths[1] == M_RANS32E and lens[1] > 0 and arr[offs[1]] == 2 and rans32.vector_ok():
+        done = joint_loop.decode_fused(arr[offs[1] : offs[1] + lens[1]], sym, packed, base, u)
+        if done < 0:
+            raise CodecError("joint class: symbol stream is malformed")
+    else:
+        sym[:] = _decode_stream(meths[1], payload[offs[1] : offs[1] + lens[1]], n)
+    joint.compose(sym, packed, base, u, done)
     return out
 
 
@@ -175,6 +201,8 @@ def decode_into(params: bytes, payload: bytes | memoryview, raw_len: int, out: n
     if ppos != len(payload) or pos != len(params):
         raise CodecError("tensor payload or params have trailing bytes")
     arr = None
+    if len(plan) == 1 and plan[0][0] == fields.CLASS_BF16J:
+        return _decode_joint_class(payload, *plan[0][1:], out)
     if (len(plan) == 1 and plan[0][0] != fields.CLASS_GENERIC and plan[0][0] not in zeros.BASE_CLASS
             and all(m in _FAST_METHODS for m in plan[0][1])):
         # one float class covering the chunk: decode and merge straight into the output
@@ -189,7 +217,10 @@ def decode_into(params: bytes, payload: bytes | memoryview, raw_len: int, out: n
         if cls in zeros.BASE_CLASS:
             decoded[cls] = _decode_zero_class(cls, payload, meths, offs, lens, class_bytes[cls])
             continue
-        if cls != fields.CLASS_GENERIC and all(m in _FAST_METHODS for m in meths):
+        if cls == fields.CLASS_BF16J:
+            decoded[cls] = _decode_joint_class(payload, meths, offs, lens, np.empty(class_bytes[cls], np.uint8))
+            continue
+        if cls not in (fields.CLASS_GENERIC, fields.CLASS_BF16J) and all(m in _FAST_METHODS for m in meths):
             if arr is None:
                 arr = np.frombuffer(payload, np.uint8)
             decoded[cls] = np.empty(class_bytes[cls], np.uint8)

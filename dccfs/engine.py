@@ -90,8 +90,11 @@ def warm_up_codecs() -> None:
     started = time.perf_counter()
     rng = np.random.default_rng(0)
     sample = rng.standard_normal(32768).astype(np.float32)
+    # bf16 long enough for its symbol stream to take two parts (class 8's fused loop)
+    long_bf16 = (rng.standard_normal(131072).astype(np.float32).view(np.uint32) >> 16).astype(np.uint16)
     for dtype, raw in (("f32", sample.tobytes()), ("f16", sample.astype(np.float16).tobytes()),
-                       ("bf16", (sample.view(np.uint32) >> 16).astype(np.uint16).tobytes())):
+                       ("bf16", (sample.view(np.uint32) >> 16).astype(np.uint16).tobytes()),
+                       ("bf16", long_bf16.tobytes())):
         for hints in (ChunkHints(segments=(Segment(0, len(raw), dtype),)), ChunkHints()):
             encoded = encode_chunk(raw, hints)
             decode_chunk(encoded.codec_id, encoded.params, encoded.payload, len(raw))

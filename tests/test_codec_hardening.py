@@ -136,8 +136,12 @@ def float_chunks(n: int = 1 << 17, seed: int = 1) -> dict[str, tuple[bytes, Chun
     low = np.minimum(rng.geometric(0.02, n), 255).astype(np.uint32) << 8 | np.minimum(rng.geometric(0.05, n), 255)
     coded = (g & np.uint32(0xFFF80000)) | low.astype(np.uint32)
     return {
-        "bf16": whole(bf16(w), "bf16"),  # method 6, both streams in two parts (eight-chain loop)
+        # class 1 (two low mantissa bits cleared: class 8 needs the six low bits near uniform): method 6, both
+        # streams in two parts (eight-chain loop)
+        "bf16": whole(g16.tobytes(), "bf16"),
         "bf16-pair": whole(g16[:80000].tobytes(), "bf16"),  # method 6, one part each, paired
+        "bf16-joint": whole(bf16(w), "bf16"),  # class 8: method 6 in two parts (the fused loop), packed low bits
+        "bf16-joint-short": whole(bf16(w[:6000]), "bf16"),  # class 8: method 2, decoded and then composed
         "f16": whole(w.astype(np.float16).tobytes(), "f16"),  # method 6 in two parts, raw
         "f32": whole(w[: n // 2].tobytes(), "f32"),
         "f32-quad": whole(g[:110000].tobytes(), "f32"),  # methods 6, 6 in two parts each, raw, raw
