@@ -9,7 +9,7 @@ import numpy as np
 from ._jit import njit
 from . import fields
 from .rans32e import varint_at
-from .tensor_fast import _fused_vec, _single_class_plan, stream_plan
+from .tensor_fast import _fused_vec, _single_class_plan, class_shape, stream_plan
 from .tensor_format import FORMAT_VERSION, M_RANS32, M_RAW
 
 
@@ -46,28 +46,25 @@ def decode_mixed(params, payload, raw_len, out, scratch):
         elif c != cls:
             return -1
         fb += length
-    if cls == fields.CLASS_BF16 or cls == fields.CLASS_F16:
-        width = 2
-    elif cls == fields.CLASS_F32:
-        width = 4
-    else:
+    width, ns = class_shape(cls)
+    if width == 0 or width == 8:
         return -1
     if gb == 0 or fb + gb != raw_len or 2 * raw_len > scratch.size:
         return -1
     for r in range(nreg):  # every float region whole elements, as the Python parser demands
         if cls_r[r] != fields.CLASS_GENERIC and lens_r[r] % width:
             return -1
-    # streams: the generic class's (raw) first, then the float class's, one per byte of its element
+    # streams: the generic class's (raw) first, then the float class's (class_shape's count)
     if pos >= n_p or params[pos] != M_RAW:
         return -1
     glen, pos = varint_at(params, pos + 1)
     if glen != gb:
         return -1
     plan = np.empty((3, 8), np.int64)
-    pos, total = stream_plan(params, pos, width, plan)
+    pos, total = stream_plan(params, pos, ns, plan)
     if pos != n_p or gb + total != payload.size:
         return -1
-    for k in range(width):
+    for k in range(ns):
         if plan[0, k] == M_RANS32:  # method 5: the _fused_vec5 variant, left to the Python path
             return -1
     n = fb // width
@@ -83,15 +80,17 @@ def decode_mixed(params, payload, raw_len, out, scratch):
         elif big < 0 or lens_r[r] > lens_r[big]:
             big = r
             base = gen
-    planes = scratch[: width * n].reshape(width, n)
+    planes = scratch[: ns * n].reshape(ns, n)
     if (out.ctypes.data + base) % width == 0:
-        if _fused_vec(cls, payload[gb:], plan[0, :width], plan[1, :width], plan[2, :width], planes,
+        if _fused_vec(cls, payload[gb:], plan[0, :ns], plan[1, :ns], plan[2, :ns], planes,
                       out[base : base + fb]):
             return -1
         _lay_out_in_place(out, payload, lens_r, cls_r, nreg, big, base)
         return 0
-    floats = scratch[width * n : width * n + fb]
-    if _fused_vec(cls, payload[gb:], plan[0, :width], plan[1, :width], plan[2, :width], planes, floats):
+    if ns * n + fb > scratch.size:  # (class 8: three rows of n bytes)
+        return -1
+    floats = scratch[ns * n : ns * n + fb]
+    if _fused_vec(cls, payload[gb:], plan[0, :ns], plan[1, :ns], plan[2, :ns], planes, floats):
         return -1
     o = 0
     gi = 0
@@ -190,11 +189,11 @@ def decode_blocks(params, payload, table, out, scratch):
             if decode_mixed(params[po : po + pl], payload[yo : yo + yl], rl, out[ro : ro + rl], scratch):
                 return b
             continue
-        ns = 2 if cls == fields.CLASS_BF16 or cls == fields.CLASS_F16 else (4 if cls == fields.CLASS_F32 else 8)
+        width, ns = class_shape(cls)
         for k in range(ns):
             if plan[0, k] == M_RANS32:
                 return b
-        n = rl // ns
+        n = rl // width
         if ns * n > scratch.size:
             return b
         sc = scratch[: ns * n].reshape(ns, n)

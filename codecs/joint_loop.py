@@ -8,10 +8,12 @@ from numba import types
 from numba.extending import intrinsic
 
 from ._jit import njit
-from .joint import BLOCK, BLOCK_BYTES, halves
+from . import rans, rans32, rans32e
+from .joint import BLOCK, BLOCK_BYTES, WINDOW, compose, halves
 from .rans32 import LANES, SLOTS
 from .rans32_loop import _bcast, _emit_loop, _i32, _i64, _splat, _v8, _v16, _vt
 from .rans32e import _prepare_ext, finish_part
+from .tensor_format import M_CONST, M_RANS, M_RANS32, M_RANS32E, M_RAW
 
 
 def _c64(v):
@@ -92,3 +94,51 @@ def decode_fused(buf, sym, packed, base, u16):
             finish_part(lut, words_b, xs_b, sym[h:], m_b, merged, state[3]):
         return -1
     return merged
+
+
+@njit(nogil=True, boundscheck=False)
+def decode_class(payload, meths, offs, lens, sym, out):
+    """A class-8 chunk's three streams (methods, offsets, lengths into payload) into out (uint8, 2n bytes), its
+    symbols through sym (n bytes); 0, or -(stream + 1) for the stream that is malformed or of a method left to
+    the Python decoder (zstd, lz4: it names the error)."""
+    n = out.size // 2
+    if meths[0] != M_RAW or lens[0] != 1:
+        return -1
+    base = np.int64(payload[offs[0]])
+    if base < 1 or base > 255 - WINDOW:
+        return -1
+    h, pa, pn = halves(n)
+    if meths[2] != M_RAW or lens[2] != pn or sym.size != n:
+        return -3
+    packed = payload[offs[2] : offs[2] + pn]
+    blob = payload[offs[1] : offs[1] + lens[1]]
+    m = meths[1]
+    u = out.view(np.uint16)
+    done = 0
+    if m == M_RANS32E and lens[1] > 0 and blob[0] == 2:
+        done = decode_fused(blob, sym, packed, base, u)
+        if done < 0:
+            return -2
+    elif m == M_RANS32E:
+        if rans32e.decode_ext_into(blob, sym) != 0:
+            return -2
+    elif m == M_RANS32:
+        if rans32.decode_into(blob, sym) != 0:
+            return -2
+    elif m == M_RANS:
+        if rans.decode_into(blob, sym) != 0:
+            return -2
+    elif m == M_RAW:
+        if lens[1] != n:
+            return -2
+        for i in range(n):
+            sym[i] = blob[i]
+    elif m == M_CONST:
+        if lens[1] != 1:
+            return -2
+        for i in range(n):
+            sym[i] = blob[0]
+    else:
+        return -2
+    compose(sym, packed, base, u, done)
+    return 0

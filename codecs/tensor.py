@@ -268,7 +268,8 @@ def _split(cls: int, data: np.ndarray):
 def _split_joint(data: np.ndarray):
     """(symbols, packed low bits, base, counts, +0.0 elements if masking is worth trying else -1) of a bf16 class
     in class 8 (codecs/joint.py), or None where class 1 stays: exponents outside one window, low bits that are not
-    near uniform (their sampled entropy), or too few elements for the sample to say."""
+    near uniform (their sampled entropy), a sample that says class 1 codes smaller, or too few elements for the
+    sample to say."""
     n = data.size // 2
     if n < joint.MIN_ELEMENTS:
         return None
@@ -281,8 +282,14 @@ def _split_joint(data: np.ndarray):
     sym, packed = buf[:n], buf[n:]
     sample = np.zeros(256, np.int64)
     low = np.zeros(64, np.int64)
-    z = joint.split(u, base, sym, packed, sample, low)
-    if joint.low_bits_entropy(low) < joint.MIN_LOW_BITS:
+    sm = np.zeros(256, np.int64)
+    z = joint.split(u, base, sym, packed, sample, low, sm)
+    if n < joint.EXACT_LOW:  # a 1-in-8 sample of a short class is too short for 256-value histograms
+        sample_or_all = rans.histogram(sym)
+        sm = np.bincount(((u >> 8) & 0x80) | (u & 0x7F), minlength=256)
+    else:
+        sample_or_all = sample
+    if joint.low_bits_entropy(low) < joint.MIN_LOW_BITS or not joint.beats_class_1(sample_or_all, sm):
         return None
     if n < count16.EXACT_MAX:
         counts = rans.histogram(sym)
@@ -296,8 +303,11 @@ def _split_joint(data: np.ndarray):
 def _encode_joint(sym: np.ndarray, packed: np.ndarray, base: int, plan) -> list[tuple[int, bytes | memoryview]]:
     """The three streams of class 8: the base exponent, the symbols (two parts where long enough: the fused
     decoder runs them as four chains), the packed low bits."""
-    method, freq, _ = plan
-    coded = _code_plane(sym, method, freq, 2 if _splits(plan, sym.size) else 1)
+    method, freq, size = plan
+    # two parts from the length method 6 starts at (not SPLIT_MIN): the fused loop needs them, and a class of 20000
+    # to 100000 elements decoded in one part and a composing pass ran 1.4x slower than class 1 (found by review)
+    two = method == M_RANS32E and size + FLUSH_BYTES[M_RANS32E] + 3 < RANS_KEEP * sym.size
+    coded = _code_plane(sym, method, freq, 2 if two else 1)
     size = sum(len(b) for b in coded) if isinstance(coded, tuple) else len(coded)
     if method not in (M_RAW, M_CONST) and size >= sym.size:
         method, coded = M_RAW, _code_plane(sym, M_RAW, None)

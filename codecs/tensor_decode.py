@@ -53,7 +53,16 @@ def _decode_zero_class(cls: int, payload: memoryview, meths, offs, lens, nbytes:
 
 def _decode_joint_class(payload: memoryview, meths, offs, lens, out: np.ndarray) -> np.ndarray:
     """Class 8 (codecs/joint.py) into out: the base exponent, the symbols (both parts of a two-part method-6
-    stream in the fused loop, which writes most elements), then the remaining elements from the packed bits."""
+    stream in the fused loop, which writes most elements), then the remaining elements from the packed bits. For
+    the chunks the compiled paths do not take (several float classes), and hosts without the vector loops."""
+    if rans32.vector_ok():
+        # the compiled decoder (_fused_vec's, which every process has loaded already: a kernel loaded from numba's
+        # cache on first use costs ~10 ms); on an error the steps below find it again and name it
+        try:
+            _decode_fast(fields.CLASS_BF16J, np.frombuffer(payload, np.uint8), meths, offs, lens, out)
+            return out
+        except CodecError:
+            pass
     n = out.size // 2
     if meths[0] != M_RAW or lens[0] != 1:
         raise CodecError("joint class: stream 0 is not one raw byte")
@@ -153,7 +162,7 @@ def decode_into(params: bytes, payload: bytes | memoryview, raw_len: int, out: n
     # the common chunk (one float class) without the Python parser: ~10 us less per 256 KiB chunk
     plan = np.empty((3, 8), np.int64)
     cls = _single_class_plan(np.frombuffer(params, np.uint8), raw_len, len(payload), plan) if params else -1
-    if cls > 0:
+    if cls > 0 and (cls != fields.CLASS_BF16J or rans32.vector_ok()):  # (class 8 has no scalar fused decoder)
         ns = fields.CLASSES[cls][1]
         _decode_fast(cls, np.frombuffer(payload, np.uint8), plan[0, :ns], plan[1, :ns], plan[2, :ns], out)
         return out

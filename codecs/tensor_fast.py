@@ -9,7 +9,7 @@ import threading
 import numpy as np
 
 from ._jit import njit
-from . import fields, rans, rans32, rans32c, rans32e
+from . import fields, joint_loop, rans, rans32, rans32c, rans32e
 from .api import CodecError
 from .tensor_format import FORMAT_VERSION, M_CONST, M_RANS, M_RANS32, M_RANS32C, M_RANS32E, M_RAW
 
@@ -215,6 +215,8 @@ def _fused_vec(cls, payload, meths, offs, lens, scratch, out):
     0 or -(stream+1)."""
     # two single-part method-6 streams at a time: one loop over both keeps four vector chains in flight
     # (a two-part stream has its own two parts for that)
+    if cls == fields.CLASS_BF16J:  # its own decoder: one symbol stream and packed bits (codecs/joint.py)
+        return joint_loop.decode_class(payload, meths, offs, lens, scratch[0], out)
     if _merged_in_loop(cls, payload, meths, offs, lens, scratch, out):
         return 0
     if _constant_class(cls, payload, meths, offs, lens, scratch, out):
@@ -342,8 +344,8 @@ def _decode_fast(cls: int, payload: np.ndarray, meths, offs, lens, out: np.ndarr
     meths, offs, lens = (np.asarray(a, np.int64) for a in (meths, offs, lens))
     if not rans32.vector_ok():
         fused = _fused_scalar
-    else:
-        fused = _fused_vec5 if (meths == M_RANS32).any() else _fused_vec
+    else:  # (class 8 decodes method-5 symbols in _fused_vec)
+        fused = _fused_vec5 if (meths == M_RANS32).any() and cls != fields.CLASS_BF16J else _fused_vec
     st = fused(cls, payload, meths, offs, lens, _scratch(nstreams, n), out)
     if st:
         raise CodecError(f"tensor stream {-st - 1} of class {cls} is malformed")
@@ -375,25 +377,32 @@ def _single_class_plan(params, raw_len, payload_len, plan):
         total += length
     if total != raw_len:
         return -1
-    if cls == fields.CLASS_BF16 or cls == fields.CLASS_F16:
-        width = 2
-    elif cls == fields.CLASS_F32:
-        width = 4
-    elif cls == fields.CLASS_F64:
-        width = 8
-    else:
+    width, ns = class_shape(cls)
+    if width == 0 or raw_len % width:
         return -1
-    if raw_len % width:
-        return -1
-    pos, total = stream_plan(params, pos, width, plan)
+    pos, total = stream_plan(params, pos, ns, plan)
     if pos != n or total != payload_len:
         return -1
     return cls
 
 
 @njit(nogil=True, inline="always")
+def class_shape(cls):
+    """(element width, streams) of a float class the compiled decoders take (classes 1-4 and 8), (0, 0) else."""
+    if cls == fields.CLASS_BF16 or cls == fields.CLASS_F16:
+        return 2, 2
+    if cls == fields.CLASS_F32:
+        return 4, 4
+    if cls == fields.CLASS_F64:
+        return 8, 8
+    if cls == fields.CLASS_BF16J:
+        return 2, 3
+    return 0, 0
+
+
+@njit(nogil=True, inline="always")
 def stream_plan(params, pos, width, plan):
-    """The width streams of a float class (one per byte of its element) from params[pos] into plan[0:3, :width]:
+    """The width streams of a float class (class_shape's count) from params[pos] into plan[0:3, :width]:
     methods, payload offsets from 0, lengths; (next position, their total bytes), or (-1, 0) when truncated or of
     a method the fused decoders do not take."""
     total = 0

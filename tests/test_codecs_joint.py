@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from dccfs.codecs import ChunkHints, CodecError, Segment, decode_chunk, encode_chunk, joint, joint_loop, rans32
 from dccfs.codecs import fields, rans32e, tensor
-from test_codec_hardening import build_v1, parse_v1
+from test_codec_hardening import build_v1, build_v2, parse_v1, parse_v2
 
 
 def bf16_weights(n: int, seed: int = 0, scale: float = 0.02) -> np.ndarray:
@@ -58,7 +58,7 @@ def test_split_and_compose_follow_the_documented_layout(n, seed, special):
     base, present = got
     sym = np.empty(n, np.uint8)
     packed = np.empty(joint.packed_bytes(n), np.uint8)
-    joint.split(u, base, sym, packed, np.zeros(256, np.int64), np.zeros(64, np.int64))
+    joint.split(u, base, sym, packed, np.zeros(256, np.int64), np.zeros(64, np.int64), np.zeros(256, np.int64))
     ref_sym, ref_packed = reference_layout(u, base)
     assert np.array_equal(sym, ref_sym)
     assert np.array_equal(packed, ref_packed)
@@ -144,7 +144,7 @@ def test_the_fused_loop_writes_what_decoding_then_composing_writes(n):
     base, present = joint.plan(u)
     sym = np.empty(n, np.uint8)
     packed = np.empty(joint.packed_bytes(n), np.uint8)
-    joint.split(u, base, sym, packed, np.zeros(256, np.int64), np.zeros(64, np.int64))
+    joint.split(u, base, sym, packed, np.zeros(256, np.int64), np.zeros(64, np.int64), np.zeros(256, np.int64))
     method, freq, _ = tensor._plan_plane(sym)
     stream = np.frombuffer(tensor._code_plane(sym, method, freq, 2), np.uint8)
     plain = np.empty(n, np.uint8)
@@ -204,3 +204,51 @@ def test_blocks_of_class_8_decode_after_the_compiled_blocks():
     enc = encode_chunk(raw, ChunkHints(segments=(Segment(0, 400_000, "bf16"), Segment(400_000, 400_000, "bf16"))))
     assert enc.params[0] == 2
     assert decode_chunk(enc.codec_id, enc.params, enc.payload, len(raw)) == raw
+
+
+def test_low_bits_that_predict_the_top_mantissa_bits_stay_in_class_1():
+    """Found by review: uniform low bits, but mantissa bits 6..5 copied from bits 1..0. Class 8 stores the six bits
+    raw and codes the copy again (21% larger); the sampled comparison keeps class 1."""
+    u = bf16_weights(262_144, 3)
+    u = (u & ~np.uint16(0x60)) | ((u & 3) << 5).astype(np.uint16)
+    raw, enc = encode_bf16(u)
+    assert classes_of(enc) == {fields.CLASS_BF16}
+    assert decode_chunk(enc.codec_id, enc.params, enc.payload, len(raw)) == raw
+
+
+def test_a_class_8_symbol_stream_of_method_6_always_has_two_parts():
+    """Found by review: classes below 100,000 elements decoded in one part plus a composing pass, 1.4x slower
+    than class 1; two parts take the fused loop."""
+    raw, enc = encode_bf16(bf16_weights(20_000, 15))
+    _, streams = parse_v1(enc.params, enc.payload)
+    method, blob = streams[1]
+    assert method == tensor.M_RANS32E and blob[0] == 2
+    assert decode_chunk(enc.codec_id, enc.params, enc.payload, len(raw)) == raw
+
+
+@pytest.mark.parametrize("where", ["mixed", "blocks"])
+def test_a_damaged_class_8_is_refused_in_mixed_chunks_and_blocks(where):
+    head = b"header" * 100
+    u = bf16_weights(200_000, 16)
+    if where == "mixed":
+        raw = head + u.tobytes()
+        enc = encode_chunk(raw, ChunkHints(segments=(Segment(len(head), 2 * u.size, "bf16"),)))
+        regions, streams = parse_v1(enc.params, enc.payload)
+        k = 1  # the generic class's stream comes first
+        streams[k] = (streams[k][0], bytes([250]))  # base out of range
+        params, payload = build_v1(regions, streams)
+    else:
+        other = bf16_weights(200_000, 17, scale=1e-5)
+        raw = u.tobytes() + other.tobytes()
+        enc = encode_chunk(raw, ChunkHints(segments=(Segment(0, 400_000, "bf16"), Segment(400_000, 400_000, "bf16"))))
+        assert enc.params[0] == 2
+        blocks = parse_v2(enc.params, enc.payload)
+        length, bparams, bpayload = blocks[0]
+        regions, streams = parse_v1(bparams, bpayload)
+        assert {cls for _, cls in regions} == {fields.CLASS_BF16J}
+        method, blob = streams[1]
+        streams[1] = (method, blob[: len(blob) // 2])  # the first block's symbols, truncated
+        blocks[0] = (length, *build_v1(regions, streams))
+        params, payload = build_v2(blocks)
+    with pytest.raises(CodecError):
+        decode_chunk(enc.codec_id, params, payload, len(raw))
