@@ -80,16 +80,19 @@ def decode_mixed(params, payload, raw_len, out, scratch):
         elif big < 0 or lens_r[r] > lens_r[big]:
             big = r
             base = gen
-    planes = scratch[: ns * n].reshape(ns, n)
+    # (class 8 decodes through one row of n symbols: three rows and the floats after them need 2.5x the class's
+    # bytes, more than the scratch holds where the generic bytes are few, found by review)
+    rows = 1 if cls == fields.CLASS_BF16J else ns
+    planes = scratch[: rows * n].reshape(rows, n)
     if (out.ctypes.data + base) % width == 0:
         if _fused_vec(cls, payload[gb:], plan[0, :ns], plan[1, :ns], plan[2, :ns], planes,
                       out[base : base + fb]):
             return -1
         _lay_out_in_place(out, payload, lens_r, cls_r, nreg, big, base)
         return 0
-    if ns * n + fb > scratch.size:  # (class 8: three rows of n bytes)
+    if rows * n + fb > scratch.size:
         return -1
-    floats = scratch[ns * n : ns * n + fb]
+    floats = scratch[rows * n : rows * n + fb]
     if _fused_vec(cls, payload[gb:], plan[0, :ns], plan[1, :ns], plan[2, :ns], planes, floats):
         return -1
     o = 0

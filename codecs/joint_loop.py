@@ -99,8 +99,8 @@ def decode_fused(buf, sym, packed, base, u16):
 @njit(nogil=True, boundscheck=False)
 def decode_class(payload, meths, offs, lens, sym, out):
     """A class-8 chunk's three streams (methods, offsets, lengths into payload) into out (uint8, 2n bytes), its
-    symbols through sym (n bytes); 0, or -(stream + 1) for the stream that is malformed or of a method left to
-    the Python decoder (zstd, lz4: it names the error)."""
+    symbols through sym (at least n bytes); 0, or -(stream + 1) for the stream that is malformed or of a method it
+    does not decode (zstd, lz4: only tensor_decode._decode_joint_class passes those, and then names the error)."""
     n = out.size // 2
     if meths[0] != M_RAW or lens[0] != 1:
         return -1
@@ -108,8 +108,11 @@ def decode_class(payload, meths, offs, lens, sym, out):
     if base < 1 or base > 255 - WINDOW:
         return -1
     h, pa, pn = halves(n)
-    if meths[2] != M_RAW or lens[2] != pn or sym.size != n:
+    if meths[2] != M_RAW or lens[2] != pn:
         return -3
+    if sym.size < n:
+        return -2
+    sym = sym[:n]
     packed = payload[offs[2] : offs[2] + pn]
     blob = payload[offs[1] : offs[1] + lens[1]]
     m = meths[1]

@@ -291,8 +291,8 @@ def _split_joint(data: np.ndarray):
         sample_or_all = sample
     if joint.low_bits_entropy(low) < joint.MIN_LOW_BITS or not joint.beats_class_1(sample_or_all, sm):
         return None
-    if n < count16.EXACT_MAX:
-        counts = rans.histogram(sym)
+    if n < count16.EXACT_MAX:  # (< EXACT_LOW: the exact histogram above)
+        counts = sample_or_all
     else:
         counts = np.empty(256, np.int64)
         count16._estimate(sample, present, n, counts)

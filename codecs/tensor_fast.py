@@ -211,8 +211,8 @@ def _merged_in_loop(cls, payload, meths, offs, lens, scratch, out):
 
 @njit(nogil=True)
 def _fused_vec(cls, payload, meths, offs, lens, scratch, out):
-    """Decode a float class's streams (methods 0, 2, 3, 6, 7) into scratch rows and merge them into out;
-    0 or -(stream+1)."""
+    """Decode a float class's streams (methods 0, 2, 3, 6, 7) into scratch rows and merge them into out (class 8:
+    joint_loop.decode_class, which takes method 5 too, through scratch row 0); 0 or -(stream+1)."""
     # two single-part method-6 streams at a time: one loop over both keeps four vector chains in flight
     # (a two-part stream has its own two parts for that)
     if cls == fields.CLASS_BF16J:  # its own decoder: one symbol stream and packed bits (codecs/joint.py)

@@ -252,3 +252,20 @@ def test_a_damaged_class_8_is_refused_in_mixed_chunks_and_blocks(where):
         params, payload = build_v2(blocks)
     with pytest.raises(CodecError):
         decode_chunk(enc.codec_id, params, payload, len(raw))
+
+
+def test_a_mixed_chunk_whose_class_8_lies_at_an_odd_offset_takes_the_compiled_path():
+    """Found by review: with an odd-length header the class decodes into scratch first, and class 8's three rows
+    of scratch plus the floats needed more than the scratch holds (the chunk fell back to the Python parser)."""
+    from dccfs.codecs import chunk_fast, tensor_fast
+    head = b"h" * 601
+    u = bf16_weights(200_000, 18)
+    raw = head + u.tobytes()
+    enc = encode_chunk(raw, ChunkHints(segments=(Segment(len(head), 2 * u.size, "bf16"),)))
+    assert classes_of(enc) == {fields.CLASS_GENERIC, fields.CLASS_BF16J}
+    out = np.empty(len(raw), np.uint8)
+    assert out.ctypes.data % 2 == 0  # the class starts at an odd address: not in place
+    st = chunk_fast.decode_mixed(np.frombuffer(enc.params, np.uint8), np.frombuffer(enc.payload, np.uint8), len(raw),
+                                 out, tensor_fast.scratch_for(2 * len(raw)))
+    assert st == 0
+    assert out.tobytes() == raw
