@@ -289,7 +289,7 @@ def _split_joint(data: np.ndarray):
         sm = np.bincount(((u >> 8) & 0x80) | (u & 0x7F), minlength=256)
     else:
         sample_or_all = sample
-    if joint.low_bits_entropy(low) < joint.MIN_LOW_BITS or not joint.beats_class_1(sample_or_all, sm):
+    if joint.entropy(low) < joint.MIN_LOW_BITS or not joint.beats_class_1(sample_or_all, sm):
         return None
     if n < count16.EXACT_MAX:  # (< EXACT_LOW: the exact histogram above)
         counts = sample_or_all
