@@ -22,6 +22,9 @@ CLASS_F32Z = 7
 # bf16 with the exponent and top two mantissa bits as one symbol (codecs/joint.py): streams base exponent (one raw
 # byte) | symbols | the six other bits of every element, packed (raw)
 CLASS_BF16J = 8
+# f32 with its top half coded as class 8 codes a bf16 element: streams base exponent | symbols | packed six bits |
+# mantissa bits 15..0 (raw, little-endian uint16 per element)
+CLASS_F32J = 9
 CLASSES = {
     CLASS_GENERIC: (1, 1),
     CLASS_BF16: (2, 2),
@@ -32,7 +35,9 @@ CLASSES = {
     CLASS_F16Z: (2, 3),
     CLASS_F32Z: (4, 5),
     CLASS_BF16J: (2, 3),
+    CLASS_F32J: (4, 4),
 }
+JOINT_CLASSES = (CLASS_BF16J, CLASS_F32J)
 DTYPE_CLASS = {"bf16": CLASS_BF16, "f16": CLASS_F16, "f32": CLASS_F32, "f64": CLASS_F64}
 
 

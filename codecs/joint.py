@@ -1,4 +1,7 @@
-"""The bf16 joint class (class 8): exponent and top two mantissa bits as one byte symbol, the other six bits packed.
+"""The joint classes: a bf16 element's exponent and top two mantissa bits as one byte symbol, the other six packed.
+
+Class 8 codes bf16 elements so; class 9 codes the top half of each f32 element so (it is a bf16 element) and
+stores the low 16 mantissa bits raw, as class 3 stores its two mantissa bytes where they carry ~8 bits each.
 
 Why: on real bf16 weights the top mantissa bits depend on the exponent, and the rest carry ~8 bits per byte. One
 rANS symbol per element (slot << 2 | mantissa bits 6..5) plus six raw bits codes 0.03-0.04 bits per element below
@@ -22,7 +25,13 @@ WINDOW = 62  # normal exponents base .. base + 61 take slots 1 .. 62
 # six raw bits per element cost what they carry only if they are near uniform; below this sampled entropy (bits)
 # class 1, which entropy-codes the whole sign|mantissa byte, is kept
 MIN_LOW_BITS = 5.95
-# below this many elements the low bits are counted exactly (1 in 64 of 1 MiB of elements: 8192 samples)
+# class 9 needs both mantissa bytes of the low half near uniform (their sampled entropy, bits): class 3 codes them
+# (rANS pays from ~7.99 bits), and a coded low half (weights rounded from a narrower format) stays in class 3
+MIN_MANTISSA_BITS = 7.96
+# the tests of the low bits look at about this many elements (all of a shorter class): enough for 64 and 256 bins
+# (the Miller-Madow correction of a uniform byte's estimate is ~0.045 bits here, its spread well under 0.01)
+LOW_SAMPLES = 1 << 12
+# below this many elements the comparison with class 1 counts the symbols and sign|mantissa bytes exactly
 EXACT_LOW = 1 << 16
 # fewer elements than this stay in class 1. Near it class 8 can still be a little larger (review: Gaussian weights
 # of 4200 elements +0.6%, 6000 +0.2%; uniform values of 4096-8192 elements +0.3-1.0%), which the comparison with
@@ -127,7 +136,7 @@ def _symbols_with(u, sym, off, extra):
 
 
 @njit(nogil=True, boundscheck=False)
-def _symbols(u, base, sym):
+def symbols(u, base, sym):
     """sym[i] = slot << 2 | mantissa bits 6..5 of u[i]: bits 14..5 of the element minus 4 * (base - 1), or
     minus 0 (exponent 0) or 4 * 192 (exponent 255). uint16 arithmetic without branches, which LLVM vectorises
     (3x slower when the offsets are computed in the same function as the loop: they are arguments of the loop's)."""
@@ -136,30 +145,66 @@ def _symbols(u, base, sym):
 
 
 @njit(nogil=True, boundscheck=False)
-def split(u, base, sym, packed, sample, low, sm):
-    """Symbols into sym and the six low bits into packed; a 1-in-8 sample of the symbols (the phase rotating
-    every ROTATE elements, as count16's) into sample, and 1 in 64 of the six bits into low and of class 1's
-    sign|mantissa bytes into sm (the six bits of all elements below EXACT_LOW). Returns the +0.0 elements of
-    the sample (count16's estimates are made from the same)."""
+def split(u, sym, packed, sample, sm):
+    """The six low bits of u into packed; a 1-in-8 sample of the symbols sym (symbols() wrote them; the phase
+    rotating every ROTATE elements, as count16's) into sample, and 1 in 64 of class 1's sign|mantissa bytes
+    into sm. Returns the +0.0 elements of the sample (count16's estimates are made from the same)."""
     n = u.size
-    _symbols(u, base, sym)
     z = 0
     for blk in range(0, n, ROTATE):
         for i in range(blk + ((blk // ROTATE) & (STEP - 1)), min(blk + ROTATE, n), STEP):
             v = np.int64(u[i])
             sample[sym[i]] += 1
             z += v == 0
-            if (i & 63) < STEP:  # the entropy tests need fewer: every 64th element
-                low[_low6(v)] += 1
-                sm[((v >> 8) & 0x80) | (v & 0x7F)] += 1  # class 1's stream 1, for the comparison
-    if n < EXACT_LOW:  # too few for a sample to judge 64 values: all of them
-        low[:] = 0
-        for i in range(n):
-            low[_low6(np.int64(u[i]))] += 1
+            if (i & 63) < STEP:  # the comparison needs fewer: every 64th element
+                sm[((v >> 8) & 0x80) | (v & 0x7F)] += 1  # class 1's stream 1
     h, pa, pn = halves(n)
     _pack_piece(u[:h], packed[:pa])
     _pack_piece(u[h:], packed[pa:pn])
     return z
+
+
+@njit(nogil=True, boundscheck=False)
+def sample_low(u, low6, m1, m0):
+    """Histograms of the six low bits of the bf16 elements u (uint16), or of the f32 elements' top halves (uint32;
+    then also of their low halves' two bytes, m1 and m0), from about LOW_SAMPLES elements, one in each run of
+    len(u) // LOW_SAMPLES at a phase that moves from run to run (data that repeats every few elements is not
+    seen at one phase only)."""
+    step = max(1, u.size // LOW_SAMPLES)
+    phases = 1
+    while phases * 2 <= min(step, 8):
+        phases *= 2
+    for k in range(u.size // step):
+        v = np.int64(u[k * step + (k & (phases - 1))])
+        if u.itemsize == 4:
+            m1[(v >> 8) & 0xFF] += 1
+            m0[v & 0xFF] += 1
+            v >>= 16
+        low6[_low6(v)] += 1
+
+
+@njit(nogil=True, boundscheck=False)
+def every_32nd_exponent(u, out):
+    """out[k] = the exponent of element 32 k of u (bf16 as uint16, f32 as uint32), for k < len(out)."""
+    shift = 23 if u.itemsize == 4 else 7
+    for k in range(out.size):
+        out[k] = np.uint8((np.int64(u[32 * k]) >> shift) & 0xFF)
+
+
+@njit(nogil=True, boundscheck=False)
+def split_wide(u, top, low):
+    """Class 9: the top halves of the f32 elements u into top, their low halves into low (both uint16)."""
+    for i in range(u.size):
+        top[i] = np.uint16(u[i] >> np.uint32(16))
+        low[i] = np.uint16(u[i] & np.uint32(0xFFFF))
+
+
+@njit(nogil=True, boundscheck=False)
+def merge_wide(top, low, u, start, end):
+    """u[i] = top[i] << 16 | the low half in low[2i], low[2i + 1] (little-endian), for i in [start, end)."""
+    for i in range(start, end):
+        half = (np.uint32(low[2 * i + 1]) << np.uint32(8)) | np.uint32(low[2 * i])
+        u[i] = (np.uint32(top[i]) << np.uint32(16)) | half
 
 
 @njit(nogil=True, inline="always")
@@ -220,20 +265,38 @@ def compose(sym, packed, base, u, done):
     compose_piece(sym[h:], packed[pa:pn], base, u[h:], done)
 
 
-def entropy(counts: np.ndarray) -> float:
+@njit(nogil=True)
+def entropy(counts):
     """Order-0 entropy (bits per symbol) of a histogram, with the Miller-Madow correction (the plug-in estimate
-    from a sample is biased low by about (values seen - 1) / (2 * samples * ln 2), more for wider alphabets)."""
-    total = int(counts.sum())
+    from a sample is biased low by about (values seen - 1) / (2 * samples * ln 2), more for wider alphabets).
+    Compiled, as are the tests that call it: numpy reductions between the encoder's kernels cost more than
+    their own time (tensor_fast._decode_fast has a measurement)."""
+    total = 0
+    seen = 0
+    for c in counts:
+        total += c
+        seen += c > 0
     if total == 0:
         return 0.0
-    seen = int(np.count_nonzero(counts))
-    return float(_entropy_bits(counts)) / total + (seen - 1) / (2 * total * np.log(2))
+    return _entropy_bits(counts) / total + (seen - 1) / (2 * total * np.log(2))
 
 
-def beats_class_1(symbols: np.ndarray, sm: np.ndarray) -> bool:
+@njit(nogil=True)
+def low_bits_uniform(low6, m1, m0, wide):
+    """Whether the sampled six low bits (and, wide: both bytes of the low half) are near uniform enough for the
+    joint class (MIN_LOW_BITS, MIN_MANTISSA_BITS)."""
+    if entropy(low6) < MIN_LOW_BITS:
+        return False
+    return not wide or min(entropy(m1), entropy(m0)) >= MIN_MANTISSA_BITS
+
+
+@njit(nogil=True)
+def beats_class_1(symbols, sm):
     """Whether the symbols plus six raw bits cost no more than class 1's two order-0 streams would (the exponent
     histogram is the symbols' folded by slot), within 0.02 bits per element, from histograms of the symbols and of
     class 1's sign|mantissa bytes (sampled or exact). Low bits that predict the top mantissa bits (found by
     review: synthetic, 21% larger than class 1) fail this; real weights pass by ~0.04."""
-    exponents = symbols.reshape(64, 4).sum(axis=1)
+    exponents = np.zeros(64, np.int64)
+    for s in range(256):
+        exponents[s >> 2] += symbols[s]
     return entropy(symbols) + 6 <= entropy(exponents) + min(entropy(sm), 8.0) + 0.02

@@ -392,4 +392,4 @@ def decode_into_scalar(buf, stream0, out):
 
 
 from .rans32c_enc import (bucket_freqs, bucket_symbols, encode, joint_counts, plan,  # noqa: E402,F401
-                          table_bytes)
+                          every_32nd_pays, sampled_thresholds, table_bytes)

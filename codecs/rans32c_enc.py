@@ -251,12 +251,12 @@ def _entropy_bits(c):
 
 
 @njit(nogil=True)
-def _sample_choice(data, src, lag, thresholds):
+def _sample_choice(data, src, lag, thresholds, step):
     """The sampled half of plan, compiled (its numpy steps cost ~100 us per f32 chunk): quartile thresholds of a
-    1-in-16 sample of the contexts into thresholds (returns their count; 0: none), and the bits a 1-in-16 sample
-    of the bucketed symbols saves against one table (second value)."""
+    1-in-step sample of the contexts into thresholds (returns their count; 0: none), and the bits a 1-in-step
+    sample of the bucketed symbols saves against one table (second value)."""
     hist = np.zeros(256, np.int64)
-    for i in range(0, src.size, SAMPLE_STEP):
+    for i in range(0, src.size, step):
         hist[src[i]] += 1
     total = 0
     for s in range(256):
@@ -283,7 +283,7 @@ def _sample_choice(data, src, lag, thresholds):
         for c in range(thresholds[k], 256):
             blut[c] += 1
     sample = np.zeros((nt + 1) * 256, np.int64)
-    _sample_counts(data, src, lag, blut, SAMPLE_STEP, sample)
+    _sample_counts(data, src, lag, blut, step, sample)
     per = sample.reshape(nt + 1, 256)
     gain = _entropy_bits(per.sum(axis=0))
     for b in range(nt + 1):
@@ -324,23 +324,45 @@ def _bucket_tables(counts, nb, freqs, tab):
     return size
 
 
-def plan(data: np.ndarray, source: int, ctx: np.ndarray | None, parts: int = 1):
-    """(thresholds, bucket tables, estimated bytes, idx) of method 7 for data, or None when it cannot pay; parts =
-    2 (source 0 only): for the stream in two halves (encode with the same parts)."""
+def sampled_thresholds(data: np.ndarray, source: int, ctx: np.ndarray | None) -> list[int] | None:
+    """The bucket thresholds of method 7 for data from a 1-in-16 sample (lag 32 keeps its contexts), or None when
+    the sample says the buckets cannot pay for their tables and flush."""
     if data.size < MIN_SYMBOLS:
         return None
     src = data if source == SRC_SELF else ctx
     lag = LANES if source == SRC_SELF else 0
-    # a 1-in-16 sample first (lag 32 keeps its contexts): most weight planes gain too little to pay for the
-    # extra tables and flush, and the full pass below costs about as much as coding the plane
     th = np.zeros(3, np.int64)
-    nt, gain = _sample_choice(data, src, lag, th)
-    if nt == 0:
+    return _paying(*_sample_choice(data, src, lag, th, SAMPLE_STEP), th, SAMPLE_STEP)
+
+
+def every_32nd_pays(sample: np.ndarray, n: int) -> bool:
+    """Whether method 7 of source 0 would pay for a stream of n symbols, judged as sampled_thresholds judges it
+    from sample[k] = symbol 32 k alone: each sampled symbol's context (the symbol 32 earlier) is the one before
+    it in the sample."""
+    if n < MIN_SYMBOLS:
+        return False
+    th = np.zeros(3, np.int64)
+    return _paying(*_sample_choice(sample, sample, 1, th, 1), th, LANES) is not None
+
+
+def _paying(nt: int, gain: float, th: np.ndarray, step: int) -> list[int] | None:
+    """The thresholds of a choice from a 1-in-step sample whose gain pays for the buckets' tables and flush, else
+    None."""
+    if nt == 0 or gain * step / 8 < SAMPLE_MIN_GAIN * (nt + 1) + FLUSH:
         return None
+    return [int(t) for t in th[:nt]]
+
+
+def plan(data: np.ndarray, source: int, ctx: np.ndarray | None, parts: int = 1):
+    """(thresholds, bucket tables, estimated bytes, idx) of method 7 for data, or None when it cannot pay; parts =
+    2 (source 0 only): for the stream in two halves (encode with the same parts)."""
+    # a 1-in-16 sample first: most weight planes gain too little to pay for the extra tables and flush, and the
+    # full pass below costs about as much as coding the plane
+    thresholds = sampled_thresholds(data, source, ctx)
+    if thresholds is None:
+        return None
+    nt = len(thresholds)
     nb = nt + 1
-    if gain * SAMPLE_STEP / 8 < SAMPLE_MIN_GAIN * nb + FLUSH:
-        return None
-    thresholds = [int(t) for t in th[:nt]]
     idx, counts = _bucket_parts(data, source, ctx, _blut(thresholds), parts, nb)
     freqs = np.empty((nb, 256), np.int64)
     tables = _bucket_tables(counts, nb, freqs, np.empty(TABLE_MAX, np.uint8))

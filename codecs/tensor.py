@@ -265,44 +265,70 @@ def _split(cls: int, data: np.ndarray):
     return fields.split(cls, data), None, nzero
 
 
-def _split_joint(data: np.ndarray):
-    """(symbols, packed low bits, base, counts, +0.0 elements if masking is worth trying else -1) of a bf16 class
-    in class 8 (codecs/joint.py), or None where class 1 stays: exponents outside one window, low bits that are not
-    near uniform (their sampled entropy), a sample that says class 1 codes smaller, or too few elements for the
-    sample to say."""
-    n = data.size // 2
+def _split_joint(cls: int, data: np.ndarray, context: bool):
+    """(symbols, packed low bits, base, counts, +0.0 elements if masking is worth trying else -1, the raw low
+    halves or None) of a bf16 class in class 8, or of an f32 class in class 9 (codecs/joint.py), or None where
+    class 1 / 3 stays: exponents outside one window, low bits that are not near uniform (their sampled entropy;
+    f32: also both mantissa bytes of the low half), a sample that says class 1 / 3 codes smaller, or too few
+    elements for the sample to say. context: an f32 class whose symbols a sample says method 7 would code
+    smaller (they follow their rows: a checkpoint's first moments) stays in class 3, whose method-7 exponents
+    decode in eight vector chains (class 9 with method-7 symbols: 0.1% smaller, decoding 1.2-1.5x slower in
+    one-off timings, 2026-12-06)."""
+    wide = cls == fields.CLASS_F32
+    n = data.size // (4 if wide else 2)
     if n < joint.MIN_ELEMENTS:
         return None
-    u = data.view("<u2")
+    # the low bits first, on a sample: optimizer state (second moments have no sign bit) and upcast weights are
+    # refused before any pass over the class
+    low6, m1, m0 = np.zeros(64, np.int64), np.zeros(256, np.int64), np.zeros(256, np.int64)
+    joint.sample_low(data.view("<u4" if wide else "<u2"), low6, m1, m0)
+    if not joint.low_bits_uniform(low6, m1, m0, wide):
+        return None
+    if wide and context:
+        # (the exponents, not the symbols: the two mantissa bits a symbol adds say next to nothing of the row)
+        every_32nd = np.empty(-(-n // 32), np.uint8)
+        joint.every_32nd_exponent(data.view("<u4"), every_32nd)
+        if rans32c.every_32nd_pays(every_32nd, n):
+            return None
+    low = None
+    if wide:
+        halves = scratch.take(4 * n)
+        u, low = halves[: 2 * n].view("<u2"), halves[2 * n :].view("<u2")
+        joint.split_wide(data.view("<u4"), u, low)
+    else:
+        u = data.view("<u2")
     got = joint.plan(u)
     if got is None:
         return None
     base, present = got
     buf = scratch.take(n + joint.packed_bytes(n))
     sym, packed = buf[:n], buf[n:]
+    joint.symbols(u, base, sym)
     sample = np.zeros(256, np.int64)
-    low = np.zeros(64, np.int64)
     sm = np.zeros(256, np.int64)
-    z = joint.split(u, base, sym, packed, sample, low, sm)
+    z = joint.split(u, sym, packed, sample, sm)
     if n < joint.EXACT_LOW:  # a 1-in-8 sample of a short class is too short for 256-value histograms
         sample_or_all = rans.histogram(sym)
         sm = np.bincount(((u >> 8) & 0x80) | (u & 0x7F), minlength=256)
     else:
         sample_or_all = sample
-    if joint.entropy(low) < joint.MIN_LOW_BITS or not joint.beats_class_1(sample_or_all, sm):
+    if not joint.beats_class_1(sample_or_all, sm):
         return None
     if n < count16.EXACT_MAX:  # (< EXACT_LOW: the exact histogram above)
         counts = sample_or_all
     else:
         counts = np.empty(256, np.int64)
         count16._estimate(sample, present, n, counts)
-    # (as count16 estimates them: the sample's +0.0 elements times 8, those of every 16th half of them)
-    return sym, packed, base, (counts, sample), zeros.worth(n, count16.STEP * z, (z + 1) >> 1)
+    # (as count16 estimates them: the sample's +0.0 elements times 8, those of every 16th half of them; an f32
+    # element whose top half is +0.0 is counted: its low half is near uniform, so few are +0.0 themselves)
+    nzero = zeros.worth(n, count16.STEP * z, (z + 1) >> 1)
+    return sym, packed, base, (counts, sample), nzero, low
 
 
-def _encode_joint(sym: np.ndarray, packed: np.ndarray, base: int, plan) -> list[tuple[int, bytes | memoryview]]:
-    """The three streams of class 8: the base exponent, the symbols (two parts where long enough: the fused
-    decoder runs them as four chains), the packed low bits."""
+def _encode_joint(sym: np.ndarray, packed: np.ndarray, base: int, plan, low: np.ndarray | None
+                  ) -> list[tuple[int, bytes | memoryview]]:
+    """The streams of class 8 / 9: the base exponent, the symbols (two parts where long enough: the fused decoder
+    runs them as four chains), the packed low bits (and class 9's raw low halves)."""
     method, freq, size = plan
     # two parts from the length method 6 starts at (not SPLIT_MIN): the fused loop needs them, and a class of 20000
     # to 100000 elements decoded in one part and a composing pass ran 1.4x slower than class 1 (found by review)
@@ -311,23 +337,26 @@ def _encode_joint(sym: np.ndarray, packed: np.ndarray, base: int, plan) -> list[
     size = sum(len(b) for b in coded) if isinstance(coded, tuple) else len(coded)
     if method not in (M_RAW, M_CONST) and size >= sym.size:
         method, coded = M_RAW, _code_plane(sym, M_RAW, None)
-    return [(M_RAW, bytes([base])), (method, coded), (M_RAW, memoryview(packed).cast("B"))]
+    streams = [(M_RAW, bytes([base])), (method, coded), (M_RAW, memoryview(packed).cast("B"))]
+    if low is not None:
+        streams.append((M_RAW, memoryview(low.view(np.uint8)).cast("B")))
+    return streams
 
 
 def _encode_float(cls: int, data: np.ndarray, effort: int, level: int | None
                   ) -> tuple[int, list[tuple[int, bytes | memoryview]]]:
-    """(class written, streams): the class itself (bf16: class 8 where it applies), or its zero-masked variant
-    where that is estimated smaller."""
+    """(class written, streams): the class itself (bf16 / f32: class 8 / 9 where it applies), or its zero-masked
+    variant where that is estimated smaller."""
     width = fields.CLASSES[cls][0]
     n = data.size // width
-    joint_split = _split_joint(data) if cls == fields.CLASS_BF16 else None
-    if joint_split is not None:
-        sym, packed, base, (counts, sample), nzero = joint_split
-        planes = [sym, sym]  # (the constant class below: two streams of class 1)
-    else:
-        planes, counts, nzero = _split(cls, data)
     # effort 0 skips method 7 altogether: its planning and encoding cost ~0.5 ms per MiB
     context = effort > 0
+    joint_split = _split_joint(cls, data, context) if cls in (fields.CLASS_BF16, fields.CLASS_F32) else None
+    if joint_split is not None:
+        sym, packed, base, (counts, sample), nzero, low = joint_split
+        planes = [sym] * fields.CLASSES[cls][1]  # (the constant class below: as many streams as the class has)
+    else:
+        planes, counts, nzero = _split(cls, data)
     # the count may be a sample's estimate (not exactly n for all-zero classes whose length is not a multiple of
     # count16's sampling period): near all, the elements themselves decide
     if nzero >= n - (n >> 4) and not data.any():
@@ -341,7 +370,7 @@ def _encode_float(cls: int, data: np.ndarray, effort: int, level: int | None
     plain = nzero < n // 4 or effort == 0
     if plain and joint_split is not None:
         jplan = _plan_plane(sym, counts, sample)
-        best = jplan[2] + packed.size + 3
+        best = jplan[2] + packed.size + 3 + (0 if low is None else 2 * low.size)
     elif plain:
         plans = _plan_planes(cls, planes, context=context, counts=counts)
         best = sum(p[2] for p in plans)
@@ -353,7 +382,8 @@ def _encode_float(cls: int, data: np.ndarray, effort: int, level: int | None
         if not plain or sum(p[2] for p in zplans) + len(run_stream[1]) + 1 < best:
             return zeros.ZERO_CLASS[cls], [run_stream] + _encode_planes(cls, zplanes, zplans)
     if joint_split is not None:
-        return fields.CLASS_BF16J, _encode_joint(sym, packed, base, jplan)
+        joint_cls = fields.CLASS_F32J if cls == fields.CLASS_F32 else fields.CLASS_BF16J
+        return joint_cls, _encode_joint(sym, packed, base, jplan, low)
     return cls, _encode_planes(cls, planes, plans)
 
 

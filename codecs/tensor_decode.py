@@ -10,7 +10,8 @@ import numpy as np
 from . import blocks, chunk_fast, fields, generic, joint, joint_loop, rans, rans32, tensor_fast, zeros
 from .api import CodecError
 from .tensor_fast import _FAST_METHODS, _decode_fast, _single_class_plan
-from .tensor_format import FORMAT_VERSION, M_CONST, M_LZ4, M_RANS, M_RANS32, M_RANS32E, M_RAW, M_ZSTD, _get_varint
+from .tensor_format import (FORMAT_VERSION, M_CONST, M_LZ4, M_RANS, M_RANS32, M_RANS32C, M_RANS32E, M_RAW, M_ZSTD,
+                            _get_varint)
 
 log = logging.getLogger(__name__)
 
@@ -51,19 +52,21 @@ def _decode_zero_class(cls: int, payload: memoryview, meths, offs, lens, nbytes:
     return out
 
 
-def _decode_joint_class(payload: memoryview, meths, offs, lens, out: np.ndarray) -> np.ndarray:
-    """Class 8 (codecs/joint.py) into out: the base exponent, the symbols (both parts of a two-part method-6
-    stream in the fused loop, which writes most elements), then the remaining elements from the packed bits. For
-    the chunks the compiled paths do not take (several float classes), and hosts without the vector loops."""
+def _decode_joint_class(cls: int, payload: memoryview, meths, offs, lens, out: np.ndarray) -> np.ndarray:
+    """Class 8 or 9 (codecs/joint.py) into out: the base exponent, the symbols (both parts of a two-part method-6
+    stream in the fused loop, which writes most elements), then the remaining elements from the packed bits (and
+    class 9's raw low halves). For the chunks the compiled paths do not take (several float classes), and hosts
+    without the vector loops."""
     if rans32.vector_ok():
         # the compiled decoder (_fused_vec's, which every process has loaded already: a kernel loaded from numba's
         # cache on first use costs ~10 ms); on an error the steps below find it again and name it
         try:
-            _decode_fast(fields.CLASS_BF16J, np.frombuffer(payload, np.uint8), meths, offs, lens, out)
+            _decode_fast(cls, np.frombuffer(payload, np.uint8), meths, offs, lens, out)
             return out
         except CodecError:
             pass
-    n = out.size // 2
+    wide = cls == fields.CLASS_F32J
+    n = out.size // (4 if wide else 2)
     if meths[0] != M_RAW or lens[0] != 1:
         raise CodecError("joint class: stream 0 is not one raw byte")
     base = payload[offs[0]]
@@ -71,18 +74,25 @@ def _decode_joint_class(payload: memoryview, meths, offs, lens, out: np.ndarray)
         raise CodecError(f"joint class: base exponent {base} out of range")
     if meths[2] != M_RAW or lens[2] != joint.packed_bytes(n):
         raise CodecError(f"joint class: low bits stream of {lens[2]} bytes (method {meths[2]}) for {n} elements")
+    if wide and (meths[3] != M_RAW or lens[3] != 2 * n):
+        raise CodecError(f"joint class: low halves stream of {lens[3]} bytes (method {meths[3]}) for {n} elements")
     arr = np.frombuffer(payload, np.uint8)
     packed = arr[offs[2] : offs[2] + lens[2]]
     sym = tensor_fast.scratch_for(n)[:n]
-    u = out.view(np.uint16)
+    blob = arr[offs[1] : offs[1] + lens[1]]
     done = 0
-    if meths[1] == M_RANS32E and lens[1] > 0 and arr[offs[1]] == 2 and rans32.vector_ok():
-        done = joint_loop.decode_fused(arr[offs[1] : offs[1] + lens[1]], sym, packed, base, u)
+    u = np.empty(n, np.uint16) if wide else out.view(np.uint16)
+    if meths[1] == M_RANS32C:
+        raise CodecError("joint class: a method-7 symbol stream")
+    if meths[1] == M_RANS32E and lens[1] > 0 and blob[0] == 2 and rans32.vector_ok() and not wide:
+        done = joint_loop.decode_fused(blob, sym, packed, base, u)
         if done < 0:
             raise CodecError("joint class: symbol stream is malformed")
     else:
         sym[:] = _decode_stream(meths[1], payload[offs[1] : offs[1] + lens[1]], n)
     joint.compose(sym, packed, base, u, done)
+    if wide:
+        joint.merge_wide(u, arr[offs[3] : offs[3] + lens[3]], out.view(np.uint32), 0, n)
     return out
 
 
@@ -162,7 +172,7 @@ def decode_into(params: bytes, payload: bytes | memoryview, raw_len: int, out: n
     # the common chunk (one float class) without the Python parser: ~10 us less per 256 KiB chunk
     plan = np.empty((3, 8), np.int64)
     cls = _single_class_plan(np.frombuffer(params, np.uint8), raw_len, len(payload), plan) if params else -1
-    if cls > 0 and (cls != fields.CLASS_BF16J or rans32.vector_ok()):  # (class 8 has no scalar fused decoder)
+    if cls > 0 and (cls not in fields.JOINT_CLASSES or rans32.vector_ok()):  # (8, 9: no scalar fused decoder)
         ns = fields.CLASSES[cls][1]
         _decode_fast(cls, np.frombuffer(payload, np.uint8), plan[0, :ns], plan[1, :ns], plan[2, :ns], out)
         return out
@@ -210,8 +220,8 @@ def decode_into(params: bytes, payload: bytes | memoryview, raw_len: int, out: n
     if ppos != len(payload) or pos != len(params):
         raise CodecError("tensor payload or params have trailing bytes")
     arr = None
-    if len(plan) == 1 and plan[0][0] == fields.CLASS_BF16J:
-        return _decode_joint_class(payload, *plan[0][1:], out)
+    if len(plan) == 1 and plan[0][0] in fields.JOINT_CLASSES:
+        return _decode_joint_class(plan[0][0], payload, *plan[0][1:], out)
     if (len(plan) == 1 and plan[0][0] != fields.CLASS_GENERIC and plan[0][0] not in zeros.BASE_CLASS
             and all(m in _FAST_METHODS for m in plan[0][1])):
         # one float class covering the chunk: decode and merge straight into the output
@@ -226,10 +236,10 @@ def decode_into(params: bytes, payload: bytes | memoryview, raw_len: int, out: n
         if cls in zeros.BASE_CLASS:
             decoded[cls] = _decode_zero_class(cls, payload, meths, offs, lens, class_bytes[cls])
             continue
-        if cls == fields.CLASS_BF16J:
-            decoded[cls] = _decode_joint_class(payload, meths, offs, lens, np.empty(class_bytes[cls], np.uint8))
+        if cls in fields.JOINT_CLASSES:
+            decoded[cls] = _decode_joint_class(cls, payload, meths, offs, lens, np.empty(class_bytes[cls], np.uint8))
             continue
-        if cls not in (fields.CLASS_GENERIC, fields.CLASS_BF16J) and all(m in _FAST_METHODS for m in meths):
+        if cls != fields.CLASS_GENERIC and all(m in _FAST_METHODS for m in meths):
             if arr is None:
                 arr = np.frombuffer(payload, np.uint8)
             decoded[cls] = np.empty(class_bytes[cls], np.uint8)

@@ -212,11 +212,14 @@ def _merged_in_loop(cls, payload, meths, offs, lens, scratch, out):
 @njit(nogil=True)
 def _fused_vec(cls, payload, meths, offs, lens, scratch, out):
     """Decode a float class's streams (methods 0, 2, 3, 6, 7) into scratch rows and merge them into out (class 8:
-    joint_loop.decode_class, which takes method 5 too, through scratch row 0); 0 or -(stream+1)."""
+    joint_loop.decode_class, which takes method 5 too, through scratch row 0; class 9: decode_class32 through all
+    four rows); 0 or -(stream+1)."""
     # two single-part method-6 streams at a time: one loop over both keeps four vector chains in flight
     # (a two-part stream has its own two parts for that)
     if cls == fields.CLASS_BF16J:  # its own decoder: one symbol stream and packed bits (codecs/joint.py)
         return joint_loop.decode_class(payload, meths, offs, lens, scratch[0], out)
+    if cls == fields.CLASS_F32J:
+        return joint_loop.decode_class32(payload, meths, offs, lens, scratch, out)
     if _merged_in_loop(cls, payload, meths, offs, lens, scratch, out):
         return 0
     if _constant_class(cls, payload, meths, offs, lens, scratch, out):
@@ -344,8 +347,10 @@ def _decode_fast(cls: int, payload: np.ndarray, meths, offs, lens, out: np.ndarr
     meths, offs, lens = (np.asarray(a, np.int64) for a in (meths, offs, lens))
     if not rans32.vector_ok():
         fused = _fused_scalar
-    else:  # (class 8 decodes method-5 symbols in _fused_vec)
-        fused = _fused_vec5 if (meths == M_RANS32).any() and cls != fields.CLASS_BF16J else _fused_vec
+    else:  # (classes 8 and 9 decode method-5 symbols in _fused_vec)
+        # a Python test: a numpy comparison here made the kernel after it ~25 us slower per 1 MiB chunk (measured
+        # over and over in one process, 2026-12-06; not understood, perhaps the CPU's vector power state)
+        fused = _fused_vec5 if M_RANS32 in meths.tolist() and cls not in fields.JOINT_CLASSES else _fused_vec
     st = fused(cls, payload, meths, offs, lens, _scratch(nstreams, n), out)
     if st:
         raise CodecError(f"tensor stream {-st - 1} of class {cls} is malformed")
@@ -388,7 +393,7 @@ def _single_class_plan(params, raw_len, payload_len, plan):
 
 @njit(nogil=True, inline="always")
 def class_shape(cls):
-    """(element width, streams) of a float class the compiled decoders take (classes 1-4 and 8), (0, 0) else."""
+    """(element width, streams) of a float class the compiled decoders take (classes 1-4, 8 and 9), (0, 0) else."""
     if cls == fields.CLASS_BF16 or cls == fields.CLASS_F16:
         return 2, 2
     if cls == fields.CLASS_F32:
@@ -397,6 +402,8 @@ def class_shape(cls):
         return 8, 8
     if cls == fields.CLASS_BF16J:
         return 2, 3
+    if cls == fields.CLASS_F32J:
+        return 4, 4
     return 0, 0
 
 

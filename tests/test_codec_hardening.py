@@ -127,6 +127,7 @@ def float_chunks(n: int = 1 << 17, seed: int = 1) -> dict[str, tuple[bytes, Chun
     # spread over exponents like real weights, with the two lowest bits of the sign|mantissa stream cleared so
     # that it is surely coded (random ones sit at the edge of raw); the f32 mantissa planes below it stay raw
     g = (rng.normal(0, 0.05, n) * np.exp(rng.normal(0, 1, n) * 0.5)).astype(np.float32).view(np.uint32)
+    spread = g.copy()  # all bits as drawn: class 9
     g &= np.uint32(~0x30000 & 0xFFFFFFFF)
     g16 = (g >> 16).astype(np.uint16)
     # rows with their own scale (optimizer state): method-7 exponents
@@ -144,6 +145,8 @@ def float_chunks(n: int = 1 << 17, seed: int = 1) -> dict[str, tuple[bytes, Chun
         "bf16-joint-short": whole(bf16(w[:6000]), "bf16"),  # class 8: method 2, decoded and then composed
         "f16": whole(w.astype(np.float16).tobytes(), "f16"),  # method 6 in two parts, raw
         "f32": whole(w[: n // 2].tobytes(), "f32"),
+        "f32-joint": whole(spread[: n // 2].tobytes(), "f32"),  # class 9: method 6 in two parts (the fused loop)
+        "f32-joint-short": whole(spread[:6000].tobytes(), "f32"),  # class 9: method 2, decoded and then composed
         "f32-quad": whole(g[:110000].tobytes(), "f32"),  # methods 6, 6 in two parts each, raw, raw
         "f32-ctx-pair": whole(rows[:76800].tobytes(), "f32"),  # methods 7 (source 0), 6, raw, raw
         "f32-ctx-quad": whole(rows.tobytes(), "f32"),  # methods 7 (source 2), 6 in two parts, raw, raw

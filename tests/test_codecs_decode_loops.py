@@ -21,6 +21,14 @@ def _floats(n: int, seed: int) -> np.ndarray:
     return rng.normal(0, 0.05, n) * np.exp(rng.normal(0, 1, n) * 0.5)
 
 
+def _class_3(x: np.ndarray) -> np.ndarray:
+    """x (f32) with one element whose exponent lies far below the others: class 9 needs the normal exponents
+    within 62 values, so the chunk is coded in class 3, whose loops the tests below drive."""
+    x = x.astype(np.float32)
+    x[0] = 1e-30
+    return x
+
+
 def _bf16(x: np.ndarray) -> bytes:
     return (x.astype(np.float32).view(np.uint32) >> 16).astype(np.uint16).tobytes()
 
@@ -151,7 +159,7 @@ def test_eight_chain_bf16_loop_agrees_with_the_scalar_decoder(elements):
 def test_eight_chain_f32_loop_agrees_with_the_scalar_decoder(elements):
     """The f32 form of the eight-chain loop: exponents and sign|mantissa-top bytes in two parts each, the mantissa
     planes raw."""
-    raw = _floats(elements, 11).astype(np.float32).tobytes()
+    raw = _class_3(_floats(elements, 11)).tobytes()
     enc = encode_chunk(raw, ChunkHints(segments=(Segment(0, len(raw), "f32"),)))
     plan = np.empty((3, 8), np.int64)
     assert tensor_fast._single_class_plan(np.frombuffer(enc.params, np.uint8), len(raw), len(enc.payload), plan) == 3
@@ -293,7 +301,7 @@ def test_damaged_bf16_streams_are_refused_or_exact_length():
 
 def test_f32_merged_in_the_loop_decodes_most_elements():
     """Single-part streams (shorter than tensor.SPLIT_MIN): the pair loop."""
-    x = _floats(90000, 5).astype(np.float32)
+    x = _class_3(_floats(90000, 5))
     raw = x.tobytes()
     enc = encode_chunk(raw, ChunkHints(segments=(Segment(0, len(raw), "f32"),)))
     plan = np.empty((3, 8), np.int64)
@@ -403,7 +411,7 @@ def test_mixed_chunk_params_the_python_parser_refuses_are_refused():
     raw, hints = _torch_zip_like(rng, [20000, 15000], 130)
     enc = encode_chunk(raw, hints)
     regions, streams = parse_v1(enc.params, enc.payload)
-    assert [c for _, c in regions] == [fields.CLASS_F32, fields.CLASS_GENERIC, fields.CLASS_F32]
+    assert [c for _, c in regions] == [fields.CLASS_F32J, fields.CLASS_GENERIC, fields.CLASS_F32J]
     shifted = [(regions[0][0] - 2, regions[0][1]), regions[1], (regions[2][0] + 2, regions[2][1])]
     params, payload = build_v1(shifted, streams)
     with pytest.raises(CodecError, match="bad region"):

@@ -58,7 +58,8 @@ def test_split_and_compose_follow_the_documented_layout(n, seed, special):
     base, present = got
     sym = np.empty(n, np.uint8)
     packed = np.empty(joint.packed_bytes(n), np.uint8)
-    joint.split(u, base, sym, packed, np.zeros(256, np.int64), np.zeros(64, np.int64), np.zeros(256, np.int64))
+    joint.symbols(u, base, sym)
+    joint.split(u, sym, packed, np.zeros(256, np.int64), np.zeros(256, np.int64))
     ref_sym, ref_packed = reference_layout(u, base)
     assert np.array_equal(sym, ref_sym)
     assert np.array_equal(packed, ref_packed)
@@ -77,7 +78,7 @@ def test_bf16_weights_take_class_8_and_roundtrip(n):
 
 def test_class_8_codes_real_looking_weights_smaller_than_class_1(monkeypatch):
     raw, enc = encode_bf16(bf16_weights(262_144, 3))
-    monkeypatch.setattr(tensor, "_split_joint", lambda data: None)
+    monkeypatch.setattr(tensor, "_split_joint", lambda cls, data, context: None)
     old = encode_chunk(raw, ChunkHints(segments=(Segment(0, len(raw), "bf16"),)))
     assert classes_of(old) == {fields.CLASS_BF16}
     assert len(enc.params) + len(enc.payload) < len(old.params) + len(old.payload)
@@ -144,7 +145,8 @@ def test_the_fused_loop_writes_what_decoding_then_composing_writes(n):
     base, present = joint.plan(u)
     sym = np.empty(n, np.uint8)
     packed = np.empty(joint.packed_bytes(n), np.uint8)
-    joint.split(u, base, sym, packed, np.zeros(256, np.int64), np.zeros(64, np.int64), np.zeros(256, np.int64))
+    joint.symbols(u, base, sym)
+    joint.split(u, sym, packed, np.zeros(256, np.int64), np.zeros(256, np.int64))
     method, freq, _ = tensor._plan_plane(sym)
     stream = np.frombuffer(tensor._code_plane(sym, method, freq, 2), np.uint8)
     plain = np.empty(n, np.uint8)

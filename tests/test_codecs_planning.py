@@ -180,10 +180,28 @@ def test_compiled_sample_choice_matches_the_numpy_steps(n, seed, alphabet, own_c
     src = data if own_context else rng.integers(0, alphabet, n).astype(np.uint8)
     lag = rans32c.LANES if own_context else 0
     thresholds = np.zeros(3, np.int64)
-    nt, gain = rans32c_enc._sample_choice(data, src, lag, thresholds)
+    nt, gain = rans32c_enc._sample_choice(data, src, lag, thresholds, rans32c_enc.SAMPLE_STEP)
     want_thresholds, want_gain = _sample_choice_reference(data, src, lag)
     assert list(thresholds[:nt]) == want_thresholds
     assert gain == pytest.approx(want_gain, rel=1e-9, abs=1e-6)
+
+
+@FAST
+@given(st.integers(1, 70000), st.integers(0, 2**32 - 1), st.sampled_from([1, 2, 5, 40, 256]))
+def test_every_32nd_symbol_alone_gives_the_choice_of_a_1_in_32_sample(n, seed, alphabet):
+    """every_32nd_pays sees only data[::32]: each sampled symbol's context, the symbol 32 earlier, is the sample's
+    previous one, so its choice is exactly that of the stream sampled 1 in 32 at lag 32."""
+    rng = np.random.default_rng(seed)
+    rows = np.minimum(rng.geometric(1.0 / alphabet, (n + 383) // 384), 255)
+    data = np.minimum(np.repeat(rows, 384)[:n] + rng.integers(0, 3, n), 255).astype(np.uint8)
+    full, compact = np.zeros(3, np.int64), np.zeros(3, np.int64)
+    nt, gain = rans32c_enc._sample_choice(data, data, rans32c.LANES, full, rans32c.LANES)
+    nt_c, gain_c = rans32c_enc._sample_choice(np.ascontiguousarray(data[::32]), np.ascontiguousarray(data[::32]), 1,
+                                              compact, 1)
+    assert (nt_c, list(compact[:nt_c])) == (nt, list(full[:nt]))
+    assert gain_c == pytest.approx(gain, rel=1e-12, abs=1e-9)
+    pays = rans32c_enc._paying(nt, gain, full, rans32c.LANES) is not None
+    assert rans32c.every_32nd_pays(np.ascontiguousarray(data[::32]), n) == (pays and n >= rans32c_enc.MIN_SYMBOLS)
 
 
 @pytest.mark.parametrize("nb", [1, 2, 4])
