@@ -391,5 +391,5 @@ def decode_into_scalar(buf, stream0, out):
     return _tail_self(words, lut, blut, xs, out, 0, n, 2 * LANES)
 
 
-from .rans32c_enc import (bucket_freqs, bucket_symbols, encode, joint_counts, plan,  # noqa: E402,F401
+from .rans32c_enc import (bucket_freqs, bucket_symbols, encode, encode_pieces, joint_counts, plan,  # noqa: E402,F401
                           every_32nd_pays, sampled_thresholds, table_bytes)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 
 import numpy as np
 from llvmlite import ir
@@ -9,6 +10,7 @@ from numba import types
 from numba.extending import intrinsic
 
 from ._jit import njit
+from . import scratch
 from .rans import RANS_L, SCALE_BITS, _enc_step, _normalize, normalize
 from .rans32 import LANES, SLOTS, TABLE_MAX, V, write_table
 from .rans32_enc import _encode as _encode_lanes, _rcp32, gather_step_ir
@@ -196,6 +198,14 @@ def encode(data: np.ndarray, source: int, ctx: np.ndarray | None, thresholds: li
     """Method-7 stream of data with len(thresholds) + 1 bucket tables freqs (context: own symbol 32 earlier for
     source 0, ctx[i] for source 1); idx from bucket_symbols (or plan with the same parts) if the caller has it.
     parts = 2 (source 0 only) writes source 2: each half of the symbols coded on its own with the same tables."""
+    return b"".join(encode_pieces(data, source, ctx, thresholds, freqs, idx, parts))
+
+
+def encode_pieces(data: np.ndarray, source: int, ctx: np.ndarray | None, thresholds: list[int],
+                  freqs: list[np.ndarray], idx: np.ndarray | None = None, parts: int = 1) -> tuple:
+    """encode's stream in pieces: its header (bytes), then each part's words, views of scratch memory (valid until
+    the caller's scratch session ends, codecs/scratch.py). The tensor encoder joins every stream of a chunk once;
+    joining here first cost three more copies of the words."""
     nb = len(thresholds) + 1
     if idx is None:
         idx, _ = _bucket_parts(data, source, ctx, _blut(thresholds), parts, nb)
@@ -207,16 +217,18 @@ def encode(data: np.ndarray, source: int, ctx: np.ndarray | None, thresholds: li
     h = (data.size + 1) >> 1 if parts == 2 else data.size
     coded = []
     for piece in ((idx,) if parts == 1 else (idx[:h], idx[h:])):
-        out = np.empty(piece.size + 2 * LANES + 8, np.uint16)
-        pos = _encoder()(piece, freq, cum, rcp, out)
-        coded.append(out[pos:].astype("<u2").tobytes())
+        out = scratch.take(2 * (piece.size + 2 * LANES + 8)).view(np.uint16)
+        words = out[_encoder()(piece, freq, cum, rcp, out) :]
+        if sys.byteorder != "little":
+            words.byteswap(inplace=True)
+        coded.append(memoryview(words).cast("B"))
     head = bytearray([SRC_SELF2 if parts == 2 else source, len(thresholds), *thresholds])
     tab = np.empty(TABLE_MAX, np.uint8)
     for f in freqs:
         head += tab[: write_table(f, tab)].tobytes()
     if parts == 2:
         put_varint(head, len(coded[0]) // 2)
-    return bytes(head) + b"".join(coded)
+    return (bytes(head), *coded)
 
 
 # ---------------------------------------------------------------- chooser (not part of the format)

@@ -229,7 +229,7 @@ def _encode_planes(cls: int, planes: list[np.ndarray], plans) -> list[tuple[int,
             out.append((m, coded[k]))
         elif m == M_RANS32C:
             src, thresholds, freqs, idx, nparts = freq
-            out.append((m, rans32c.encode(p, src, planes[0] if src else None, thresholds, freqs, idx, nparts)))
+            out.append((m, rans32c.encode_pieces(p, src, planes[0] if src else None, thresholds, freqs, idx, nparts)))
         else:
             out.append((m, _code_plane(p, m, freq, n)))
     for k, (m, blob) in enumerate(out):

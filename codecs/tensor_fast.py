@@ -344,12 +344,15 @@ def _scratch(rows: int, n: int) -> np.ndarray:
 def _decode_fast(cls: int, payload: np.ndarray, meths, offs, lens, out: np.ndarray) -> None:
     width, nstreams = fields.CLASSES[cls]
     n = out.size // width
-    meths, offs, lens = (np.asarray(a, np.int64) for a in (meths, offs, lens))
+    # numpy calls only where needed: even np.asarray of an int64 array, or a comparison, before the kernel made
+    # the kernel ~10-25 us slower per 1 MiB chunk (measured over and over in one process, 2026-12-06; not
+    # understood, perhaps the CPU's vector power state). decode_into passes int64 rows of its plan.
+    rows = type(meths) is type(offs) is type(lens) is np.ndarray
+    if not (rows and meths.dtype == offs.dtype == lens.dtype == np.int64):
+        meths, offs, lens = (np.asarray(a, np.int64) for a in (meths, offs, lens))
     if not rans32.vector_ok():
         fused = _fused_scalar
     else:  # (classes 8 and 9 decode method-5 symbols in _fused_vec)
-        # a Python test: a numpy comparison here made the kernel after it ~25 us slower per 1 MiB chunk (measured
-        # over and over in one process, 2026-12-06; not understood, perhaps the CPU's vector power state)
         fused = _fused_vec5 if M_RANS32 in meths.tolist() and cls not in fields.JOINT_CLASSES else _fused_vec
     st = fused(cls, payload, meths, offs, lens, _scratch(nstreams, n), out)
     if st:
