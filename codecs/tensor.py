@@ -270,13 +270,13 @@ def _split_joint(cls: int, data: np.ndarray, context: bool):
     halves or None) of a bf16 class in class 8, or of an f32 class in class 9 (codecs/joint.py), or None where
     class 1 / 3 stays: exponents outside one window, low bits that are not near uniform (their sampled entropy;
     f32: also both mantissa bytes of the low half), a sample that says class 1 / 3 codes smaller, or too few
-    elements for the sample to say. context: an f32 class whose symbols a sample says method 7 would code
-    smaller (they follow their rows: a checkpoint's first moments) stays in class 3, whose method-7 exponents
-    decode in eight vector chains (class 9 with method-7 symbols: 0.1% smaller, decoding 1.2-1.5x slower in
-    one-off timings, 2026-12-06)."""
+    elements (f32: fewer than two symbol parts need). context: an f32 class where method 7 would pay, judged from
+    every 32nd exponent (they follow their rows: a checkpoint's first moments), stays in class 3, whose method-7
+    exponents decode in eight vector chains (class 9 with method-7 symbols: 0.1% smaller, decoding 1.2-1.5x
+    slower in one-off timings, 2026-12-06)."""
     wide = cls == fields.CLASS_F32
     n = data.size // (4 if wide else 2)
-    if n < joint.MIN_ELEMENTS:
+    if n < (joint.MIN_ELEMENTS_WIDE if wide else joint.MIN_ELEMENTS):
         return None
     # the low bits first, on a sample: optimizer state (second moments have no sign bit) and upcast weights are
     # refused before any pass over the class

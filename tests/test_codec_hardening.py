@@ -146,7 +146,6 @@ def float_chunks(n: int = 1 << 17, seed: int = 1) -> dict[str, tuple[bytes, Chun
         "f16": whole(w.astype(np.float16).tobytes(), "f16"),  # method 6 in two parts, raw
         "f32": whole(w[: n // 2].tobytes(), "f32"),
         "f32-joint": whole(spread[: n // 2].tobytes(), "f32"),  # class 9: method 6 in two parts (the fused loop)
-        "f32-joint-short": whole(spread[:6000].tobytes(), "f32"),  # class 9: method 2, decoded and then composed
         "f32-quad": whole(g[:110000].tobytes(), "f32"),  # methods 6, 6 in two parts each, raw, raw
         "f32-ctx-pair": whole(rows[:76800].tobytes(), "f32"),  # methods 7 (source 0), 6, raw, raw
         "f32-ctx-quad": whole(rows.tobytes(), "f32"),  # methods 7 (source 2), 6 in two parts, raw, raw
