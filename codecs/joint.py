@@ -189,10 +189,9 @@ def sample_low(u, low6, m1, m0):
 
 @njit(nogil=True, boundscheck=False)
 def every_32nd_exponent(u, out):
-    """out[k] = the exponent of element 32 k of u (bf16 as uint16, f32 as uint32), for k < len(out)."""
-    shift = 23 if u.itemsize == 4 else 7
+    """out[k] = the exponent of f32 element 32 k of u (uint32), for k < len(out)."""
     for k in range(out.size):
-        out[k] = np.uint8((np.int64(u[32 * k]) >> shift) & 0xFF)
+        out[k] = np.uint8((u[32 * k] >> np.uint32(23)) & np.uint32(0xFF))
 
 
 @njit(nogil=True, boundscheck=False)

@@ -296,6 +296,8 @@ def _split_joint(cls: int, data: np.ndarray, context: bool):
         u, low = halves[: 2 * n].view("<u2"), halves[2 * n :].view("<u2")
         joint.split_wide(data.view("<u4"), u, low)
         got = joint.plan(u)
+        if got is None:
+            return None
     else:
         # bf16: the sample after the exponent bounds' pass, which brings the class into the cache (sampled
         # first, its scattered reads of a chunk not yet in the cache cost ~5% of the encoding in the benchmark)
@@ -306,8 +308,6 @@ def _split_joint(cls: int, data: np.ndarray, context: bool):
         joint.sample_low(u, low6, m1, m0)
         if not joint.low_bits_uniform(low6, m1, m0, False):
             return None
-    if got is None:
-        return None
     base, present = got
     buf = scratch.take(n + joint.packed_bytes(n))
     sym, packed = buf[:n], buf[n:]
