@@ -27,7 +27,7 @@ EXACT_MAX = 1 << 15  # inputs shorter than this many elements are counted exactl
 # the exponent field of each stream-0 symbol: (mask of the key, width of the special runs at both ends). bf16's
 # key is the 8-bit exponent (0 and 255 special); f16's is the high byte without the sign, exponent << 2 | mantissa
 # top 2 (exponent 0 and 31: keys 0-3 and 124-127), in each sign half that occurs
-_KEY = {1: (0xFF, 1), 2: (0x7F, 4)}
+KEY_BF16, KEY_F16 = (0xFF, 1), (0x7F, 4)
 
 
 @njit(nogil=True, boundscheck=False)
@@ -138,18 +138,18 @@ def _bounds(a, d, kmask):
     return mk, xk, ml, xh, mb, xb
 
 
-def support(mode: int, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Boolean masks of 256 that hold every symbol of stream a (exponents) and of stream b (the low bytes)."""
-    kmask, d = _KEY[mode]
-    mk, xk, ml, xh, mb, xb = (int(v) for v in _bounds(a, np.uint8(d), np.uint8(kmask)))
-    keys = np.zeros(kmask + 1, bool)
+@njit(nogil=True)
+def _support(mode, a, b, in_a, in_b):
+    kmask, d = KEY_BF16 if mode == 1 else KEY_F16
+    mk, xk, ml, xh, mb, xb = _bounds(a, np.uint8(d), np.uint8(kmask))
+    mk, xk, ml, xh, mb, xb = np.int64(mk), np.int64(xk), np.int64(ml), np.int64(xh), np.int64(mb), np.int64(xb)
+    keys = np.zeros(kmask + 1, np.bool_)
     if ml <= kmask - 2 * d:  # some key is normal
         keys[ml + d : xh - d + 1] = True
     if mk < d:
         keys[:d] = True
     if xk > kmask - d:
         keys[kmask + 1 - d :] = True
-    in_a = np.zeros(256, bool)
     if mode == 1:
         in_a[:] = keys
     else:  # the sign halves that occur (min byte < 128: a positive element; max >= 128: a negative one)
@@ -157,20 +157,29 @@ def support(mode: int, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.nda
             in_a[:128] = keys
         if xb >= 128:
             in_a[128:] = keys
-    in_b = np.zeros(256, bool)
     lo, hi = _bounds(b, np.uint8(0), np.uint8(0xFF))[4:]
-    in_b[int(lo) : int(hi) + 1] = True
+    in_b[np.int64(lo) : np.int64(hi) + 1] = True
+
+
+def support(mode: int, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Boolean masks of 256 that hold every symbol of stream a (exponents) and of stream b (the low bytes)."""
+    in_a, in_b = np.zeros(256, bool), np.zeros(256, bool)
+    _support(mode, a, b, in_a, in_b)
     return in_a, in_b
 
 
-def _estimate(sample: np.ndarray, present: np.ndarray, n: int, out: np.ndarray) -> None:
+@njit(nogil=True, boundscheck=False)
+def _estimate(sample, present, n, out):
     """Counts of a stream of n symbols from its sample: STEP per sampled symbol, 1 for a possible one the sample
-    missed; n for the only possible symbol (so that a constant stream is seen as constant)."""
-    if np.count_nonzero(present) == 1:
-        out[:] = 0
-        out[present] = n
-        return
-    out[:] = np.where(sample > 0, sample * STEP, present.astype(np.int64))
+    missed; n for the only possible symbol (so that a constant stream is seen as constant). (In numpy: ~10 us.)"""
+    possible = 0
+    for s in range(out.size):
+        possible += present[s]
+    for s in range(out.size):
+        if possible == 1:
+            out[s] = n if present[s] else 0
+        else:
+            out[s] = sample[s] * STEP if sample[s] > 0 else np.int64(present[s])
 
 
 _local = threading.local()

@@ -31,6 +31,7 @@ MIN_MANTISSA_BITS = 7.96
 # the tests of the low bits look at about this many elements (all of a shorter class): enough for 64 and 256 bins
 # (the Miller-Madow correction of a uniform byte's estimate is ~0.045 bits here, its spread well under 0.01)
 LOW_SAMPLES = 1 << 12
+LOW_RUN = 8
 # below this many elements the comparison with class 1 counts the symbols and sign|mantissa bytes exactly
 EXACT_LOW = 1 << 16
 # fewer elements than this stay in class 1. Near it class 8 can still be a little larger (review: Gaussian weights
@@ -171,20 +172,35 @@ def split(u, sym, packed, sample, sm):
 @njit(nogil=True, boundscheck=False)
 def sample_low(u, low6, m1, m0):
     """Histograms of the six low bits of the bf16 elements u (uint16), or of the f32 elements' top halves (uint32;
-    then also of their low halves' two bytes, m1 and m0), from about LOW_SAMPLES elements, one in each run of
-    len(u) // LOW_SAMPLES at a phase that moves from run to run (data that repeats every few elements is not
-    seen at one phase only)."""
-    step = max(1, u.size // LOW_SAMPLES)
-    phases = 1
-    while phases * 2 <= min(step, 8):
-        phases *= 2
-    for k in range(u.size // step):
-        v = np.int64(u[k * step + (k & (phases - 1))])
-        if u.itemsize == 4:
-            m1[(v >> 8) & 0xFF] += 1
-            m0[v & 0xFF] += 1
-            v >>= 16
-        low6[_low6(v)] += 1
+    then also of their low halves' two bytes, m1 and m0), from about LOW_SAMPLES elements: runs of LOW_RUN
+    consecutive ones spread evenly over u (every element of a short u). A run holds every phase of data that
+    repeats every few elements, and shares its cache lines: an f32 class is sampled before any pass has brought
+    it into the cache, where one element per line cost ~50-70 us per MiB (one-off, 2026-12-06).
+    Returns False, the histograms partial, when every 8th run (512 elements of a long u) shows one sign only: the
+    six low bits, of which the sign is one, cannot be near uniform (a checkpoint's second moments, all positive,
+    are refused for the cost of those reads)."""
+    step = max(LOW_RUN, u.size // (LOW_SAMPLES // LOW_RUN))
+    runs = u.size // step
+    top = 31 if u.itemsize == 4 else 15
+    negative = 0
+    seen = 0
+    for first in (True, False):
+        for k in range(runs):
+            if ((k & 7) == 0) != first:
+                continue
+            for i in range(k * step, min(k * step + LOW_RUN, u.size)):
+                v = np.int64(u[i])
+                if first:
+                    negative += (v >> top) & 1
+                    seen += 1
+                if u.itemsize == 4:
+                    m1[(v >> 8) & 0xFF] += 1
+                    m0[v & 0xFF] += 1
+                    v >>= 16
+                low6[_low6(v)] += 1
+        if first and runs >= 64 and (negative == 0 or negative == seen):
+            return False
+    return True
 
 
 @njit(nogil=True, boundscheck=False)
