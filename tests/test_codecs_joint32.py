@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from dccfs.codecs import ChunkHints, CodecError, Segment, decode_chunk, encode_chunk, joint, joint_loop, rans32
 from dccfs.codecs import chunk_fast, fields, rans32e, tensor, tensor_fast
 from test_codec_hardening import build_v1, parse_v1, parse_v2
-from test_codecs_joint import classes_of, reference_layout
+from test_codecs_joint import as_bytes, classes_of, reference_layout
 
 
 def f32_weights(n: int, seed: int = 0, scale: float = 0.02) -> np.ndarray:
@@ -134,8 +134,8 @@ def test_symbol_streams_of_every_method_class_9_takes_decode(method, n):
     assert rans32e.decode_ext_into(np.frombuffer(streams[1][1], np.uint8), sym) == 0
     meth, freq, _ = tensor._plan_plane(sym)
     streams[1] = {"raw": (tensor.M_RAW, sym.tobytes()),
-                  "rans": (tensor.M_RANS, bytes(tensor._code_plane(sym, tensor.M_RANS, freq))),
-                  "one part": (meth, bytes(tensor._code_plane(sym, meth, freq, 1)))}[method]
+                  "rans": (tensor.M_RANS, as_bytes(tensor._code_plane(sym, tensor.M_RANS, freq))),
+                  "one part": (meth, as_bytes(tensor._code_plane(sym, meth, freq, 1)))}[method]
     params, payload = build_v1(regions, streams)
     assert decode_chunk(enc.codec_id, params, payload, len(raw)) == raw
 
