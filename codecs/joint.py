@@ -176,11 +176,11 @@ def sample_low(u, low6, m1, m0):
     consecutive ones spread evenly over u (every element of a short u). A run holds every phase of data that
     repeats every few elements, and shares its cache lines: an f32 class is sampled before any pass has brought
     it into the cache, where one element per line cost ~50-70 us per MiB (one-off, 2026-12-06).
-    Returns False, the histograms partial, when every 8th run (512 elements of a long u) shows one sign only: the
-    six low bits, of which the sign is one, cannot be near uniform (a checkpoint's second moments, all positive,
-    are refused for the cost of those reads)."""
+    Returns False, the histograms partial, when every 8th run (~512 elements of a u of LOW_SAMPLES or more; of a
+    shorter one from 512 elements on) shows one sign only: the six low bits, of which the sign is one, cannot be
+    near uniform (a checkpoint's second moments, all positive, are refused for the cost of those reads)."""
     step = max(LOW_RUN, u.size // (LOW_SAMPLES // LOW_RUN))
-    runs = u.size // step
+    runs = -(-u.size // step)  # (the last run may be short)
     top = 31 if u.itemsize == 4 else 15
     negative = 0
     seen = 0

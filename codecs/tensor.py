@@ -88,6 +88,8 @@ SAMPLE_MIN = 1 << 16
 @njit(nogil=True)
 def _sample_says_raw(n, sample):
     total = sample.sum()  # ~n / 8: every 8th byte, or count16's rotating sample
+    if total == 0:
+        return False
     bits = 0.0
     seen = 0
     for s in range(256):
