@@ -17,7 +17,7 @@ import numpy as np
 
 from ._jit import njit
 from .count16 import ROTATE, STEP
-from .rans32c_enc import _entropy_bits
+from .rans32c_plan import _entropy_bits
 
 BLOCK = 64  # elements per packed block: 48 bytes (32 of nibbles, 16 of two-bit fields)
 BLOCK_BYTES = 48

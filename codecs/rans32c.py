@@ -5,7 +5,8 @@ exponent next to exponents of the same row) or the class's stream 0 at element i
 exponent). Both are known to a lane before it decodes symbol i, so the vector decoder keeps its 16-lane steps:
 it only adds the bucket (three vector compares) to the slot before the table gather.
 
-This module is the format and the decoders; rans32c_enc.py is the encoder and the chooser (re-exported here).
+This module is the format and the decoders; rans32c_enc.py is the encoder and rans32c_plan.py the chooser (both
+re-exported here).
 """
 from __future__ import annotations
 
@@ -391,5 +392,6 @@ def decode_into_scalar(buf, stream0, out):
     return _tail_self(words, lut, blut, xs, out, 0, n, 2 * LANES)
 
 
-from .rans32c_enc import (bucket_freqs, bucket_symbols, encode, encode_pieces, joint_counts, plan,  # noqa: E402,F401
-                          every_32nd_pays, sampled_thresholds, table_bytes)
+from .rans32c_enc import encode, encode_pieces  # noqa: E402,F401
+from .rans32c_plan import (bucket_freqs, bucket_symbols, every_32nd_pays, joint_counts, plan,  # noqa: E402,F401
+                           sampled_thresholds, table_bytes)

@@ -5,7 +5,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dccfs.codecs import ChunkHints, CodecError, Segment, decode_chunk, encode_chunk
-from dccfs.codecs import blocks, fields, rans32, rans32c, rans32c_enc, tensor, zeros
+from dccfs.codecs import blocks, fields, rans32, rans32c, rans32c_plan, tensor, zeros
 from dccfs.codecs.varint import get_varint, put_varint
 
 FAST = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -178,7 +178,7 @@ def test_rans32c_two_parts_vector_and_scalar_agree(n, alphabet, seed, nthr):
     rng = np.random.default_rng(seed)
     data = rng.integers(0, alphabet, n).astype(np.uint8)
     thresholds = sorted(set(int(t) for t in rng.integers(1, 256, nthr)))
-    _, counts = rans32c_enc._bucket_parts(data, rans32c.SRC_SELF, None, rans32c_enc._blut(thresholds), 2,
+    _, counts = rans32c_plan._bucket_parts(data, rans32c.SRC_SELF, None, rans32c_plan._blut(thresholds), 2,
                                           len(thresholds) + 1)
     freqs = [rans32c.bucket_freqs(c) for c in counts.reshape(-1, 256)]
     blob = np.frombuffer(rans32c.encode(data, rans32c.SRC_SELF, None, thresholds, freqs, parts=2), np.uint8)
@@ -213,7 +213,7 @@ def test_version1_chunks_without_new_classes_still_decode(monkeypatch):
     """What the encoder wrote before v2 and classes 5-8 (one block, classes 0-4) keeps decoding."""
     raw, segs = _checkpoint_chunk(header=13)
     monkeypatch.setattr(blocks, "plan", lambda raw, segments: [0, len(raw)])
-    monkeypatch.setattr(rans32c_enc, "MIN_SYMBOLS", 1 << 40)
+    monkeypatch.setattr(rans32c_plan, "MIN_SYMBOLS", 1 << 40)
     monkeypatch.setattr(zeros, "MIN_ZERO_SHARE", 2.0)
     enc = encode_chunk(raw, ChunkHints(segments=segs))
     assert enc.params[0] == tensor.FORMAT_VERSION and _classes(enc.params) <= {0, 1, 2, 3, 4}
@@ -253,8 +253,8 @@ def test_damaged_new_chunks_raise_or_keep_length(kind, monkeypatch):
 )
 def test_roundtrip_mixed_blocks(n_rows, zero_share, spread, dtypes, header, seed):
     """Small grid and units so that short inputs exercise cuts at odd element phases between tensors."""
-    old = blocks.GRID, blocks.MIN_UNIT, rans32c_enc.MIN_SYMBOLS
-    blocks.GRID, blocks.MIN_UNIT, rans32c_enc.MIN_SYMBOLS = 4096, 1024, 64
+    old = blocks.GRID, blocks.MIN_UNIT, rans32c_plan.MIN_SYMBOLS
+    blocks.GRID, blocks.MIN_UNIT, rans32c_plan.MIN_SYMBOLS = 4096, 1024, 64
     try:
         parts, segs, pos = [bytes(range(header))], [], header
         for k, dtype in enumerate(dtypes):
@@ -267,7 +267,7 @@ def test_roundtrip_mixed_blocks(n_rows, zero_share, spread, dtypes, header, seed
             pos += len(p)
         _roundtrip(b"".join(parts), ChunkHints(segments=tuple(segs)))
     finally:
-        blocks.GRID, blocks.MIN_UNIT, rans32c_enc.MIN_SYMBOLS = old
+        blocks.GRID, blocks.MIN_UNIT, rans32c_plan.MIN_SYMBOLS = old
 
 
 def test_effort_0_skips_block_cuts_and_still_round_trips():

@@ -5,7 +5,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dccfs.codecs import ChunkHints, Segment, decode_chunk, encode_chunk
-from dccfs.codecs import chunk_fast, fields, rans, rans32, rans32c, rans32c_enc, tensor, tensor_fast, zeros
+from dccfs.codecs import chunk_fast, fields, rans, rans32, rans32c, rans32c_plan, tensor, tensor_fast, zeros
 
 FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -160,12 +160,12 @@ def _quantiles(hist: np.ndarray) -> list[int]:
 
 def _sample_choice_reference(data: np.ndarray, src: np.ndarray, lag: int):
     """plan's sampled choice as numpy steps (what it was before it was compiled)."""
-    thresholds = _quantiles(rans.histogram(np.ascontiguousarray(src[:: rans32c_enc.SAMPLE_STEP])))
+    thresholds = _quantiles(rans.histogram(np.ascontiguousarray(src[:: rans32c_plan.SAMPLE_STEP])))
     if not thresholds:
         return [], 0.0
     nb = len(thresholds) + 1
     sample = np.zeros(nb * 256, np.int64)
-    rans32c_enc._sample_counts(data, src, lag, rans32c_enc._blut(thresholds), rans32c_enc.SAMPLE_STEP, sample)
+    rans32c_plan._sample_counts(data, src, lag, rans32c_plan._blut(thresholds), rans32c_plan.SAMPLE_STEP, sample)
     per = sample.reshape(nb, 256)
     gain = _entropy_bits(per.sum(0)) - sum(_entropy_bits(row) for row in per)
     return thresholds, gain
@@ -180,7 +180,7 @@ def test_compiled_sample_choice_matches_the_numpy_steps(n, seed, alphabet, own_c
     src = data if own_context else rng.integers(0, alphabet, n).astype(np.uint8)
     lag = rans32c.LANES if own_context else 0
     thresholds = np.zeros(3, np.int64)
-    nt, gain = rans32c_enc._sample_choice(data, src, lag, thresholds, rans32c_enc.SAMPLE_STEP)
+    nt, gain = rans32c_plan._sample_choice(data, src, lag, thresholds, rans32c_plan.SAMPLE_STEP)
     want_thresholds, want_gain = _sample_choice_reference(data, src, lag)
     assert list(thresholds[:nt]) == want_thresholds
     assert gain == pytest.approx(want_gain, rel=1e-9, abs=1e-6)
@@ -195,13 +195,13 @@ def test_every_32nd_symbol_alone_gives_the_choice_of_a_1_in_32_sample(n, seed, a
     rows = np.minimum(rng.geometric(1.0 / alphabet, (n + 383) // 384), 255)
     data = np.minimum(np.repeat(rows, 384)[:n] + rng.integers(0, 3, n), 255).astype(np.uint8)
     full, compact = np.zeros(3, np.int64), np.zeros(3, np.int64)
-    nt, gain = rans32c_enc._sample_choice(data, data, rans32c.LANES, full, rans32c.LANES)
-    nt_c, gain_c = rans32c_enc._sample_choice(np.ascontiguousarray(data[::32]), np.ascontiguousarray(data[::32]), 1,
+    nt, gain = rans32c_plan._sample_choice(data, data, rans32c.LANES, full, rans32c.LANES)
+    nt_c, gain_c = rans32c_plan._sample_choice(np.ascontiguousarray(data[::32]), np.ascontiguousarray(data[::32]), 1,
                                               compact, 1)
     assert (nt_c, list(compact[:nt_c])) == (nt, list(full[:nt]))
     assert gain_c == pytest.approx(gain, rel=1e-12, abs=1e-9)
-    pays = rans32c_enc._paying(nt, gain, full, rans32c.LANES) is not None
-    assert rans32c.every_32nd_pays(np.ascontiguousarray(data[::32]), n) == (pays and n >= rans32c_enc.MIN_SYMBOLS)
+    pays = rans32c_plan._paying(nt, gain, full, rans32c.LANES) is not None
+    assert rans32c.every_32nd_pays(np.ascontiguousarray(data[::32]), n) == (pays and n >= rans32c_plan.MIN_SYMBOLS)
 
 
 @pytest.mark.parametrize("nb", [1, 2, 4])
@@ -217,15 +217,15 @@ def test_bucket_tables_match_bucket_freqs(nb):
     if nb > 3:
         counts[3 * 256 + 254 : 3 * 256 + 256] = (3, 9)
     freqs = np.empty((nb, 256), np.int64)
-    size = rans32c_enc._bucket_tables(counts, nb, freqs, np.empty(rans32c_enc.TABLE_MAX, np.uint8))
+    size = rans32c_plan._bucket_tables(counts, nb, freqs, np.empty(rans32c_plan.TABLE_MAX, np.uint8))
     want = 0.0
     for b in range(nb):
         c = counts[b * 256 : (b + 1) * 256]
-        f = rans32c_enc.bucket_freqs(c)
+        f = rans32c_plan.bucket_freqs(c)
         assert np.array_equal(freqs[b], f)
         present = c > 0
-        want += float((c[present] * (rans32c_enc.SCALE_BITS - np.log2(f[present]))).sum()) / 8
-        want += rans32c_enc.table_bytes(f)
+        want += float((c[present] * (rans32c_plan.SCALE_BITS - np.log2(f[present]))).sum()) / 8
+        want += rans32c_plan.table_bytes(f)
     assert size == pytest.approx(want, rel=1e-12)
 
 

@@ -4,7 +4,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dccfs.codecs import blocks, count16, joint, rans32c, rans32c_enc, scratch, tensor
+from dccfs.codecs import blocks, count16, joint, rans32c, rans32c_enc, rans32c_plan, scratch, tensor
 
 FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -30,12 +30,12 @@ def test_sampled_buckets_give_the_exact_symbols_and_cover_every_symbol(data, thr
     thresholds = sorted(thresholds)
     nb = len(thresholds) + 1
     ctx = None if source == rans32c.SRC_SELF else np.roll(data, 1)
-    idx, exact = rans32c_enc._bucket_parts(data, source, ctx, rans32c_enc._blut(thresholds), parts, nb)
-    got_idx, estimate = rans32c_enc._bucket_sampled_parts(data, source, ctx, thresholds, parts, nb)
+    idx, exact = rans32c_plan._bucket_parts(data, source, ctx, rans32c_plan._blut(thresholds), parts, nb)
+    got_idx, estimate = rans32c_plan._bucket_sampled_parts(data, source, ctx, thresholds, parts, nb)
     assert np.array_equal(got_idx, idx)
     assert (estimate[exact > 0] > 0).all()  # every symbol that occurs has a slot in its bucket's table
     # the sample is every COUNT_STEP-th symbol: scaled back, it counts the stream within one step per part
-    assert abs(int(estimate[estimate > 1].sum()) - data.size) <= rans32c_enc.COUNT_STEP * parts
+    assert abs(int(estimate[estimate > 1].sum()) - data.size) <= rans32c_plan.COUNT_STEP * parts
 
 
 @FAST
@@ -58,7 +58,7 @@ def test_flat_tables_match_the_numpy_steps():
     freqs = np.zeros((3, 256), np.int64)
     for b in range(3):
         freqs[b, rng.integers(0, 256, 40)] = 1
-        freqs[b] = rans32c_enc.bucket_freqs(freqs[b] * rng.integers(1, 500, 256))
+        freqs[b] = rans32c_plan.bucket_freqs(freqs[b] * rng.integers(1, 500, 256))
     freq, cum, rcp = np.empty(768, np.int64), np.empty(768, np.int64), np.empty(768)
     tab = np.empty(3 * rans32c_enc.TABLE_MAX, np.uint8)
     length = rans32c_enc._flat_tables(freqs, freq, cum, rcp, tab)
