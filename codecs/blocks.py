@@ -158,7 +158,7 @@ def _plane_cost(S, i, j, k, extra0, syms, nsyms, xl):
     if nsym <= 1:
         return 1.0 if extra0 or nsym else 0.0
     bits = n * np.log2(n) - acc
-    est = bits / 8 + 4 + 1.1 * nsym + (48 if n >= 16384 else 12)  # tensor.RANS32_MIN (a compiled constant here)
+    est = bits / 8 + 4 + 1.1 * nsym + (48 if n >= 16384 else 12)  # tensor_streams.RANS32_MIN (a compiled constant here)
     return min(est, float(n))
 
 

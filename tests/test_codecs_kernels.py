@@ -32,16 +32,16 @@ def _stream_methods(enc):
 @pytest.mark.parametrize("dtype", ["bf16", "f16", "f32"])
 def test_legacy_rans4_streams_still_decode(dtype, monkeypatch):
     """Method 2 (4-state rANS) is no longer written for long streams but must keep decoding."""
-    from dccfs.codecs import tensor
+    from dccfs.codecs import tensor_streams
 
     raw = weights(40000, dtype, 7)
     hints = ChunkHints(segments=(Segment(0, len(raw), dtype),))
-    monkeypatch.setattr(tensor, "RANS32_MIN", 1 << 40)  # force method 2
+    monkeypatch.setattr(tensor_streams, "RANS32_MIN", 1 << 40)  # force method 2
     enc = encode_chunk(raw, hints)
     assert 2 in {m for _, m in _stream_methods(enc)}
     assert decode_chunk(enc.codec_id, enc.params, enc.payload, len(raw)) == raw
-    monkeypatch.setattr(tensor, "RANS32_MIN", 4096)  # force method 5
-    monkeypatch.setattr(tensor, "RANS32_METHOD", tensor.M_RANS32)
+    monkeypatch.setattr(tensor_streams, "RANS32_MIN", 4096)  # force method 5
+    monkeypatch.setattr(tensor_streams, "RANS32_METHOD", tensor_streams.M_RANS32)
     enc = encode_chunk(raw, hints)
     assert 5 in {m for _, m in _stream_methods(enc)}
     assert decode_chunk(enc.codec_id, enc.params, enc.payload, len(raw)) == raw
