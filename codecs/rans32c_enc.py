@@ -140,7 +140,7 @@ def encode_pieces(data: np.ndarray, source: int, ctx: np.ndarray | None, thresho
     joining here first cost three more copies of the words."""
     nb = len(thresholds) + 1
     if idx is None:
-        idx, _ = _bucket_parts(data, source, ctx, _blut(thresholds), parts, nb)
+        idx, _ = _bucket_parts(data, source, ctx, thresholds, parts, nb)
     freqs = np.asarray(freqs, np.int64)  # (plan's are one array already)
     freq, cum, rcp = np.empty(nb * 256, np.int64), np.empty(nb * 256, np.int64), np.empty(nb * 256)
     tab = np.empty(nb * TABLE_MAX, np.uint8)
@@ -162,5 +162,5 @@ def encode_pieces(data: np.ndarray, source: int, ctx: np.ndarray | None, thresho
 
 # Last: rans32c re-exports this module's and rans32c_plan's names at its own end, so whichever of the three is
 # imported first, each finds the others' names already defined.
-from .rans32c_plan import _blut, _bucket_parts  # noqa: E402
+from .rans32c_plan import _bucket_parts  # noqa: E402
 from .rans32c import SRC_SELF2  # noqa: E402

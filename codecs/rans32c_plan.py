@@ -17,46 +17,11 @@ MIN_SYMBOLS = 16384  # shorter streams cannot pay for the extra tables and the 3
 
 
 @njit(nogil=True, boundscheck=False)
-def bucket_symbols(data, ctx, lag, blut, idx, counts):
-    """idx[i] = bucket(context of i) << 8 | data[i] (context: data[i - lag] if lag, 0 before the start, else
-    ctx[i]); counts[bucket * 256 + symbol] += 1. Four sub-counters: runs of one value would stall on one."""
-    sub = np.zeros((4, counts.size), np.uint32)
-    n = data.size
-    head = min(lag, n)
-    for i in range(head):
-        v = (np.int64(blut[0]) << 8) | np.int64(data[i])
-        idx[i] = v
-        sub[i & 3, v] += 1
-    src = data[: max(n - lag, 0)] if lag else ctx
-    body = data[head:]
-    out = idx[head:]
-    n4 = body.size & ~3
-    for i in range(0, n4, 4):
-        v0 = (np.int64(blut[src[i]]) << 8) | np.int64(body[i])
-        v1 = (np.int64(blut[src[i + 1]]) << 8) | np.int64(body[i + 1])
-        v2 = (np.int64(blut[src[i + 2]]) << 8) | np.int64(body[i + 2])
-        v3 = (np.int64(blut[src[i + 3]]) << 8) | np.int64(body[i + 3])
-        out[i] = v0
-        out[i + 1] = v1
-        out[i + 2] = v2
-        out[i + 3] = v3
-        sub[0, v0] += 1
-        sub[1, v1] += 1
-        sub[2, v2] += 1
-        sub[3, v3] += 1
-    for i in range(n4, body.size):
-        v = (np.int64(blut[src[i]]) << 8) | np.int64(body[i])
-        out[i] = v
-        sub[0, v] += 1
-    for v in range(counts.size):
-        counts[v] = np.int64(sub[0, v]) + sub[1, v] + sub[2, v] + sub[3, v]
-
-
-@njit(nogil=True, boundscheck=False)
-def bucket_sampled(data, src, lag, thresholds, idx, sample):
-    """bucket_symbols' idx without its full count: the bucket from comparisons with thresholds (three uint16,
-    256 for one not used), which LLVM vectorises, where the table lookup and a count per symbol ran ~6x slower;
-    every COUNT_STEP-th symbol of idx (the phase moving every COUNT_ROTATE, as count16's) into sample."""
+def bucket_symbols(data, src, lag, thresholds, idx, counts, step):
+    """idx[i] = bucket << 8 | data[i], the bucket being how many of thresholds (three uint16, 256 for one not used)
+    the context of i reaches (context: src[i - lag], 0 before the start; lag 0: src[i]); every step-th symbol of
+    idx (the phase moving every COUNT_ROTATE, as count16's; step 1: every symbol) counted into counts. The
+    comparisons vectorise: a table lookup and a count per symbol ran ~6x slower (2026-12-06)."""
     n = data.size
     t0, t1, t2 = thresholds[0], thresholds[1], thresholds[2]
     head = min(lag, n)
@@ -70,8 +35,8 @@ def bucket_sampled(data, src, lag, thresholds, idx, sample):
         b = np.uint16(c >= t0) + np.uint16(c >= t1) + np.uint16(c >= t2)
         out[i] = (b << np.uint16(8)) | np.uint16(body[i])
     for blk in range(0, n, COUNT_ROTATE):
-        for i in range(blk + ((blk // COUNT_ROTATE) % COUNT_STEP), min(blk + COUNT_ROTATE, n), COUNT_STEP):
-            sample[idx[i]] += 1
+        for i in range(blk + ((blk // COUNT_ROTATE) % step), min(blk + COUNT_ROTATE, n), step):
+            counts[idx[i]] += 1
 
 
 @njit(nogil=True)
@@ -113,44 +78,29 @@ def table_bytes(freq: np.ndarray) -> int:
     return int(write_table(freq, buf))
 
 
-def _blut(thresholds: list[int]) -> np.ndarray:
-    blut = np.zeros(256, np.uint8)
-    for t in thresholds:
-        blut[t:] += 1
-    return blut
-
-
-def _bucket_parts(data: np.ndarray, source: int, ctx: np.ndarray | None, blut: np.ndarray, parts: int, nb: int):
-    """(idx, counts) of bucket_symbols over the stream, or over each half on its own (parts = 2, source 0: each
-    half's first 32 symbols see context 0)."""
+def _bucket_parts(data: np.ndarray, source: int, ctx: np.ndarray | None, thresholds: list[int], parts: int,
+                  nb: int, step: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """(idx, counts of every step-th bucketed symbol) of bucket_symbols over the stream, or over each half on its
+    own (parts = 2, source 0: each half's first 32 symbols see context 0)."""
+    th = np.full(3, 256, np.uint16)
+    th[: len(thresholds)] = thresholds
     idx = np.empty(data.size, np.uint16)
     counts = np.zeros(nb * 256, np.int64)
     if parts == 1:
-        bucket_symbols(data, ctx if ctx is not None else data, LANES if source == SRC_SELF else 0, blut, idx, counts)
-        return idx, counts
-    h = (data.size + 1) >> 1
-    more = np.zeros_like(counts)
-    bucket_symbols(data[:h], data[:h], LANES, blut, idx[:h], counts)
-    bucket_symbols(data[h:], data[h:], LANES, blut, idx[h:], more)
-    return idx, counts + more
+        src = data if source == SRC_SELF else ctx
+        bucket_symbols(data, src, LANES if source == SRC_SELF else 0, th, idx, counts, step)
+    else:
+        h = (data.size + 1) >> 1
+        bucket_symbols(data[:h], data[:h], LANES, th, idx[:h], counts, step)
+        bucket_symbols(data[h:], data[h:], LANES, th, idx[h:], counts, step)
+    return idx, counts
 
 
 def _bucket_sampled_parts(data: np.ndarray, source: int, ctx: np.ndarray | None, thresholds: list[int], parts: int,
                           nb: int) -> tuple[np.ndarray, np.ndarray]:
-    """(idx, estimated counts) as _bucket_parts gives them exactly: from bucket_sampled's sample, every symbol of
-    the stream's support (count16's bounds: the normal symbols' range, 0 and 255 where they occur) in every
-    bucket."""
-    th = np.full(3, 256, np.uint16)
-    th[: len(thresholds)] = thresholds
-    idx = np.empty(data.size, np.uint16)
-    sample = np.zeros(nb * 256, np.int64)
-    if parts == 1:
-        src = data if source == SRC_SELF else ctx
-        bucket_sampled(data, src, LANES if source == SRC_SELF else 0, th, idx, sample)
-    else:
-        h = (data.size + 1) >> 1
-        bucket_sampled(data[:h], data[:h], LANES, th, idx[:h], sample)
-        bucket_sampled(data[h:], data[h:], LANES, th, idx[h:], sample)
+    """(idx, estimated counts) of _bucket_parts: from every COUNT_STEP-th symbol, every symbol of the stream's
+    support (count16's bounds: the normal symbols' range, 0 and 255 where they occur) in every bucket."""
+    idx, sample = _bucket_parts(data, source, ctx, thresholds, parts, nb, COUNT_STEP)
     counts = np.empty(nb * 256, np.int64)
     _estimate_counts(sample, _bounds(data, np.uint8(1), np.uint8(0xFF)), counts)
     return idx, counts
@@ -305,7 +255,7 @@ def plan(data: np.ndarray, source: int, ctx: np.ndarray | None, parts: int = 1):
     nt = len(thresholds)
     nb = nt + 1
     if data.size < COUNT_EXACT:
-        idx, counts = _bucket_parts(data, source, ctx, _blut(thresholds), parts, nb)
+        idx, counts = _bucket_parts(data, source, ctx, thresholds, parts, nb)
     else:
         idx, counts = _bucket_sampled_parts(data, source, ctx, thresholds, parts, nb)
     freqs = np.empty((nb, 256), np.int64)

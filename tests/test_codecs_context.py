@@ -178,8 +178,7 @@ def test_rans32c_two_parts_vector_and_scalar_agree(n, alphabet, seed, nthr):
     rng = np.random.default_rng(seed)
     data = rng.integers(0, alphabet, n).astype(np.uint8)
     thresholds = sorted(set(int(t) for t in rng.integers(1, 256, nthr)))
-    _, counts = rans32c_plan._bucket_parts(data, rans32c.SRC_SELF, None, rans32c_plan._blut(thresholds), 2,
-                                          len(thresholds) + 1)
+    _, counts = rans32c_plan._bucket_parts(data, rans32c.SRC_SELF, None, thresholds, 2, len(thresholds) + 1)
     freqs = [rans32c.bucket_freqs(c) for c in counts.reshape(-1, 256)]
     blob = np.frombuffer(rans32c.encode(data, rans32c.SRC_SELF, None, thresholds, freqs, parts=2), np.uint8)
     assert blob[0] == rans32c.SRC_SELF2

@@ -165,7 +165,8 @@ def _sample_choice_reference(data: np.ndarray, src: np.ndarray, lag: int):
         return [], 0.0
     nb = len(thresholds) + 1
     sample = np.zeros(nb * 256, np.int64)
-    rans32c_plan._sample_counts(data, src, lag, rans32c_plan._blut(thresholds), rans32c_plan.SAMPLE_STEP, sample)
+    blut = np.searchsorted(np.array(thresholds), np.arange(256), side="right").astype(np.uint8)  # bucket of a context
+    rans32c_plan._sample_counts(data, src, lag, blut, rans32c_plan.SAMPLE_STEP, sample)
     per = sample.reshape(nb, 256)
     gain = _entropy_bits(per.sum(0)) - sum(_entropy_bits(row) for row in per)
     return thresholds, gain
