@@ -37,6 +37,12 @@ def targets_check(report: dict) -> list[tuple[str, str, str]]:
     r = ratio("write all (seq)")
     stored = d["stored"]["seq"][0] / p["stored"]["seq"][0]
     rows.append(("seq checkpoint write >= 0.8x passthrough", f"{r:.2f}x", "met" if r >= 0.8 else "MISSED"))
+    # The target is judged on all sequential writes together; each writer is shown as well, because on a fast
+    # disk (or tmpfs) the compressing writes trail the passthrough while the 64 KiB `cp` writes lead it.
+    for w in ("write torch.save", "write save_file", "write ckpt copy"):
+        if w in d and w in p:
+            each = ratio(w)
+            rows.append((f"... {w[6:]} alone (shown, not judged)", f"{each:.2f}x", "met" if each >= 0.8 else "below"))
     rows.append(("... while storing ~1/3 less (<= 0.70x stored)", f"{stored:.3f}x",
                  "met" if stored <= 0.70 else "MISSED"))
     for w, goal, label in (("read cold (seq 1 MiB)", 0.8, "cold read >= 0.8x passthrough"),
