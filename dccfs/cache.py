@@ -100,6 +100,17 @@ class ChunkCache:
                 self.stats.refused += 1
             self.stats.resident_bytes = self._policy.used
 
+    def shed(self, nbytes: int) -> int:
+        """Drop the policy's coldest chunks until nbytes are freed, budget unchanged (the daemon's
+        memory is over its ceiling: dccfs.memory.HeapTrimmer); returns the bytes dropped."""
+        with self._lock:
+            before = self._policy.used
+            for old in self._policy.shed(nbytes):
+                if self._data.pop(old, None) is not None:
+                    self.stats.evictions += 1
+            self.stats.resident_bytes = self._policy.used
+            return before - self._policy.used
+
     def reconfigure(self, policy_name: str | None = None, capacity_bytes: int | None = None,
                     write_admit: str | None = None) -> None:
         """Switch policy or budget on a live mount, migrating resident chunks (coldest first)."""

@@ -72,7 +72,9 @@ async def _main(ops: DccfsOperations, engine: Engine, control, mountpoint: str) 
         if control is not None:
             nursery.start_soon(control.serve)
         nursery.start_soon(_raise_read_ahead_after_init, ops, mountpoint)
-        trimmer = HeapTrimmer(lambda: engine.cache.used + engine.dirty.used, engine.stats)
+        trimmer = HeapTrimmer(lambda: engine.cache.used + engine.dirty.used, engine.stats,
+                              budget_bytes=lambda: engine.cache.capacity + engine.dirty.limit,
+                              shed=engine.cache.shed)
         nursery.start_soon(trimmer.run, engine.io_limiter)
         try:
             await pyfuse3.main(min_tasks=4, max_tasks=64)

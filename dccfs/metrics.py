@@ -67,6 +67,8 @@ class MountCollector:
                                 value=snap["memory"]["resident_bytes"])
         yield CounterMetricFamily("dccfs_heap_trimmed_bytes", "Freed heap memory given back to the kernel",
                                   value=snap["memory"]["heap_trimmed_bytes"])
+        yield CounterMetricFamily("dccfs_t0_shed_bytes", "T0 chunk bytes dropped to keep RSS under budgets + allowance",
+                                  value=snap["memory"]["t0_shed_bytes"])
 
 
 def parse_address(address: str) -> tuple[str, int]:

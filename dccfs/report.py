@@ -53,7 +53,7 @@ def print_stats(reply: dict, as_json: bool) -> None:
     m = stats.get("memory")
     if m:
         console.print(f"resident {_mib(m['resident_bytes'])}; heap trims {m['heap_trims']}, "
-                      f"{_mib(m['heap_trimmed_bytes'])} given back")
+                      f"{_mib(m['heap_trimmed_bytes'])} given back; T0 shed {_mib(m.get('t0_shed_bytes', 0))}")
 
 
 def print_files(rows: list[dict], as_json: bool) -> None:

@@ -88,6 +88,7 @@ class MountStats:
     cheap_encodes: int = 0
     heap_trims: int = 0
     heap_trimmed_bytes: int = 0
+    t0_shed_bytes: int = 0  # chunk bytes T0 gave back to keep RSS under its ceiling
     started: float = field(default_factory=time.time)
 
     def __post_init__(self):
@@ -133,5 +134,6 @@ class MountStats:
                 "deltas_after_close": self.deltas_after_close,
                 "cheap_encodes": self.cheap_encodes,
                 "memory": {"resident_bytes": resident_bytes() or 0, "heap_trims": self.heap_trims,
-                           "heap_trimmed_bytes": self.heap_trimmed_bytes},
+                           "heap_trimmed_bytes": self.heap_trimmed_bytes,
+                           "t0_shed_bytes": self.t0_shed_bytes},
             }

@@ -96,6 +96,17 @@ class Policy(ABC):
         self._after_resize()
         return evicted
 
+    def shed(self, nbytes: int) -> list:
+        """Evict the policy's own victims until at least nbytes are freed (or nothing is left);
+        the budget stays. For memory pressure from outside the cache; returns the evicted keys."""
+        if nbytes < 0:
+            raise ValueError(f"nbytes must be >= 0, got {nbytes}")
+        target = max(0, self.used - int(nbytes))
+        evicted: list = []
+        while self.used > target:
+            evicted.append(self._evict_one())
+        return evicted
+
     def _after_resize(self) -> None:
         """Hook for policies whose internal targets scale with capacity."""
 

@@ -121,6 +121,16 @@ def test_resize_counts_only_chunks_it_drops():
     assert cache.stats.evictions == 5 and len(cache._data) == 3
 
 
+def test_shed_drops_the_coldest_chunks_and_counts_them():
+    cache = ChunkCache("lru", 8 * KIB)
+    for i in range(8):
+        cache.put(i, bytes(KIB))
+    cache.get(0)  # the oldest, now the most recent
+    assert cache.shed(2 * KIB + 1) == 3 * KIB
+    assert sorted(cache._data) == [0, 4, 5, 6, 7] and cache.capacity == 8 * KIB
+    assert cache.stats.evictions == 3 and cache.stats.resident_bytes == cache.used == 5 * KIB
+
+
 @pytest.mark.mount
 def test_live_policy_switch_reports_evictions(mounted):
     data = os.urandom(2 << 20)

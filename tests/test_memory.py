@@ -40,6 +40,50 @@ def test_the_heap_trimmer_gives_freed_chunk_buffers_back():
     assert got["after"] < got["freed"] - (200 << 20), got
 
 
+CEILING_CHILD = r"""
+import json
+from dccfs.memory import HeapTrimmer, resident_bytes, tune_malloc
+from dccfs.stats import MountStats
+
+tune_malloc()
+stats = MountStats()
+held = [bytes([i & 255]) * (1 << 20) for i in range(64)]  # 64 MiB of "T0 chunks"
+asked = []
+
+
+def shed(nbytes):
+    asked.append(nbytes)
+    gone = 0
+    while held and gone < nbytes:
+        gone += len(held.pop())
+    return gone
+
+
+# No budget and no allowance: the ceiling is 0, so everything the cache holds must go.
+trimmer = HeapTrimmer(lambda: sum(map(len, held)), stats, budget_bytes=lambda: 0, shed=shed,
+                      overhead_limit=0)
+rss = resident_bytes()
+trimmer.check()
+# A ceiling above RSS asks for nothing.
+calm = HeapTrimmer(lambda: 0, MountStats(), budget_bytes=lambda: 1 << 40, shed=shed)
+calm.check()
+print(json.dumps({"rss": rss, "asked": asked, "left": len(held), "shed": stats.t0_shed_bytes,
+                  "after": resident_bytes()}))
+"""
+
+
+def test_the_trimmer_makes_t0_shed_when_rss_is_above_the_ceiling():
+    """Above budgets + allowance even after a trim, the cache is asked for the excess (once per
+    check), and what it drops is trimmed away; under the ceiling it is not asked at all."""
+    out = subprocess.run([sys.executable, "-c", CEILING_CHILD], capture_output=True, text=True, timeout=120,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout)
+    assert len(got["asked"]) == 1 and got["asked"][0] > 64 << 20, got
+    assert got["left"] == 0 and got["shed"] == 64 << 20, got
+    assert got["after"] < got["rss"] - (48 << 20), got
+
+
 RELEASE_CHILD = r"""
 import json
 import numpy as np

@@ -73,6 +73,24 @@ def test_resize_evicts_to_new_budget(name):
     assert policy.used <= 200 * KIB
 
 
+def test_shed_frees_bytes_and_keeps_the_budget(name):
+    policy = make_policy(name, 100 * KIB)
+    for i in range(60):
+        if not policy.access(i):
+            policy.admit(i, 2 * KIB, is_write=i % 3 == 0)
+        policy.access(i % 7)
+    before, used = set(policy.keys()), policy.used
+    evicted = policy.shed(9 * KIB)
+    assert used - policy.used >= 9 * KIB and policy.capacity == 100 * KIB
+    assert set(policy.keys()) == before - set(evicted) and len(evicted) == len(set(evicted))
+    assert policy.used == sum(policy.size_of(k) for k in policy.keys())
+    assert policy.shed(0) == []
+    policy.shed(10 ** 9)
+    assert policy.used == 0 and len(policy) == 0
+    policy.admit("again", 2 * KIB)
+    assert "again" in policy
+
+
 def test_readmit_resident_key_updates_size(name):
     policy = make_policy(name, 100 * KIB)
     policy.admit("k", 4 * KIB)
