@@ -228,22 +228,35 @@ class HandleTable(BackgroundRewrites):
 
     async def open(self, inode: Inode, flags: int) -> Handle:
         file = inode.extra.get("file")
-        if isinstance(file, ContainerFile):
-            if _writable(flags) and not _writable(fcntl.fcntl(file.container.fd, fcntl.F_GETFL)):
-                # Opened read-only because the backing file could not be written: a writer
-                # gets the backing error now, or the descriptor becomes writable if it can.
-                fd = self._open_backing(inode, os.O_RDWR, read_only_ok=False)
-                try:
-                    os.dup2(fd, file.container.fd, inheritable=False)
-                finally:
-                    os.close(fd)
-            if self.engine.config.shared:
-                await self._shared_open(file, flags)
-            file.handles += 1
-            handle = self._add(inode, file, flags)
-            if flags & os.O_TRUNC:
-                await self._truncate_or_unopen(handle)
-            return handle
+        if not isinstance(file, ContainerFile):
+            # One first open at a time per inode: two concurrent ones each read the container
+            # (an await) and attached a ContainerFile of their own, which then appended over
+            # each other's records and committed indexes that disagreed (fsynced data lost).
+            attaching = inode.extra.setdefault("attach_lock", trio.Lock())
+            async with attaching:
+                file = inode.extra.get("file")
+                if not isinstance(file, ContainerFile):
+                    return await self._open_unattached(inode, flags)
+        return await self._open_attached(inode, file, flags)
+
+    async def _open_attached(self, inode: Inode, file: ContainerFile, flags: int) -> Handle:
+        if _writable(flags) and not _writable(fcntl.fcntl(file.container.fd, fcntl.F_GETFL)):
+            # Opened read-only because the backing file could not be written: a writer
+            # gets the backing error now, or the descriptor becomes writable if it can.
+            fd = self._open_backing(inode, os.O_RDWR, read_only_ok=False)
+            try:
+                os.dup2(fd, file.container.fd, inheritable=False)
+            finally:
+                os.close(fd)
+        if self.engine.config.shared:
+            await self._shared_open(file, flags)
+        file.handles += 1
+        handle = self._add(inode, file, flags)
+        if flags & os.O_TRUNC:
+            await self._truncate_or_unopen(handle)
+        return handle
+
+    async def _open_unattached(self, inode: Inode, flags: int) -> Handle:
         fd = self._open_backing(inode, os.O_RDWR, read_only_ok=not _writable(flags))
         try:
             is_container = is_container_head(pread_exact(fd, HEADER_SIZE, 0),
