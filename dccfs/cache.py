@@ -100,6 +100,17 @@ class ChunkCache:
                 self.stats.refused += 1
             self.stats.resident_bytes = self._policy.used
 
+    def forget_from(self, cache_id: bytes, offset: int) -> int:
+        """Drop the chunks of one container whose records start at or past offset (records
+        that will be cut and whose offsets new records will take); returns how many."""
+        with self._lock:
+            stale = [key for key in self._data if key[0] == cache_id and key[2] >= offset]
+            for key in stale:
+                self._policy.remove(key)
+                del self._data[key]
+            self.stats.resident_bytes = self._policy.used
+            return len(stale)
+
     def shed(self, nbytes: int) -> int:
         """Drop the policy's coldest chunks until nbytes are freed, budget unchanged (the daemon's
         memory is over its ceiling: dccfs.memory.HeapTrimmer); returns the bytes dropped."""

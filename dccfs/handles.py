@@ -300,6 +300,14 @@ class HandleTable(BackgroundRewrites):
         except BaseException:
             os.close(fd)
             raise
+        if container.recovery.torn_tail:
+            # Uncommitted records (a close whose commit failed) are cut before the next append,
+            # and new records then take their offsets under the same cache id: chunks cached
+            # from them would be served for the new ones (found by review: failed writes came
+            # back after a later fsync).
+            dropped = self.engine.cache.forget_from(container.cache_id, container.recovery.committed_end)
+            if dropped:
+                log.info("%s: dropped %d cached chunks of uncommitted records", relpath, dropped)
         file = ContainerFile(self.engine, container, self.engine.config.rule_for(relpath))
         file.write_locked = self.engine.config.shared and (create or _writable(flags))
         file.handles = 1

@@ -121,6 +121,18 @@ def test_resize_counts_only_chunks_it_drops():
     assert cache.stats.evictions == 5 and len(cache._data) == 3
 
 
+def test_forget_from_drops_one_containers_chunks_past_an_offset():
+    cache = ChunkCache("wtinylfu", 64 * KIB)
+    keys = [(b"a", 0, 64), (b"a", 1, 200), (b"a", 2, 300), (b"b", 0, 300)]
+    for key in keys:
+        cache.put(key, bytes(KIB), is_write=True)
+    assert cache.forget_from(b"a", 200) == 2
+    assert sorted(cache._data) == [(b"a", 0, 64), (b"b", 0, 300)]
+    assert cache.used == 2 * KIB == cache.stats.resident_bytes
+    cache.put((b"a", 1, 200), b"new" * 10, is_write=True)
+    assert cache.get((b"a", 1, 200)) == b"new" * 10
+
+
 def test_shed_drops_the_coldest_chunks_and_counts_them():
     cache = ChunkCache("lru", 8 * KIB)
     for i in range(8):
