@@ -79,7 +79,8 @@ class ContainerFile(ChunkReader):
 
     @property
     def has_changes(self) -> bool:
-        return bool(self.dirty) or self.container.dirty or self.mtime_ns is not None
+        return bool(self.dirty) or self.container.dirty or self.mtime_ns is not None \
+            or self.size != self.container.committed_size
 
     # -- writes ------------------------------------------------------------------
 

@@ -182,3 +182,49 @@ def test_a_compaction_never_swaps_over_a_file_rewritten_to_the_same_size(tmp_pat
         run_with_handles(backing, body)
     with stored(backing, "f.bin") as container:
         assert container.read_chunk(0) == final
+
+
+@pytest.mark.parametrize("grow", [True, False])
+def test_a_truncate_during_a_compaction_is_committed(tmp_path, caplog, monkeypatch, grow):
+    """A truncate by path (open, truncate, release) while a released file is being compacted,
+    changing only the size: growing it, or cutting a hole at its end. The copy used to be
+    swapped in with the old size, and the new one was lost (found by review)."""
+    from dccfs import compaction
+    backing = tmp_path / "backing"
+    (backing / ".dccfs" / "tmp").mkdir(parents=True)
+    data = os.urandom(4 * CHUNK)
+    old_size = 4 * CHUNK if grow else 6 * CHUNK  # 6: two chunks of hole at the end
+    new_size = old_size + 12345 if grow else 4 * CHUNK
+
+    async def body(engine, inodes, handles):
+        inode, handle = await create(inodes, handles, "g.bin")
+        for _ in range(2):  # every chunk twice: as many dead bytes as live ones
+            await handle.file.write(0, data)
+            await handle.file.commit(durable=False)
+        await handle.file.truncate(old_size)
+        await handle.file.commit(durable=False)
+        real_write_compacted = compaction.write_compacted
+
+        def write_then_truncate(source, tmp, *rest):
+            size = real_write_compacted(source, tmp, *rest)
+            trio.from_thread.run(truncate_by_path)
+            return size
+
+        async def truncate_by_path():  # what fs_files does for a truncate without a descriptor
+            again = await handles.open(inode, os.O_RDWR)
+            await again.file.truncate(new_size)
+            inode.opens += 1
+            engine.nursery.start_soon(handles.release, again.number)
+            await trio.testing.wait_all_tasks_blocked()
+
+        monkeypatch.setattr(compaction, "write_compacted", write_then_truncate)
+        inode.opens += 1
+        await handles.release(handle.number)
+        await trio.sleep(1)
+        monkeypatch.setattr(compaction, "write_compacted", real_write_compacted)
+
+    with caplog.at_level(logging.CRITICAL):
+        run_with_handles(backing, body)
+    with stored(backing, "g.bin") as container:
+        assert container.size == new_size
+        assert b"".join(container.read_chunk(i) for i in range(4)) == data
