@@ -65,6 +65,7 @@ class ContainerFile(ChunkReader):
         self.closed = False
         self.release_lock = trio.Lock()
         self.failure: OSError | None = None
+        self._store_failures_logged = False  # one warning per run of failing stores (a full disk)
         self._busy = 0
         self._idle = trio.Event()
         self._idle.set()
@@ -209,6 +210,7 @@ class ContainerFile(ChunkReader):
                     key = (self.cache_id, idx, loc.offset)
                     self.engine.cache.put(key, raw, is_write=True)
                     self.engine.record_access(key, len(raw), True)
+                    self._store_failures_logged = False
             if self.versions.get(idx) == version:
                 self._drop_dirty(idx)
         except Exception as exc:
@@ -216,7 +218,10 @@ class ContainerFile(ChunkReader):
             # reported to this file's writer by its next write that needs a chunk and by
             # the next flush_dirty (fsync, close), which also retries it.
             if isinstance(exc, OSError):
-                log.warning("%s: storing chunk %d failed: %s", self.path, idx, exc)
+                # A full disk fails every chunk of every retry: say it once, until a store succeeds.
+                level = logging.DEBUG if self._store_failures_logged else logging.WARNING
+                log.log(level, "%s: storing chunk %d failed: %s", self.path, idx, exc)
+                self._store_failures_logged = True
             else:
                 log.exception("%s: storing chunk %d failed", self.path, idx)
                 exc = OSError(errno.EIO, f"storing chunk {idx} failed: {exc}")

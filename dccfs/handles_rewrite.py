@@ -64,6 +64,10 @@ class BackgroundRewrites:
             if exc.errno in (errno.ESTALE, errno.ECANCELED):
                 log.info("%s: background rewrite stopped, file left as it was: %s", container.path,
                          exc.strerror)
+            elif file.handles or (container.cache_id, container.end) != copied:
+                # Reopened and overwritten under the copy (O_TRUNC resets the file in place): the
+                # read that failed was of records that are gone, not of damaged ones.
+                log.info("%s: background rewrite stopped, the file changed under it: %s", container.path, exc)
             else:
                 log.warning("%s: compaction failed, file left as it was: %s", container.path, exc)
             self._abandon_copy(tmp_path, rewriter, copy_name)
