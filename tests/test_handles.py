@@ -138,12 +138,39 @@ def test_an_o_trunc_open_that_fails_leaves_no_handle_behind(tmp_path, caplog):
         run_with_handles(backing, body)
 
 
+async def release_while_compacting(handles, inode, handle, monkeypatch, during_copy) -> None:
+    """Release the file, which starts its compaction, and run during_copy in the trio loop once
+    the compacted copy is written, before the swap; then give the pass time to end."""
+    from dccfs import compaction
+    real_write_compacted = compaction.write_compacted
+
+    def write_then(source, tmp, *rest):
+        size = real_write_compacted(source, tmp, *rest)
+        trio.from_thread.run(during_copy)
+        return size
+
+    monkeypatch.setattr(compaction, "write_compacted", write_then)
+    inode.opens += 1
+    await handles.release(handle.number)
+    await trio.sleep(1)
+    monkeypatch.setattr(compaction, "write_compacted", real_write_compacted)
+
+
+async def reopen_and_release(engine, handles, inode, flags: int, change) -> None:
+    """A request meanwhile: open, change(handle), release (the release waits for the lock the
+    compacting task holds)."""
+    again = await handles.open(inode, flags)
+    await change(again)
+    inode.opens += 1
+    engine.nursery.start_soon(handles.release, again.number)
+    await trio.testing.wait_all_tasks_blocked()
+
+
 def test_a_compaction_never_swaps_over_a_file_rewritten_to_the_same_size(tmp_path, caplog, monkeypatch):
     """While a released file is being compacted, it is reopened with O_TRUNC, rewritten by
     the same sequence of writes (so it ends at the same offset) and released again. The
     swap used to check only the backing file's size and identity, and renamed the stale
     compacted copy over the new content."""
-    from dccfs import compaction
     backing = tmp_path / "backing"
     (backing / ".dccfs" / "tmp").mkdir(parents=True)
     final = os.urandom(CHUNK)
@@ -158,25 +185,12 @@ def test_a_compaction_never_swaps_over_a_file_rewritten_to_the_same_size(tmp_pat
     async def body(engine, inodes, handles):
         inode, handle = await create(inodes, handles, "f.bin")
         await save(handle, os.urandom(CHUNK))
-        real_write_compacted = compaction.write_compacted
-
-        def write_then_rewrite(source, tmp, *rest):
-            size = real_write_compacted(source, tmp, *rest)
-            trio.from_thread.run(rewrite)
-            return size
 
         async def rewrite():  # runs in the compacting task, which holds the release lock
-            again = await handles.open(inode, os.O_RDWR | os.O_TRUNC)
-            await save(again, final)
-            inode.opens += 1
-            engine.nursery.start_soon(handles.release, again.number)  # waits for that lock
-            await trio.testing.wait_all_tasks_blocked()
+            await reopen_and_release(engine, handles, inode, os.O_RDWR | os.O_TRUNC,
+                                     lambda again: save(again, final))
 
-        monkeypatch.setattr(compaction, "write_compacted", write_then_rewrite)
-        inode.opens += 1
-        await handles.release(handle.number)
-        await trio.sleep(1)
-        monkeypatch.setattr(compaction, "write_compacted", real_write_compacted)
+        await release_while_compacting(handles, inode, handle, monkeypatch, rewrite)
 
     with caplog.at_level(logging.CRITICAL):
         run_with_handles(backing, body)
@@ -189,7 +203,6 @@ def test_a_truncate_during_a_compaction_is_committed(tmp_path, caplog, monkeypat
     """A truncate by path (open, truncate, release) while a released file is being compacted,
     changing only the size: growing it, or cutting a hole at its end. The copy used to be
     swapped in with the old size, and the new one was lost (found by review)."""
-    from dccfs import compaction
     backing = tmp_path / "backing"
     (backing / ".dccfs" / "tmp").mkdir(parents=True)
     data = os.urandom(4 * CHUNK)
@@ -203,25 +216,11 @@ def test_a_truncate_during_a_compaction_is_committed(tmp_path, caplog, monkeypat
             await handle.file.commit(durable=False)
         await handle.file.truncate(old_size)
         await handle.file.commit(durable=False)
-        real_write_compacted = compaction.write_compacted
-
-        def write_then_truncate(source, tmp, *rest):
-            size = real_write_compacted(source, tmp, *rest)
-            trio.from_thread.run(truncate_by_path)
-            return size
 
         async def truncate_by_path():  # what fs_files does for a truncate without a descriptor
-            again = await handles.open(inode, os.O_RDWR)
-            await again.file.truncate(new_size)
-            inode.opens += 1
-            engine.nursery.start_soon(handles.release, again.number)
-            await trio.testing.wait_all_tasks_blocked()
+            await reopen_and_release(engine, handles, inode, os.O_RDWR, lambda again: again.file.truncate(new_size))
 
-        monkeypatch.setattr(compaction, "write_compacted", write_then_truncate)
-        inode.opens += 1
-        await handles.release(handle.number)
-        await trio.sleep(1)
-        monkeypatch.setattr(compaction, "write_compacted", real_write_compacted)
+        await release_while_compacting(handles, inode, handle, monkeypatch, truncate_by_path)
 
     with caplog.at_level(logging.CRITICAL):
         run_with_handles(backing, body)
