@@ -98,10 +98,11 @@ async def _stop_on_signals(ops: DccfsOperations, mountpoint: str) -> None:
 
 
 def open_file_paths(ops: DccfsOperations, mountpoint: str) -> list[str]:
-    """The open container files' current paths through the mount."""
+    """The current paths through the mount of the open files a shutdown must flush: every
+    container, and every plain file open for writing."""
     from dccfs.handles import relpath_of
     paths = []
-    for number in list(ops.handles.open_files):
+    for number in sorted(ops.handles.open_inodes()):
         try:
             rel = relpath_of(ops.inodes.get(number), ops.backing_root)
         except OSError:  # forgotten meanwhile

@@ -210,6 +210,14 @@ class HandleTable(BackgroundRewrites):
             if file.failure is None:
                 file.schedule_all()
 
+    def open_inodes(self) -> set[int]:
+        """The inodes of every open container, and of every plain file open for writing: what
+        a shutdown must flush through the mount."""
+        numbers = set(self.open_files)
+        numbers.update(h.inode.number for h in self._handles.values()
+                       if isinstance(h.file, RawFile) and h.writable)
+        return numbers
+
     def get(self, number: int) -> Handle:
         try:
             return self._handles[number]
@@ -271,7 +279,10 @@ class HandleTable(BackgroundRewrites):
             raise
         if not is_container:
             os.close(fd)
-            raw_flags = (flags & _ACCESS) | (flags & os.O_TRUNC)
+            # O_APPEND stays (it is only still set without the writeback cache): the backing
+            # file's own end, not the kernel's idea of it, which another --shared node may have
+            # moved (found by review: an append through one node overwrote the other's).
+            raw_flags = (flags & _ACCESS) | (flags & os.O_TRUNC) | (flags & os.O_APPEND)
             raw_fd = self._open_backing(inode, raw_flags, read_only_ok=not _writable(flags))
             return self._add(inode, RawFile(raw_fd, relpath_of(inode, self.backing_root)), flags)
         handle = await self.attach_container(inode, fd, flags, create=False)

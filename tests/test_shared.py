@@ -68,3 +68,23 @@ def test_daemon_pid_names_each_shared_mount_s_own_daemon(make_mount):
     b = make_mount("b", "--shared", backing=a.backing)
     assert daemon_pid(str(a.mnt)) == a.pid
     assert daemon_pid(str(b.mnt)) == b.pid
+
+
+def test_appends_to_a_plain_file_through_two_nodes_keep_both(make_mount):
+    """O_APPEND writers of a plain file (one that was there before the mount) on two nodes, the
+    second appending while the first still holds its descriptor: each append lands at the
+    backing file's end. The daemon used to drop O_APPEND and write at the offset the kernel
+    sent from its stale size, over the other node's line (found by review)."""
+    a = make_mount("a", "--shared")
+    b = make_mount("b", "--shared", backing=a.backing)
+    (a.backing / "log.txt").write_bytes(b"start\n")
+    first = os.open(a.mnt / "log.txt", os.O_WRONLY | os.O_APPEND)
+    try:
+        os.write(first, b"A1\n")
+        second = os.open(b.mnt / "log.txt", os.O_WRONLY | os.O_APPEND)
+        os.write(second, b"B1\n")
+        os.close(second)
+        os.write(first, b"A2\n")
+    finally:
+        os.close(first)
+    assert (a.backing / "log.txt").read_bytes() == b"start\nA1\nB1\nA2\n"
