@@ -96,6 +96,38 @@ def test_two_handles_with_different_modes(mounted):
     writer.close()
 
 
+def _posix_acl(entries: list[tuple[int, int, int]]) -> bytes:
+    """The system.posix_acl_access value for (tag, perm, id) entries (version 2, little-endian)."""
+    import struct
+    return struct.pack("<I", 2) + b"".join(struct.pack("<HHI", tag, perm, uid) for tag, perm, uid in entries)
+
+
+def test_posix_acls_are_refused_not_stored_and_ignored(mounted):
+    """The kernel enforces ACLs on FUSE only when the filesystem negotiates FUSE_POSIX_ACL, which
+    pyfuse3 3.5 does not: an ACL stored on the backing file was shown by getfacl and ignored by
+    every access check (a deny entry did not deny; found by review). Setting one is refused as
+    unsupported, and one already on a backing file is not shown."""
+    path = mounted.mnt / "acl"
+    path.write_bytes(b"secret")
+    deny_nobody = _posix_acl([(0x01, 6, 0xFFFFFFFF), (0x02, 0, 65534), (0x04, 4, 0xFFFFFFFF),
+                              (0x10, 4, 0xFFFFFFFF), (0x20, 4, 0xFFFFFFFF)])
+    with pytest.raises(OSError) as refused:
+        os.setxattr(path, "system.posix_acl_access", deny_nobody)
+    assert refused.value.errno == errno.EOPNOTSUPP
+    plain = mounted.backing / "plain"
+    plain.write_bytes(b"plain")
+    try:
+        os.setxattr(plain, "system.posix_acl_access", deny_nobody)  # set in the backing directory
+    except OSError as exc:
+        if exc.errno == errno.EOPNOTSUPP:
+            return  # the backing filesystem has no ACLs either
+        raise
+    assert "system.posix_acl_access" not in os.listxattr(mounted.mnt / "plain")
+    with pytest.raises(OSError) as hidden:
+        os.getxattr(mounted.mnt / "plain", "system.posix_acl_access")
+    assert hidden.value.errno == errno.EOPNOTSUPP
+
+
 def test_xattrs_statfs_fifo_and_chmod(mounted):
     path = mounted.mnt / "x"
     path.write_bytes(b"x")
