@@ -253,6 +253,20 @@ def daemon_pid(mountpoint: str) -> int | None:
         return None
 
 
+def _exited(pid: int) -> bool:
+    """Whether the daemon is gone. A foreground daemon whose parent has not reaped it yet is a
+    zombie that os.kill(pid, 0) still finds: it has finished all the same."""
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, PermissionError):
+        return True
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] in (b"Z", b"X")
+    except (OSError, IndexError):
+        return True
+
+
 def run_umount(mountpoint: str, lazy: bool = False) -> None:
     target = os.path.realpath(mountpoint)
     entry = mounted_fuse_targets().get(target)
@@ -270,11 +284,7 @@ def run_umount(mountpoint: str, lazy: bool = False) -> None:
         return
     deadline = time.monotonic() + UMOUNT_WAIT_S
     while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return
-        except PermissionError:
+        if _exited(pid):
             return
         time.sleep(0.05)
     raise MountError(f"unmounted {mountpoint}, but daemon pid {pid} is still flushing after "

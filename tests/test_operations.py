@@ -379,3 +379,18 @@ def test_metrics_address_errors_come_before_the_fork_and_state_files_are_not_wor
         assert dccfs("tune", mnt, f"trace={tmp_path / 't.trace'}").returncode == 0
         for path in (backing / ".dccfs" / "daemon.pid", tmp_path / "t.trace"):
             assert os.stat(path).st_mode & 0o777 == 0o644, path
+
+
+def test_umount_takes_an_unreaped_daemon_for_exited():
+    """A foreground daemon whose parent has not reaped it yet is a zombie, which os.kill(pid, 0)
+    still finds; `dccfs umount` used to wait its full two minutes for it and fail (found by review)."""
+    from dccfs.mount import _exited
+    child = subprocess.Popen(["true"])
+    try:
+        deadline = time.monotonic() + 10
+        while not _exited(child.pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _exited(child.pid)  # a zombie until the wait below
+    finally:
+        child.wait()
+    assert not _exited(os.getpid())
