@@ -7,6 +7,7 @@ serialised by an internal lock, reads may run concurrently with them.
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import threading
@@ -318,6 +319,12 @@ class Container:
         first bad record, so garbage left in the middle would hide every commit after it."""
         torn = self.recovery.torn_tail
         if torn:
+            if os.fstat(self.fd).st_nlink > 1:
+                # A delta base pin links these bytes too, and past the last commit that verifies
+                # may lie committed records (their index damaged) that dependents read by offset:
+                # cutting destroyed those files (found by review). Writes fail instead.
+                raise OSError(errno.EIO, f"{self.path}: {torn} bytes past the last commit that verifies, "
+                              "in a file other names link (a delta base): not cut, so not written")
             log.info("%s: cutting %d uncommitted bytes left by an interrupted write", self.path, torn)
             os.ftruncate(self.fd, self.recovery.committed_end)
             self.end = self.recovery.committed_end

@@ -46,6 +46,9 @@ def _link_pin_locked(backing_root: str, base_fd: int, header: Header) -> str:
     if os.path.exists(path):
         return path
     os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    # The base's records too: with sync_on_close = false they may still be only in the page
+    # cache when a dependent's deltas naming them are committed (found by review).
+    os.fsync(base_fd)
     tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
     link_fd(base_fd, AT_FDCWD, os.fsencode(tmp))
     os.replace(tmp, path)

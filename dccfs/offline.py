@@ -120,7 +120,15 @@ def _check_container(path: str, fd: int, repair: bool, totals: FsckTotals, advan
     if rec.used_scan and rec.file_end > HEADER_SIZE:  # a bare header is a valid empty container
         _report(f"{path}: no valid trailer at the end; the last commit (ending at offset "
                 f"{rec.committed_end}) was recovered by scanning")
-    if rec.torn_tail:
+    if rec.torn_tail and os.fstat(fd).st_nlink > 1:
+        # Linked: a delta base pin (or another name) holds these bytes too. Past the last commit
+        # that verifies may lie committed records whose index was damaged, which dependents
+        # read by offset: cutting them destroyed those files (found by review).
+        _report(f"{path}: DAMAGED: {rec.torn_tail} bytes past the last commit that verifies (offsets "
+                f"{rec.committed_end}-{rec.file_end - 1}), not cut: the file has {os.fstat(fd).st_nlink} "
+                "links (a delta base), and its dependents may read those records")
+        clean = False
+    elif rec.torn_tail:
         if repair:
             try:
                 _report(f"{path}: {_cut_torn_tail(path, container)}")
@@ -209,4 +217,4 @@ def _fsck_walk(backing: str, repair: bool, progress: bool, totals: FsckTotals) -
                 _check_file(found.path, found.st, repair, totals, advance)
         # Under the same lock: a mount starting in between could pin a base for a file
         # it has not committed yet, which --repair would then remove.
-        totals.damaged += check_pins(backing, repair, _report)
+        totals.damaged += check_pins(backing, repair, _report, damaged_files=totals.damaged)
