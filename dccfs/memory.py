@@ -123,6 +123,7 @@ class HeapTrimmer:
         self._floor: int | None = None
         self._trim = getattr(_LIBC, "malloc_trim", None)
         self._warned = False
+        self._stuck_at: int | None = None  # RSS after a hold that could not reach the ceiling
 
     def check(self) -> None:
         rss = resident_bytes()
@@ -150,7 +151,10 @@ class HeapTrimmer:
         have touched them again), then the heap, then T0's coldest chunks."""
         ceiling = self._budget_bytes() + self._overhead_limit
         if rss <= ceiling:
+            self._stuck_at = None
             return
+        if self._stuck_at is not None and rss < self._stuck_at + TRIM_GROWTH:
+            return  # nothing more to give back since the last try (e.g. T0 is empty)
         release_compiler_pages()
         rss = self._trim_now(resident_bytes() or rss)
         excess = rss - ceiling
@@ -161,6 +165,7 @@ class HeapTrimmer:
             rss = self._trim_now(resident_bytes() or rss)
             self._stats.t0_shed_bytes += shed
             log.debug("T0 gave back %d bytes to keep RSS under %d (now %d)", shed, ceiling, rss)
+        self._stuck_at = rss if rss > ceiling else None
         if rss > ceiling and not self._warned:
             self._warned = True
             log.warning("resident memory %d MiB is above the budgets + %d MiB even with T0 emptied "

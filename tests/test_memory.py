@@ -64,6 +64,7 @@ trimmer = HeapTrimmer(lambda: sum(map(len, held)), stats, budget_bytes=lambda: 0
                       overhead_limit=0)
 rss = resident_bytes()
 trimmer.check()
+trimmer.check()  # still above the ceiling with nothing left to give: not asked again
 # A ceiling above RSS asks for nothing.
 calm = HeapTrimmer(lambda: 0, MountStats(), budget_bytes=lambda: 1 << 40, shed=shed)
 calm.check()
@@ -73,8 +74,9 @@ print(json.dumps({"rss": rss, "asked": asked, "left": len(held), "shed": stats.t
 
 
 def test_the_trimmer_makes_t0_shed_when_rss_is_above_the_ceiling():
-    """Above budgets + allowance even after a trim, the cache is asked for the excess (once per
-    check), and what it drops is trimmed away; under the ceiling it is not asked at all."""
+    """Above budgets + allowance even after a trim, the cache is asked for the excess, and what
+    it drops is trimmed away; with nothing left to give it is not asked again until RSS grows,
+    and under the ceiling it is not asked at all."""
     out = subprocess.run([sys.executable, "-c", CEILING_CHILD], capture_output=True, text=True, timeout=120,
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert out.returncode == 0, out.stderr
