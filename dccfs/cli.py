@@ -145,14 +145,24 @@ def tune(mountpoint, settings):
 @main.command()
 @click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
 def cat(paths):
-    """Decode backing-directory files to stdout, without a mount (plain files pass through)."""
+    """Decode backing-directory files to stdout, without a mount (plain files pass through).
+
+    Exits 1 when a container has bytes past its last commit: what was printed is its last
+    commit, as the mount shows it, and `dccfs fsck` tells whether a crash or damage left them."""
     from dccfs.offline import OfflineError, write_decoded
     out = sys.stdout.buffer
+    left_out = False
     for path in paths:
         try:
-            write_decoded(path, out)
+            torn = write_decoded(path, out)
         except OfflineError as exc:
             _fail(str(exc))
+        if torn:
+            left_out = True
+            click.echo(f"dccfs cat: {path}: printed its last commit; {torn} bytes past it were left out "
+                       "(run dccfs fsck)", err=True)
+    if left_out:
+        sys.exit(1)
 
 
 @main.command()

@@ -30,14 +30,17 @@ def _write_zeros(out, length: int) -> None:
         length -= step
 
 
-def write_decoded(path: str, out) -> None:
-    """Write the logical content of one backing file to a binary stream.
+def write_decoded(path: str, out) -> int:
+    """Write the logical content of one backing file to a binary stream; returns how many
+    bytes past the container's last commit were left out (0 for a clean file).
 
     A container is decoded chunk by chunk, every chunk verified, holes written as zeros;
     a plain file is copied unchanged. A file that starts with the container magic but has an
     invalid header is refused (the mount would show its raw bytes). On a damaged
     chunk the bytes before it have already been written, and OfflineError names the
-    file, the chunk and its byte range.
+    file, the chunk and its byte range. Bytes past the last commit (a write a crash
+    interrupted, or a damaged end that hides later commits) are what the mount leaves out
+    too; the caller says so, since the content written may then be older than expected.
     """
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -48,6 +51,7 @@ def write_decoded(path: str, out) -> None:
         if kind == "damaged-header":
             raise OfflineError(f"{path}: starts with the container magic but its header is "
                                "invalid; refusing to print the raw container bytes")
+        torn = 0
         if kind == "plain":
             copy_plain(fd, out)
         else:
@@ -61,7 +65,9 @@ def write_decoded(path: str, out) -> None:
                 else:
                     out.write(raw)
                     _write_zeros(out, length - len(raw))
+            torn = container.recovery.torn_tail
         out.flush()
+        return torn
     except OSError as exc:
         raise OfflineError(f"{path}: read failed: {exc.strerror or exc}") from exc
     finally:

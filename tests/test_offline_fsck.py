@@ -123,6 +123,11 @@ def test_fsck_torn_tail_reported_then_repaired(backing, runner):
     assert result.exit_code == 1
     assert f"TORN TAIL: {torn} bytes" in result.stdout and str(backing / "f") in result.stdout
     assert os.path.getsize(backing / "f") == committed + torn  # report only
+    # cat prints the last commit, as the mount shows it, and says what it left out (it used to
+    # exit 0 even when a damaged end had hidden every commit: found by review).
+    result = runner.invoke(main, ["cat", str(backing / "f")])
+    assert result.exit_code == 1 and result.stdout_bytes == data
+    assert f"{torn} bytes past it were left out" in result.stderr
 
     result = runner.invoke(main, ["fsck", "-q", "--repair", str(backing)])
     assert result.exit_code == 0, result.output
