@@ -109,8 +109,10 @@ def swap_in(tmp_path: str, source_fd: int, backing_fd_path: str, expected_key: t
     """
     try:
         path = os.readlink(backing_fd_path)
+        if path.endswith(" (deleted)"):
+            raise OSError(errno.ESTALE, "the file was deleted while it was being compacted")
         st = os.stat(path, follow_symlinks=False)
-        if path.endswith(" (deleted)") or (st.st_dev, st.st_ino) != expected_key \
+        if (st.st_dev, st.st_ino) != expected_key \
                 or st.st_nlink != 1 or st.st_size != expected_size:
             raise OSError(errno.ESTALE, "the file changed while it was being compacted")
         tmp_fd = os.open(tmp_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
