@@ -79,9 +79,14 @@ class ContainerFile(ChunkReader):
         return self.container.path
 
     @property
+    def content_changed(self) -> bool:
+        """Writes or a size not committed yet. A truncate that removes no stored chunk (or grows
+        the file) changes only self.size, which the container learns at the next commit."""
+        return bool(self.dirty) or self.container.dirty or self.size != self.container.committed_size
+
+    @property
     def has_changes(self) -> bool:
-        return bool(self.dirty) or self.container.dirty or self.mtime_ns is not None \
-            or self.size != self.container.committed_size
+        return self.content_changed or self.mtime_ns is not None
 
     # -- writes ------------------------------------------------------------------
 

@@ -16,12 +16,10 @@ log = logging.getLogger(__name__)
 
 
 def _data_changed(file: ContainerFile) -> bool:
-    """Writes not yet committed. An explicit mtime alone (the kernel sends the times back
-    after a rename, with the writeback cache) is no change to the content a rewrite copies.
-    A truncate that removes no stored chunk (or grows the file) changes only the file's size,
-    which the container learns at the next commit: the copy would swap the old size back in
-    (found by review: a truncate by path during a pass was lost)."""
-    return bool(file.dirty) or file.container.dirty or file.size != file.container.committed_size
+    """Writes or a size not committed yet. An explicit mtime alone (the kernel sends the times
+    back after a rename, with the writeback cache) is no change to the content a rewrite copies;
+    a size alone is (found by review: a truncate by path during a pass was swapped away)."""
+    return file.content_changed
 
 
 class BackgroundRewrites:

@@ -126,12 +126,13 @@ def _check_container(path: str, fd: int, repair: bool, totals: FsckTotals, advan
     if rec.used_scan and rec.file_end > HEADER_SIZE:  # a bare header is a valid empty container
         _report(f"{path}: no valid trailer at the end; the last commit (ending at offset "
                 f"{rec.committed_end}) was recovered by scanning")
-    if rec.torn_tail and os.fstat(fd).st_nlink > 1:
+    links = os.fstat(fd).st_nlink
+    if rec.torn_tail and links > 1:
         # Linked: a delta base pin (or another name) holds these bytes too. Past the last commit
         # that verifies may lie committed records whose index was damaged, which dependents
         # read by offset: cutting them destroyed those files (found by review).
         _report(f"{path}: DAMAGED: {rec.torn_tail} bytes past the last commit that verifies (offsets "
-                f"{rec.committed_end}-{rec.file_end - 1}), not cut: the file has {os.fstat(fd).st_nlink} "
+                f"{rec.committed_end}-{rec.file_end - 1}), not cut: the file has {links} "
                 "links (a delta base), and its dependents may read those records")
         clean = False
     elif rec.torn_tail:

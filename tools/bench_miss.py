@@ -25,9 +25,9 @@ from pathlib import Path
 from dccfs.container import Container, ContainerError
 from dccfs.format import RECORD_HEADER_SIZE, RecordHeader, checksum64, looks_like_container
 from dccfs.codecs import codec_name
+from dccfs.codecs.delta import CODEC_DELTA
 
 log = logging.getLogger("bench_miss")
-DELTA_ID = 32
 
 
 def open_containers(root: Path) -> list[Container]:
@@ -71,7 +71,7 @@ def time_records(picks) -> dict[str, list[float]]:
         raw = container.decode_record(idx, record)  # verifies the checksum too
         decoded = time.perf_counter()
         head = RecordHeader.unpack(record)
-        kind = "delta" if head.sub == DELTA_ID else codec_name(head.sub)
+        kind = "delta" if head.sub == CODEC_DELTA else codec_name(head.sub)
         checksum64(raw)
         summed = time.perf_counter()
         times["read"].append(read_done - started)
