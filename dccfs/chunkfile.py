@@ -63,6 +63,8 @@ class ContainerFile(ChunkReader):
         self.handles = 0
         self.write_locked = False
         self.closed = False
+        # The last close gave up on a commit: the kernel's cached pages and size are not what is stored.
+        self.lost_changes = False
         self.release_lock = trio.Lock()
         self.failure: OSError | None = None
         self._store_failures_logged = False  # one warning per run of failing stores (a full disk)

@@ -127,9 +127,38 @@ class OpenFileHandlers:
     async def release(self, fh):
         inode = self.handles.get(fh).inode
         try:
-            await self.handles.release(fh)
+            handle = await self.handles.release(fh)
+            if getattr(handle.file, "lost_changes", False):
+                self._drop_kernel_view(inode)
         finally:
             self.inodes.release_open(inode)
+
+    def _drop_kernel_view(self, inode: Inode) -> None:
+        """Make the kernel forget a file whose last commit failed. Its page cache still holds the
+        failed writes, and with the writeback cache it trusts its own size over any getattr, so
+        the cached inode has to go: FUSE evicts an inode as soon as nothing holds it, which after
+        the last close is only its dentry."""
+        try:
+            path = os.readlink(inode.proc_path)
+            parent_st = os.stat(os.path.dirname(path))
+        except OSError as exc:
+            log.warning("inode %d: cannot name it to drop the kernel's stale view: %s", inode.number, exc)
+            return
+        parent = self.inodes.find((parent_st.st_dev, parent_st.st_ino))
+        if parent is not None:
+            # (the async form: the kernel may be waiting on this thread for a lookup in that directory)
+            pyfuse3.invalidate_entry_async(parent.number, os.fsencode(os.path.basename(path)),
+                                           ignore_enoent=True)
+        # Another name (a hard link) keeps the inode: at least its pages go, off this thread since
+        # the kernel may write back through us while it invalidates.
+        self.engine.start_background(self._invalidate_pages, inode.number)
+
+    @staticmethod
+    async def _invalidate_pages(number: int) -> None:
+        try:
+            await trio.to_thread.run_sync(pyfuse3.invalidate_inode, number, False)
+        except OSError:
+            pass  # already evicted: nothing is cached
 
     async def shutdown(self) -> None:
         """Commit every open file durably (on unmount); background rewrites stop early."""

@@ -373,6 +373,7 @@ class HandleTable(BackgroundRewrites):
                         log.log(level, "%s: last commit failed, uncommitted changes are lost: %s",
                                 file.path, exc)
                         gave_up = True
+                        file.lost_changes = True
                     continue
                 if compact and not self.engine.config.shared:
                     redelta_now = redelta.worth_redelta(file)

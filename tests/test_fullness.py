@@ -344,3 +344,36 @@ def test_a_failed_close_leaves_no_stale_chunk_for_the_next_writer(small_backing,
     mount.remount()
     with open(path, "rb") as f:
         assert f.read(chunk) == want
+
+
+def test_after_a_failed_last_close_the_mount_shows_what_is_stored(small_backing, make_mount):
+    """A last close whose commit failed leaves the stored state at the last commit; reads through
+    the mount must show that state and its size, not the failed writes the kernel still had in its
+    page cache (found by review: they stayed visible until a remount)."""
+    mount = make_mount("shown", backing=small_backing)
+    mount.expect_errors = True  # the failed commit is logged
+    chunk = 256 << 10  # a .txt file's chunk
+    path = mount.mnt / "f.txt"
+    stored = os.urandom(4 * chunk)
+    path.write_bytes(stored)
+    assert path.read_bytes() == stored  # the kernel caches the pages
+    free = os.statvfs(small_backing).f_bavail * os.statvfs(small_backing).f_frsize
+    filler = small_backing / "filler"
+    filler.write_bytes(bytes(max(0, free - chunk // 2)))  # room for less than one record
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.pwrite(fd, os.urandom(chunk), 0)
+        os.pwrite(fd, os.urandom(2 * chunk), 4 * chunk)  # grows the file
+    finally:
+        with pytest.raises(OSError) as closing:
+            os.close(fd)
+    assert closing.value.errno == errno.ENOSPC
+    deadline = time.monotonic() + 10
+    while "last commit failed" not in mount.log_text() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(0.5)  # the kernel's view is dropped after the release
+    assert os.stat(path).st_size == len(stored)
+    assert path.read_bytes() == stored
+    filler.unlink()
+    mount.remount()
+    assert path.read_bytes() == stored
