@@ -269,8 +269,9 @@ class HandleTable(BackgroundRewrites):
         try:
             is_container = is_container_head(pread_exact(fd, HEADER_SIZE, 0),
                                              relpath_of(inode, self.backing_root))
-            if not is_container and flags & os.O_TRUNC and (flags & _ACCESS) != os.O_RDONLY:
-                # Overwriting a plain file: store the new content compressed.
+            if not is_container and _writable(flags) and (flags & os.O_TRUNC or os.fstat(fd).st_size == 0):
+                # Overwriting a plain file, or writing an empty one (made by mknod, or in the
+                # backing directory): store the new content compressed.
                 relpath = relpath_of(inode, self.backing_root)
                 Container.create(fd, relpath, self.engine.config.chunk_shift_for(relpath))
                 is_container = True
