@@ -199,11 +199,18 @@ def run_fsck(backing: str, repair: bool, progress: bool) -> int:
     """Verify every container under backing (skipping .dccfs); returns the exit status:
     0 when everything is clean or was repaired, 1 when damage remains."""
     totals = FsckTotals()
+    # fsck reports a recovered commit once per file itself; the scan's own warning came on top, once
+    # for every open of the file (its name, its pin, its dependents' checks)
+    scan_log = logging.getLogger("dccfs.container_records")
+    level = scan_log.level
+    scan_log.setLevel(logging.ERROR)
     try:
         _fsck_walk(backing, repair, progress, totals)
     except OfflineError as exc:
         click.echo(f"dccfs fsck: {exc}", err=True)
         return 1
+    finally:
+        scan_log.setLevel(level)
     for temp in find_temps(backing):
         _report(f"{temp}: a temp file left by an interrupted pack/unpack (re-run it; "
                 "it removes the temp once its process is gone)")

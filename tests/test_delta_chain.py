@@ -1,6 +1,7 @@
 """Delta chains (dccfs/delta.py, container.py): the configured bound, keyframes at the bound, bounded reads."""
 from __future__ import annotations
 
+import logging
 import os
 
 import numpy as np
@@ -270,7 +271,7 @@ def _read_all(backing, rel: str) -> bytes:
         os.close(fd)
 
 
-def test_a_pinned_base_whose_end_is_damaged_is_never_cut(backing, capsys):
+def test_a_pinned_base_whose_end_is_damaged_is_never_cut(backing, capsys, caplog):
     """A base whose trailer and index end were destroyed recovers an earlier commit, and the
     bytes past it are committed records its dependents read by offset. fsck --repair, and the
     mount's next append, used to cut them as a torn tail, destroying the dependents (found by
@@ -284,8 +285,13 @@ def test_a_pinned_base_whose_end_is_damaged_is_never_cut(backing, capsys):
     base = backing / "run" / "step-10.bin"
     size = base.stat().st_size - 64
     os.truncate(base, size)
-    assert run_fsck(str(backing), repair=True, progress=False) == 1
-    assert "not cut: the file has 2 links" in capsys.readouterr().out
+    with caplog.at_level(logging.WARNING):
+        assert run_fsck(str(backing), repair=True, progress=False) == 1
+    out = capsys.readouterr().out
+    assert "not cut: the file has 2 links" in out
+    # each finding once: not again for the pin's name, nor as the scan's own warning
+    assert out.count("recovered by scanning") == 1
+    assert not [r for r in caplog.records if r.name == "dccfs.container_records"]
     assert base.stat().st_size == size
     assert _read_all(backing, "run/step-20.bin") == data[1]
     fd = os.open(base, os.O_RDWR)
