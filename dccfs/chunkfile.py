@@ -52,7 +52,9 @@ class ContainerFile(ChunkReader):
         self.size = container.size
         # A chunk written whole in one request is kept as the request's own bytes (no
         # copy); one assembled from pieces is a bytearray. _mutable() converts on demand.
-        self.dirty: dict[int, bytes | bytearray] = {}
+        # bytes: a whole chunk as written; bytearray: one written in part; memoryview: the head
+        # of a chunk, a view of the write request that brought it (write)
+        self.dirty: dict[int, bytes | bytearray | memoryview] = {}
         self.versions: dict[int, int] = {}
         # Dirty chunks whose store failed: they no longer hold dirty budget, so one file's
         # failing store cannot starve every other writer (they stay until reported).
@@ -109,6 +111,17 @@ class ContainerFile(ChunkReader):
                     self.dirty[idx] = data if n == len(data) and isinstance(data, bytes) \
                         else bytes(view[pos - offset:pos - offset + n])
                     self.versions[idx] = self.versions.get(idx, -1) + 1
+                elif buf is None and inner == 0 and isinstance(data, bytes) and idx not in self.container.index:
+                    # The start of a chunk nothing is stored for, ending this request: the kernel's
+                    # writeback sends max_write requests at any phase, so nine chunks in ten of a
+                    # torch.save arrive in two pieces. This one is kept as a view of the request
+                    # until the rest completes the chunk (one join, and no copy for the encoder).
+                    await self._reserve_dirty()
+                    self.dirty[idx] = view[pos - offset:pos - offset + n]
+                    self.versions[idx] = 0
+                elif isinstance(buf, memoryview) and inner == len(buf) and inner + n == cs:
+                    self.dirty[idx] = b"".join((buf, view[pos - offset:pos - offset + n]))
+                    self.versions[idx] += 1
                 else:
                     if buf is None:
                         buf = await self._make_dirty(idx)
@@ -150,8 +163,8 @@ class ContainerFile(ChunkReader):
         self.versions[idx] = 0
         return buf
 
-    def _mutable(self, idx: int, buf: bytes | bytearray) -> bytearray:
-        """The dirty chunk as a bytearray, converting a whole-chunk write's bytes once."""
+    def _mutable(self, idx: int, buf: bytes | bytearray | memoryview) -> bytearray:
+        """The dirty chunk as a bytearray, converting a whole-chunk write's bytes (or a head's view) once."""
         if isinstance(buf, bytearray):
             return buf
         buf = self.dirty[idx] = bytearray(buf)

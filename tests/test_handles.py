@@ -227,3 +227,63 @@ def test_a_truncate_during_a_compaction_is_committed(tmp_path, caplog, monkeypat
     with stored(backing, "g.bin") as container:
         assert container.size == new_size
         assert b"".join(container.read_chunk(i) for i in range(4)) == data
+
+
+def test_chunks_written_in_two_pieces_read_store_and_reopen_right(tmp_path):
+    """The kernel's writeback sends max_write requests at any phase, so most chunks arrive as a
+    head (kept as a view of its request) and then a rest that completes them. Every way a head can
+    be used before its rest comes: read, fsync, an overwrite inside it, a write past it, a truncate
+    inside it, a whole-chunk write over it."""
+    backing = tmp_path / "backing"
+    (backing / ".dccfs" / "tmp").mkdir(parents=True)
+    model = bytearray()
+
+    async def body(engine, inodes, handles):
+        inode, handle = await create(inodes, handles, "f.bin")
+        f = handle.file
+        cs, half = f.chunk_size, f.chunk_size // 2
+
+        async def write(off, n):
+            data = os.urandom(n)
+            assert await f.write(off, data) == n
+            model.extend(bytes(max(0, off + n - len(model))))
+            model[off:off + n] = data
+
+        async def check():
+            assert f.size == len(model)
+            assert await f.read(0, len(model) + cs) == bytes(model)
+
+        await write(0, cs + half)  # chunk 1: a head
+        assert isinstance(f.dirty[1], memoryview)
+        await check()
+        await write(cs + half, half)  # its rest: one join
+        assert 1 not in f.dirty or isinstance(f.dirty[1], bytes)
+        await write(2 * cs - half, cs)  # chunk 2: a head, stored short by the fsync
+        await f.commit(True)
+        await write(2 * cs + half, half)  # its rest, over the stored head
+        await check()
+        await write(3 * cs - 10, 110)  # chunk 3: a head, then an overwrite inside it
+        await write(3 * cs + 50, 20)
+        await check()
+        await write(4 * cs - 1, 1 + half)  # chunk 4: a head, then a write past its end
+        await write(4 * cs + half + 10, 10)
+        await check()
+        await write(5 * cs - 1, 1 + half)  # chunk 5: a head, then a whole-chunk write over it
+        await write(5 * cs, cs)
+        await check()
+        await write(6 * cs - 1, 1 + half)  # chunk 6: a head, then a truncate inside it
+        await f.truncate(6 * cs + 100)
+        del model[6 * cs + 100:]
+        await check()
+        await write(6 * cs + 100, cs - 100)
+        await check()
+        await f.commit(True)
+        await handles.release(handle.number)
+        inodes.release_open(inode)
+
+    run_with_handles(backing, body)
+    with stored(backing, "f.bin") as container:
+        assert container.size == len(model)
+        cs = container.chunk_size
+        got = b"".join((container.read_chunk(i) or b"").ljust(cs, b"\0") for i in range(-(-len(model) // cs)))
+        assert got[:len(model)] == bytes(model)
