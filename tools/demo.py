@@ -86,7 +86,8 @@ def main() -> int:
     console.print(table)
     saved = total_logical - total_stored
     console.print(f"saved {saved / 1e6:.1f} MB ({100 * saved / total_logical:.1f}%) on "
-                  f"{total_logical / 1e6:.1f} MB; du shows stored bytes, du --apparent-size logical:")
+                  f"{total_logical / 1e6:.1f} MB")
+    console.print("du shows the stored bytes, du --apparent-size the logical ones:")
     for flag in ([], ["--apparent-size"]):
         out = subprocess.run(["du", "-sh", *flag, str(target)], capture_output=True, text=True).stdout
         console.print(f"  du -sh {' '.join(flag)} -> {out.split()[0]}")
