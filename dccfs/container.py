@@ -53,6 +53,9 @@ class Container:
         # Resolves the base chunks of delta records (dccfs.delta.BaseStore); found from
         # the file's path when not set, which is what the offline tools rely on.
         self.base_store = None
+        # Given committed_end, whether a torn tail may be cut although other names link the file
+        # (dccfs.pins.torn_tail_may_go, set by the mount); None: never.
+        self.linked_tail_may_go = None
         self._lock = threading.Lock()
 
     @property
@@ -319,10 +322,13 @@ class Container:
         first bad record, so garbage left in the middle would hide every commit after it."""
         torn = self.recovery.torn_tail
         if torn:
-            if os.fstat(self.fd).st_nlink > 1:
+            if os.fstat(self.fd).st_nlink > 1 \
+                    and not (self.linked_tail_may_go and self.linked_tail_may_go(self.recovery.committed_end)):
                 # A delta base pin links these bytes too, and past the last commit that verifies
                 # may lie committed records (their index damaged) that dependents read by offset:
-                # cutting destroyed those files (found by review). Writes fail instead.
+                # cutting destroyed those files (found by review). Writes fail instead, unless the
+                # dependents' records say they read nothing past the commit (a killed writer's
+                # records: found by review, they left a rewritten base unwritable for good).
                 raise OSError(errno.EIO, f"{self.path}: {torn} bytes past the last commit that verifies, "
                               "in a file other names link (a delta base): not cut, so not written")
             log.info("%s: cutting %d uncommitted bytes left by an interrupted write", self.path, torn)

@@ -256,7 +256,8 @@ class DeltaWriter:
             # A writer used outside a mount names no dependent: a pin without records,
             # which only fsck --repair removes.
         else:
-            pins.write_record(self.backing_root, name, dependent)
+            # (the base's committed end: what a killed writer appends past it, no delta names)
+            pins.write_record(self.backing_root, name, dependent, self.base.recovery.committed_end)
             recorded = True
             if self._registry is not None:
                 self._registry.noted(name, dependent)

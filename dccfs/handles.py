@@ -10,6 +10,7 @@ import logging
 import os
 import stat
 from dataclasses import dataclass
+from functools import partial
 
 import trio
 
@@ -22,6 +23,7 @@ from dccfs.delta_bases import base_link_path
 from dccfs.format import HEADER_SIZE, MAGIC, FormatError, Header, looks_like_container
 from dccfs.handles_rewrite import BackgroundRewrites
 from dccfs.inodes import Inode, InodeTable
+from dccfs.pins import header_name, torn_tail_may_go
 
 log = logging.getLogger(__name__)
 
@@ -320,6 +322,7 @@ class HandleTable(BackgroundRewrites):
             dropped = self.engine.cache.forget_from(container.cache_id, container.recovery.committed_end)
             if dropped:
                 log.info("%s: dropped %d cached chunks of uncommitted records", relpath, dropped)
+        container.linked_tail_may_go = partial(torn_tail_may_go, self.backing_root, header_name(container.header))
         file = ContainerFile(self.engine, container, self.engine.config.rule_for(relpath))
         file.write_locked = self.engine.config.shared and (create or _writable(flags))
         file.handles = 1

@@ -15,6 +15,7 @@ from dccfs.offline_common import (
 )
 from dccfs.offline_convert import run_pack, run_unpack
 from dccfs.offline_pins import check_pins
+from dccfs.pins import header_name, torn_tail_may_go
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +84,7 @@ class FsckTotals:
     logical: int = 0
     stored: int = 0
     damaged: int = 0
+    torn: int = 0  # of the damaged: torn tails left for --repair (the files read back whole)
     repaired: int = 0
 
     def summary(self) -> str:
@@ -111,7 +113,7 @@ def _cut_torn_tail(path: str, container: Container) -> str:
     return f"cut {rec.torn_tail} torn-tail bytes at offset {rec.committed_end}"
 
 
-def _check_container(path: str, fd: int, repair: bool, totals: FsckTotals, advance) -> bool:
+def _check_container(path: str, fd: int, repair: bool, totals: FsckTotals, advance, backing: str) -> bool:
     """Check one container; returns True when it is (now) clean."""
     try:
         container = Container.open(fd, path)
@@ -127,7 +129,8 @@ def _check_container(path: str, fd: int, repair: bool, totals: FsckTotals, advan
         _report(f"{path}: no valid trailer at the end; the last commit (ending at offset "
                 f"{rec.committed_end}) was recovered by scanning")
     links = os.fstat(fd).st_nlink
-    if rec.torn_tail and links > 1:
+    if rec.torn_tail and links > 1 \
+            and not torn_tail_may_go(backing, header_name(container.header), rec.committed_end):
         # Linked: a delta base pin (or another name) holds these bytes too. Past the last commit
         # that verifies may lie committed records whose index was damaged, which dependents
         # read by offset: cutting them destroyed those files (found by review).
@@ -147,6 +150,7 @@ def _check_container(path: str, fd: int, repair: bool, totals: FsckTotals, advan
         else:
             _report(f"{path}: TORN TAIL: {rec.torn_tail} bytes past the last commit (offsets "
                     f"{rec.committed_end}-{rec.file_end - 1}); run fsck --repair to cut them")
+            totals.torn += 1
             clean = False
     checked = 0
     for idx in sorted(container.index):
@@ -164,7 +168,7 @@ def _check_container(path: str, fd: int, repair: bool, totals: FsckTotals, advan
     return clean
 
 
-def _check_file(path: str, st: os.stat_result, repair: bool, totals: FsckTotals, advance) -> None:
+def _check_file(path: str, st: os.stat_result, repair: bool, totals: FsckTotals, advance, backing: str) -> None:
     totals.files += 1
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -176,7 +180,7 @@ def _check_file(path: str, st: os.stat_result, repair: bool, totals: FsckTotals,
     try:
         kind = file_kind(fd)
         if kind == "container":
-            clean = _check_container(path, fd, repair, totals, advance)
+            clean = _check_container(path, fd, repair, totals, advance, backing)
         else:
             totals.plain += 1
             totals.plain_bytes += st.st_size
@@ -228,7 +232,7 @@ def _fsck_walk(backing: str, repair: bool, progress: bool, totals: FsckTotals) -
                 if key in seen:
                     continue
                 seen.add(key)
-                _check_file(found.path, found.st, repair, totals, advance)
+                _check_file(found.path, found.st, repair, totals, advance, backing)
         # Under the same lock: a mount starting in between could pin a base for a file
         # it has not committed yet, which --repair would then remove.
-        totals.damaged += check_pins(backing, repair, _report, damaged_files=totals.damaged)
+        totals.damaged += check_pins(backing, repair, _report, damaged_files=totals.damaged - totals.torn)

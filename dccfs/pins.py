@@ -48,9 +48,11 @@ def is_managed(backing_root: str, pin: str) -> bool:
     return os.path.isdir(os.path.join(backing_root, REFS_DIR, pin))
 
 
-def write_record(backing_root: str, pin: str, dependent: str) -> None:
-    """Record durably that container `dependent` may hold deltas naming `pin`. Callers hold
-    delta.PIN_LOCK, so no pin is freed between the record and its first use."""
+def write_record(backing_root: str, pin: str, dependent: str, base_end: int | None = None) -> None:
+    """Record durably that container `dependent` may hold deltas naming `pin`, reading records of
+    it that end at or before file offset base_end (its last commit when the dependent opened it;
+    None: unknown). Callers hold delta.PIN_LOCK, so no pin is freed between the record and its
+    first use."""
     refs = os.path.join(backing_root, REFS_DIR)
     pin_dir = os.path.join(refs, pin)
     made = []
@@ -60,11 +62,48 @@ def write_record(backing_root: str, pin: str, dependent: str) -> None:
             made.append(directory)
         except FileExistsError:
             pass
-    fd = os.open(os.path.join(pin_dir, dependent), os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    os.close(fd)  # empty: its name is the record
+    path = os.path.join(pin_dir, dependent)
+    existed = os.path.lexists(path)
+    recorded = read_base_end(backing_root, pin, dependent)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        # The furthest end any of its writers read; a record without one (older versions, fsck)
+        # stays without: nothing says what its dependent read.
+        if base_end is not None and (not existed or recorded is not None):
+            end = max(base_end, recorded or 0)
+            if end != recorded:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, str(end).encode(), 0)
+                os.fsync(fd)
+    finally:
+        os.close(fd)
     fsync_dir(pin_dir)
     for directory in reversed(made):
         fsync_dir(os.path.dirname(directory))
+
+
+def read_base_end(backing_root: str, pin: str, dependent: str) -> int | None:
+    """The base end a record holds; None when it holds none (made by an older version, or by
+    fsck --repair) or cannot be read."""
+    try:
+        with open(os.path.join(backing_root, REFS_DIR, pin, dependent), "rb") as f:
+            text = f.read(32)
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def torn_tail_may_go(backing_root: str, pin: str, committed_end: int) -> bool:
+    """Whether bytes past committed_end of a container with other links can be cut: it is not a
+    delta base (the links are a user's), or every dependent recorded reads only records that end
+    at or before committed_end (what a killed writer appended later, none of them can name)."""
+    if not os.path.lexists(os.path.join(backing_root, BASES_DIR, pin)):
+        return True
+    records = read_records(backing_root).get(pin)
+    if records is None:  # a pin of an older version: its dependents are not known
+        return False
+    ends = [read_base_end(backing_root, pin, dependent) for dependent in records]
+    return all(end is not None and end <= committed_end for end in ends)
 
 
 def remove_record(backing_root: str, pin: str, dependent: str) -> None:
@@ -174,7 +213,7 @@ class PinRegistry:
             pins = sorted(self._pins_of.get(old, ()))
         with self.pin_lock:
             for pin in pins:
-                write_record(self.backing_root, pin, new)
+                write_record(self.backing_root, pin, new, read_base_end(self.backing_root, pin, old))
                 self.noted(pin, new)
 
     def drain(self, timeout: float | None = None) -> bool:

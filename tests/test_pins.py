@@ -291,3 +291,24 @@ def test_a_writer_that_truncates_and_writes_again_records_the_new_file_id(make_m
     wait_no_pins(mount)
     mount.stop()
     assert_fsck_clean(mount)
+
+
+def test_a_torn_tail_of_a_linked_container_may_go_only_past_every_dependents_end(tmp_path):
+    """What a record says a dependent reads of its base decides whether bytes past the base's
+    last commit can be cut (a killed writer's) or may be records a dependent names."""
+    from dccfs.pins import BASES_DIR, REFS_DIR, torn_tail_may_go, write_record
+    pin = "ab" * 16 + "-0"
+    assert torn_tail_may_go(str(tmp_path), pin, 1000)  # no pin: the links are a user's
+    (tmp_path / BASES_DIR).mkdir(parents=True)
+    (tmp_path / BASES_DIR / pin).write_bytes(b"")
+    assert not torn_tail_may_go(str(tmp_path), pin, 1000)  # an older version's pin: unknown readers
+    write_record(str(tmp_path), pin, "cd" * 16 + "-1", 900)
+    write_record(str(tmp_path), pin, "ef" * 16 + "-0", 1000)
+    assert torn_tail_may_go(str(tmp_path), pin, 1000)
+    assert not torn_tail_may_go(str(tmp_path), pin, 999)
+    write_record(str(tmp_path), pin, "ef" * 16 + "-0", 5000)  # it read a later commit too
+    assert not torn_tail_may_go(str(tmp_path), pin, 1000) and torn_tail_may_go(str(tmp_path), pin, 5000)
+    write_record(str(tmp_path), pin, "ef" * 16 + "-0", 2000)  # the furthest end stays
+    assert torn_tail_may_go(str(tmp_path), pin, 5000) and not torn_tail_may_go(str(tmp_path), pin, 4999)
+    (tmp_path / REFS_DIR / pin / ("12" * 16 + "-0")).write_bytes(b"")  # made by fsck --repair
+    assert not torn_tail_may_go(str(tmp_path), pin, 10**9)

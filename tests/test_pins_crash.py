@@ -183,3 +183,48 @@ def test_fsck_reports_a_dependent_copied_behind_the_mount(make_mount, steps, tmp
     result = dccfs("fsck", "--repair", mount.backing)
     assert result.returncode == 1 and "DUPLICATE" in result.stdout, result.stdout
     assert len(pins_of(mount)) == 1
+
+
+def test_a_kill_during_a_write_to_a_linked_file_leaves_a_torn_tail_that_is_cut(make_mount):
+    """A file with a second link (a delta base pin, or here a user's hard link) keeps bytes past
+    its last commit only when they may be committed records behind a damaged index. What a killed
+    writer leaves (whole chunk records, then one cut short) is cut like in any file, by the next
+    write or by fsck --repair: the file stayed unwritable (EIO) and fsck could not clear it (found
+    by review)."""
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    mount = make_mount("linked-torn")
+    mount.expect_errors = True  # the killed daemons' last lines are whatever they were
+    content = os.urandom(1 << 20)
+    (mount.mnt / "f.txt").write_bytes(content)
+    os.link(mount.mnt / "f.txt", mount.mnt / "g.txt")
+    backing = mount.backing / "f.txt"
+
+    def append_and_kill():
+        fd = os.open(mount.mnt / "f.txt", os.O_WRONLY | os.O_APPEND)
+        size = backing.stat().st_size
+        os.write(fd, os.urandom(2 << 20))  # eight 256 KiB chunks, stored as they fill
+        assert libc.sync_file_range(fd, ctypes.c_longlong(0), ctypes.c_longlong(0), 1 | 2 | 4) == 0
+        wait_until(lambda: backing.stat().st_size > size + (1 << 20), "the new chunk records appended")
+        mount.kill()
+        with pytest.raises(OSError):
+            os.close(fd)
+
+    for by in ("the next write", "fsck --repair"):
+        append_and_kill()
+        if by == "fsck --repair":
+            result = dccfs("fsck", mount.backing)
+            assert result.returncode == 1 and "TORN TAIL" in result.stdout, result.stdout
+            assert "DAMAGED" not in result.stdout and "cannot be fully read" not in result.stdout, result.stdout
+            result = dccfs("fsck", "--repair", mount.backing)
+            assert result.returncode == 0, result.stdout + result.stderr
+        mount.start()
+        assert (mount.mnt / "g.txt").read_bytes() == content
+        with open(mount.mnt / "f.txt", "ab") as f:
+            f.write(b"more")
+            f.flush()
+            os.fsync(f.fileno())
+        content += b"more"
+        assert (mount.mnt / "g.txt").read_bytes() == content
+    mount.stop()
+    assert_fsck_clean(mount)
