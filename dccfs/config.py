@@ -7,6 +7,7 @@ import logging
 import re
 import tomllib
 from dataclasses import dataclass, field, replace
+from fractions import Fraction
 from pathlib import Path
 
 from dccfs.format import DEFAULT_CHUNK_SHIFT, MAX_CHUNK_SHIFT, MIN_CHUNK_SHIFT
@@ -46,6 +47,8 @@ def parse_size(value, where: str = "size") -> int:
     if isinstance(value, int):
         if value < 0:
             raise ConfigError(f"{where}: size must not be negative, got {toml_text(value)}")
+        if value >= 1 << 63:
+            raise ConfigError(f"{where}: {toml_text(value)} is too large (at most 8 EiB)")
         return value
     if not isinstance(value, str):
         raise ConfigError(f"{where}: expected a size like 512MiB, got {toml_text(value)}")
@@ -55,9 +58,11 @@ def parse_size(value, where: str = "size") -> int:
     number, unit, suffix = m.groups()
     if not unit and suffix.lower() not in ("", "b"):
         raise ConfigError(f"{where}: {toml_text(value)} is not a size ('{suffix}' needs a unit: KiB, MiB, GiB)")
-    size = float(number) * 1024 ** _UNITS[unit.lower()]
-    if size != int(size):
+    size = Fraction(number) * 1024 ** _UNITS[unit.lower()]  # exact: a float rounded huge sizes silently
+    if size.denominator != 1:
         raise ConfigError(f"{where}: {toml_text(value)} is not a whole number of bytes")
+    if size >= 1 << 63:
+        raise ConfigError(f"{where}: {toml_text(value)} is too large (at most 8 EiB)")
     return int(size)
 
 

@@ -62,6 +62,8 @@ def test_sizes_and_config_errors(tmp_path):
         "not toml [": "not valid TOML",
         "[cache]\nt0_bytes = '64ib'\n": "needs a unit",  # was 64 bytes
         "[cache]\ndirty_bytes = '0.3'\n": "whole number of bytes",  # was 0
+        "[cache]\nt0_bytes = '99999999999999999999999'\n": "too large",  # was rounded by a float
+        "[cache]\nt0_bytes = 9223372036854775808\n": "too large",
         "[[rule]]\nglob = '*'\nlevel = true\n": "level must be an integer -7..22, got true",  # was level 1
         b"[cache]\npolicy = '\xff'\n": "not UTF-8",  # was a UnicodeDecodeError traceback
     }
