@@ -76,11 +76,18 @@ class ChunkReader:
         key = (self.cache_id, idx, loc.offset)
         cache = self.engine.cache
         if not prefetch:
-            self.engine.record_access(key, loc.length, False)
+            # The chunk's decoded size, what T0 charges and a write records (its stored record's
+            # length made a replay weigh reads and writes of one chunk differently)
+            self.engine.record_access(key, min(self.chunk_size, max(0, self.size - idx * self.chunk_size)), False)
         data = cache.get(key) if not prefetch else None
         if data is not None:
             return data
         pending = self._loading.get(key)
+        if prefetch and pending is not None:
+            # Being loaded already: a prefetch has nothing to add, and its get() after the wait
+            # would count as a reference, which made every chunk of a scan look reused (the
+            # hot set lost to it once a rewind restarted the read-ahead window)
+            return None
         while pending is not None:
             await pending.wait()
             data = cache.get(key)

@@ -25,6 +25,10 @@ from dccfs.config import ConfigError, check_cache_value
 log = logging.getLogger(__name__)
 
 MAX_REQUEST = 1 << 16
+MAX_CONNECTIONS = 32  # served at once; more wait in the listen backlog
+REQUEST_TIMEOUT_S = 10.0  # to send a whole request line
+ACCEPT_RETRY_S = 0.5  # after accept() failed (out of descriptors): retry, never give up
+REFUSAL_LOG_EVERY_S = 60.0  # one warning per minute for refused peers, with their count
 STARTUP_WAIT_S = 3.0  # how long a client waits for the socket of a mount that has just started
 TUNABLE = ("policy", "t0_bytes", "dirty_bytes", "readahead_chunks", "write_admit", "trace")
 
@@ -99,10 +103,14 @@ class ControlServer:
         self.ops = ops
         self.engine = engine
         self.owner_uid = os.getuid()
+        self.mountpoint = os.path.realpath(mountpoint)
         self.path = socket_path(mountpoint, for_server=True)
         self._sock = None
+        self._sock_ino: int | None = None
+        self._refused = 0
+        self._refusal_logged_at = float("-inf")
         if req.trace:
-            self.set_trace(req.trace)
+            self.set_trace(self.open_trace(req.trace))
         if req.metrics:
             from dccfs.metrics import serve_metrics
             from dccfs.mount import MountError
@@ -130,42 +138,66 @@ class ControlServer:
         sock.listen(16)
         os.rename(staging, self.path)
         self._sock = sock
+        self._sock_ino = os.stat(self.path).st_ino
+        slots = trio.Semaphore(MAX_CONNECTIONS)
+        failing = False
         async with trio.open_nursery() as nursery:
             while True:
-                conn, _ = await sock.accept()
-                nursery.start_soon(self._handle_guarded, conn)
+                await slots.acquire()
+                try:
+                    conn, _ = await sock.accept()
+                except OSError as exc:
+                    slots.release()
+                    # Out of descriptors (EMFILE), for one: a flood of connections must not
+                    # leave the mount without stats and tune until a remount (found by review).
+                    if not failing:
+                        log.warning("control socket: accept failed (%s); retrying", exc.strerror or exc)
+                        failing = True
+                    await trio.sleep(ACCEPT_RETRY_S)
+                    continue
+                failing = False
+                nursery.start_soon(self._handle_guarded, conn, slots)
 
-    async def _handle_guarded(self, conn) -> None:
+    async def _handle_guarded(self, conn, slots) -> None:
         # A broken client must never take the mount down with it.
         try:
             await self._handle(conn)
         except Exception:
             log.exception("control connection failed")
+        finally:
+            slots.release()
+
+    def _note_refusal(self, uid: int) -> None:
+        """Warn about refused peers at most once a minute: any local user can connect."""
+        self._refused += 1
+        now = time.monotonic()
+        if now - self._refusal_logged_at >= REFUSAL_LOG_EVERY_S:
+            log.warning("control: refused uid %d (only root and uid %d may control this mount; %d refused "
+                        "since the last warning)", uid, self.owner_uid, self._refused)
+            self._refused = 0
+            self._refusal_logged_at = now
 
     async def _handle(self, conn) -> None:
         with conn:
             try:
                 uid = peer_uid(conn)
-                data = b""
-                while not data.endswith(b"\n") and len(data) < MAX_REQUEST:
-                    more = await conn.recv(4096)
-                    if not more:
-                        break
-                    data += more
-                if not data:
-                    return  # a probe for the daemon's pid (peer_pid): nothing to answer
                 if uid not in (0, self.owner_uid):
-                    log.warning("control: refused uid %d (only root and uid %d may control this mount)",
-                                uid, self.owner_uid)
+                    # Answered before reading anything: another user's connections hold no slot
+                    # and no descriptor for longer than this reply takes.
+                    self._note_refusal(uid)
                     reply = {"ok": False, "error": f"permission denied: uid {uid} is neither root "
                                                    f"nor the mount owner (uid {self.owner_uid})"}
                 else:
-                    request = json.loads(data or b"{}")
-                    if request.get("cmd") == "files":
-                        # Reads every chunk header of the files: keep it off the FUSE thread.
-                        reply = await trio.to_thread.run_sync(self.dispatch, request)
-                    else:
-                        reply = self.dispatch(request)
+                    data = b""
+                    with trio.move_on_after(REQUEST_TIMEOUT_S):
+                        while not data.endswith(b"\n") and len(data) < MAX_REQUEST:
+                            more = await conn.recv(4096)
+                            if not more:
+                                break
+                            data += more
+                    if not data:
+                        return  # a probe for the daemon's pid (peer_pid): nothing to answer
+                    reply = await self._serve_request(json.loads(data))
             except (ValueError, ConfigError) as exc:
                 reply = {"ok": False, "error": str(exc)}
             except OSError as exc:  # a trace file that cannot be opened, for one
@@ -181,12 +213,37 @@ class ControlServer:
             except OSError:
                 pass
 
+    async def _serve_request(self, request) -> dict:
+        if not isinstance(request, dict):
+            raise ValueError("a request is a JSON object, e.g. {\"cmd\": \"stats\"}")
+        if request.get("cmd") == "files":
+            # Reads every chunk header of the files: keep it off the FUSE thread.
+            return await trio.to_thread.run_sync(self.dispatch, request)
+        if request.get("cmd") == "tune" and isinstance(request.get("set"), dict) \
+                and "trace" in request["set"]:
+            # Opened in a worker: the path may be slow, or lead into this very mount, whose
+            # requests the trio thread must go on serving meanwhile (found by review: a hang).
+            target = str(request["set"]["trace"])
+            trace = None if _trace_off(target) else await trio.to_thread.run_sync(self.open_trace, target)
+            try:
+                return self.tune(request["set"], trace)
+            except BaseException:
+                if trace is not None:
+                    trace.close()
+                raise
+        return self.dispatch(request)
+
     def dispatch(self, request: dict) -> dict:
         cmd = request.get("cmd")
         if cmd == "stats":
             return {"ok": True, "stats": self.engine.stats.snapshot(), "cache": self.cache_settings()}
         if cmd == "tune":
-            return self.tune(request.get("set") or {})
+            changes = request.get("set") or {}
+            if not isinstance(changes, dict):
+                raise ValueError("tune's 'set' is a JSON object of key: value")
+            if "trace" in changes and not _trace_off(str(changes["trace"])):
+                raise ValueError("a trace file is opened by the control server, not by dispatch")
+            return self.tune(changes)
         if cmd == "files":
             return {"ok": True, "files": self.describe_files(request.get("path") or "")}
         raise ValueError(f"unknown command {cmd!r} (stats, tune, files)")
@@ -206,7 +263,9 @@ class ControlServer:
         settings["trace"] = getattr(self.engine.trace, "path", "off")
         return settings
 
-    def tune(self, changes: dict) -> dict:
+    def tune(self, changes: dict, trace=None) -> dict:
+        """Apply changes, all or nothing: every value is checked, and a new trace file (trace, opened
+        by the caller) is open, before anything changes."""
         unknown = [k for k in changes if k not in TUNABLE]
         if unknown:
             raise ConfigError(f"unknown key {unknown[0]!r} (tunable: {', '.join(TUNABLE)})")
@@ -222,31 +281,51 @@ class ControlServer:
             engine.dirty.set_limit(new_cache.dirty_bytes)
         engine.config = replace(engine.config, cache=new_cache)
         if "trace" in changes:
-            self.set_trace(str(changes["trace"]))
+            self.set_trace(trace)
         log.info("tuned: %s", changes)
         return {"ok": True, "cache": self.cache_settings()}
 
-    def set_trace(self, target: str) -> None:
-        from dccfs.engine import close_trace_quietly
+    def open_trace(self, target: str):
+        """A TraceWriter for target, not yet emptied (set_trace does that once the trace being
+        recorded is closed: it may be the same file). Blocking: called in a worker thread, or
+        before the mount starts."""
         from dccfs.trace import TraceWriter
-        # The new trace opens first: a target that cannot be written is refused, and the
-        # trace being recorded goes on.
-        new = TraceWriter(target) if target not in ("off", "", "none") else None
+        if not os.path.isabs(target):
+            raise ValueError(f"the trace file must be an absolute path, got {target!r}")
+        real = os.path.realpath(target)
+        if real == self.mountpoint or real.startswith(self.mountpoint + os.sep):
+            raise ValueError(f"{target}: the trace cannot be written inside the mount it records "
+                             "(each write would wait on this daemon)")
+        return TraceWriter(target, truncate=False)
+
+    def set_trace(self, new) -> None:
+        """Replace the trace being recorded by new (from open_trace; None stops recording)."""
+        from dccfs.engine import close_trace_quietly
         if self.engine.trace is not None:
-            trace, self.engine.trace = self.engine.trace, None
-            close_trace_quietly(trace)
+            old, self.engine.trace = self.engine.trace, None
+            close_trace_quietly(old)
         if new is not None:
+            # Emptied only now: a restart on the same file would otherwise get the old writer's
+            # last buffer written over it (found by review: thousands of zero records).
+            new.start()
             self.engine.trace = new
-            log.info("recording the chunk access trace to %s", target)
+            log.info("recording the chunk access trace to %s", new.path)
 
     def close(self) -> None:
         from dccfs.engine import close_trace_quietly
         if self.engine.trace is not None:
             close_trace_quietly(self.engine.trace)
         try:
-            os.unlink(self.path)
+            # Only our own socket: a daemon outliving a lazy unmount must not remove the socket
+            # of the mount that came after it (found by review).
+            if self._sock_ino is not None and os.stat(self.path).st_ino == self._sock_ino:
+                os.unlink(self.path)
         except OSError:
             pass
+
+
+def _trace_off(target: str) -> bool:
+    return target in ("off", "", "none")
 
 
 def request(mountpoint: str, payload: dict, timeout: float = 10.0) -> dict:

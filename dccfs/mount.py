@@ -185,12 +185,17 @@ def run_mount(req: MountRequest) -> int:
         req.trace = os.path.abspath(req.trace)
     if not req.foreground and log_file is None:
         log_file = os.path.join(state_dir(backing), DEFAULT_LOG)
+    if req.trace and _is_inside(req.trace, mountpoint):
+        os.close(lock_fd)
+        raise MountError(f"the trace file {req.trace} is inside the mountpoint {mountpoint}: it would be "
+                         "hidden under the mount, and its writes would wait on the daemon itself")
     for what, path in (("log file", log_file), ("trace file", req.trace)):
         # Checked here, where the error still reaches the terminal: a daemon has no log yet.
+        # (O_NONBLOCK: a FIFO without a reader fails instead of blocking the mount command)
         try:
             if path is not None:
-                with open(path, "a"):
-                    pass
+                os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NONBLOCK | os.O_CLOEXEC,
+                                 0o644))
         except OSError as exc:
             os.close(lock_fd)
             raise MountError(f"cannot write the {what} {path}: {exc.strerror}") from exc
@@ -289,3 +294,8 @@ def run_umount(mountpoint: str, lazy: bool = False) -> None:
         time.sleep(0.05)
     raise MountError(f"unmounted {mountpoint}, but daemon pid {pid} is still flushing after "
                      f"{UMOUNT_WAIT_S}s")
+
+
+def _is_inside(path: str, directory: str) -> bool:
+    real, top = os.path.realpath(path), os.path.realpath(directory)
+    return real == top or real.startswith(top + os.sep)

@@ -11,6 +11,8 @@ from dccfs.advice import record_runs, willneed
 # reader crossed the run and then waited for the chunks after it. A scan for stored chunks looks at
 # most this many chunk numbers past the window.
 MAX_HOLES_SKIPPED = 256
+# The window is at most this fraction of T0 (1/8: 8 chunks of 1 MiB from a 64 MiB T0 on)
+READAHEAD_SHARE_OF_T0 = 8
 
 
 class ReadAhead:
@@ -30,9 +32,15 @@ class ReadAhead:
             self.sequential_run += 1
         else:
             self.sequential_run = 0
+            # A new run (a rewind, a seek) is prefetched afresh (found by review: a second pass
+            # over the same descriptor got no read-ahead at all).
+            self.prefetched_to = -1
         self.next_sequential = end
         engine = file.engine
-        ahead = engine.config.cache.readahead_chunks
+        # A window larger than a small T0 can hold is evicted before the reader gets to it and
+        # decoded twice; it also pushed the hot set out (found by review, T0 16 MiB, 8 chunks ahead).
+        ahead = min(engine.config.cache.readahead_chunks,
+                    engine.config.cache.t0_bytes // (READAHEAD_SHARE_OF_T0 * file.chunk_size))
         if self.sequential_run < 2 or ahead <= 0:
             return
         index = file.container.index

@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import logging
 import os
+import stat
 import struct
 import threading
 from typing import Iterator
@@ -36,18 +38,35 @@ class TraceWriter:
     binary with next_access_vtime = -1 (run fill_next_access() offline to set it).
     """
 
-    def __init__(self, path: str | os.PathLike, *, csv_format: bool | None = None):
+    def __init__(self, path: str | os.PathLike, *, csv_format: bool | None = None, truncate: bool = True):
+        """Open (create) the trace file; truncate=False leaves emptying it to start(), for a
+        caller that must first close another writer of the same file."""
         self.path = os.fspath(path)
         self.csv_format = is_csv_path(path) if csv_format is None else csv_format
         self._lock = threading.Lock()
         self._buffer = bytearray()
         # 0644 whatever the umask: the daemon runs with umask 0 (the kernel applies the
-        # caller's umask to the files created through the mount).
-        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        # caller's umask to the files created through the mount). O_NONBLOCK: a FIFO without
+        # a reader fails (ENXIO) instead of blocking the daemon until one comes.
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_NONBLOCK | os.O_CLOEXEC
+                     | (os.O_TRUNC if truncate else 0), 0o644)
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode):
+            os.close(fd)
+            raise OSError(errno.EINVAL, "a trace must go to a file, not a pipe or socket", self.path)
+        os.set_blocking(fd, True)
         self._file = os.fdopen(fd, "wb")
         self.records = 0
         if self.csv_format:
             self._buffer += (",".join(CSV_HEADER) + "\n").encode()
+
+    def start(self) -> None:
+        """Empty the file opened with truncate=False (nothing has been recorded yet)."""
+        with self._lock:
+            self._file.flush()
+            if stat.S_ISREG(os.fstat(self._file.fileno()).st_mode):  # (not /dev/null, /dev/full)
+                os.ftruncate(self._file.fileno(), 0)
+                self._file.seek(0)
 
     def record(self, time_s: float, obj_id: int, size: int, is_write: bool) -> None:
         """Append one request; the disk write happens only when 64 KiB are buffered."""

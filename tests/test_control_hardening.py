@@ -1,0 +1,183 @@
+"""The control channel and the trace under hostile or careless use, on real mounts (found by review, 2026-12-06)."""
+from __future__ import annotations
+
+import csv
+import json
+import mmap
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from dccfs.control import request, socket_path
+from dccfs.trace import read_oracle_general
+
+pytestmark = pytest.mark.mount
+
+DCCFS = [sys.executable, "-m", "dccfs.cli"]
+MIB = 1 << 20
+
+
+def dccfs(*args, timeout=60):
+    return subprocess.run([*DCCFS, *map(str, args)], capture_output=True, text=True, timeout=timeout)
+
+
+def settings(mnt) -> dict:
+    return request(str(mnt), {"cmd": "stats"})["cache"]
+
+
+def test_trace_targets_that_would_block_the_daemon_are_refused(mounted, tmp_path):
+    """A trace inside the mount itself (each write would wait on the daemon, which waited in
+    open() on its own mount: every access hung), or a FIFO (open blocked until a reader came),
+    is refused with its reason, and the mount goes on serving."""
+    (mounted.mnt / "f").write_bytes(b"data")
+    result = dccfs("tune", mounted.mnt, f"trace={mounted.mnt / 'self.trace'}", timeout=30)
+    assert result.returncode == 1 and "inside the mount" in result.stderr, result
+    assert not (mounted.mnt / "self.trace").exists()
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    result = dccfs("tune", mounted.mnt, f"trace={fifo}", timeout=30)
+    assert result.returncode == 1 and str(fifo) in result.stderr, result
+    assert (mounted.mnt / "f").read_bytes() == b"data"
+    assert settings(mounted.mnt)["trace"] == "off"
+
+
+def test_a_mount_refuses_a_trace_inside_its_mountpoint(tmp_path):
+    (tmp_path / "b").mkdir()
+    (tmp_path / "m").mkdir()
+    result = dccfs("mount", "--trace", tmp_path / "m" / "x.trace", tmp_path / "b", tmp_path / "m")
+    assert result.returncode == 1 and "inside the mountpoint" in result.stderr, result
+    assert not os.listdir(tmp_path / "m")  # nothing hidden under the mountpoint
+
+
+def test_a_tune_that_fails_changes_nothing(mounted, tmp_path):
+    before = settings(mounted.mnt)
+    result = dccfs("tune", mounted.mnt, "policy=lru", "t0_bytes=8MiB", f"trace={tmp_path / 'missing' / 'x'}")
+    assert result.returncode == 1 and "No such file or directory" in result.stderr, result
+    assert settings(mounted.mnt) == before
+    reply = request(str(mounted.mnt), [1, 2])
+    assert reply["ok"] is False and "JSON object" in reply["error"], reply
+    reply = request(str(mounted.mnt), {"cmd": "tune", "set": {"trace": "relative.trace"}})
+    assert reply["ok"] is False and "absolute path" in reply["error"], reply
+
+
+def test_restarting_a_trace_on_its_own_file_keeps_only_the_new_recording(mounted, tmp_path):
+    """The new writer used to empty the file before the old one wrote its last buffer over it:
+    thousands of all-zero records."""
+    trace = tmp_path / "t.trace"
+    (mounted.mnt / "f").write_bytes(os.urandom(4 * MIB))
+
+    def direct_reads(n: int) -> None:  # each one a READ, so a trace record (24 bytes)
+        buf = mmap.mmap(-1, 4096)
+        fd = os.open(mounted.mnt / "f", os.O_RDONLY | os.O_DIRECT)
+        try:
+            for i in range(n):
+                assert os.preadv(fd, [buf], (i * 4096) % (4 * MIB)) == 4096
+        finally:
+            os.close(fd)
+            buf.close()
+
+    assert dccfs("tune", mounted.mnt, f"trace={trace}").returncode == 0
+    direct_reads(4000)  # 96,000 bytes: one 64 KiB flush, the rest still buffered
+    assert dccfs("tune", mounted.mnt, f"trace={trace}").returncode == 0
+    direct_reads(100)
+    assert dccfs("tune", mounted.mnt, "trace=off").returncode == 0
+    records = read_oracle_general(trace)
+    assert 100 <= len(records) < 4000
+    assert not ((records["obj_id"] == 0) & (records["size"] == 0)).any()
+
+
+def test_reads_and_writes_of_a_chunk_are_traced_with_one_size(make_mount, tmp_path):
+    """A read was traced with its stored record's length, a write with the chunk's length: a
+    replay then weighed one chunk two ways (T0 charges the decoded length)."""
+    mount = make_mount()
+    trace = tmp_path / "t.csv"
+    assert dccfs("tune", mount.mnt, f"trace={trace}").returncode == 0
+    data = b"".join(i.to_bytes(4, "little") * 1000 for i in range(700))  # compressible: records are shorter
+    (mount.mnt / "f.txt").write_bytes(data)
+    assert dccfs("tune", mount.mnt, "t0_bytes=0").returncode == 0  # every read is a miss
+    with open(mount.mnt / "f.txt", "rb") as f:
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)  # the reads reach the daemon
+        assert f.read() == data
+    assert dccfs("tune", mount.mnt, "trace=off").returncode == 0
+    sizes: dict[str, set] = {}
+    with open(trace) as f:
+        for row in csv.DictReader(f):
+            sizes.setdefault(row["obj_id"], set()).add((row["op"], int(row["size"])))
+    ops = {op for seen in sizes.values() for op, _ in seen}
+    assert ops == {"r", "w"}
+    assert all(len({size for _, size in seen}) == 1 for seen in sizes.values()), sizes
+
+
+def _hold_connections_as_nobody(mnt, count: int, hold_s: float) -> int:
+    """A child of uid 65534 that opens count connections to the control socket, sends nothing
+    and holds them for hold_s; returns its pid once they are open."""
+    path = socket_path(str(mnt))
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(read_end)
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
+            held = []
+            for _ in range(count):
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                sock.settimeout(5)
+                try:
+                    sock.connect(path)
+                except OSError:
+                    sock.close()
+                    continue
+                held.append(sock)
+            os.write(write_end, str(len(held)).encode())
+            time.sleep(hold_s)
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end) as pipe:
+        assert int(pipe.read() or 0) > 0
+    return pid
+
+
+def test_another_users_idle_connections_never_lock_the_owner_out(mounted):
+    """Another user's connections are answered and closed at once, before any read: a flood of
+    idle ones used to fill the daemon's descriptors, and the control server then stopped for
+    good (stats and tune unavailable until a remount)."""
+    pid = _hold_connections_as_nobody(mounted.mnt, 200, 20)
+    try:
+        started = time.monotonic()
+        reply = request(str(mounted.mnt), {"cmd": "stats"}, timeout=5)
+        assert reply["ok"] and time.monotonic() - started < 5
+    finally:
+        os.kill(pid, 9)  # our own child
+        os.waitpid(pid, 0)
+    assert json.loads(dccfs("stats", "--json", mounted.mnt).stdout)["cache"]["policy"]
+    assert mounted.log_text().count("control: refused uid 65534") == 1  # one warning a minute
+
+
+def test_read_ahead_starts_again_after_a_rewind(mounted):
+    """prefetched_to only grew: a second pass over the same descriptor got no read-ahead."""
+    data = os.urandom(24 * MIB)
+    (mounted.mnt / "w.safetensors").write_bytes(data)  # 1 MiB chunks
+    fd = os.open(mounted.mnt / "w.safetensors", os.O_RDONLY)
+    try:
+        counts = []
+        for _ in range(2):
+            assert dccfs("tune", mounted.mnt, "t0_bytes=0").returncode == 0
+            assert dccfs("tune", mounted.mnt, "t0_bytes=1GiB").returncode == 0
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            before = request(str(mounted.mnt), {"cmd": "stats"})["stats"]["readahead_chunks"]
+            os.lseek(fd, 0, os.SEEK_SET)
+            got = b""
+            while chunk := os.read(fd, MIB):
+                got += chunk
+            assert got == data
+            counts.append(request(str(mounted.mnt), {"cmd": "stats"})["stats"]["readahead_chunks"] - before)
+    finally:
+        os.close(fd)
+    assert counts[0] > 0 and counts[1] > 0, counts
