@@ -142,6 +142,11 @@ def serve(backing: str, mountpoint: str, req, on_mounted) -> None:
         control = ControlServer(backing, mountpoint, ops, engine, req)
     except ImportError:
         control = None
+    except OSError as exc:
+        # No usable socket directory (another user made /tmp/dccfs-UID first, for one): the
+        # files are served all the same (found by review: the mount failed).
+        log.warning("no control socket, so no stats and tune for this mount: %s", exc)
+        control = None
     pyfuse3.init(ops, mountpoint, fuse_options(req))
     unmount = True
     try:
