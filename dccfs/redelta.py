@@ -78,6 +78,11 @@ class Rewriter:
             return None
         if head.sub == CODEC_DELTA:
             return None
+        if head.a != idx:
+            # Another chunk's record at this offset: the file was overwritten under the pass
+            # (O_TRUNC resets it in place), so this copy is stale and the swap will refuse it
+            # (a warning that the record was damaged said otherwise: found by review).
+            return None
         container, coder, stats = self.file.container, self.file.coder, self.file.engine.stats
         try:
             raw = container.decode_record(idx, record)  # verified against the record's checksum
