@@ -253,6 +253,9 @@ class ControlServer:
         root = os.path.realpath(os.path.join(self.ops.backing_root, relpath.lstrip("/")))
         if root != self.ops.backing_root and not root.startswith(self.ops.backing_root + os.sep):
             raise ValueError(f"{relpath} is outside the mount")
+        state = os.path.join(self.ops.backing_root, ".dccfs")
+        if root == state or root.startswith(state + os.sep):
+            raise ValueError(f"{relpath} is dccfs's own state, not a file of the mount")
         rows = describe_tree(root)
         for row in rows:
             row["path"] = os.path.relpath(row["path"], self.ops.backing_root)

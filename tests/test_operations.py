@@ -222,6 +222,8 @@ def test_stats_files_refuses_a_sibling_of_the_backing_directory(mounted):
     (sibling / "not-in-the-mount").write_bytes(b"x" * 100)
     reply = request(str(mounted.mnt), {"cmd": "files", "path": f"../{sibling.name}"})
     assert reply["ok"] is False and "outside the mount" in reply["error"], reply
+    reply = request(str(mounted.mnt), {"cmd": "files", "path": ".dccfs/bases"})
+    assert reply["ok"] is False and "dccfs's own state" in reply["error"], reply
 
 
 def test_control_socket_dirs_other_users_can_change_are_not_trusted(tmp_path):
