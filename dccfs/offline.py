@@ -11,7 +11,7 @@ from dccfs.container import ChunkError, Container, ContainerError
 from dccfs.format import HEADER_SIZE
 from dccfs.offline_common import (
     OfflineError, byte_progress, chunk_byte_range, copy_plain, decoded_chunks, describe_range,
-    file_kind, find_temps, offline_lock, ratio, walk_files,
+    file_kind, find_backing_root, find_temps, offline_lock, ratio, walk_files,
 )
 from dccfs.offline_convert import run_pack, run_unpack
 from dccfs.offline_pins import check_pins
@@ -113,7 +113,7 @@ def _cut_torn_tail(path: str, container: Container) -> str:
     return f"cut {rec.torn_tail} torn-tail bytes at offset {rec.committed_end}"
 
 
-def _check_container(path: str, fd: int, repair: bool, totals: FsckTotals, advance, backing: str) -> bool:
+def _check_container(path: str, fd: int, repair: bool, totals: FsckTotals, advance) -> bool:
     """Check one container; returns True when it is (now) clean."""
     try:
         container = Container.open(fd, path)
@@ -129,8 +129,10 @@ def _check_container(path: str, fd: int, repair: bool, totals: FsckTotals, advan
         _report(f"{path}: no valid trailer at the end; the last commit (ending at offset "
                 f"{rec.committed_end}) was recovered by scanning")
     links = os.fstat(fd).st_nlink
+    # (pins live in the .dccfs of the backing root, which fsck of a subdirectory finds above it)
+    root = find_backing_root(path) if rec.torn_tail and links > 1 else None
     if rec.torn_tail and links > 1 \
-            and not torn_tail_may_go(backing, header_name(container.header), rec.committed_end):
+            and not (root and torn_tail_may_go(root, header_name(container.header), rec.committed_end)):
         # Linked: a delta base pin (or another name) holds these bytes too. Past the last commit
         # that verifies may lie committed records whose index was damaged, which dependents
         # read by offset: cutting them destroyed those files (found by review).
@@ -168,7 +170,7 @@ def _check_container(path: str, fd: int, repair: bool, totals: FsckTotals, advan
     return clean
 
 
-def _check_file(path: str, st: os.stat_result, repair: bool, totals: FsckTotals, advance, backing: str) -> None:
+def _check_file(path: str, st: os.stat_result, repair: bool, totals: FsckTotals, advance) -> None:
     totals.files += 1
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -180,7 +182,7 @@ def _check_file(path: str, st: os.stat_result, repair: bool, totals: FsckTotals,
     try:
         kind = file_kind(fd)
         if kind == "container":
-            clean = _check_container(path, fd, repair, totals, advance, backing)
+            clean = _check_container(path, fd, repair, totals, advance)
         else:
             totals.plain += 1
             totals.plain_bytes += st.st_size
@@ -232,7 +234,7 @@ def _fsck_walk(backing: str, repair: bool, progress: bool, totals: FsckTotals) -
                 if key in seen:
                     continue
                 seen.add(key)
-                _check_file(found.path, found.st, repair, totals, advance, backing)
+                _check_file(found.path, found.st, repair, totals, advance)
         # Under the same lock: a mount starting in between could pin a base for a file
         # it has not committed yet, which --repair would then remove.
         totals.damaged += check_pins(backing, repair, _report, damaged_files=totals.damaged - totals.torn)

@@ -293,6 +293,10 @@ def test_a_pinned_base_whose_end_is_damaged_is_never_cut(backing, capsys, caplog
     assert out.count("recovered by scanning") == 1
     assert not [r for r in caplog.records if r.name == "dccfs.container_records"]
     assert base.stat().st_size == size
+    # fsck of a subdirectory finds the pins above it too
+    assert run_fsck(str(backing / "run"), repair=True, progress=False) == 1
+    assert "not cut: the file has 2 links" in capsys.readouterr().out
+    assert base.stat().st_size == size
     assert _read_all(backing, "run/step-20.bin") == data[1]
     fd = os.open(base, os.O_RDWR)
     try:
