@@ -50,10 +50,9 @@ class ContainerFile(ChunkReader):
         container.base_store = engine.bases
         self.chunk_size = container.chunk_size
         self.size = container.size
-        # A chunk written whole in one request is kept as the request's own bytes (no
-        # copy); one assembled from pieces is a bytearray. _mutable() converts on demand.
-        # bytes: a whole chunk as written; bytearray: one written in part; memoryview: the head
-        # of a chunk, a view of the write request that brought it (write)
+        # A chunk written whole in one request is kept as the request's own bytes (no copy); the
+        # head of a chunk, until its rest comes, as a memoryview of the request that brought it;
+        # one assembled otherwise is a bytearray. _mutable() converts on demand.
         self.dirty: dict[int, bytes | bytearray | memoryview] = {}
         self.versions: dict[int, int] = {}
         # Dirty chunks whose store failed: they no longer hold dirty budget, so one file's
@@ -84,8 +83,11 @@ class ContainerFile(ChunkReader):
 
     @property
     def content_changed(self) -> bool:
-        """Writes or a size not committed yet. A truncate that removes no stored chunk (or grows
-        the file) changes only self.size, which the container learns at the next commit."""
+        """Writes or a size not committed yet: what a background rewrite must not swap away. A
+        truncate that removes no stored chunk (or grows the file) changes only self.size, which
+        the container learns at the next commit (found by review: such a truncate by path was
+        swapped away); an explicit mtime alone (the kernel sends the times back after a rename,
+        with the writeback cache) is no change to the content."""
         return bool(self.dirty) or self.container.dirty or self.size != self.container.committed_size
 
     @property

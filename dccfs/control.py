@@ -21,6 +21,7 @@ from dataclasses import asdict, replace
 import trio
 
 from dccfs.config import ConfigError, check_cache_value
+from dccfs.mount import STATE_DIR, MountError, is_within
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +114,6 @@ class ControlServer:
             self.set_trace(self.open_trace(req.trace))
         if req.metrics:
             from dccfs.metrics import serve_metrics
-            from dccfs.mount import MountError
             try:
                 serve_metrics(req.metrics, engine)
             except ValueError as exc:
@@ -219,14 +219,16 @@ class ControlServer:
         if request.get("cmd") == "files":
             # Reads every chunk header of the files: keep it off the FUSE thread.
             return await trio.to_thread.run_sync(self.dispatch, request)
-        if request.get("cmd") == "tune" and isinstance(request.get("set"), dict) \
-                and "trace" in request["set"]:
+        if request.get("cmd") == "tune":
+            changes = request.get("set") or {}
+            if not isinstance(changes, dict):
+                raise ValueError("tune's 'set' is a JSON object of key: value")
+            target = str(changes.get("trace", "off"))
             # Opened in a worker: the path may be slow, or lead into this very mount, whose
             # requests the trio thread must go on serving meanwhile (found by review: a hang).
-            target = str(request["set"]["trace"])
             trace = None if _trace_off(target) else await trio.to_thread.run_sync(self.open_trace, target)
             try:
-                return self.tune(request["set"], trace)
+                return self.tune(changes, trace)
             except BaseException:
                 if trace is not None:
                     trace.close()
@@ -237,13 +239,6 @@ class ControlServer:
         cmd = request.get("cmd")
         if cmd == "stats":
             return {"ok": True, "stats": self.engine.stats.snapshot(), "cache": self.cache_settings()}
-        if cmd == "tune":
-            changes = request.get("set") or {}
-            if not isinstance(changes, dict):
-                raise ValueError("tune's 'set' is a JSON object of key: value")
-            if "trace" in changes and not _trace_off(str(changes["trace"])):
-                raise ValueError("a trace file is opened by the control server, not by dispatch")
-            return self.tune(changes)
         if cmd == "files":
             return {"ok": True, "files": self.describe_files(request.get("path") or "")}
         raise ValueError(f"unknown command {cmd!r} (stats, tune, files)")
@@ -251,10 +246,9 @@ class ControlServer:
     def describe_files(self, relpath: str) -> list[dict]:
         from dccfs.inspect import describe_tree
         root = os.path.realpath(os.path.join(self.ops.backing_root, relpath.lstrip("/")))
-        if root != self.ops.backing_root and not root.startswith(self.ops.backing_root + os.sep):
+        if not is_within(root, self.ops.backing_root):
             raise ValueError(f"{relpath} is outside the mount")
-        state = os.path.join(self.ops.backing_root, ".dccfs")
-        if root == state or root.startswith(state + os.sep):
+        if is_within(root, os.path.join(self.ops.backing_root, STATE_DIR)):
             raise ValueError(f"{relpath} is dccfs's own state, not a file of the mount")
         rows = describe_tree(root)
         for row in rows:
@@ -295,8 +289,7 @@ class ControlServer:
         from dccfs.trace import TraceWriter
         if not os.path.isabs(target):
             raise ValueError(f"the trace file must be an absolute path, got {target!r}")
-        real = os.path.realpath(target)
-        if real == self.mountpoint or real.startswith(self.mountpoint + os.sep):
+        if is_within(target, self.mountpoint):
             raise ValueError(f"{target}: the trace cannot be written inside the mount it records "
                              "(each write would wait on this daemon)")
         return TraceWriter(target, truncate=False)

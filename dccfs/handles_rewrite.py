@@ -15,13 +15,6 @@ from dccfs.pins import header_name
 log = logging.getLogger(__name__)
 
 
-def _data_changed(file: ContainerFile) -> bool:
-    """Writes or a size not committed yet. An explicit mtime alone (the kernel sends the times
-    back after a rename, with the writeback cache) is no change to the content a rewrite copies;
-    a size alone is (found by review: a truncate by path during a pass was swapped away)."""
-    return file.content_changed
-
-
 class BackgroundRewrites:
     """HandleTable's part that rewrites closed files in the background. The table provides
     engine, inodes, tmp_dir, rewrite_limiter, _closed_in_background, _close_file and _detach."""
@@ -31,7 +24,7 @@ class BackgroundRewrites:
             async with file.release_lock:
                 if file.closed or file.handles:
                     return  # reopened: its next release decides again
-                if not _data_changed(file):
+                if not file.content_changed:
                     await self._compact(inode, file, redelta.Rewriter(file) if redelta_now else None)
             await self._close_file(inode, file, compact=False)
         finally:
@@ -70,7 +63,7 @@ class BackgroundRewrites:
                 log.warning("%s: compaction failed, file left as it was: %s", container.path, exc)
             self._abandon_copy(tmp_path, rewriter, copy_name)
             return
-        if file.handles or _data_changed(file) or file.closed or (container.cache_id, container.end) != copied:
+        if file.handles or file.content_changed or file.closed or (container.cache_id, container.end) != copied:
             # Reopened meanwhile, and maybe overwritten (a reset: a new file id) and released
             # again, possibly ending at the same offset: the copy is stale.
             self._abandon_copy(tmp_path, rewriter, copy_name)

@@ -185,7 +185,7 @@ def run_mount(req: MountRequest) -> int:
         req.trace = os.path.abspath(req.trace)
     if not req.foreground and log_file is None:
         log_file = os.path.join(state_dir(backing), DEFAULT_LOG)
-    if req.trace and _is_inside(req.trace, mountpoint):
+    if req.trace and is_within(req.trace, mountpoint):
         os.close(lock_fd)
         raise MountError(f"the trace file {req.trace} is inside the mountpoint {mountpoint}: it would be "
                          "hidden under the mount, and its writes would wait on the daemon itself")
@@ -296,6 +296,7 @@ def run_umount(mountpoint: str, lazy: bool = False) -> None:
                      f"{UMOUNT_WAIT_S}s")
 
 
-def _is_inside(path: str, directory: str) -> bool:
+def is_within(path: str, directory: str) -> bool:
+    """Whether path is directory or lies below it, symlinks resolved."""
     real, top = os.path.realpath(path), os.path.realpath(directory)
     return real == top or real.startswith(top + os.sep)
