@@ -30,6 +30,7 @@ MAX_CONNECTIONS = 32  # served at once; more wait in the listen backlog
 REQUEST_TIMEOUT_S = 10.0  # to send a whole request line
 ACCEPT_RETRY_S = 0.5  # after accept() failed (out of descriptors): retry, never give up
 REFUSAL_LOG_EVERY_S = 60.0  # one warning per minute for refused peers, with their count
+REFUSED_DRAIN_S = 1.0  # how long a refused peer's request is read (and dropped) after the reply
 STARTUP_WAIT_S = 3.0  # how long a client waits for the socket of a mount that has just started
 TUNABLE = ("policy", "t0_bytes", "dirty_bytes", "readahead_chunks", "write_admit", "trace")
 
@@ -159,13 +160,21 @@ class ControlServer:
                 nursery.start_soon(self._handle_guarded, conn, slots)
 
     async def _handle_guarded(self, conn, slots) -> None:
+        held = True
+
+        def free_slot() -> None:
+            nonlocal held
+            if held:
+                held = False
+                slots.release()
+
         # A broken client must never take the mount down with it.
         try:
-            await self._handle(conn)
+            await self._handle(conn, free_slot)
         except Exception:
             log.exception("control connection failed")
         finally:
-            slots.release()
+            free_slot()
 
     def _note_refusal(self, uid: int) -> None:
         """Warn about refused peers at most once a minute: any local user can connect."""
@@ -177,13 +186,15 @@ class ControlServer:
             self._refused = 0
             self._refusal_logged_at = now
 
-    async def _handle(self, conn) -> None:
+    async def _handle(self, conn, free_slot) -> None:
+        refused = False
         with conn:
             try:
                 uid = peer_uid(conn)
                 if uid not in (0, self.owner_uid):
                     # Answered before reading anything: another user's connections hold no slot
-                    # and no descriptor for longer than this reply takes.
+                    # for longer than this reply takes.
+                    refused = True
                     self._note_refusal(uid)
                     reply = {"ok": False, "error": f"permission denied: uid {uid} is neither root "
                                                    f"nor the mount owner (uid {self.owner_uid})"}
@@ -210,6 +221,14 @@ class ControlServer:
                 while out:
                     sent = await conn.send(out)
                     out = out[sent:]
+                if refused:
+                    # Closed with the client's request unread, the socket would make the client's
+                    # send fail (EPIPE) or lose the reply (ECONNRESET): read it, briefly, out of slot.
+                    free_slot()
+                    with trio.move_on_after(REFUSED_DRAIN_S):
+                        drained = 0
+                        while drained < MAX_REQUEST and (more := await conn.recv(4096)):
+                            drained += len(more)
             except OSError:
                 pass
 
