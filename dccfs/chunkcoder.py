@@ -62,9 +62,9 @@ class ChunkCoder:
             self._settled = True
             if self._layout is not None:
                 log.debug("%s: detected %s layout", self.path, self._layout.kind)
-                self._maybe_start_delta(file_id)
+                self._maybe_start_delta(file_id, prefix)
 
-    def _maybe_start_delta(self, file_id: bytes) -> None:
+    def _maybe_start_delta(self, file_id: bytes, prefix: bytearray) -> None:
         """Pair this file with an earlier checkpoint of the same series, when enabled."""
         wanted = self.rule.delta if self.rule.delta is not None else self.engine.config.delta
         if not wanted or self._delta is not None or self.engine.config.shared:
@@ -76,7 +76,8 @@ class ChunkCoder:
             self._delta = DeltaWriter.for_file(self.engine.backing_root, self.path, file_id,
                                                self.engine.cache, always=self.rule.delta is True,
                                                max_chain=config.delta_chain,
-                                               during_write=config.delta_during_write)
+                                               during_write=config.delta_during_write,
+                                               prefix=prefix)
         except OSError as exc:
             log.warning("%s: no delta base (%s); storing keyframes", self.path, exc)
 

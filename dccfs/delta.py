@@ -21,7 +21,7 @@ from dccfs.codecs import CodecError
 from dccfs.codecs.delta import CODEC_DELTA, delta_base_ref
 from dccfs.format import HEADER_SIZE, RECORD_HEADER_SIZE, FormatError, Header, RecordHeader
 from dccfs.delta_candidates import (MAX_CANDIDATES, find_base_candidates, looks_temporary,  # noqa: F401
-                                    name_pattern, open_base)
+                                    name_pattern, open_base, resembles)
 from dccfs import pins
 from dccfs.delta_bases import (BASES_DIR, MAX_CHAIN, BaseRef, BaseStore, base_link_path,  # noqa: F401
                                store_for_path)
@@ -64,6 +64,13 @@ def _link_pin_locked(backing_root: str, base_fd: int, header: Header) -> str:
 
 DELTA_LAYOUTS = ("safetensors", "torch-zip")
 
+# A base is judged on this many delta attempts; none smaller than its keyframe and the file
+# stops trying. A temporary file takes the newest file beside it as its base, often another
+# model or format (safetensors' save_file next to a torch.save), and each attempt costs about
+# three keyframe encodes (save_file of mpnet_fp32 beside its .pt: no delta, 0.59x the
+# passthrough's speed; docs/delta.md "Giving up on a base").
+PROBE_CHUNKS = 8
+
 
 class DeltaWriter:
     """Encodes one file's chunks against the same chunks of its base, when that is smaller.
@@ -91,6 +98,11 @@ class DeltaWriter:
         # the writer, or during_write off): dccfs.redelta encodes them after the last close.
         self.deferred: set[int] = set()
         self.pinned = False
+        self.attempts = 0  # delta encodes tried, smaller or not
+        self.smaller_seen = False
+        # No delta was smaller in the first PROBE_CHUNKS attempts: keyframes from then on,
+        # and nothing is left for the pass after close.
+        self.given_up = False
         # The base was overwritten in place (reset under a new file id) before it was
         # pinned: its records are gone, so no delta may name it.
         self.base_changed = False
@@ -107,9 +119,15 @@ class DeltaWriter:
     @classmethod
     def for_file(cls, backing_root: str, relpath: str, file_id: bytes, cache=None,
                  always: bool = False, max_chain: int = 1,
-                 during_write: bool = True) -> "DeltaWriter | None":
+                 during_write: bool = True, prefix: bytes | bytearray | None = None) -> "DeltaWriter | None":
+        """The writer for relpath against its first usable candidate base; a temporary name
+        takes only a base that resembles prefix (the new file's first bytes), when given."""
+        judge = prefix is not None and looks_temporary(os.path.basename(relpath))
         for path in find_base_candidates(backing_root, relpath):
             base = open_base(path, file_id)
+            if base is not None and judge and not resembles(prefix, base):
+                os.close(base.fd)
+                base = None
             if base is not None:
                 log.info("%s: storing as a delta of %s", relpath,
                          os.path.relpath(path, backing_root))
@@ -183,9 +201,10 @@ class DeltaWriter:
     def encode(self, idx: int, raw: bytes, hints):
         """A delta EncodedChunk for chunk idx, or None when a keyframe is as small (or the
         delta is put off until after close: see deferred)."""
-        if self.base_changed:
+        if self.base_changed or self.given_up:
             return None
-        if not self.during_write or (hints.effort < 1 and not self.always):
+        judged = self.attempts >= PROBE_CHUNKS
+        if not self.during_write or (hints.effort < 1 and not self.always and judged):
             # Pinned now, not when the pass gets to it: an atomic saver renames this file
             # over its base right after the close, and an unlinked base cannot be pinned.
             if self._usable_base_record(idx) is not None and self._pin(self.dependent_key):
@@ -198,18 +217,32 @@ class DeltaWriter:
         """encode without putting anything off: a delta, or None when a keyframe is as small.
         dependent names the container the delta goes into (default: the writer's)."""
         from dccfs.codecs.delta import encode_delta
-        if self.base_changed:
+        if self.base_changed or self.given_up:
             return None
         found = self._base_chunk(idx)
         if found is None:
             return None
         base_raw, ref = found
         encoded = encode_delta(raw, base_raw, hints, ref.pack())
+        self._judge(encoded is not None)
         if encoded is None or not self._pin(dependent or self.dependent_key):
             return None
         with self._lock:
             self.delta_chunks += 1
         return encoded
+
+    def _judge(self, smaller: bool) -> None:
+        with self._lock:
+            self.attempts += 1
+            if smaller:
+                self.smaller_seen = True
+            elif self.attempts >= PROBE_CHUNKS and not self.smaller_seen and not self.always:
+                if not self.given_up:
+                    log.info("%s is no delta base for this file: no delta was smaller in %d "
+                             "chunks; storing keyframes", os.path.basename(self.base.path),
+                             self.attempts)
+                self.given_up = True
+                self.deferred.clear()
 
     def _pin(self, dependent: str | None) -> bool:
         """Pin the base for the container named dependent (the one the delta goes into),

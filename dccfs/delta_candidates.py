@@ -6,12 +6,23 @@ import re
 import stat
 import struct
 
-from dccfs.container import Container, ContainerError, pread_exact
+import numpy as np
+
+from dccfs.container import ChunkError, Container, ContainerError, pread_exact
 from dccfs.format import HEADER_SIZE, FormatError, Header
 
 # Base files considered: siblings whose names differ only in digits (step-10 / step-20),
 # in the same directory or in sibling directories, newest first.
 MAX_CANDIDATES = 8
+# A temporary file's name says nothing, so its base must resemble it: its first chunk and
+# the new file's first bytes share a prefix this long (a safetensors header, a torch zip's
+# first entry), or this share of equal bytes at equal offsets (a raw tensor dump a small
+# step apart), compared over at most COMPARE_BYTES. A transformers checkpoint directory
+# has config.json written just before model.safetensors' temporary: as the newest file it
+# was the base, and no chunk of the series was ever a delta (found 2026-12-06).
+MIN_COMMON_PREFIX = 64
+MIN_EQUAL_SHARE = 0.25
+COMPARE_BYTES = 64 << 10
 
 
 def name_pattern(name: str) -> str:
@@ -83,3 +94,17 @@ def open_base(path: str, exclude_file_id: bytes) -> Container | None:
     except (FormatError, ContainerError, OSError, struct.error):
         os.close(fd)
         return None
+
+
+def resembles(prefix: bytes | bytearray, base: Container) -> bool:
+    """Whether base's first chunk looks like an earlier version of a file starting with prefix."""
+    try:
+        first = base.read_chunk(0)
+    except (ChunkError, ContainerError, FormatError, OSError, ValueError):
+        return False
+    n = min(len(prefix), len(first or b""), COMPARE_BYTES)
+    if n == 0:
+        return False
+    equal = np.frombuffer(prefix, np.uint8, n) == np.frombuffer(first, np.uint8, n)
+    common = n if equal.all() else int(np.argmin(equal))
+    return common >= min(MIN_COMMON_PREFIX, n) or float(equal.mean()) >= MIN_EQUAL_SHARE

@@ -32,7 +32,7 @@ MIN_DEFERRED_FRACTION = 0.1
 def deferred_chunks(file) -> int:
     """How many live chunks of this closed file were left as keyframes for the pass."""
     delta = file.coder.delta
-    if delta is None or delta.base_changed:
+    if delta is None or delta.base_changed or delta.given_up:
         return 0
     index = file.container.index
     return sum(1 for idx in list(delta.deferred) if idx in index)
@@ -60,6 +60,8 @@ class Rewriter:
         self.copy_name = header_name(file.container.header.next_generation())
 
     def __call__(self, idx: int, record: bytes):
+        if self.delta.given_up and not self.replaced and not self.compacting:
+            raise OSError(errno.ESTALE, "no delta against its base was smaller")
         if idx not in self.delta.deferred:
             return None
         if os.fstat(self.file.container.fd).st_nlink > 1:

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -36,6 +37,32 @@ def series(corpus):
 def stored_ratio(mount, rel):
     rows = json.loads(dccfs("stats", "--json", "--files", rel, mount.mnt).stdout)
     return rows[0]
+
+
+def test_a_transformers_checkpoint_directory_takes_the_last_model_as_its_base(make_mount, series):
+    """checkpoint-N/config.json, then model.safetensors through save_file's temporary name:
+    the temporary took the newest file beside it, config.json, as its base, and no chunk of
+    the series was ever a delta. The base must resemble the new file."""
+    import json as json_module
+    from safetensors.torch import save_file
+    mount = make_mount("hf-dirs")
+    for step, tensors in zip((500, 1000), series):
+        directory = mount.mnt / f"checkpoint-{step}"
+        directory.mkdir()
+        (directory / "config.json").write_text(json_module.dumps({"step": step, "hidden_size": 384}))
+        save_file(tensors, str(directory / "model.safetensors"))
+    second = stored_ratio(mount, "checkpoint-1000/model.safetensors")
+    deadline = time.monotonic() + 120  # deltas may be put off until after the close
+    while "delta" not in second["codecs"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+        second = stored_ratio(mount, "checkpoint-1000/model.safetensors")
+    first = stored_ratio(mount, "checkpoint-500/model.safetensors")
+    assert second["codecs"].get("delta", 0) > 0, second
+    assert second["ratio"] < first["ratio"] * 0.8, (first["ratio"], second["ratio"])
+    log = mount.log_text()
+    assert "storing as a delta of checkpoint-500/model.safetensors" in log
+    assert "storing as a delta of checkpoint-1000/config.json" not in log
+    assert "storing as a delta of checkpoint-500/config.json" not in log
 
 
 @pytest.mark.parametrize("fmt", ["safetensors", "torch"])

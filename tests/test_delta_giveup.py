@@ -1,0 +1,118 @@
+"""A file gives up on a delta base that yields no smaller chunk (dccfs/delta.py PROBE_CHUNKS)."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from dccfs.codecs import ChunkHints, Segment, encode_chunk
+from dccfs.container import Container
+from dccfs.delta import PROBE_CHUNKS, DeltaWriter
+from dccfs.format import checksum64
+
+CHUNK_SHIFT = 16
+N_CHUNKS = PROBE_CHUNKS + 6
+
+
+def _weights(seed: int, scale: float) -> bytes:
+    rng = np.random.default_rng(seed)
+    return rng.normal(0, scale, N_CHUNKS << (CHUNK_SHIFT - 2)).astype(np.float32).tobytes()
+
+
+def _hints(raw: bytes, effort: int) -> ChunkHints:
+    return ChunkHints(segments=(Segment(0, len(raw), "f32"),), effort=effort)
+
+
+def _chunks(data: bytes):
+    cs = 1 << CHUNK_SHIFT
+    return [(idx, data[idx * cs:(idx + 1) * cs]) for idx in range(-(-len(data) // cs))]
+
+
+@pytest.fixture
+def backing(tmp_path):
+    (tmp_path / ".dccfs").mkdir()
+    (tmp_path / "run").mkdir()
+    return tmp_path
+
+
+def _store(backing, rel: str, data: bytes) -> None:
+    path = os.path.join(backing, rel)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    container = Container.create(fd, path, CHUNK_SHIFT)
+    for idx, raw in _chunks(data):
+        container.append_chunk(idx, encode_chunk(raw, _hints(raw, 1)), len(raw), checksum64(raw))
+    container.commit(len(data), durable=False)
+    os.close(fd)
+
+
+def _writer(backing, rel: str) -> DeltaWriter:
+    """The writer a saver's temporary file gets: any file beside it is a candidate base."""
+    fd = os.open(os.path.join(backing, rel), os.O_RDWR | os.O_CREAT, 0o644)
+    container = Container.create(fd, os.path.join(backing, rel), CHUNK_SHIFT)
+    os.close(fd)
+    writer = DeltaWriter.for_file(str(backing), rel, container.header.file_id)
+    assert writer is not None
+    writer.dependent_key = "dependent"
+    return writer
+
+
+@pytest.mark.parametrize("effort", [1, 0])
+def test_an_unrelated_base_is_given_up_after_the_probe(backing, effort):
+    """Another model's weights beside a temporary file: PROBE_CHUNKS attempts, then keyframes
+    without trying, and nothing left for the pass after close, even while the encoders are
+    behind the writer (effort 0 puts deltas off)."""
+    _store(backing, "run/other.bin", _weights(1, 0.05))
+    writer = _writer(backing, "run/.tmp-save")
+    try:
+        results = [writer.encode(idx, raw, _hints(raw, effort)) for idx, raw in _chunks(_weights(2, 0.02))]
+        assert results == [None] * N_CHUNKS
+        assert writer.attempts == PROBE_CHUNKS
+        assert writer.given_up
+        assert not writer.deferred
+    finally:
+        writer.close()
+
+
+def test_a_related_base_is_kept_and_deltas_are_put_off_under_backlog(backing):
+    """The next step of a series: deltas in the probe, then, at effort 0, the rest put off for the pass."""
+    base = _weights(1, 0.05)
+    _store(backing, "run/step-10.bin", base)
+    update = np.random.default_rng(3).normal(0, 1e-4, len(base) // 4).astype(np.float32)
+    later = (np.frombuffer(base, np.float32) + update).astype(np.float32).tobytes()
+    writer = _writer(backing, "run/.tmp-save")
+    try:
+        results = [writer.encode(idx, raw, _hints(raw, 0)) for idx, raw in _chunks(later)]
+        assert all(r is not None for r in results[:PROBE_CHUNKS])
+        assert results[PROBE_CHUNKS:] == [None] * (N_CHUNKS - PROBE_CHUNKS)
+        assert not writer.given_up
+        assert writer.deferred == set(range(PROBE_CHUNKS, N_CHUNKS))
+    finally:
+        writer.close()
+
+
+def _container_of(backing, rel: str, data: bytes) -> Container:
+    _store(backing, rel, data)
+    path = os.path.join(backing, rel)
+    return Container.open(os.open(path, os.O_RDONLY), path)
+
+
+@pytest.mark.parametrize("base_data, resembling", [
+    (b'{"hidden_size": 384, "step": 500}', False),          # config.json beside the new model
+    (b"PK\x03\x04" + bytes(range(200)) * 50, False),        # a torch zip beside a safetensors file
+    (b"HEADER" * 20 + b"\x01" * 9000, True),                # the same header, other data after it
+    (None, True),                                           # raw f32 weights one small step earlier
+])
+def test_a_temporary_file_takes_only_a_base_that_resembles_it(backing, base_data, resembling):
+    from dccfs.delta_candidates import resembles
+    ours = b"HEADER" * 20 + b"\x02" * 9000
+    if base_data is None:
+        weights = np.frombuffer(_weights(1, 0.05), np.float32)
+        ours = weights.tobytes()
+        step = np.random.default_rng(4).normal(0, 1e-4, weights.size).astype(np.float32)
+        base_data = (weights - step).astype(np.float32).tobytes()
+    base = _container_of(backing, "run/base.bin", base_data)
+    try:
+        assert resembles(ours, base) is resembling
+    finally:
+        os.close(base.fd)
