@@ -120,19 +120,33 @@ class DeltaWriter:
     def for_file(cls, backing_root: str, relpath: str, file_id: bytes, cache=None,
                  always: bool = False, max_chain: int = 1,
                  during_write: bool = True, prefix: bytes | bytearray | None = None) -> "DeltaWriter | None":
-        """The writer for relpath against its first usable candidate base; a temporary name
-        takes only a base that resembles prefix (the new file's first bytes), when given."""
-        judge = prefix is not None and looks_temporary(os.path.basename(relpath))
+        """The writer for relpath against the newest candidate base that resembles prefix
+        (the new file's first bytes), when given. Without one, a named file takes its newest
+        usable candidate (a name that differs only in digits is a series: the new file's
+        header may well differ from its base's), a temporary name none."""
+        temporary = looks_temporary(os.path.basename(relpath))
+        fallback = None
         for path in find_base_candidates(backing_root, relpath):
             base = open_base(path, file_id)
-            if base is not None and judge and not resembles(prefix, base):
+            if base is None:
+                continue
+            if prefix is None or resembles(prefix, base):
+                if fallback is not None:
+                    os.close(fallback[1].fd)
+                return cls._chosen(backing_root, relpath, path, base, cache, always, max_chain,
+                                   during_write)
+            if fallback is None and not temporary:
+                fallback = (path, base)
+            else:
                 os.close(base.fd)
-                base = None
-            if base is not None:
-                log.info("%s: storing as a delta of %s", relpath,
-                         os.path.relpath(path, backing_root))
-                return cls(backing_root, base, cache, always, max_chain, during_write)
+        if fallback is not None:
+            return cls._chosen(backing_root, relpath, *fallback, cache, always, max_chain, during_write)
         return None
+
+    @classmethod
+    def _chosen(cls, backing_root, relpath, path, base, cache, always, max_chain, during_write):
+        log.info("%s: storing as a delta of %s", relpath, os.path.relpath(path, backing_root))
+        return cls(backing_root, base, cache, always, max_chain, during_write)
 
     def _usable_base_record(self, idx: int):
         """(location, record header, chain depth a delta on it would have) of the base's

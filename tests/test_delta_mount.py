@@ -65,6 +65,26 @@ def test_a_transformers_checkpoint_directory_takes_the_last_model_as_its_base(ma
     assert "storing as a delta of checkpoint-500/config.json" not in log
 
 
+def test_a_shard_written_under_its_own_name_takes_the_same_shard_of_the_last_checkpoint(make_mount, series):
+    """Shards written directly (no temporary): model-00002-of-00002 took the newest file of its
+    series, shard 1 of its own checkpoint, just written. The newest candidate that resembles
+    the new file comes first (checkpoint-1's shard 2, with none, still tries shard 1: a named
+    file's header may differ from its base's, and a useless base is given up after
+    delta.PROBE_CHUNKS attempts)."""
+    from safetensors.torch import save
+    mount = make_mount("shards")
+    for step, tensors in zip((1, 2), series):
+        directory = mount.mnt / f"checkpoint-{step}"
+        directory.mkdir()
+        for shard, layer in ((1, ".layer.0."), (2, ".layer.1.")):
+            part = {k: v for k, v in tensors.items() if layer in k}
+            (directory / f"model-0000{shard}-of-00002.safetensors").write_bytes(save(part))
+    log = mount.log_text()
+    for shard in (1, 2):
+        name = f"model-0000{shard}-of-00002.safetensors"
+        assert f"checkpoint-2/{name}: storing as a delta of checkpoint-1/{name}" in log, log
+
+
 @pytest.mark.parametrize("fmt", ["safetensors", "torch"])
 def test_next_checkpoint_is_a_delta_and_survives_deleting_its_base(make_mount, series, fmt, tmp_path):
     import torch
