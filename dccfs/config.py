@@ -130,6 +130,19 @@ class Config:
         size = self.rule_for(relpath).chunk_size or self.chunk_size
         return size.bit_length() - 1
 
+    @property
+    def smallest_chunk(self) -> int:
+        """The smallest chunk size any file of this mount can have (tensor files' are larger)."""
+        return min([self.chunk_size] + [r.chunk_size for r in self.rules if r.chunk_size])
+
+    def check_t0_fits(self, where: str) -> None:
+        """ConfigError for a T0 budget that is on but smaller than every chunk: it would hold nothing."""
+        t0, chunk = self.cache.t0_bytes, self.smallest_chunk
+        if 0 < t0 < chunk:
+            size = f"{chunk >> 20}MiB" if chunk % (1 << 20) == 0 else f"{chunk >> 10}KiB"
+            raise ConfigError(f"{where}: {t0} bytes is less than one chunk ({size}), so T0 would hold "
+                              f"nothing; use 0 to turn T0 off, or at least {size}")
+
     def with_cache(self, **changes) -> "Config":
         return replace(self, cache=replace(self.cache, **changes))
 
@@ -223,7 +236,9 @@ def parse_config(data: dict, source: str) -> Config:
         if not isinstance(chain, int) or isinstance(chain, bool) or not 1 <= chain <= 16:
             raise ConfigError(f"{source}: delta_chain must be an integer 1..16, got {toml_text(chain)}")
         top["delta_chain"] = chain
-    return Config(cache=CacheConfig(**cache), rules=rules, source=source, **top)
+    config = Config(cache=CacheConfig(**cache), rules=rules, source=source, **top)
+    config.check_t0_fits(f"{source}: cache.t0_bytes")
+    return config
 
 
 def load_config(path: str | Path | None) -> Config:

@@ -289,6 +289,7 @@ class ControlServer:
         engine = self.engine
         cache = engine.config.cache
         new_cache = replace(cache, **checked)
+        replace(engine.config, cache=new_cache).check_t0_fits("tune t0_bytes")
         if new_cache.policy != cache.policy or new_cache.t0_bytes != cache.t0_bytes \
                 or new_cache.write_admit != cache.write_admit:
             engine.cache.reconfigure(new_cache.policy, new_cache.t0_bytes,

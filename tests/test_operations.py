@@ -66,6 +66,8 @@ def test_sizes_and_config_errors(tmp_path):
         "[cache]\nt0_bytes = 9223372036854775808\n": "too large",
         "[[rule]]\nglob = '*'\nlevel = true\n": "level must be an integer -7..22, got true",  # was level 1
         b"[cache]\npolicy = '\xff'\n": "not UTF-8",  # was a UnicodeDecodeError traceback
+        "[cache]\nt0_bytes = '64KiB'\n": "less than one chunk (256KiB), so T0 would hold nothing",  # was accepted
+        "chunk_size = '64KiB'\n[cache]\nt0_bytes = 4096\n": "less than one chunk (64KiB)",
     }
     for text, message in cases.items():
         path = tmp_path / "c.toml"
@@ -128,6 +130,9 @@ def test_stats_and_tune_on_a_live_mount(mounted):
     assert bad.returncode == 1 and "not one of" in bad.stderr
     bad = dccfs("tune", mounted.mnt, "colour=red")
     assert bad.returncode == 1 and "unknown key" in bad.stderr
+    bad = dccfs("tune", mounted.mnt, "t0_bytes=4KiB", "policy=lru")
+    assert bad.returncode == 1 and "less than one chunk" in bad.stderr, bad.stderr
+    assert json.loads(dccfs("stats", "--json", mounted.mnt).stdout)["cache"]["policy"] == "arc"
 
 
 @pytest.mark.mount
