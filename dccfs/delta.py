@@ -65,10 +65,10 @@ def _link_pin_locked(backing_root: str, base_fd: int, header: Header) -> str:
 DELTA_LAYOUTS = ("safetensors", "torch-zip")
 
 # A base is judged on this many delta attempts; none smaller than its keyframe and the file
-# stops trying. A temporary file takes the newest file beside it as its base, often another
-# model or format (safetensors' save_file next to a torch.save), and each attempt costs about
-# three keyframe encodes (save_file of mpnet_fp32 beside its .pt: no delta, 0.59x the
-# passthrough's speed; docs/delta.md "Giving up on a base").
+# stops trying. A base can still be useless (a named file's fallback when none resembles
+# it; a temporary took any file beside it until 2026-12-06, such as a torch.save of the same
+# model beside a save_file), and each attempt costs about three keyframe encodes, the pass
+# after close a full copy of the file (docs/delta.md "Giving up on a base").
 PROBE_CHUNKS = 8
 
 

@@ -14,12 +14,13 @@ from dccfs.format import HEADER_SIZE, FormatError, Header
 # Base files considered: siblings whose names differ only in digits (step-10 / step-20),
 # in the same directory or in sibling directories, newest first.
 MAX_CANDIDATES = 8
-# A temporary file's name says nothing, so its base must resemble it: its first chunk and
-# the new file's first bytes share a prefix this long (a safetensors header, a torch zip's
-# first entry), or this share of equal bytes at equal offsets (a raw tensor dump a small
-# step apart), compared over at most COMPARE_BYTES. A transformers checkpoint directory
-# has config.json written just before model.safetensors' temporary: as the newest file it
-# was the base, and no chunk of the series was ever a delta (found 2026-12-06).
+# A name says little (a temporary's nothing), so the base preferred is one that resembles
+# the new file: its first chunk and the new file's first bytes share a prefix this long (a
+# safetensors header, a torch zip's first entry), or this share of equal bytes at equal
+# offsets (a raw tensor dump a small step apart), compared over at most COMPARE_BYTES. A
+# transformers checkpoint directory has config.json written just before
+# model.safetensors' temporary: as the newest file it was the base, and no chunk of the
+# series was ever a delta (found 2026-12-06).
 MIN_COMMON_PREFIX = 64
 MIN_EQUAL_SHARE = 0.25
 COMPARE_BYTES = 64 << 10
