@@ -77,7 +77,7 @@ class ChunkCoder:
                                                self.engine.cache, always=self.rule.delta is True,
                                                max_chain=config.delta_chain,
                                                during_write=config.delta_during_write,
-                                               prefix=prefix)
+                                               prefix=prefix, chunk_size=self.chunk_size)
         except OSError as exc:
             log.warning("%s: no delta base (%s); storing keyframes", self.path, exc)
 

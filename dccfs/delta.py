@@ -20,8 +20,9 @@ from dccfs.container import ChunkError, Container, pread_exact
 from dccfs.codecs import CodecError
 from dccfs.codecs.delta import CODEC_DELTA, delta_base_ref
 from dccfs.format import HEADER_SIZE, RECORD_HEADER_SIZE, FormatError, Header, RecordHeader
-from dccfs.delta_candidates import (MAX_CANDIDATES, find_base_candidates, looks_temporary,  # noqa: F401
-                                    name_pattern, open_base, resembles)
+from dccfs.delta_candidates import (MAX_CANDIDATES, TENSOR_CODECS, find_base_candidates,  # noqa: F401
+                                    first_chunk_codec, looks_temporary, name_pattern, open_base,
+                                    resembles)
 from dccfs import pins
 from dccfs.delta_bases import (BASES_DIR, MAX_CHAIN, BaseRef, BaseStore, base_link_path,  # noqa: F401
                                store_for_path)
@@ -98,6 +99,7 @@ class DeltaWriter:
         # the writer, or during_write off): dccfs.redelta encodes them after the last close.
         self.deferred: set[int] = set()
         self.pinned = False
+        self.path = "?"  # the file written, for the log (for_file sets it)
         self.attempts = 0  # delta encodes tried, smaller or not
         self.smaller_seen = False
         # No delta was smaller in the first PROBE_CHUNKS attempts: keyframes from then on,
@@ -119,18 +121,25 @@ class DeltaWriter:
     @classmethod
     def for_file(cls, backing_root: str, relpath: str, file_id: bytes, cache=None,
                  always: bool = False, max_chain: int = 1,
-                 during_write: bool = True, prefix: bytes | bytearray | None = None) -> "DeltaWriter | None":
-        """The writer for relpath against the newest candidate base that resembles prefix
-        (the new file's first bytes), when given. Without one, a named file takes its newest
-        usable candidate (a name that differs only in digits is a series: the new file's
-        header may well differ from its base's), a temporary name none."""
+                 during_write: bool = True, prefix: bytes | bytearray | None = None,
+                 chunk_size: int | None = None) -> "DeltaWriter | None":
+        """The writer for relpath against the first candidate base (find_base_candidates'
+        order) that resembles prefix (the new file's first bytes), when given. Without one, a
+        named file takes its first usable candidate (a name that differs only in digits is a
+        series: the new file's header may well differ from its base's), a temporary name
+        none. A base of another chunk size is never taken."""
         temporary = looks_temporary(os.path.basename(relpath))
         fallback = None
+        decoded = 0
         for path in find_base_candidates(backing_root, relpath):
-            base = open_base(path, file_id)
+            base = open_base(path, file_id, chunk_size)
             if base is None:
                 continue
-            if prefix is None or resembles(prefix, base):
+            alike = prefix is None
+            if not alike and decoded < MAX_CANDIDATES and first_chunk_codec(base) in TENSOR_CODECS:
+                decoded += 1
+                alike = resembles(prefix, base)
+            if alike:
                 if fallback is not None:
                     os.close(fallback[1].fd)
                 return cls._chosen(backing_root, relpath, path, base, cache, always, max_chain,
@@ -139,6 +148,8 @@ class DeltaWriter:
                 fallback = (path, base)
             else:
                 os.close(base.fd)
+            if decoded >= MAX_CANDIDATES and (fallback is not None or temporary):
+                break  # the rest would only cost opens on the trio thread
         if fallback is not None:
             return cls._chosen(backing_root, relpath, *fallback, cache, always, max_chain, during_write)
         return None
@@ -146,7 +157,9 @@ class DeltaWriter:
     @classmethod
     def _chosen(cls, backing_root, relpath, path, base, cache, always, max_chain, during_write):
         log.info("%s: storing as a delta of %s", relpath, os.path.relpath(path, backing_root))
-        return cls(backing_root, base, cache, always, max_chain, during_write)
+        writer = cls(backing_root, base, cache, always, max_chain, during_write)
+        writer.path = relpath
+        return writer
 
     def _usable_base_record(self, idx: int):
         """(location, record header, chain depth a delta on it would have) of the base's
@@ -178,6 +191,11 @@ class DeltaWriter:
         with self._lock:
             if self._base_depth is None:
                 self._base_depth = self._deepest_base_chunk()
+                if self._base_depth >= self.max_chain:
+                    log.info("%s: its base %s has deltas %d deep, as deep as delta_chain allows: "
+                             "storing keyframes, which the next file can start a chain from",
+                             self.path, os.path.relpath(self.base.path, self.backing_root),
+                             self._base_depth)
             return self._base_depth < self.max_chain
 
     def _deepest_base_chunk(self) -> int:
@@ -252,9 +270,9 @@ class DeltaWriter:
                 self.smaller_seen = True
             elif self.attempts >= PROBE_CHUNKS and not self.smaller_seen and not self.always:
                 if not self.given_up:
-                    log.info("%s is no delta base for this file: no delta was smaller in %d "
-                             "chunks; storing keyframes", os.path.basename(self.base.path),
-                             self.attempts)
+                    log.info("%s: %s is no delta base for it: no delta was smaller in %d "
+                             "chunks; storing keyframes", self.path,
+                             os.path.relpath(self.base.path, self.backing_root), self.attempts)
                 self.given_up = True
                 self.deferred.clear()
 

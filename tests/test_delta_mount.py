@@ -85,6 +85,23 @@ def test_a_shard_written_under_its_own_name_takes_the_same_shard_of_the_last_che
         assert f"checkpoint-2/{name}: storing as a delta of checkpoint-1/{name}" in log, log
 
 
+def test_a_model_saved_beside_many_newer_files_still_finds_the_last_model(make_mount, series):
+    """A transformers Trainer checkpoint with its tokenizer: more than eight files are newer
+    than the last model.safetensors, and the candidates were cut to eight before any was
+    looked at."""
+    from safetensors.torch import save_file
+    mount = make_mount("many")
+    for step, tensors in zip((10, 20), series):
+        directory = mount.mnt / f"checkpoint-{step}"
+        directory.mkdir()
+        (directory / "config.json").write_text('{"step": %d}' % step)
+        save_file(tensors, str(directory / "model.safetensors"))
+        for n in range(10):
+            (directory / f"tokenizer_file_{n}.json").write_text('{"vocab": "%s"}' % ("x" * 3000))
+    log = mount.log_text()
+    assert "storing as a delta of checkpoint-10/model.safetensors" in log, log
+
+
 @pytest.mark.parametrize("fmt", ["safetensors", "torch"])
 def test_next_checkpoint_is_a_delta_and_survives_deleting_its_base(make_mount, series, fmt, tmp_path):
     import torch

@@ -1,4 +1,4 @@
-"""A file gives up on a delta base that yields no smaller chunk (dccfs/delta.py PROBE_CHUNKS)."""
+"""Which earlier file a new one takes as its delta base (dccfs/delta_candidates.py), and when it gives up on it."""
 from __future__ import annotations
 
 import os
@@ -116,3 +116,67 @@ def test_a_temporary_file_takes_only_a_base_that_resembles_it(backing, base_data
         assert resembles(ours, base) is resembling
     finally:
         os.close(base.fd)
+
+
+def test_a_base_of_another_chunk_size_or_still_being_written_is_not_taken(backing):
+    """Chunk i is paired with chunk i of the base: a base cut into other chunks pairs other
+    offsets (a `tempfile` name got 256 KiB chunks, its renamed successor 1 MiB). A file with
+    no trailer is another writer's, unfinished."""
+    from dccfs.delta_candidates import open_base
+    data = _weights(1, 0.05)
+    _store(backing, "run/step-10.bin", data)
+    path = os.path.join(backing, "run/step-10.bin")
+    assert open_base(path, b"x" * 16, 1 << CHUNK_SHIFT) is not None
+    assert open_base(path, b"x" * 16, 1 << (CHUNK_SHIFT + 2)) is None
+    fd = os.open(os.path.join(backing, "run/step-20.bin"), os.O_RDWR | os.O_CREAT, 0o644)
+    unfinished = Container.create(fd, os.path.join(backing, "run/step-20.bin"), CHUNK_SHIFT)
+    for idx, raw in _chunks(data)[:3]:
+        unfinished.append_chunk(idx, encode_chunk(raw, _hints(raw, 1)), len(raw), checksum64(raw))
+    os.close(fd)
+    assert open_base(os.path.join(backing, "run/step-20.bin"), b"x" * 16, 1 << CHUNK_SHIFT) is None
+
+
+def test_the_same_name_in_the_last_step_comes_before_newer_files_of_the_pattern(backing):
+    """Per-rank files (DeepSpeed's zero_pp_rank_N, DCP's __N_0.distcp): the newest file of the
+    pattern was the other rank's of this step, taken as the base when it resembled the new
+    file enough (found by review with real DCP and DeepSpeed layouts)."""
+    from dccfs.delta_candidates import find_base_candidates
+    data = _weights(1, 0.05)
+    files = ["global_step100/zero_pp_rank_0_optim_states.pt", "global_step100/zero_pp_rank_1_optim_states.pt",
+             "global_step200/zero_pp_rank_1_optim_states.pt"]
+    for n, rel in enumerate(files):
+        os.makedirs(os.path.join(backing, os.path.dirname(rel)), exist_ok=True)
+        _store(backing, rel, data)
+        os.utime(os.path.join(backing, rel), ns=(10**18 + n * 10**9,) * 2)
+    found = find_base_candidates(str(backing), "global_step200/zero_pp_rank_0_optim_states.pt")
+    found = [os.path.relpath(p, backing) for p in found]
+    assert found[0] == files[0] and sorted(found) == sorted(files)
+
+
+@pytest.mark.parametrize("earlier, new", [
+    ("iter_0000100/mp_rank_00/model_optim_rng.pt", "iter_0000200/mp_rank_00/model_optim_rng.pt"),  # Megatron
+    ("checkpoint-100/model.safetensors", "tmp-checkpoint-200/model.safetensors"),  # a staging directory
+    ("run/checkpoint-100/optimizer.pt", "run/tmpk2j4x9/optimizer.pt"),  # tempfile.mkdtemp, renamed when complete
+])
+def test_earlier_versions_are_found_where_layouts_put_them(backing, earlier, new):
+    """The series' digits two levels up (Megatron), or a temporary directory renamed into place:
+    no base was found, and no chunk of those series was ever a delta (found by review)."""
+    from dccfs.delta_candidates import find_base_candidates
+    os.makedirs(os.path.join(backing, os.path.dirname(earlier)), exist_ok=True)
+    os.makedirs(os.path.join(backing, os.path.dirname(new)), exist_ok=True)
+    _store(backing, earlier, _weights(1, 0.05))
+    found = find_base_candidates(str(backing), new)
+    assert [os.path.relpath(p, backing) for p in found] == [earlier]
+
+
+def test_megatron_takes_its_own_rank_of_the_last_iteration(backing):
+    """iter_N/mp_rank_RR: the other rank of this iteration has the same file name and is newer."""
+    from dccfs.delta_candidates import find_base_candidates
+    files = ["iter_0000100/mp_rank_00/model_optim_rng.pt", "iter_0000100/mp_rank_01/model_optim_rng.pt",
+             "iter_0000200/mp_rank_01/model_optim_rng.pt"]
+    for n, rel in enumerate(files):
+        os.makedirs(os.path.join(backing, os.path.dirname(rel)), exist_ok=True)
+        _store(backing, rel, _weights(1, 0.05))
+        os.utime(os.path.join(backing, rel), ns=(10**18 + n * 10**9,) * 2)
+    found = find_base_candidates(str(backing), "iter_0000200/mp_rank_00/model_optim_rng.pt")
+    assert os.path.relpath(found[0], backing) == files[0]
