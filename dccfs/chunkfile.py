@@ -16,6 +16,7 @@ import errno
 import logging
 import os
 import time
+from functools import partial
 
 import trio
 
@@ -25,8 +26,9 @@ from dccfs.container import ChunkLoc, Container
 from dccfs.chunkcoder import ChunkCoder
 from dccfs.chunkread import ChunkReader
 from dccfs.delta import PIN_LOCK
+from dccfs.pinned_overwrite import start_over_beside_pin
 from dccfs.engine import Engine
-from dccfs.pins import header_name
+from dccfs.pins import header_name, torn_tail_may_go
 from dccfs.readahead import ReadAhead
 
 log = logging.getLogger(__name__)
@@ -75,6 +77,9 @@ class ContainerFile(ChunkReader):
         self._write_lock = trio.Lock()
         self._loading: dict[tuple, trio.Event] = {}  # ChunkReader's single flight
         self.coder = ChunkCoder(engine, rule, container.path, container.chunk_size)
+        # Points the file's inode at a new backing file (an O_PATH descriptor); set by HandleTable.
+        self.on_new_container = os.close
+        self.retired_fds: list[int] = []  # containers replaced under the open file
         self.readahead = ReadAhead()
 
     @property
@@ -293,6 +298,8 @@ class ContainerFile(ChunkReader):
                 try:
                     reset = await trio.to_thread.run_sync(self._reset_unless_linked,
                                                           limiter=self.engine.io_limiter)
+                    if not reset:
+                        reset = await self._start_over_beside_pin()
                 finally:
                     # A reset that failed after emptying the file (its header write) still
                     # left it empty (a new cache id): nothing older may be served.
@@ -329,6 +336,26 @@ class ContainerFile(ChunkReader):
                     self.container.drop_chunks_from(first_gone)
             self.size = new_size
             self.mtime_ns = self.changed_ns = time.time_ns()
+
+    async def _start_over_beside_pin(self) -> bool:
+        """A pinned delta base overwritten: a new container under its name (dccfs.pinned_overwrite)."""
+        if self.engine.pins is None:
+            return False
+        started = await trio.to_thread.run_sync(start_over_beside_pin, self.container,
+                                                self.engine.backing_root, limiter=self.engine.io_limiter)
+        if started is None:
+            return False
+        fresh, opath = started
+        old, self.container = self.container, fresh
+        fresh.base_store = self.engine.bases
+        fresh.linked_tail_may_go = partial(torn_tail_may_go, self.engine.backing_root, header_name(fresh.header))
+        # No await from here: the inode moves to the new file before any request can look.
+        self.on_new_container(opath)
+        self.engine.pins.let_go(os.dup(old.fd))
+        # Reads and background passes that started before may still use the old descriptor:
+        # it is closed with the file (a number reused under them would read another file).
+        self.retired_fds.append(old.fd)
+        return True
 
     def _reset_unless_linked(self) -> bool:
         """Reset the container in place unless it is linked elsewhere (a pinned delta base, a

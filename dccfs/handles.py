@@ -324,6 +324,7 @@ class HandleTable(BackgroundRewrites):
                 log.info("%s: dropped %d cached chunks of uncommitted records", relpath, dropped)
         container.linked_tail_may_go = partial(torn_tail_may_go, self.backing_root, header_name(container.header))
         file = ContainerFile(self.engine, container, self.engine.config.rule_for(relpath))
+        file.on_new_container = partial(self.inodes.rekey, inode)
         file.write_locked = self.engine.config.shared and (create or _writable(flags))
         file.handles = 1
         inode.extra["file"] = file
@@ -399,6 +400,8 @@ class HandleTable(BackgroundRewrites):
             del self.open_files[inode.number]
         file.closed = True
         os.close(file.container.fd)
+        for fd in file.retired_fds:
+            os.close(fd)
 
     async def commit_all(self) -> None:
         for file in list(self.open_files.values()):

@@ -102,6 +102,44 @@ def test_a_model_saved_beside_many_newer_files_still_finds_the_last_model(make_m
     assert "storing as a delta of checkpoint-10/model.safetensors" in log, log
 
 
+def test_a_delta_base_copied_over_again_and_again_does_not_grow(make_mount, series):
+    """fairseq: checkpointN.pt.tmp renamed into place, copied over checkpoint_last.pt, the
+    oldest deleted. Each new checkpoint is a delta of checkpoint_last.pt, so that file is
+    always pinned, and the copy over it appended to the old records: stored at 0.54 of its
+    size, then 1.08, 1.62, 2.16, 2.71 (found by review). The overwrite now starts a new file
+    under the name, and the pin keeps the old one for its dependents."""
+    import shutil
+    import torch
+    mount = make_mount("fairseq")
+    run = mount.mnt / "checkpoints"
+    run.mkdir()
+    gen = torch.Generator().manual_seed(1)
+    tensors = dict(series[0])
+    expected = {}
+    last_sizes = []
+    for epoch in range(1, 6):
+        tensors = {k: (v - 1e-4 * torch.randn(v.shape, generator=gen) * v.abs().mean()).contiguous()
+                   if v.is_floating_point() else v for k, v in tensors.items()}
+        tmp = run / f"checkpoint{epoch}.pt.tmp"
+        torch.save(tensors, str(tmp))
+        os.replace(tmp, run / f"checkpoint{epoch}.pt")
+        shutil.copyfile(run / f"checkpoint{epoch}.pt", run / "checkpoint_last.pt")
+        expected[f"checkpoint{epoch}.pt"] = expected["checkpoint_last.pt"] = (run / "checkpoint_last.pt").read_bytes()
+        if epoch > 2:
+            os.unlink(run / f"checkpoint{epoch - 2}.pt")
+            del expected[f"checkpoint{epoch - 2}.pt"]
+        last_sizes.append(os.stat(mount.backing / "checkpoints" / "checkpoint_last.pt").st_size)
+    logical = len(expected["checkpoint_last.pt"])
+    assert max(last_sizes) < 0.9 * logical, (last_sizes, logical)
+    assert "a new file takes its name" in mount.log_text()
+    mount.remount()
+    for name, data in expected.items():
+        assert (run / name).read_bytes() == data, name
+    mount.stop()
+    result = dccfs("fsck", mount.backing)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 @pytest.mark.parametrize("fmt", ["safetensors", "torch"])
 def test_next_checkpoint_is_a_delta_and_survives_deleting_its_base(make_mount, series, fmt, tmp_path):
     import torch
