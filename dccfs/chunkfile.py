@@ -16,19 +16,18 @@ import errno
 import logging
 import os
 import time
-from functools import partial
 
 import trio
 
+from dccfs import pinned_overwrite
 from dccfs.codecs import ChunkHints
 from dccfs.config import Rule
 from dccfs.container import ChunkLoc, Container
 from dccfs.chunkcoder import ChunkCoder
 from dccfs.chunkread import ChunkReader
 from dccfs.delta import PIN_LOCK
-from dccfs.pinned_overwrite import start_over_beside_pin
 from dccfs.engine import Engine
-from dccfs.pins import header_name, torn_tail_may_go
+from dccfs.pins import header_name
 from dccfs.readahead import ReadAhead
 
 log = logging.getLogger(__name__)
@@ -299,7 +298,7 @@ class ContainerFile(ChunkReader):
                     reset = await trio.to_thread.run_sync(self._reset_unless_linked,
                                                           limiter=self.engine.io_limiter)
                     if not reset:
-                        reset = await self._start_over_beside_pin()
+                        reset = await pinned_overwrite.start_over(self)
                 finally:
                     # A reset that failed after emptying the file (its header write) still
                     # left it empty (a new cache id): nothing older may be served.
@@ -336,26 +335,6 @@ class ContainerFile(ChunkReader):
                     self.container.drop_chunks_from(first_gone)
             self.size = new_size
             self.mtime_ns = self.changed_ns = time.time_ns()
-
-    async def _start_over_beside_pin(self) -> bool:
-        """A pinned delta base overwritten: a new container under its name (dccfs.pinned_overwrite)."""
-        if self.engine.pins is None:
-            return False
-        started = await trio.to_thread.run_sync(start_over_beside_pin, self.container,
-                                                self.engine.backing_root, limiter=self.engine.io_limiter)
-        if started is None:
-            return False
-        fresh, opath = started
-        old, self.container = self.container, fresh
-        fresh.base_store = self.engine.bases
-        fresh.linked_tail_may_go = partial(torn_tail_may_go, self.engine.backing_root, header_name(fresh.header))
-        # No await from here: the inode moves to the new file before any request can look.
-        self.on_new_container(opath)
-        self.engine.pins.let_go(os.dup(old.fd))
-        # Reads and background passes that started before may still use the old descriptor:
-        # it is closed with the file (a number reused under them would read another file).
-        self.retired_fds.append(old.fd)
-        return True
 
     def _reset_unless_linked(self) -> bool:
         """Reset the container in place unless it is linked elsewhere (a pinned delta base, a

@@ -6,59 +6,121 @@ Overwritten through the mount (O_TRUNC, truncate to 0), such a file used to keep
 record and append the new ones, and a file copied over again and again while it is a base
 (fairseq's checkpoint_last.pt, each new checkpoint a delta of it) grew by a whole
 checkpoint each time (found by review: 0.54 of its size, then 1.08, 1.62, 2.16, 2.71).
-Instead a new empty container is created in BACKING/.dccfs/tmp and renamed over the file's
-path: the path holds the new file, the pin the old one, which is freed with its last
-dependent (dccfs.pins). A crash before the rename leaves a temporary that the next mount
-removes; after it, an empty file, which is what the truncate asked for.
+Instead a new empty container is made in BACKING/.dccfs/tmp (on a worker thread) and
+renamed over the file's path (on the FUSE thread, with no await between the check that the
+path is still this file, the rename and the re-keying of the mount's inode: a rename of
+its directory or a lookup in between went to the wrong file, found by review). The path
+then holds the new file, the pin the old one, which is freed with its last dependent
+(dccfs.pins). A crash before the rename leaves a temporary that the next mount removes;
+after it, an empty file, which is what the truncate asked for. When anything fails, the
+caller keeps the old file and appends, as before.
 """
 from __future__ import annotations
 
 import logging
 import os
+from functools import partial
+
+import trio
 
 from dccfs import compaction
 from dccfs.container import Container
-from dccfs.delta import PIN_LOCK
 from dccfs.delta_bases import base_link_path
+from dccfs.pins import header_name, torn_tail_may_go
 
 log = logging.getLogger(__name__)
 
 
-def start_over_beside_pin(container: Container, backing_root: str) -> tuple[Container, int] | None:
-    """A fresh empty container renamed over the path of container, when the only other link
-    to it is its own delta base pin; returns it and an O_PATH descriptor of the new file, or
-    None (a user's hard link, or no pin: the caller keeps the old file)."""
+def _tmp_path(container: Container, backing_root: str) -> str:
+    return os.path.join(backing_root, ".dccfs", "tmp", f"{container.header.file_id.hex()}-overwrite.compact")
+
+
+def only_pinned(container: Container, backing_root: str) -> bool:
+    """Whether the only other link to container is its own delta base pin (not a user's hard link)."""
+    st = os.fstat(container.fd)
+    if st.st_nlink != 2:
+        return False
     header = container.header
-    pin = base_link_path(backing_root, header.file_id, header.generation)
-    # Under the pin lock: no pin can be made, and none freed, between the check and the rename.
-    with PIN_LOCK:
-        st = os.fstat(container.fd)
-        if st.st_nlink != 2:
-            return None
-        try:
-            pinned = os.stat(pin, follow_symlinks=False)
-        except FileNotFoundError:
-            return None
-        if (pinned.st_dev, pinned.st_ino) != (st.st_dev, st.st_ino):
-            return None
-        path = os.readlink(f"/proc/self/fd/{container.fd}")
-        if path.endswith(" (deleted)") or not os.path.isabs(path):
-            return None
-        tmp = os.path.join(backing_root, ".dccfs", "tmp", f"{header.file_id.hex()}-overwrite.compact")
+    try:
+        pinned = os.stat(base_link_path(backing_root, header.file_id, header.generation),
+                         follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return (pinned.st_dev, pinned.st_ino) == (st.st_dev, st.st_ino)
+
+
+def make_fresh(container: Container, backing_root: str) -> Container | None:
+    """On a worker thread: a new empty container with the old one's owner, mode and
+    attributes, fsynced, in the state directory; None (logged) when it cannot be made."""
+    tmp = _tmp_path(container, backing_root)
+    try:
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        log.warning("%s: overwritten while it is a delta base, and no new file could be made "
+                    "(%s): the old records stay in it", container.path, exc)
+        return None
+    try:
+        fresh = Container.create(fd, container.path, container.header.chunk_shift)
+        compaction.copy_metadata(container.fd, fd)
+        os.fsync(fd)
+        return fresh
+    except OSError as exc:
+        os.close(fd)
+        os.unlink(tmp)
+        log.warning("%s: overwritten while it is a delta base, and no new file could be made "
+                    "(%s): the old records stay in it", container.path, exc)
+        return None
+
+
+def swap_fresh_in(container: Container, fresh: Container, backing_root: str) -> int | None:
+    """On the FUSE thread, with no await until the caller has re-keyed its inode: rename fresh
+    over container's path if that path is still container's file and the pin still its only
+    other link; returns an O_PATH descriptor of the new file, or None (fresh discarded)."""
+    tmp = _tmp_path(container, backing_root)
+    opath = None
+    try:
+        # Opened first: nothing may fail after the rename, or the mount and the name would part.
+        opath = os.open(f"/proc/self/fd/{fresh.fd}", os.O_PATH | os.O_CLOEXEC)
+        path = os.readlink(f"/proc/self/fd/{container.fd}")
+        st, here = os.fstat(container.fd), os.stat(path, follow_symlinks=False)
+        if (here.st_dev, here.st_ino) != (st.st_dev, st.st_ino) or not only_pinned(container, backing_root):
+            raise OSError(f"{path} is no longer this file, or it has another link")
+        os.rename(tmp, path)
+    except OSError as exc:
+        log.info("%s: overwritten while it is a delta base; keeping the old file (%s)", container.path, exc)
+        if opath is not None:
+            os.close(opath)
+        os.close(fresh.fd)
         try:
-            fresh = Container.create(fd, container.path, header.chunk_shift)
-            compaction.copy_metadata(container.fd, fd)
-            os.rename(tmp, path)
-        except BaseException:
-            os.close(fd)
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-            raise
-        # Through the descriptor, not the path: a rename through the mount may come meanwhile.
-        opath = os.open(f"/proc/self/fd/{fd}", os.O_PATH | os.O_CLOEXEC)
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        return None
     log.info("%s: overwritten while it is a delta base: a new file takes its name, the base "
              "keeps the old one for its dependents", container.path)
-    return fresh, opath
+    return opath
+
+
+async def start_over(file) -> bool:
+    """Give a ContainerFile being truncated to 0 a new container under its name when it is a
+    pinned delta base; False when it is not one, or when that failed (it then appends)."""
+    engine, root = file.engine, file.engine.backing_root
+    if engine.pins is None or not only_pinned(file.container, root):
+        return False
+    fresh = await trio.to_thread.run_sync(make_fresh, file.container, root, limiter=engine.io_limiter)
+    if fresh is None:
+        return False
+    # No await from here on: the name is checked, renamed and the inode re-keyed before any
+    # other request (a rename of the directory, a lookup) can run.
+    opath = swap_fresh_in(file.container, fresh, root)
+    if opath is None:
+        return False
+    old, file.container = file.container, fresh
+    fresh.base_store = engine.bases
+    fresh.linked_tail_may_go = partial(torn_tail_may_go, root, header_name(fresh.header))
+    file.on_new_container(opath)
+    engine.pins.let_go(os.dup(old.fd))
+    # Reads and background passes that started before may still use the old descriptor: it
+    # is closed with the file (a number reused under them would read another file).
+    file.retired_fds.append(old.fd)
+    return True

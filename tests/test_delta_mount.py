@@ -140,6 +140,41 @@ def test_a_delta_base_copied_over_again_and_again_does_not_grow(make_mount, seri
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def test_a_pinned_file_whose_path_is_too_long_to_rename_is_overwritten_in_it(make_mount):
+    """Paths longer than PATH_MAX work through the mount; the rename of a new file over a
+    pinned one cannot be done by path there, and the overwrite failed with ENAMETOOLONG
+    (found by review). It now keeps the old file and appends, as before."""
+    from dccfs.format import Header
+    mount = make_mount("longpath")
+    dirs = [os.open(mount.mnt, os.O_RDONLY | os.O_DIRECTORY),
+            os.open(mount.backing, os.O_RDONLY | os.O_DIRECTORY)]
+    try:
+        for _ in range(18):  # 18 x 251 bytes: past PATH_MAX (4096), reached by descriptors
+            os.mkdir("d" * 250, dir_fd=dirs[0])
+            for side in (0, 1):
+                inner = os.open("d" * 250, os.O_RDONLY | os.O_DIRECTORY, dir_fd=dirs[side])
+                os.close(dirs[side])
+                dirs[side] = inner
+        fd = os.open("x", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=dirs[0])
+        os.write(fd, b"OLD" * 3000)
+        os.close(fd)
+        stored = os.open("x", os.O_RDONLY, dir_fd=dirs[1])
+        header = Header.unpack(os.pread(stored, 64, 0))
+        os.close(stored)
+        bases = mount.backing / ".dccfs" / "bases"
+        bases.mkdir(exist_ok=True)
+        os.link("x", bases / f"{header.file_id.hex()}-{header.generation}", src_dir_fd=dirs[1])
+        fd = os.open("x", os.O_WRONLY | os.O_TRUNC, dir_fd=dirs[0])
+        os.write(fd, b"NEW")
+        os.close(fd)
+        fd = os.open("x", os.O_RDONLY, dir_fd=dirs[0])
+        assert os.read(fd, 100) == b"NEW"
+        os.close(fd)
+    finally:
+        for fd in dirs:
+            os.close(fd)
+
+
 @pytest.mark.parametrize("fmt", ["safetensors", "torch"])
 def test_next_checkpoint_is_a_delta_and_survives_deleting_its_base(make_mount, series, fmt, tmp_path):
     import torch
