@@ -21,6 +21,7 @@ from dataclasses import asdict, replace
 import trio
 
 from dccfs.config import ConfigError, check_cache_value
+from dccfs.delta_bases import pinned_space
 from dccfs.mount import STATE_DIR, MountError, is_within
 
 log = logging.getLogger(__name__)
@@ -257,7 +258,9 @@ class ControlServer:
     def dispatch(self, request: dict) -> dict:
         cmd = request.get("cmd")
         if cmd == "stats":
-            return {"ok": True, "stats": self.engine.stats.snapshot(), "cache": self.cache_settings()}
+            stats = self.engine.stats.snapshot()
+            stats["delta_bases"] = pinned_space(self.ops.backing_root)
+            return {"ok": True, "stats": stats, "cache": self.cache_settings()}
         if cmd == "files":
             return {"ok": True, "files": self.describe_files(request.get("path") or "")}
         raise ValueError(f"unknown command {cmd!r} (stats, tune, files)")

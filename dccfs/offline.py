@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import click
 
 from dccfs.container import ChunkError, Container, ContainerError
+from dccfs.delta_bases import pinned_space
 from dccfs.format import HEADER_SIZE
 from dccfs.offline_common import (
     OfflineError, byte_progress, chunk_byte_range, copy_plain, decoded_chunks, describe_range,
@@ -221,6 +222,11 @@ def run_fsck(backing: str, repair: bool, progress: bool) -> int:
         _report(f"{temp}: a temp file left by an interrupted pack/unpack (re-run it; "
                 "it removes the temp once its process is gone)")
     _report(totals.summary())
+    pinned = pinned_space(find_backing_root(backing) or backing)
+    if pinned["pinned"]:
+        _report(f"{pinned['pinned']} delta bases pinned, {pinned['only_pinned']} of them "
+                f"({pinned['only_pinned_bytes']} bytes) under no visible name: kept for the "
+                "files that are deltas of them")
     return 1 if totals.damaged else 0
 
 

@@ -50,6 +50,11 @@ def print_stats(reply: dict, as_json: bool) -> None:
     console.print(f"dirty {_mib(d['bytes'])} of {_mib(d['budget'])}, writer stalls {d['writer_stalls']}; "
                   f"readahead chunks {stats['readahead_chunks']}; errors: checksum {e['checksum']}, "
                   f"handler {e['handler']}, codec {e.get('codec', 0)}")
+    b = stats.get("delta_bases")
+    if b:
+        console.print(f"delta bases pinned {b['pinned']}, of which {b['only_pinned']} "
+                      f"({_mib(b['only_pinned_bytes'])}) no visible name holds: kept for the files "
+                      f"that are deltas of them")
     m = stats.get("memory")
     if m:
         console.print(f"resident {_mib(m['resident_bytes'])}; heap trims {m['heap_trims']}, "
