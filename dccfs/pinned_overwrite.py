@@ -53,20 +53,17 @@ def make_fresh(container: Container, backing_root: str) -> Container | None:
     """On a worker thread: a new empty container with the old one's owner, mode and
     attributes, fsynced, in the state directory; None (logged) when it cannot be made."""
     tmp = _tmp_path(container, backing_root)
+    fd = None
     try:
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    except OSError as exc:
-        log.warning("%s: overwritten while it is a delta base, and no new file could be made "
-                    "(%s): the old records stay in it", container.path, exc)
-        return None
-    try:
         fresh = Container.create(fd, container.path, container.header.chunk_shift)
         compaction.copy_metadata(container.fd, fd)
         os.fsync(fd)
         return fresh
     except OSError as exc:
-        os.close(fd)
-        os.unlink(tmp)
+        if fd is not None:
+            os.close(fd)
+            os.unlink(tmp)
         log.warning("%s: overwritten while it is a delta base, and no new file could be made "
                     "(%s): the old records stay in it", container.path, exc)
         return None
