@@ -20,7 +20,7 @@ from dccfs.format import HEADER_SIZE, RECORD_HEADER_SIZE, FormatError, Header, R
 # which at most MAX_CANDIDATES whose first chunk holds tensors are decoded to see whether
 # they resemble the new file: a transformers checkpoint with its tokenizer has more than
 # eight newer files beside model.safetensors' temporary (found by review).
-MAX_LISTED = 64
+MAX_LISTED = 32
 MAX_CANDIDATES = 8
 MAX_SERIES_DIRS = 16
 STATE_DIR_NAME = ".dccfs"  # dccfs.mount.STATE_DIR (importing it from there would be circular)
