@@ -21,7 +21,7 @@ from dataclasses import asdict, replace
 import trio
 
 from dccfs.config import ConfigError, check_cache_value
-from dccfs.delta_bases import pinned_space
+from dccfs.offline_pins import pinned_space
 from dccfs.mount import STATE_DIR, MountError, is_within
 
 log = logging.getLogger(__name__)
@@ -236,8 +236,9 @@ class ControlServer:
     async def _serve_request(self, request) -> dict:
         if not isinstance(request, dict):
             raise ValueError("a request is a JSON object, e.g. {\"cmd\": \"stats\"}")
-        if request.get("cmd") == "files":
-            # Reads every chunk header of the files: keep it off the FUSE thread.
+        if request.get("cmd") in ("files", "stats"):
+            # They read the disk (every chunk header of the files; the pinned bases): keep that
+            # off the FUSE thread.
             return await trio.to_thread.run_sync(self.dispatch, request)
         if request.get("cmd") == "tune":
             changes = request.get("set") or {}

@@ -65,29 +65,6 @@ def base_link_path(backing_root: str, file_id: bytes, generation: int) -> str:
     return os.path.join(backing_root, BASES_DIR, f"{file_id.hex()}-{generation}")
 
 
-def pinned_space(backing_root: str) -> dict:
-    """The pinned delta bases, and those no visible name links any more: their space is
-    held only for the files that are deltas of them (freed with the last of those)."""
-    directory = os.path.join(backing_root, BASES_DIR)
-    out = {"pinned": 0, "only_pinned": 0, "only_pinned_bytes": 0}
-    try:
-        names = os.listdir(directory)
-    except FileNotFoundError:
-        return out
-    for name in names:
-        if name.endswith(".tmp"):
-            continue
-        try:
-            st = os.stat(os.path.join(directory, name), follow_symlinks=False)
-        except OSError:
-            continue
-        out["pinned"] += 1
-        if st.st_nlink == 1:
-            out["only_pinned"] += 1
-            out["only_pinned_bytes"] += st.st_blocks * 512
-    return out
-
-
 # How many base chunks a store remembers having decoded once (keys only, about 100 bytes each).
 SEEN_BASE_CHUNKS = 4096
 # How many base chunks ahead of a reader moving forward through a base are advised (WILLNEED).

@@ -13,6 +13,7 @@ from dccfs.codecs.delta import CODEC_DELTA
 from dccfs.container import ChunkError, Container, ContainerError, pread_exact
 from dccfs.container_records import commit_from_trailer
 from dccfs.format import HEADER_SIZE, RECORD_HEADER_SIZE, FormatError, Header, RecordHeader
+from dccfs.pins import STATE_DIR
 
 # Base files considered: siblings whose names differ only in digits (step-10 / step-20),
 # in the same directory or in sibling directories; the same name first (rank 0's file of the
@@ -23,7 +24,6 @@ from dccfs.format import HEADER_SIZE, RECORD_HEADER_SIZE, FormatError, Header, R
 MAX_LISTED = 32
 MAX_CANDIDATES = 8
 MAX_SERIES_DIRS = 16
-STATE_DIR_NAME = ".dccfs"  # dccfs.mount.STATE_DIR (importing it from there would be circular)
 TENSOR_CODECS = (CODEC_TENSOR, CODEC_DELTA)
 # A name says little (a temporary's nothing), so the base preferred is one that resembles
 # the new file: its first chunk and the new file's first bytes share a prefix this long (a
@@ -72,7 +72,7 @@ def series_dirs(backing_root: str, directory: str) -> list[tuple[int, str]]:
         except OSError:
             continue
         for sibling in siblings:
-            if sibling == dirname or (not parent and sibling == STATE_DIR_NAME) or not (
+            if sibling == dirname or (not parent and sibling == STATE_DIR) or not (
                     temporary or name_pattern(sibling) == name_pattern(dirname)):
                 continue
             candidate = os.path.join(parent, sibling, *below)

@@ -8,14 +8,13 @@ from dataclasses import dataclass
 import click
 
 from dccfs.container import ChunkError, Container, ContainerError
-from dccfs.delta_bases import pinned_space
 from dccfs.format import HEADER_SIZE
 from dccfs.offline_common import (
     OfflineError, byte_progress, chunk_byte_range, copy_plain, decoded_chunks, describe_range,
     file_kind, find_backing_root, find_temps, offline_lock, ratio, walk_files,
 )
 from dccfs.offline_convert import run_pack, run_unpack
-from dccfs.offline_pins import check_pins
+from dccfs.offline_pins import check_pins, pinned_space
 from dccfs.pins import header_name, torn_tail_may_go
 
 log = logging.getLogger(__name__)

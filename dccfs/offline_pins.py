@@ -120,6 +120,22 @@ def pinned_names(backing_root: str) -> list[str]:
         return []
 
 
+def pinned_space(backing_root: str) -> dict:
+    """The pinned delta bases, and those no visible name links any more: their space is
+    held only for the files that are deltas of them (freed with the last of those)."""
+    out = {"pinned": 0, "only_pinned": 0, "only_pinned_bytes": 0}
+    for name in pinned_names(backing_root):
+        try:
+            st = os.stat(os.path.join(backing_root, BASES_DIR, name), follow_symlinks=False)
+        except OSError:
+            continue
+        out["pinned"] += 1
+        if st.st_nlink == 1:
+            out["only_pinned"] += 1
+            out["only_pinned_bytes"] += st.st_blocks * 512
+    return out
+
+
 def unreadable_rows(rows: list[dict]) -> list[str]:
     """Files whose records cannot all be read: they may name any pin, so while there is one
     no pin counts as unused (logged)."""

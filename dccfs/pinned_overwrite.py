@@ -26,13 +26,13 @@ import trio
 from dccfs import compaction
 from dccfs.container import Container
 from dccfs.delta_bases import base_link_path
-from dccfs.pins import header_name, torn_tail_may_go
+from dccfs.pins import STATE_DIR, header_name, torn_tail_may_go
 
 log = logging.getLogger(__name__)
 
 
 def _tmp_path(container: Container, backing_root: str) -> str:
-    return os.path.join(backing_root, ".dccfs", "tmp", f"{container.header.file_id.hex()}-overwrite.compact")
+    return os.path.join(backing_root, STATE_DIR, "tmp", f"{container.header.file_id.hex()}-overwrite.compact")
 
 
 def only_pinned(container: Container, backing_root: str) -> bool:
