@@ -12,7 +12,9 @@ path is still this file, the rename and the re-keying of the mount's inode: a re
 its directory or a lookup in between went to the wrong file, found by review). The path
 then holds the new file, the pin the old one, which is freed with its last dependent
 (dccfs.pins). A crash before the rename leaves a temporary that the next mount removes;
-after it, an empty file, which is what the truncate asked for. When anything fails, the
+after it, an empty file, which is what the truncate asked for. The directory is fsynced
+before the truncate returns: otherwise data written and fsynced into the new file could,
+after a power cut, vanish behind the old file under the name. When anything fails, the
 caller keeps the old file and appends, as before.
 """
 from __future__ import annotations
@@ -69,24 +71,27 @@ def make_fresh(container: Container, backing_root: str) -> Container | None:
         return None
 
 
-def swap_fresh_in(container: Container, fresh: Container, backing_root: str) -> int | None:
+def swap_fresh_in(container: Container, fresh: Container, backing_root: str) -> tuple[int, int] | None:
     """On the FUSE thread, with no await until the caller has re-keyed its inode: rename fresh
     over container's path if that path is still container's file and the pin still its only
-    other link; returns an O_PATH descriptor of the new file, or None (fresh discarded)."""
+    other link; returns an O_PATH descriptor of the new file and a descriptor of its directory
+    (to fsync), or None (fresh discarded)."""
     tmp = _tmp_path(container, backing_root)
-    opath = None
+    opath = dir_fd = None
     try:
         # Opened first: nothing may fail after the rename, or the mount and the name would part.
         opath = os.open(f"/proc/self/fd/{fresh.fd}", os.O_PATH | os.O_CLOEXEC)
         path = os.readlink(f"/proc/self/fd/{container.fd}")
+        dir_fd = os.open(os.path.dirname(path), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         st, here = os.fstat(container.fd), os.stat(path, follow_symlinks=False)
         if (here.st_dev, here.st_ino) != (st.st_dev, st.st_ino) or not only_pinned(container, backing_root):
             raise OSError(f"{path} is no longer this file, or it has another link")
         os.rename(tmp, path)
     except OSError as exc:
         log.info("%s: overwritten while it is a delta base; keeping the old file (%s)", container.path, exc)
-        if opath is not None:
-            os.close(opath)
+        for fd in (opath, dir_fd):
+            if fd is not None:
+                os.close(fd)
         os.close(fresh.fd)
         try:
             os.unlink(tmp)
@@ -95,7 +100,17 @@ def swap_fresh_in(container: Container, fresh: Container, backing_root: str) -> 
         return None
     log.info("%s: overwritten while it is a delta base: a new file takes its name, the base "
              "keeps the old one for its dependents", container.path)
-    return opath
+    return opath, dir_fd
+
+
+def _fsync_and_close(dir_fd: int, path: str) -> None:
+    try:
+        os.fsync(dir_fd)
+    except OSError as exc:
+        log.error("%s: the directory that now holds the new file could not be fsynced (%s): "
+                  "after a power cut the name may still show the old file", path, exc)
+    finally:
+        os.close(dir_fd)
 
 
 async def start_over(file) -> bool:
@@ -109,9 +124,10 @@ async def start_over(file) -> bool:
         return False
     # No await from here on: the name is checked, renamed and the inode re-keyed before any
     # other request (a rename of the directory, a lookup) can run.
-    opath = swap_fresh_in(file.container, fresh, root)
-    if opath is None:
+    swapped = swap_fresh_in(file.container, fresh, root)
+    if swapped is None:
         return False
+    opath, dir_fd = swapped
     old, file.container = file.container, fresh
     fresh.base_store = engine.bases
     fresh.linked_tail_may_go = partial(torn_tail_may_go, root, header_name(fresh.header))
@@ -120,4 +136,5 @@ async def start_over(file) -> bool:
     # Reads and background passes that started before may still use the old descriptor: it
     # is closed with the file (a number reused under them would read another file).
     file.retired_fds.append(old.fd)
+    await trio.to_thread.run_sync(_fsync_and_close, dir_fd, fresh.path, limiter=engine.io_limiter)
     return True
