@@ -21,8 +21,8 @@ from dccfs.codecs import CodecError
 from dccfs.codecs.delta import CODEC_DELTA, delta_base_ref
 from dccfs.format import HEADER_SIZE, RECORD_HEADER_SIZE, FormatError, Header, RecordHeader
 from dccfs.delta_candidates import (MAX_CANDIDATES, TENSOR_CODECS, find_base_candidates,  # noqa: F401
-                                    first_chunk_codec, looks_temporary, name_pattern, open_base,
-                                    resembles)
+                                    first_chunk_codec, fixed_name, looks_temporary, name_pattern,
+                                    open_base, resembles)
 from dccfs import pins
 from dccfs.delta_bases import (BASES_DIR, MAX_CHAIN, BaseRef, BaseStore, base_link_path,  # noqa: F401
                                store_for_path)
@@ -127,8 +127,10 @@ class DeltaWriter:
         order) that resembles prefix (the new file's first bytes), when given. Without one, a
         named file takes its first usable candidate (a name that differs only in digits is a
         series: the new file's header may well differ from its base's), a temporary name
-        none. A base of another chunk size is never taken."""
-        temporary = looks_temporary(os.path.basename(relpath))
+        or a fixed one (fixed_name) none. A base of another chunk size is never taken."""
+        name = os.path.basename(relpath)
+        temporary = looks_temporary(name)
+        fixed = fixed_name(name)
         fallback = None
         decoded = 0
         for path in find_base_candidates(backing_root, relpath):
@@ -136,15 +138,23 @@ class DeltaWriter:
             if base is None:
                 continue
             alike = prefix is None
-            if not alike and decoded < MAX_CANDIDATES and first_chunk_codec(base) in TENSOR_CODECS:
+            codec = first_chunk_codec(base)
+            if not alike and decoded < MAX_CANDIDATES and codec in TENSOR_CODECS:
                 decoded += 1
                 alike = resembles(prefix, base)
+            # A fixed name's siblings of its extension are taken only when they resemble it.
+            sibling = fixed and os.path.basename(path) != name
+            if alike and sibling and codec == CODEC_DELTA and max_chain <= 1:
+                # last.ckpt copies the numbered file just written; when that one is a delta
+                # it is too deep a base (delta_chain 1), and the keyframe it is a delta of,
+                # when still there, comes later in the list.
+                alike = False
             if alike:
                 if fallback is not None:
                     os.close(fallback[1].fd)
                 return cls._chosen(backing_root, relpath, path, base, cache, always, max_chain,
                                    during_write)
-            if fallback is None and not temporary:
+            if fallback is None and not temporary and not sibling:
                 fallback = (path, base)
             else:
                 os.close(base.fd)

@@ -87,13 +87,22 @@ def series_dirs(backing_root: str, directory: str) -> list[tuple[int, str]]:
     return out
 
 
+def fixed_name(name: str) -> bool:
+    """A name with no digits that is not a temporary: a file saved again and again under one
+    name (Lightning's last.ckpt, a trainer's latest.pt, best.pt), each time a copy of the
+    numbered checkpoint just written beside it."""
+    return name_pattern(name) == name and not looks_temporary(name)
+
+
 def find_base_candidates(backing_root: str, relpath: str) -> list[str]:
     """Container files that look like earlier versions of relpath (names that differ only in
-    digits, or any file beside a temporary one, in series_dirs): the same name first, then
-    by series_dirs' rank, then newest first."""
+    digits, or any file beside a temporary one, in series_dirs; beside a fixed name, also
+    the files of its extension in its own directory): the same name first, then by
+    series_dirs' rank, then newest first."""
     directory, name = os.path.split(relpath)
     pattern = name_pattern(name)
     any_name = looks_temporary(name)
+    suffix = os.path.splitext(name)[1] if fixed_name(name) else ""
     found = []
     for rank, rel_dir in series_dirs(backing_root, directory):
         full_dir = os.path.join(backing_root, rel_dir)
@@ -104,7 +113,10 @@ def find_base_candidates(backing_root: str, relpath: str) -> list[str]:
         for entry in entries:
             if entry == name and rel_dir == directory:
                 continue
-            if looks_temporary(entry) or (not any_name and name_pattern(entry) != pattern):
+            if looks_temporary(entry):
+                continue
+            if not any_name and name_pattern(entry) != pattern and not (
+                    suffix and rel_dir == directory and entry.endswith(suffix)):
                 continue
             full = os.path.join(full_dir, entry)
             try:

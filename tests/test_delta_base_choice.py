@@ -180,3 +180,26 @@ def test_megatron_takes_its_own_rank_of_the_last_iteration(backing):
         os.utime(os.path.join(backing, rel), ns=(10**18 + n * 10**9,) * 2)
     found = find_base_candidates(str(backing), "iter_0000200/mp_rank_00/model_optim_rng.pt")
     assert os.path.relpath(found[0], backing) == files[0]
+
+
+def test_a_fixed_name_takes_only_a_sibling_of_its_extension_that_resembles_it(backing):
+    """last.ckpt (no digits) looks at the .ckpt files beside it, never at another extension,
+    and takes one only when it resembles the new file: a numbered sibling is no series of a
+    fixed name, so there is no fallback to the newest (it would store keyframes after
+    delta.PROBE_CHUNKS tries)."""
+    from dccfs.delta_candidates import find_base_candidates
+    weights = _weights(1, 0.05)
+    _store(backing, "run/epoch=3-step=400.ckpt", weights)
+    _store(backing, "run/optimizer.pt", weights)
+    found = find_base_candidates(str(backing), "run/last.ckpt")
+    assert [os.path.relpath(p, backing) for p in found] == ["run/epoch=3-step=400.ckpt"]
+    fd = os.open(os.path.join(backing, "run/last.ckpt"), os.O_RDWR | os.O_CREAT, 0o644)
+    file_id = Container.create(fd, os.path.join(backing, "run/last.ckpt"), CHUNK_SHIFT).header.file_id
+    os.close(fd)
+    alike = DeltaWriter.for_file(str(backing), "run/last.ckpt", file_id, prefix=weights[:1 << CHUNK_SHIFT],
+                                 chunk_size=1 << CHUNK_SHIFT)
+    assert alike is not None and os.path.basename(alike.base.path) == "epoch=3-step=400.ckpt"
+    alike.close()
+    unlike = DeltaWriter.for_file(str(backing), "run/last.ckpt", file_id,
+                                  prefix=_weights(7, 3.0)[:1 << CHUNK_SHIFT], chunk_size=1 << CHUNK_SHIFT)
+    assert unlike is None

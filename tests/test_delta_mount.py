@@ -102,15 +102,21 @@ def test_a_model_saved_beside_many_newer_files_still_finds_the_last_model(make_m
     assert "storing as a delta of checkpoint-10/model.safetensors" in log, log
 
 
-def test_a_delta_base_copied_over_again_and_again_does_not_grow(make_mount, series):
+@pytest.mark.parametrize("chain", [1, 2])
+def test_a_delta_base_copied_over_again_and_again_does_not_grow(make_mount, series, tmp_path, chain):
     """fairseq: checkpointN.pt.tmp renamed into place, copied over checkpoint_last.pt, the
-    oldest deleted. Each new checkpoint is a delta of checkpoint_last.pt, so that file is
+    oldest deleted. Each new checkpoint was a delta of checkpoint_last.pt, so that file was
     always pinned, and the copy over it appended to the old records: stored at 0.54 of its
     size, then 1.08, 1.62, 2.16, 2.71 (found by review). The overwrite now starts a new file
-    under the name, and the pin keeps the old one for its dependents."""
+    under the name, and the pin keeps the old one for its dependents (delta_chain 2 still
+    takes that path). With delta_chain 1, checkpoint_last.pt is now a delta of the numbered
+    file it copies (a fixed name takes a sibling of its extension that resembles it), so it
+    is no base at all, and the whole backing directory holds about two keyframes."""
     import shutil
     import torch
-    mount = make_mount("fairseq")
+    config = tmp_path / "chain.toml"
+    config.write_text(f"delta_chain = {chain}\n")
+    mount = make_mount(f"fairseq{chain}", "-c", str(config))
     run = mount.mnt / "checkpoints"
     run.mkdir()
     gen = torch.Generator().manual_seed(1)
@@ -131,7 +137,63 @@ def test_a_delta_base_copied_over_again_and_again_does_not_grow(make_mount, seri
         last_sizes.append(os.stat(mount.backing / "checkpoints" / "checkpoint_last.pt").st_size)
     logical = len(expected["checkpoint_last.pt"])
     assert max(last_sizes) < 0.9 * logical, (last_sizes, logical)
-    assert "a new file takes its name" in mount.log_text()
+    log = mount.log_text()
+    if chain == 2:
+        assert "a new file takes its name" in log
+    else:
+        assert "checkpoints/checkpoint_last.pt: storing as a delta of checkpoints/checkpoint5.pt" in log, log
+        stored = {(st.st_dev, st.st_ino): st.st_size for st in
+                  (p.stat() for p in mount.backing.rglob("*") if p.is_file())}
+        assert sum(stored.values()) < 2.2 * 0.9 * logical, (sum(stored.values()), logical)
+    mount.remount()
+    for name, data in expected.items():
+        assert (run / name).read_bytes() == data, name
+    mount.stop()
+    result = dccfs("fsck", mount.backing)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_last_ckpt_saved_beside_each_numbered_checkpoint_is_a_delta(make_mount, series):
+    """Lightning saves epoch=E-step=S.ckpt, then the same checkpoint again as last.ckpt (both
+    a torch.save into memory, written under the final name). last.ckpt has no digits, so it
+    had no series and was stored whole every epoch, at the keyframe's size. It now takes a
+    .ckpt beside it that resembles it: the numbered file just written, or, when that one is
+    itself a delta (too deep for delta_chain 1), the keyframe before it."""
+    import io
+    import torch
+    mount = make_mount("lightning")
+    run = mount.mnt / "checkpoints"
+    run.mkdir()
+    gen = torch.Generator().manual_seed(2)
+    tensors = dict(series[0])
+    expected, names, ratios = {}, [], []
+    for epoch in range(4):
+        tensors = {k: (v - 1e-4 * torch.randn(v.shape, generator=gen) * v.abs().mean()).contiguous()
+                   if v.is_floating_point() else v for k, v in tensors.items()}
+        buffer = io.BytesIO()
+        torch.save({"epoch": epoch, "global_step": 100 * (epoch + 1), "state_dict": tensors}, buffer)
+        data = buffer.getvalue()
+        name = f"epoch={epoch}-step={100 * (epoch + 1)}.ckpt"
+        for target in (name, "last.ckpt"):
+            with open(run / target, "wb") as f:
+                f.write(data)
+        expected[name] = expected["last.ckpt"] = data
+        names.append(name)
+        if len(names) > 2:
+            os.unlink(run / names[0])
+            del expected[names.pop(0)]
+        last = stored_ratio(mount, "checkpoints/last.ckpt")
+        deadline = time.monotonic() + 120  # deltas may be put off until after the close
+        while "delta" not in last["codecs"] and time.monotonic() < deadline:
+            time.sleep(0.1)
+            last = stored_ratio(mount, "checkpoints/last.ckpt")
+        numbered = stored_ratio(mount, f"checkpoints/{name}")["ratio"]
+        ratios.append((numbered, last["ratio"]))
+        assert last["codecs"].get("delta", 0) > 0, (epoch, last)
+    # Epoch 0 is a keyframe, 1 a delta of it, 2 a keyframe again (1 is too deep), 3 a delta:
+    # last.ckpt is a delta of its twin (nearly nothing) or of the keyframe its twin is a delta of.
+    keyframe = ratios[0][0]
+    assert all(last < 0.8 * keyframe and last <= numbered + 0.01 for numbered, last in ratios), ratios
     mount.remount()
     for name, data in expected.items():
         assert (run / name).read_bytes() == data, name
