@@ -211,6 +211,7 @@ class ContainerFile(ChunkReader):
 
     async def _flush_chunk(self, idx: int) -> None:
         try:
+            await self.coder.base_chosen()
             # The snapshot of a partly written chunk is a copy outside the dirty budget, so
             # it is taken only once a core is free: taken before the wait, a burst of
             # unaligned writes doubled the budget (peak RSS +300 MB while saving mpnet_fp32).

@@ -159,7 +159,7 @@ class DeltaWriter:
             else:
                 os.close(base.fd)
             if decoded >= MAX_CANDIDATES and (fallback is not None or temporary):
-                break  # the rest would only cost opens on the trio thread
+                break  # the rest would only cost opens
         if fallback is not None:
             return cls._chosen(backing_root, relpath, *fallback, cache, always, max_chain, during_write)
         return None

