@@ -1,6 +1,7 @@
 """Services shared by every open file: worker threads, chunk cache, dirty budget, stats, config."""
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import os
@@ -89,7 +90,7 @@ def warm_up_codecs() -> None:
     from dccfs.codecs import Segment, decode_chunk
     started = time.perf_counter()
     rng = np.random.default_rng(0)
-    sample = rng.standard_normal(32768).astype(np.float32)
+    sample = rng.standard_normal(262144).astype(np.float32)  # a 1 MiB chunk: long streams take their own kernels
     # bf16 long enough for its symbol stream to take two parts (class 8's fused loop)
     long_bf16 = (rng.standard_normal(131072).astype(np.float32).view(np.uint32) >> 16).astype(np.uint16)
     for dtype, raw in (("f32", sample.tobytes()), ("f16", sample.astype(np.float16).tobytes()),
@@ -108,6 +109,31 @@ def warm_up_codecs() -> None:
         hints = ChunkHints(segments=(Segment(0, half, "f32"), Segment(half, half, "f32")), effort=effort)
         encoded = encode_chunk(state, hints)
         decode_chunk(encoded.codec_id, encoded.params, encoded.payload, len(state))
+    # A whole chunk of a torch.save: a zip header between weights of three scales. Its
+    # long streams and joint classes take kernels the small samples above do not; loaded
+    # lazily, they held the first checkpoint after a mount up by about 0.4 s of encoder
+    # time (py-spy: numba's compiler lock and LLVM's bitcode parser in the encoders).
+    # With it, an AdamW checkpoint's: second moments with a scale per row and zero rows, a
+    # small tensor (short streams), all-zero and all-one tensors (constant planes).
+    rows = np.abs(rng.standard_normal((256, 256))) * 10.0 ** rng.uniform(-10, -6, (256, 1))
+    rows[::7] = 0.0
+    tensors = [(rng.standard_normal(n) * scale).astype(np.float32)
+               for n, scale in ((262144, 0.05), (8192, 0.02), (32704, 1.0))]
+    tensors += [rows.astype(np.float32).ravel(), np.zeros(4096, np.float32), np.ones(65536, np.float32)]
+    header = b"PK\x03\x04" + bytes(252)
+    halves = np.split(tensors[0], 2)
+    for width, group in itertools.product((4, 2), [[t] for t in tensors] + [halves, tensors]):
+        # each tensor alone, two weights in one chunk (their class is gathered into a writable
+        # copy: numba compiles read-only and writable arrays apart), all of them in one chunk
+        parts = [t if width == 4 else (t.view(np.uint32) >> 16).astype(np.uint16) for t in group]
+        dtype = "f32" if width == 4 else "bf16"
+        raw, segments = b"", []
+        for part in parts:
+            segments.append(Segment(len(raw), part.nbytes, dtype))
+            raw += part.tobytes() + header
+        for effort in (1, 0):
+            encoded = encode_chunk(raw, ChunkHints(segments=tuple(segments), effort=effort))
+            decode_chunk(encoded.codec_id, encoded.params, encoded.payload, len(raw))
     log.info("codec kernels ready in %.1f s", time.perf_counter() - started)
 
 

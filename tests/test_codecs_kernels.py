@@ -104,6 +104,57 @@ def test_kernels_load_from_cache_in_a_new_process():
     assert not saved, "kernels recompiled in a second process:\n" + "\n".join(saved)
 
 
+_LAZY_KERNELS = """
+import glob, io, sys
+import torch
+from safetensors.torch import load_file
+from numba.core.registry import CPUDispatcher
+from dccfs.codecs import ChunkHints, decode_chunk, encode_chunk, sniff_layout
+from dccfs.engine import warm_up_codecs
+
+def signatures():
+    return {(m.__name__, k): set(map(str, v.signatures)) for m in list(sys.modules.values())
+            if getattr(m, "__name__", "").startswith("dccfs.codecs")
+            for k, v in vars(m).items() if isinstance(v, CPUDispatcher)}
+
+corpus = sys.argv[1]
+files = [open(p, "rb").read() for p in sorted(glob.glob(corpus + "/real/minilm_*.safetensors"))
+         + sorted(glob.glob(corpus + "/ckpt/minilm_ft_step10.*"))]
+saved = io.BytesIO()
+torch.save(load_file(corpus + "/real/minilm_fp32.safetensors"), saved)
+files.append(saved.getvalue())
+warm_up_codecs()
+before = signatures()
+cs = 1 << 20
+for data in files:
+    layout = sniff_layout(data[:8 << 20], len(data))
+    for idx in range(0, len(data) // cs, 3):
+        raw = data[idx * cs:(idx + 1) * cs]
+        hints = layout.hints_for(idx * cs, raw)
+        for effort in (1, 0):
+            enc = encode_chunk(raw, ChunkHints(hints.segments, hints.codec, hints.level, effort))
+            assert decode_chunk(enc.codec_id, enc.params, enc.payload, len(raw)) == raw
+late = {k: v - before.get(k, set()) for k, v in signatures().items() if v - before.get(k, set())}
+print("LATE", late)
+"""
+
+
+def test_warm_up_loads_every_kernel_real_checkpoints_use(corpus):
+    """After warm_up_codecs, encoding and decoding real weights and a fine-tuning checkpoint
+    (safetensors and torch.save, effort 0 and 1) loads no further kernel. A kernel first
+    loaded by a writer holds it up: py-spy found numba's compiler lock and LLVM's bitcode
+    parser in the encoders during the first checkpoint written after a mount, about 0.4 s of
+    encoder time (long streams, class 9, method 7, the gathered copy of a class that several
+    tensors share: numba compiles read-only and writable arrays apart)."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", _LAZY_KERNELS, str(corpus)], capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "LATE {}" in r.stdout, r.stdout[-3000:]
+
+
 def test_every_codec_module_imports_first_in_a_new_process():
     """Each dccfs.codecs module can be the first one a process imports.
 
