@@ -34,6 +34,8 @@ class ChunkCoder:
         self._settled = False
         self._delta: DeltaWriter | None = None
         self._base_search: trio.Event | None = None  # set once the search started by observe ends
+        self._generation = 0  # of the content: reset starts a new one
+        self._retired: list[DeltaWriter] = []
         self._closed = False
 
     @property
@@ -46,8 +48,18 @@ class ChunkCoder:
         return self._layout.kind if self._layout is not None else None
 
     def reset(self) -> None:
-        """The file starts over (truncated to zero, or re-read): sniff again."""
+        """The file starts over (truncated to zero, or re-read): sniff again, and look for a
+        base again. The new content may copy another file than the old one did: fairseq
+        copies each new checkpoint over checkpoint_last.pt, which kept the base its first
+        version found, an older checkpoint, instead of the copy's own source (0.346 of its
+        size instead of 0.0004)."""
         self._layout, self._settled = None, False
+        self._generation += 1
+        self._base_search = None  # one still running is for the old content; the new gets its own
+        if self._delta is not None:
+            # A pass after close may still hold it: closed with the file.
+            self._retired.append(self._delta)
+            self._delta = None
 
     def observe(self, dirty: dict[int, bytearray], size: int, file_id: bytes) -> None:
         """Sniff the layout from the file's leading dirty chunks, once it can be decided."""
@@ -81,9 +93,9 @@ class ChunkCoder:
         self._base_search = trio.Event()
         # Only the first COMPARE_BYTES are compared (delta_candidates.resembles).
         self.engine.start_background(self._find_base, file_id, bytes(prefix[:COMPARE_BYTES]),
-                                     self._base_search)
+                                     self._base_search, self._generation)
 
-    async def _find_base(self, file_id: bytes, prefix: bytes, done: trio.Event) -> None:
+    async def _find_base(self, file_id: bytes, prefix: bytes, done: trio.Event, generation: int) -> None:
         # On a worker thread: it opens up to delta_candidates.MAX_LISTED files and decodes up
         # to MAX_CANDIDATES first chunks, 17-23 ms with a cold page cache, during which the
         # FUSE thread served nothing else when it ran there.
@@ -100,9 +112,12 @@ class ChunkCoder:
         finally:
             if writer is not None and self._closed:
                 writer.close()  # the file was closed while its base was looked for
+            elif writer is not None and generation != self._generation:
+                self._retired.append(writer)  # found for content a truncate has since thrown away
             elif writer is not None:
                 self._delta = writer
-            self._base_search = None
+            if self._base_search is done:
+                self._base_search = None
             done.set()
 
     async def base_chosen(self) -> None:
@@ -147,6 +162,9 @@ class ChunkCoder:
 
     def close(self) -> None:
         self._closed = True
+        for writer in self._retired:
+            writer.close()
+        self._retired.clear()
         if self._delta is not None:
             self._delta.close()
             self._delta = None

@@ -1,0 +1,218 @@
+#!/usr/bin/env python3
+"""Framework checkpoint layouts through a real mount: what the backing directory holds with deltas and without."""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+log = logging.getLogger("dccfs.bench_delta_layouts")
+REPO = Path(__file__).resolve().parent.parent
+DCCFS = [sys.executable, "-m", "dccfs.cli"]
+CONFIGS = {"keyframes": "delta = false\n", "default": ""}
+SETTLED_S = 3
+SETTLE_TIMEOUT_S = 600
+
+
+def _torch_save(obj, path: Path) -> None:
+    import torch
+    torch.save(obj, str(path))
+
+
+def _bytes_of(obj) -> bytes:
+    """torch.save into memory, as Lightning's checkpoint IO does before it writes the file."""
+    import torch
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+def plain(run: Path, n: int, state: dict, kept: list) -> None:
+    """A numbered series: ckpt_N.pt."""
+    _torch_save(state, run / f"ckpt_{n}.pt")
+
+
+def lightning(run: Path, n: int, state: dict, kept: list) -> None:
+    """ModelCheckpoint(save_top_k=2, save_last=True): epoch=E-step=S.ckpt, then last.ckpt, the oldest removed."""
+    data = _bytes_of({"epoch": n, "global_step": state["step"], "state_dict": state["model"],
+                      "optimizer_states": [state["optimizer"]]})
+    name = f"epoch={n}-step={state['step']}.ckpt"
+    for target in (name, "last.ckpt"):
+        with open(run / target, "wb") as f:
+            f.write(data)
+    kept.append(run / name)
+    if len(kept) > 2:
+        kept.pop(0).unlink()
+
+
+def fairseq(run: Path, n: int, state: dict, kept: list) -> None:
+    """checkpointN.pt through a .tmp rename, copied over checkpoint_last.pt, the oldest removed."""
+    tmp = run / f"checkpoint{n}.pt.tmp"
+    _torch_save(state, tmp)
+    os.replace(tmp, run / f"checkpoint{n}.pt")
+    shutil.copyfile(run / f"checkpoint{n}.pt", run / "checkpoint_last.pt")
+    kept.append(run / f"checkpoint{n}.pt")
+    if len(kept) > 2:
+        kept.pop(0).unlink()
+
+
+def _trainer_dir(run: Path, state: dict, kept: list, shards: int) -> Path:
+    from safetensors.torch import save_file
+    directory = run / f"checkpoint-{state['step']}"
+    directory.mkdir()
+    (directory / "config.json").write_text(json.dumps({"model_type": "bert", "hidden_size": 384}))
+    names = list(state["model"])
+    per = -(-len(names) // shards)
+    index = {}
+    for s in range(shards):
+        part = {k: state["model"][k].contiguous() for k in names[s * per:(s + 1) * per]}
+        file = "model.safetensors" if shards == 1 else f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
+        save_file(part, str(directory / file), metadata={"format": "pt"})
+        index.update({k: file for k in part})
+    if shards > 1:
+        (directory / "model.safetensors.index.json").write_text(json.dumps({"weight_map": index}))
+    _torch_save(state["optimizer"], directory / "optimizer.pt")
+    (directory / "trainer_state.json").write_text(json.dumps({"global_step": state["step"]}))
+    kept.append(directory)
+    if len(kept) > 2:
+        shutil.rmtree(kept.pop(0))
+    return directory
+
+
+def trainer(run: Path, n: int, state: dict, kept: list) -> None:
+    """transformers Trainer (save_total_limit=2): checkpoint-S/ with model.safetensors and optimizer.pt."""
+    _trainer_dir(run, state, kept, 1)
+
+
+def trainer_sharded(run: Path, n: int, state: dict, kept: list) -> None:
+    """The same with the model in four safetensors shards and their index."""
+    _trainer_dir(run, state, kept, 4)
+
+
+FLOWS = {"plain": plain, "lightning": lightning, "fairseq": fairseq, "trainer": trainer,
+         "trainer-sharded": trainer_sharded}
+
+
+def tree_digests(root: Path) -> dict[str, str]:
+    out = {}
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            while block := f.read(8 << 20):
+                h.update(block)
+        out[str(path.relative_to(root))] = h.hexdigest()
+    return out
+
+
+def backing_bytes(backing: Path) -> int:
+    """Bytes the backing directory holds, each hard link counted once (pins are links)."""
+    seen = {}
+    for path in backing.rglob("*"):
+        st = path.lstat()
+        if path.is_file() and not path.is_symlink():
+            seen[(st.st_dev, st.st_ino)] = st.st_size
+    return sum(seen.values())
+
+
+def wait_until_settled(backing: Path) -> None:
+    """Until no pass after close runs: no temporary copy, and the backing bytes unchanged for SETTLED_S."""
+    started = time.monotonic()
+    last, since = None, time.monotonic()
+    while time.monotonic() - since < SETTLED_S:
+        busy = any(n.endswith(".compact") for n in os.listdir(backing / ".dccfs" / "tmp"))
+        size = backing_bytes(backing)
+        if busy or size != last:
+            last, since = size, time.monotonic()
+        if time.monotonic() - started > SETTLE_TIMEOUT_S:
+            raise SystemExit(f"{backing} did not settle within {SETTLE_TIMEOUT_S} s")
+        time.sleep(0.2)
+
+
+def run_flow(name: str, config: str, states: list[dict], work: Path, reference: dict[str, str]) -> dict:
+    base = work / f"{name}-{config}"
+    shutil.rmtree(base, ignore_errors=True)
+    backing, mnt = base / "backing", base / "mnt"
+    backing.mkdir(parents=True)
+    mnt.mkdir()
+    config_file = base / "config.toml"
+    config_file.write_text(CONFIGS[config])
+    subprocess.run([*DCCFS, "mount", "-c", str(config_file), str(backing), str(mnt)], check=True)
+    try:
+        run, kept = mnt / "run", []
+        run.mkdir()
+        started = time.perf_counter()
+        for n, state in enumerate(states):
+            FLOWS[name](run, n, state, kept)
+        write_s = time.perf_counter() - started
+        wait_until_settled(backing)
+        sizes = {str(p.relative_to(run)): (p.stat().st_size, (backing / "run" / p.relative_to(run)).stat().st_size)
+                 for p in run.rglob("*") if p.is_file()}
+        logical = sum(n for n, _ in sizes.values())
+        exact = tree_digests(run) == reference
+        log.info("%s, %s: %s", name, config, ", ".join(f"{rel} {stored / n:.3f}" for rel, (n, stored)
+                                                      in sorted(sizes.items()) if n > 1 << 20))
+    finally:
+        subprocess.run([*DCCFS, "umount", str(mnt)], capture_output=True)
+        if os.path.ismount(mnt):
+            subprocess.run(["fusermount3", "-u", "-z", str(mnt)])
+    return {"logical": logical, "backing": backing_bytes(backing), "write_s": write_s, "exact": exact,
+            "visible": backing_bytes(backing / "run")}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--corpus", type=Path, default=REPO / ".corpus")
+    parser.add_argument("--workdir", type=Path, default=REPO / "build" / "bench_delta_layouts")
+    parser.add_argument("--flows", default=",".join(FLOWS), help=f"any of {', '.join(FLOWS)} (default: all)")
+    parser.add_argument("--steps", default="10,20,30",
+                        help="steps of the corpus' fine-tuning series saved in order (default: 10,20,30)")
+    parser.add_argument("--keep", action="store_true",
+                        help="keep each flow's backing directory (and its .dccfs/dccfs.log) under --workdir")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    import torch
+    files = [args.corpus / "ckpt" / f"minilm_ft_step{int(n):02d}.pt" for n in args.steps.split(",")]
+    if not all(f.exists() for f in files):
+        raise SystemExit(f"{files[0].parent} lacks the series: python ../shared/corpus/build_corpus.py "
+                         f"{args.corpus} --checkpoints")
+    states = [torch.load(str(f), weights_only=False) for f in files]
+    rows = []
+    for name in args.flows.split(","):
+        if name not in FLOWS:
+            raise SystemExit(f"unknown flow {name!r}: one of {', '.join(FLOWS)}")
+        ref_dir = args.workdir / f"{name}-reference"
+        shutil.rmtree(ref_dir, ignore_errors=True)
+        (ref_dir / "run").mkdir(parents=True)
+        kept: list = []
+        for n, state in enumerate(states):
+            FLOWS[name](ref_dir / "run", n, state, kept)
+        reference = tree_digests(ref_dir / "run")
+        shutil.rmtree(ref_dir)
+        results = {config: run_flow(name, config, states, args.workdir, reference) for config in CONFIGS}
+        for config in CONFIGS if not args.keep else ():
+            shutil.rmtree(args.workdir / f"{name}-{config}", ignore_errors=True)
+        rows.append((name, results))
+    out = sys.stdout
+    out.write(f"\n{len(states)} steps of {files[0].parent.name}/minilm_ft_step*.pt (model + AdamW state) saved "
+              "as each framework does, one fresh mount per flow and configuration; backing = every byte the "
+              "backing directory holds (pins included, hard links once), after the passes after close\n")
+    out.write("| flow | logical MB (files left) | backing MB, keyframes | backing MB, default | "
+              "default/keyframes | visible files MB, default | bit-exact |\n|---|---|---|---|---|---|---|\n")
+    for name, res in rows:
+        key, default = res["keyframes"], res["default"]
+        out.write(f"| {name} | {default['logical'] / 1e6:.0f} | {key['backing'] / 1e6:.1f} | "
+                  f"{default['backing'] / 1e6:.1f} | {default['backing'] / key['backing']:.3f} | "
+                  f"{default['visible'] / 1e6:.1f} | {key['exact'] and default['exact']} |\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
