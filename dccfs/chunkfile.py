@@ -79,6 +79,9 @@ class ContainerFile(ChunkReader):
         # Points the file's inode at a new backing file (an O_PATH descriptor); set by HandleTable.
         self.on_new_container = os.close
         self.retired_fds: list[int] = []  # containers replaced under the open file
+        # The directory a new container was renamed into (dccfs.pinned_overwrite): fsynced
+        # by the next durable commit, before the records it makes durable.
+        self._unsynced_dir_fd: int | None = None
         self.readahead = ReadAhead()
 
     @property
@@ -357,7 +360,20 @@ class ContainerFile(ChunkReader):
             await self.flush_dirty()
             await trio.to_thread.run_sync(self._commit_sync, durable, limiter=self.engine.io_limiter)
 
+    def sync_directory_first(self, dir_fd: int) -> None:
+        """Have the next durable commit fsync dir_fd (then close it) before anything else."""
+        self.close_unsynced_dir()
+        self._unsynced_dir_fd = dir_fd
+
+    def close_unsynced_dir(self) -> None:
+        if self._unsynced_dir_fd is not None:
+            os.close(self._unsynced_dir_fd)
+            self._unsynced_dir_fd = None
+
     def _commit_sync(self, durable: bool) -> None:
+        if durable and self._unsynced_dir_fd is not None:
+            os.fsync(self._unsynced_dir_fd)  # an error fails the commit: fsync/close report it
+            self.close_unsynced_dir()
         self.container.commit(self.size, durable)
         if self.mtime_ns is not None:
             st = os.fstat(self.container.fd)

@@ -97,7 +97,7 @@ def fixed_name(name: str) -> bool:
 def find_base_candidates(backing_root: str, relpath: str) -> list[str]:
     """Container files that look like earlier versions of relpath (names that differ only in
     digits, or any file beside a temporary one, in series_dirs; beside a fixed name, also
-    the files of its extension in its own directory): the same name first, then by
+    the numbered files of its extension in its own directory): the same name first, then by
     series_dirs' rank, then newest first."""
     directory, name = os.path.split(relpath)
     pattern = name_pattern(name)
@@ -116,7 +116,9 @@ def find_base_candidates(backing_root: str, relpath: str) -> list[str]:
             if looks_temporary(entry):
                 continue
             if not any_name and name_pattern(entry) != pattern and not (
-                    suffix and rel_dir == directory and entry.endswith(suffix)):
+                    suffix and rel_dir == directory and entry.endswith(suffix) and not fixed_name(entry)):
+                # (a fixed name's sibling is a numbered file: another fixed name is rewritten
+                # in place each time, and as a base its pin would keep every old version)
                 continue
             full = os.path.join(full_dir, entry)
             try:

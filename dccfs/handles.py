@@ -402,6 +402,7 @@ class HandleTable(BackgroundRewrites):
         os.close(file.container.fd)
         for fd in file.retired_fds:
             os.close(fd)
+        file.close_unsynced_dir()
 
     async def commit_all(self) -> None:
         for file in list(self.open_files.values()):

@@ -13,9 +13,11 @@ its directory or a lookup in between went to the wrong file, found by review). T
 then holds the new file, the pin the old one, which is freed with its last dependent
 (dccfs.pins). A crash before the rename leaves a temporary that the next mount removes;
 after it, an empty file, which is what the truncate asked for. The directory is fsynced
-before the truncate returns: otherwise data written and fsynced into the new file could,
-after a power cut, vanish behind the old file under the name. When anything fails, the
-caller keeps the old file and appends, as before.
+by the file's next durable commit (fsync, close), before its records: otherwise data
+written and fsynced into the new file could, after a power cut, vanish behind the old file
+under the name. (Fsynced in the truncate itself, it left a window in which a reader saw
+the old size and read zeros: found by review.) When anything fails, the caller keeps the
+old file and appends, as before.
 """
 from __future__ import annotations
 
@@ -103,15 +105,6 @@ def swap_fresh_in(container: Container, fresh: Container, backing_root: str) -> 
     return opath, dir_fd
 
 
-def _fsync_and_close(dir_fd: int, path: str) -> None:
-    try:
-        os.fsync(dir_fd)
-    except OSError as exc:
-        log.error("%s: the directory that now holds the new file could not be fsynced (%s): "
-                  "after a power cut the name may still show the old file", path, exc)
-    finally:
-        os.close(dir_fd)
-
 
 async def start_over(file) -> bool:
     """Give a ContainerFile being truncated to 0 a new container under its name when it is a
@@ -136,5 +129,5 @@ async def start_over(file) -> bool:
     # Reads and background passes that started before may still use the old descriptor: it
     # is closed with the file (a number reused under them would read another file).
     file.retired_fds.append(old.fd)
-    await trio.to_thread.run_sync(_fsync_and_close, dir_fd, fresh.path, limiter=engine.io_limiter)
+    file.sync_directory_first(dir_fd)
     return True

@@ -183,7 +183,7 @@ def test_megatron_takes_its_own_rank_of_the_last_iteration(backing):
 
 
 def test_a_fixed_name_takes_only_a_sibling_of_its_extension_that_resembles_it(backing):
-    """last.ckpt (no digits) looks at the .ckpt files beside it, never at another extension,
+    """last.ckpt (no digits) looks at the numbered .ckpt files beside it, never at another extension,
     and takes one only when it resembles the new file: a numbered sibling is no series of a
     fixed name, so there is no fallback to the newest (it would store keyframes after
     delta.PROBE_CHUNKS tries)."""
@@ -191,6 +191,9 @@ def test_a_fixed_name_takes_only_a_sibling_of_its_extension_that_resembles_it(ba
     weights = _weights(1, 0.05)
     _store(backing, "run/epoch=3-step=400.ckpt", weights)
     _store(backing, "run/optimizer.pt", weights)
+    # Another fixed name is rewritten in place: as a base its pin would keep each old version
+    # (model.pt saved every epoch beside best_model.pt: found by review).
+    _store(backing, "run/best.ckpt", weights)
     found = find_base_candidates(str(backing), "run/last.ckpt")
     assert [os.path.relpath(p, backing) for p in found] == ["run/epoch=3-step=400.ckpt"]
     fd = os.open(os.path.join(backing, "run/last.ckpt"), os.O_RDWR | os.O_CREAT, 0o644)
