@@ -73,6 +73,29 @@ DELTA_LAYOUTS = ("safetensors", "torch-zip")
 PROBE_CHUNKS = 8
 
 
+def record_depth(base: Container, loc) -> tuple[RecordHeader, int]:
+    """A base record's header and its chain depth (0 for a keyframe)."""
+    head = RecordHeader.unpack(pread_exact(base.fd, RECORD_HEADER_SIZE, loc.offset))
+    if head.sub != CODEC_DELTA:
+        return head, 0
+    params = pread_exact(base.fd, head.params_len, loc.offset + RECORD_HEADER_SIZE)
+    return head, BaseRef.unpack(delta_base_ref(params)).depth
+
+
+def deepest_chunk(base: Container, bound: int) -> int:
+    """The chain depth of base's deepest live chunk (0: keyframes only), reading record
+    headers until one reaches bound; an unreadable one counts as too deep."""
+    deepest = 0
+    for loc in base.index.values():
+        try:
+            deepest = max(deepest, record_depth(base, loc)[1])
+        except (FormatError, ValueError, CodecError, OSError):
+            return bound
+        if deepest >= bound:
+            break
+    return deepest
+
+
 class DeltaWriter:
     """Encodes one file's chunks against the same chunks of its base, when that is smaller.
 
@@ -131,6 +154,7 @@ class DeltaWriter:
         name = os.path.basename(relpath)
         temporary = looks_temporary(name)
         fixed = fixed_name(name)
+        bound = max(1, min(max_chain, MAX_CHAIN))
         fallback = None
         decoded = 0
         for path in find_base_candidates(backing_root, relpath):
@@ -144,10 +168,12 @@ class DeltaWriter:
                 alike = resembles(prefix, base)
             # A fixed name's siblings of its extension are taken only when they resemble it.
             sibling = fixed and os.path.basename(path) != name
-            if alike and sibling and codec == CODEC_DELTA and max_chain <= 1:
-                # last.ckpt copies the numbered file just written; when that one is a delta
-                # it is too deep a base (delta_chain 1), and the keyframe it is a delta of,
-                # when still there, comes later in the list.
+            if alike and sibling and deepest_chunk(base, bound) >= bound:
+                # last.ckpt copies the numbered file just written; when that one has deltas
+                # as deep as delta_chain allows, it is too deep a base, and the keyframe it is
+                # a delta of, when still there, comes later in the list. (Its first chunk
+                # alone was looked at first: a file whose first tensor changed has a
+                # keyframe there and deltas after it, found by review.)
                 alike = False
             if alike:
                 if fallback is not None:
@@ -185,12 +211,7 @@ class DeltaWriter:
         return loc, head, depth + 1
 
     def _record_depth(self, loc) -> tuple[RecordHeader, int]:
-        """The base record's header and its chain depth (0 for a keyframe)."""
-        head = RecordHeader.unpack(pread_exact(self.base.fd, RECORD_HEADER_SIZE, loc.offset))
-        if head.sub != CODEC_DELTA:
-            return head, 0
-        params = pread_exact(self.base.fd, head.params_len, loc.offset + RECORD_HEADER_SIZE)
-        return head, BaseRef.unpack(delta_base_ref(params)).depth
+        return record_depth(self.base, loc)
 
     def _base_is_shallow(self) -> bool:
         """Whether the base's deepest chunk is shallower than the bound. A pin keeps its whole
@@ -209,17 +230,7 @@ class DeltaWriter:
             return self._base_depth < self.max_chain
 
     def _deepest_base_chunk(self) -> int:
-        """The chain depth of the base's deepest live chunk (0: keyframes only), reading
-        record headers until one reaches the bound; an unreadable one counts as too deep."""
-        deepest = 0
-        for loc in self.base.index.values():
-            try:
-                deepest = max(deepest, self._record_depth(loc)[1])
-            except (FormatError, ValueError, CodecError, OSError):
-                return self.max_chain
-            if deepest >= self.max_chain:
-                break
-        return deepest
+        return deepest_chunk(self.base, self.max_chain)
 
     def _base_chunk(self, idx: int) -> tuple[bytes, BaseRef] | None:
         found = self._usable_base_record(idx)

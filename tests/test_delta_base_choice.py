@@ -206,3 +206,41 @@ def test_a_fixed_name_takes_only_a_sibling_of_its_extension_that_resembles_it(ba
     unlike = DeltaWriter.for_file(str(backing), "run/last.ckpt", file_id,
                                   prefix=_weights(7, 3.0)[:1 << CHUNK_SHIFT], chunk_size=1 << CHUNK_SHIFT)
     assert unlike is None
+
+
+def test_a_fixed_name_passes_over_a_sibling_with_deltas_behind_a_keyframe_first_chunk(backing):
+    """delta_chain 1: last.ckpt's sibling epoch=1.ckpt is a delta file whose first chunk is a
+    keyframe (its first tensor changed). Only that first chunk was looked at, so it was taken,
+    and last.ckpt then stored keyframes ('its base has deltas 1 deep'; found by review)."""
+    weights = _weights(1, 0.05)
+    _store(backing, "run/epoch=0.ckpt", weights)
+    step = np.random.default_rng(5).normal(0, 1e-4, len(weights) // 4).astype(np.float32)
+    later = bytearray((np.frombuffer(weights, np.float32) + step).astype(np.float32).tobytes())
+    later[:1 << CHUNK_SHIFT] = _weights(9, 2.0)[:1 << CHUNK_SHIFT]  # a first tensor that changed
+    later = bytes(later)
+    path = os.path.join(backing, "run/epoch=1.ckpt")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    container = Container.create(fd, path, CHUNK_SHIFT)
+    writer = DeltaWriter.for_file(str(backing), "run/epoch=1.ckpt", container.header.file_id,
+                                  chunk_size=1 << CHUNK_SHIFT)
+    assert writer is not None and os.path.basename(writer.base.path) == "epoch=0.ckpt"
+    writer.dependent_key = "epoch1"
+    kinds = []
+    for idx, raw in _chunks(later):
+        encoded = writer.encode(idx, raw, _hints(raw, 1))
+        kinds.append(encoded is not None)
+        container.append_chunk(idx, encoded or encode_chunk(raw, _hints(raw, 1)), len(raw), checksum64(raw))
+    container.commit(len(later), durable=False)
+    writer.close()
+    os.close(fd)
+    assert not kinds[0] and all(kinds[1:]), kinds
+    fd = os.open(os.path.join(backing, "run/last.ckpt"), os.O_RDWR | os.O_CREAT, 0o644)
+    file_id = Container.create(fd, os.path.join(backing, "run/last.ckpt"), CHUNK_SHIFT).header.file_id
+    os.close(fd)
+    chosen = DeltaWriter.for_file(str(backing), "run/last.ckpt", file_id, prefix=later[:1 << CHUNK_SHIFT],
+                                  chunk_size=1 << CHUNK_SHIFT)
+    try:
+        assert chosen is None or os.path.basename(chosen.base.path) != "epoch=1.ckpt"
+    finally:
+        if chosen is not None:
+            chosen.close()
