@@ -43,8 +43,8 @@ class BackgroundRewrites:
                         except OSError:
                             break  # _close_file retries it and reports
                 redelta_now = redelta.worth_redelta(file)
-                if not redelta_now and not compaction.worth_compacting(file.container):
-                    break
+                if not redelta_now:
+                    break  # a compaction alone waits for the next close
             await self._close_file(inode, file, compact=False)
         finally:
             # No await from here on: a release that still finds the file in the set is
