@@ -39,6 +39,27 @@ def stored_ratio(mount, rel):
     return rows[0]
 
 
+def ratio_once_settled(mount, rel, done):
+    """The stats row of rel once done(row) holds, or after 120 s: deltas may be put off until
+    the pass after the file's close."""
+    row = stored_ratio(mount, rel)
+    deadline = time.monotonic() + 120
+    while not done(row) and time.monotonic() < deadline:
+        time.sleep(0.1)
+        row = stored_ratio(mount, rel)
+    return row
+
+
+def assert_exact_after_remount(mount, files: dict) -> None:
+    """Every file (path: bytes) reads back exactly from a fresh mount, and fsck finds nothing."""
+    mount.remount()
+    for path, data in files.items():
+        assert path.read_bytes() == data, path
+    mount.stop()
+    result = dccfs("fsck", mount.backing)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 def test_a_transformers_checkpoint_directory_takes_the_last_model_as_its_base(make_mount, series):
     """checkpoint-N/config.json, then model.safetensors through save_file's temporary name:
     the temporary took the newest file beside it, config.json, as its base, and no chunk of
@@ -51,11 +72,7 @@ def test_a_transformers_checkpoint_directory_takes_the_last_model_as_its_base(ma
         directory.mkdir()
         (directory / "config.json").write_text(json_module.dumps({"step": step, "hidden_size": 384}))
         save_file(tensors, str(directory / "model.safetensors"))
-    second = stored_ratio(mount, "checkpoint-1000/model.safetensors")
-    deadline = time.monotonic() + 120  # deltas may be put off until after the close
-    while "delta" not in second["codecs"] and time.monotonic() < deadline:
-        time.sleep(0.1)
-        second = stored_ratio(mount, "checkpoint-1000/model.safetensors")
+    second = ratio_once_settled(mount, "checkpoint-1000/model.safetensors", lambda row: "delta" in row["codecs"])
     first = stored_ratio(mount, "checkpoint-500/model.safetensors")
     assert second["codecs"].get("delta", 0) > 0, second
     assert second["ratio"] < first["ratio"] * 0.8, (first["ratio"], second["ratio"])
@@ -145,12 +162,7 @@ def test_a_delta_base_copied_over_again_and_again_does_not_grow(make_mount, seri
         stored = {(st.st_dev, st.st_ino): st.st_size for st in
                   (p.stat() for p in mount.backing.rglob("*") if p.is_file())}
         assert sum(stored.values()) < 2.2 * 0.9 * logical, (sum(stored.values()), logical)
-    mount.remount()
-    for name, data in expected.items():
-        assert (run / name).read_bytes() == data, name
-    mount.stop()
-    result = dccfs("fsck", mount.backing)
-    assert result.returncode == 0, result.stdout + result.stderr
+    assert_exact_after_remount(mount, {run / name: data for name, data in expected.items()})
 
 
 def test_last_ckpt_saved_beside_each_numbered_checkpoint_is_a_delta(make_mount, series):
@@ -182,11 +194,7 @@ def test_last_ckpt_saved_beside_each_numbered_checkpoint_is_a_delta(make_mount, 
         if len(names) > 2:
             os.unlink(run / names[0])
             del expected[names.pop(0)]
-        last = stored_ratio(mount, "checkpoints/last.ckpt")
-        deadline = time.monotonic() + 120  # deltas may be put off until after the close
-        while "delta" not in last["codecs"] and time.monotonic() < deadline:
-            time.sleep(0.1)
-            last = stored_ratio(mount, "checkpoints/last.ckpt")
+        last = ratio_once_settled(mount, "checkpoints/last.ckpt", lambda row: "delta" in row["codecs"])
         numbered = stored_ratio(mount, f"checkpoints/{name}")["ratio"]
         ratios.append((numbered, last["ratio"]))
         assert last["codecs"].get("delta", 0) > 0, (epoch, last)
@@ -195,12 +203,7 @@ def test_last_ckpt_saved_beside_each_numbered_checkpoint_is_a_delta(make_mount, 
     # of (about its twin's ratio; the encoders' backlog moves both by a few hundredths).
     keyframe = ratios[0][0]
     assert all(last < 0.7 * keyframe for _, last in ratios), ratios
-    mount.remount()
-    for name, data in expected.items():
-        assert (run / name).read_bytes() == data, name
-    mount.stop()
-    result = dccfs("fsck", mount.backing)
-    assert result.returncode == 0, result.stdout + result.stderr
+    assert_exact_after_remount(mount, {run / name: data for name, data in expected.items()})
 
 
 def test_a_file_overwritten_while_open_looks_for_a_base_again(make_mount, series, tmp_path):
@@ -221,21 +224,12 @@ def test_a_file_overwritten_while_open_looks_for_a_base_again(make_mount, series
         for step, tensors in zip((1, 2), series):
             torch.save(tensors, str(run / f"step_{step}.pt"))
             shutil.copyfile(run / f"step_{step}.pt", run / "last.pt")
-        last = stored_ratio(mount, "run/last.pt")
-        deadline = time.monotonic() + 120  # deltas may be put off until after the close
-        while last["ratio"] > 0.05 and time.monotonic() < deadline:
-            time.sleep(0.1)
-            last = stored_ratio(mount, "run/last.pt")
+        last = ratio_once_settled(mount, "run/last.pt", lambda row: row["ratio"] <= 0.05)
         assert last["ratio"] <= 0.05, last
         assert "run/last.pt: storing as a delta of run/step_2.pt" in mount.log_text()
     finally:
         reader.close()
-    expected = (run / "step_2.pt").read_bytes()
-    mount.remount()
-    assert (run / "last.pt").read_bytes() == expected
-    mount.stop()
-    result = dccfs("fsck", mount.backing)
-    assert result.returncode == 0, result.stdout + result.stderr
+    assert_exact_after_remount(mount, {run / "last.pt": (run / "step_2.pt").read_bytes()})
 
 
 def test_a_file_copied_over_during_its_pass_after_close_gets_a_pass_of_its_own(make_mount, series, tmp_path):
@@ -265,18 +259,9 @@ def test_a_file_copied_over_during_its_pass_after_close_gets_a_pass_of_its_own(m
         while not any(n.endswith(".compact") for n in os.listdir(tmp_dir)) and time.monotonic() < deadline:
             time.sleep(0.001)
         shutil.copyfile(run / f"step_{step}.pt", run / "last.pt")  # while the first copy's pass runs
-    last = stored_ratio(mount, "run/last.pt")
-    deadline = time.monotonic() + 120
-    while last["ratio"] > 0.05 and time.monotonic() < deadline:
-        time.sleep(0.1)
-        last = stored_ratio(mount, "run/last.pt")
+    last = ratio_once_settled(mount, "run/last.pt", lambda row: row["ratio"] <= 0.05)
     assert last["ratio"] <= 0.05, (last, mount.log_text()[-3000:])
-    expected = (run / "step_2.pt").read_bytes()
-    mount.remount()
-    assert (run / "last.pt").read_bytes() == expected
-    mount.stop()
-    result = dccfs("fsck", mount.backing)
-    assert result.returncode == 0, result.stdout + result.stderr
+    assert_exact_after_remount(mount, {run / "last.pt": (run / "step_2.pt").read_bytes()})
 
 
 def test_a_pinned_file_whose_path_is_too_long_to_rename_is_overwritten_in_it(make_mount):
