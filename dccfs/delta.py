@@ -162,8 +162,7 @@ class DeltaWriter:
             if base is None:
                 continue
             alike = prefix is None
-            codec = first_chunk_codec(base)
-            if not alike and decoded < MAX_CANDIDATES and codec in TENSOR_CODECS:
+            if not alike and decoded < MAX_CANDIDATES and first_chunk_codec(base) in TENSOR_CODECS:
                 decoded += 1
                 alike = resembles(prefix, base)
             # A fixed name's siblings of its extension are taken only when they resemble it.
