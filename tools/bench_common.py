@@ -171,6 +171,22 @@ def du(path: str | Path, skip: tuple[str, ...] = ()) -> tuple[int, int, int]:
     return blocks, apparent, files
 
 
+def wait_until_settled(backing: Path, size_of, settled_s: float = 3, timeout_s: float = 600) -> float:
+    """Seconds until no pass after close runs in the dccfs mount of backing: no temporary copy in
+    .dccfs/tmp, and size_of() unchanged for settled_s (a pass may or may not start)."""
+    started = time.perf_counter()
+    last, since = None, time.perf_counter()
+    while time.perf_counter() - since < settled_s:
+        busy = any(n.endswith(".compact") for n in os.listdir(Path(backing) / ".dccfs" / "tmp"))
+        size = size_of()
+        if busy or size != last:
+            last, since = size, time.perf_counter()
+        if time.perf_counter() - started > timeout_s:
+            raise SystemExit(f"{backing} did not settle within {timeout_s} s")
+        time.sleep(0.1)
+    return since - started
+
+
 def machine_facts(path: str | Path) -> dict:
     facts: dict = {"nproc": os.cpu_count(), "kernel": os.uname().release, "python": sys.version.split()[0]}
     try:

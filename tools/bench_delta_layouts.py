@@ -11,15 +11,14 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_common import REPO, fusermount_unmount, wait_until_settled  # noqa: E402
+
 log = logging.getLogger("dccfs.bench_delta_layouts")
-REPO = Path(__file__).resolve().parent.parent
 DCCFS = [sys.executable, "-m", "dccfs.cli"]
 CONFIGS = {"keyframes": "delta = false\n", "default": ""}
-SETTLED_S = 3
-SETTLE_TIMEOUT_S = 600
 
 
 def _torch_save(obj, path: Path) -> None:
@@ -122,20 +121,6 @@ def backing_bytes(backing: Path) -> int:
     return sum(seen.values())
 
 
-def wait_until_settled(backing: Path) -> None:
-    """Until no pass after close runs: no temporary copy, and the backing bytes unchanged for SETTLED_S."""
-    started = time.monotonic()
-    last, since = None, time.monotonic()
-    while time.monotonic() - since < SETTLED_S:
-        busy = any(n.endswith(".compact") for n in os.listdir(backing / ".dccfs" / "tmp"))
-        size = backing_bytes(backing)
-        if busy or size != last:
-            last, since = size, time.monotonic()
-        if time.monotonic() - started > SETTLE_TIMEOUT_S:
-            raise SystemExit(f"{backing} did not settle within {SETTLE_TIMEOUT_S} s")
-        time.sleep(0.2)
-
-
 def run_flow(name: str, config: str, states: list[dict], work: Path, reference: dict[str, str]) -> dict:
     base = work / f"{name}-{config}"
     shutil.rmtree(base, ignore_errors=True)
@@ -151,7 +136,7 @@ def run_flow(name: str, config: str, states: list[dict], work: Path, reference: 
         steps = []
         for n, state in enumerate(states):
             FLOWS[name](run, n, state, kept)
-            wait_until_settled(backing)
+            wait_until_settled(backing, lambda: backing_bytes(backing))
             steps.append(backing_bytes(backing))
         sizes = {str(p.relative_to(run)): (p.stat().st_size, (backing / "run" / p.relative_to(run)).stat().st_size)
                  for p in run.rglob("*") if p.is_file()}
@@ -161,8 +146,7 @@ def run_flow(name: str, config: str, states: list[dict], work: Path, reference: 
                                                       in sorted(sizes.items()) if n > 1 << 20))
     finally:
         subprocess.run([*DCCFS, "umount", str(mnt)], capture_output=True)
-        if os.path.ismount(mnt):
-            subprocess.run(["fusermount3", "-u", "-z", str(mnt)])
+        fusermount_unmount(mnt)
     return {"logical": logical, "backing": backing_bytes(backing), "steps": steps, "exact": exact,
             "visible": backing_bytes(backing / "run")}
 

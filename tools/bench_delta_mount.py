@@ -12,6 +12,9 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_common import wait_until_settled  # noqa: E402
+
 log = logging.getLogger("dccfs.bench_delta_mount")
 REPO = Path(__file__).resolve().parent.parent
 DCCFS = [sys.executable, "-m", "dccfs.cli"]
@@ -28,24 +31,6 @@ MODES = {
     "default": '',
 }
 SETTLE_S = 5
-PASS_WAIT_S = 600
-SETTLED_S = 3
-
-
-def wait_until_settled(backing: Path, path: Path) -> float:
-    """Seconds until no pass after close runs (no temporary copy, file size unchanged for
-    SETTLED_S): the default mode may or may not have one to run."""
-    started = time.perf_counter()
-    last, since = None, time.perf_counter()
-    while time.perf_counter() - since < SETTLED_S:
-        busy = any(n.endswith(".compact") for n in os.listdir(backing / ".dccfs" / "tmp"))
-        size = path.stat().st_size
-        if busy or size != last:
-            last, since = size, time.perf_counter()
-        if time.perf_counter() - started > PASS_WAIT_S:
-            raise SystemExit(f"{path} did not settle within {PASS_WAIT_S} s")
-        time.sleep(0.1)
-    return since - started
 
 
 def run(*args: str) -> None:
@@ -121,7 +106,8 @@ def bench_mode(mode: str, files: list[Path], work: Path, newest_first: bool = Fa
             seconds = time.perf_counter() - started
             rows.append({"file": src.name, "size": len(data), "write_s": seconds})
             if mode in ("after close", "default"):
-                rows[-1]["pass_s"] = wait_until_settled(backing, backing / "run" / src.name)
+                stored = backing / "run" / src.name
+                rows[-1]["pass_s"] = wait_until_settled(backing, lambda: stored.stat().st_size)
         run("umount", str(mnt))
         run("mount", "-c", str(config), str(backing), str(mnt))
         # A fresh mount loads its codec kernels in the background (seconds when numba's
