@@ -75,6 +75,7 @@ class ContainerFile(ChunkReader):
         self._idle.set()
         self._write_lock = trio.Lock()
         self._loading: dict[tuple, trio.Event] = {}  # ChunkReader's single flight
+        self.resetting: trio.Event | None = None  # set while a truncate to 0 starts the file over
         self.coder = ChunkCoder(engine, rule, container.path, container.chunk_size)
         # Points the file's inode at a new backing file (an O_PATH descriptor); set by HandleTable.
         self.on_new_container = os.close
@@ -298,6 +299,9 @@ class ContainerFile(ChunkReader):
                 for idx in list(self.dirty):
                     self._drop_dirty(idx)
                 emptied_from = self.cache_id
+                # Reads wait: the records go on a worker thread before the size becomes 0, and a
+                # read in between found no chunk and answered zeros (found by review E).
+                self.resetting = trio.Event()
                 try:
                     reset = await trio.to_thread.run_sync(self._reset_unless_linked,
                                                           limiter=self.engine.io_limiter)
@@ -310,6 +314,8 @@ class ContainerFile(ChunkReader):
                     if self.cache_id != emptied_from:
                         self.coder.reset()
                         self.size = 0
+                    self.resetting.set()
+                    self.resetting = None
             if not reset and new_size < self.size:
                 first_gone = -(-new_size // cs)
                 inner = new_size % cs

@@ -23,6 +23,8 @@ class ChunkReader:
     concurrent loads of one chunk make one read (single flight, docs/cache.md)."""
 
     async def read(self, offset: int, length: int) -> bytes:
+        if self.resetting is not None:
+            await self.resetting.wait()
         end = min(offset + length, self.size)
         if offset >= end:
             return b""
