@@ -358,9 +358,10 @@ def request(mountpoint: str, payload: dict, timeout: float = 10.0) -> dict:
             sock.settimeout(timeout)
             sock.connect(path)
             break
-        except (FileNotFoundError, ConnectionRefusedError):
+        except (FileNotFoundError, ConnectionRefusedError, BlockingIOError):
             sock.close()
-            # A mount that has just started may not have its socket yet.
+            # A mount that has just started may not have its socket yet; a full backlog (EAGAIN:
+            # a flood of connections the daemon is still refusing) drains in moments.
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.1)

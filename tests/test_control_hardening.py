@@ -142,8 +142,11 @@ def _hold_connections_as_nobody(mnt, count: int, hold_s: float) -> int:
         finally:
             os._exit(0)
     os.close(write_end)
-    with os.fdopen(read_end) as pipe:
-        assert int(pipe.read() or 0) > 0
+    try:
+        # One write, read as it comes: reading to the end waited for the child's exit (hold_s).
+        assert int(os.read(read_end, 32) or 0) > 0
+    finally:
+        os.close(read_end)
     return pid
 
 
