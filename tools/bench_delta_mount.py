@@ -166,9 +166,14 @@ def main() -> int:
         last_key, last_delta = results["keyframe"][-1], results["delta"][-1]
         # One read per mode, minutes apart: a keyframe read alone moved between 0.29 and 0.40 s on
         # this machine, so the target is judged on the median of the interleaved reads below.
+        stored = last_delta['stored'] / last_delta['size']
+        # The target is for step30 written after step20 (its base then a keyframe); with the default
+        # steps and delta_chain 1, step20 is a delta of step10 and step30 is stored as keyframes.
+        judged = (f"target <= 0.34: {'met' if stored <= 0.34 else 'MISSED'}" if steps[-2:] == [20, 30]
+                  else "the target <= 0.34 is judged with --steps 20,30")
         out.write(f"{files[-1].name}: delta/keyframe cold read speed "
                   f"{last_key['read_s'] / last_delta['read_s']:.2f}x (one read per mode), stored "
-                  f"{last_delta['stored'] / last_delta['size']:.4f} (target <= 0.34)\n")
+                  f"{stored:.4f} ({judged})\n")
         later = results["after close"][-1]
         out.write(f"{files[-1].name} with its deltas after close: written at "
                   f"{last_key['write_s'] / later['write_s']:.2f}x the keyframe speed, stored "
