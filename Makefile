@@ -12,9 +12,9 @@ PYTEST_ARGS ?=
 # daemons, so two workers on two cores take about 0.65 of the serial time. TEST_WORKERS=0 runs serially.
 TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); [ $$n -gt 4 ] && n=4; echo $$n)
 
-.PHONY: setup system-deps mount-helper corpus corpus-full run test stress bench clean
+.PHONY: setup system-deps mount-helper kernels corpus corpus-full run test stress bench clean
 
-setup: $(STAMP) mount-helper
+setup: $(STAMP) mount-helper kernels
 
 system-deps:
 	@if ! command -v fusermount3 >/dev/null || ! command -v pkg-config >/dev/null \
@@ -37,6 +37,11 @@ mount-helper: $(STAMP)
 	if [ "$$(id -u)" = 0 ] && [ "$$(readlink /sbin/mount.fuse.dccfs)" != "$$helper" ]; then \
 	  ln -sf "$$helper" /sbin/mount.fuse.dccfs && echo "linked /sbin/mount.fuse.dccfs -> $$helper"; \
 	fi
+
+# numba compiles the codec kernels into its cache once (minutes), then loads them in about a second:
+# done here, with a message, instead of silently under the demo's first mount or the first tests.
+kernels: $(STAMP)
+	@$(VENV)/bin/dccfs warm-up
 
 corpus: setup
 	$(PY) $(SHARED_CORPUS) $(CORPUS) > /dev/null

@@ -44,6 +44,11 @@ def _key_on_package(dispatcher) -> None:
     cache_file._source_stamp = (cache_file._source_stamp, package_stamp())
 
 
+def cache_unavailable() -> bool:
+    """Whether a kernel defined so far had to be compiled without the on-disk cache."""
+    return _warned
+
+
 def njit(**opts):
     """Decorator: ``numba.njit(cache=True, **opts)`` keyed on the whole package, or without the cache when no cache
     directory is writable."""

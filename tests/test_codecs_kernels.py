@@ -82,11 +82,9 @@ def test_fused_scalar_fallback_decodes(dtype, monkeypatch):
     assert decode_chunk(enc.codec_id, enc.params, enc.payload, len(raw)) == raw
 
 
-_WARM_UP = "from dccfs.engine import warm_up_codecs; warm_up_codecs()"
-
-
 def test_kernels_load_from_cache_in_a_new_process():
     """Every mount is a new process: its codec warm-up must load every kernel from numba's cache, compile nothing.
+    `dccfs warm-up` (run by make's setup) is that warm-up, and fills the cache.
 
     (A kernel built by a closure factory, or one taking a dispatcher as an argument, misses the cache in every
     process and costs seconds of compilation at each mount.)"""
@@ -94,10 +92,11 @@ def test_kernels_load_from_cache_in_a_new_process():
     import sys
 
     env = dict(os.environ, NUMBA_DEBUG_CACHE="1")
-    runs = [subprocess.run([sys.executable, "-c", _WARM_UP], env=env, capture_output=True, text=True, timeout=300)
-            for _ in range(2)]
+    runs = [subprocess.run([sys.executable, "-m", "dccfs.cli", "warm-up"], env=env, capture_output=True, text=True,
+                           timeout=300) for _ in range(2)]
     for r in runs:
         assert r.returncode == 0, r.stderr[-2000:]
+        assert "codec kernels ready in" in r.stderr, r.stderr[-2000:]
     log = runs[1].stdout + runs[1].stderr
     assert "data loaded" in log and "tensor_fast._fused_vec" in log, log[-2000:]
     saved = [line for line in log.splitlines() if "saved" in line]
