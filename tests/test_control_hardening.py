@@ -156,9 +156,10 @@ def test_another_users_idle_connections_never_lock_the_owner_out(mounted):
     good (stats and tune unavailable until a remount)."""
     pid = _hold_connections_as_nobody(mounted.mnt, 200, 20)
     try:
-        started = time.monotonic()
+        # while the child still holds its connections (no timed assertion: the request's own
+        # timeouts bound the wait)
         reply = request(str(mounted.mnt), {"cmd": "stats"}, timeout=5)
-        assert reply["ok"] and time.monotonic() - started < 5
+        assert reply["ok"]
     finally:
         os.kill(pid, 9)  # our own child
         os.waitpid(pid, 0)
