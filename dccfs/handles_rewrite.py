@@ -74,7 +74,7 @@ class BackgroundRewrites:
             if exc.errno in (errno.ESTALE, errno.ECANCELED):
                 log.info("%s: background rewrite stopped, file left as it was: %s", container.path,
                          exc.strerror)
-            elif file.handles or (container.cache_id, container.end) != copied:
+            elif file.handles or file.container is not container or (container.cache_id, container.end) != copied:
                 # Reopened and overwritten under the copy (O_TRUNC resets the file in place): the
                 # read that failed was of records that are gone, not of damaged ones.
                 log.info("%s: background rewrite stopped, the file changed under it: %s", container.path, exc)
@@ -82,9 +82,13 @@ class BackgroundRewrites:
                 log.warning("%s: compaction failed, file left as it was: %s", container.path, exc)
             self._abandon_copy(tmp_path, rewriter, copy_name)
             return
-        if file.handles or file.content_changed or file.closed or (container.cache_id, container.end) != copied:
+        if file.handles or file.content_changed or file.closed or file.container is not container \
+                or (container.cache_id, container.end) != copied:
             # Reopened meanwhile, and maybe overwritten (a reset: a new file id) and released
-            # again, possibly ending at the same offset: the copy is stale.
+            # again, possibly ending at the same offset: the copy is stale. A pinned base
+            # overwritten meanwhile has a new container under its name and left this one as it
+            # was; swap_in's checks see the new file, and its size may equal this one's end
+            # (found by review G).
             self._abandon_copy(tmp_path, rewriter, copy_name)
             return
         # Kept across the swap, so the pin registry can tell when the replaced file is gone.
