@@ -1,7 +1,6 @@
 """Engine and ContainerFile without a mount: a failing codec or store costs ratio or an error, never a hang."""
 from __future__ import annotations
 
-import contextlib
 import errno
 import logging
 import os
@@ -18,6 +17,7 @@ from dccfs.config import CacheConfig, Config, Rule
 from dccfs.container import ChunkLoc, Container
 from dccfs.engine import Engine
 from dccfs.advice import ADVISE_GAP, WILLNEED_SLICE, device_slice, record_runs
+from engine_harness import CHUNK, all_tokens_held, run_with_files
 
 
 def test_a_codec_error_falls_back_to_zstd(tmp_path, caplog):
@@ -30,48 +30,6 @@ def test_a_codec_error_falls_back_to_zstd(tmp_path, caplog):
     assert engine.stats.codec_failures == 1
     assert engine.stats.snapshot()["errors"]["codec"] == 1
     assert "storing it with zstd instead" in caplog.text
-
-
-CHUNK = 1 << 20
-
-
-def _files(tmp_path, engine, config):
-    opened = []
-
-    def open_file(name):
-        fd = os.open(tmp_path / name, os.O_CREAT | os.O_RDWR, 0o644)
-        file = ContainerFile(engine, Container.create(fd, name, 20), config.rule_for(name))
-        opened.append(file)
-        return file
-
-    engine.dirty.on_pressure(lambda: [f.schedule_all() for f in opened if f.failure is None])
-    return open_file
-
-
-def run_with_files(tmp_path, config, body) -> None:
-    """trio.run body(engine, open_file) inside the nursery the engine's background tasks use."""
-    async def main():
-        engine = Engine(config, str(tmp_path))
-        open_file = _files(tmp_path, engine, config)
-        async with trio.open_nursery() as nursery:
-            engine.nursery = nursery
-            await body(engine, open_file)
-            nursery.cancel_scope.cancel()
-
-    trio.run(main)
-
-
-@contextlib.contextmanager
-def all_tokens_held(limiter):
-    """Every token of limiter taken: work started in the block waits for a thread until it ends."""
-    holders = [object() for _ in range(int(limiter.total_tokens))]
-    for holder in holders:
-        limiter.acquire_on_behalf_of_nowait(holder)
-    try:
-        yield
-    finally:
-        for holder in holders:
-            limiter.release_on_behalf_of(holder)
 
 
 def _failing_append(calls):
@@ -324,82 +282,3 @@ def test_a_prefetch_that_reads_after_close_caches_nothing(tmp_path, caplog):
 
     with caplog.at_level(logging.CRITICAL):
         run_with_files(tmp_path, config, body)
-
-
-def test_a_read_racing_an_overwrite_is_not_reported_as_damage(tmp_path, caplog):
-    """truncate(0) of a file (O_TRUNC) starts a fresh container in place. A read that had
-    looked the chunk up before that and reads it after gets the old record's offset in a
-    file that no longer holds it: that is the new content (zeros), not a damaged chunk.
-    It used to fail with EIO and count and log a checksum error."""
-    config = Config(cache=CacheConfig(t0_bytes=CHUNK // 2), delta=False)
-
-    async def body(engine, open_file):
-        f = open_file("over")
-        await f.write(0, os.urandom(CHUNK))
-        await f.commit(durable=False)
-        limiter = engine.io_limiter
-        holders = [object() for _ in range(int(limiter.total_tokens))]
-        for holder in holders:
-            limiter.acquire_on_behalf_of_nowait(holder)
-        got = []
-
-        async def reader():
-            got.append(await f.read(0, 4096))
-
-        try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(f.load_chunk, 0, True)   # a prefetch, queued for a thread
-                await trio.testing.wait_all_tasks_blocked()
-                nursery.start_soon(reader)                  # waits for the prefetch
-                await trio.testing.wait_all_tasks_blocked()
-                nursery.start_soon(f.truncate, 0)           # queued for a thread next
-                await trio.testing.wait_all_tasks_blocked()
-                while holders:  # one thread at a time: prefetch, reset, then the reader
-                    limiter.release_on_behalf_of(holders.pop())
-                    while limiter.borrowed_tokens > len(holders):
-                        await trio.sleep(0.001)  # the thread has its token until it is done
-                    await trio.testing.wait_all_tasks_blocked()
-        finally:
-            for holder in holders:
-                limiter.release_on_behalf_of(holder)
-        assert f.size == 0
-        assert got and got[0] in (b"", bytes(4096)), got[0][:16]
-        assert engine.stats.checksum_errors == 0
-
-    with caplog.at_level(logging.CRITICAL):
-        run_with_files(tmp_path, config, body)
-
-
-def test_an_overwrite_never_resets_a_container_pinned_while_it_waited(tmp_path, caplog):
-    """An overwrite (truncate to 0) resets a container in place only when nothing else links
-    it. The link count used to be checked before waiting for an I/O thread, so a delta
-    base pinned in that wait was reset anyway: the pin then held no records and the
-    dependent read EIO. The check now runs with the reset, under the pin lock."""
-    config = Config(delta=False)
-    data = os.urandom(CHUNK + 4096)
-
-    locs = {}
-
-    async def body(engine, open_file):
-        a = open_file("a")
-        await a.write(0, data)
-        await a.commit(durable=False)
-        locs.update(a.container.index)
-        async with trio.open_nursery() as nursery:
-            with all_tokens_held(engine.io_limiter):
-                nursery.start_soon(a.truncate, 0)
-                await trio.testing.wait_all_tasks_blocked()  # the truncate waits for a thread
-                os.link(tmp_path / "a", tmp_path / "pin")  # what pin_base does meanwhile
-        assert a.size == 0
-        await a.commit(durable=False)
-
-    with caplog.at_level(logging.CRITICAL):
-        run_with_files(tmp_path, config, body)
-    fd = os.open(tmp_path / "pin", os.O_RDONLY)
-    try:
-        pinned = Container.open(fd, "pin")
-        assert pinned.size == 0  # the truncation is logged like any other
-        # a delta names its base records by offset: they are all still there
-        assert pinned.read_chunk(0, locs[0]) + pinned.read_chunk(1, locs[1]) == data
-    finally:
-        os.close(fd)
