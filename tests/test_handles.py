@@ -198,6 +198,49 @@ def test_a_compaction_never_swaps_over_a_file_rewritten_to_the_same_size(tmp_pat
         assert container.read_chunk(0) == final
 
 
+def test_a_compaction_never_swaps_over_a_pinned_base_overwritten_to_the_same_size(tmp_path, caplog, monkeypatch):
+    """The same, for a file that is a delta base: its O_TRUNC gives the name a new container
+    and leaves the old one to its pin, so the compacting task's own container looks unchanged,
+    the swap's checks see the new file (one link, the re-keyed inode), and the same writes give
+    it the same size: the stale copy was renamed over the new content (review G)."""
+    from dccfs.delta_bases import base_link_path
+    from dccfs.pins import header_name, write_record
+
+    backing = tmp_path / "backing"
+    (backing / ".dccfs" / "tmp").mkdir(parents=True)
+    (backing / ".dccfs" / "bases").mkdir()
+    final = os.urandom(CHUNK)
+
+    async def save(handle, last):
+        for _ in range(12):  # incompressible rewrites: every record and index the same size
+            await handle.file.write(0, os.urandom(CHUNK))
+            await handle.file.commit(durable=False)
+        await handle.file.write(0, last)
+        await handle.file.commit(durable=False)
+
+    async def body(engine, inodes, handles):
+        inode, handle = await create(inodes, handles, "f.bin")
+        await save(handle, os.urandom(CHUNK))
+        header = handle.file.container.header
+        # what a delta writer does when a later file takes this one as its base
+        pins.append(base_link_path(str(backing), header.file_id, header.generation))
+        os.link(backing / "f.bin", pins[0])
+        write_record(str(backing), header_name(header), "0" * 32 + "-0")
+
+        async def rewrite():
+            await reopen_and_release(engine, handles, inode, os.O_RDWR | os.O_TRUNC,
+                                     lambda again: save(again, final))
+
+        await release_while_compacting(handles, inode, handle, monkeypatch, rewrite)
+
+    pins = []
+    with caplog.at_level(logging.CRITICAL):
+        run_with_handles(backing, body)
+    assert os.stat(pins[0]).st_ino != os.stat(backing / "f.bin").st_ino  # the name has a new file
+    with stored(backing, "f.bin") as container:
+        assert container.read_chunk(0) == final
+
+
 @pytest.mark.parametrize("grow", [True, False])
 def test_a_truncate_during_a_compaction_is_committed(tmp_path, caplog, monkeypatch, grow):
     """A truncate by path (open, truncate, release) while a released file is being compacted,
