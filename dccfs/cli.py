@@ -34,8 +34,8 @@ def main():
 
 
 @main.command()
-@click.argument("backing", type=click.Path(file_okay=False))
-@click.argument("mountpoint", type=click.Path(file_okay=False))
+@click.argument("backing", type=click.Path())
+@click.argument("mountpoint", type=click.Path())
 @click.option("-f", "--foreground", is_flag=True, help="Stay in the foreground and log to stderr "
               "(default: run as a daemon, log to BACKING/.dccfs/dccfs.log).")
 @click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False),
@@ -92,14 +92,15 @@ def _control(mountpoint: str, payload: dict) -> dict:
     try:
         reply = request(target, payload)
     except OSError as exc:
-        _fail(f"cannot reach the daemon of {mountpoint}: {exc.strerror or exc}")
+        _fail(f"cannot reach the daemon of {mountpoint}: {exc.strerror or exc} (if it died: "
+              f"dccfs umount {mountpoint}, then mount it again)")
     if not reply.get("ok"):
         _fail(reply.get("error", "the daemon refused the request"))
     return reply
 
 
 @main.command()
-@click.argument("mountpoint", type=click.Path(exists=True, file_okay=False))
+@click.argument("mountpoint", type=click.Path())  # checked against the mount table: a dead mount is no directory
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option("--files", "files_path", metavar="PATH", default=None,
               help="Instead: per-file stored size, ratio and codecs under PATH (relative to the mount).")
@@ -111,6 +112,10 @@ def stats(mountpoint, as_json, files_path):
         rel = os.path.relpath(os.path.realpath(os.path.join(mountpoint, files_path)),
                               os.path.realpath(mountpoint)) if not os.path.isabs(files_path) else \
             os.path.relpath(os.path.realpath(files_path), os.path.realpath(mountpoint))
+        if rel == os.pardir or rel.startswith(os.pardir + os.sep):
+            _fail(f"{files_path} is outside the mount {mountpoint}")
+        if not os.path.lexists(os.path.join(mountpoint, rel)):
+            _fail(f"{files_path}: no such file or directory in {mountpoint}")
         reply = _control(mountpoint, {"cmd": "files", "path": "" if rel == "." else rel})
         print_files(reply["files"], as_json)
     else:
@@ -119,7 +124,7 @@ def stats(mountpoint, as_json, files_path):
 
 
 @main.command()
-@click.argument("mountpoint", type=click.Path(exists=True, file_okay=False))
+@click.argument("mountpoint", type=click.Path())
 @click.argument("settings", nargs=-1, metavar="KEY=VALUE...")
 def tune(mountpoint, settings):
     """Change cache settings on a live mount without remounting.
@@ -167,8 +172,9 @@ def cat(paths):
 
 @main.command()
 @click.argument("backing", type=click.Path(exists=True, file_okay=False))
-@click.option("--repair", is_flag=True, help="Cut torn tails left by a crash and remove pinned "
-              "delta bases no file needs any more (default: report only).")
+@click.option("--repair", is_flag=True, help="Cut torn tails left by a crash, remove pinned delta "
+              "bases no file needs any more and stale pin records, and add missing pin records "
+              "(default: report only).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def fsck(backing, repair, quiet):
     """Verify every container and chunk checksum under BACKING; exit 1 if anything is damaged."""

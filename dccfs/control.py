@@ -74,8 +74,12 @@ def socket_path(mountpoint: str, for_server: bool = False) -> str:
         raise OSError(f"no writable directory for the control socket among {_socket_dirs()}")
     candidates = [(d, uid) for d in _socket_dirs()]
     if uid == 0:
-        mount_uid = os.stat(mountpoint).st_uid
-        candidates.append((USER_SOCKET_DIR.format(uid=mount_uid), mount_uid))
+        try:
+            mount_uid = os.stat(mountpoint).st_uid
+        except OSError:
+            mount_uid = None  # a mount whose daemon died (ENOTCONN): no socket to find anyway
+        if mount_uid is not None:
+            candidates.append((USER_SOCKET_DIR.format(uid=mount_uid), mount_uid))
     for directory, owner in candidates:
         path = os.path.join(directory, f"{tag}.sock")
         if os.path.exists(path) and trusted_socket_dir(directory, owner):

@@ -56,12 +56,31 @@ def preflight(req: MountRequest) -> None:
     if not os.path.isdir(req.backing):
         what = "does not exist" if not os.path.exists(req.backing) else "is not a directory"
         raise MountError(f"backing directory {req.backing} {what}")
-    if not os.path.isdir(req.mountpoint):
-        what = "does not exist" if not os.path.exists(req.mountpoint) else "is not a directory"
-        raise MountError(f"mountpoint {req.mountpoint} {what}; create it with mkdir -p")
+    # Before any stat of the mountpoint: a mount whose daemon died answers ENOTCONN, and one
+    # whose daemon hangs blocks the stat.
+    targets = mounted_fuse_targets()
+    if os.path.abspath(req.mountpoint) in targets or os.path.realpath(req.mountpoint) in targets:
+        raise MountError(f"{req.mountpoint} is already a mount point; unmount it first "
+                         f"(dccfs umount {req.mountpoint}; a mount whose daemon died too)")
+    try:
+        if not os.path.isdir(req.mountpoint) and os.path.lexists(req.mountpoint):
+            raise MountError(f"mountpoint {req.mountpoint} is not a directory")
+        os.stat(req.mountpoint)
+    except FileNotFoundError:
+        raise MountError(f"mountpoint {req.mountpoint} does not exist; create it with mkdir -p") from None
+    except OSError as exc:
+        raise MountError(f"mountpoint {req.mountpoint}: {exc.strerror}") from None
     if os.path.realpath(req.mountpoint) == os.path.realpath(req.backing):
         raise MountError("the mountpoint and the backing directory must differ")
-    if req.mountpoint in mounted_fuse_targets() or os.path.ismount(req.mountpoint):
+    if is_within(req.mountpoint, req.backing):
+        # The mount would show itself inside itself: a lookup of the mountpoint through the
+        # mount waits for the daemon, which waits for that same lookup (found by review F).
+        raise MountError(f"mountpoint {req.mountpoint} lies inside the backing directory {req.backing}; "
+                         "use a mountpoint outside it")
+    if is_within(req.backing, req.mountpoint):
+        raise MountError(f"backing directory {req.backing} lies inside the mountpoint {req.mountpoint}; "
+                         "the mount would hide it")
+    if os.path.ismount(req.mountpoint):
         raise MountError(f"{req.mountpoint} is already a mount point; unmount it first "
                          f"(dccfs umount {req.mountpoint})")
     if os.listdir(req.mountpoint) and "nonempty" not in req.fuse_options:
@@ -118,11 +137,21 @@ class LateReleaseReplyFilter(logging.Filter):
         return True
 
 
+class LogFileHandler(logging.handlers.WatchedFileHandler):
+    """Reopens the log after logrotate moves it (SIGHUP also reopens), making it 0644 whatever
+    the umask: the daemon runs with umask 0 (the kernel applies the caller's umask to the files
+    made through the mount), and a log made again after a rotation was world-writable (found
+    by review F)."""
+
+    def _open(self):
+        fd = os.open(self.baseFilename, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        return open(fd, self.mode, encoding=self.encoding, errors=self.errors)
+
+
 def setup_logging(log_file: str | None, debug: bool) -> logging.Handler:
     level = logging.DEBUG if debug else logging.INFO
     if log_file:
-        # WatchedFileHandler reopens the file after logrotate moves it (SIGHUP also reopens).
-        handler: logging.Handler = logging.handlers.WatchedFileHandler(log_file)
+        handler: logging.Handler = LogFileHandler(log_file)
     else:
         handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
@@ -279,7 +308,10 @@ def run_umount(mountpoint: str, lazy: bool = False) -> None:
         raise MountError(f"{mountpoint} is not a FUSE mount")
     pid = daemon_pid(target)
     args = ["fusermount3", "-u"] + (["-z"] if lazy else []) + [target]
-    result = subprocess.run(args, capture_output=True, text=True)
+    try:
+        result = subprocess.run(args, capture_output=True, text=True)
+    except FileNotFoundError:
+        raise MountError("fusermount3 is not installed (apt-get install fuse3)") from None
     if result.returncode != 0:
         reason = result.stderr.strip() or f"fusermount3 exited with {result.returncode}"
         if "busy" in reason.lower():

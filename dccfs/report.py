@@ -3,12 +3,19 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 
 import click
 from rich.console import Console
 from rich.table import Table
 
 log = logging.getLogger(__name__)
+
+
+def _console() -> Console:
+    """A terminal's width on a terminal; piped or captured, wide enough that no path or figure is
+    cut to fit 80 columns (two paths cut to the same prefix read alike)."""
+    return Console() if sys.stdout.isatty() else Console(width=1000)
 
 
 def _mib(n) -> str:
@@ -20,7 +27,7 @@ def print_stats(reply: dict, as_json: bool) -> None:
         click.echo(json.dumps(reply, indent=2))
         return
     stats, cache = reply["stats"], reply["cache"]
-    console = Console()
+    console = _console()
     console.print(f"policy {cache['policy']}, t0 budget {_mib(cache['t0_bytes'])}, dirty budget "
                   f"{_mib(cache['dirty_bytes'])}, readahead {cache['readahead_chunks']} chunks, "
                   f"write_admit {cache['write_admit']}, trace {cache['trace']}, "
@@ -75,4 +82,4 @@ def print_files(rows: list[dict], as_json: bool) -> None:
         ratio = row.get("ratio")
         table.add_row(row["path"], row["kind"], _mib(row.get("logical")), _mib(row["stored"]),
                       "-" if ratio is None else f"{ratio:.3f}", codecs)
-    Console().print(table)
+    _console().print(table)

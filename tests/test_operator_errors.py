@@ -1,0 +1,88 @@
+"""An operator's mistakes and a daemon that died: mount, umount and stats name the path and the reason, and there is a way back."""
+from __future__ import annotations
+
+import os
+import signal
+import stat
+import subprocess
+import sys
+
+import pytest
+
+
+def dccfs(*args):
+    return subprocess.run([sys.executable, "-m", "dccfs.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_a_mountpoint_inside_the_backing_directory_or_not_a_directory_is_refused(tmp_path):
+    """A mountpoint inside its own backing directory mounted, and the first lookup of it
+    through the mount hung the daemon for good (review F); a path that is a file got click's
+    usage error (exit 2) instead of the mount's own message."""
+    backing = tmp_path / "backing"
+    (backing / "mnt").mkdir(parents=True)
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "empty").mkdir()
+    cases = [
+        ((backing, backing / "mnt"), "lies inside the backing directory"),
+        ((tmp_path / "afile", tmp_path / "empty"), "is not a directory"),
+        ((backing, tmp_path / "afile"), "is not a directory"),
+    ]
+    for (back, mnt), message in cases:
+        result = dccfs("mount", back, mnt)
+        if os.path.ismount(mnt):  # mounted against expectations: lazily, it may hang already
+            subprocess.run(["fusermount3", "-u", "-z", str(mnt)], timeout=30)
+        assert result.returncode == 1, result
+        assert message in result.stderr and str(mnt if "afile" not in str(back) else back) in result.stderr, \
+            result.stderr
+
+
+@pytest.mark.mount
+def test_a_mount_whose_daemon_died_is_named_and_umount_clears_it(make_mount):
+    """After kill -9 of the daemon (an OOM kill), `dccfs mount` said the mountpoint did not exist,
+    `dccfs stats` the same, and `dccfs umount` failed with a traceback (ENOTCONN): only a
+    fusermount3 by hand got the mountpoint back (review F)."""
+    mount = make_mount("d")
+    (mount.mnt / "kept").write_bytes(b"committed at close" * 1000)
+    os.kill(mount.pid, signal.SIGKILL)  # our own daemon
+    mount.proc.wait()
+    mount.proc = None
+    again = dccfs("mount", mount.backing, mount.mnt)
+    assert again.returncode == 1 and "already a mount point" in again.stderr, again
+    stats = dccfs("stats", mount.mnt)
+    assert stats.returncode == 1 and "cannot reach the daemon" in stats.stderr, stats
+    umount = dccfs("umount", mount.mnt)
+    assert umount.returncode == 0, umount.stderr
+    assert not os.path.ismount(mount.mnt)
+    mount.start()
+    assert (mount.mnt / "kept").read_bytes() == b"committed at close" * 1000
+
+
+@pytest.mark.mount
+def test_the_log_made_again_after_a_rotation_is_not_world_writable(make_mount, tmp_path):
+    """The daemon runs with umask 0; the log file its handler made again after logrotate moved
+    it (and a SIGHUP) was 0666 (review F)."""
+    log = tmp_path / "daemon.log"
+    mount = make_mount("l", "--log", str(log))
+    os.rename(log, tmp_path / "daemon.log.1")
+    os.kill(mount.pid, signal.SIGHUP)
+    dccfs("stats", mount.mnt)  # a logged event after the signal
+    (mount.mnt / "f").write_bytes(b"x")
+    mount.stop()
+    assert log.exists()
+    assert stat.S_IMODE(log.stat().st_mode) == 0o644, oct(log.stat().st_mode)
+
+
+@pytest.mark.mount
+def test_stats_files_names_a_missing_or_outside_path(mounted, tmp_path):
+    """`stats --files` of a path that does not exist printed an empty table with exit 0, and one
+    outside the mount was named by its computed relative path (../..), not as typed (review F)."""
+    (mounted.mnt / "d").mkdir()
+    long_name = "checkpoint-" + "0123456789" * 9 + ".safetensors"  # a table cut to 80 columns cuts it
+    (mounted.mnt / "d" / long_name).write_bytes(os.urandom(5000))
+    missing = dccfs("stats", "--files", "nonexist", mounted.mnt)
+    assert missing.returncode == 1 and "nonexist: no such file or directory" in missing.stderr, missing
+    outside = dccfs("stats", "--files", str(tmp_path), mounted.mnt)
+    assert outside.returncode == 1 and f"{tmp_path} is outside the mount" in outside.stderr, outside
+    wide = dccfs("stats", "--files", "d", mounted.mnt)
+    assert wide.returncode == 0 and f"d/{long_name}" in wide.stdout, wide.stdout
