@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import tempfile
 
 import pyfuse3
 import trio
@@ -131,6 +132,31 @@ def _fsync_open_files(paths: list[str]) -> None:
             os.close(fd)
 
 
+def init_fuse(ops, mountpoint: str, options) -> None:
+    """pyfuse3.init, keeping what libfuse writes to stderr for the error it raises: a daemon's
+    stderr is /dev/null, and `-o bogus` failed with only "fuse_session_new() failed" while the
+    reason ("fuse: unknown option(s): `-o bogus'") went nowhere (found by review F)."""
+    saved = os.dup(2)
+    try:
+        with tempfile.TemporaryFile() as said:
+            os.dup2(said.fileno(), 2)
+            try:
+                pyfuse3.init(ops, mountpoint, options)
+            except RuntimeError as exc:
+                said.seek(0)
+                reason = said.read().decode(errors="replace").strip()
+                if reason:
+                    raise RuntimeError(f"{reason} ({exc})") from None
+                raise
+            finally:
+                os.dup2(saved, 2)
+            said.seek(0)
+            for line in said.read().decode(errors="replace").splitlines():
+                log.warning("libfuse: %s", line)
+    finally:
+        os.close(saved)
+
+
 def serve(backing: str, mountpoint: str, req, on_mounted) -> None:
     tune_malloc()
     engine = Engine(req.config, backing)
@@ -147,7 +173,7 @@ def serve(backing: str, mountpoint: str, req, on_mounted) -> None:
         # files are served all the same (found by review: the mount failed).
         log.warning("no control socket, so no stats and tune for this mount: %s", exc)
         control = None
-    pyfuse3.init(ops, mountpoint, fuse_options(req))
+    init_fuse(ops, mountpoint, fuse_options(req))
     unmount = True
     try:
         on_mounted()

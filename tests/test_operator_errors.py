@@ -37,6 +37,16 @@ def test_a_mountpoint_inside_the_backing_directory_or_not_a_directory_is_refused
             result.stderr
 
 
+def test_an_unknown_fuse_option_is_named(tmp_path):
+    """libfuse's reason went to the daemon's /dev/null: only "fuse_session_new() failed" (review F)."""
+    (tmp_path / "b").mkdir()
+    (tmp_path / "m").mkdir()
+    result = dccfs("mount", "-o", "bogus", tmp_path / "b", tmp_path / "m")
+    if os.path.ismount(tmp_path / "m"):
+        subprocess.run(["fusermount3", "-u", "-z", str(tmp_path / "m")], timeout=30)
+    assert result.returncode == 1 and "unknown option" in result.stderr and "bogus" in result.stderr, result
+
+
 @pytest.mark.mount
 def test_a_mount_whose_daemon_died_is_named_and_umount_clears_it(make_mount):
     """After kill -9 of the daemon (an OOM kill), `dccfs mount` said the mountpoint did not exist,
