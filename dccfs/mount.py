@@ -304,8 +304,9 @@ def _exited(pid: int) -> bool:
 def run_umount(mountpoint: str, lazy: bool = False) -> None:
     target = os.path.realpath(mountpoint)
     entry = mounted_fuse_targets().get(target)
-    if entry is None or not entry[1].startswith("fuse"):
-        raise MountError(f"{mountpoint} is not a FUSE mount")
+    if entry is None or entry[1] != "fuse.dccfs":
+        # as stats and tune: another FUSE filesystem's daemon is not ours to wait for
+        raise MountError(f"{mountpoint} is not a dccfs mount")
     pid = daemon_pid(target)
     args = ["fusermount3", "-u"] + (["-z"] if lazy else []) + [target]
     try:

@@ -35,6 +35,8 @@ def test_a_mountpoint_inside_the_backing_directory_or_not_a_directory_is_refused
         assert result.returncode == 1, result
         assert message in result.stderr and str(mnt if "afile" not in str(back) else back) in result.stderr, \
             result.stderr
+    result = dccfs("umount", tmp_path / "empty")
+    assert result.returncode == 1 and "is not a dccfs mount" in result.stderr, result
 
 
 def test_an_unknown_fuse_option_is_named(tmp_path):
