@@ -1,4 +1,4 @@
-"""An overwrite (truncate to 0) racing reads, prefetches and pins, without a mount: reads see the old or the new state, pinned records stay."""
+"""An overwrite (truncate to 0) racing reads, prefetches and pins, without a mount: old or new state, never zeros."""
 from __future__ import annotations
 
 import logging

@@ -1,4 +1,4 @@
-"""An operator's mistakes and a daemon that died: mount, umount and stats name the path and the reason, and there is a way back."""
+"""An operator's mistakes and a dead daemon: mount, umount and stats name path and reason, with a way back."""
 from __future__ import annotations
 
 import os
