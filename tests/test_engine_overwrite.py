@@ -12,6 +12,19 @@ from dccfs.container import Container
 from engine_harness import CHUNK, all_tokens_held, one_thread_at_a_time, run_with_files
 
 
+async def _one_chunk_and_a_reader(open_file):
+    """A committed one-chunk file, and a task that reads its first 4 KiB into the list returned."""
+    f = open_file("over")
+    await f.write(0, os.urandom(CHUNK))
+    await f.commit(durable=False)
+    got = []
+
+    async def reader():
+        got.append(await f.read(0, 4096))
+
+    return f, reader, got
+
+
 def test_a_read_racing_an_overwrite_is_not_reported_as_damage(tmp_path, caplog):
     """truncate(0) of a file (O_TRUNC) starts a fresh container in place. A read that had
     looked the chunk up before that and reads it after gets the old record's offset in a
@@ -20,14 +33,7 @@ def test_a_read_racing_an_overwrite_is_not_reported_as_damage(tmp_path, caplog):
     config = Config(cache=CacheConfig(t0_bytes=CHUNK // 2), delta=False)
 
     async def body(engine, open_file):
-        f = open_file("over")
-        await f.write(0, os.urandom(CHUNK))
-        await f.commit(durable=False)
-        got = []
-
-        async def reader():
-            got.append(await f.read(0, 4096))
-
+        f, reader, got = await _one_chunk_and_a_reader(open_file)
         with all_tokens_held(engine.io_limiter) as holders:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(f.load_chunk, 0, True)   # a prefetch, queued for a thread
@@ -52,14 +58,7 @@ def test_a_read_during_an_overwrite_waits_for_it_instead_of_reading_zeros(tmp_pa
     config = Config(cache=CacheConfig(t0_bytes=CHUNK // 2), delta=False)  # no chunk stays in T0
 
     async def body(engine, open_file):
-        f = open_file("over")
-        await f.write(0, os.urandom(CHUNK))
-        await f.commit(durable=False)
-        got = []
-
-        async def reader():
-            got.append(await f.read(0, 4096))
-
+        f, reader, got = await _one_chunk_and_a_reader(open_file)
         with all_tokens_held(engine.io_limiter) as holders:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(f.truncate, 0)  # its reset queued for a thread

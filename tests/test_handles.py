@@ -166,6 +166,15 @@ async def reopen_and_release(engine, handles, inode, flags: int, change) -> None
     await trio.testing.wait_all_tasks_blocked()
 
 
+async def save(handle, last):
+    """Twelve incompressible rewrites, then last: every record and index the same size each time."""
+    for _ in range(12):
+        await handle.file.write(0, os.urandom(CHUNK))
+        await handle.file.commit(durable=False)
+    await handle.file.write(0, last)
+    await handle.file.commit(durable=False)
+
+
 def test_a_compaction_never_swaps_over_a_file_rewritten_to_the_same_size(tmp_path, caplog, monkeypatch):
     """While a released file is being compacted, it is reopened with O_TRUNC, rewritten by
     the same sequence of writes (so it ends at the same offset) and released again. The
@@ -174,13 +183,6 @@ def test_a_compaction_never_swaps_over_a_file_rewritten_to_the_same_size(tmp_pat
     backing = tmp_path / "backing"
     (backing / ".dccfs" / "tmp").mkdir(parents=True)
     final = os.urandom(CHUNK)
-
-    async def save(handle, last):
-        for _ in range(12):  # incompressible rewrites: every record and index the same size
-            await handle.file.write(0, os.urandom(CHUNK))
-            await handle.file.commit(durable=False)
-        await handle.file.write(0, last)
-        await handle.file.commit(durable=False)
 
     async def body(engine, inodes, handles):
         inode, handle = await create(inodes, handles, "f.bin")
@@ -210,13 +212,6 @@ def test_a_compaction_never_swaps_over_a_pinned_base_overwritten_to_the_same_siz
     (backing / ".dccfs" / "tmp").mkdir(parents=True)
     (backing / ".dccfs" / "bases").mkdir()
     final = os.urandom(CHUNK)
-
-    async def save(handle, last):
-        for _ in range(12):  # incompressible rewrites: every record and index the same size
-            await handle.file.write(0, os.urandom(CHUNK))
-            await handle.file.commit(durable=False)
-        await handle.file.write(0, last)
-        await handle.file.commit(durable=False)
 
     async def body(engine, inodes, handles):
         inode, handle = await create(inodes, handles, "f.bin")
