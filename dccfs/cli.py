@@ -35,7 +35,7 @@ def main():
 
 @main.command()
 @click.argument("backing", type=click.Path())
-@click.argument("mountpoint", type=click.Path())
+@click.argument("mountpoint")
 @click.option("-f", "--foreground", is_flag=True, help="Stay in the foreground and log to stderr "
               "(default: run as a daemon, log to BACKING/.dccfs/dccfs.log).")
 @click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False),
@@ -70,8 +70,9 @@ def mount(backing, mountpoint, foreground, config_path, options, log_file, share
 
 
 @main.command()
-@click.argument("mountpoint", type=click.Path())
-@click.option("-z", "--lazy", is_flag=True, help="Detach now even if files are open (default: off).")
+@click.argument("mountpoint")
+@click.option("-z", "--lazy", is_flag=True, help="Detach now even if files are open, or if the daemon "
+              "hangs (default: off).")
 def umount(mountpoint, lazy):
     """Unmount MOUNTPOINT after every open file is committed; waits for the daemon to finish."""
     from dccfs.mount import MountError, run_umount
@@ -100,7 +101,7 @@ def _control(mountpoint: str, payload: dict) -> dict:
 
 
 @main.command()
-@click.argument("mountpoint", type=click.Path())  # checked against the mount table: a dead mount is no directory
+@click.argument("mountpoint")  # a plain string: click stats a Path, which blocks on a hung mount
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option("--files", "files_path", metavar="PATH", default=None,
               help="Instead: per-file stored size, ratio and codecs under PATH (relative to the mount).")
@@ -124,7 +125,7 @@ def stats(mountpoint, as_json, files_path):
 
 
 @main.command()
-@click.argument("mountpoint", type=click.Path())
+@click.argument("mountpoint")
 @click.argument("settings", nargs=-1, metavar="KEY=VALUE...")
 def tune(mountpoint, settings):
     """Change cache settings on a live mount without remounting.

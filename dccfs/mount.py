@@ -279,9 +279,13 @@ def daemon_pid(mountpoint: str) -> int | None:
     pid = peer_pid(os.path.realpath(mountpoint))
     if pid is not None:
         return pid
-    source = entry[0]
+    return pid_file_pid(entry[0])
+
+
+def pid_file_pid(backing: str) -> int | None:
+    """The pid the last daemon to mount backing wrote (any node's, with --shared)."""
     try:
-        with open(os.path.join(source, STATE_DIR, PID_FILE)) as f:
+        with open(os.path.join(backing, STATE_DIR, PID_FILE)) as f:
             return int(f.read().strip())
     except (OSError, ValueError):
         return None
@@ -302,12 +306,18 @@ def _exited(pid: int) -> bool:
 
 
 def run_umount(mountpoint: str, lazy: bool = False) -> None:
-    target = os.path.realpath(mountpoint)
-    entry = mounted_fuse_targets().get(target)
+    targets = mounted_fuse_targets()
+    # realpath stats the mountpoint, which blocks for good on a mount whose daemon hangs
+    target = os.path.abspath(mountpoint)
+    if target not in targets:
+        target = os.path.realpath(mountpoint)
+    entry = targets.get(target)
     if entry is None or entry[1] != "fuse.dccfs":
         # as stats and tune: another FUSE filesystem's daemon is not ours to wait for
         raise MountError(f"{mountpoint} is not a dccfs mount")
-    pid = daemon_pid(target)
+    # --lazy is the way out of a hung daemon, which would not answer on its control socket
+    # (and finding the socket stats the mountpoint): the pid file names the daemon instead.
+    pid = pid_file_pid(entry[0]) if lazy else daemon_pid(target)
     args = ["fusermount3", "-u"] + (["-z"] if lazy else []) + [target]
     try:
         result = subprocess.run(args, capture_output=True, text=True)

@@ -6,6 +6,7 @@ import signal
 import stat
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -98,3 +99,35 @@ def test_stats_files_names_a_missing_or_outside_path(mounted, tmp_path):
     assert outside.returncode == 1 and f"{tmp_path} is outside the mount" in outside.stderr, outside
     wide = dccfs("stats", "--files", "d", mounted.mnt)
     assert wide.returncode == 0 and f"d/{long_name}" in wide.stdout, wide.stdout
+
+
+@pytest.mark.mount
+def test_a_lazy_umount_detaches_a_mount_whose_daemon_hangs(make_mount):
+    """`dccfs umount --lazy` is the way out of a daemon that no longer answers (stopped here with
+    SIGSTOP): it used to stat the mountpoint first (realpath, then the control socket's owner)
+    and hung with the daemon."""
+    from dccfs.mountinfo import read_mountinfo
+
+    def mounted() -> bool:
+        return any(e.mountpoint == str(mount.mnt) for e in read_mountinfo())
+
+    mount = make_mount("h")
+    (mount.mnt / "f").write_bytes(b"kept")
+    time.sleep(1.5)  # past the kernel's attribute cache of the mount's root: a stat now asks the daemon
+    os.kill(mount.pid, signal.SIGSTOP)  # our own daemon
+    umount = subprocess.Popen([sys.executable, "-m", "dccfs.cli", "umount", "--lazy", str(mount.mnt)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 20
+        while mounted() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        detached = not mounted()
+    finally:
+        os.kill(mount.pid, signal.SIGCONT)  # it sees the unmount and exits
+        _, stderr = umount.communicate(timeout=120)
+    assert detached, "the lazy umount did not detach the mount of a stopped daemon"
+    assert umount.returncode == 0, stderr
+    mount.proc.wait(60)
+    mount.proc = None
+    mount.start()
+    assert (mount.mnt / "f").read_bytes() == b"kept"
