@@ -82,6 +82,16 @@ class ChunkCoder:
                 log.debug("%s: detected %s layout", self.path, self._layout.kind)
                 self._maybe_start_delta(file_id, prefix)
 
+    def sniff_stored(self, prefix: bytes, size: int) -> None:
+        """The layout of a closed file read back from its container, for a background rewrite's
+        hints; no base search starts."""
+        try:
+            self._layout = sniff_layout(prefix, size)
+        except Exception:
+            log.exception("%s: layout sniffing failed; chunks will be probed", self.path)
+            self._layout = None
+        self._settled = True
+
     def _maybe_start_delta(self, file_id: bytes, prefix: bytearray) -> None:
         """Start looking for an earlier checkpoint of the same series, when enabled."""
         wanted = self.rule.delta if self.rule.delta is not None else self.engine.config.delta

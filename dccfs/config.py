@@ -109,6 +109,10 @@ class Config:
     # background pass after their last close (dccfs/redelta.py). That pass also catches up
     # on the chunks a busy writer left as keyframes when this is true.
     delta_during_write: bool = True
+    # When a delta base's last name goes (a rotating run deletes the oldest checkpoint) and
+    # one file alone still needs it, that file is stored as keyframes again in the background
+    # and the base's space is freed (dccfs/unpin.py); false keeps the base pinned instead.
+    delta_unpin_rewrite: bool = True
     source: str = "<defaults>"
 
     def rule_for(self, relpath: str) -> Rule:
@@ -148,7 +152,7 @@ class Config:
 
 
 _TOP_KEYS = {"cache", "rule", "chunk_size", "sync_on_close", "shared", "delta", "delta_chain",
-             "delta_during_write", "writeback_cache"}
+             "delta_during_write", "delta_unpin_rewrite", "writeback_cache"}
 _CACHE_KEYS = {"policy", "t0_bytes", "dirty_bytes", "readahead_chunks", "write_admit"}
 _RULE_KEYS = {"glob", "codec", "level", "chunk_size", "delta"}
 
@@ -226,7 +230,8 @@ def parse_config(data: dict, source: str) -> Config:
     top = {}
     if "chunk_size" in data:
         top["chunk_size"] = check_chunk_size(data["chunk_size"], f"{source}: chunk_size")
-    for key in ("sync_on_close", "shared", "delta", "delta_during_write", "writeback_cache"):
+    for key in ("sync_on_close", "shared", "delta", "delta_during_write", "delta_unpin_rewrite",
+                "writeback_cache"):
         if key in data:
             if not isinstance(data[key], bool):
                 raise ConfigError(f"{source}: {key} must be true or false")

@@ -69,6 +69,9 @@ async def _raise_read_ahead_after_init(ops: DccfsOperations, mountpoint: str) ->
 async def _main(ops: DccfsOperations, engine: Engine, control, mountpoint: str) -> None:
     async with trio.open_nursery() as nursery:
         engine.nursery = nursery
+        engine.trio_token = trio.lowlevel.current_trio_token()
+        if engine.pins is not None and engine.config.delta_unpin_rewrite:
+            engine.pins.offer_orphans()
         nursery.start_soon(_stop_on_signals, ops, mountpoint)
         if control is not None:
             nursery.start_soon(control.serve)

@@ -342,10 +342,11 @@ class DeltaWriter:
             # which only fsck --repair removes.
         else:
             # (the base's committed end: what a killed writer appends past it, no delta names)
-            pins.write_record(self.backing_root, name, dependent, self.base.recovery.committed_end)
+            where = self.path if self.path != "?" else None
+            pins.write_record(self.backing_root, name, dependent, self.base.recovery.committed_end, where)
             recorded = True
             if self._registry is not None:
-                self._registry.noted(name, dependent)
+                self._registry.noted(name, dependent, where)
         try:
             _link_pin_locked(self.backing_root, self.base.fd, self.base.header)
         except OSError:

@@ -161,6 +161,7 @@ class Engine:
             self.pins = PinRegistry(backing_root, PIN_LOCK)
             self.pins.on_freed = self._close_freed_base
         self.nursery: trio.Nursery | None = None
+        self.trio_token: trio.lowlevel.TrioToken | None = None  # set with the nursery
         self.trace = None
         threading.Thread(target=self._warm_up, name="dccfs-warm-up", daemon=True).start()
 
@@ -233,6 +234,25 @@ class Engine:
                 log.exception("background task %s failed", getattr(fn, "__name__", fn))
         assert self.nursery is not None
         self.nursery.start_soon(guarded)
+
+    def start_background_from_thread(self, fn, *args) -> None:
+        """start_background from a thread that is not trio's; without waiting, and nothing
+        once the mount is stopping."""
+        def start() -> None:
+            # An exception here would end trio's run: the mount's, not this task's.
+            if self.stopping.is_set():
+                return
+            try:
+                self.start_background(fn, *args)
+            except Exception:
+                log.exception("could not start background task %s", getattr(fn, "__name__", fn))
+        token = self.trio_token
+        if token is None or self.stopping.is_set():
+            return
+        try:
+            token.run_sync_soon(start)
+        except trio.RunFinishedError:
+            pass
 
 
 def close_trace_quietly(trace) -> None:

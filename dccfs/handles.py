@@ -203,7 +203,11 @@ class HandleTable(BackgroundRewrites):
         # leaves the close to it instead of waiting for the rewrite (a pyfuse3 request
         # task held for minutes, and an unmount that waited for the whole pass).
         self._closed_in_background: set[ContainerFile] = set()
+        self._unpinning: set[str] = set()  # dependents a keyframe rewrite is running for
+        self._unpin_tried: set[str] = set()  # and those it ran for, or could not find
         engine.dirty.on_pressure(self._relieve_dirty_pressure)
+        if engine.pins is not None:
+            engine.pins.on_orphaned = self.offer_unpin_rewrite
 
     def _relieve_dirty_pressure(self) -> None:
         """The dirty budget is full: encode every dirty chunk, full or not, of every file
@@ -403,6 +407,8 @@ class HandleTable(BackgroundRewrites):
         for fd in file.retired_fds:
             os.close(fd)
         file.close_unsynced_dir()
+        if self.engine.pins is not None:
+            self.engine.pins.closed(header_name(file.container.header))
 
     async def commit_all(self) -> None:
         for file in list(self.open_files.values()):

@@ -1,15 +1,16 @@
-"""Background rewrites of a closed file (compaction, deltas after close): the copy, its checks and the swap-in."""
+"""Background rewrites of a closed file (compaction, deltas after close, keyframes again): the copy, its checks and the swap-in."""
 from __future__ import annotations
 
 import errno
 import logging
 import os
+import stat
 
 import trio
 
-from dccfs import compaction, redelta
+from dccfs import compaction, redelta, unpin
 from dccfs.chunkfile import ContainerFile
-from dccfs.inodes import Inode
+from dccfs.inodes import ROOT_INODE, Inode
 from dccfs.pins import header_name
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,89 @@ class BackgroundRewrites:
             self._closed_in_background.discard(file)
             self.inodes.release_open(inode)
 
+    def offer_unpin_rewrite(self, pin: str, dependent: str, hint: str) -> None:
+        """The pin registry's on_orphaned (its thread): only the pin is left of a base, and
+        the container named dependent alone needs it."""
+        if self.engine.config.delta_unpin_rewrite and dependent not in self._unpinning \
+                and dependent not in self._unpin_tried:
+            self.engine.start_background_from_thread(self._unpin_rewrite, pin, dependent, hint)
+
+    async def _unpin_rewrite(self, pin: str, dependent: str, hint: str) -> None:
+        """Store the dependent's delta chunks as keyframes, so that the registry frees the pin
+        (dccfs/unpin.py). A file open or changed meanwhile is left as it is."""
+        if dependent in self._unpinning or dependent in self._unpin_tried:
+            return
+        self._unpinning.add(dependent)
+        try:
+            relpath = await trio.to_thread.run_sync(unpin.find_dependent, self.backing_root, dependent,
+                                                    hint, limiter=self.engine.io_limiter)
+            if relpath is None:
+                self._unpin_tried.add(dependent)
+                log.info("delta base pin %s has no name left, but its dependent %s is no longer at "
+                         "%s (or beside it): the pin stays until that file goes", pin, dependent, hint)
+                return
+            inode = await self._open_for_unpin(relpath, dependent)
+            if inode is None:
+                return
+            file = inode.extra["file"]
+            rewriter = unpin.KeyframeRewriter(file, pin)
+            try:
+                try:
+                    await trio.to_thread.run_sync(rewriter.prepare, limiter=self.rewrite_limiter)
+                except OSError as exc:
+                    self._unpin_tried.add(dependent)
+                    log.warning("%s: not stored as keyframes again: %s", relpath, exc)
+                else:
+                    async with file.release_lock:
+                        if not (file.closed or file.handles or file.content_changed):
+                            # Once per container and mount: a pass that gave up (the copy would
+                            # grow more than it frees, a chunk unreadable) is not tried again at
+                            # each close; a file opened meanwhile is, after its last close.
+                            self._unpin_tried.add(dependent)
+                            await self._compact(inode, file, rewriter)
+                await self._close_file(inode, file, compact=False)
+            finally:
+                self._closed_in_background.discard(file)
+                self.inodes.release_open(inode)
+        finally:
+            self._unpinning.discard(dependent)
+
+    async def _open_for_unpin(self, relpath: str, dependent: str) -> Inode | None:
+        """The inode of relpath with its container attached and left to this task (its open
+        counted, no handle), as after a last release; None when it is open, not the container
+        named dependent, or cannot be opened."""
+        looked = []
+        try:
+            parent = self.inodes.get(ROOT_INODE)
+            for part in filter(None, relpath.split("/")):
+                parent, _ = self.inodes.lookup_child(parent, part)
+                looked.append(parent)
+            inode = parent
+            if not stat.S_ISREG(inode.mode) or "file" in inode.extra:
+                return None  # open: its own last close decides what happens to it
+            # Read-only: a writable open would start an empty plain file put here meanwhile
+            # as a container. The swap-in renames a copy; it never writes to this descriptor.
+            handle = await self.open(inode, os.O_RDONLY)
+        except OSError as exc:
+            log.info("%s: not stored as keyframes again: %s", relpath, exc)
+            return None
+        finally:
+            for looked_up in looked:
+                self.inodes.forget(looked_up.number, 1)
+        file = handle.file
+        del self._handles[handle.number]
+        if not isinstance(file, ContainerFile) or header_name(file.container.header) != dependent:
+            if isinstance(file, ContainerFile):
+                file.handles -= 1
+                await self._close_file(inode, file, compact=False)
+            else:
+                os.close(file.fd)
+            self.inodes.release_open(inode)
+            return None
+        file.handles -= 1
+        self._closed_in_background.add(file)
+        return inode
+
     async def _compact(self, inode: Inode, file: ContainerFile,
                        rewriter: redelta.Rewriter | None = None) -> None:
         """Compaction, which also stores put-off deltas when given their rewriter. The file's
@@ -65,9 +149,14 @@ class BackgroundRewrites:
         try:
             await trio.to_thread.run_sync(compaction.write_compacted, container, tmp_path, rewriter,
                                           self.engine.stopping, limiter=self.rewrite_limiter)
-            if rewriter is not None and not rewriter.replaced and not compaction.worth_compacting(container):
-                raise OSError(errno.ESTALE, "no delta was smaller: the copy would change nothing")
-            if pins is not None:
+            # (A keyframe rewrite goes in even with no delta left: its copy names no pin.)
+            if rewriter is not None and not rewriter.replaced and rewriter.carries_pin_records \
+                    and not compaction.worth_compacting(container):
+                raise OSError(errno.ESTALE, "no chunk was re-encoded: the copy would change nothing")
+            if rewriter is not None and not rewriter.pays():
+                raise OSError(errno.ESTALE, f"the copy would grow by {rewriter.bytes_after - rewriter.bytes_before} "
+                                            "bytes, more than it frees")
+            if pins is not None and (rewriter is None or rewriter.carries_pin_records):
                 await trio.to_thread.run_sync(pins.carry_over, header_name(container.header), copy_name,
                                               limiter=self.engine.io_limiter)
         except OSError as exc:
@@ -110,11 +199,8 @@ class BackgroundRewrites:
         if replaced_fd is not None:
             pins.let_go(replaced_fd)  # after the rekey: no longer an inode of the mount
         self.engine.stats.compactions += 1
-        if rewriter is not None and rewriter.replaced:
-            self.engine.stats.deltas_after_close += rewriter.replaced
-            log.info("%s: %d chunks stored as deltas after close (%d -> %d bytes)",
-                     container.path, rewriter.replaced, rewriter.bytes_before,
-                     rewriter.bytes_after)
+        if rewriter is not None:
+            rewriter.done(self.engine.stats)
         log.info("%s: compacted %d -> %d bytes", container.path, before,
                  os.fstat(new_fd).st_size)
 
@@ -128,5 +214,5 @@ class BackgroundRewrites:
                 pass  # write_compacted removes its own on failure
         if self.engine.pins is not None:
             if rewriter is not None:
-                rewriter.delta.forget_dependent(copy_name)
+                rewriter.abandoned(copy_name)
             self.engine.pins.forget_copy(copy_name)

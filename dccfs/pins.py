@@ -7,7 +7,9 @@ gives it a new file id, a compaction swap that gives it a new generation), its r
 and a pin whose refs directory is then empty, and that no live DeltaWriter holds, is
 unlinked; when that was the last link of the pinned container, its own records go in turn
 (chains). Pins without a refs directory (made before this existed) are never freed here:
-only `dccfs fsck --repair` removes them. Knows nothing of FUSE.
+only `dccfs fsck --repair` removes them. A pin left with no name of its base in the tree and
+one dependent is offered to on_orphaned, which may store that dependent as keyframes again
+(dccfs/unpin.py). Knows nothing of FUSE.
 """
 from __future__ import annotations
 
@@ -30,6 +32,8 @@ log = logging.getLogger(__name__)
 STATE_DIR = ".dccfs"
 REFS_DIR = os.path.join(STATE_DIR, "refs")
 BASES_DIR = os.path.join(STATE_DIR, "bases")
+# A record: its base end in decimal, then a newline and its dependent's path (PATH_MAX at most).
+RECORD_MAX = 32 + 4096
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 
@@ -48,11 +52,13 @@ def is_managed(backing_root: str, pin: str) -> bool:
     return os.path.isdir(os.path.join(backing_root, REFS_DIR, pin))
 
 
-def write_record(backing_root: str, pin: str, dependent: str, base_end: int | None = None) -> None:
+def write_record(backing_root: str, pin: str, dependent: str, base_end: int | None = None,
+                 where: str | None = None) -> None:
     """Record durably that container `dependent` may hold deltas naming `pin`, reading records of
     it that end at or before file offset base_end (its last commit when the dependent opened it;
-    None: unknown). Callers hold delta.PIN_LOCK, so no pin is freed between the record and its
-    first use."""
+    None: unknown), and that it was last seen at path `where` below the backing root (None: keep
+    what the record says). Callers hold delta.PIN_LOCK, so no pin is freed between the record
+    and its first use."""
     refs = os.path.join(backing_root, REFS_DIR)
     pin_dir = os.path.join(refs, pin)
     made = []
@@ -64,17 +70,20 @@ def write_record(backing_root: str, pin: str, dependent: str, base_end: int | No
             pass
     path = os.path.join(pin_dir, dependent)
     existed = os.path.lexists(path)
-    recorded = read_base_end(backing_root, pin, dependent)
+    recorded_end, recorded_where = read_record(backing_root, pin, dependent)
+    # The furthest end any of its writers read; a record without one (older versions, fsck)
+    # stays without: nothing says what its dependent read.
+    end = recorded_end
+    if base_end is not None and (not existed or recorded_end is not None):
+        end = max(base_end, recorded_end or 0)
+    where = where if where is not None else recorded_where
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
-        # The furthest end any of its writers read; a record without one (older versions, fsck)
-        # stays without: nothing says what its dependent read.
-        if base_end is not None and (not existed or recorded is not None):
-            end = max(base_end, recorded or 0)
-            if end != recorded:
-                os.ftruncate(fd, 0)
-                os.pwrite(fd, str(end).encode(), 0)
-                os.fsync(fd)
+        if (end, where) != (recorded_end, recorded_where):
+            text = ("" if end is None else str(end)) + ("" if where is None else "\n" + where)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, os.fsencode(text), 0)
+            os.fsync(fd)
     finally:
         os.close(fd)
     fsync_dir(pin_dir)
@@ -82,15 +91,20 @@ def write_record(backing_root: str, pin: str, dependent: str, base_end: int | No
         fsync_dir(os.path.dirname(directory))
 
 
-def read_base_end(backing_root: str, pin: str, dependent: str) -> int | None:
-    """The base end a record holds; None when it holds none (made by an older version, or by
-    fsck --repair) or cannot be read."""
+def read_record(backing_root: str, pin: str, dependent: str) -> tuple[int | None, str | None]:
+    """(base end, path) a record holds: the end is None when it holds none (made by an older
+    version, or by fsck --repair) or cannot be read; the path None when it names none."""
     try:
         with open(os.path.join(backing_root, REFS_DIR, pin, dependent), "rb") as f:
-            text = f.read(32)
+            text = f.read(RECORD_MAX)
     except OSError:
-        return None
-    return int(text) if text.isdigit() else None
+        return None, None
+    end, newline, where = text.partition(b"\n")
+    return (int(end) if end.isdigit() else None), (os.fsdecode(where) if newline and where else None)
+
+
+def read_base_end(backing_root: str, pin: str, dependent: str) -> int | None:
+    return read_record(backing_root, pin, dependent)[0]
 
 
 def torn_tail_may_go(backing_root: str, pin: str, committed_end: int) -> bool:
@@ -156,8 +170,14 @@ class PinRegistry:
         # to the kernel); such a container is let go of by the table, not by a pin's removal.
         self.in_use: Callable[[tuple[int, int]], bool] = lambda key: True
         self.on_freed: Callable[[str], None] = lambda pin: None
+        # (pin, its one dependent, the dependent's path when its deltas were written): the
+        # base has no name left, so rewriting that dependent as keyframes frees the pin.
+        self.on_orphaned: Callable[[str, str, str], None] = lambda pin, dependent, path: None
         self._lock = threading.Lock()
         self._pins_of: dict[str, set[str]] = {}  # dependent -> pins it has records in
+        # dependent -> its path below the backing root when its record was written (a rename
+        # since may hide it from on_orphaned's search: the pin then stays, docs/delta.md)
+        self._path_of: dict[str, str] = {}
         self._held: Counter = Counter()
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         # Loaded before the mount serves anything: a compaction's carry_over must see them.
@@ -173,10 +193,12 @@ class PinRegistry:
     def has_records(self) -> bool:
         return bool(self._pins_of)
 
-    def noted(self, pin: str, dependent: str) -> None:
-        """A record was written (write_record) by this mount."""
+    def noted(self, pin: str, dependent: str, path: str | None = None) -> None:
+        """A record was written (write_record) by this mount, for the file at path."""
         with self._lock:
             self._pins_of.setdefault(dependent, set()).add(pin)
+            if path is not None:
+                self._path_of[dependent] = path
 
     def hold(self, pin: str) -> None:
         with self._lock:
@@ -188,6 +210,20 @@ class PinRegistry:
             if self._held[pin] <= 0:
                 del self._held[pin]
         self._queue.put(("pins", {pin}))
+
+    def offer_orphans(self) -> None:
+        """Look at every pin with records again (at mount, once on_orphaned can act): a base
+        whose last name went while the mount was down, or whose dependent's rewrite a stop
+        or a kill interrupted."""
+        self._queue.put(("pins", set(read_records(self.backing_root))))
+
+    def closed(self, name: str) -> None:
+        """The mount closed the container named name: when it needs a pin whose base has no
+        name left, it was open when that happened, and may be rewritten now (on_orphaned)."""
+        with self._lock:
+            pins = set(self._pins_of.get(name, ()))
+        if pins:
+            self._queue.put(("pins", pins))
 
     def destroyed(self, dependent: str) -> None:
         """The container named dependent no longer exists anywhere, and no container will
@@ -211,10 +247,11 @@ class PinRegistry:
         each of its pins a durable record for new before the copy replaces it."""
         with self._lock:
             pins = sorted(self._pins_of.get(old, ()))
+            path = self._path_of.get(old)
         with self.pin_lock:
             for pin in pins:
-                write_record(self.backing_root, pin, new, read_base_end(self.backing_root, pin, old))
-                self.noted(pin, new)
+                write_record(self.backing_root, pin, new, read_base_end(self.backing_root, pin, old), path)
+                self.noted(pin, new, path)
 
     def drain(self, timeout: float | None = None) -> bool:
         """Wait until everything queued so far is done (tests, unmount)."""
@@ -264,12 +301,16 @@ class PinRegistry:
                     empty.add(pin)
                 for dependent in dependents:
                     self._pins_of.setdefault(dependent, set()).add(pin)
+                    where = read_record(self.backing_root, pin, dependent)[1]
+                    if where is not None:
+                        self._path_of[dependent] = where
         return empty
 
     def _check_let_go(self, fd: int) -> set[str]:
         try:
             st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode) or st.st_nlink or self.in_use((st.st_dev, st.st_ino)):
+            # One link left may be the pin's alone: the base's last name went.
+            if not stat.S_ISREG(st.st_mode) or st.st_nlink > 1 or self.in_use((st.st_dev, st.st_ino)):
                 return set()
             # Reopened through /proc: fd may be an O_PATH descriptor, and the file has no name.
             rfd = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
@@ -283,12 +324,20 @@ class PinRegistry:
             header = Header.unpack(head)
         except FormatError:
             return set()  # a plain file, or an empty one
-        return self._forget_dependent(header_name(header))
+        name = header_name(header)
+        if st.st_nlink:
+            try:
+                pin = os.stat(os.path.join(self.backing_root, BASES_DIR, name))
+            except OSError:
+                return set()
+            return {name} if (pin.st_dev, pin.st_ino) == (st.st_dev, st.st_ino) else set()
+        return self._forget_dependent(name)
 
     def _forget_dependent(self, dependent: str) -> set[str]:
         """Remove the records of a destroyed container; returns the pins they were in."""
         with self._lock:
             pins = self._pins_of.pop(dependent, set())
+            self._path_of.pop(dependent, None)
         for pin in pins:
             remove_record(self.backing_root, pin, dependent)
         if pins:
@@ -308,6 +357,8 @@ class PinRegistry:
         level = candidates
         while level:
             unused = sorted(p for p in level if self._looks_unused(p))
+            for pin in sorted(level.difference(unused)):
+                self._offer_orphan(pin)
             if not unused:
                 return
             # What made these pins unused (an unlink, a rename over, a reset, the previous
@@ -322,6 +373,26 @@ class PinRegistry:
             for pin in unused:
                 if self._unlink_if_unused(pin):
                     level |= self._forget_dependent(pin)  # its container is gone: a chain
+
+    def _offer_orphan(self, pin: str) -> None:
+        """Tell on_orphaned when only the pin is left of its base and one container needs it:
+        one that is no base itself (rewriting a pinned one would keep both versions), that no
+        writer holds, and whose path this mount knows."""
+        try:
+            st = os.stat(os.path.join(self.backing_root, BASES_DIR, pin))
+            dependents = os.listdir(os.path.join(self.backing_root, REFS_DIR, pin))
+        except OSError:
+            return
+        if st.st_nlink != 1 or len(dependents) != 1:
+            return
+        dependent = dependents[0]
+        with self._lock:
+            if self._held.get(pin) or self._held.get(dependent):
+                return
+            path = self._path_of.get(dependent)
+        if path is None or os.path.lexists(os.path.join(self.backing_root, BASES_DIR, dependent)):
+            return
+        self.on_orphaned(pin, dependent, path)
 
     def _unlink_if_unused(self, pin: str) -> bool:
         """Unlink the pin if nothing needs it (checked again under the pin lock); returns

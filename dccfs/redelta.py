@@ -59,6 +59,22 @@ class Rewriter:
         # The copy's name (the next generation): its deltas' pin gets a record for it.
         self.copy_name = header_name(file.container.header.next_generation())
 
+    # The copy's deltas name the same pins: its records are carried over (handles_rewrite).
+    carries_pin_records = True
+
+    def done(self, stats) -> None:
+        if self.replaced:
+            stats.deltas_after_close += self.replaced
+            log.info("%s: %d chunks stored as deltas after close (%d -> %d bytes)",
+                     self.file.container.path, self.replaced, self.bytes_before, self.bytes_after)
+
+    def pays(self) -> bool:
+        return True  # each delta replaced its keyframe only where it was smaller
+
+    def abandoned(self, copy_name: str) -> None:
+        """The copy was thrown away: a later copy of the same name must record again."""
+        self.delta.forget_dependent(copy_name)
+
     def __call__(self, idx: int, record: bytes):
         if self.delta.given_up and not self.replaced and not self.compacting:
             raise OSError(errno.ESTALE, "no delta against its base was smaller")

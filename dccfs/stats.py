@@ -85,6 +85,7 @@ class MountStats:
     readahead_chunks: int = 0
     compactions: int = 0
     deltas_after_close: int = 0  # chunks the pass after close stored as deltas
+    unpin_rewrites: int = 0  # files stored as keyframes again, so that a deleted base's pin went
     cheap_encodes: int = 0
     heap_trims: int = 0
     heap_trimmed_bytes: int = 0
@@ -132,6 +133,7 @@ class MountStats:
                 "readahead_chunks": self.readahead_chunks,
                 "compactions": self.compactions,
                 "deltas_after_close": self.deltas_after_close,
+                "unpin_rewrites": self.unpin_rewrites,
                 "cheap_encodes": self.cheap_encodes,
                 "memory": {"resident_bytes": resident_bytes() or 0, "heap_trims": self.heap_trims,
                            "heap_trimmed_bytes": self.heap_trimmed_bytes,

@@ -25,10 +25,13 @@ def steps(series):
     return save(series[0]), save(series[1]), save(third)
 
 
-def forced(tmp_path, extra: str = ""):
+def forced(tmp_path, extra: str = "", unpin_rewrite: bool = False):
     config = tmp_path / "pins.toml"
-    # Force deltas: by default they only run while the encoders keep up with the writer.
-    config.write_text(extra + '[[rule]]\nglob = "*"\ndelta = true\n')
+    # Force deltas: by default they only run while the encoders keep up with the writer. These
+    # tests follow pins while their bases are deleted: a rewrite of the dependent as keyframes
+    # would free them at once (tests/test_unpin.py), so it is off unless asked for.
+    unpin = f"delta_unpin_rewrite = {str(unpin_rewrite).lower()}\n"
+    config.write_text(unpin + extra + '[[rule]]\nglob = "*"\ndelta = true\n')
     return "-c", str(config)
 
 

@@ -115,7 +115,7 @@ while True:
 """
 
 
-def _crash_rotation(make_mount, steps, tmp_path, points: int, seed: int) -> None:
+def _crash_rotation(make_mount, steps, tmp_path, points: int, seed: int, unpin_rewrite: bool = False) -> None:
     import random
     import subprocess
     import sys
@@ -126,7 +126,7 @@ def _crash_rotation(make_mount, steps, tmp_path, points: int, seed: int) -> None
         sources[-1].write_bytes(data)
     journal = tmp_path / "journal"
     journal.touch()
-    mount = make_mount("pins-crash-rotation", *forced(tmp_path))
+    mount = make_mount("pins-crash-rotation", *forced(tmp_path, unpin_rewrite=unpin_rewrite))
     (mount.mnt / "run").mkdir()
     next_step = 1
     for _ in range(points):
@@ -164,14 +164,18 @@ def _crash_rotation(make_mount, steps, tmp_path, points: int, seed: int) -> None
     mount.stop()
 
 
-def test_kill9_during_a_rotating_run(make_mount, steps, tmp_path):
-    _crash_rotation(make_mount, steps, tmp_path, points=2, seed=7)
+@pytest.mark.parametrize("unpin_rewrite", [False, True], ids=["pins-kept", "keyframes-again"])
+def test_kill9_during_a_rotating_run(make_mount, steps, tmp_path, unpin_rewrite):
+    """Kills at random points of a run that saves a step and deletes the oldest; with the
+    rewrite on (the default), some land while a dependent is stored as keyframes again."""
+    _crash_rotation(make_mount, steps, tmp_path, points=2, seed=7, unpin_rewrite=unpin_rewrite)
 
 
 @pytest.mark.stress
-def test_kill9_during_a_rotating_run_many_points(make_mount, steps, tmp_path):
+@pytest.mark.parametrize("unpin_rewrite", [False, True], ids=["pins-kept", "keyframes-again"])
+def test_kill9_during_a_rotating_run_many_points(make_mount, steps, tmp_path, unpin_rewrite):
     _crash_rotation(make_mount, steps, tmp_path, points=int(os.environ.get("DCCFS_CRASH_POINTS", "30")),
-                    seed=int(os.environ.get("DCCFS_SEED", "11")))
+                    seed=int(os.environ.get("DCCFS_SEED", "11")), unpin_rewrite=unpin_rewrite)
 
 
 def test_fsck_reports_a_dependent_copied_behind_the_mount(make_mount, steps, tmp_path):

@@ -1,0 +1,143 @@
+"""A delta whose base lost its last name, stored as keyframes again: find its file, and the rewrite of its chunks.
+
+A rotating run (a Trainer with `save_total_limit=2`) deletes the oldest checkpoint while the
+next one is still a delta of it: the pin then keeps a whole keyframe checkpoint alive for one
+file, and the run holds two keyframes and a delta where it would hold two keyframes without
+deltas. When the pin registry sees that only the pin is left of a base and one container
+needs it (dccfs.pins), the mount rewrites that container in the background with every delta
+chunk decoded (verified) and encoded as a keyframe, through the same copy, checks and swap-in
+as a compaction; the container then names no pin and the registry frees the base. Any delta
+chunk that cannot be rewritten stops the pass, so a copy never holds a delta without its
+record. Knows nothing of FUSE.
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+
+from dccfs.chunkcoder import MAX_SNIFF_PREFIX
+from dccfs.codecs.delta import CODEC_DELTA
+from dccfs.container import ChunkError, pread_exact
+from dccfs.format import HEADER_SIZE, RECORD_HEADER_SIZE, FormatError, Header, RecordHeader, chunk_record_header
+from dccfs.pins import BASES_DIR, STATE_DIR, header_name
+
+log = logging.getLogger(__name__)
+
+# Entries read while looking for a dependent that moved since its deltas were written.
+MAX_SEARCHED = 256
+
+
+def _is_container_named(path: str, name: str) -> bool:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOATIME)
+    except OSError:
+        return False
+    try:
+        return header_name(Header.unpack(pread_exact(fd, HEADER_SIZE, 0))) == name
+    except (OSError, FormatError):
+        return False
+    finally:
+        os.close(fd)
+
+
+def find_dependent(backing_root: str, name: str, hint: str) -> str | None:
+    """The path below backing_root of the container named name, last seen at hint: there, or
+    moved within its directory (a temporary renamed to its final name), or its directory
+    renamed beside itself (tmp-checkpoint-20/ to checkpoint-20/). None when not found."""
+    if hint.startswith(STATE_DIR + "/") or hint.startswith("/") or ".." in hint.split("/"):
+        return None
+    directory, base = os.path.split(hint)
+    candidates = [hint]
+    for where in (directory, os.path.dirname(directory)):
+        try:
+            with os.scandir(os.path.join(backing_root, where)) as entries:
+                for entry in entries:
+                    rel = os.path.join(where, entry.name)
+                    if rel == STATE_DIR or len(candidates) >= MAX_SEARCHED:
+                        continue
+                    if where == directory:
+                        candidates.append(rel)
+                    elif entry.is_dir(follow_symlinks=False):
+                        candidates.append(os.path.join(rel, base))
+        except OSError:
+            continue
+        if not directory:
+            break
+    for rel in dict.fromkeys(candidates):
+        if _is_container_named(os.path.join(backing_root, rel), name):
+            return rel
+    return None
+
+
+class KeyframeRewriter:
+    """The rewrite callback of compaction.write_compacted that stores every delta chunk of
+    a closed file as a keyframe; runs in a worker thread and counts what it replaced."""
+
+    # The copy names no pin: its dependent records are not carried over (handles_rewrite).
+    carries_pin_records = False
+
+    def __init__(self, file, pin: str):
+        self.file = file
+        self.pin = pin
+        self.replaced = 0
+        self.bytes_before = 0
+        self.bytes_after = 0
+        self.pin_bytes: int | None = None  # what freeing the pin gives back (prepare)
+
+    def prepare(self) -> None:
+        """Sniff the file's layout from its first chunks (decoded), so that its keyframes get
+        the hints its writer's had; in a worker thread, before the copy."""
+        container = self.file.container
+        prefix = bytearray()
+        idx = 0
+        while idx in container.index and len(prefix) < MAX_SNIFF_PREFIX:
+            prefix += container.read_chunk(idx) or b""
+            idx += 1
+        self.file.coder.sniff_stored(bytes(prefix), container.size)
+        backing_root = self.file.engine.backing_root
+        self.pin_bytes = os.stat(os.path.join(backing_root, BASES_DIR, self.pin)).st_blocks * 512
+
+    def pays(self) -> bool:
+        """Whether the keyframes grow the file by less than the pin frees (its base's chunks
+        compress about as well as this file's, so this holds unless the two differ a lot)."""
+        return self.pin_bytes is not None and self.bytes_after - self.bytes_before < self.pin_bytes
+
+    def done(self, stats) -> None:
+        stats.unpin_rewrites += 1
+        log.info("%s: %d delta chunks stored as keyframes again (%d -> %d bytes): their base %s "
+                 "has no name left, and its pin can go", self.file.container.path, self.replaced,
+                 self.bytes_before, self.bytes_after, self.pin)
+
+    def abandoned(self, copy_name: str) -> None:
+        """The copy was thrown away: it wrote no records, so nothing to forget."""
+
+    def __call__(self, idx: int, record: bytes):
+        try:
+            head = RecordHeader.unpack(record)
+        except FormatError as exc:
+            raise OSError(errno.ESTALE, f"chunk {idx} changed under the pass: {exc}") from None
+        if head.sub != CODEC_DELTA:
+            return None
+        container = self.file.container
+        if os.fstat(container.fd).st_nlink > 1:
+            # Pinned meanwhile as the base of a newer file: the swap would keep both versions.
+            raise OSError(errno.ESTALE, "it became a delta base during the pass")
+        if head.a != idx:
+            raise OSError(errno.ESTALE, f"chunk {idx}'s record was overwritten under the pass")
+        try:
+            raw = container.decode_record(idx, record)  # verified against the record's checksum
+        except ChunkError as exc:
+            # Copied as it is, it would be a delta whose base the registry then frees.
+            raise OSError(errno.ESTALE, f"a delta chunk cannot be read: {exc}") from None
+        hints = self.file.coder.hints_for(idx, raw, effort=1)
+        encoded, raw_sum = self.file.engine.encode(raw, hints)
+        if raw_sum != head.c:
+            raise OSError(errno.EIO, f"chunk {idx} decoded to other bytes than it stored")
+        stored = len(encoded.params) + len(encoded.payload)
+        self.replaced += 1
+        self.bytes_before += len(record)
+        self.bytes_after += RECORD_HEADER_SIZE + stored
+        new_head = chunk_record_header(idx, encoded.codec_id, len(encoded.params),
+                                       len(encoded.payload), head.b, head.c)
+        return [new_head.pack(), encoded.params, encoded.payload]

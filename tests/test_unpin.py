@@ -1,0 +1,162 @@
+"""A delta whose base loses its last name is stored as keyframes again and the base's pin freed, through a real mount."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+from test_delta_mount import dccfs, series  # noqa: F401 (series is a fixture)
+from test_pins import (assert_fsck_clean, forced, pins_of, steps, two_steps, wait_no_pins,  # noqa: F401
+                       wait_until, write)
+
+pytestmark = pytest.mark.mount
+
+
+def file_row(mount, path) -> dict:
+    rows = json.loads(dccfs("stats", "--json", "--files", path, mount.mnt).stdout)
+    return rows[0]
+
+
+def unpin_rewrites(mount) -> int:
+    return json.loads(dccfs("stats", "--json", mount.mnt).stdout)["stats"]["unpin_rewrites"]
+
+
+def test_a_delta_whose_base_is_deleted_becomes_keyframes_and_frees_the_base(make_mount, steps, tmp_path):
+    mount = make_mount("unpin", *forced(tmp_path, unpin_rewrite=True))
+    step10, step20 = two_steps(mount, steps)
+    assert len(pins_of(mount)) == 1 and file_row(mount, step20).get("delta_of")
+    os.unlink(step10)
+    wait_no_pins(mount)
+    assert unpin_rewrites(mount) == 1
+    row = file_row(mount, step20)
+    assert not row.get("delta_of"), row
+    assert step20.read_bytes() == steps[1]
+    mount.remount()
+    assert step20.read_bytes() == steps[1]
+    assert "stored as keyframes again" in mount.log_text()
+    mount.stop()
+    assert_fsck_clean(mount)
+
+
+def test_a_rotating_run_never_holds_more_than_its_keyframes(make_mount, steps, tmp_path):
+    """save_total_limit=2: save a step, then delete the oldest. Without the rewrite, step 10 stayed
+    pinned beside step 20 (its delta) and step 30 (a keyframe: 20 is as deep as delta_chain allows)."""
+    mount = make_mount("unpin-rotate", *forced(tmp_path, unpin_rewrite=True))
+    run = mount.mnt / "run"
+    run.mkdir()
+    kept = []
+    for n, data in zip((10, 20, 30), steps):
+        path = run / f"step-{n}.safetensors"
+        write(path, data)
+        kept.append(path)
+        if len(kept) > 2:
+            os.unlink(kept.pop(0))
+    wait_no_pins(mount)
+    assert not any(file_row(mount, p).get("delta_of") for p in kept)
+    for path, data in zip(kept, steps[1:]):
+        assert path.read_bytes() == data
+    mount.stop()
+    assert_fsck_clean(mount)
+
+
+def test_a_dependent_renamed_in_its_directory_or_with_it_is_found(make_mount, steps, tmp_path):
+    """A temporary renamed to its final name, and a directory renamed (tmp-checkpoint-20/ to
+    checkpoint-20/), after the deltas were written."""
+    mount = make_mount("unpin-renamed", *forced(tmp_path, unpin_rewrite=True))
+    step10, step20 = two_steps(mount, steps)
+    renamed = step20.with_name("final.safetensors")
+    os.rename(step20, renamed)
+    os.unlink(step10)
+    wait_no_pins(mount)
+    assert renamed.read_bytes() == steps[1]
+
+    (mount.mnt / "tmp-checkpoint-10").mkdir()
+    (mount.mnt / "tmp-checkpoint-20").mkdir()
+    base = mount.mnt / "tmp-checkpoint-10" / "model.safetensors"
+    dependent = mount.mnt / "tmp-checkpoint-20" / "model.safetensors"
+    write(base, steps[0])
+    write(dependent, steps[1])
+    assert len(pins_of(mount)) == 1
+    os.rename(mount.mnt / "tmp-checkpoint-20", mount.mnt / "checkpoint-20")
+    os.unlink(base)
+    wait_no_pins(mount)
+    assert (mount.mnt / "checkpoint-20" / "model.safetensors").read_bytes() == steps[1]
+    mount.stop()
+    assert_fsck_clean(mount)
+
+
+def test_a_dependent_moved_out_of_reach_keeps_its_base_pinned_until_it_goes(make_mount, steps, tmp_path):
+    mount = make_mount("unpin-moved", *forced(tmp_path, unpin_rewrite=True))
+    step10, step20 = two_steps(mount, steps)
+    (mount.mnt / "far" / "away").mkdir(parents=True)
+    moved = mount.mnt / "far" / "away" / "x.safetensors"
+    os.rename(step20, moved)
+    os.unlink(step10)
+    wait_until(lambda: "is no longer at" in mount.log_text(), "the search given up")
+    mount.remount()
+    assert len(pins_of(mount)) == 1 and unpin_rewrites(mount) == 0
+    assert moved.read_bytes() == steps[1]
+    os.unlink(moved)
+    wait_no_pins(mount)
+    mount.stop()
+    assert_fsck_clean(mount)
+
+
+def test_a_dependent_open_when_its_base_goes_is_rewritten_after_its_close(make_mount, steps, tmp_path):
+    mount = make_mount("unpin-open", *forced(tmp_path, unpin_rewrite=True))
+    step10, step20 = two_steps(mount, steps)
+    mount.remount()  # nothing of step 20 in the kernel's page cache; its path from the record
+    with open(step20, "rb") as reader:
+        os.unlink(step10)
+        assert reader.read(1 << 20) == steps[1][:1 << 20]
+        assert len(pins_of(mount)) == 1
+        assert reader.read() == steps[1][1 << 20:]
+    wait_no_pins(mount)
+    assert unpin_rewrites(mount) == 1
+    assert step20.read_bytes() == steps[1]
+    mount.stop()
+    assert_fsck_clean(mount)
+
+
+def test_off_in_the_config_keeps_the_base_pinned(make_mount, steps, tmp_path):
+    mount = make_mount("unpin-off", *forced(tmp_path, unpin_rewrite=False))
+    step10, step20 = two_steps(mount, steps)
+    os.unlink(step10)
+    mount.remount()
+    assert len(pins_of(mount)) == 1 and file_row(mount, step20).get("delta_of")
+    mount.stop()
+    assert_fsck_clean(mount)
+
+
+def test_a_base_deleted_while_unmounted_is_freed_at_the_next_mount(make_mount, steps, tmp_path):
+    mount = make_mount("unpin-offline", *forced(tmp_path, unpin_rewrite=True))
+    step10, step20 = two_steps(mount, steps)
+    mount.stop()
+    os.unlink(mount.backing / "run" / step10.name)
+    mount.start()
+    wait_no_pins(mount)
+    assert step20.read_bytes() == steps[1]
+    mount.stop()
+    assert_fsck_clean(mount)
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.05, 0.3])
+def test_kill9_during_the_rewrite_loses_nothing(make_mount, steps, tmp_path, delay):
+    """kill -9 while the dependent is copied as keyframes (or just before, or after): the file
+    reads back exactly, fsck finds nothing, and the next mount finishes the job."""
+    import time
+    mount = make_mount(f"unpin-kill-{delay}", *forced(tmp_path, unpin_rewrite=True))
+    step10, step20 = two_steps(mount, steps)
+    os.unlink(step10)
+    time.sleep(delay)
+    mount.kill()
+    mount.expect_errors = True
+    result = dccfs("fsck", mount.backing)
+    assert result.returncode == 0, result.stdout + result.stderr
+    mount.start()
+    mount.expect_errors = False
+    assert step20.read_bytes() == steps[1]
+    wait_no_pins(mount)
+    assert step20.read_bytes() == steps[1]
+    mount.stop()
+    assert_fsck_clean(mount)
