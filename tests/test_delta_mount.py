@@ -304,8 +304,9 @@ def test_next_checkpoint_is_a_delta_and_survives_deleting_its_base(make_mount, s
     import torch
     from safetensors.torch import load_file, save_file
     config = tmp_path / "delta.toml"
-    # Force delta: by default it only runs while the encoders keep up with the writer.
-    config.write_text('[[rule]]\nglob = "*"\ndelta = true\n')
+    # Force delta: by default it only runs while the encoders keep up with the writer. The base
+    # stays pinned (by default step 20 would become keyframes and free it: tests/test_unpin.py).
+    config.write_text('delta_unpin_rewrite = false\n[[rule]]\nglob = "*"\ndelta = true\n')
     mount = make_mount("delta", "-c", str(config))
     (mount.mnt / "run").mkdir()
     ext = "safetensors" if fmt == "safetensors" else "pt"
