@@ -110,8 +110,9 @@ class Config:
     # on the chunks a busy writer left as keyframes when this is true.
     delta_during_write: bool = True
     # When a delta base's last name goes (a rotating run deletes the oldest checkpoint) and
-    # one file alone still needs it, that file is stored as keyframes again in the background
-    # and the base's space is freed (dccfs/unpin.py); false keeps the base pinned instead.
+    # one file alone still needs it, that file is stored again in the background (a delta of
+    # the newest checkpoint of its series, or keyframes) and the base's space is freed
+    # (dccfs/unpin.py); false keeps the base pinned instead.
     delta_unpin_rewrite: bool = True
     source: str = "<defaults>"
 

@@ -1,4 +1,4 @@
-"""Background rewrites of a closed file (compaction, deltas after close, keyframes again): the copy, its checks and the swap-in."""
+"""Background rewrites of a closed file (compaction, deltas after close, unpinning): the copy, its checks and the swap-in."""
 from __future__ import annotations
 
 import errno
@@ -78,13 +78,13 @@ class BackgroundRewrites:
             if inode is None:
                 return
             file = inode.extra["file"]
-            rewriter = unpin.KeyframeRewriter(file, pin)
+            rewriter = unpin.UnpinRewriter(file, pin, relpath)
             try:
                 try:
                     await trio.to_thread.run_sync(rewriter.prepare, limiter=self.rewrite_limiter)
                 except OSError as exc:
                     self._unpin_tried.add(dependent)
-                    log.warning("%s: not stored as keyframes again: %s", relpath, exc)
+                    log.warning("%s: not stored again without its deleted base: %s", relpath, exc)
                 else:
                     async with file.release_lock:
                         if not (file.closed or file.handles or file.content_changed):
@@ -95,6 +95,7 @@ class BackgroundRewrites:
                             await self._compact(inode, file, rewriter)
                 await self._close_file(inode, file, compact=False)
             finally:
+                rewriter.close()
                 self._closed_in_background.discard(file)
                 self.inodes.release_open(inode)
         finally:
@@ -117,7 +118,7 @@ class BackgroundRewrites:
             # as a container. The swap-in renames a copy; it never writes to this descriptor.
             handle = await self.open(inode, os.O_RDONLY)
         except OSError as exc:
-            log.info("%s: not stored as keyframes again: %s", relpath, exc)
+            log.info("%s: not stored again without its deleted base: %s", relpath, exc)
             return None
         finally:
             for looked_up in looked:

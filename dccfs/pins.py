@@ -8,7 +8,7 @@ and a pin whose refs directory is then empty, and that no live DeltaWriter holds
 unlinked; when that was the last link of the pinned container, its own records go in turn
 (chains). Pins without a refs directory (made before this existed) are never freed here:
 only `dccfs fsck --repair` removes them. A pin left with no name of its base in the tree and
-one dependent is offered to on_orphaned, which may store that dependent as keyframes again
+one dependent is offered to on_orphaned, which may store that dependent again without it
 (dccfs/unpin.py). Knows nothing of FUSE.
 """
 from __future__ import annotations

@@ -85,7 +85,7 @@ class MountStats:
     readahead_chunks: int = 0
     compactions: int = 0
     deltas_after_close: int = 0  # chunks the pass after close stored as deltas
-    unpin_rewrites: int = 0  # files stored as keyframes again, so that a deleted base's pin went
+    unpin_rewrites: int = 0  # files stored again without their base, so that a deleted base's pin went
     cheap_encodes: int = 0
     heap_trims: int = 0
     heap_trimmed_bytes: int = 0

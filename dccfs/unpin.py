@@ -1,14 +1,16 @@
-"""A delta whose base lost its last name, stored as keyframes again: find its file, and the rewrite of its chunks.
+"""A delta whose base lost its last name, stored again without it: find its file, and the rewrite of its chunks.
 
 A rotating run (a Trainer with `save_total_limit=2`) deletes the oldest checkpoint while the
 next one is still a delta of it: the pin then keeps a whole keyframe checkpoint alive for one
 file, and the run holds two keyframes and a delta where it would hold two keyframes without
 deltas. When the pin registry sees that only the pin is left of a base and one container
 needs it (dccfs.pins), the mount rewrites that container in the background with every delta
-chunk decoded (verified) and encoded as a keyframe, through the same copy, checks and swap-in
-as a compaction; the container then names no pin and the registry frees the base. Any delta
-chunk that cannot be rewritten stops the pass, so a copy never holds a delta without its
-record. Knows nothing of FUSE.
+chunk decoded (verified) and encoded again: as a delta of a newer, shallow file of its series
+when that is smaller (the newest checkpoint, which the next save takes as its base too), else
+as a keyframe, through the same copy, checks and swap-in as a compaction. The copy then names
+no pin of the file's, and the registry frees the old base. Any delta chunk that cannot be
+rewritten stops the pass, so a copy never holds a delta without its record. Knows nothing of
+FUSE.
 """
 from __future__ import annotations
 
@@ -19,7 +21,10 @@ import os
 from dccfs.chunkcoder import MAX_SNIFF_PREFIX
 from dccfs.codecs.delta import CODEC_DELTA
 from dccfs.container import ChunkError, pread_exact
-from dccfs.format import HEADER_SIZE, RECORD_HEADER_SIZE, FormatError, Header, RecordHeader, chunk_record_header
+from dccfs.delta import DELTA_LAYOUTS, DeltaWriter
+from dccfs.delta_candidates import COMPARE_BYTES
+from dccfs.format import (HEADER_SIZE, RECORD_HEADER_SIZE, FormatError, Header, RecordHeader, checksum64,
+                          chunk_record_header)
 from dccfs.pins import BASES_DIR, STATE_DIR, header_name
 
 log = logging.getLogger(__name__)
@@ -70,47 +75,93 @@ def find_dependent(backing_root: str, name: str, hint: str) -> str | None:
     return None
 
 
-class KeyframeRewriter:
-    """The rewrite callback of compaction.write_compacted that stores every delta chunk of
-    a closed file as a keyframe; runs in a worker thread and counts what it replaced."""
+class UnpinRewriter:
+    """The rewrite callback of compaction.write_compacted that stores every delta chunk of a
+    closed file against a newer base of its series when one is shallow and smaller, else as a
+    keyframe; runs in a worker thread and counts what it replaced."""
 
-    # The copy names no pin: its dependent records are not carried over (handles_rewrite).
+    # The copy names no pin of the file's: its records are not carried over (handles_rewrite);
+    # a newer base gets records for the copy from its DeltaWriter, before its first delta.
     carries_pin_records = False
 
-    def __init__(self, file, pin: str):
+    def __init__(self, file, pin: str, relpath: str):
         self.file = file
         self.pin = pin
+        self.relpath = relpath
         self.replaced = 0
+        self.rebased = 0  # of those, stored as deltas of a newer base
         self.bytes_before = 0
         self.bytes_after = 0
         self.pin_bytes: int | None = None  # what freeing the pin gives back (prepare)
+        self.delta: DeltaWriter | None = None  # against the newer base (prepare)
+        self.copy_name = header_name(file.container.header.next_generation())
 
     def prepare(self) -> None:
-        """Sniff the file's layout from its first chunks (decoded), so that its keyframes get
-        the hints its writer's had; in a worker thread, before the copy."""
-        container = self.file.container
+        """Sniff the file's layout from its first chunks (decoded), so that its chunks get the
+        hints its writer's had, and look for a newer base; in a worker thread, before the copy."""
+        container, engine = self.file.container, self.file.engine
         prefix = bytearray()
         idx = 0
         while idx in container.index and len(prefix) < MAX_SNIFF_PREFIX:
             prefix += container.read_chunk(idx) or b""
             idx += 1
-        self.file.coder.sniff_stored(bytes(prefix), container.size)
-        backing_root = self.file.engine.backing_root
-        self.pin_bytes = os.stat(os.path.join(backing_root, BASES_DIR, self.pin)).st_blocks * 512
+        coder = self.file.coder
+        coder.sniff_stored(bytes(prefix), container.size)
+        self.pin_bytes = os.stat(os.path.join(engine.backing_root, BASES_DIR, self.pin)).st_blocks * 512
+        rule, config = coder.rule, engine.config
+        wanted = rule.delta if rule.delta is not None else config.delta
+        if wanted and (coder.layout_kind in DELTA_LAYOUTS or rule.delta is True):
+            # A rotating run deleted the oldest checkpoint: the newest one beside this file is
+            # the base the next save will take too (a Trainer keeps a keyframe and a delta).
+            self.delta = DeltaWriter.for_file(
+                engine.backing_root, self.relpath, container.header.file_id, engine.cache,
+                max_chain=config.delta_chain, prefix=bytes(prefix[:COMPARE_BYTES]),
+                chunk_size=container.chunk_size)
+
+    def close(self) -> None:
+        """Let go of the newer base (its pin stays while the swapped-in copy needs it)."""
+        if self.delta is not None:
+            self.delta.close()
+            self.delta = None
 
     def pays(self) -> bool:
-        """Whether the keyframes grow the file by less than the pin frees (its base's chunks
+        """Whether the copy grows the file by less than the pin frees (its base's chunks
         compress about as well as this file's, so this holds unless the two differ a lot)."""
         return self.pin_bytes is not None and self.bytes_after - self.bytes_before < self.pin_bytes
 
     def done(self, stats) -> None:
         stats.unpin_rewrites += 1
-        log.info("%s: %d delta chunks stored as keyframes again (%d -> %d bytes): their base %s "
-                 "has no name left, and its pin can go", self.file.container.path, self.replaced,
+        how = "as keyframes"
+        if self.rebased and self.delta is not None:
+            base = os.path.relpath(self.delta.base.path, self.file.engine.backing_root)
+            how = f"as deltas of {base}" if self.rebased == self.replaced else \
+                f"{self.rebased} as deltas of {base} and the rest as keyframes"
+        log.info("%s: %d delta chunks stored again %s (%d -> %d bytes): their base %s has no name "
+                 "left, and its pin can go", self.file.container.path, self.replaced, how,
                  self.bytes_before, self.bytes_after, self.pin)
 
     def abandoned(self, copy_name: str) -> None:
-        """The copy was thrown away: it wrote no records, so nothing to forget."""
+        """The copy was thrown away: a later copy of the same name must record again."""
+        if self.delta is not None:
+            self.delta.forget_dependent(copy_name)
+
+    def _encode(self, idx: int, raw: bytes):
+        hints = self.file.coder.hints_for(idx, raw, effort=1)
+        if self.delta is not None:
+            try:
+                encoded = self.delta.encode_now(idx, raw, hints, dependent=self.copy_name)
+            except Exception:
+                # A delta bug must cost ratio, never the chunk: a keyframe.
+                self.file.engine.stats.codec_failures += 1
+                log.exception("%s: delta encoding of chunk %d against a newer base failed; storing "
+                              "a keyframe", self.file.container.path, idx)
+                encoded = None
+            if encoded is not None:
+                self.rebased += 1
+                self.file.engine.stats.count_codec("encode", "delta", len(raw),
+                                                   len(encoded.params) + len(encoded.payload), 0.0)
+                return encoded, checksum64(raw)
+        return self.file.engine.encode(raw, hints)
 
     def __call__(self, idx: int, record: bytes):
         try:
@@ -130,8 +181,7 @@ class KeyframeRewriter:
         except ChunkError as exc:
             # Copied as it is, it would be a delta whose base the registry then frees.
             raise OSError(errno.ESTALE, f"a delta chunk cannot be read: {exc}") from None
-        hints = self.file.coder.hints_for(idx, raw, effort=1)
-        encoded, raw_sum = self.file.engine.encode(raw, hints)
+        encoded, raw_sum = self._encode(idx, raw)
         if raw_sum != head.c:
             raise OSError(errno.EIO, f"chunk {idx} decoded to other bytes than it stored")
         stored = len(encoded.params) + len(encoded.payload)

@@ -167,7 +167,7 @@ def _crash_rotation(make_mount, steps, tmp_path, points: int, seed: int, unpin_r
 @pytest.mark.parametrize("unpin_rewrite", [False, True], ids=["pins-kept", "keyframes-again"])
 def test_kill9_during_a_rotating_run(make_mount, steps, tmp_path, unpin_rewrite):
     """Kills at random points of a run that saves a step and deletes the oldest; with the
-    rewrite on (the default), some land while a dependent is stored as keyframes again."""
+    rewrite on (the default), some land while a dependent is stored again without its base."""
     _crash_rotation(make_mount, steps, tmp_path, points=2, seed=7, unpin_rewrite=unpin_rewrite)
 
 

@@ -1,4 +1,4 @@
-"""A delta whose base loses its last name is stored as keyframes again and the base's pin freed, through a real mount."""
+"""A delta whose base loses its last name is stored again without it (a newer base, or keyframes) and the pin freed, through a real mount."""
 from __future__ import annotations
 
 import json
@@ -33,28 +33,39 @@ def test_a_delta_whose_base_is_deleted_becomes_keyframes_and_frees_the_base(make
     assert step20.read_bytes() == steps[1]
     mount.remount()
     assert step20.read_bytes() == steps[1]
-    assert "stored as keyframes again" in mount.log_text()
+    assert "delta chunks stored again as keyframes" in mount.log_text()
     mount.stop()
     assert_fsck_clean(mount)
 
 
-def test_a_rotating_run_never_holds_more_than_its_keyframes(make_mount, steps, tmp_path):
+def only_pinned(mount) -> int:
+    """Pinned bases that no visible name links any more."""
+    return json.loads(dccfs("stats", "--json", mount.mnt).stdout)["stats"]["delta_bases"]["only_pinned"]
+
+
+def test_a_rotating_run_keeps_no_base_that_only_its_pin_holds(make_mount, steps, tmp_path):
     """save_total_limit=2: save a step, then delete the oldest. Without the rewrite, step 10 stayed
-    pinned beside step 20 (its delta) and step 30 (a keyframe: 20 is as deep as delta_chain allows)."""
+    pinned beside step 20 (its delta) and step 30 (a keyframe: 20 is as deep as delta_chain
+    allows); now step 20 becomes a delta of step 30, the newest keyframe, and step 10 goes."""
     mount = make_mount("unpin-rotate", *forced(tmp_path, unpin_rewrite=True))
     run = mount.mnt / "run"
     run.mkdir()
     kept = []
-    for n, data in zip((10, 20, 30), steps):
-        path = run / f"step-{n}.safetensors"
-        write(path, data)
+    for k in range(1, 7):
+        path = run / f"step-{k * 10}.safetensors"
+        write(path, steps[(k - 1) % len(steps)])
         kept.append(path)
         if len(kept) > 2:
             os.unlink(kept.pop(0))
-    wait_no_pins(mount)
-    assert not any(file_row(mount, p).get("delta_of") for p in kept)
-    for path, data in zip(kept, steps[1:]):
-        assert path.read_bytes() == data
+        wait_until(lambda: only_pinned(mount) == 0, f"no base held only by its pin after step {k * 10}")
+        assert len(pins_of(mount)) <= 1
+        older, newer = (file_row(mount, p) for p in kept) if len(kept) == 2 else (None, None)
+        if older is not None:
+            # one keyframe and one delta of it, whichever way round
+            assert bool(older.get("delta_of")) != bool(newer.get("delta_of")), (older, newer)
+    for k, path in zip((5, 6), kept):
+        assert path.read_bytes() == steps[(k - 1) % len(steps)]
+    assert unpin_rewrites(mount) >= 1 and "stored again as deltas of run/step-" in mount.log_text()
     mount.stop()
     assert_fsck_clean(mount)
 
