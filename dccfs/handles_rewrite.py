@@ -56,8 +56,8 @@ class BackgroundRewrites:
     def offer_unpin_rewrite(self, pin: str, dependent: str, hint: str) -> None:
         """The pin registry's on_orphaned (its thread): only the pin is left of a base, and
         the container named dependent alone needs it."""
-        if self.engine.config.delta_unpin_rewrite and dependent not in self._unpinning \
-                and dependent not in self._unpin_tried:
+        # (The task checks _unpinning: a rewrite ending now would drop the offer of its own close.)
+        if self.engine.config.delta_unpin_rewrite and dependent not in self._unpin_tried:
             self.engine.start_background_from_thread(self._unpin_rewrite, pin, dependent, hint)
 
     async def _unpin_rewrite(self, pin: str, dependent: str, hint: str) -> None:
@@ -67,12 +67,19 @@ class BackgroundRewrites:
             return
         self._unpinning.add(dependent)
         try:
-            relpath = await trio.to_thread.run_sync(unpin.find_dependent, self.backing_root, dependent,
-                                                    hint, limiter=self.engine.io_limiter)
-            if relpath is None:
+            found = await trio.to_thread.run_sync(unpin.find_dependent, self.backing_root, dependent,
+                                                  hint, limiter=self.engine.io_limiter)
+            if found is None:
                 self._unpin_tried.add(dependent)
                 log.info("delta base pin %s has no name left, but its dependent %s is no longer at "
                          "%s (or beside it): the pin stays until that file goes", pin, dependent, hint)
+                return
+            relpath, superseded = found
+            if superseded:
+                # Generations only grow, by a rename over the file (swap_in): the old one is gone.
+                log.info("%s holds a later generation of %s: its records are stale (a stop or kill "
+                         "came right after its rewrite), and go", relpath, dependent)
+                self.engine.pins.destroyed(dependent)
                 return
             inode = await self._open_for_unpin(relpath, dependent)
             if inode is None:
@@ -88,11 +95,12 @@ class BackgroundRewrites:
                 else:
                     async with file.release_lock:
                         if not (file.closed or file.handles or file.content_changed):
-                            # Once per container and mount: a pass that gave up (the copy would
-                            # grow more than it frees, a chunk unreadable) is not tried again at
-                            # each close; a file opened meanwhile is, after its last close.
-                            self._unpin_tried.add(dependent)
                             await self._compact(inode, file, rewriter)
+                    if rewriter.gave_up:
+                        # Once per container and mount: a pass that gave up (the copy would grow
+                        # more than it frees, a chunk unreadable) is not tried again at each
+                        # close; one a reopen or a change stopped is, after the last close.
+                        self._unpin_tried.add(dependent)
                 await self._close_file(inode, file, compact=False)
             finally:
                 rewriter.close()

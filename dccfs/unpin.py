@@ -17,6 +17,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import stat
 
 from dccfs.chunkcoder import MAX_SNIFF_PREFIX
 from dccfs.codecs.delta import CODEC_DELTA
@@ -33,25 +34,37 @@ log = logging.getLogger(__name__)
 MAX_SEARCHED = 256
 
 
-def _is_container_named(path: str, name: str) -> bool:
+def _header_of(backing_root: str, rel: str) -> Header | None:
+    """The container header of the regular file at rel, reached through no symbolic link;
+    None for anything else (a FIFO would block the open, a symlink lead anywhere)."""
+    full = os.path.join(backing_root, rel)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOATIME)
+        if os.path.realpath(full) != os.path.join(os.path.realpath(backing_root), os.path.normpath(rel)):
+            return None
+        if not stat.S_ISREG(os.lstat(full).st_mode):
+            return None
+        fd = os.open(full, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOATIME)
     except OSError:
-        return False
+        return None
     try:
-        return header_name(Header.unpack(pread_exact(fd, HEADER_SIZE, 0))) == name
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None  # replaced between the lstat and the open
+        return Header.unpack(pread_exact(fd, HEADER_SIZE, 0))
     except (OSError, FormatError):
-        return False
+        return None
     finally:
         os.close(fd)
 
 
-def find_dependent(backing_root: str, name: str, hint: str) -> str | None:
-    """The path below backing_root of the container named name, last seen at hint: there, or
-    moved within its directory (a temporary renamed to its final name), or its directory
-    renamed beside itself (tmp-checkpoint-20/ to checkpoint-20/). None when not found."""
+def find_dependent(backing_root: str, name: str, hint: str) -> tuple[str, bool] | None:
+    """(path below backing_root, superseded) of the container named name, last seen at hint:
+    there, or moved within its directory (a temporary renamed to its final name), or its
+    directory renamed beside itself (tmp-checkpoint-20/ to checkpoint-20/). superseded: what
+    is there is a later generation of the same file (a compaction or rewrite swapped in, and
+    a stop or a kill came before the old generation's records went). None when not found."""
     if hint.startswith(STATE_DIR + "/") or hint.startswith("/") or ".." in hint.split("/"):
         return None
+    file_id_hex, _, generation = name.rpartition("-")
     directory, base = os.path.split(hint)
     candidates = [hint]
     for where in (directory, os.path.dirname(directory)):
@@ -69,10 +82,16 @@ def find_dependent(backing_root: str, name: str, hint: str) -> str | None:
             continue
         if not directory:
             break
+    later = None
     for rel in dict.fromkeys(candidates):
-        if _is_container_named(os.path.join(backing_root, rel), name):
-            return rel
-    return None
+        header = _header_of(backing_root, rel)
+        if header is None or header.file_id.hex() != file_id_hex:
+            continue
+        if header_name(header) == name:
+            return rel, False
+        if generation.isdigit() and header.generation > int(generation) and later is None:
+            later = rel
+    return (later, True) if later is not None else None
 
 
 class UnpinRewriter:
@@ -95,6 +114,9 @@ class UnpinRewriter:
         self.pin_bytes: int | None = None  # what freeing the pin gives back (prepare)
         self.delta: DeltaWriter | None = None  # against the newer base (prepare)
         self.copy_name = header_name(file.container.header.next_generation())
+        # The pass reached a verdict other than a swap (it would not pay, a chunk is unreadable):
+        # not tried again in this mount. One stopped by a reopen or change has none.
+        self.gave_up = False
 
     def prepare(self) -> None:
         """Sniff the file's layout from its first chunks (decoded), so that its chunks get the
@@ -127,7 +149,9 @@ class UnpinRewriter:
     def pays(self) -> bool:
         """Whether the copy grows the file by less than the pin frees (its base's chunks
         compress about as well as this file's, so this holds unless the two differ a lot)."""
-        return self.pin_bytes is not None and self.bytes_after - self.bytes_before < self.pin_bytes
+        pays = self.pin_bytes is not None and self.bytes_after - self.bytes_before < self.pin_bytes
+        self.gave_up = self.gave_up or not pays
+        return pays
 
     def done(self, stats) -> None:
         stats.unpin_rewrites += 1
@@ -180,9 +204,11 @@ class UnpinRewriter:
             raw = container.decode_record(idx, record)  # verified against the record's checksum
         except ChunkError as exc:
             # Copied as it is, it would be a delta whose base the registry then frees.
+            self.gave_up = True
             raise OSError(errno.ESTALE, f"a delta chunk cannot be read: {exc}") from None
         encoded, raw_sum = self._encode(idx, raw)
         if raw_sum != head.c:
+            self.gave_up = True
             raise OSError(errno.EIO, f"chunk {idx} decoded to other bytes than it stored")
         stored = len(encoded.params) + len(encoded.payload)
         self.replaced += 1

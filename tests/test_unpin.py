@@ -171,3 +171,27 @@ def test_kill9_during_the_rewrite_loses_nothing(make_mount, steps, tmp_path, del
     assert step20.read_bytes() == steps[1]
     mount.stop()
     assert_fsck_clean(mount)
+
+
+def test_the_search_opens_no_fifo_and_follows_no_symlink(make_mount, steps, tmp_path):
+    """A FIFO where the search looks blocked its open for good (and the unmount with it); a
+    symlinked directory on the recorded path matched, then the open through the mount failed
+    (both found by review)."""
+    mount = make_mount("unpin-fifo", *forced(tmp_path, unpin_rewrite=True))
+    step10, step20 = two_steps(mount, steps)
+    final = step20.with_name("step-20-final.safetensors")
+    os.rename(step20, final)
+    os.mkfifo(step20)
+    os.unlink(step10)
+    wait_no_pins(mount)
+    assert final.read_bytes() == steps[1]
+    os.unlink(step20)
+
+    step10, step20 = two_steps(mount, steps, directory="linked")
+    os.rename(mount.mnt / "linked", mount.mnt / "real")
+    os.symlink("real", mount.mnt / "linked")
+    os.unlink(mount.mnt / "real" / step10.name)
+    wait_no_pins(mount)
+    assert (mount.mnt / "real" / step20.name).read_bytes() == steps[1]
+    mount.stop()
+    assert_fsck_clean(mount)
