@@ -85,7 +85,8 @@ class BackgroundRewrites:
             if inode is None:
                 return
             file = inode.extra["file"]
-            rewriter = unpin.UnpinRewriter(file, pin, relpath)
+            busy = frozenset(self.inodes.get(number).key for number in self.open_files)
+            rewriter = unpin.UnpinRewriter(file, pin, relpath, busy)
             try:
                 try:
                     await trio.to_thread.run_sync(rewriter.prepare, limiter=self.rewrite_limiter)

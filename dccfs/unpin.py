@@ -103,10 +103,14 @@ class UnpinRewriter:
     # a newer base gets records for the copy from its DeltaWriter, before its first delta.
     carries_pin_records = False
 
-    def __init__(self, file, pin: str, relpath: str):
+    def __init__(self, file, pin: str, relpath: str, busy: frozenset = frozenset()):
         self.file = file
         self.pin = pin
         self.relpath = relpath
+        # Backing (st_dev, st_ino) of the files the mount has open: no base for the copy, since
+        # one still being written (an fsync commits half of it) would leave the copy's delta
+        # half keyframes and its own deltas after close refused (found by review).
+        self.busy = busy
         self.replaced = 0
         self.rebased = 0  # of those, stored as deltas of a newer base
         self.bytes_before = 0
@@ -139,6 +143,12 @@ class UnpinRewriter:
                 engine.backing_root, self.relpath, container.header.file_id, engine.cache,
                 max_chain=config.delta_chain, prefix=bytes(prefix[:COMPARE_BYTES]),
                 chunk_size=container.chunk_size)
+            if self.delta is not None:
+                st = os.fstat(self.delta.base.fd)
+                if (st.st_dev, st.st_ino) in self.busy:
+                    log.info("%s: its newest base %s is open in the mount; storing keyframes", self.relpath,
+                             os.path.relpath(self.delta.base.path, engine.backing_root))
+                    self.close()
 
     def close(self) -> None:
         """Let go of the newer base (its pin stays while the swapped-in copy needs it)."""

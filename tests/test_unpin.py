@@ -195,3 +195,32 @@ def test_the_search_opens_no_fifo_and_follows_no_symlink(make_mount, steps, tmp_
     assert (mount.mnt / "real" / step20.name).read_bytes() == steps[1]
     mount.stop()
     assert_fsck_clean(mount)
+
+
+def test_no_file_still_being_written_becomes_the_new_base(make_mount, steps, tmp_path):
+    """step-40 open, half written and fsynced (a trailer, so a candidate): step 20 took it as its
+    base, half of its chunks became keyframes, and step 40's deltas after close were refused
+    (found by review)."""
+    from dccfs.format import HEADER_SIZE, Header
+    mount = make_mount("unpin-busy", *forced(tmp_path, "delta_during_write = false\n", unpin_rewrite=True))
+    run = mount.mnt / "run"
+    run.mkdir()
+    paths = {n: run / f"step-{n}.safetensors" for n in (10, 20, 30, 40)}
+    for n, data in zip((10, 20, 30), steps):
+        write(paths[n], data)
+        if n == 20:
+            wait_until(lambda: file_row(mount, paths[20]).get("delta_of"), "step 20's deltas after close")
+    with open(paths[40], "wb") as writer:
+        writer.write(steps[0][:len(steps[0]) // 2])
+        writer.flush()
+        os.fsync(writer.fileno())
+        with open(mount.backing / "run" / paths[40].name, "rb") as backing:
+            busy_id = Header.unpack(backing.read(HEADER_SIZE)).file_id.hex()
+        os.unlink(paths[10])
+        wait_until(lambda: unpin_rewrites(mount) == 1, "step 20 stored again")
+        assert busy_id not in file_row(mount, paths[20]).get("delta_of", [])
+        writer.write(steps[0][len(steps[0]) // 2:])
+    assert paths[20].read_bytes() == steps[1] and paths[40].read_bytes() == steps[0]
+    wait_until(lambda: only_pinned(mount) == 0, "no base held only by its pin")
+    mount.stop()
+    assert_fsck_clean(mount)
