@@ -27,7 +27,7 @@ from dccfs.chunkcoder import ChunkCoder
 from dccfs.chunkread import ChunkReader
 from dccfs.delta import PIN_LOCK
 from dccfs.engine import Engine
-from dccfs.pins import header_name
+from dccfs.pin_records import header_name
 from dccfs.readahead import ReadAhead
 
 log = logging.getLogger(__name__)

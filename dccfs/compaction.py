@@ -15,7 +15,7 @@ import logging
 import os
 
 from dccfs.container import Container, pread_exact, pwrite_all, pwritev_all
-from dccfs.format import HEADER_SIZE, INDEX_FULL, pack_index, trailer_record
+from dccfs.format import HEADER_SIZE, INDEX_FULL, RECORD_HEADER_SIZE, chunk_record_header, pack_index, trailer_record
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +32,25 @@ def garbage_bytes(container: Container) -> int:
 def worth_compacting(container: Container) -> bool:
     garbage = garbage_bytes(container)
     return garbage >= MIN_GARBAGE_BYTES and garbage >= MIN_GARBAGE_FRACTION * container.live_bytes
+
+
+class RecordRewriter:
+    """What the rewrite callbacks of write_compacted share: the replacement record of a chunk
+    encoded another way, and the counts of what they replaced."""
+
+    def __init__(self):
+        self.replaced = 0
+        self.bytes_before = 0
+        self.bytes_after = 0
+
+    def replacement(self, idx: int, head, record: bytes, encoded) -> list[bytes]:
+        """The parts of chunk idx's new record (same raw length and checksum as head's)."""
+        self.replaced += 1
+        self.bytes_before += len(record)
+        self.bytes_after += RECORD_HEADER_SIZE + len(encoded.params) + len(encoded.payload)
+        new_head = chunk_record_header(idx, encoded.codec_id, len(encoded.params),
+                                       len(encoded.payload), head.b, head.c)
+        return [new_head.pack(), encoded.params, encoded.payload]
 
 
 def write_compacted(source: Container, tmp_path: str, rewrite=None, stop=None) -> int:

@@ -54,7 +54,7 @@ class Container:
         # the file's path when not set, which is what the offline tools rely on.
         self.base_store = None
         # Given committed_end, whether a torn tail may be cut although other names link the file
-        # (dccfs.pins.torn_tail_may_go, set by the mount); None: never.
+        # (dccfs.pin_records.torn_tail_may_go, set by the mount); None: never.
         self.linked_tail_may_go = None
         self._lock = threading.Lock()
 

@@ -23,7 +23,7 @@ from dccfs.format import HEADER_SIZE, RECORD_HEADER_SIZE, FormatError, Header, R
 from dccfs.delta_candidates import (MAX_CANDIDATES, TENSOR_CODECS, find_base_candidates,  # noqa: F401
                                     first_chunk_codec, fixed_name, looks_temporary, name_pattern,
                                     open_base, resembles)
-from dccfs import pins
+from dccfs import pin_records, pins
 from dccfs.delta_bases import (BASES_DIR, MAX_CHAIN, BaseRef, BaseStore, base_link_path,  # noqa: F401
                                store_for_path)
 from dccfs.syscalls import AT_FDCWD, link_fd
@@ -328,9 +328,9 @@ class DeltaWriter:
     def _pin_locked(self, dependent: str | None) -> bool:
         """The record first, then the link (both durable), under PIN_LOCK: the pin registry
         frees a pin only under that lock and only when its refs directory is empty."""
-        name = pins.header_name(self.base.header)
+        name = pin_records.header_name(self.base.header)
         path = base_link_path(self.backing_root, self.base.header.file_id, self.base.header.generation)
-        managed = pins.is_managed(self.backing_root, name)
+        managed = pin_records.is_managed(self.backing_root, name)
         recorded = False
         if os.path.exists(path) and not managed:
             pass  # pinned by an older version: never freed online, so no record is needed
@@ -343,7 +343,7 @@ class DeltaWriter:
         else:
             # (the base's committed end: what a killed writer appends past it, no delta names)
             where = self.path if self.path != "?" else None
-            pins.write_record(self.backing_root, name, dependent, self.base.recovery.committed_end, where)
+            pin_records.write_record(self.backing_root, name, dependent, self.base.recovery.committed_end, where)
             recorded = True
             if self._registry is not None:
                 self._registry.noted(name, dependent, where)
@@ -351,11 +351,11 @@ class DeltaWriter:
             _link_pin_locked(self.backing_root, self.base.fd, self.base.header)
         except OSError:
             if recorded:
-                pins.remove_record(self.backing_root, name, dependent)
+                pin_records.remove_record(self.backing_root, name, dependent)
             raise
         if not self.pinned and not self._pinned_base_is_unchanged(path):
             if recorded:
-                pins.remove_record(self.backing_root, name, dependent)
+                pin_records.remove_record(self.backing_root, name, dependent)
             return False
         if self._registry is not None and not self._holds:
             self._registry.hold(name)

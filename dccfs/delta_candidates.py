@@ -13,7 +13,7 @@ from dccfs.codecs.delta import CODEC_DELTA
 from dccfs.container import ChunkError, Container, ContainerError, pread_exact
 from dccfs.container_records import commit_from_trailer
 from dccfs.format import HEADER_SIZE, RECORD_HEADER_SIZE, FormatError, Header, RecordHeader
-from dccfs.pins import STATE_DIR
+from dccfs.pin_records import STATE_DIR
 
 # Base files considered: siblings whose names differ only in digits (step-10 / step-20),
 # in the same directory or in sibling directories; the same name first (rank 0's file of the

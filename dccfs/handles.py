@@ -23,7 +23,7 @@ from dccfs.delta_bases import base_link_path
 from dccfs.format import HEADER_SIZE, MAGIC, FormatError, Header, looks_like_container
 from dccfs.handles_rewrite import BackgroundRewrites
 from dccfs.inodes import Inode, InodeTable
-from dccfs.pins import header_name, torn_tail_may_go
+from dccfs.pin_records import header_name, torn_tail_may_go
 
 log = logging.getLogger(__name__)
 
@@ -203,7 +203,7 @@ class HandleTable(BackgroundRewrites):
         # leaves the close to it instead of waiting for the rewrite (a pyfuse3 request
         # task held for minutes, and an unmount that waited for the whole pass).
         self._closed_in_background: set[ContainerFile] = set()
-        self._unpinning: set[str] = set()  # dependents a keyframe rewrite is running for
+        self._unpinning: set[str] = set()  # dependents an unpinning rewrite is running for
         self._unpin_tried: set[str] = set()  # and those it ran for, or could not find
         engine.dirty.on_pressure(self._relieve_dirty_pressure)
         if engine.pins is not None:

@@ -1,4 +1,4 @@
-"""Background rewrites of a closed file (compaction, deltas after close, unpinning): the copy, its checks and the swap-in."""
+"""Background rewrites of a closed file (compaction, deltas after close, unpinning): copy, checks, swap-in."""
 from __future__ import annotations
 
 import errno
@@ -11,7 +11,7 @@ import trio
 from dccfs import compaction, redelta, unpin
 from dccfs.chunkfile import ContainerFile
 from dccfs.inodes import ROOT_INODE, Inode
-from dccfs.pins import header_name
+from dccfs.pin_records import header_name
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from dccfs.offline_common import (
 )
 from dccfs.offline_convert import run_pack, run_unpack
 from dccfs.offline_pins import check_pins, pinned_space
-from dccfs.pins import header_name, torn_tail_may_go
+from dccfs.pin_records import header_name, torn_tail_may_go
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ import shutil
 
 from dccfs.delta_bases import BASES_DIR
 from dccfs.inspect import describe_file, describe_tree
-from dccfs.pins import REFS_DIR, read_records, remove_record, write_record
+from dccfs.pin_records import REFS_DIR, read_records, remove_record, write_record
 
 log = logging.getLogger(__name__)
 

@@ -30,7 +30,7 @@ import trio
 from dccfs import compaction
 from dccfs.container import Container
 from dccfs.delta_bases import base_link_path
-from dccfs.pins import STATE_DIR, header_name, torn_tail_may_go
+from dccfs.pin_records import STATE_DIR, header_name, torn_tail_may_go
 
 log = logging.getLogger(__name__)
 

@@ -19,8 +19,8 @@ import os
 from dccfs import compaction
 from dccfs.codecs.delta import CODEC_DELTA
 from dccfs.container import ChunkError
-from dccfs.format import RECORD_HEADER_SIZE, FormatError, RecordHeader, chunk_record_header
-from dccfs.pins import header_name
+from dccfs.format import FormatError, RecordHeader
+from dccfs.pin_records import header_name
 
 log = logging.getLogger(__name__)
 
@@ -44,16 +44,14 @@ def worth_redelta(file) -> bool:
         deferred >= MIN_DEFERRED_FRACTION * len(file.container.index)
 
 
-class Rewriter:
+class Rewriter(compaction.RecordRewriter):
     """The rewrite callback of compaction.write_compacted for one file; runs in a worker
     thread and counts what it replaced."""
 
     def __init__(self, file):
+        super().__init__()
         self.file = file
         self.delta = file.coder.delta
-        self.replaced = 0
-        self.bytes_before = 0
-        self.bytes_after = 0
         # Whether the copy is worth swapping in without any delta (dead records to drop).
         self.compacting = compaction.worth_compacting(file.container)
         # The copy's name (the next generation): its deltas' pin gets a record for it.
@@ -119,11 +117,5 @@ class Rewriter:
             return None
         if encoded is None:
             return None
-        stored = len(encoded.params) + len(encoded.payload)
-        stats.count_codec("encode", "delta", len(raw), stored, 0.0)
-        self.replaced += 1
-        self.bytes_before += len(record)
-        self.bytes_after += RECORD_HEADER_SIZE + stored
-        new_head = chunk_record_header(idx, encoded.codec_id, len(encoded.params),
-                                       len(encoded.payload), head.b, head.c)
-        return [new_head.pack(), encoded.params, encoded.payload]
+        stats.count_codec("encode", "delta", len(raw), len(encoded.params) + len(encoded.payload), 0.0)
+        return self.replacement(idx, head, record, encoded)

@@ -19,14 +19,14 @@ import logging
 import os
 import stat
 
+from dccfs import compaction
 from dccfs.chunkcoder import MAX_SNIFF_PREFIX
 from dccfs.codecs.delta import CODEC_DELTA
 from dccfs.container import ChunkError, pread_exact
 from dccfs.delta import DELTA_LAYOUTS, DeltaWriter
 from dccfs.delta_candidates import COMPARE_BYTES
-from dccfs.format import (HEADER_SIZE, RECORD_HEADER_SIZE, FormatError, Header, RecordHeader, checksum64,
-                          chunk_record_header)
-from dccfs.pins import BASES_DIR, STATE_DIR, header_name
+from dccfs.format import HEADER_SIZE, FormatError, Header, RecordHeader, checksum64
+from dccfs.pin_records import BASES_DIR, STATE_DIR, header_name
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ def find_dependent(backing_root: str, name: str, hint: str) -> tuple[str, bool] 
     return (later, True) if later is not None else None
 
 
-class UnpinRewriter:
+class UnpinRewriter(compaction.RecordRewriter):
     """The rewrite callback of compaction.write_compacted that stores every delta chunk of a
     closed file against a newer base of its series when one is shallow and smaller, else as a
     keyframe; runs in a worker thread and counts what it replaced."""
@@ -104,6 +104,7 @@ class UnpinRewriter:
     carries_pin_records = False
 
     def __init__(self, file, pin: str, relpath: str, busy: frozenset = frozenset()):
+        super().__init__()
         self.file = file
         self.pin = pin
         self.relpath = relpath
@@ -111,10 +112,7 @@ class UnpinRewriter:
         # one still being written (an fsync commits half of it) would leave the copy's delta
         # half keyframes and its own deltas after close refused (found by review).
         self.busy = busy
-        self.replaced = 0
-        self.rebased = 0  # of those, stored as deltas of a newer base
-        self.bytes_before = 0
-        self.bytes_after = 0
+        self.rebased = 0  # of the chunks replaced, those stored as deltas of a newer base
         self.pin_bytes: int | None = None  # what freeing the pin gives back (prepare)
         self.delta: DeltaWriter | None = None  # against the newer base (prepare)
         self.copy_name = header_name(file.container.header.next_generation())
@@ -220,10 +218,4 @@ class UnpinRewriter:
         if raw_sum != head.c:
             self.gave_up = True
             raise OSError(errno.EIO, f"chunk {idx} decoded to other bytes than it stored")
-        stored = len(encoded.params) + len(encoded.payload)
-        self.replaced += 1
-        self.bytes_before += len(record)
-        self.bytes_after += RECORD_HEADER_SIZE + stored
-        new_head = chunk_record_header(idx, encoded.codec_id, len(encoded.params),
-                                       len(encoded.payload), head.b, head.c)
-        return [new_head.pack(), encoded.params, encoded.payload]
+        return self.replacement(idx, head, record, encoded)

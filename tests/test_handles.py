@@ -206,7 +206,7 @@ def test_a_compaction_never_swaps_over_a_pinned_base_overwritten_to_the_same_siz
     the swap's checks see the new file (one link, the re-keyed inode), and the same writes give
     it the same size: the stale copy was renamed over the new content (review G)."""
     from dccfs.delta_bases import base_link_path
-    from dccfs.pins import header_name, write_record
+    from dccfs.pin_records import header_name, write_record
 
     backing = tmp_path / "backing"
     (backing / ".dccfs" / "tmp").mkdir(parents=True)

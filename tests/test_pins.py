@@ -299,7 +299,7 @@ def test_a_writer_that_truncates_and_writes_again_records_the_new_file_id(make_m
 def test_a_torn_tail_of_a_linked_container_may_go_only_past_every_dependents_end(tmp_path):
     """What a record says a dependent reads of its base decides whether bytes past the base's
     last commit can be cut (a killed writer's) or may be records a dependent names."""
-    from dccfs.pins import BASES_DIR, REFS_DIR, torn_tail_may_go, write_record
+    from dccfs.pin_records import BASES_DIR, REFS_DIR, torn_tail_may_go, write_record
     pin = "ab" * 16 + "-0"
     assert torn_tail_may_go(str(tmp_path), pin, 1000)  # no pin: the links are a user's
     (tmp_path / BASES_DIR).mkdir(parents=True)

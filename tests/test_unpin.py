@@ -1,4 +1,4 @@
-"""A delta whose base loses its last name is stored again without it (a newer base, or keyframes) and the pin freed, through a real mount."""
+"""A delta whose base loses its last name is stored again without it and the pin freed, through a real mount."""
 from __future__ import annotations
 
 import json
