@@ -24,6 +24,21 @@ log = logging.getLogger(__name__)
 MAX_SNIFF_PREFIX = 8 << 20
 
 
+def guarded_delta(encode, stats, path: str, idx: int, raw: bytes) -> EncodedChunk | None:
+    """encode() (a DeltaWriter's encode or encode_now for chunk idx of raw), counted in stats.
+    None when no delta was smaller, or when it raised: a delta bug must cost ratio, never the
+    chunk, so the caller stores a keyframe (logged, counted as a codec failure)."""
+    try:
+        encoded = encode()
+    except Exception:
+        stats.codec_failures += 1
+        log.exception("%s: delta encoding of chunk %d failed; storing a keyframe", path, idx)
+        return None
+    if encoded is not None:
+        stats.count_codec("encode", "delta", len(raw), len(encoded.params) + len(encoded.payload), 0.0)
+    return encoded
+
+
 class ChunkCoder:
     def __init__(self, engine: Engine, rule: Rule, path: str, chunk_size: int):
         self.engine = engine
@@ -70,11 +85,7 @@ class ChunkCoder:
         while idx in dirty and len(prefix) < MAX_SNIFF_PREFIX:
             prefix += dirty[idx]
             idx += 1
-        try:
-            self._layout = sniff_layout(bytes(prefix), size)
-        except Exception:
-            log.exception("%s: layout sniffing failed; chunks will be probed", self.path)
-            self._layout = None
+        self._sniff(bytes(prefix), size)
         # Settle once a layout is found, or when the prefix was all the file had to offer.
         if self._layout is not None or len(prefix) >= MAX_SNIFF_PREFIX or idx * self.chunk_size >= size:
             self._settled = True
@@ -82,14 +93,17 @@ class ChunkCoder:
                 log.debug("%s: detected %s layout", self.path, self._layout.kind)
                 self._maybe_start_delta(file_id, prefix)
 
-    def sniff_stored(self, prefix: bytes, size: int) -> None:
-        """The layout of a closed file read back from its container, for a background rewrite's
-        hints; no base search starts."""
+    def _sniff(self, prefix: bytes, size: int) -> None:
         try:
             self._layout = sniff_layout(prefix, size)
         except Exception:
             log.exception("%s: layout sniffing failed; chunks will be probed", self.path)
             self._layout = None
+
+    def sniff_stored(self, prefix: bytes, size: int) -> None:
+        """The layout of a closed file read back from its container, for a background rewrite's
+        hints; no base search starts."""
+        self._sniff(prefix, size)
         self._settled = True
 
     def _maybe_start_delta(self, file_id: bytes, prefix: bytearray) -> None:
@@ -158,16 +172,10 @@ class ChunkCoder:
         delta = self._delta
         encoded = None
         if delta is not None:
-            try:
-                encoded = delta.encode(idx, raw, hints)
-            except Exception:
-                # A delta bug must cost ratio, never the chunk: store a keyframe.
-                self.engine.stats.codec_failures += 1
-                log.exception("%s: delta encoding of chunk %d failed; storing a keyframe", self.path, idx)
+            encoded = guarded_delta(partial(delta.encode, idx, raw, hints), self.engine.stats, self.path,
+                                    idx, raw)
         if encoded is None:
             return self.engine.encode(raw, hints)
-        self.engine.stats.count_codec("encode", "delta", len(raw),
-                                      len(encoded.params) + len(encoded.payload), 0.0)
         return encoded, xxhash.xxh3_64_intdigest(raw)
 
     def close(self) -> None:

@@ -36,12 +36,26 @@ def worth_compacting(container: Container) -> bool:
 
 class RecordRewriter:
     """What the rewrite callbacks of write_compacted share: the replacement record of a chunk
-    encoded another way, and the counts of what they replaced."""
+    encoded another way, the counts of what they replaced, and what the swap-in asks of them
+    (dccfs/handles_rewrite.py)."""
+
+    # The copy names the pins the file's records name: its records are carried over.
+    carries_pin_records = True
 
     def __init__(self):
         self.replaced = 0
         self.bytes_before = 0
         self.bytes_after = 0
+
+    def pays(self) -> bool:
+        """Whether the copy is worth swapping in for what it stores (asked after the copy)."""
+        return True
+
+    def done(self, stats) -> None:
+        """The copy was swapped in: count and log it."""
+
+    def abandoned(self, copy_name: str) -> None:
+        """The copy was thrown away."""
 
     def replacement(self, idx: int, head, record: bytes, encoded) -> list[bytes]:
         """The parts of chunk idx's new record (same raw length and checksum as head's)."""

@@ -204,7 +204,7 @@ class HandleTable(BackgroundRewrites):
         # task held for minutes, and an unmount that waited for the whole pass).
         self._closed_in_background: set[ContainerFile] = set()
         self._unpinning: set[str] = set()  # dependents an unpinning rewrite is running for
-        self._unpin_tried: set[str] = set()  # and those it ran for, or could not find
+        self._unpin_tried: set[str] = set()  # and those it gave up on, or could not find
         engine.dirty.on_pressure(self._relieve_dirty_pressure)
         if engine.pins is not None:
             engine.pins.on_orphaned = self.offer_unpin_rewrite

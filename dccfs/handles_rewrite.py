@@ -61,8 +61,9 @@ class BackgroundRewrites:
             self.engine.start_background_from_thread(self._unpin_rewrite, pin, dependent, hint)
 
     async def _unpin_rewrite(self, pin: str, dependent: str, hint: str) -> None:
-        """Store the dependent's delta chunks as keyframes, so that the registry frees the pin
-        (dccfs/unpin.py). A file open or changed meanwhile is left as it is."""
+        """Store the dependent's delta chunks again, as deltas of a newer base or keyframes, so
+        that the registry frees the pin (dccfs/unpin.py). A file open or changed meanwhile is
+        left as it is."""
         if dependent in self._unpinning or dependent in self._unpin_tried:
             return
         self._unpinning.add(dependent)
@@ -147,9 +148,11 @@ class BackgroundRewrites:
         return inode
 
     async def _compact(self, inode: Inode, file: ContainerFile,
-                       rewriter: redelta.Rewriter | None = None) -> None:
-        """Compaction, which also stores put-off deltas when given their rewriter. The file's
-        pin records are carried over to the copy before the swap (docs/delta.md)."""
+                       rewriter: compaction.RecordRewriter | None = None) -> None:
+        """Compaction, which also re-encodes chunks when given a rewriter (put-off deltas,
+        redelta.Rewriter; a deleted base's dependent, unpin.UnpinRewriter). The file's pin
+        records are carried over to the copy before the swap when the rewriter keeps them
+        (docs/delta.md)."""
         container = file.container
         pins = self.engine.pins
         copy_name = header_name(container.header.next_generation())

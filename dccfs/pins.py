@@ -105,7 +105,7 @@ class PinRegistry:
         """Look at every pin with records again (at mount, once on_orphaned can act): a base
         whose last name went while the mount was down, or whose dependent's rewrite a stop
         or a kill interrupted."""
-        self._queue.put(("pins", set(read_records(self.backing_root))))
+        self._queue.put(("all", None))  # listed by the worker, off the trio thread
 
     def closed(self, name: str) -> None:
         """The mount closed the container named name: when it needs a pin whose base has no
@@ -169,6 +169,8 @@ class PinRegistry:
                         candidates |= self._forget_dependent(value)
                     elif kind == "pins":
                         candidates |= value
+                    elif kind == "all":
+                        candidates |= set(read_records(self.backing_root))
                     elif kind == "drained":
                         waiters.append(value)
                 except Exception:

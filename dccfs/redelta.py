@@ -15,8 +15,10 @@ from __future__ import annotations
 import errno
 import logging
 import os
+from functools import partial
 
 from dccfs import compaction
+from dccfs.chunkcoder import guarded_delta
 from dccfs.codecs.delta import CODEC_DELTA
 from dccfs.container import ChunkError
 from dccfs.format import FormatError, RecordHeader
@@ -57,17 +59,11 @@ class Rewriter(compaction.RecordRewriter):
         # The copy's name (the next generation): its deltas' pin gets a record for it.
         self.copy_name = header_name(file.container.header.next_generation())
 
-    # The copy's deltas name the same pins: its records are carried over (handles_rewrite).
-    carries_pin_records = True
-
     def done(self, stats) -> None:
         if self.replaced:
             stats.deltas_after_close += self.replaced
             log.info("%s: %d chunks stored as deltas after close (%d -> %d bytes)",
                      self.file.container.path, self.replaced, self.bytes_before, self.bytes_after)
-
-    def pays(self) -> bool:
-        return True  # each delta replaced its keyframe only where it was smaller
 
     def abandoned(self, copy_name: str) -> None:
         """The copy was thrown away: a later copy of the same name must record again."""
@@ -99,23 +95,14 @@ class Rewriter(compaction.RecordRewriter):
             # (O_TRUNC resets it in place), so this copy is stale and the swap will refuse it
             # (a warning that the record was damaged said otherwise: found by review).
             return None
-        container, coder, stats = self.file.container, self.file.coder, self.file.engine.stats
+        container = self.file.container
         try:
             raw = container.decode_record(idx, record)  # verified against the record's checksum
         except ChunkError as exc:
             log.warning("%s; copied as it is", exc)  # reads report it, as before the pass
             return None
         # Full effort: this runs after the writer is gone, which is the point of the pass.
-        hints = coder.hints_for(idx, raw, effort=1)
-        try:
-            encoded = self.delta.encode_now(idx, raw, hints, dependent=self.copy_name)
-        except Exception:
-            # A delta bug must cost ratio, never the chunk: keep the keyframe.
-            stats.codec_failures += 1
-            log.exception("%s: delta encoding of chunk %d after close failed; keeping the keyframe",
-                          container.path, idx)
-            return None
-        if encoded is None:
-            return None
-        stats.count_codec("encode", "delta", len(raw), len(encoded.params) + len(encoded.payload), 0.0)
-        return self.replacement(idx, head, record, encoded)
+        hints = self.file.coder.hints_for(idx, raw, effort=1)
+        encoded = guarded_delta(partial(self.delta.encode_now, idx, raw, hints, dependent=self.copy_name),
+                                self.file.engine.stats, container.path, idx, raw)
+        return None if encoded is None else self.replacement(idx, head, record, encoded)

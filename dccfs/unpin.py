@@ -18,9 +18,10 @@ import errno
 import logging
 import os
 import stat
+from functools import partial
 
 from dccfs import compaction
-from dccfs.chunkcoder import MAX_SNIFF_PREFIX
+from dccfs.chunkcoder import MAX_SNIFF_PREFIX, guarded_delta
 from dccfs.codecs.delta import CODEC_DELTA
 from dccfs.container import ChunkError, pread_exact
 from dccfs.delta import DELTA_LAYOUTS, DeltaWriter
@@ -34,12 +35,13 @@ log = logging.getLogger(__name__)
 MAX_SEARCHED = 256
 
 
-def _header_of(backing_root: str, rel: str) -> Header | None:
-    """The container header of the regular file at rel, reached through no symbolic link;
-    None for anything else (a FIFO would block the open, a symlink lead anywhere)."""
+def _header_of(backing_root: str, real_root: str, rel: str) -> Header | None:
+    """The container header of the regular file at rel, reached through no symbolic link (its
+    real path is real_root, the backing root's, joined with rel); None for anything else (a
+    FIFO would block the open, a symlink lead anywhere)."""
     full = os.path.join(backing_root, rel)
     try:
-        if os.path.realpath(full) != os.path.join(os.path.realpath(backing_root), os.path.normpath(rel)):
+        if os.path.realpath(full) != os.path.join(real_root, os.path.normpath(rel)):
             return None
         if not stat.S_ISREG(os.lstat(full).st_mode):
             return None
@@ -83,8 +85,9 @@ def find_dependent(backing_root: str, name: str, hint: str) -> tuple[str, bool] 
         if not directory:
             break
     later = None
+    real_root = os.path.realpath(backing_root)
     for rel in dict.fromkeys(candidates):
-        header = _header_of(backing_root, rel)
+        header = _header_of(backing_root, real_root, rel)
         if header is None or header.file_id.hex() != file_id_hex:
             continue
         if header_name(header) == name:
@@ -180,18 +183,10 @@ class UnpinRewriter(compaction.RecordRewriter):
     def _encode(self, idx: int, raw: bytes):
         hints = self.file.coder.hints_for(idx, raw, effort=1)
         if self.delta is not None:
-            try:
-                encoded = self.delta.encode_now(idx, raw, hints, dependent=self.copy_name)
-            except Exception:
-                # A delta bug must cost ratio, never the chunk: a keyframe.
-                self.file.engine.stats.codec_failures += 1
-                log.exception("%s: delta encoding of chunk %d against a newer base failed; storing "
-                              "a keyframe", self.file.container.path, idx)
-                encoded = None
+            encoded = guarded_delta(partial(self.delta.encode_now, idx, raw, hints, dependent=self.copy_name),
+                                    self.file.engine.stats, self.file.container.path, idx, raw)
             if encoded is not None:
                 self.rebased += 1
-                self.file.engine.stats.count_codec("encode", "delta", len(raw),
-                                                   len(encoded.params) + len(encoded.payload), 0.0)
                 return encoded, checksum64(raw)
         return self.file.engine.encode(raw, hints)
 
