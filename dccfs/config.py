@@ -171,8 +171,9 @@ def check_chunk_size(value, where: str) -> int:
     return size
 
 
-def check_cache_value(key: str, value, where: str):
-    """Validate one [cache] key; shared by the config file and `dccfs tune`."""
+def check_cache_value(key: str, value, where: str, from_text: bool = False):
+    """Validate one [cache] key; shared by the config file and `dccfs tune`, whose values arrive as
+    text (from_text: "8" is a number there, while a config file spells numbers without quotes)."""
     if key == "policy":
         if value not in POLICY_CHOICES:
             raise ConfigError(f"{where}: policy {toml_text(value)} is not one of {', '.join(POLICY_CHOICES)}")
@@ -183,7 +184,7 @@ def check_cache_value(key: str, value, where: str):
             raise ConfigError(f"{where}: dirty_bytes must be at least 4MiB, got {toml_text(value)}")
         return size
     if key == "readahead_chunks":
-        if isinstance(value, str) and value.isdigit():
+        if from_text and isinstance(value, str) and value.isdigit():
             value = int(value)
         if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 256:
             raise ConfigError(f"{where}: readahead_chunks must be an integer 0..256, got {toml_text(value)}")
@@ -195,6 +196,27 @@ def check_cache_value(key: str, value, where: str):
     raise ConfigError(f"{where}: unknown key {toml_text(key)} (valid keys: {', '.join(sorted(_CACHE_KEYS))})")
 
 
+def _check_brackets(glob: str, where: str) -> None:
+    """ConfigError for a '[' that fnmatch would match literally (never closed) or a ']' outside a set:
+    both are typos far more often than file names, and the rule would then quietly match nothing."""
+    i = 0
+    while i < len(glob):
+        if glob[i] == "[":
+            # As fnmatch reads a set: an optional '!', then a ']' right at the start is a member.
+            j = i + 1 + (glob[i + 1:i + 2] == "!")
+            j += glob[j:j + 1] == "]"
+            close = glob.find("]", j)
+            if close < 0:
+                raise ConfigError(f"{where}: glob {toml_text(glob)} has unbalanced brackets: the '[' at "
+                                  f"position {i} is never closed")
+            i = close + 1
+        elif glob[i] == "]":
+            raise ConfigError(f"{where}: glob {toml_text(glob)} has unbalanced brackets: the ']' at position "
+                              f"{i} closes no '[' (a literal ']' is written '[]]')")
+        else:
+            i += 1
+
+
 def _parse_rule(table, where: str) -> Rule:
     if not isinstance(table, dict):
         raise ConfigError(f"{where}: expected a table")
@@ -202,8 +224,7 @@ def _parse_rule(table, where: str) -> Rule:
     glob = table.get("glob")
     if not isinstance(glob, str) or not glob:
         raise ConfigError(f"{where}: 'glob' is required and must be a non-empty string")
-    if glob.count("[") != glob.count("]"):
-        raise ConfigError(f"{where}: glob {toml_text(glob)} has unbalanced brackets")
+    _check_brackets(glob, where)
     codec = table.get("codec", "auto")
     if codec not in CODEC_CHOICES:
         raise ConfigError(f"{where}: codec {toml_text(codec)} is not one of {', '.join(CODEC_CHOICES)}")

@@ -293,7 +293,7 @@ class ControlServer:
         unknown = [k for k in changes if k not in TUNABLE]
         if unknown:
             raise ConfigError(f"unknown key {unknown[0]!r} (tunable: {', '.join(TUNABLE)})")
-        checked = {k: check_cache_value(k, v, f"tune {k}") for k, v in changes.items() if k != "trace"}
+        checked = {k: check_cache_value(k, v, f"tune {k}", from_text=True) for k, v in changes.items() if k != "trace"}
         engine = self.engine
         cache = engine.config.cache
         new_cache = replace(cache, **checked)

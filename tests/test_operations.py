@@ -57,6 +57,9 @@ def test_sizes_and_config_errors(tmp_path):
         "[cache]\nt0_bytes = '12 parsecs'\n": "is not a size",
         "bogus = 1\n": 'unknown key "bogus"',
         "[[rule]]\nglob = 'a[b'\n": "unbalanced brackets",
+        "[[rule]]\nglob = ']abc['\n": "the ']' at position 0 closes no '['",  # counts matched: was accepted
+        "[[rule]]\nglob = '*.[!]'\n": "the '[' at position 2 is never closed",
+        "[cache]\nreadahead_chunks = '8'\n": 'readahead_chunks must be an integer 0..256, got "8"',  # was 8
         "chunk_size = '100KiB'\n": "power of two",
         "[cache]\ncolour = 'red'\n": 'unknown key "colour"',
         "not toml [": "not valid TOML",
@@ -79,9 +82,11 @@ def test_sizes_and_config_errors(tmp_path):
             load_config(path)
         assert message in str(exc.value) and str(path) in str(exc.value)
     path = tmp_path / "ok.toml"
-    path.write_text("[cache]\npolicy='arc'\nt0_bytes='64MiB'\n[[rule]]\nglob='*.log'\ncodec='lz4'\n")
+    path.write_text("[cache]\npolicy='arc'\nt0_bytes='64MiB'\n[[rule]]\nglob='*.log'\ncodec='lz4'\n"
+                    "[[rule]]\nglob='*.[ch]'\ncodec='zstd'\n[[rule]]\nglob='[]]x[!]]'\ncodec='store'\n")
     config = load_config(path)
     assert config.cache.policy == "arc" and config.rule_for("x/y.log").codec == "lz4"
+    assert config.rule_for("src/a.h").codec == "zstd" and config.rule_for("]xy").codec == "store"
 
 
 def test_fstab_option_translation():
