@@ -83,15 +83,16 @@ def umount(mountpoint, lazy):
 
 
 def _control(mountpoint: str, payload: dict) -> dict:
-    from dccfs.control import request
-    from dccfs.mount import mounted_fuse_targets
-    import os
-    target = os.path.realpath(mountpoint)
-    entry = mounted_fuse_targets().get(target)
-    if entry is None or entry[1] != "fuse.dccfs":
+    from dccfs.control import mount_socket_path, request
+    from dccfs.mount import find_mount
+    entry = find_mount(mountpoint)
+    if entry is None or entry.fstype != "fuse.dccfs":
         _fail(f"{mountpoint} is not a dccfs mount")
     try:
-        reply = request(target, payload)
+        reply = request(entry.mountpoint, payload, path=mount_socket_path(entry.mountpoint, entry.owner_uid))
+    except TimeoutError:
+        _fail(f"the daemon of {mountpoint} has not answered (stopped or hung; `dccfs umount --lazy "
+              f"{mountpoint}` detaches the mount)")
     except OSError as exc:
         _fail(f"cannot reach the daemon of {mountpoint}: {exc.strerror or exc} (if it died: "
               f"dccfs umount {mountpoint}, then mount it again)")

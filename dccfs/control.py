@@ -57,9 +57,9 @@ def trusted_socket_dir(directory: str, owner: int) -> bool:
 def socket_path(mountpoint: str, for_server: bool = False) -> str:
     """One socket per mount, named by the mountpoint, so it is found from the mountpoint alone
     and several nodes can share a backing directory. Root finds a user's mount too."""
-    tag = hashlib.sha1(os.path.realpath(mountpoint).encode()).hexdigest()[:16]
-    uid = os.getuid()
     if for_server:
+        tag = _socket_tag(os.path.realpath(mountpoint))
+        uid = os.getuid()
         for directory in _socket_dirs():
             try:
                 os.makedirs(directory, mode=0o755 if directory.startswith("/run/") else 0o700, exist_ok=True)
@@ -72,14 +72,24 @@ def socket_path(mountpoint: str, for_server: bool = False) -> str:
             if os.access(directory, os.W_OK):
                 return os.path.join(directory, f"{tag}.sock")
         raise OSError(f"no writable directory for the control socket among {_socket_dirs()}")
-    candidates = [(d, uid) for d in _socket_dirs()]
-    if uid == 0:
+    mount_uid = None
+    if os.getuid() == 0:
         try:
             mount_uid = os.stat(mountpoint).st_uid
         except OSError:
-            mount_uid = None  # a mount whose daemon died (ENOTCONN): no socket to find anyway
-        if mount_uid is not None:
-            candidates.append((USER_SOCKET_DIR.format(uid=mount_uid), mount_uid))
+            pass  # a mount whose daemon died (ENOTCONN): no socket to find anyway
+    return mount_socket_path(os.path.realpath(mountpoint), mount_uid)
+
+
+def mount_socket_path(target: str, owner_uid: int | None) -> str:
+    """The client's socket path for the mount at target, a path as the kernel's mount table
+    gives it, of a mount owned by owner_uid: no stat of the mountpoint, which never returns
+    while the mount's daemon hangs (`dccfs umount` must not hang with it)."""
+    tag = _socket_tag(target)
+    uid = os.getuid()
+    candidates = [(d, uid) for d in _socket_dirs()]
+    if uid == 0 and owner_uid is not None:
+        candidates.append((USER_SOCKET_DIR.format(uid=owner_uid), owner_uid))
     for directory, owner in candidates:
         path = os.path.join(directory, f"{tag}.sock")
         if os.path.exists(path) and trusted_socket_dir(directory, owner):
@@ -87,9 +97,13 @@ def socket_path(mountpoint: str, for_server: bool = False) -> str:
     return os.path.join(_socket_dirs()[0], f"{tag}.sock")
 
 
-def peer_pid(mountpoint: str) -> int | None:
-    """The pid of the process serving mountpoint's control socket, or None."""
-    path = socket_path(mountpoint)
+def _socket_tag(target: str) -> str:
+    return hashlib.sha1(target.encode()).hexdigest()[:16]
+
+
+def peer_pid(path: str) -> int | None:
+    """The pid of the process listening on the control socket at path, or None. The kernel
+    completes a connection to a stopped or hung daemon's socket too (its listen backlog)."""
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.settimeout(5)
@@ -352,11 +366,13 @@ def _trace_off(target: str) -> bool:
     return target in ("off", "", "none")
 
 
-def request(mountpoint: str, payload: dict, timeout: float = 10.0) -> dict:
-    """Client side: send one request to the daemon serving mountpoint."""
+def request(mountpoint: str, payload: dict, timeout: float = 10.0, path: str | None = None) -> dict:
+    """Client side: send one request to the daemon serving mountpoint (at the socket path, when
+    the caller found it already). TimeoutError when the daemon sends nothing for timeout seconds."""
     deadline = time.monotonic() + STARTUP_WAIT_S
+    fixed_path = path
     while True:
-        path = socket_path(mountpoint)
+        path = fixed_path or socket_path(mountpoint)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.settimeout(timeout)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import trio
 
 from dccfs.config import Config
-from dccfs.mountinfo import read_mountinfo
+from dccfs.mountinfo import MountEntry, read_mountinfo
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +28,8 @@ DEFAULT_LOG = "dccfs.log"
 # Options dccfs sets itself; -o may add allow_other and others.
 BASE_FUSE_OPTIONS = ("default_permissions",)
 UMOUNT_WAIT_S = 120
+# How long `dccfs umount` waits for the daemon to answer before it calls it stopped or hung.
+ANSWER_WAIT_S = 10.0
 
 
 class MountError(Exception):
@@ -268,18 +270,42 @@ def run_mount(req: MountRequest) -> int:
     return 0
 
 
+def find_mount(mountpoint: str) -> MountEntry | None:
+    """The mount table's entry for mountpoint. Looked up by its absolute path first: a realpath
+    stats the mountpoint, which blocks for good on a mount whose daemon hangs."""
+    entries = {e.mountpoint: e for e in read_mountinfo()}
+    entry = entries.get(os.path.abspath(mountpoint))
+    return entry if entry is not None else entries.get(os.path.realpath(mountpoint))
+
+
 def daemon_pid(mountpoint: str) -> int | None:
     """The pid of the daemon serving mountpoint: the peer of its control socket, exact per
     mount (in --shared mode every node's daemon writes the backing directory's one pid
     file), else that pid file."""
-    entry = mounted_fuse_targets().get(os.path.realpath(mountpoint))
+    entry = find_mount(mountpoint)
     if entry is None:
         return None
-    from dccfs.control import peer_pid
-    pid = peer_pid(os.path.realpath(mountpoint))
-    if pid is not None:
-        return pid
-    return pid_file_pid(entry[0])
+    from dccfs.control import mount_socket_path, peer_pid
+    pid = peer_pid(mount_socket_path(entry.mountpoint, entry.owner_uid))
+    return pid if pid is not None else pid_file_pid(entry.source)
+
+
+def _check_answers(mountpoint: str, entry: MountEntry, pid: int | None) -> None:
+    """MountError for a daemon that does not answer its control socket (stopped or hung): a plain
+    unmount waits for the daemon to commit, which it never would. A socket that is not there
+    (a daemon that died, or is still starting) is no reason to refuse."""
+    from dccfs.control import mount_socket_path, request
+    try:
+        request(entry.mountpoint, {"cmd": "stats"}, timeout=ANSWER_WAIT_S,
+                path=mount_socket_path(entry.mountpoint, entry.owner_uid))
+    except TimeoutError:
+        who = f"daemon pid {pid}" if pid is not None else "daemon"
+        raise MountError(f"cannot unmount {mountpoint}: its {who} has not answered for {ANSWER_WAIT_S:g}s "
+                         f"(stopped or hung), so it would never commit; nothing was unmounted. "
+                         f"`dccfs umount --lazy {mountpoint}` detaches the mount now; writes the daemon "
+                         f"has not committed are lost if it never resumes") from None
+    except (OSError, ValueError):
+        pass
 
 
 def pid_file_pid(backing: str) -> int | None:
@@ -306,18 +332,18 @@ def _exited(pid: int) -> bool:
 
 
 def run_umount(mountpoint: str, lazy: bool = False) -> None:
-    targets = mounted_fuse_targets()
-    # realpath stats the mountpoint, which blocks for good on a mount whose daemon hangs
-    target = os.path.abspath(mountpoint)
-    if target not in targets:
-        target = os.path.realpath(mountpoint)
-    entry = targets.get(target)
-    if entry is None or entry[1] != "fuse.dccfs":
+    entry = find_mount(mountpoint)
+    if entry is None or entry.fstype != "fuse.dccfs":
         # as stats and tune: another FUSE filesystem's daemon is not ours to wait for
         raise MountError(f"{mountpoint} is not a dccfs mount")
-    # --lazy is the way out of a hung daemon, which would not answer on its control socket
-    # (and finding the socket stats the mountpoint): the pid file names the daemon instead.
-    pid = pid_file_pid(entry[0]) if lazy else daemon_pid(target)
+    target = entry.mountpoint
+    # --lazy is the way out of a hung daemon, which would not answer on its control socket:
+    # the pid file names the daemon instead.
+    if lazy:
+        pid = pid_file_pid(entry.source)
+    else:
+        pid = daemon_pid(target)
+        _check_answers(mountpoint, entry, pid)
     args = ["fusermount3", "-u"] + (["-z"] if lazy else []) + [target]
     try:
         result = subprocess.run(args, capture_output=True, text=True)

@@ -13,6 +13,9 @@ class MountEntry(NamedTuple):
     fstype: str
     source: str
     device: str  # major:minor, which names the mount's bdi in /sys/class/bdi
+    # A FUSE mount's owner (its user_id= option): known without a stat of the mountpoint,
+    # which never returns while the mount's daemon hangs.
+    owner_uid: int | None = None
 
 
 def unescape(field: str) -> str:
@@ -28,6 +31,8 @@ def read_mountinfo(path: str = "/proc/self/mountinfo") -> list[MountEntry]:
             left, right = line.rstrip("\n").split(" - ", 1)
             fields = left.split()
             # An empty source is printed as nothing between two spaces.
-            fstype, source = right.split(" ", 2)[:2]
-            out.append(MountEntry(unescape(fields[4]), unescape(fstype), unescape(source), fields[2]))
+            fstype, source, *rest = right.split(" ", 2)
+            owner = next((o[8:] for o in rest[0].split(",") if o.startswith("user_id=")), "") if rest else ""
+            out.append(MountEntry(unescape(fields[4]), unescape(fstype), unescape(source), fields[2],
+                                  int(owner) if owner.isdigit() else None))
     return out

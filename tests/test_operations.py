@@ -326,7 +326,7 @@ def test_mountinfo_paths_are_unescaped(tmp_path):
     table = tmp_path / "mountinfo"
     table.write_bytes(b"36 35 0:52 / /tmp/a\\040b\\011c\\134d rw,nosuid - fuse.dccfs /x\\040y rw,user_id=0\n"
                       b"37 35 0:53 / /tmp/\xff rw shared:1 - tmpfs  rw\n")
-    assert read_mountinfo(str(table)) == [MountEntry("/tmp/a b\tc\\d", "fuse.dccfs", "/x y", "0:52"),
+    assert read_mountinfo(str(table)) == [MountEntry("/tmp/a b\tc\\d", "fuse.dccfs", "/x y", "0:52", 0),
                                           MountEntry(os.fsdecode(b"/tmp/\xff"), "tmpfs", "", "0:53")]
 
 

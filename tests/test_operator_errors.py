@@ -102,6 +102,44 @@ def test_stats_files_names_a_missing_or_outside_path(mounted, tmp_path):
 
 
 @pytest.mark.mount
+def test_a_plain_umount_of_a_stopped_daemon_fails_at_once_and_keeps_the_mount(make_mount):
+    """A plain `dccfs umount` (and stats) of a daemon that no longer answers used to stat the
+    mountpoint and hang with it, beyond Ctrl-C. Now each says so within its wait, names --lazy, and
+    unmounts nothing; once the daemon resumes, a plain umount commits and ends it."""
+    from dccfs.mountinfo import read_mountinfo
+
+    mount = make_mount("p")
+    (mount.mnt / "f").write_bytes(b"kept")
+    time.sleep(1.5)  # past the kernel's attribute cache of the mount's root: a stat now asks the daemon
+    os.kill(mount.pid, signal.SIGSTOP)  # our own daemon
+    try:
+        clients = [subprocess.Popen([sys.executable, "-m", "dccfs.cli", cmd, str(mount.mnt)],
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                   for cmd in ("umount", "stats")]
+        try:
+            results = [(c.communicate(timeout=60), c.returncode) for c in clients]
+        finally:
+            for c in clients:
+                if c.poll() is None:
+                    c.kill()  # hung in the kernel: SIGKILL still ends it
+                    c.wait()
+        still_mounted = any(e.mountpoint == str(mount.mnt) for e in read_mountinfo())
+    finally:
+        os.kill(mount.pid, signal.SIGCONT)
+    (_, umount_err), umount_rc = results[0]
+    (_, stats_err), stats_rc = results[1]
+    assert umount_rc == 1 and "has not answered" in umount_err and "nothing was unmounted" in umount_err \
+        and f"dccfs umount --lazy {mount.mnt}" in umount_err, umount_err
+    assert stats_rc == 1 and "has not answered" in stats_err, stats_err
+    assert still_mounted
+    assert (mount.mnt / "f").read_bytes() == b"kept"
+    done = dccfs("umount", str(mount.mnt))
+    assert done.returncode == 0, done.stderr
+    mount.proc.wait(60)
+    mount.proc = None
+
+
+@pytest.mark.mount
 def test_a_lazy_umount_detaches_a_mount_whose_daemon_hangs(make_mount):
     """`dccfs umount --lazy` is the way out of a daemon that no longer answers (stopped here with
     SIGSTOP): it used to stat the mountpoint first (realpath, then the control socket's owner)
