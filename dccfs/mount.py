@@ -337,12 +337,11 @@ def run_umount(mountpoint: str, lazy: bool = False) -> None:
         # as stats and tune: another FUSE filesystem's daemon is not ours to wait for
         raise MountError(f"{mountpoint} is not a dccfs mount")
     target = entry.mountpoint
-    # --lazy is the way out of a hung daemon, which would not answer on its control socket:
-    # the pid file names the daemon instead.
-    if lazy:
-        pid = pid_file_pid(entry.source)
-    else:
-        pid = daemon_pid(target)
+    # Finding the pid touches nothing under the mountpoint (the kernel names a stopped daemon's
+    # socket's listener too), so --lazy finds this mount's own daemon, not the pid file's (with
+    # --shared, any node's).
+    pid = daemon_pid(target)
+    if not lazy:
         _check_answers(mountpoint, entry, pid)
     args = ["fusermount3", "-u"] + (["-z"] if lazy else []) + [target]
     try:
