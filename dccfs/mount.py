@@ -49,19 +49,13 @@ class MountRequest:
     trace: str | None = None
 
 
-def mounted_fuse_targets() -> dict[str, tuple[str, str]]:
-    """mountpoint -> (source, fstype) for every FUSE mount, from /proc/self/mountinfo."""
-    return {e.mountpoint: (e.source, e.fstype) for e in read_mountinfo()}
-
-
 def preflight(req: MountRequest) -> None:
     if not os.path.isdir(req.backing):
         what = "does not exist" if not os.path.exists(req.backing) else "is not a directory"
         raise MountError(f"backing directory {req.backing} {what}")
     # Before any stat of the mountpoint: a mount whose daemon died answers ENOTCONN, and one
     # whose daemon hangs blocks the stat.
-    targets = mounted_fuse_targets()
-    if os.path.abspath(req.mountpoint) in targets or os.path.realpath(req.mountpoint) in targets:
+    if find_mount(req.mountpoint) is not None:
         raise MountError(f"{req.mountpoint} is already a mount point; unmount it first "
                          f"(dccfs umount {req.mountpoint}; a mount whose daemon died too)")
     try:
@@ -283,29 +277,30 @@ def daemon_pid(mountpoint: str) -> int | None:
     mount (in --shared mode every node's daemon writes the backing directory's one pid
     file), else that pid file."""
     entry = find_mount(mountpoint)
-    if entry is None:
-        return None
+    return None if entry is None else _socket_pid(entry) or pid_file_pid(entry.source)
+
+
+def _socket_pid(entry: MountEntry) -> int | None:
+    """The pid listening on the mount's control socket; found without a stat under the
+    mountpoint, and the kernel names a stopped or hung daemon too."""
     from dccfs.control import mount_socket_path, peer_pid
-    pid = peer_pid(mount_socket_path(entry.mountpoint, entry.owner_uid))
-    return pid if pid is not None else pid_file_pid(entry.source)
+    return peer_pid(mount_socket_path(entry.mountpoint, entry.owner_uid))
 
 
-def _check_answers(mountpoint: str, entry: MountEntry, pid: int | None) -> None:
-    """MountError for a daemon that does not answer its control socket (stopped or hung): a plain
-    unmount waits for the daemon to commit, which it never would. A socket that is not there
-    (a daemon that died, or is still starting) is no reason to refuse."""
+def _check_answers(mountpoint: str, entry: MountEntry, pid: int) -> None:
+    """MountError for a daemon that listens on its control socket but does not answer (stopped
+    or hung): a plain unmount waits for the daemon to commit, which it never would."""
     from dccfs.control import mount_socket_path, request
     try:
         request(entry.mountpoint, {"cmd": "stats"}, timeout=ANSWER_WAIT_S,
                 path=mount_socket_path(entry.mountpoint, entry.owner_uid))
     except TimeoutError:
-        who = f"daemon pid {pid}" if pid is not None else "daemon"
-        raise MountError(f"cannot unmount {mountpoint}: its {who} has not answered for {ANSWER_WAIT_S:g}s "
-                         f"(stopped or hung), so it would never commit; nothing was unmounted. "
-                         f"`dccfs umount --lazy {mountpoint}` detaches the mount now; writes the daemon "
-                         f"has not committed are lost if it never resumes") from None
+        raise MountError(f"cannot unmount {mountpoint}: its daemon (pid {pid}) has not answered for "
+                         f"{ANSWER_WAIT_S:g}s (stopped or hung), so it would never commit; nothing was "
+                         f"unmounted. `dccfs umount --lazy {mountpoint}` detaches the mount now; writes "
+                         f"the daemon has not committed are lost if it never resumes") from None
     except (OSError, ValueError):
-        pass
+        pass  # gone since (it exits at the unmount anyway), or a daemon that answers otherwise
 
 
 def pid_file_pid(backing: str) -> int | None:
@@ -337,12 +332,13 @@ def run_umount(mountpoint: str, lazy: bool = False) -> None:
         # as stats and tune: another FUSE filesystem's daemon is not ours to wait for
         raise MountError(f"{mountpoint} is not a dccfs mount")
     target = entry.mountpoint
-    # Finding the pid touches nothing under the mountpoint (the kernel names a stopped daemon's
-    # socket's listener too), so --lazy finds this mount's own daemon, not the pid file's (with
-    # --shared, any node's).
-    pid = daemon_pid(target)
-    if not lazy:
+    # The socket names this mount's own daemon, also for --lazy (the pid file is any node's with
+    # --shared); no listener: the daemon died, and there is nothing to ask.
+    pid = _socket_pid(entry)
+    if pid is not None and not lazy:
         _check_answers(mountpoint, entry, pid)
+    elif pid is None:
+        pid = pid_file_pid(entry.source)
     args = ["fusermount3", "-u"] + (["-z"] if lazy else []) + [target]
     try:
         result = subprocess.run(args, capture_output=True, text=True)

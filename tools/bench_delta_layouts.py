@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -19,6 +20,9 @@ from bench_common import REPO, fusermount_unmount, wait_until_settled  # noqa: E
 log = logging.getLogger("dccfs.bench_delta_layouts")
 DCCFS = [sys.executable, "-m", "dccfs.cli"]
 CONFIGS = {"keyframes": "delta = false\n", "default": ""}
+# --timed-saves: what storing a dependent again after its base's deletion (dccfs/unpin.py) costs
+# the saves that follow it, against the same flow with that rewrite off.
+TIMED_CONFIGS = {"no-unpin": "delta_unpin_rewrite = false\n", "default": ""}
 
 
 def _torch_save(obj, path: Path) -> None:
@@ -121,23 +125,33 @@ def backing_bytes(backing: Path) -> int:
     return sum(seen.values())
 
 
-def run_flow(name: str, config: str, states: list[dict], work: Path, reference: dict[str, str]) -> dict:
+def run_flow(name: str, config: str, states: list[dict], work: Path, reference: dict[str, str],
+             configs: dict[str, str], gap_s: float | None = None) -> dict:
+    """One fresh mount: the flow's saves in order, each timed (the save and its closes; the mount
+    commits at close). After each save: wait until the passes after close are done, or, with
+    gap_s, that many seconds (a training step's time), whatever runs in the background."""
     base = work / f"{name}-{config}"
     shutil.rmtree(base, ignore_errors=True)
     backing, mnt = base / "backing", base / "mnt"
     backing.mkdir(parents=True)
     mnt.mkdir()
     config_file = base / "config.toml"
-    config_file.write_text(CONFIGS[config])
+    config_file.write_text(configs[config])
     subprocess.run([*DCCFS, "mount", "-c", str(config_file), str(backing), str(mnt)], check=True)
     try:
         run, kept = mnt / "run", []
         run.mkdir()
-        steps = []
+        steps, seconds = [], []
         for n, state in enumerate(states):
+            started = time.perf_counter()
             FLOWS[name](run, n, state, kept)
-            wait_until_settled(backing, lambda: backing_bytes(backing))
+            seconds.append(time.perf_counter() - started)
+            if gap_s is None:
+                wait_until_settled(backing, lambda: backing_bytes(backing))
+            else:
+                time.sleep(gap_s)
             steps.append(backing_bytes(backing))
+        wait_until_settled(backing, lambda: backing_bytes(backing))
         sizes = {str(p.relative_to(run)): (p.stat().st_size, (backing / "run" / p.relative_to(run)).stat().st_size)
                  for p in run.rglob("*") if p.is_file()}
         logical = sum(n for n, _ in sizes.values())
@@ -148,7 +162,7 @@ def run_flow(name: str, config: str, states: list[dict], work: Path, reference: 
         subprocess.run([*DCCFS, "umount", str(mnt)], capture_output=True)
         fusermount_unmount(mnt)
     return {"logical": logical, "backing": backing_bytes(backing), "steps": steps, "exact": exact,
-            "visible": backing_bytes(backing / "run")}
+            "visible": backing_bytes(backing / "run"), "seconds": seconds}
 
 
 def main() -> int:
@@ -158,6 +172,11 @@ def main() -> int:
     parser.add_argument("--flows", default=",".join(FLOWS), help=f"any of {', '.join(FLOWS)} (default: all)")
     parser.add_argument("--steps", default="10,20,30",
                         help="steps of the corpus' fine-tuning series saved in order (default: 10,20,30)")
+    parser.add_argument("--timed-saves", type=float, metavar="GAP_S",
+                        help="instead: save each step GAP_S seconds after the last returned (0: back to back), "
+                             "whatever runs in the background, and compare the save times with the rewrite "
+                             "after a base's deletion on and off; give more steps than three, e.g. --steps "
+                             "10,20,30,10,20,30 (a repeated step is saved as a new one)")
     parser.add_argument("--keep", action="store_true",
                         help="keep each flow's backing directory (and its .dccfs/dccfs.log) under --workdir")
     args = parser.parse_args()
@@ -167,7 +186,13 @@ def main() -> int:
     if not all(f.exists() for f in files):
         raise SystemExit(f"{files[0].parent} lacks the series: python ../shared/corpus/build_corpus.py "
                          f"{args.corpus} --checkpoints")
-    states = [torch.load(str(f), weights_only=False) for f in files]
+    loaded = {f: torch.load(str(f), weights_only=False) for f in dict.fromkeys(files)}
+    states = [loaded[f] for f in files]
+    if len(loaded) < len(files):  # a repeated step is saved as a new one (its own checkpoint-S/)
+        states = [dict(state, step=10 * (i + 1)) for i, state in enumerate(states)]
+    if args.timed_saves is not None and args.timed_saves < 0:
+        parser.error("--timed-saves: GAP_S must be 0 or more")
+    configs = TIMED_CONFIGS if args.timed_saves is not None else CONFIGS
     rows = []
     for name in args.flows.split(","):
         if name not in FLOWS:
@@ -180,11 +205,25 @@ def main() -> int:
             FLOWS[name](ref_dir / "run", n, state, kept)
         reference = tree_digests(ref_dir / "run")
         shutil.rmtree(ref_dir)
-        results = {config: run_flow(name, config, states, args.workdir, reference) for config in CONFIGS}
-        for config in CONFIGS if not args.keep else ():
+        results = {config: run_flow(name, config, states, args.workdir, reference, configs,
+                                    gap_s=args.timed_saves) for config in configs}
+        for config in configs if not args.keep else ():
             shutil.rmtree(args.workdir / f"{name}-{config}", ignore_errors=True)
         rows.append((name, results))
     out = sys.stdout
+    if args.timed_saves is not None:
+        out.write(f"\n{len(states)} steps saved {args.timed_saves:g} s apart, one fresh mount per flow and "
+                  "configuration; seconds per save (its files written and closed), the rewrite after a base's "
+                  "deletion off and on (the default)\n")
+        out.write("| flow | seconds per save, rewrite off | seconds per save, default | total default/off | "
+                  "backing default/off, settled | bit-exact |\n|---|---|---|---|---|---|\n")
+        for name, res in rows:
+            off, on = res["no-unpin"], res["default"]
+            out.write(f"| {name} | {' '.join(f'{t:.2f}' for t in off['seconds'])} | "
+                      f"{' '.join(f'{t:.2f}' for t in on['seconds'])} | "
+                      f"{sum(on['seconds']) / sum(off['seconds']):.2f} | {on['backing'] / off['backing']:.3f} | "
+                      f"{off['exact'] and on['exact']} |\n")
+        return 0
     out.write(f"\n{len(states)} steps of {files[0].parent.name}/minilm_ft_step*.pt (model + AdamW state) saved "
               "as each framework does, one fresh mount per flow and configuration; backing = every byte the "
               "backing directory holds (pins included, hard links once), after the passes after close\n")
