@@ -75,7 +75,8 @@ def mount(backing, mountpoint, foreground, config_path, options, log_file, share
               "hangs (default: off).")
 def umount(mountpoint, lazy):
     """Unmount MOUNTPOINT after every open file is committed; waits for the daemon to finish."""
-    from dccfs.mount import MountError, run_umount
+    from dccfs.mount import MountError
+    from dccfs.umount import run_umount
     try:
         run_umount(mountpoint, lazy)
     except MountError as exc:
@@ -83,16 +84,19 @@ def umount(mountpoint, lazy):
 
 
 def _control(mountpoint: str, payload: dict) -> dict:
-    from dccfs.control import mount_socket_path, request
-    from dccfs.mount import find_mount
+    import shlex
+    from dccfs.control import request
+    from dccfs.mountinfo import find_mount
+    from dccfs.umount import serving_entry, socket_locator
     entry = find_mount(mountpoint)
     if entry is None or entry.fstype != "fuse.dccfs":
         _fail(f"{mountpoint} is not a dccfs mount")
+    serving = serving_entry(entry)
     try:
-        reply = request(entry.mountpoint, payload, path=mount_socket_path(entry.mountpoint, entry.owner_uid))
+        reply = request(serving.mountpoint, payload, locate=socket_locator(serving))
     except TimeoutError:
         _fail(f"the daemon of {mountpoint} has not answered (stopped or hung; `dccfs umount --lazy "
-              f"{mountpoint}` detaches the mount)")
+              f"{shlex.quote(mountpoint)}` detaches the mount)")
     except OSError as exc:
         _fail(f"cannot reach the daemon of {mountpoint}: {exc.strerror or exc} (if it died: "
               f"dccfs umount {mountpoint}, then mount it again)")

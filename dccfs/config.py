@@ -184,7 +184,7 @@ def check_cache_value(key: str, value, where: str, from_text: bool = False):
             raise ConfigError(f"{where}: dirty_bytes must be at least 4MiB, got {toml_text(value)}")
         return size
     if key == "readahead_chunks":
-        if from_text and isinstance(value, str) and value.isdigit():
+        if from_text and isinstance(value, str) and value.isascii() and value.isdigit():
             value = int(value)
         if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 256:
             raise ConfigError(f"{where}: readahead_chunks must be an integer 0..256, got {toml_text(value)}")
@@ -209,6 +209,11 @@ def _check_brackets(glob: str, where: str) -> None:
             if close < 0:
                 raise ConfigError(f"{where}: glob {toml_text(glob)} has unbalanced brackets: the '[' at "
                                   f"position {i} is never closed")
+            members = glob[i + 1 + (glob[i + 1:i + 2] == "!"):close]
+            for k in range(1, len(members) - 1):
+                if members[k] == "-" and members[k - 1] > members[k + 1]:
+                    raise ConfigError(f"{where}: glob {toml_text(glob)} has the empty range "
+                                      f"'{members[k - 1]}-{members[k + 1]}' (write it low to high)")
             i = close + 1
         elif glob[i] == "]":
             raise ConfigError(f"{where}: glob {toml_text(glob)} has unbalanced brackets: the ']' at position "

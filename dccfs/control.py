@@ -84,34 +84,34 @@ def socket_path(mountpoint: str, for_server: bool = False) -> str:
 def mount_socket_path(target: str, owner_uid: int | None) -> str:
     """The client's socket path for the mount at target, a path as the kernel's mount table
     gives it, of a mount owned by owner_uid: no stat of the mountpoint, which never returns
-    while the mount's daemon hangs (`dccfs umount` must not hang with it)."""
+    while the mount's daemon hangs (`dccfs umount` must not hang with it). The owner's daemon
+    chose the first of its directories it could write: root /run/dccfs, a user /tmp/dccfs-UID;
+    that one is looked at first, so a stale socket of an earlier mount elsewhere hides nothing."""
     tag = _socket_tag(target)
-    uid = os.getuid()
-    candidates = [(d, uid) for d in _socket_dirs()]
-    if uid == 0 and owner_uid is not None:
-        candidates.append((USER_SOCKET_DIR.format(uid=owner_uid), owner_uid))
-    for directory, owner in candidates:
+    owner = os.getuid() if owner_uid is None else owner_uid
+    directories = _socket_dirs(owner)
+    if owner != 0:
+        directories.reverse()
+    for directory in directories:
         path = os.path.join(directory, f"{tag}.sock")
         if os.path.exists(path) and trusted_socket_dir(directory, owner):
             return path
-    return os.path.join(_socket_dirs()[0], f"{tag}.sock")
+    return os.path.join(directories[0], f"{tag}.sock")
 
 
 def _socket_tag(target: str) -> str:
-    return hashlib.sha1(target.encode()).hexdigest()[:16]
+    return hashlib.sha1(os.fsencode(target)).hexdigest()[:16]
 
 
-def peer_pid(path: str) -> int | None:
-    """The pid of the process listening on the control socket at path, or None. The kernel
-    completes a connection to a stopped or hung daemon's socket too (its listen backlog)."""
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.settimeout(5)
-            sock.connect(path)
-            creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-            return struct.unpack("3i", creds)[0]
-    except OSError:
-        return None
+def peer_pid(path: str) -> int:
+    """The pid of the process listening on the control socket at path. The kernel completes a
+    connection to a stopped or hung daemon's socket too (its listen backlog), unless the backlog
+    is full: BlockingIOError. FileNotFoundError: no socket; ConnectionRefusedError: nobody listens."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(5)
+        sock.connect(path)
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        return struct.unpack("3i", creds)[0]
 
 
 def peer_uid(sock) -> int:
@@ -366,13 +366,13 @@ def _trace_off(target: str) -> bool:
     return target in ("off", "", "none")
 
 
-def request(mountpoint: str, payload: dict, timeout: float = 10.0, path: str | None = None) -> dict:
-    """Client side: send one request to the daemon serving mountpoint (at the socket path, when
-    the caller found it already). TimeoutError when the daemon sends nothing for timeout seconds."""
+def request(mountpoint: str, payload: dict, timeout: float = 10.0, locate=None) -> dict:
+    """Client side: send one request to the daemon serving mountpoint, whose socket path locate()
+    gives when the caller has a way without a stat of the mountpoint (dccfs.umount.socket_locator).
+    TimeoutError when the daemon sends nothing for timeout seconds."""
     deadline = time.monotonic() + STARTUP_WAIT_S
-    fixed_path = path
     while True:
-        path = fixed_path or socket_path(mountpoint)
+        path = locate() if locate is not None else socket_path(mountpoint)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.settimeout(timeout)

@@ -9,15 +9,13 @@ import os
 import resource
 import shutil
 import signal
-import subprocess
 import sys
-import time
 from dataclasses import dataclass
 
 import trio
 
 from dccfs.config import Config
-from dccfs.mountinfo import MountEntry, read_mountinfo
+from dccfs.mountinfo import find_mount
 
 log = logging.getLogger(__name__)
 
@@ -27,9 +25,6 @@ LOCK_FILE = "mount.lock"
 DEFAULT_LOG = "dccfs.log"
 # Options dccfs sets itself; -o may add allow_other and others.
 BASE_FUSE_OPTIONS = ("default_permissions",)
-UMOUNT_WAIT_S = 120
-# How long `dccfs umount` waits for the daemon to answer before it calls it stopped or hung.
-ANSWER_WAIT_S = 10.0
 
 
 class MountError(Exception):
@@ -262,102 +257,6 @@ def run_mount(req: MountRequest) -> int:
         os.close(lock_fd)
     log.info("unmounted %s", mountpoint)
     return 0
-
-
-def find_mount(mountpoint: str) -> MountEntry | None:
-    """The mount table's entry for mountpoint. Looked up by its absolute path first: a realpath
-    stats the mountpoint, which blocks for good on a mount whose daemon hangs."""
-    entries = {e.mountpoint: e for e in read_mountinfo()}
-    entry = entries.get(os.path.abspath(mountpoint))
-    return entry if entry is not None else entries.get(os.path.realpath(mountpoint))
-
-
-def daemon_pid(mountpoint: str) -> int | None:
-    """The pid of the daemon serving mountpoint: the peer of its control socket, exact per
-    mount (in --shared mode every node's daemon writes the backing directory's one pid
-    file), else that pid file."""
-    entry = find_mount(mountpoint)
-    return None if entry is None else _socket_pid(entry) or pid_file_pid(entry.source)
-
-
-def _socket_pid(entry: MountEntry) -> int | None:
-    """The pid listening on the mount's control socket; found without a stat under the
-    mountpoint, and the kernel names a stopped or hung daemon too."""
-    from dccfs.control import mount_socket_path, peer_pid
-    return peer_pid(mount_socket_path(entry.mountpoint, entry.owner_uid))
-
-
-def _check_answers(mountpoint: str, entry: MountEntry, pid: int) -> None:
-    """MountError for a daemon that listens on its control socket but does not answer (stopped
-    or hung): a plain unmount waits for the daemon to commit, which it never would."""
-    from dccfs.control import mount_socket_path, request
-    try:
-        request(entry.mountpoint, {"cmd": "stats"}, timeout=ANSWER_WAIT_S,
-                path=mount_socket_path(entry.mountpoint, entry.owner_uid))
-    except TimeoutError:
-        raise MountError(f"cannot unmount {mountpoint}: its daemon (pid {pid}) has not answered for "
-                         f"{ANSWER_WAIT_S:g}s (stopped or hung), so it would never commit; nothing was "
-                         f"unmounted. `dccfs umount --lazy {mountpoint}` detaches the mount now; writes "
-                         f"the daemon has not committed are lost if it never resumes") from None
-    except (OSError, ValueError):
-        pass  # gone since (it exits at the unmount anyway), or a daemon that answers otherwise
-
-
-def pid_file_pid(backing: str) -> int | None:
-    """The pid the last daemon to mount backing wrote (any node's, with --shared)."""
-    try:
-        with open(os.path.join(backing, STATE_DIR, PID_FILE)) as f:
-            return int(f.read().strip())
-    except (OSError, ValueError):
-        return None
-
-
-def _exited(pid: int) -> bool:
-    """Whether the daemon is gone. A foreground daemon whose parent has not reaped it yet is a
-    zombie that os.kill(pid, 0) still finds: it has finished all the same."""
-    try:
-        os.kill(pid, 0)
-    except (ProcessLookupError, PermissionError):
-        return True
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()[0] in (b"Z", b"X")
-    except (OSError, IndexError):
-        return True
-
-
-def run_umount(mountpoint: str, lazy: bool = False) -> None:
-    entry = find_mount(mountpoint)
-    if entry is None or entry.fstype != "fuse.dccfs":
-        # as stats and tune: another FUSE filesystem's daemon is not ours to wait for
-        raise MountError(f"{mountpoint} is not a dccfs mount")
-    target = entry.mountpoint
-    # The socket names this mount's own daemon, also for --lazy (the pid file is any node's with
-    # --shared); no listener: the daemon died, and there is nothing to ask.
-    pid = _socket_pid(entry)
-    if pid is not None and not lazy:
-        _check_answers(mountpoint, entry, pid)
-    elif pid is None:
-        pid = pid_file_pid(entry.source)
-    args = ["fusermount3", "-u"] + (["-z"] if lazy else []) + [target]
-    try:
-        result = subprocess.run(args, capture_output=True, text=True)
-    except FileNotFoundError:
-        raise MountError("fusermount3 is not installed (apt-get install fuse3)") from None
-    if result.returncode != 0:
-        reason = result.stderr.strip() or f"fusermount3 exited with {result.returncode}"
-        if "busy" in reason.lower():
-            reason += " (files are open on it: close them, or use --lazy)"
-        raise MountError(f"cannot unmount {mountpoint}: {reason}")
-    if pid is None:
-        return
-    deadline = time.monotonic() + UMOUNT_WAIT_S
-    while time.monotonic() < deadline:
-        if _exited(pid):
-            return
-        time.sleep(0.05)
-    raise MountError(f"unmounted {mountpoint}, but daemon pid {pid} is still flushing after "
-                     f"{UMOUNT_WAIT_S}s")
 
 
 def is_within(path: str, directory: str) -> bool:

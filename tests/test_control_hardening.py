@@ -188,3 +188,61 @@ def test_read_ahead_starts_again_after_a_rewind(mounted):
     finally:
         os.close(fd)
     assert counts[0] > 0 and counts[1] > 0, counts
+
+
+def test_a_user_mount_s_socket_is_looked_for_in_its_owner_s_directory_first(tmp_path):
+    """A stale socket in /run/dccfs (root's mount at the same path, killed) hid a user's live daemon
+    at /tmp/dccfs-UID: root's stats said "connection refused" and its umount skipped the daemon
+    (review J). The owner's own directory now comes first."""
+    from dccfs.control import mount_socket_path, _socket_tag
+    uid = 65534
+    user_dir = f"/tmp/dccfs-{uid}"
+    target = str(tmp_path / "m")
+    name = f"{_socket_tag(target)}.sock"
+    made_dir = not os.path.exists(user_dir)
+    stale, live = os.path.join("/run/dccfs", name), os.path.join(user_dir, name)
+    try:
+        os.makedirs("/run/dccfs", mode=0o755, exist_ok=True)
+        os.makedirs(user_dir, mode=0o700, exist_ok=True)
+        if made_dir:
+            os.chown(user_dir, uid, uid)
+        for path in (stale, live):
+            open(path, "w").close()  # only their presence counts here
+        assert mount_socket_path(target, uid) == live
+        assert mount_socket_path(target, 0) == stale
+    finally:
+        for path in (stale, live):
+            if os.path.exists(path):
+                os.unlink(path)
+        if made_dir:
+            os.rmdir(user_dir)
+
+
+def test_a_full_backlog_is_a_daemon_that_does_not_answer(tmp_path):
+    """A stopped daemon's listen backlog fills with the connections of earlier attempts; then a
+    connection times out. That read as "no daemon", and a plain umount went ahead (review J)."""
+    from dccfs.control import mount_socket_path
+    from dccfs.mountinfo import MountEntry
+    from dccfs.umount import probe
+    entry = MountEntry(str(tmp_path / "m"), "fuse.dccfs", str(tmp_path / "b"), "0:0", 0)
+    path = mount_socket_path(entry.mountpoint, 0)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    waiting = []
+    try:
+        listener.bind(path)
+        listener.listen(0)  # never accepts, as a stopped daemon
+        while True:
+            client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            client.setblocking(False)
+            waiting.append(client)
+            try:
+                client.connect(path)
+            except BlockingIOError:
+                break  # the backlog is full
+        assert probe(entry) == ("stuck", None)
+    finally:
+        for client in waiting:
+            client.close()
+        listener.close()
+        os.unlink(path)
+    assert probe(entry) == ("unknown", None)  # no socket at all

@@ -60,6 +60,7 @@ def test_sizes_and_config_errors(tmp_path):
         "[[rule]]\nglob = ']abc['\n": "the ']' at position 0 closes no '['",  # counts matched: was accepted
         "[[rule]]\nglob = '*.[!]'\n": "the '[' at position 2 is never closed",
         "[cache]\nreadahead_chunks = '8'\n": 'readahead_chunks must be an integer 0..256, got "8"',  # was 8
+        "[[rule]]\nglob = '[z-a]*.bin'\n": "the empty range 'z-a'",  # matched nothing
         "chunk_size = '100KiB'\n": "power of two",
         "[cache]\ncolour = 'red'\n": 'unknown key "colour"',
         "not toml [": "not valid TOML",
@@ -135,6 +136,9 @@ def test_stats_and_tune_on_a_live_mount(mounted):
     assert bad.returncode == 1 and "not one of" in bad.stderr
     bad = dccfs("tune", mounted.mnt, "colour=red")
     assert bad.returncode == 1 and "unknown key" in bad.stderr
+    for digits in ("\u0668", "\u00b2"):  # Arabic-Indic eight, superscript two: str.isdigit() took both
+        bad = dccfs("tune", mounted.mnt, f"readahead_chunks={digits}")
+        assert bad.returncode == 1 and "readahead_chunks must be an integer 0..256" in bad.stderr, bad.stderr
     bad = dccfs("tune", mounted.mnt, "t0_bytes=4KiB", "policy=lru")
     assert bad.returncode == 1 and "less than one chunk" in bad.stderr, bad.stderr
     assert json.loads(dccfs("stats", "--json", mounted.mnt).stdout)["cache"]["policy"] == "arc"
@@ -263,7 +267,7 @@ def test_relative_paths_of_a_daemonised_mount(tmp_path):
     resolved before it forks: the fsname was the relative backing path, so `dccfs umount`
     from another directory could not find the pid file and returned without waiting for
     the daemon's commit; the log and trace were written to /rel.log and /rel.trace."""
-    from dccfs.mount import daemon_pid
+    from dccfs.umount import daemon_pid
     (tmp_path / "b").mkdir()
     (tmp_path / "m").mkdir()
     result = dccfs("mount", "--log", "rel.log", "--trace", "rel.trace", "b", "m", cwd=tmp_path)
@@ -398,7 +402,7 @@ def test_metrics_address_errors_come_before_the_fork_and_state_files_are_not_wor
 def test_umount_takes_an_unreaped_daemon_for_exited():
     """A foreground daemon whose parent has not reaped it yet is a zombie, which os.kill(pid, 0)
     still finds; `dccfs umount` used to wait its full two minutes for it and fail (found by review)."""
-    from dccfs.mount import _exited
+    from dccfs.umount import _exited
     child = subprocess.Popen(["true"])
     try:
         deadline = time.monotonic() + 10

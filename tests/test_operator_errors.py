@@ -110,12 +110,14 @@ def test_a_plain_umount_of_a_stopped_daemon_fails_at_once_and_keeps_the_mount(ma
 
     mount = make_mount("p")
     (mount.mnt / "f").write_bytes(b"kept")
+    link = mount.mnt.parent / "link-to-mnt"
+    link.symlink_to(mount.mnt)  # a realpath of it lstats the mount's root (review J)
     time.sleep(1.5)  # past the kernel's attribute cache of the mount's root: a stat now asks the daemon
     os.kill(mount.pid, signal.SIGSTOP)  # our own daemon
     try:
-        clients = [subprocess.Popen([sys.executable, "-m", "dccfs.cli", cmd, str(mount.mnt)],
+        clients = [subprocess.Popen([sys.executable, "-m", "dccfs.cli", cmd, path],
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                   for cmd in ("umount", "stats")]
+                   for cmd, path in (("umount", str(mount.mnt)), ("stats", str(mount.mnt)), ("stats", str(link)))]
         try:
             results = [(c.communicate(timeout=60), c.returncode) for c in clients]
         finally:
@@ -127,16 +129,39 @@ def test_a_plain_umount_of_a_stopped_daemon_fails_at_once_and_keeps_the_mount(ma
     finally:
         os.kill(mount.pid, signal.SIGCONT)
     (_, umount_err), umount_rc = results[0]
-    (_, stats_err), stats_rc = results[1]
     assert umount_rc == 1 and "has not answered" in umount_err and "nothing was unmounted" in umount_err \
         and f"dccfs umount --lazy {mount.mnt}" in umount_err, umount_err
-    assert stats_rc == 1 and "has not answered" in stats_err, stats_err
+    for (_, stats_err), stats_rc in results[1:]:
+        assert stats_rc == 1 and "has not answered" in stats_err, stats_err
     assert still_mounted
     assert (mount.mnt / "f").read_bytes() == b"kept"
     done = dccfs("umount", str(mount.mnt))
     assert done.returncode == 0, done.stderr
     mount.proc.wait(60)
     mount.proc = None
+
+
+@pytest.mark.mount
+def test_stats_and_umount_of_a_bind_mount_of_a_dccfs_mount(make_mount):
+    """A bind mount of a dccfs mount (a container's volume) has its own path, which names no control
+    socket: stats said the daemon may have died, and umount of the bind waited 120 s for the daemon,
+    which goes on serving the original path (review J)."""
+    from dccfs.mountinfo import read_mountinfo
+
+    mount = make_mount("b")
+    (mount.mnt / "f").write_bytes(b"kept")
+    bind = mount.mnt.parent / "b-bind"
+    bind.mkdir()
+    subprocess.run(["mount", "--bind", str(mount.mnt), str(bind)], check=True)
+    try:
+        stats = dccfs("stats", "--json", bind)
+        assert stats.returncode == 0, stats.stderr
+        done = dccfs("umount", bind)
+        assert done.returncode == 0, done.stderr  # was 1 after 120 s: "still flushing"
+    finally:
+        if any(e.mountpoint == str(bind) for e in read_mountinfo()):
+            subprocess.run(["umount", "-l", str(bind)])
+    assert mount.proc.poll() is None and (mount.mnt / "f").read_bytes() == b"kept"
 
 
 @pytest.mark.mount

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -63,11 +64,27 @@ def test_daemon_pid_names_each_shared_mount_s_own_daemon(make_mount):
     umount` of one mount waited for whichever daemon wrote it last (up to 120 s for the
     other node's, or not at all for a pid this host does not have). The pid now comes from
     the mount's own control socket."""
-    from dccfs.mount import daemon_pid
+    from dccfs.umount import daemon_pid
     a = make_mount("a", "--shared")
     b = make_mount("b", "--shared", backing=a.backing)
     assert daemon_pid(str(a.mnt)) == a.pid
     assert daemon_pid(str(b.mnt)) == b.pid
+
+
+def test_umount_of_a_dead_shared_mount_waits_for_no_other_daemon(make_mount):
+    """A --shared mount whose daemon was killed: its socket refuses, so nothing is waited for. The
+    unmount fell back to the pid file, which named the other mount's daemon, and waited 120 s
+    for it before it said the mount was "still flushing" (review J)."""
+    a = make_mount("a", "--shared")
+    b = make_mount("b", "--shared", backing=a.backing)
+    (b.backing / "x").write_bytes(b"x")  # b started last: the pid file is b's
+    os.kill(a.pid, signal.SIGKILL)  # our own daemon
+    a.proc.wait()
+    a.proc = None
+    result = subprocess.run([sys.executable, "-m", "dccfs.cli", "umount", str(a.mnt)], capture_output=True,
+                            text=True, timeout=200)
+    assert result.returncode == 0, result.stderr  # was 1 after 120 s: "daemon pid (b's) is still flushing"
+    assert b.proc.poll() is None and (b.mnt / "x").read_bytes() == b"x"
 
 
 def test_appends_to_a_plain_file_through_two_nodes_keep_both(make_mount):
