@@ -23,6 +23,7 @@ import trio
 from dccfs.config import ConfigError, check_cache_value
 from dccfs.offline_pins import pinned_space
 from dccfs.mount import STATE_DIR, MountError, is_within
+from dccfs.mountinfo import find_mount
 
 log = logging.getLogger(__name__)
 
@@ -72,13 +73,10 @@ def socket_path(mountpoint: str, for_server: bool = False) -> str:
             if os.access(directory, os.W_OK):
                 return os.path.join(directory, f"{tag}.sock")
         raise OSError(f"no writable directory for the control socket among {_socket_dirs()}")
-    mount_uid = None
-    if os.getuid() == 0:
-        try:
-            mount_uid = os.stat(mountpoint).st_uid
-        except OSError:
-            pass  # a mount whose daemon died (ENOTCONN): no socket to find anyway
-    return mount_socket_path(os.path.realpath(mountpoint), mount_uid)
+    entry = find_mount(mountpoint)
+    if entry is None:
+        return mount_socket_path(os.path.realpath(mountpoint), None)
+    return mount_socket_path(entry.mountpoint, entry.owner_uid)
 
 
 def mount_socket_path(target: str, owner_uid: int | None) -> str:
