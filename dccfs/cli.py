@@ -87,19 +87,18 @@ def _control(mountpoint: str, payload: dict) -> dict:
     import shlex
     from dccfs.control import request
     from dccfs.mountinfo import find_mount
-    from dccfs.umount import serving_entry, socket_locator
+    from dccfs.umount import socket_locator
     entry = find_mount(mountpoint)
     if entry is None or entry.fstype != "fuse.dccfs":
         _fail(f"{mountpoint} is not a dccfs mount")
-    serving = serving_entry(entry)
     try:
-        reply = request(serving.mountpoint, payload, locate=socket_locator(serving))
+        reply = request(entry.mountpoint, payload, locate=socket_locator(entry))
     except TimeoutError:
         _fail(f"the daemon of {mountpoint} has not answered (stopped or hung; `dccfs umount --lazy "
               f"{shlex.quote(mountpoint)}` detaches the mount)")
     except OSError as exc:
         _fail(f"cannot reach the daemon of {mountpoint}: {exc.strerror or exc} (if it died: "
-              f"dccfs umount {mountpoint}, then mount it again)")
+              f"dccfs umount {shlex.quote(mountpoint)}, then mount it again)")
     if not reply.get("ok"):
         _fail(reply.get("error", "the daemon refused the request"))
     return reply

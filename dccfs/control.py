@@ -23,7 +23,7 @@ import trio
 from dccfs.config import ConfigError, check_cache_value
 from dccfs.offline_pins import pinned_space
 from dccfs.mount import STATE_DIR, MountError, is_within
-from dccfs.mountinfo import find_mount
+from dccfs.mountinfo import find_mount, read_mountinfo
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +97,18 @@ def mount_socket_path(target: str, owner_uid: int | None) -> str:
     return os.path.join(directories[0], f"{tag}.sock")
 
 
+def device_socket_path(device: str, owner_uid: int | None) -> str | None:
+    """The second name a daemon gives its socket once mounted: by the mount's device (major:minor
+    in the mount table), which every path of the mount shares, a bind mount's too, and which
+    stays when the path the socket is named after is unmounted. None when there is none."""
+    owner = os.getuid() if owner_uid is None else owner_uid
+    for directory in _socket_dirs(owner):
+        path = os.path.join(directory, f"dev-{device.replace(':', '-')}.sock")
+        if os.path.exists(path) and trusted_socket_dir(directory, owner):
+            return path
+    return None
+
+
 def _socket_tag(target: str) -> str:
     return hashlib.sha1(os.fsencode(target)).hexdigest()[:16]
 
@@ -126,6 +138,7 @@ class ControlServer:
         self.path = socket_path(mountpoint, for_server=True)
         self._sock = None
         self._sock_ino: int | None = None
+        self.device_path: str | None = None
         self._refused = 0
         self._refusal_logged_at = float("-inf")
         if req.trace:
@@ -157,6 +170,7 @@ class ControlServer:
         os.rename(staging, self.path)
         self._sock = sock
         self._sock_ino = os.stat(self.path).st_ino
+        await trio.to_thread.run_sync(self._name_by_device)
         slots = trio.Semaphore(MAX_CONNECTIONS)
         failing = False
         async with trio.open_nursery() as nursery:
@@ -347,17 +361,36 @@ class ControlServer:
             self.engine.trace = new
             log.info("recording the chunk access trace to %s", new.path)
 
+    def _name_by_device(self) -> None:
+        """Link the socket under the mount's device name too (device_socket_path): the mount is in
+        the table by now, since the control socket starts after the FUSE mount."""
+        entry = next((e for e in read_mountinfo() if e.mountpoint == self.mountpoint), None)
+        if entry is None:
+            log.warning("%s is not in the mount table: its control socket has no device name", self.mountpoint)
+            return
+        path = os.path.join(os.path.dirname(self.path), f"dev-{entry.device.replace(':', '-')}.sock")
+        staging = f"{path}.{os.getpid()}.tmp"
+        try:
+            if os.path.lexists(staging):
+                os.unlink(staging)
+            os.link(self.path, staging)
+            os.rename(staging, path)  # over a stale one of a killed daemon whose device number this is now
+            self.device_path = path
+        except OSError as exc:
+            log.warning("control socket: no device name %s: %s", path, exc.strerror or exc)
+
     def close(self) -> None:
         from dccfs.engine import close_trace_quietly
         if self.engine.trace is not None:
             close_trace_quietly(self.engine.trace)
-        try:
-            # Only our own socket: a daemon outliving a lazy unmount must not remove the socket
-            # of the mount that came after it (found by review).
-            if self._sock_ino is not None and os.stat(self.path).st_ino == self._sock_ino:
-                os.unlink(self.path)
-        except OSError:
-            pass
+        for path in (self.path, self.device_path):
+            try:
+                # Only our own socket: a daemon outliving a lazy unmount must not remove the socket
+                # of the mount that came after it (found by review).
+                if path and self._sock_ino is not None and os.stat(path).st_ino == self._sock_ino:
+                    os.unlink(path)
+            except OSError:
+                pass
 
 
 def _trace_off(target: str) -> bool:

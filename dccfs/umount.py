@@ -16,22 +16,25 @@ ANSWER_WAIT_S = 10.0
 BACKLOG_WAIT_S = 3.0
 
 
-def serving_entry(entry: MountEntry, entries: list[MountEntry] | None = None) -> MountEntry:
-    """The entry whose control socket serves entry's mount: itself, or for a bind mount of a dccfs
-    mount (same device), the mount the daemon made, whose path named its socket."""
-    from dccfs.control import mount_socket_path
+def socket_locator(entry: MountEntry, entries: list[MountEntry] | None = None):
+    """A function giving the current socket path of the daemon serving entry's mount, looked up again
+    at each call (a mount that is still starting has none yet): its socket's device name, which every
+    path of the mount shares (a bind mount's too); else the name of entry's path or of another path
+    of the same device (a daemon from before the device names)."""
+    from dccfs.control import device_socket_path, mount_socket_path
     entries = read_mountinfo() if entries is None else entries
-    for other in [entry] + [e for e in entries if e.device == entry.device and e != entry]:
-        if os.path.exists(mount_socket_path(other.mountpoint, other.owner_uid)):
-            return other
-    return entry
+    paths = [entry] + [e for e in entries if e.device == entry.device and e != entry]
 
-
-def socket_locator(entry: MountEntry):
-    """A function giving the current socket path of entry's daemon (looked up again at each try,
-    for a mount that is still starting)."""
-    from dccfs.control import mount_socket_path
-    return lambda: mount_socket_path(entry.mountpoint, entry.owner_uid)
+    def locate() -> str:
+        by_device = device_socket_path(entry.device, entry.owner_uid)
+        if by_device is not None:
+            return by_device
+        for other in paths:
+            path = mount_socket_path(other.mountpoint, other.owner_uid)
+            if os.path.exists(path):
+                return path
+        return mount_socket_path(entry.mountpoint, entry.owner_uid)
+    return locate
 
 
 def daemon_pid(mountpoint: str) -> int | None:
@@ -41,11 +44,11 @@ def daemon_pid(mountpoint: str) -> int | None:
     entry = find_mount(mountpoint)
     if entry is None:
         return None
-    state, pid = probe(serving_entry(entry))
+    state, pid = probe(entry)
     return pid if state in ("listening", "dead") else pid_file_pid(entry.source)
 
 
-def probe(entry: MountEntry) -> tuple[str, int | None]:
+def probe(entry: MountEntry, entries: list[MountEntry] | None = None) -> tuple[str, int | None]:
     """(state, pid) of the daemon behind entry's control socket, without a stat under the mountpoint:
     'listening' (pid from the socket's peer: a stopped or hung daemon too, its kernel completes the
     connection), 'dead' (refused: nobody listens), 'stuck' (a backlog that stays full, or a connection
@@ -55,7 +58,7 @@ def probe(entry: MountEntry) -> tuple[str, int | None]:
     deadline = time.monotonic() + BACKLOG_WAIT_S
     while True:
         try:
-            return "listening", peer_pid(socket_locator(entry)())
+            return "listening", peer_pid(socket_locator(entry, entries)())
         except ConnectionRefusedError:
             return "dead", None
         except BlockingIOError:  # EAGAIN: the backlog is full; a live daemon drains it in moments
@@ -98,20 +101,22 @@ def _exited(pid: int) -> bool:
 
 def _not_answering(mountpoint: str, pid: int | None, waited: str) -> MountError:
     who = f"its daemon (pid {pid})" if pid is not None else "its daemon"
-    return MountError(f"cannot unmount {mountpoint}: {who} has not answered {waited} (stopped or hung), so "
-                      f"it would never commit; nothing was unmounted. `dccfs umount --lazy "
+    return MountError(f"cannot unmount {mountpoint}: {who} {waited} (stopped or hung, or another process "
+                      f"holds every connection), so it would never commit; nothing was unmounted. `dccfs umount --lazy "
                       f"{shlex.quote(mountpoint)}` detaches the mount now; writes the daemon has not "
                       f"committed are lost if it never resumes")
 
 
-def _check_answers(mountpoint: str, entry: MountEntry, pid: int) -> None:
+def _check_answers(mountpoint: str, entry: MountEntry, entries: list[MountEntry], pid: int) -> None:
     """MountError for a daemon that listens on its control socket but does not answer (stopped
     or hung): a plain unmount waits for the daemon to commit, which it never would."""
     from dccfs.control import request
     try:
-        request(entry.mountpoint, {"cmd": "stats"}, timeout=ANSWER_WAIT_S, locate=socket_locator(entry))
+        request(entry.mountpoint, {"cmd": "stats"}, timeout=ANSWER_WAIT_S, locate=socket_locator(entry, entries))
     except TimeoutError:
-        raise _not_answering(mountpoint, pid, f"for {ANSWER_WAIT_S:g}s") from None
+        raise _not_answering(mountpoint, pid, f"has not answered for {ANSWER_WAIT_S:g}s") from None
+    except BlockingIOError:  # the backlog stayed full (request waits for it to drain)
+        raise _not_answering(mountpoint, pid, "takes no connection on its control socket") from None
     except (OSError, ValueError):
         pass  # gone since (it exits at the unmount anyway), or a daemon that answers otherwise
 
@@ -127,13 +132,12 @@ def run_umount(mountpoint: str, lazy: bool = False) -> None:
                          f"that user or root may unmount it")
     # The socket names this mount's own daemon, also for --lazy (the pid file is any node's with
     # --shared).
-    serving = serving_entry(entry, entries)
-    state, pid = probe(serving)
+    state, pid = probe(entry, entries)
     if not lazy:
         if state == "stuck":
-            raise _not_answering(mountpoint, pid, "a connection to its control socket")
+            raise _not_answering(mountpoint, pid, "takes no connection on its control socket")
         if state == "listening":
-            _check_answers(mountpoint, serving, pid)
+            _check_answers(mountpoint, entry, entries, pid)
     if state == "unknown":
         pid = pid_file_pid(entry.source)
     args = ["fusermount3", "-u"] + (["-z"] if lazy else []) + [entry.mountpoint]
@@ -152,9 +156,9 @@ def run_umount(mountpoint: str, lazy: bool = False) -> None:
     while time.monotonic() < deadline:
         if _exited(pid):
             return
+        if _state_of(pid) == b"T":  # only --lazy gets here with a stopped daemon
+            raise MountError(f"unmounted {mountpoint}, but daemon pid {pid} is stopped: it commits and exits "
+                             f"once it runs again (kill -CONT {pid})")
         time.sleep(0.05)
-    if _state_of(pid) == b"T":
-        raise MountError(f"unmounted {mountpoint}, but daemon pid {pid} is stopped: it commits and exits once "
-                         f"it runs again (kill -CONT {pid})")
     raise MountError(f"unmounted {mountpoint}, but daemon pid {pid} has not exited after {UMOUNT_WAIT_S}s: "
                      f"still committing, or hung")
