@@ -82,28 +82,36 @@ def socket_path(mountpoint: str, for_server: bool = False) -> str:
 def mount_socket_path(target: str, owner_uid: int | None) -> str:
     """The client's socket path for the mount at target, a path as the kernel's mount table
     gives it, of a mount owned by owner_uid: no stat of the mountpoint, which never returns
-    while the mount's daemon hangs (`dccfs umount` must not hang with it). The owner's daemon
-    chose the first of its directories it could write: root /run/dccfs, a user /tmp/dccfs-UID;
-    that one is looked at first, so a stale socket of an earlier mount elsewhere hides nothing."""
-    tag = _socket_tag(target)
-    owner = os.getuid() if owner_uid is None else owner_uid
-    directories = _socket_dirs(owner)
-    if owner != 0:
-        directories.reverse()
-    for directory in directories:
-        path = os.path.join(directory, f"{tag}.sock")
-        if os.path.exists(path) and trusted_socket_dir(directory, owner):
-            return path
-    return os.path.join(directories[0], f"{tag}.sock")
+    while the mount's daemon hangs (`dccfs umount` must not hang with it)."""
+    name = f"{_socket_tag(target)}.sock"
+    found = _find_socket(name, owner_uid)
+    return found if found is not None else os.path.join(_owner_dirs(owner_uid)[0], name)
 
 
 def device_socket_path(device: str, owner_uid: int | None) -> str | None:
     """The second name a daemon gives its socket once mounted: by the mount's device (major:minor
     in the mount table), which every path of the mount shares, a bind mount's too, and which
     stays when the path the socket is named after is unmounted. None when there is none."""
+    return _find_socket(device_socket_name(device), owner_uid)
+
+
+def device_socket_name(device: str) -> str:
+    return f"dev-{device.replace(':', '-')}.sock"
+
+
+def _owner_dirs(owner_uid: int | None) -> list[str]:
+    """The socket directories of a daemon run by owner_uid, the one it chose first: the first it
+    could write, root /run/dccfs, a user /tmp/dccfs-UID; so a stale socket of an earlier mount
+    in the other directory hides nothing."""
     owner = os.getuid() if owner_uid is None else owner_uid
-    for directory in _socket_dirs(owner):
-        path = os.path.join(directory, f"dev-{device.replace(':', '-')}.sock")
+    directories = _socket_dirs(owner)
+    return directories if owner == 0 else directories[::-1]
+
+
+def _find_socket(name: str, owner_uid: int | None) -> str | None:
+    owner = os.getuid() if owner_uid is None else owner_uid
+    for directory in _owner_dirs(owner):
+        path = os.path.join(directory, name)
         if os.path.exists(path) and trusted_socket_dir(directory, owner):
             return path
     return None
@@ -368,7 +376,7 @@ class ControlServer:
         if entry is None:
             log.warning("%s is not in the mount table: its control socket has no device name", self.mountpoint)
             return
-        path = os.path.join(os.path.dirname(self.path), f"dev-{entry.device.replace(':', '-')}.sock")
+        path = os.path.join(os.path.dirname(self.path), device_socket_name(entry.device))
         staging = f"{path}.{os.getpid()}.tmp"
         try:
             if os.path.lexists(staging):
