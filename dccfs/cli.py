@@ -85,7 +85,7 @@ def umount(mountpoint, lazy):
 
 def _control(mountpoint: str, payload: dict) -> dict:
     import shlex
-    from dccfs.control import request
+    from dccfs.control_socket import request
     from dccfs.mountinfo import find_mount
     from dccfs.umount import socket_locator
     entry = find_mount(mountpoint)

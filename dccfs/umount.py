@@ -6,6 +6,7 @@ import shlex
 import subprocess
 import time
 
+from dccfs.control_socket import device_socket_path, mount_socket_path, peer_pid, request
 from dccfs.mount import PID_FILE, STATE_DIR, MountError
 from dccfs.mountinfo import MountEntry, find_mount, read_mountinfo
 
@@ -21,7 +22,6 @@ def socket_locator(entry: MountEntry, entries: list[MountEntry] | None = None):
     at each call (a mount that is still starting has none yet): its socket's device name, which every
     path of the mount shares (a bind mount's too); else the name of entry's path or of another path
     of the same device (a daemon from before the device names)."""
-    from dccfs.control import device_socket_path, mount_socket_path
     entries = read_mountinfo() if entries is None else entries
     paths = [entry] + [e for e in entries if e.device == entry.device and e != entry]
 
@@ -54,7 +54,6 @@ def probe(entry: MountEntry, entries: list[MountEntry] | None = None) -> tuple[s
     connection), 'dead' (refused: nobody listens), 'stuck' (a backlog that stays full, or a connection
     that times out: a daemon that accepts nothing), or 'unknown' (no socket: a daemon that could not
     make one)."""
-    from dccfs.control import peer_pid
     deadline = time.monotonic() + BACKLOG_WAIT_S
     while True:
         try:
@@ -110,7 +109,6 @@ def _not_answering(mountpoint: str, pid: int | None, waited: str) -> MountError:
 def _check_answers(mountpoint: str, entry: MountEntry, entries: list[MountEntry], pid: int) -> None:
     """MountError for a daemon that listens on its control socket but does not answer (stopped
     or hung): a plain unmount waits for the daemon to commit, which it never would."""
-    from dccfs.control import request
     try:
         request(entry.mountpoint, {"cmd": "stats"}, timeout=ANSWER_WAIT_S, locate=socket_locator(entry, entries))
     except TimeoutError:

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from dccfs.control import request, socket_path
+from dccfs.control_socket import request, socket_path
 from dccfs.trace import read_oracle_general
 
 pytestmark = pytest.mark.mount
@@ -194,7 +194,7 @@ def test_a_user_mount_s_socket_is_looked_for_in_its_owner_s_directory_first(tmp_
     """A stale socket in /run/dccfs (root's mount at the same path, killed) hid a user's live daemon
     at /tmp/dccfs-UID: root's stats said "connection refused" and its umount skipped the daemon
     (review J). The owner's own directory now comes first."""
-    from dccfs.control import mount_socket_path, _socket_tag
+    from dccfs.control_socket import mount_socket_path, _socket_tag
     uid = 65534
     user_dir = f"/tmp/dccfs-{uid}"
     target = str(tmp_path / "m")
@@ -221,7 +221,7 @@ def test_a_user_mount_s_socket_is_looked_for_in_its_owner_s_directory_first(tmp_
 def test_a_full_backlog_is_a_daemon_that_does_not_answer(tmp_path):
     """A stopped daemon's listen backlog fills with the connections of earlier attempts; then a
     connection times out. That read as "no daemon", and a plain umount went ahead (review J)."""
-    from dccfs.control import mount_socket_path
+    from dccfs.control_socket import mount_socket_path
     from dccfs.mountinfo import MountEntry
     from dccfs.umount import probe
     entry = MountEntry(str(tmp_path / "m"), "fuse.dccfs", str(tmp_path / "b"), "0:0", 0)

@@ -166,7 +166,7 @@ def test_stats_count_decodes_per_codec(mounted):
 def test_tune_refuses_other_uid(mounted):
     # Imported before the fork: pytest's process has threads (codec warm-up), and an import
     # in a forked child can find the import lock held by a thread that no longer exists.
-    from dccfs.control import request
+    from dccfs.control_socket import request
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:  # child: become uid 65534 and try to tune
@@ -230,7 +230,7 @@ def test_daemonised_mount_and_clean_umount(tmp_path):
 def test_stats_files_refuses_a_sibling_of_the_backing_directory(mounted):
     """The 'outside the mount' check compared string prefixes: /x/m-backing-other passed
     as inside /x/m-backing."""
-    from dccfs.control import request
+    from dccfs.control_socket import request
     sibling = mounted.backing.parent / (mounted.backing.name + "-other")
     sibling.mkdir()
     (sibling / "not-in-the-mount").write_bytes(b"x" * 100)
@@ -243,7 +243,7 @@ def test_stats_files_refuses_a_sibling_of_the_backing_directory(mounted):
 def test_control_socket_dirs_other_users_can_change_are_not_trusted(tmp_path):
     """In a shared /tmp another user could make /tmp/dccfs-<uid> first, writable, and swap
     the daemon's socket for their own: such a directory is used by neither side."""
-    from dccfs.control import trusted_socket_dir
+    from dccfs.control_socket import trusted_socket_dir
     mine = tmp_path / "mine"
     mine.mkdir(mode=0o700)
     assert trusted_socket_dir(str(mine), os.getuid())

@@ -78,7 +78,7 @@ def test_a_trace_that_cannot_be_written_never_fails_reads(make_mount):
     import mmap
     import os
 
-    from dccfs.control import request
+    from dccfs.control_socket import request
     m = make_mount()
     payload = os.urandom(1 << 20)
     (m.mnt / "f").write_bytes(payload)
