@@ -203,13 +203,12 @@ def _check_brackets(glob: str, where: str) -> None:
     while i < len(glob):
         if glob[i] == "[":
             # As fnmatch reads a set: an optional '!', then a ']' right at the start is a member.
-            j = i + 1 + (glob[i + 1:i + 2] == "!")
-            j += glob[j:j + 1] == "]"
-            close = glob.find("]", j)
+            first = i + 1 + (glob[i + 1:i + 2] == "!")
+            close = glob.find("]", first + (glob[first:first + 1] == "]"))
             if close < 0:
                 raise ConfigError(f"{where}: glob {toml_text(glob)} has unbalanced brackets: the '[' at "
                                   f"position {i} is never closed")
-            members = glob[i + 1 + (glob[i + 1:i + 2] == "!"):close]
+            members = glob[first:close]
             for k in range(1, len(members) - 1):
                 if members[k] == "-" and members[k - 1] > members[k + 1]:
                     raise ConfigError(f"{where}: glob {toml_text(glob)} has the empty range "

@@ -91,11 +91,15 @@ def _state_of(pid: int) -> bytes | None:
 def _exited(pid: int) -> bool:
     """Whether the daemon is gone. A foreground daemon whose parent has not reaped it yet is a
     zombie that os.kill(pid, 0) still finds: it has finished all the same."""
+    return _gone(pid, _state_of(pid))
+
+
+def _gone(pid: int, state: bytes | None) -> bool:
     try:
         os.kill(pid, 0)
     except (ProcessLookupError, PermissionError):
         return True
-    return _state_of(pid) in (None, b"Z", b"X")
+    return state in (None, b"Z", b"X")
 
 
 def _not_answering(mountpoint: str, pid: int | None, waited: str) -> MountError:
@@ -152,9 +156,10 @@ def run_umount(mountpoint: str, lazy: bool = False) -> None:
         return  # the daemon died, or serves the mount's other paths (a bind mount) on
     deadline = time.monotonic() + UMOUNT_WAIT_S
     while time.monotonic() < deadline:
-        if _exited(pid):
+        state = _state_of(pid)
+        if _gone(pid, state):
             return
-        if _state_of(pid) == b"T":  # only --lazy gets here with a stopped daemon
+        if state == b"T":  # only --lazy gets here with a stopped daemon
             raise MountError(f"unmounted {mountpoint}, but daemon pid {pid} is stopped: it commits and exits "
                              f"once it runs again (kill -CONT {pid})")
         time.sleep(0.05)
