@@ -66,7 +66,7 @@ def mode_params(quick: bool) -> dict:
 
 def clear_workdir(workdir: Path) -> None:
     prefix = str(workdir.resolve()) + "/"
-    for mnt, fstype, _, _ in mountinfo():
+    for mnt, fstype in ((e.mountpoint, e.fstype) for e in mountinfo()):
         if mnt.startswith(prefix):
             log.warning("unmounting %s (%s), left mounted by an earlier run of this tool", mnt, fstype)
             if fstype.startswith("fuse"):

@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from dccfs.mountinfo import read_mountinfo as mountinfo  # (mountpoint, fstype, source, major:minor) per mount
+from dccfs.mountinfo import read_mountinfo as mountinfo  # a MountEntry per mount
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +30,8 @@ def fs_of(path: str | Path) -> tuple[str, str, str]:
     """(mountpoint, fstype, source) of the filesystem holding path (longest mountpoint prefix)."""
     target = os.path.realpath(path)
     best = ("/", "?", "?")
-    for mnt, fstype, source, _ in mountinfo():
+    for entry in mountinfo():
+        mnt, fstype, source = entry.mountpoint, entry.fstype, entry.source
         if (target == mnt or target.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(best[0]):
             best = (mnt, fstype, source)
     return best

@@ -63,7 +63,7 @@ def make_targets(names: list[str], workdir: Path, args) -> list[Target]:
 def clear_workdir(workdir: Path, names: list[str]) -> None:
     """Fresh directories for every target; unmount stale mounts a crashed earlier run left here."""
     prefix = str(workdir.resolve()) + "/"
-    for mnt, fstype, _, _ in mountinfo():
+    for mnt, fstype in ((e.mountpoint, e.fstype) for e in mountinfo()):
         if mnt.startswith(prefix) and fstype.startswith("fuse"):
             log.warning("unmounting %s, left mounted by an earlier run", mnt)
             fusermount_unmount(mnt)
