@@ -139,7 +139,8 @@ def _split_joint(cls: int, data: np.ndarray, context: bool):
     z = joint.split(u, sym, packed, sample, sm)
     if n < joint.EXACT_LOW:  # a 1-in-8 sample of a short class is too short for 256-value histograms
         sample_or_all = rans.histogram(sym)
-        sm = np.bincount(((u >> 8) & 0x80) | (u & 0x7F), minlength=256)
+        sm = np.zeros(256, np.int64)
+        joint.sign_mantissa_histogram(u, sm)
     else:
         sample_or_all = sample
     if not joint.beats_class_1(sample_or_all, sm):
