@@ -2,6 +2,7 @@
 import logging
 
 from .api import (
+    CODEC_BLOCKS,
     CODEC_LZ4,
     CODEC_STORE,
     CODEC_TENSOR,
@@ -19,6 +20,7 @@ from .layout import Layout, sniff_layout
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "CODEC_BLOCKS",
     "CODEC_LZ4",
     "CODEC_STORE",
     "CODEC_TENSOR",

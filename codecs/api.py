@@ -10,9 +10,10 @@ log = logging.getLogger(__name__)
 CODEC_STORE = 0
 CODEC_ZSTD = 1
 CODEC_LZ4 = 2
+CODEC_BLOCKS = 3
 CODEC_TENSOR = 16
 
-_NAMES = {CODEC_STORE: "store", CODEC_ZSTD: "zstd", CODEC_LZ4: "lz4", CODEC_TENSOR: "tensor"}
+_NAMES = {CODEC_STORE: "store", CODEC_ZSTD: "zstd", CODEC_LZ4: "lz4", CODEC_BLOCKS: "blocks", CODEC_TENSOR: "tensor"}
 MAX_PARAMS = 65535
 
 
@@ -31,12 +32,14 @@ class Segment:
 
 @dataclass(frozen=True)
 class ChunkHints:
-    """What the caller knows about a chunk: its tensor segments and any forced codec."""
+    """What the caller knows about a chunk: its tensor segments, any forced codec, and the size of the blocks a
+    small read should decode alone (0: the chunk is one piece; codecs/read_blocks.py)."""
 
     segments: tuple[Segment, ...] = ()
     codec: str | None = None
     level: int | None = None
     effort: int = 1
+    block_size: int = 0
 
 
 @dataclass(frozen=True)
@@ -59,16 +62,21 @@ def _store(raw: bytes) -> EncodedChunk:
 
 def encode_chunk(raw: bytes | memoryview, hints: ChunkHints | None = None) -> EncodedChunk:
     """Encode one chunk with the forced codec or the cheapest one found; STORE unless strictly smaller."""
-    from . import blocks, generic, probe
+    return _encode(bytes(raw), hints or ChunkHints())
 
-    raw = bytes(raw)
-    hints = hints or ChunkHints()
+
+def _encode(raw: bytes | memoryview, hints: ChunkHints) -> EncodedChunk:
+    """encode_chunk of bytes, or of a view of bytes (a block of a chunk: no copy of it)."""
+    from . import blocks, generic, probe, read_blocks
+
     if not raw:
-        return _store(raw)
+        return _store(b"")
     forced = (hints.codec or "auto").lower()
     if forced == "store":
-        return _store(raw)
-    if forced == "zstd":
+        return _store(bytes(raw))
+    if hints.block_size and len(raw) > hints.block_size:
+        best = read_blocks.encode(raw, hints, _encode_block)
+    elif forced == "zstd":
         best = EncodedChunk(CODEC_ZSTD, b"", generic.zstd_compress(raw, hints.level or 3))
     elif forced == "lz4":
         best = EncodedChunk(CODEC_LZ4, b"", generic.lz4_compress(raw))
@@ -78,13 +86,30 @@ def encode_chunk(raw: bytes | memoryview, hints: ChunkHints | None = None) -> En
     else:
         raise CodecError(f"unknown codec name {hints.codec!r}")
     if best is None or len(best.params) + len(best.payload) >= len(raw) or len(best.params) > MAX_PARAMS:
-        return _store(raw)
+        return _store(bytes(raw))
     return best
+
+
+def _encode_block(raw: memoryview, hints: ChunkHints) -> tuple[int, bytes, list]:
+    """(codec id, params, payload parts) of one block of a chunk (read_blocks.encode), inside the caller's scratch
+    session: a block of tensors goes straight to the tensor coder's parts, since the Python around a whole
+    encode_chunk, repeated per block, held the GIL long enough that two writers' encoders no longer ran at once."""
+    from . import fields, tensor
+
+    if hints.segments and (hints.codec or "auto").lower() in ("auto", "tensor"):
+        regions = tensor.plan_regions(len(raw), hints.segments)
+        if any(cls != fields.CLASS_GENERIC for _, cls in regions):
+            params, blobs = tensor.encode_parts(raw, regions, hints.effort, hints.level)
+            if len(params) + sum(len(b) for b in blobs) < len(raw) and len(params) <= MAX_PARAMS:
+                return CODEC_TENSOR, params, blobs
+            return CODEC_STORE, b"", [raw]
+    encoded = _encode(raw, hints)
+    return encoded.codec_id, encoded.params, [encoded.payload]
 
 
 def decode_chunk(codec_id: int, params: bytes, payload: bytes | memoryview, raw_len: int) -> bytes:
     """Decode one chunk; raises CodecError on anything malformed, never returns the wrong length."""
-    from . import generic, tensor
+    from . import generic, read_blocks, tensor
 
     if raw_len < 0:
         raise CodecError(f"negative raw_len {raw_len}")
@@ -97,6 +122,8 @@ def decode_chunk(codec_id: int, params: bytes, payload: bytes | memoryview, raw_
             out = generic.lz4_decompress(payload, raw_len)
         elif codec_id == CODEC_TENSOR:
             out = tensor.decode(bytes(params), payload, raw_len)
+        elif codec_id == CODEC_BLOCKS:
+            out = read_blocks.decode(params, payload, raw_len, decode_chunk)
         else:
             raise CodecError(f"unknown codec id {codec_id}")
     except CodecError:

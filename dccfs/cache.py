@@ -78,6 +78,16 @@ class ChunkCache:
             if not waiters:
                 del self._missed[key]
 
+    def miss_unloaded(self, key: Hashable) -> bool:
+        """For a read that a miss serves without loading the chunk (one block of it): False when the chunk is
+        resident (get() serves it), else the request counts as a miss, for the stats and the policy."""
+        with self._lock:
+            if key in self._data:
+                return False
+            self._policy.access(key)
+            self.stats.misses += 1
+            return True
+
     def peek(self, key: Hashable) -> bool:
         with self._lock:
             return key in self._data

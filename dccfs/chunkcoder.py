@@ -151,9 +151,10 @@ class ChunkCoder:
         if search is not None:
             await search.wait()
 
-    def hints_for(self, idx: int, raw: bytes, effort: int | None = None) -> ChunkHints:
+    def hints_for(self, idx: int, raw: bytes, effort: int | None = None, blocks: bool = True) -> ChunkHints:
         """The hints for encoding chunk idx; effort None asks the engine (the writer's
-        backlog decides, and counts a cheap encode), a background pass gives 1."""
+        backlog decides, and counts a cheap encode), a background pass gives 1. blocks: the
+        container takes chunks of blocks (codec 3), which tensor chunks get."""
         rule = self.rule
         forced = None if rule.codec == "auto" else rule.codec
         if effort is None:
@@ -161,8 +162,11 @@ class ChunkCoder:
         if self._layout is not None and forced in (None, "tensor"):
             try:
                 hints = self._layout.hints_for(idx * self.chunk_size, raw)
+                block_size = rule.read_block_size
+                if block_size is None:
+                    block_size = self.engine.config.read_block_size
                 return ChunkHints(hints.segments, forced or hints.codec, rule.level or hints.level,
-                                  min(effort, hints.effort))
+                                  min(effort, hints.effort), block_size if blocks and hints.segments else 0)
             except Exception:
                 log.exception("%s: layout hints failed for chunk %d; probing", self.path, idx)
         return ChunkHints(codec=forced, level=rule.level, effort=effort)

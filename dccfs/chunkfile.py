@@ -233,7 +233,7 @@ class ContainerFile(ChunkReader):
                 else:
                     # Hints on this thread, in the order chunks fill: a torch zip storage is
                     # learnt from its header in one chunk before the next chunk asks for it.
-                    hints = self.coder.hints_for(idx, raw)
+                    hints = self.coder.hints_for(idx, raw, blocks=self.container.blocks_ok)
                     # One worker-thread hop per chunk: encode, then append under the
                     # container's own lock (the append is a page-cache copy).
                     loc = await trio.to_thread.run_sync(

@@ -13,6 +13,8 @@ log = logging.getLogger(__name__)
 # _read_verified's answer for a record that is gone because the file was overwritten
 # (truncated to zero) after the chunk was looked up: look it up again.
 _GONE = object()
+# a read of at most this fraction of a block, not following the previous one, decodes that block alone
+SMALL_READ_SHARE = 2
 
 
 class ChunkReader:
@@ -38,7 +40,13 @@ class ChunkReader:
                 pieces[idx] = buf
             else:
                 missing.append(idx)
-        if len(missing) == 1:
+        if len(missing) == 1 and first == last:
+            piece = await self._small_read(first, offset - first * cs, end - first * cs)
+            if piece is not None:
+                self.readahead.note(self, offset, end, last)
+                return piece
+            pieces[first] = await self.load_chunk(first)
+        elif len(missing) == 1:
             pieces[missing[0]] = await self.load_chunk(missing[0])
         elif missing:
             async def load_into(i):
@@ -69,6 +77,30 @@ class ChunkReader:
                 dst = chunk_start + lo - offset
                 out[dst:dst + hi - lo] = memoryview(data)[lo:hi]
         return bytes(out)
+
+    async def _small_read(self, idx: int, lo: int, hi: int) -> bytes | None:
+        """Chunk bytes [lo, hi) from the one block that holds them, when the read is small, does not follow
+        the last one and the chunk is neither in T0 nor being loaded; None: read the chunk (load_chunk)."""
+        loc = self.container.index.get(idx)
+        if loc is None or not loc.blocks or lo == self.readahead.next_sequential - idx * self.chunk_size:
+            return None
+        size = 1 << loc.block_shift
+        block = lo >> loc.block_shift
+        if hi - lo > size // SMALL_READ_SHARE or (hi - 1) >> loc.block_shift != block or block >= len(loc.blocks):
+            return None
+        key = (self.cache_id, idx, loc.offset)
+        if key in self._loading or not self.engine.cache.miss_unloaded(key):
+            return None
+        self.engine.record_access(key, min(self.chunk_size, max(0, self.size - idx * self.chunk_size)), False)
+        data = await trio.to_thread.run_sync(self._read_verified, idx, loc, False, key[0], block,
+                                             limiter=self.engine.io_limiter)
+        if data is _GONE:
+            return None
+        lo -= block * size
+        hi -= block * size
+        # the chunk's last block may end early: zeros follow, as after a short chunk
+        piece = bytes(memoryview(data)[lo:hi])
+        return piece + bytes(hi - lo - len(piece)) if len(piece) < hi - lo else piece
 
     async def load_chunk(self, idx: int, prefetch: bool = False) -> bytes | None:
         """The raw bytes of a stored chunk via the cache; None for a hole."""
@@ -117,10 +149,17 @@ class ChunkReader:
         return await self.load_chunk(idx, prefetch)
 
     def _read_verified(self, idx: int, loc: ChunkLoc, prefetch: bool = False,
-                       cache_id: bytes | None = None):
+                       cache_id: bytes | None = None, block: int | None = None):
+        """The chunk's verified raw bytes, or those of one of its blocks."""
         stats = self.engine.stats
         container = self.container
         try:
+            if block is not None:
+                started = time.thread_time()
+                data = container.read_block(idx, loc, block)
+                stats.block_reads += 1
+                stats.count_codec("decode", "blocks (one)", len(data), 0, time.thread_time() - started)
+                return data
             record = container.read_record(idx, loc)
             # The worker's CPU time for the decode alone (the read from disk is in the read
             # latency; waits for the GIL or a core are not the codec's), so the decode MB/s in

@@ -191,12 +191,15 @@ def fsck(backing, repair, quiet):
 @click.argument("path", type=click.Path(exists=True))
 @click.option("--chunk-size", default=None, help="Chunk size of new containers (default: what a mount "
               "gives a new file of that name: 1MiB for checkpoint and weight files, else 256KiB).")
+@click.option("--read-block-size", default=None, help="Store tensor chunks as blocks of this size that a small "
+              "read decodes alone, e.g. 128KiB, for weights read at random (mmap); 0, the default, stores chunks "
+              "whole (the config key read_block_size, docs/operations.md).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-def pack(path, chunk_size, quiet):
+def pack(path, chunk_size, read_block_size, quiet):
     """Convert plain files under PATH (in a backing directory, unmounted) into containers, atomically."""
     from dccfs.offline import OfflineError, run_pack
     try:
-        sys.exit(run_pack(path, chunk_size, progress=not quiet))
+        sys.exit(run_pack(path, chunk_size, progress=not quiet, read_block_size=read_block_size))
     except (OfflineError, ConfigError) as exc:
         _fail(str(exc))
 

@@ -13,9 +13,14 @@ from __future__ import annotations
 import errno
 import logging
 import os
+from dataclasses import replace
 
-from dccfs.container import Container, pread_exact, pwrite_all, pwritev_all
-from dccfs.format import HEADER_SIZE, INDEX_FULL, RECORD_HEADER_SIZE, chunk_record_header, pack_index, trailer_record
+
+from dccfs.container import Container, pread_exact, pwrite_all, pwritev_all, record_blocks
+from dccfs.format import (
+    FORMAT_VERSION, HEADER_SIZE, INDEX_BLOCKS, INDEX_FULL, RECORD_HEADER_SIZE, RecordHeader, chunk_record_header,
+    pack_index, trailer_record,
+)
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +72,14 @@ class RecordRewriter:
         return [new_head.pack(), encoded.params, encoded.payload]
 
 
+def _replacement_blocks(parts: list[bytes]) -> tuple[tuple[int, ...], int]:
+    """The block table of a replacement record given in parts."""
+    record = memoryview(b"".join(parts))
+    head = RecordHeader.unpack(record)
+    params = bytes(record[RECORD_HEADER_SIZE:RECORD_HEADER_SIZE + head.params_len])
+    return record_blocks(head.sub, params, record[RECORD_HEADER_SIZE + head.params_len:], head.b)
+
+
 def write_compacted(source: Container, tmp_path: str, rewrite=None, stop=None) -> int:
     """Write the compacted copy of source to tmp_path (fsynced); return its size.
 
@@ -76,7 +89,8 @@ def write_compacted(source: Container, tmp_path: str, rewrite=None, stop=None) -
     fd = os.open(tmp_path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
         index, size, _ = source.snapshot()
-        pwrite_all(fd, source.header.next_generation().pack(), 0)
+        # the copy is written in this dccfs's format version (it only adds to version 1)
+        pwrite_all(fd, replace(source.header.next_generation(), version=FORMAT_VERSION).pack(), 0)
         end = HEADER_SIZE
         entries = {}
         for idx in sorted(index):
@@ -88,13 +102,17 @@ def write_compacted(source: Container, tmp_path: str, rewrite=None, stop=None) -
             if len(record) != loc.length:
                 raise OSError(errno.EIO, f"{source.path}: chunk {idx} record is truncated")
             parts = rewrite(idx, record) if rewrite is not None else None
+            blocks = loc.blocks, loc.block_shift
             if parts is None:
                 parts = [record]
+            else:
+                blocks = _replacement_blocks(parts)
             pwritev_all(fd, parts, end)
             length = sum(len(p) for p in parts)
-            entries[idx] = (end, length)
+            entries[idx] = (end, length) + blocks
             end += length
-        blob = pack_index(INDEX_FULL, size, 0, entries) + trailer_record(size, end)
+        kind = INDEX_FULL | (INDEX_BLOCKS if any(e[2] for e in entries.values()) else 0)
+        blob = pack_index(kind, size, 0, entries) + trailer_record(size, end)
         pwrite_all(fd, blob, end)
         end += len(blob)
         copy_metadata(source.fd, fd)

@@ -74,6 +74,7 @@ class Rule:
     level: int | None = None
     chunk_size: int | None = None
     delta: bool | None = None  # None: on for recognised checkpoint layouts (config `delta`)
+    read_block_size: int | None = None  # None: the config's `read_block_size`
 
     def matches(self, relpath: str) -> bool:
         return fnmatch.fnmatchcase(relpath, self.glob) or fnmatch.fnmatchcase(
@@ -114,6 +115,12 @@ class Config:
     # the newest checkpoint of its series, or keyframes) and the base's space is freed
     # (dccfs/unpin.py); false keeps the base pinned instead.
     delta_unpin_rewrite: bool = True
+    # Tensor chunks larger than this are stored as blocks of this size that a small read decodes alone
+    # (codec 3, docs/codecs.md); 0 (the default) stores every chunk whole. 128 KiB blocks cost about 0.0005 of
+    # ratio and made cold 4 KiB random reads 1.7x faster, but the encoder's time per block held the GIL long
+    # enough that checkpoint writes fell to 0.5x (docs/performance.md, "2026-12-07: read blocks"): for files that
+    # are read at random (mmap'ed weights served for inference), not for checkpoints.
+    read_block_size: int = 0
     source: str = "<defaults>"
 
     def rule_for(self, relpath: str) -> Rule:
@@ -153,9 +160,9 @@ class Config:
 
 
 _TOP_KEYS = {"cache", "rule", "chunk_size", "sync_on_close", "shared", "delta", "delta_chain",
-             "delta_during_write", "delta_unpin_rewrite", "writeback_cache"}
+             "delta_during_write", "delta_unpin_rewrite", "writeback_cache", "read_block_size"}
 _CACHE_KEYS = {"policy", "t0_bytes", "dirty_bytes", "readahead_chunks", "write_admit"}
-_RULE_KEYS = {"glob", "codec", "level", "chunk_size", "delta"}
+_RULE_KEYS = {"glob", "codec", "level", "chunk_size", "delta", "read_block_size"}
 
 
 def _check_keys(table: dict, allowed: set, where: str) -> None:
@@ -168,6 +175,14 @@ def check_chunk_size(value, where: str) -> int:
     size = parse_size(value, where)
     if size & (size - 1) or not (1 << MIN_CHUNK_SHIFT) <= size <= (1 << MAX_CHUNK_SHIFT):
         raise ConfigError(f"{where}: chunk size must be a power of two from 64KiB to 64MiB, got {toml_text(value)}")
+    return size
+
+
+def check_read_block_size(value, where: str) -> int:
+    size = parse_size(value, where)
+    if size and (size & (size - 1) or not 4 << 10 <= size <= 32 << 20):
+        raise ConfigError(f"{where}: read_block_size must be 0 (off) or a power of two from 4KiB to 32MiB, "
+                          f"got {toml_text(value)}")
     return size
 
 
@@ -240,7 +255,9 @@ def _parse_rule(table, where: str) -> Rule:
     delta = table.get("delta")
     if delta is not None and not isinstance(delta, bool):
         raise ConfigError(f"{where}: delta must be true or false, got {toml_text(delta)}")
-    return Rule(glob, codec, level, chunk_size, delta)
+    blocks = table.get("read_block_size")
+    read_block_size = check_read_block_size(blocks, f"{where}.read_block_size") if blocks is not None else None
+    return Rule(glob, codec, level, chunk_size, delta, read_block_size)
 
 
 def parse_config(data: dict, source: str) -> Config:
@@ -262,6 +279,8 @@ def parse_config(data: dict, source: str) -> Config:
             if not isinstance(data[key], bool):
                 raise ConfigError(f"{source}: {key} must be true or false")
             top[key] = data[key]
+    if "read_block_size" in data:
+        top["read_block_size"] = check_read_block_size(data["read_block_size"], f"{source}: read_block_size")
     if "delta_chain" in data:
         chain = data["delta_chain"]
         if not isinstance(chain, int) or isinstance(chain, bool) or not 1 <= chain <= 16:

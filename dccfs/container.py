@@ -13,16 +13,16 @@ import os
 import threading
 import time
 
-from dccfs.codecs import CodecError, EncodedChunk, codec_name, decode_chunk
+from dccfs.codecs import CODEC_BLOCKS, CodecError, EncodedChunk, codec_name, decode_chunk, read_blocks
 from dccfs.codecs.delta import CODEC_DELTA, decode_delta, delta_base_ref
 from dccfs.format import (
-    HEADER_SIZE, INDEX_DELTA, INDEX_FULL, MAX_FILE_OFFSET, RECORD_HEADER_SIZE, REC_CHUNK, FormatError, Header,
+    BLOCKS_SINCE_VERSION, HEADER_SIZE, INDEX_BLOCKS, INDEX_DELTA, INDEX_FULL, MAX_FILE_OFFSET, RECORD_HEADER_SIZE, REC_CHUNK, FormatError, Header,
     RecordHeader, checksum64, chunk_record_header, max_chunk_record_len, pack_index, trailer_record,
 )
 # Also re-exported: the rest of dccfs and the tests import these names from dccfs.container.
 from dccfs.container_records import (  # noqa: F401
     MAX_DELTA_CHAIN, ChunkError, ChunkLoc, ContainerError, Recovery, commit_from_scan,
-    commit_from_trailer, load_index_chain, pread_exact, pwrite_all, pwritev_all, read_logical_size,
+    commit_from_trailer, load_index_chain, pread_exact, pwrite_all, pwritev_all, read_logical_size, record_blocks,
 )
 
 log = logging.getLogger(__name__)
@@ -57,6 +57,12 @@ class Container:
         # (dccfs.pin_records.torn_tail_may_go, set by the mount); None: never.
         self.linked_tail_may_go = None
         self._lock = threading.Lock()
+
+    @property
+    def blocks_ok(self) -> bool:
+        """Whether this container's version takes codec-3 records and their block tables (a version-1 file
+        written to again stays readable by the dccfs that wrote it)."""
+        return self.header.version >= BLOCKS_SINCE_VERSION
 
     @property
     def chunk_size(self) -> int:
@@ -137,19 +143,53 @@ class Container:
     # -- reading ---------------------------------------------------------------
 
     def read_chunk(self, chunk_index: int, loc: ChunkLoc | None = None,
-                   chain_left: int | None = None) -> bytes | None:
+                   chain_left: int | None = None, check_blocks: bool = False) -> bytes | None:
         """The verified raw bytes of one stored chunk, or None for a hole. chain_left bounds
-        the delta records a read may walk below this one (None: as deep as the record says)."""
+        the delta records a read may walk below this one (None: as deep as the record says).
+        check_blocks (fsck): also each block's own checksum and the index's block table, which
+        only a small read uses."""
         if loc is None:
             loc = self.index.get(chunk_index)
             if loc is None:
                 return None
-        return self.decode_record(chunk_index, self.read_record(chunk_index, loc), chain_left)
+        record = self.read_record(chunk_index, loc)
+        raw = self.decode_record(chunk_index, record, chain_left)
+        if check_blocks:
+            self._check_blocks(chunk_index, loc, record)
+        return raw
+
+    def _check_blocks(self, chunk_index: int, loc: ChunkLoc, record: bytes) -> None:
+        head = RecordHeader.unpack(record)
+        params = bytes(record[RECORD_HEADER_SIZE:RECORD_HEADER_SIZE + head.params_len])
+        payload = memoryview(record)[RECORD_HEADER_SIZE + head.params_len:]
+        try:
+            found = record_blocks(head.sub, params, payload, head.b)
+            if loc.blocks and found != (loc.blocks, loc.block_shift):
+                raise CodecError(f"the index's block table {loc.blocks[:4]}... is not the record's "
+                                 f"{found[0][:4]}...")
+            if head.sub == CODEC_BLOCKS:
+                read_blocks.decode(params, payload, head.b, decode_chunk, verify=True)
+        except CodecError as exc:
+            raise ChunkError(self.path, chunk_index, f"blocks: {exc}") from exc
 
     def read_record(self, chunk_index: int, loc: ChunkLoc) -> bytes:
         """The stored record loc names, unverified (decode_record checks it)."""
         self.check_loc(chunk_index, loc)
         return pread_exact(self.fd, loc.length, loc.offset)
+
+    def read_block(self, chunk_index: int, loc: ChunkLoc, block: int) -> bytes:
+        """The verified raw bytes of block `block` of a codec-3 record, read alone (loc names its blocks); the
+        chunk's last block may end before the grid does, and what follows it reads as zeros."""
+        self.check_loc(chunk_index, loc)
+        starts = loc.blocks
+        last = block + 1 == len(starts)
+        end = loc.length if last else starts[block + 1]
+        data = pread_exact(self.fd, end - starts[block], loc.offset + starts[block])
+        size = 1 << loc.block_shift
+        try:
+            return read_blocks.decode_block(data, None if last else size, decode_chunk, max_len=size)
+        except CodecError as exc:
+            raise ChunkError(self.path, chunk_index, f"block {block}: {exc}") from exc
 
     def check_loc(self, chunk_index: int, loc: ChunkLoc) -> None:
         """ChunkError unless loc could name a chunk record of this container: a damaged index
@@ -218,11 +258,17 @@ class Container:
                                    len(encoded.payload), raw_len, raw_sum)
         parts = [head.pack(), encoded.params, encoded.payload]
         length = sum(len(p) for p in parts)
+        blocks, shift = (), 0
+        if self.blocks_ok:
+            try:
+                blocks, shift = record_blocks(encoded.codec_id, encoded.params, encoded.payload, raw_len)
+            except CodecError as exc:  # a codec bug: the record still decodes whole, or says it is damaged
+                log.error("%s: chunk %d: no block table: %s", self.path, chunk_index, exc)
         with self._lock:
             if self.end < HEADER_SIZE:
                 self._write_header_locked()
             self._cut_torn_tail_locked()
-            loc = ChunkLoc(self.end, length)
+            loc = ChunkLoc(self.end, length, blocks, shift)
             self._append_or_undo(parts)
             self.end += length
             self.index[chunk_index] = loc
@@ -261,12 +307,13 @@ class Container:
                 os.fdatasync(self.fd)
             full = self.delta_chain >= MAX_DELTA_CHAIN or self.last_index == 0
             if full:
-                entries = {i: (loc.offset, loc.length) for i, loc in self.index.items()}
+                entries = {i: loc.entry() for i, loc in self.index.items()}
                 kind, prev = INDEX_FULL, 0
             else:
-                entries = {i: ((loc.offset, loc.length) if loc else (0, 0))
-                           for i, loc in self.pending.items()}
+                entries = {i: (loc.entry() if loc else (0, 0, (), 0)) for i, loc in self.pending.items()}
                 kind, prev = INDEX_DELTA, self.last_index
+            if any(entry[2] for entry in entries.values()):
+                kind |= INDEX_BLOCKS
             index_offset = self.end
             blob = pack_index(kind, size, prev, entries) + trailer_record(size, index_offset)
             self._append_or_undo([blob])

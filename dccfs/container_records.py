@@ -6,6 +6,7 @@ import logging
 import os
 from dataclasses import dataclass
 
+from dccfs.codecs import CODEC_BLOCKS, read_blocks
 from dccfs.format import (
     HEADER_SIZE, INDEX_FULL, RECORD_HEADER_SIZE, REC_INDEX, REC_TRAILER, FormatError, RecordHeader,
     parse_index_body, verify_index_payload,
@@ -42,6 +43,14 @@ class ContainerError(OSError):
 class ChunkLoc:
     offset: int  # of the record header in the container
     length: int  # the whole record: header, params, payload
+    # where each block of a codec-3 record starts, from the record's start (the next one's start, or the
+    # record's end, ends it); () for a record that is one piece
+    blocks: tuple[int, ...] = ()
+    block_shift: int = 0  # log2 of the block size, with blocks
+
+    def entry(self) -> tuple[int, int, tuple[int, ...], int]:
+        """This location as format.pack_index takes it."""
+        return self.offset, self.length, self.blocks, self.block_shift
 
 
 @dataclass
@@ -54,6 +63,17 @@ class Recovery:
     @property
     def torn_tail(self) -> int:
         return self.file_end - self.committed_end
+
+
+def record_blocks(codec_id: int, params: bytes, payload: bytes | memoryview, raw_len: int
+                  ) -> tuple[tuple[int, ...], int]:
+    """(where each block of a chunk record starts, from the record's start; log2 of the block size); ((), 0)
+    unless it is a codec-3 record."""
+    if codec_id != CODEC_BLOCKS:
+        return (), 0
+    base = RECORD_HEADER_SIZE + len(params)
+    starts = tuple(base + start for start in read_blocks.block_starts(params, payload, raw_len))
+    return starts, read_blocks.block_shift(params, raw_len)
 
 
 def pread_exact(fd: int, length: int, offset: int) -> bytes:
@@ -159,7 +179,7 @@ def _index_chain(fd: int, path: str, offset: int):
             raise ContainerError(path, f"index at offset {offset}: {exc}") from exc
         yield head, body
         walked += 1
-        if head.sub == INDEX_FULL:
+        if head.sub & INDEX_FULL:
             return
         if not HEADER_SIZE <= head.c < offset or walked > 4 * MAX_DELTA_CHAIN:
             raise ContainerError(path, f"index at offset {offset} has a bad back pointer")
@@ -186,11 +206,11 @@ def load_index_chain(fd: int, path: str, offset: int):
     size = chain[0][0].a
     index: dict[int, ChunkLoc] = {}
     for _, entries in reversed(chain):
-        for idx, (rec_off, rec_len) in entries.items():
+        for idx, (rec_off, rec_len, blocks, shift) in entries.items():
             if rec_off == 0:
                 index.pop(idx, None)
             else:
-                index[idx] = ChunkLoc(rec_off, rec_len)
+                index[idx] = ChunkLoc(rec_off, rec_len, blocks, shift)
     return index, size, len(chain) - 1
 
 

@@ -16,7 +16,9 @@ log = logging.getLogger(__name__)
 
 # PNG-style magic: the high bit and the CR/LF/^Z bytes catch text-mode mangling.
 MAGIC = b"\x89DCCFS\r\n"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # written by this version; 1 is read too (docs/format.md, "Compatibility")
+READABLE_VERSIONS = (1, 2)
+BLOCKS_SINCE_VERSION = 2  # block tables in the index and chunks of codec 3 (blocks)
 HEADER_SIZE = 64
 RECORD_HEADER_SIZE = 32
 INDEX_ENTRY_SIZE = 24
@@ -34,11 +36,17 @@ RECORD_TYPES = (REC_CHUNK, REC_INDEX, REC_TRAILER)
 
 INDEX_DELTA = 0
 INDEX_FULL = 1
+# bit of an index kind: every entry carries its record's block table (version 2)
+INDEX_BLOCKS = 2
+MIN_BLOCK_SHIFT = 12
+MAX_BLOCKS = 1 << (MAX_CHUNK_SHIFT - MIN_BLOCK_SHIFT)  # blocks of at least 4 KiB
 
 _HEADER = struct.Struct("<8sHHB3x16sQI16x")  # ends at byte 60, then u32 checksum
 _RECORD = struct.Struct("<BBHIQIQ")  # 28 bytes, then u32 checksum
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
+_ENTRY = struct.Struct("<QQQ")
+_BLOCK_TABLE = struct.Struct("<BBH")  # log2 block size, 0, block count; then the blocks' u32 starts
 
 
 class FormatError(ValueError):
@@ -92,9 +100,9 @@ class Header:
         (stored_sum,) = _U32.unpack_from(data, HEADER_SIZE - 4)
         if stored_sum != checksum32(body):
             raise FormatError("header checksum mismatch")
-        if version != FORMAT_VERSION:
+        if version not in READABLE_VERSIONS:
             raise FormatError(f"container format version {version} is not supported "
-                              f"(this dccfs reads version {FORMAT_VERSION})")
+                              f"(this dccfs reads versions {', '.join(map(str, READABLE_VERSIONS))})")
         if header_size != HEADER_SIZE:
             raise FormatError(f"header size {header_size} is not {HEADER_SIZE}")
         if not MIN_CHUNK_SHIFT <= shift <= MAX_CHUNK_SHIFT:
@@ -174,35 +182,76 @@ def trailer_record(logical_size: int, index_offset: int) -> bytes:
 
 
 def pack_index(kind: int, logical_size: int, prev_offset: int,
-               entries: dict[int, tuple[int, int]]) -> bytes:
-    """An index record: header, then (chunk index, record offset, record length) triples,
-    then xxh3-64 of the triples.
+               entries: dict[int, tuple]) -> bytes:
+    """An index record: header, then one entry per chunk, then xxh3-64 of the entries.
 
+    An entry is (chunk index, record offset, record length) as u64s; with INDEX_BLOCKS in kind it is followed by the
+    log2 of the block size (u8), a zero byte, the block count (u16) and the offset of each block from the record's
+    start (u32 each), so a small read fetches one block. entries maps chunk index -> (offset, length) or
+    (offset, length, block starts, log2 block size).
     A record offset of 0 means the chunk is a hole (never written, truncated away, or all zeros).
     """
-    flat = []
+    parts = []
     for idx in sorted(entries):
-        offset, length = entries[idx]
-        flat += (idx, offset, length)
-    payload = struct.pack(f"<{len(flat)}Q", *flat)
+        offset, length, *rest = entries[idx]
+        parts.append(_ENTRY.pack(idx, offset, length))
+        if kind & INDEX_BLOCKS:
+            starts, shift = rest if rest and rest[0] else ((), 0)
+            parts.append(_BLOCK_TABLE.pack(shift, 0, len(starts)) + struct.pack(f"<{len(starts)}I", *starts))
+        elif rest and rest[0]:
+            raise FormatError(f"chunk {idx}: block table in an index of kind {kind}")
+    payload = b"".join(parts)
     payload += _U64.pack(checksum64(payload))
     head = RecordHeader(REC_INDEX, kind, 0, len(payload), logical_size, len(entries), prev_offset)
     return head.pack() + payload
 
 
 def verify_index_payload(head: RecordHeader, payload: bytes) -> bytes:
-    """The index entries' bytes once their length and checksum hold; FormatError if not."""
-    expected = head.b * INDEX_ENTRY_SIZE + 8
-    if len(payload) != expected or head.payload_len != expected:
-        raise FormatError(f"index payload is {len(payload)} bytes, expected {expected}")
+    """The index entries' bytes once their length, checksum and (with block tables) structure hold; FormatError
+    if not."""
+    if head.sub & ~(INDEX_FULL | INDEX_BLOCKS):
+        raise FormatError(f"unknown index kind {head.sub}")
+    if head.sub & INDEX_BLOCKS:
+        expected = len(payload)
+        if expected < 8 or head.payload_len != expected:
+            raise FormatError(f"index payload is {len(payload)} bytes, header says {head.payload_len}")
+    else:
+        expected = head.b * INDEX_ENTRY_SIZE + 8
+        if len(payload) != expected or head.payload_len != expected:
+            raise FormatError(f"index payload is {len(payload)} bytes, expected {expected}")
     body = payload[:-8]
     (stored_sum,) = _U64.unpack_from(payload, len(payload) - 8)
     if stored_sum != checksum64(body):
         raise FormatError("index checksum mismatch")
+    if head.sub & INDEX_BLOCKS:
+        parse_index_body(head, body)
     return body
 
 
-def parse_index_body(head: RecordHeader, body: bytes) -> dict[int, tuple[int, int]]:
-    """chunk index -> (record offset, record length) of a verified index body."""
-    flat = struct.unpack(f"<{3 * head.b}Q", body)
-    return {flat[i]: (flat[i + 1], flat[i + 2]) for i in range(0, len(flat), 3)}
+def parse_index_body(head: RecordHeader, body: bytes) -> dict[int, tuple[int, int, tuple[int, ...], int]]:
+    """chunk index -> (record offset, record length, block starts, log2 block size) of a verified index body (no
+    blocks: (), 0)."""
+    if not head.sub & INDEX_BLOCKS:
+        flat = struct.unpack(f"<{3 * head.b}Q", body)
+        return {flat[i]: (flat[i + 1], flat[i + 2], (), 0) for i in range(0, len(flat), 3)}
+    out = {}
+    pos = 0
+    for _ in range(head.b):
+        if pos + INDEX_ENTRY_SIZE + 4 > len(body):
+            raise FormatError(f"index entries end at byte {len(body)}, inside entry {len(out)}")
+        idx, offset, length = _ENTRY.unpack_from(body, pos)
+        shift, reserved, count = _BLOCK_TABLE.unpack_from(body, pos + INDEX_ENTRY_SIZE)
+        pos += INDEX_ENTRY_SIZE + _BLOCK_TABLE.size
+        if count > MAX_BLOCKS or pos + 4 * count > len(body):
+            raise FormatError(f"chunk {idx}: a table of {count} blocks does not fit the index")
+        if reserved or (count and not MIN_BLOCK_SHIFT <= shift < MAX_CHUNK_SHIFT) or (not count and shift):
+            raise FormatError(f"chunk {idx}: block table of {count} blocks of 2**{shift} bytes")
+        starts = struct.unpack_from(f"<{count}I", body, pos)
+        pos += 4 * count
+        if starts and not (RECORD_HEADER_SIZE <= starts[0] and starts[-1] < length
+                           and all(a < b for a, b in zip(starts, starts[1:]))):
+            raise FormatError(f"chunk {idx}: block starts {starts[:4]}... do not lie in its {length}-byte record")
+        out[idx] = (offset, length, starts, shift)
+    if pos != len(body):
+        raise FormatError(f"index entries end at byte {pos} of {len(body)}")
+    return out

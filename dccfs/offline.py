@@ -159,7 +159,7 @@ def _check_container(path: str, fd: int, repair: bool, totals: FsckTotals, advan
         loc = container.index[idx]
         start, end = chunk_byte_range(container, idx)
         try:
-            container.read_chunk(idx)
+            container.read_chunk(idx, check_blocks=True)
         except ChunkError as exc:
             _report(f"{path}: DAMAGED: chunk {idx} ({describe_range(start, end)}, record at "
                     f"offset {loc.offset}): {exc.reason}")

@@ -9,12 +9,12 @@ import tempfile
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import click
 
 from dccfs.codecs import encode_chunk, sniff_layout
-from dccfs.config import Config, check_chunk_size
+from dccfs.config import Config, check_chunk_size, check_read_block_size
 from dccfs.container import Container, ContainerError, pread_exact, pwrite_all
 from dccfs.format import HEADER_SIZE, checksum64, looks_like_container
 from dccfs.mount import STATE_DIR
@@ -54,19 +54,21 @@ class ConvertTotals:
         return line
 
 
-def run_pack(path: str, chunk_size: str | None, progress: bool) -> int:
+def run_pack(path: str, chunk_size: str | None, progress: bool, read_block_size: str | None = None) -> int:
     """Convert every plain file under path into a container; returns the exit status.
 
     Without chunk_size each file gets the chunk size a default mount gives a new file of
-    that name (1 MiB for checkpoint and weight files, 256 KiB otherwise).
+    that name (1 MiB for checkpoint and weight files, 256 KiB otherwise). read_block_size
+    (text, as the config's) stores tensor chunks as blocks a small read decodes alone.
     Re-running after an interruption resumes: files that are already containers are skipped.
     """
     fixed = check_chunk_size(chunk_size, "--chunk-size").bit_length() - 1 if chunk_size else None
+    block_size = check_read_block_size(read_block_size, "--read-block-size") if read_block_size else 0
     defaults = Config()
 
     def convert(found: FoundFile, src: int, dst: int, advance) -> int:
         shift = fixed if fixed is not None else defaults.chunk_shift_for(os.path.basename(found.path))
-        return _pack_into(found.path, src, dst, shift, advance)
+        return _pack_into(found.path, src, dst, shift, advance, block_size)
 
     return _convert_tree(path, progress, "pack", "already containers", convert,
                          is_source=lambda kind: kind != "container")
@@ -253,7 +255,7 @@ def _ordered_map(fn: Callable, items: Iterable, workers: int) -> Iterator:
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _pack_into(path: str, src: int, dst: int, shift: int, advance) -> int:
+def _pack_into(path: str, src: int, dst: int, shift: int, advance, block_size: int = 0) -> int:
     size = os.fstat(src).st_size
     container = Container.create(dst, path, shift)
     cs = container.chunk_size
@@ -270,6 +272,8 @@ def _pack_into(path: str, src: int, dst: int, shift: int, advance) -> int:
         if raw.count(0) == len(raw):
             return idx, None, len(raw), 0  # all zeros: a hole, as the mount stores it
         hints = layout.hints_for(idx * cs, raw) if layout is not None else None
+        if hints is not None and hints.segments and block_size:
+            hints = replace(hints, block_size=block_size)
         return idx, encode_chunk(raw, hints), len(raw), checksum64(raw)
 
     for idx, encoded, raw_len, raw_sum in _ordered_map(encode, range(-(-size // cs)), ENCODE_WORKERS):

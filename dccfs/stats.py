@@ -83,6 +83,7 @@ class MountStats:
     dirty_bytes: int = 0
     dirty_budget: int = 0
     readahead_chunks: int = 0
+    block_reads: int = 0  # small reads served by decoding one block of a chunk (codec 3), not the chunk
     compactions: int = 0
     deltas_after_close: int = 0  # chunks the pass after close stored as deltas
     unpin_rewrites: int = 0  # files stored again without their base, so that a deleted base's pin went
@@ -131,6 +132,7 @@ class MountStats:
                 "dirty": {"bytes": self.dirty_bytes, "budget": self.dirty_budget,
                           "writer_stalls": self.writer_stalls},
                 "readahead_chunks": self.readahead_chunks,
+                "block_reads": self.block_reads,
                 "compactions": self.compactions,
                 "deltas_after_close": self.deltas_after_close,
                 "unpin_rewrites": self.unpin_rewrites,

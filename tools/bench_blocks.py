@@ -1,52 +1,82 @@
 #!/usr/bin/env python3
-"""Ratio cost of cutting every 1 MiB chunk into independent pieces, each coded alone with its own tables.
+"""Read blocks (codec 3) against whole chunks: stored fraction and encoder MB/s with one and two threads.
 
-An upper bound of what independent blocks inside a chunk (params version 2 cut on a fixed grid) would cost:
-each piece is a whole `encode_chunk` with the file's own layout hints, charged its params, its payload and a
-32-byte record header (a version-2 block costs a few bytes of params instead). docs/performance.md
-("2026-12-07") uses it to size blocks that a small random read could decode alone.
+Every 1 MiB chunk of each file is encoded as the mount encodes it (`encode_chunk` with the file's own layout hints),
+whole and as blocks of each size given, charged its 32-byte record header, params and payload (and, for blocks,
+the index's block table: 4 bytes per block). The encoder figures are the files' bytes over the wall time of
+encoding them all on one thread, then on two (the mount's encoders run on worker threads: what one holds of the
+GIL the other waits for). docs/performance.md ("2026-12-07: read blocks") records its output.
 """
 from __future__ import annotations
 
 import argparse
 import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from dccfs.codecs import ChunkHints, encode_chunk, sniff_layout
 from dccfs.format import RECORD_HEADER_SIZE
 
 CHUNK = 1 << 20
+TABLE_BYTES_PER_BLOCK = 4
 
 
-def stored_fraction(data: bytes, piece: int) -> float:
-    """Stored bytes over raw bytes with every CHUNK cut into pieces of `piece` bytes."""
+def chunks_of(data: bytes, block: int) -> list[tuple[bytes, ChunkHints]]:
     layout = sniff_layout(data[:CHUNK], len(data))
-    total = 0
+    out = []
     for off in range(0, len(data), CHUNK):
-        chunk = data[off:off + CHUNK]
-        for start in range(0, len(chunk), piece):
-            raw = chunk[start:start + piece]
-            hints = layout.hints_for(off + start, raw) if layout else ChunkHints()
-            encoded = encode_chunk(raw, hints)
-            total += RECORD_HEADER_SIZE + len(encoded.params) + len(encoded.payload)
-    return total / len(data)
+        raw = data[off:off + CHUNK]
+        hints = layout.hints_for(off, raw) if layout else ChunkHints()
+        if block and hints.segments:
+            hints = ChunkHints(hints.segments, hints.codec, hints.level, hints.effort, block)
+        out.append((raw, hints))
+    return out
+
+
+def stored_and_speed(data: bytes, block: int) -> tuple[float, float, float]:
+    """(stored fraction, MB/s on one thread, MB/s on two)."""
+    work = chunks_of(data, block)
+    started = time.perf_counter()
+    encoded = [encode_chunk(raw, hints) for raw, hints in work]
+    one = len(data) / (time.perf_counter() - started) / 1e6
+    with ThreadPoolExecutor(2) as pool:
+        started = time.perf_counter()
+        list(pool.map(lambda item: encode_chunk(*item), work))
+        two = len(data) / (time.perf_counter() - started) / 1e6
+    total = 0
+    for enc, (raw, _) in zip(encoded, work):
+        total += RECORD_HEADER_SIZE + len(enc.params) + len(enc.payload)
+        if block and enc.codec_id == 3:
+            total += TABLE_BYTES_PER_BLOCK * -(-len(raw) // block)
+    return total / len(data), one, two
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("files", nargs="+", type=Path, help="tensor files, e.g. .corpus/real/*.safetensors")
-    parser.add_argument("--pieces-kib", default="256,128", help="piece sizes to compare (default 256,128)")
+    parser.add_argument("--blocks-kib", default="256,128", help="block sizes to compare (default 256,128)")
     args = parser.parse_args(argv)
-    pieces = [int(k) << 10 for k in args.pieces_kib.split(",")]
-    if any(p <= 0 or CHUNK % p for p in pieces):
-        parser.error("--pieces-kib: each size must divide 1024")
-    print("| file | 1 MiB chunks | " + " | ".join(f"{p >> 10} KiB pieces" for p in pieces) + " |")
-    print("|---|---|" + "---|" * len(pieces))
+    blocks = [int(k) << 10 for k in args.blocks_kib.split(",")]
+    if any(b < 4096 or b >= CHUNK or b & (b - 1) for b in blocks):
+        parser.error("--blocks-kib: each size must be a power of two from 4 to 512")
+    # one chunk of each file first: the kernels load before anything is timed
+    for path in args.files:
+        with open(path, "rb") as f:
+            head = f.read(CHUNK)
+        for block in [0] + blocks:
+            stored_and_speed(head, block)
+    print("| file | whole 1 MiB chunks | " + " | ".join(f"{b >> 10} KiB blocks" for b in blocks) + " |")
+    print("|---|---|" + "---|" * len(blocks))
     for path in args.files:
         data = path.read_bytes()
-        whole = stored_fraction(data, CHUNK)
-        extra = [stored_fraction(data, p) - whole for p in pieces]
-        print(f"| {path.name} | {whole:.4f} | " + " | ".join(f"+{e:.4f}" for e in extra) + " |", flush=True)
+        whole, one, two = stored_and_speed(data, 0)
+        cells = [f"{whole:.4f}; {one:.0f} / {two:.0f} MB/s"]
+        for block in blocks:
+            frac, b_one, b_two = stored_and_speed(data, block)
+            cells.append(f"+{frac - whole:.4f}; {b_one:.0f} / {b_two:.0f} MB/s")
+        print(f"| {path.name} | " + " | ".join(cells) + " |", flush=True)
+    print("\n(stored fraction, its change for blocks; encoder MB/s on one / two threads)")
     return 0
 
 
