@@ -12,6 +12,7 @@ from .api import (
     EncodedChunk,
     Segment,
     codec_name,
+    decode_blocks_checked,
     decode_chunk,
     encode_chunk,
 )
@@ -31,6 +32,7 @@ __all__ = [
     "Layout",
     "Segment",
     "codec_name",
+    "decode_blocks_checked",
     "decode_chunk",
     "encode_chunk",
     "sniff_layout",

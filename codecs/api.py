@@ -107,6 +107,30 @@ def _encode_block(raw: memoryview, hints: ChunkHints) -> tuple[int, bytes, list]
     return encoded.codec_id, encoded.params, [encoded.payload]
 
 
+def decode_blocks_checked(params: bytes, payload: bytes | memoryview, raw_len: int) -> bytes:
+    """A codec-3 chunk decoded with every block's own checksum checked (fsck; a read checks the chunk's)."""
+    from . import read_blocks
+
+    return read_blocks.decode(params, payload, raw_len, _decode_into, verify=True)
+
+
+def _decode_into(codec_id: int, params: bytes, payload: memoryview, raw_len: int, out) -> None:
+    """decode_chunk into out (a uint8 array of raw_len bytes): a version-1 tensor block without a copy."""
+    from . import tensor
+
+    if codec_id == CODEC_TENSOR and params[:1] == bytes([tensor.FORMAT_VERSION]):
+        try:
+            tensor.decode_into(params, payload, raw_len, out)
+        except CodecError:
+            raise
+        except Exception as exc:  # as decode_chunk: any failure on a damaged payload is a codec error
+            raise CodecError(f"tensor: {exc}") from exc
+        return
+    import numpy as np
+
+    out[:] = np.frombuffer(decode_chunk(codec_id, params, payload, raw_len), np.uint8)
+
+
 def decode_chunk(codec_id: int, params: bytes, payload: bytes | memoryview, raw_len: int) -> bytes:
     """Decode one chunk; raises CodecError on anything malformed, never returns the wrong length."""
     from . import generic, read_blocks, tensor
@@ -123,7 +147,7 @@ def decode_chunk(codec_id: int, params: bytes, payload: bytes | memoryview, raw_
         elif codec_id == CODEC_TENSOR:
             out = tensor.decode(bytes(params), payload, raw_len)
         elif codec_id == CODEC_BLOCKS:
-            out = read_blocks.decode(params, payload, raw_len, decode_chunk)
+            out = read_blocks.decode(params, payload, raw_len, _decode_into)
         else:
             raise CodecError(f"unknown codec id {codec_id}")
     except CodecError:

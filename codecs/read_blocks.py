@@ -96,10 +96,8 @@ def block_raw_len(params: bytes, raw_len: int, k: int) -> tuple[int, int]:
     return k * size, min(size, raw_len - k * size)
 
 
-def decode_block(block: bytes | memoryview, raw_len: int | None, decode_piece, verify: bool = True,
-                 max_len: int = 0) -> bytes:
-    """One block (header, params, payload) to its raw bytes, checked against its own checksum unless the caller
-    checks the whole chunk's. raw_len None (a chunk's last block, read alone) takes the header's, up to max_len."""
+def _checked_header(block: bytes | memoryview, raw_len: int | None, max_len: int) -> tuple[int, int, int]:
+    """(codec, params length, digest) of a block whose header agrees with its size and raw length."""
     if len(block) < BLOCK_HEADER_SIZE:
         raise CodecError(f"blocks: a block of {len(block)} bytes is shorter than its header")
     codec, reserved, plen, qlen, length, digest = BLOCK_HEADER.unpack_from(block, 0)
@@ -111,9 +109,17 @@ def decode_block(block: bytes | memoryview, raw_len: int | None, decode_piece, v
                          f"{raw_len if raw_len is not None else f'1 to {max_len}'}")
     if codec == CODEC_BLOCKS:
         raise CodecError("blocks: a block may not hold blocks")
+    return codec, plen, digest
+
+
+def decode_block(block: bytes | memoryview, raw_len: int | None, decode_piece, max_len: int = 0) -> bytes:
+    """One block (header, params, payload) to its raw bytes, checked against its own checksum. raw_len None (a
+    chunk's last block, read alone) takes the header's, up to max_len."""
+    codec, plen, digest = _checked_header(block, raw_len, max_len)
+    length = BLOCK_HEADER.unpack_from(block, 0)[4]
     body = memoryview(block)[BLOCK_HEADER_SIZE:]
     out = decode_piece(codec, bytes(body[:plen]), body[plen:], length)
-    if verify and xxhash.xxh3_64_intdigest(out) != digest:
+    if xxhash.xxh3_64_intdigest(out) != digest:
         raise CodecError("blocks: block checksum mismatch")
     return out
 
@@ -124,12 +130,23 @@ def block_shift(params: bytes, raw_len: int) -> int:
     return size.bit_length() - 1
 
 
-def decode(params: bytes, payload: bytes | memoryview, raw_len: int, decode_piece, verify: bool = False) -> bytes:
-    """The whole chunk, every block decoded in turn; the blocks' checksums are left to the caller's check of the
-    chunk's (the container's record checksum covers every byte) unless verify (fsck)."""
+def decode(params: bytes, payload: bytes | memoryview, raw_len: int, decode_piece_into, verify: bool = False) -> bytes:
+    """The whole chunk, every block decoded in turn by decode_piece_into(codec, params, payload, raw_len, out)
+    straight into one bytes object; the blocks' checksums are left to the caller's check of the chunk's (the
+    container's record checksum covers every byte) unless verify (fsck)."""
+    from .tensor_decode import finish_bytes, new_bytes
+
     starts = block_starts(params, payload, raw_len)
     size, _ = _grid(params, raw_len)
     ends = starts[1:] + [len(payload)]
     view = memoryview(payload)
-    return b"".join(decode_block(view[s:e], min(size, raw_len - k * size), decode_piece, verify)
-                    for k, (s, e) in enumerate(zip(starts, ends)))
+    result, out = new_bytes(raw_len)
+    for k, (s, e) in enumerate(zip(starts, ends)):
+        length = min(size, raw_len - k * size)
+        codec, plen, digest = _checked_header(view[s:e], length, length)
+        target = out[k * size:k * size + length]
+        body = view[s + BLOCK_HEADER_SIZE:e]
+        decode_piece_into(codec, bytes(body[:plen]), body[plen:], length, target)
+        if verify and xxhash.xxh3_64_intdigest(target) != digest:
+            raise CodecError(f"blocks: block {k} checksum mismatch")
+    return finish_bytes(result, out)

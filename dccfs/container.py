@@ -13,7 +13,9 @@ import os
 import threading
 import time
 
-from dccfs.codecs import CODEC_BLOCKS, CodecError, EncodedChunk, codec_name, decode_chunk, read_blocks
+from dccfs.codecs import (
+    CODEC_BLOCKS, CodecError, EncodedChunk, codec_name, decode_blocks_checked, decode_chunk, read_blocks,
+)
 from dccfs.codecs.delta import CODEC_DELTA, decode_delta, delta_base_ref
 from dccfs.format import (
     BLOCKS_SINCE_VERSION, HEADER_SIZE, INDEX_BLOCKS, INDEX_DELTA, INDEX_FULL, MAX_FILE_OFFSET, RECORD_HEADER_SIZE, REC_CHUNK, FormatError, Header,
@@ -165,12 +167,12 @@ class Container:
         try:
             found = record_blocks(head.sub, params, payload, head.b)
             if loc.blocks and found != (loc.blocks, loc.block_shift):
-                raise CodecError(f"the index's block table {loc.blocks[:4]}... is not the record's "
+                raise CodecError(f"blocks: the index's block table {loc.blocks[:4]}... is not the record's "
                                  f"{found[0][:4]}...")
             if head.sub == CODEC_BLOCKS:
-                read_blocks.decode(params, payload, head.b, decode_chunk, verify=True)
+                decode_blocks_checked(params, payload, head.b)
         except CodecError as exc:
-            raise ChunkError(self.path, chunk_index, f"blocks: {exc}") from exc
+            raise ChunkError(self.path, chunk_index, str(exc)) from exc
 
     def read_record(self, chunk_index: int, loc: ChunkLoc) -> bytes:
         """The stored record loc names, unverified (decode_record checks it)."""
