@@ -15,7 +15,6 @@ import logging
 import os
 from dataclasses import replace
 
-
 from dccfs.container import Container, pread_exact, pwrite_all, pwritev_all, record_blocks
 from dccfs.format import (
     FORMAT_VERSION, HEADER_SIZE, INDEX_BLOCKS, INDEX_FULL, RECORD_HEADER_SIZE, RecordHeader, chunk_record_header,

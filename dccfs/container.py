@@ -18,8 +18,9 @@ from dccfs.codecs import (
 )
 from dccfs.codecs.delta import CODEC_DELTA, decode_delta, delta_base_ref
 from dccfs.format import (
-    BLOCKS_SINCE_VERSION, HEADER_SIZE, INDEX_BLOCKS, INDEX_DELTA, INDEX_FULL, MAX_FILE_OFFSET, RECORD_HEADER_SIZE, REC_CHUNK, FormatError, Header,
-    RecordHeader, checksum64, chunk_record_header, max_chunk_record_len, pack_index, trailer_record,
+    BLOCKS_SINCE_VERSION, HEADER_SIZE, INDEX_BLOCKS, INDEX_DELTA, INDEX_FULL, MAX_FILE_OFFSET, RECORD_HEADER_SIZE,
+    REC_CHUNK, FormatError, Header, RecordHeader, checksum64, chunk_record_header, max_chunk_record_len, pack_index,
+    trailer_record,
 )
 # Also re-exported: the rest of dccfs and the tests import these names from dccfs.container.
 from dccfs.container_records import (  # noqa: F401
