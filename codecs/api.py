@@ -40,6 +40,7 @@ class ChunkHints:
     level: int | None = None
     effort: int = 1
     block_size: int = 0
+    block_seed: int = 0  # the chunk's index: each block's checksum is seeded with it
 
 
 @dataclass(frozen=True)
@@ -107,11 +108,12 @@ def _encode_block(raw: memoryview, hints: ChunkHints) -> tuple[int, bytes, list]
     return encoded.codec_id, encoded.params, [encoded.payload]
 
 
-def decode_blocks_checked(params: bytes, payload: bytes | memoryview, raw_len: int) -> bytes:
-    """A codec-3 chunk decoded with every block's own checksum checked (fsck; a read checks the chunk's)."""
+def decode_blocks_checked(params: bytes, payload: bytes | memoryview, raw_len: int, seed: int) -> bytes:
+    """A codec-3 chunk decoded with every block's own checksum (seeded with the chunk's index) checked (fsck; a
+    read checks the chunk's)."""
     from . import read_blocks
 
-    return read_blocks.decode(params, payload, raw_len, _decode_into, verify=True)
+    return read_blocks.decode(params, payload, raw_len, _decode_into, verify=True, seed=seed)
 
 
 def _decode_into(codec_id: int, params: bytes, payload: memoryview, raw_len: int, out) -> None:

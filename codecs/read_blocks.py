@@ -16,7 +16,9 @@ log = logging.getLogger(__name__)
 VERSION = 1
 MIN_BLOCK_SHIFT = 12
 MAX_BLOCK_SHIFT = 25
-# codec u8, reserved u8 (0), params length u16, payload length u32, raw length u32, xxh3-64 of the raw bytes
+# codec u8, reserved u8 (0), params length u16, payload length u32, raw length u32, xxh3-64 of the raw bytes seeded
+# with the chunk's index (hints.block_seed): a block read alone, without its record's header, cannot pass for a block
+# of another chunk (found by review: an index entry naming another chunk's record gave that chunk's bytes)
 BLOCK_HEADER = struct.Struct("<BBHIIQ")
 BLOCK_HEADER_SIZE = BLOCK_HEADER.size
 
@@ -54,7 +56,7 @@ def encode(raw: bytes | memoryview, hints: ChunkHints, encode_block) -> EncodedC
                                      hints.effort)
             codec, piece_params, payload = encode_block(piece, piece_hints)
             parts += (BLOCK_HEADER.pack(codec, 0, len(piece_params), sum(len(p) for p in payload), len(piece),
-                                        xxhash.xxh3_64_intdigest(piece)), piece_params, *payload)
+                                        xxhash.xxh3_64_intdigest(piece, hints.block_seed)), piece_params, *payload)
         return EncodedChunk(CODEC_BLOCKS, bytes(params), b"".join(parts))
 
 
@@ -101,7 +103,9 @@ def _checked_header(block: bytes | memoryview, raw_len: int | None, max_len: int
     if len(block) < BLOCK_HEADER_SIZE:
         raise CodecError(f"blocks: a block of {len(block)} bytes is shorter than its header")
     codec, reserved, plen, qlen, length, digest = BLOCK_HEADER.unpack_from(block, 0)
-    if reserved or BLOCK_HEADER_SIZE + plen + qlen != len(block):
+    if reserved:
+        raise CodecError(f"blocks: block header's reserved byte is {reserved}, not 0")
+    if BLOCK_HEADER_SIZE + plen + qlen != len(block):
         raise CodecError(f"blocks: block header says {BLOCK_HEADER_SIZE + plen + qlen} bytes, the block has "
                          f"{len(block)}")
     if length != raw_len if raw_len is not None else not 0 < length <= max_len:
@@ -112,14 +116,15 @@ def _checked_header(block: bytes | memoryview, raw_len: int | None, max_len: int
     return codec, plen, digest
 
 
-def decode_block(block: bytes | memoryview, raw_len: int | None, decode_piece, max_len: int = 0) -> bytes:
+def decode_block(block: bytes | memoryview, raw_len: int | None, decode_piece, max_len: int = 0, seed: int = 0
+                 ) -> bytes:
     """One block (header, params, payload) to its raw bytes, checked against its own checksum. raw_len None (a
     chunk's last block, read alone) takes the header's, up to max_len."""
     codec, plen, digest = _checked_header(block, raw_len, max_len)
     length = BLOCK_HEADER.unpack_from(block, 0)[4]
     body = memoryview(block)[BLOCK_HEADER_SIZE:]
     out = decode_piece(codec, bytes(body[:plen]), body[plen:], length)
-    if xxhash.xxh3_64_intdigest(out) != digest:
+    if xxhash.xxh3_64_intdigest(out, seed) != digest:
         raise CodecError("blocks: block checksum mismatch")
     return out
 
@@ -130,7 +135,8 @@ def block_shift(params: bytes, raw_len: int) -> int:
     return size.bit_length() - 1
 
 
-def decode(params: bytes, payload: bytes | memoryview, raw_len: int, decode_piece_into, verify: bool = False) -> bytes:
+def decode(params: bytes, payload: bytes | memoryview, raw_len: int, decode_piece_into, verify: bool = False,
+           seed: int = 0) -> bytes:
     """The whole chunk, every block decoded in turn by decode_piece_into(codec, params, payload, raw_len, out)
     straight into one bytes object; the blocks' checksums are left to the caller's check of the chunk's (the
     container's record checksum covers every byte) unless verify (fsck)."""
@@ -146,7 +152,10 @@ def decode(params: bytes, payload: bytes | memoryview, raw_len: int, decode_piec
         codec, plen, digest = _checked_header(view[s:e], length, length)
         target = out[k * size:k * size + length]
         body = view[s + BLOCK_HEADER_SIZE:e]
-        decode_piece_into(codec, bytes(body[:plen]), body[plen:], length, target)
-        if verify and xxhash.xxh3_64_intdigest(target) != digest:
+        try:
+            decode_piece_into(codec, bytes(body[:plen]), body[plen:], length, target)
+        except CodecError as exc:
+            raise CodecError(f"blocks: block {k}: {exc}") from exc
+        if verify and xxhash.xxh3_64_intdigest(target, seed) != digest:
             raise CodecError(f"blocks: block {k} checksum mismatch")
     return finish_bytes(result, out)

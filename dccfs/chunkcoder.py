@@ -166,7 +166,7 @@ class ChunkCoder:
                 if block_size is None:
                     block_size = self.engine.config.read_block_size
                 return ChunkHints(hints.segments, forced or hints.codec, rule.level or hints.level,
-                                  min(effort, hints.effort), block_size if blocks and hints.segments else 0)
+                                  min(effort, hints.effort), block_size if blocks and hints.segments else 0, idx)
             except Exception:
                 log.exception("%s: layout hints failed for chunk %d; probing", self.path, idx)
         return ChunkHints(codec=forced, level=rule.level, effort=effort)

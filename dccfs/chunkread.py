@@ -11,7 +11,8 @@ from dccfs.container import ChunkError, ChunkLoc, record_codec
 log = logging.getLogger(__name__)
 
 # _read_verified's answer for a record that is gone because the file was overwritten
-# (truncated to zero) after the chunk was looked up: look it up again.
+# (truncated to zero) after the chunk was looked up, or for a block that failed its checks:
+# look it up again, or read the whole chunk.
 _GONE = object()
 # a read of at most this fraction of a block, not following the previous one, decodes that block alone
 SMALL_READ_SHARE = 2
@@ -178,6 +179,12 @@ class ChunkReader:
                 return _GONE
             if isinstance(exc, ChunkError):
                 stats.checksum_errors += 1
+                if block is not None:
+                    # The whole chunk has its own checksum (and its record header says which chunk it is):
+                    # a damaged block header or table must not fail a read whose bytes are intact, and a
+                    # read must fail the same whatever its size (found by review).
+                    log.error("%s; reading the whole chunk instead", exc)
+                    return _GONE
                 log.error("%s", exc)
             raise
         stats.disk.hits += 1  # served by T2, the containers on disk

@@ -181,8 +181,7 @@ def check_chunk_size(value, where: str) -> int:
 def check_read_block_size(value, where: str) -> int:
     size = parse_size(value, where)
     if size and (size & (size - 1) or not 4 << 10 <= size <= 32 << 20):
-        raise ConfigError(f"{where}: read_block_size must be 0 (off) or a power of two from 4KiB to 32MiB, "
-                          f"got {toml_text(value)}")
+        raise ConfigError(f"{where}: must be 0 (off) or a power of two from 4KiB to 32MiB, got {toml_text(value)}")
     return size
 
 

@@ -156,13 +156,19 @@ class Container:
             if loc is None:
                 return None
         record = self.read_record(chunk_index, loc)
-        raw = self.decode_record(chunk_index, record, chain_left)
         if check_blocks:
+            # first: a damaged block is then named, where the chunk's checksum only says the chunk is damaged
             self._check_blocks(chunk_index, loc, record)
-        return raw
+        return self.decode_record(chunk_index, record, chain_left)
 
     def _check_blocks(self, chunk_index: int, loc: ChunkLoc, record: bytes) -> None:
-        head = RecordHeader.unpack(record)
+        try:
+            head = RecordHeader.unpack(record)
+        except FormatError:
+            return  # decode_record says what is wrong
+        if (head.rtype != REC_CHUNK or head.a != chunk_index or len(record) != head.total_len
+                or head.b > self.chunk_size):
+            return
         params = bytes(record[RECORD_HEADER_SIZE:RECORD_HEADER_SIZE + head.params_len])
         payload = memoryview(record)[RECORD_HEADER_SIZE + head.params_len:]
         try:
@@ -171,7 +177,7 @@ class Container:
                 raise CodecError(f"blocks: the index's block table {loc.blocks[:4]}... is not the record's "
                                  f"{found[0][:4]}...")
             if head.sub == CODEC_BLOCKS:
-                decode_blocks_checked(params, payload, head.b)
+                decode_blocks_checked(params, payload, head.b, chunk_index)
         except CodecError as exc:
             raise ChunkError(self.path, chunk_index, str(exc)) from exc
 
@@ -190,7 +196,7 @@ class Container:
         data = pread_exact(self.fd, end - starts[block], loc.offset + starts[block])
         size = 1 << loc.block_shift
         try:
-            return read_blocks.decode_block(data, None if last else size, decode_chunk, max_len=size)
+            return read_blocks.decode_block(data, None if last else size, decode_chunk, max_len=size, seed=chunk_index)
         except CodecError as exc:
             raise ChunkError(self.path, chunk_index, f"block {block}: {exc}") from exc
 

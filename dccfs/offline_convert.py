@@ -63,7 +63,7 @@ def run_pack(path: str, chunk_size: str | None, progress: bool, read_block_size:
     Re-running after an interruption resumes: files that are already containers are skipped.
     """
     fixed = check_chunk_size(chunk_size, "--chunk-size").bit_length() - 1 if chunk_size else None
-    block_size = check_read_block_size(read_block_size, "--read-block-size") if read_block_size else 0
+    block_size = check_read_block_size(read_block_size, "--read-block-size") if read_block_size is not None else 0
     defaults = Config()
 
     def convert(found: FoundFile, src: int, dst: int, advance) -> int:
@@ -273,7 +273,7 @@ def _pack_into(path: str, src: int, dst: int, shift: int, advance, block_size: i
             return idx, None, len(raw), 0  # all zeros: a hole, as the mount stores it
         hints = layout.hints_for(idx * cs, raw) if layout is not None else None
         if hints is not None and hints.segments and block_size:
-            hints = replace(hints, block_size=block_size)
+            hints = replace(hints, block_size=block_size, block_seed=idx)
         return idx, encode_chunk(raw, hints), len(raw), checksum64(raw)
 
     for idx, encoded, raw_len, raw_sum in _ordered_map(encode, range(-(-size // cs)), ENCODE_WORKERS):

@@ -93,7 +93,7 @@ def test_small_or_generic_chunks_stay_whole():
 @pytest.mark.parametrize("damage, message", [
     ("payload", "checksum mismatch|codec|rans|tensor"),
     ("digest", "checksum mismatch"),
-    ("reserved", "block header says"),
+    ("reserved", "reserved byte is 1"),
     ("raw_len", "raw bytes"),
     ("nested", "may not hold blocks"),
 ])
@@ -206,6 +206,23 @@ def test_container_keeps_block_tables_and_reads_one_block(tmp_path):
     assert copied.read_block(0, copied.index[0], 6) == raw[6 * BLOCK:7 * BLOCK]
 
 
+def test_a_block_cannot_pass_for_another_chunks(tmp_path):
+    """Block checksums are seeded with the chunk's index: an index entry naming another chunk's record (a bug, or
+    damage the index's own checksum cannot see) fails a block read, as it fails the record's header check."""
+    path = str(tmp_path / "c")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    container = Container.create(fd, path, 20)
+    raws = [weights(MIB, seed) for seed in (1, 2)]
+    for idx, raw in enumerate(raws):
+        hints = ChunkHints(segments=(Segment(0, MIB, "f32"),), block_size=BLOCK, block_seed=idx)
+        container.append_chunk(idx, encode_chunk(raw, hints), MIB, checksum64(raw))
+    assert container.read_block(1, container.index[1], 3) == raws[1][3 * BLOCK:4 * BLOCK]
+    with pytest.raises(ChunkError, match="chunk 0: block 3: blocks: block checksum mismatch"):
+        container.read_block(0, container.index[1], 3)
+    with pytest.raises(ChunkError, match="record of another chunk"):
+        container.read_chunk(0, container.index[1])
+
+
 def test_version_1_container_gets_no_block_tables_and_compaction_upgrades_it(tmp_path):
     raw = weights(MIB)
     path = str(tmp_path / "v1")
@@ -272,30 +289,36 @@ def test_small_reads_through_a_mount_decode_one_block(make_mount, corpus, tmp_pa
     assert _stats(mount.mnt)["block_reads"] >= 150
     assert (mount.mnt / "model.safetensors").read_bytes() == data
 
-    # a damaged block: its small reads fail with EIO, its neighbours' and the whole chunk's do not
+    # two damaged chunks: a flipped digest in chunk 5's block 3 (its bytes are intact: a small read there falls
+    # back to the whole chunk, whose own checksum holds), a flipped payload byte in chunk 6's block 2 (EIO there,
+    # for any read of chunk 6 that needs that block; its other blocks still read alone)
     mount.stop()
     path = str(mount.backing / "model.safetensors")
     fd = os.open(path, os.O_RDWR)
     try:
-        loc = Container.open(fd, path).index[5]
-        digest_at = loc.offset + loc.blocks[3] + 12
-        os.pwrite(fd, bytes([os.pread(fd, 1, digest_at)[0] ^ 0x01]), digest_at)
+        index = Container.open(fd, path).index
+        for at in (index[5].offset + index[5].blocks[3] + 12, index[6].offset + index[6].blocks[2] + 2000):
+            os.pwrite(fd, bytes([os.pread(fd, 1, at)[0] ^ 0x01]), at)
     finally:
         os.close(fd)
     mount.start()
     mount.expect_errors = True
     fd = os.open(mount.mnt / "model.safetensors", os.O_RDONLY)
     try:
-        bad = 5 * MIB + 3 * BLOCK + 1000
-        with pytest.raises(OSError) as err:
-            os.pread(fd, 4096, bad)
-        assert err.value.errno == errno.EIO
-        good = 5 * MIB + 4 * BLOCK + 1000
-        assert os.pread(fd, 4096, good) == data[good:good + 4096]
+        for off in (5 * MIB + 3 * BLOCK + 8192, 6 * MIB + 4 * BLOCK + 8192):
+            assert os.pread(fd, 4096, off) == data[off:off + 4096], off
+        for off, length in ((6 * MIB + 2 * BLOCK + 8192, 4096), (6 * MIB, MIB)):
+            with pytest.raises(OSError) as err:
+                os.pread(fd, length, off)
+            assert err.value.errno == errno.EIO, off
     finally:
         os.close(fd)
-    assert (mount.mnt / "model.safetensors").read_bytes() == data
+    assert _stats(mount.mnt)["block_reads"] >= 1
+    with pytest.raises(OSError):
+        (mount.mnt / "model.safetensors").read_bytes()
+    assert _stats(mount.mnt)["errors"]["checksum"] >= 2
     mount.stop()
     result = runner.invoke(cli_main, ["fsck", "-q", str(mount.backing)])
     assert result.exit_code == 1
-    assert "model.safetensors: DAMAGED: chunk 5" in result.output and "blocks: block 3 checksum mismatch" in result.output
+    assert "DAMAGED: chunk 5" in result.output and "blocks: block 3 checksum mismatch" in result.output
+    assert "DAMAGED: chunk 6" in result.output and "blocks: block 2:" in result.output
