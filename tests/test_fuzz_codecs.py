@@ -18,9 +18,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dccfs.codecs import CODEC_TENSOR, ChunkHints, CodecError, EncodedChunk, Segment, encode_chunk
+from dccfs.codecs import CODEC_BLOCKS, CODEC_TENSOR, ChunkHints, CodecError, EncodedChunk, Segment, encode_chunk
 from dccfs.codecs import delta
 from dccfs.codecs.delta import CODEC_DELTA, encode_delta
+from codec_samples import weights
 from test_codec_hardening import build_v1, build_v2, float_chunks, parse_v1, parse_v2
 
 log = logging.getLogger(__name__)
@@ -98,11 +99,19 @@ def samples() -> dict[str, tuple[bytes, EncodedChunk, bytes | None]]:
         enc = encode_delta(raw, old, hints, bytes(48))
         assert enc is not None, name
         out[name] = (raw, enc, old)
+    # codec 3: 64 KiB blocks of f32 weights, and of bf16 weights behind a text header (a block of two regions)
+    f32, bf16 = weights(1 << 16, "f32", 11), weights(1 << 17, "bf16", 12)
+    for name, raw, segments in (("blocks-f32", f32, (Segment(0, len(f32), "f32"),)),
+                                ("blocks-mixed", b"header" * 100 + bf16, (Segment(600, len(bf16), "bf16"),))):
+        enc = encode_chunk(raw, ChunkHints(segments=segments, block_size=1 << 16, block_seed=3))
+        assert enc.codec_id == CODEC_BLOCKS, name
+        out[name] = (raw, enc, None)
     return out
 
 
 DELTAS = ("delta-f32", "delta-mixed")
-NAMES = tuple(sorted(float_chunks(n=64))) + DELTAS  # (the names only: samples() encodes on first use)
+BLOCKED = ("blocks-f32", "blocks-mixed")
+NAMES = tuple(sorted(float_chunks(n=64))) + DELTAS + BLOCKED  # (the names only: samples() encodes on first use)
 
 
 def _edit_bytes(data: bytes, op: str, pos: int, value: int) -> bytes:
