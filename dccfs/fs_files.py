@@ -165,6 +165,7 @@ class OpenFileHandlers:
         self.engine.stopping.set()
         await self.handles.commit_all()
         if self.engine.pins is not None:
+            await self.handles.copies_done(SHUTDOWN_PIN_WAIT_S)
             # Pins already let go of are freed now rather than left for fsck --repair.
             await trio.to_thread.run_sync(self.engine.pins.drain, SHUTDOWN_PIN_WAIT_S)
 
