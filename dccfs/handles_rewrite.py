@@ -160,12 +160,13 @@ class BackgroundRewrites:
             self.copies_in_flight -= 1
 
     async def copies_done(self, timeout: float) -> None:
-        """Wait (at unmount, after stopping) until no copy is being written or thrown away: an
-        abandoned copy's pin records go with it, and the pins they held are freed only if
-        that comes before the registry's last drain (found by a test that failed at times:
-        a base pinned for a copy that a stop abandoned was left for fsck --repair)."""
+        """Wait (at unmount, after stopping) until no copy is being written or thrown away and
+        the files whose rewrite closes them are closed: an abandoned copy's pin records go with
+        it, its file's delta writer lets its base go at that close, and the pins they held are
+        freed only if that comes before the registry's last drain (found by a test that failed
+        at times: a base pinned for a copy that a stop abandoned was left for fsck --repair)."""
         with trio.move_on_after(timeout):
-            while self.copies_in_flight:
+            while self.copies_in_flight or self._closed_in_background:
                 await trio.sleep(0.02)
 
     async def _write_and_swap_copy(self, inode: Inode, file: ContainerFile,

@@ -222,5 +222,9 @@ def test_no_file_still_being_written_becomes_the_new_base(make_mount, steps, tmp
         writer.write(steps[0][len(steps[0]) // 2:])
     assert paths[20].read_bytes() == steps[1] and paths[40].read_bytes() == steps[0]
     wait_until(lambda: only_pinned(mount) == 0, "no base held only by its pin")
+    # Step 40's own deltas after close: an unmount that stops that pass leaves the base its put-off
+    # deltas pinned for fsck --repair (a known leak, docs/reliability.md "Not yet guaranteed"), which
+    # is not what this test is about (it failed at times under load, 2026-12-07).
+    wait_until(lambda: file_row(mount, paths[40]).get("delta_of"), "step 40's deltas after close")
     mount.stop()
     assert_fsck_clean(mount)
