@@ -309,10 +309,18 @@ def test_small_reads_through_a_mount_decode_one_block(make_mount, corpus, tmp_pa
     try:
         for off in (5 * MIB + 3 * BLOCK + 8192, 6 * MIB + 4 * BLOCK + 8192):
             assert os.pread(fd, 4096, off) == data[off:off + 4096], off
-        for off, length in ((6 * MIB + 2 * BLOCK + 8192, 4096), (6 * MIB, MIB)):
-            with pytest.raises(OSError) as err:
-                os.pread(fd, length, off)
-            assert err.value.errno == errno.EIO, off
+        off = 6 * MIB + 2 * BLOCK + 8192
+        with pytest.raises(OSError) as err:
+            os.pread(fd, 4096, off)
+        assert err.value.errno == errno.EIO
+        # (a larger read of chunk 6 may come back short instead, with the bytes before block 2: read(2) reports
+        # an error only when nothing was read)
+        try:
+            got = os.pread(fd, MIB, 6 * MIB)
+        except OSError as exc:
+            assert exc.errno == errno.EIO
+        else:
+            assert len(got) <= 2 * BLOCK and got == data[6 * MIB:6 * MIB + len(got)]
     finally:
         os.close(fd)
     assert _stats(mount.mnt)["block_reads"] >= 1
