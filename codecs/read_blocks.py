@@ -90,14 +90,6 @@ def block_starts(params: bytes, payload: bytes | memoryview, raw_len: int) -> li
     return starts
 
 
-def block_raw_len(params: bytes, raw_len: int, k: int) -> tuple[int, int]:
-    """(first raw byte, raw length) of block k of a chunk of raw_len bytes."""
-    size, count = _grid(params, raw_len)
-    if not 0 <= k < count:
-        raise CodecError(f"blocks: no block {k} in {count}")
-    return k * size, min(size, raw_len - k * size)
-
-
 def _checked_header(block: bytes | memoryview, raw_len: int | None, max_len: int) -> tuple[int, int, int]:
     """(codec, params length, digest) of a block whose header agrees with its size and raw length."""
     if len(block) < BLOCK_HEADER_SIZE:

@@ -116,10 +116,11 @@ class Config:
     # (dccfs/unpin.py); false keeps the base pinned instead.
     delta_unpin_rewrite: bool = True
     # Tensor chunks larger than this are stored as blocks of this size that a small read decodes alone
-    # (codec 3, docs/codecs.md); 0 (the default) stores every chunk whole. 128 KiB blocks cost about 0.0005 of
-    # ratio and made cold 4 KiB random reads 1.7x faster, but the encoder's time per block held the GIL long
-    # enough that checkpoint writes fell to 0.5x (docs/performance.md, "2026-12-07: read blocks"): for files that
-    # are read at random (mmap'ed weights served for inference), not for checkpoints.
+    # (codec 3, docs/codecs.md); 0 (the default) stores every chunk whole. 128 KiB blocks cost about 0.001 of
+    # ratio and took cold 4 KiB random reads from 0.24x to 0.42x the passthrough, but two encoder threads hand
+    # the GIL to each other between a block's kernels, and checkpoint writes fell as low as 0.5x (docs/
+    # performance.md, "2026-12-07: read blocks"): for files read at random (mmap'ed weights served for
+    # inference), not for checkpoints.
     read_block_size: int = 0
     source: str = "<defaults>"
 
