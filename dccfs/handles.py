@@ -203,7 +203,6 @@ class HandleTable(BackgroundRewrites):
         # leaves the close to it instead of waiting for the rewrite (a pyfuse3 request
         # task held for minutes, and an unmount that waited for the whole pass).
         self._closed_in_background: set[ContainerFile] = set()
-        self.copies_in_flight = 0  # compacted copies being written (handles_rewrite._compact)
         self._unpinning: set[str] = set()  # dependents an unpinning rewrite is running for
         self._unpin_tried: set[str] = set()  # and those it gave up on, or could not find
         engine.dirty.on_pressure(self._relieve_dirty_pressure)

@@ -147,30 +147,22 @@ class BackgroundRewrites:
         self._closed_in_background.add(file)
         return inode
 
+    async def copies_done(self, timeout: float) -> None:
+        """Wait (at unmount, after stopping) until the files whose background rewrite closes them
+        are closed: an abandoned copy's pin records go with it, the file's delta writer lets its
+        base go at that close, and the pins they held are freed only if that comes before the
+        registry's last drain (found by a test that failed at times: a copy's record that a stop
+        abandoned was left for fsck --repair)."""
+        with trio.move_on_after(timeout):
+            while self._closed_in_background:
+                await trio.sleep(0.02)
+
     async def _compact(self, inode: Inode, file: ContainerFile,
                        rewriter: compaction.RecordRewriter | None = None) -> None:
         """Compaction, which also re-encodes chunks when given a rewriter (put-off deltas,
         redelta.Rewriter; a deleted base's dependent, unpin.UnpinRewriter). The file's pin
         records are carried over to the copy before the swap when the rewriter keeps them
-        (docs/delta.md)."""
-        self.copies_in_flight += 1
-        try:
-            await self._write_and_swap_copy(inode, file, rewriter)
-        finally:
-            self.copies_in_flight -= 1
-
-    async def copies_done(self, timeout: float) -> None:
-        """Wait (at unmount, after stopping) until no copy is being written or thrown away and
-        the files whose rewrite closes them are closed: an abandoned copy's pin records go with
-        it, its file's delta writer lets its base go at that close, and the pins they held are
-        freed only if that comes before the registry's last drain (found by a test that failed
-        at times: a base pinned for a copy that a stop abandoned was left for fsck --repair)."""
-        with trio.move_on_after(timeout):
-            while self.copies_in_flight or self._closed_in_background:
-                await trio.sleep(0.02)
-
-    async def _write_and_swap_copy(self, inode: Inode, file: ContainerFile,
-                                   rewriter: compaction.RecordRewriter | None) -> None:
+        (docs/delta.md). Its callers' files are in _closed_in_background while it runs."""
         container = file.container
         pins = self.engine.pins
         copy_name = header_name(container.header.next_generation())
