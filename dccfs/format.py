@@ -211,19 +211,16 @@ def verify_index_payload(head: RecordHeader, payload: bytes) -> bytes:
     if not."""
     if head.sub & ~(INDEX_FULL | INDEX_BLOCKS):
         raise FormatError(f"unknown index kind {head.sub}")
-    if head.sub & INDEX_BLOCKS:
-        expected = len(payload)
-        if expected < 8 or head.payload_len != expected:
-            raise FormatError(f"index payload is {len(payload)} bytes, header says {head.payload_len}")
-    else:
-        expected = head.b * INDEX_ENTRY_SIZE + 8
-        if len(payload) != expected or head.payload_len != expected:
-            raise FormatError(f"index payload is {len(payload)} bytes, expected {expected}")
+    blocks = head.sub & INDEX_BLOCKS
+    # (with block tables the entries' length is known only by walking them: parse_index_body below)
+    expected = len(payload) if blocks else head.b * INDEX_ENTRY_SIZE + 8
+    if len(payload) != expected or head.payload_len != expected or expected < 8:
+        raise FormatError(f"index payload is {len(payload)} bytes, expected {expected} (header: {head.payload_len})")
     body = payload[:-8]
     (stored_sum,) = _U64.unpack_from(payload, len(payload) - 8)
     if stored_sum != checksum64(body):
         raise FormatError("index checksum mismatch")
-    if head.sub & INDEX_BLOCKS:
+    if blocks:
         parse_index_body(head, body)
     return body
 

@@ -55,7 +55,8 @@ def print_stats(reply: dict, as_json: bool) -> None:
     console.print(lat)
     d, e = stats["dirty"], stats["errors"]
     console.print(f"dirty {_mib(d['bytes'])} of {_mib(d['budget'])}, writer stalls {d['writer_stalls']}; "
-                  f"readahead chunks {stats['readahead_chunks']}, block reads {stats.get('block_reads', 0)}; errors: checksum {e['checksum']}, "
+                  f"readahead chunks {stats['readahead_chunks']}, block reads {stats.get('block_reads', 0)}; "
+                  f"errors: checksum {e['checksum']}, "
                   f"handler {e['handler']}, codec {e.get('codec', 0)}")
     b = stats.get("delta_bases")
     if b:
