@@ -10,6 +10,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 from dccfs.advice import record_runs, willneed
+from dccfs.codecs.delta import CODEC_DELTA, delta_base_ref
 from dccfs.container import ChunkError, Container, ContainerError, pread_exact
 from dccfs.format import HEADER_SIZE, MAX_CHUNK_SHIFT, MAX_FILE_OFFSET, RECORD_HEADER_SIZE, FormatError, RecordHeader
 
@@ -59,6 +60,16 @@ class BaseRef:
     @property
     def link_name(self) -> str:
         return f"{self.file_id.hex()}-{self.generation}"
+
+
+def record_codec_and_base(fd: int, offset: int) -> tuple[int, str | None]:
+    """The codec id of the chunk record at offset, and the pin its delta names (None for a keyframe), from
+    the record's header and a delta's params alone; FormatError or ValueError for a record that says neither."""
+    head = RecordHeader.unpack(pread_exact(fd, RECORD_HEADER_SIZE, offset))
+    if head.sub != CODEC_DELTA:
+        return head.sub, None
+    params = pread_exact(fd, head.params_len, offset + RECORD_HEADER_SIZE)
+    return head.sub, BaseRef.unpack(delta_base_ref(params)).link_name
 
 
 def base_link_path(backing_root: str, file_id: bytes, generation: int) -> str:

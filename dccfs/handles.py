@@ -403,12 +403,14 @@ class HandleTable(BackgroundRewrites):
         if self.open_files.get(inode.number) is file:
             del self.open_files[inode.number]
         file.closed = True
+        if self.engine.pins is not None:
+            container = file.container
+            self.engine.pins.closed(header_name(container.header), container.fd,
+                                    (loc.offset for loc in container.index.values()))
         os.close(file.container.fd)
         for fd in file.retired_fds:
             os.close(fd)
         file.close_unsynced_dir()
-        if self.engine.pins is not None:
-            self.engine.pins.closed(header_name(file.container.header))
 
     async def commit_all(self) -> None:
         for file in list(self.open_files.values()):

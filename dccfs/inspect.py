@@ -6,10 +6,9 @@ import os
 from collections import Counter
 
 from dccfs.codecs import codec_name
-from dccfs.codecs.delta import CODEC_DELTA, delta_base_ref
-from dccfs.delta_bases import BaseRef
+from dccfs.delta_bases import record_codec_and_base
 from dccfs.container import Container, ContainerError, pread_exact
-from dccfs.format import HEADER_SIZE, RECORD_HEADER_SIZE, FormatError, RecordHeader, looks_like_container
+from dccfs.format import HEADER_SIZE, FormatError, looks_like_container
 from dccfs.offline_common import is_state_dir
 
 log = logging.getLogger(__name__)
@@ -34,13 +33,12 @@ def describe_file(path: str) -> dict:
         for loc in container.index.values():
             try:
                 # The header (and a delta's params) say all; the payload is never read.
-                head = RecordHeader.unpack(pread_exact(fd, RECORD_HEADER_SIZE, loc.offset))
-                if head.sub == CODEC_DELTA:
+                codec, pin = record_codec_and_base(fd, loc.offset)
+                if pin is not None:
                     codecs["delta"] += 1
-                    params = pread_exact(fd, head.params_len, loc.offset + RECORD_HEADER_SIZE)
-                    delta_of.add(BaseRef.unpack(delta_base_ref(params)).link_name)
+                    delta_of.add(pin)
                 else:
-                    codecs[codec_name(head.sub)] += 1
+                    codecs[codec_name(codec)] += 1
             except (FormatError, ValueError):
                 codecs["damaged"] += 1
         holes = -(-container.size // container.chunk_size) - len(container.index)

@@ -23,6 +23,7 @@ import threading
 from collections import Counter
 from typing import Callable
 
+from dccfs.delta_bases import record_codec_and_base
 from dccfs.format import HEADER_SIZE, FormatError, Header
 from dccfs.inodes import InodeTable
 from dccfs.pin_records import (BASES_DIR, REFS_DIR, header_name, read_base_end, read_record, read_records,
@@ -69,6 +70,9 @@ class PinRegistry:
         # since may hide it from on_orphaned's search: the pin then stays, docs/delta.md)
         self._path_of: dict[str, str] = {}
         self._held: Counter = Counter()
+        # (pin, dependent) -> records written for it by this mount's writers and compactions: a
+        # container closed with no delta naming such a pin does not need it (_drop_unneeded)
+        self._noted: Counter = Counter()
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         # Loaded before the mount serves anything: a compaction's carry_over must see them.
         self._queue.put(("pins", self._load()))
@@ -87,6 +91,7 @@ class PinRegistry:
         """A record was written (write_record) by this mount, for the file at path."""
         with self._lock:
             self._pins_of.setdefault(dependent, set()).add(pin)
+            self._noted[(pin, dependent)] += 1
             if path is not None:
                 self._path_of[dependent] = path
 
@@ -107,11 +112,18 @@ class PinRegistry:
         or a kill interrupted."""
         self._queue.put(("all", None))  # listed by the worker, off the trio thread
 
-    def closed(self, name: str) -> None:
-        """The mount closed the container named name: when it needs a pin whose base has no
-        name left, it was open when that happened, and may be rewritten now (on_orphaned)."""
+    def closed(self, name: str, fd: int | None = None, offsets=()) -> None:
+        """The mount closed the container named name, whose records are at offsets in fd (still
+        open; duplicated when needed). A record this mount wrote for it goes when the container
+        holds no delta naming that pin: a file whose put-off deltas were never stored (the pass
+        after close found none smaller, had too few to run, or was stopped by an unmount) kept
+        its base pinned until fsck --repair. Then a pin the container needs whose base has no
+        name left may be rewritten now (on_orphaned): it was open when that happened."""
         with self._lock:
             pins = set(self._pins_of.get(name, ()))
+            written = {pin: self._noted[(pin, name)] for pin in pins if (pin, name) in self._noted}
+        if written and fd is not None:
+            self._queue.put(("closed", (name, os.dup(fd), list(offsets), written)))
         if pins:
             self._queue.put(("pins", pins))
 
@@ -167,6 +179,8 @@ class PinRegistry:
                         candidates |= self._check_let_go(value)
                     elif kind == "gone":
                         candidates |= self._forget_dependent(value)
+                    elif kind == "closed":
+                        candidates |= self._drop_unneeded(*value)
                     elif kind == "pins":
                         candidates |= value
                     elif kind == "all":
@@ -225,11 +239,44 @@ class PinRegistry:
             return {name} if (pin.st_dev, pin.st_ino) == (st.st_dev, st.st_ino) else set()
         return self._forget_dependent(name)
 
+    def _drop_unneeded(self, name: str, fd: int, offsets: list[int], written: dict[str, int]) -> set[str]:
+        """Remove the records this mount wrote for the container named name (read through fd, which
+        this closes) for pins none of its deltas name; returns those pins. Under the pin lock, and
+        only while no record was written for it since its close: a writer that pins for the same
+        container again writes its record under that lock, before its first delta."""
+        try:
+            named = set()
+            for offset in offsets:
+                pin = record_codec_and_base(fd, offset)[1]
+                if pin is not None:
+                    named.add(pin)
+        except (OSError, FormatError, ValueError) as exc:
+            log.debug("container %s: records not all readable (%s); its pin records stay", name, exc)
+            return set()
+        finally:
+            os.close(fd)
+        dropped = set()
+        with self.pin_lock:
+            for pin, count in written.items():
+                with self._lock:
+                    if pin in named or self._noted[(pin, name)] != count or pin not in self._pins_of.get(name, ()):
+                        continue
+                    self._pins_of[name].discard(pin)
+                    del self._noted[(pin, name)]
+                remove_record(self.backing_root, pin, name)
+                dropped.add(pin)
+        if dropped:
+            log.info("container %s was closed with no delta of %s: its record there is removed", name,
+                     " or ".join(sorted(dropped)))
+        return dropped
+
     def _forget_dependent(self, dependent: str) -> set[str]:
         """Remove the records of a destroyed container; returns the pins they were in."""
         with self._lock:
             pins = self._pins_of.pop(dependent, set())
             self._path_of.pop(dependent, None)
+            for pin in pins:
+                self._noted.pop((pin, dependent), None)
         for pin in pins:
             remove_record(self.backing_root, pin, dependent)
         if pins:
