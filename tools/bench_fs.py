@@ -105,7 +105,7 @@ def run(args) -> dict:
     report: dict = {"date": datetime.datetime.now().isoformat(timespec="seconds"),
                     "mode": "quick" if args.quick else "full", "targets": names, "machine": facts,
                     "dataset": {"models": ds.models, "ckpts": ds.ckpts, "small_copies": ds.small_copies,
-                                "rand_reads": ds.rand_reads},
+                                "rand_reads": ds.rand_reads, "rand_files": args.rand_files},
                     "read_ahead_kb": args.read_ahead_kb, "dccfs_config": args.dccfs_config,
                     "passthrough_args": args.passthrough_arg}
     log.info("machine: %s", facts)
@@ -141,7 +141,7 @@ def run(args) -> dict:
             seq_read(t, "read hot (seq 1 MiB)")
 
         log.info("== 4 KiB random reads (remount, drop caches), then the same offsets again")
-        plan = rand_plan(targets[0], ds.rand_reads, args.seed)
+        plan = rand_plan(targets[0], ds.rand_reads, args.seed, args.rand_files)
         for t in targets:
             t.remount()
             dropped.append(drop_caches())
@@ -222,6 +222,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--small-copies", type=int, help="override the number of small-file copies")
     parser.add_argument("--rand-reads", type=int, help="override the number of 4 KiB random reads")
     parser.add_argument("--seed", type=int, default=1, help="random-read seed (default 1)")
+    parser.add_argument("--rand-files", metavar="GLOB",
+                        help="random reads only in the written files whose name matches GLOB, e.g. 'mpnet_*' for "
+                             "the weights alone (default: every file, picked in proportion to its size)")
     parser.add_argument("--no-verify", action="store_true", help="skip the untimed sha1 comparison")
     parser.add_argument("--keep", action="store_true", help="keep the targets' directories afterwards")
     parser.add_argument("--allow-tmpfs", action="store_true", help=argparse.SUPPRESS)

@@ -1,6 +1,7 @@
 """The bench_fs data set, its targets, and the timed write and read workloads run on them."""
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import logging
 import os
@@ -167,8 +168,12 @@ def digests(t: Target) -> dict[str, str]:
     return out
 
 
-def rand_plan(t: Target, n: int, seed: int) -> list[tuple[str, int]]:
-    files = [(p.name, p.stat().st_size) for p in seq_files(t)]
+def rand_plan(t: Target, n: int, seed: int, pattern: str | None = None) -> list[tuple[str, int]]:
+    """n 4 KiB-aligned offsets in the written files (those whose name matches pattern, when given), files
+    picked in proportion to their size."""
+    files = [(p.name, p.stat().st_size) for p in seq_files(t) if pattern is None or fnmatch.fnmatch(p.name, pattern)]
+    if not files:
+        raise SystemExit(f"--rand-files {pattern!r} matches none of the written files")
     rng = random.Random(seed)
     weights = [size for _, size in files]
     picks = rng.choices(files, weights=weights, k=n)
