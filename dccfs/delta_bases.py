@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from dccfs.advice import record_runs, willneed
 from dccfs.codecs.delta import CODEC_DELTA, delta_base_ref
 from dccfs.container import ChunkError, Container, ContainerError, pread_exact
-from dccfs.format import HEADER_SIZE, MAX_CHUNK_SHIFT, MAX_FILE_OFFSET, RECORD_HEADER_SIZE, FormatError, RecordHeader
+from dccfs.format import (HEADER_SIZE, MAX_CHUNK_SHIFT, MAX_FILE_OFFSET, REC_CHUNK, RECORD_HEADER_SIZE, FormatError,
+                          RecordHeader)
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +71,25 @@ def record_codec_and_base(fd: int, offset: int) -> tuple[int, str | None]:
         return head.sub, None
     params = pread_exact(fd, head.params_len, offset + RECORD_HEADER_SIZE)
     return head.sub, BaseRef.unpack(delta_base_ref(params)).link_name
+
+
+def every_record_base(fd: int, path: str) -> set[str]:
+    """The pins that any chunk record of the container in fd names up to its last commit, dead records
+    (overwritten chunks) too: once the container is a pinned base, its dependents read its records by offset,
+    whatever its index says now. ContainerError when a record within the last commit cannot be read."""
+    committed_end = Container.open(fd, path).recovery.committed_end
+    named, offset = set(), HEADER_SIZE
+    while offset < committed_end:
+        try:
+            head = RecordHeader.unpack(pread_exact(fd, RECORD_HEADER_SIZE, offset))
+            if offset + head.total_len > committed_end:
+                raise FormatError("the record runs past the last commit")
+            if head.rtype == REC_CHUNK and head.sub == CODEC_DELTA:
+                named.add(record_codec_and_base(fd, offset)[1])
+        except (FormatError, ValueError) as exc:
+            raise ContainerError(path, f"record at offset {offset}: {exc}") from exc
+        offset += head.total_len
+    return named
 
 
 def base_link_path(backing_root: str, file_id: bytes, generation: int) -> str:

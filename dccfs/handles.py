@@ -405,8 +405,10 @@ class HandleTable(BackgroundRewrites):
         file.closed = True
         if self.engine.pins is not None:
             container = file.container
-            self.engine.pins.closed(header_name(container.header), container.fd,
-                                    (loc.offset for loc in container.index.values()))
+            # After a failed last commit the file is not what was committed: its records stay (found by
+            # review: with the index in memory, an ENOSPC at the close freed the pin the deltas needed).
+            committed = not (file.lost_changes or file.content_changed)
+            self.engine.pins.closed(header_name(container.header), container.fd if committed else None)
         os.close(file.container.fd)
         for fd in file.retired_fds:
             os.close(fd)

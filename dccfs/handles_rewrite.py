@@ -221,6 +221,9 @@ class BackgroundRewrites:
         self._detach(inode, file)
         if replaced_fd is not None:
             pins.let_go(replaced_fd)  # after the rekey: no longer an inode of the mount
+            # The copy holds the records carried over: those of pins none of its deltas name go (found by
+            # review: a compaction with no delta left kept the base pinned under the copy's name).
+            pins.closed(copy_name, new_fd)
         self.engine.stats.compactions += 1
         if rewriter is not None:
             rewriter.done(self.engine.stats)

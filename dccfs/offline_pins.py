@@ -5,8 +5,8 @@ import logging
 import os
 import shutil
 
-from dccfs.delta_bases import BASES_DIR
-from dccfs.inspect import describe_file, describe_tree
+from dccfs.delta_bases import BASES_DIR, every_record_base
+from dccfs.inspect import describe_tree
 from dccfs.pin_records import REFS_DIR, read_records, remove_record, write_record
 
 log = logging.getLogger(__name__)
@@ -31,7 +31,11 @@ def check_pins(backing: str, repair: bool, report, damaged_files: int = 0) -> in
         report(f"pins and their records left as they are: {damaged_files or 'some'} file(s) cannot be "
                "fully read, and a damaged file may need any of them")
         return 0
-    referenced = referenced_pins(backing, rows, pinned)
+    try:
+        referenced = referenced_pins(backing, rows, pinned)
+    except PinsUnsure as exc:
+        report(f"pins and their records left as they are: {exc}")
+        return 0
     unused = sorted(n for n in pinned if n not in referenced)
     existing = {f"{row['file_id']}-{row['generation']}" for row in rows if row.get("kind") == "container"}
     existing.update(pinned)
@@ -109,7 +113,11 @@ def unreferenced_bases(backing_root: str) -> list[str]:
     rows = describe_tree(backing_root)
     if unreadable_rows(rows):
         return []
-    referenced = referenced_pins(backing_root, rows, pinned)
+    try:
+        referenced = referenced_pins(backing_root, rows, pinned)
+    except PinsUnsure as exc:
+        log.warning("not looking for unused delta bases: %s", exc)
+        return []
     return [os.path.join(bases_dir, n) for n in sorted(pinned) if n not in referenced]
 
 
@@ -159,9 +167,21 @@ def referenced_pins(backing_root: str, rows: list[dict], pinned: list[str]) -> d
             continue
         referenced[name] = []
         if name in pinned:
+            # Every record, not only the live ones: the dependents read a base's records by offset, and a chunk
+            # of the base overwritten since keeps its old record, which may be a delta naming a pin the live
+            # index no longer shows (found by review: --repair removed that pin, and the dependent read EIO).
             try:
-                referenced[name] = describe_file(os.path.join(bases_dir, name)).get("delta_of", [])
-                todo.extend(referenced[name])
+                fd = os.open(os.path.join(bases_dir, name), os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    referenced[name] = sorted(every_record_base(fd, name))
+                finally:
+                    os.close(fd)
             except OSError as exc:
-                log.warning("%s: cannot read pinned base: %s", name, exc)
+                raise PinsUnsure(f"pinned base {name} cannot be fully read ({exc}), and its deltas may name "
+                                 "any pin") from exc
+            todo.extend(referenced[name])
     return referenced
+
+
+class PinsUnsure(Exception):
+    """What the pins are needed for cannot be told: none of them may be removed."""

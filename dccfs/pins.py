@@ -23,7 +23,7 @@ import threading
 from collections import Counter
 from typing import Callable
 
-from dccfs.delta_bases import record_codec_and_base
+from dccfs.delta_bases import every_record_base
 from dccfs.format import HEADER_SIZE, FormatError, Header
 from dccfs.inodes import InodeTable
 from dccfs.pin_records import (BASES_DIR, REFS_DIR, header_name, read_base_end, read_record, read_records,
@@ -112,18 +112,20 @@ class PinRegistry:
         or a kill interrupted."""
         self._queue.put(("all", None))  # listed by the worker, off the trio thread
 
-    def closed(self, name: str, fd: int | None = None, offsets=()) -> None:
-        """The mount closed the container named name, whose records are at offsets in fd (still
-        open; duplicated when needed). A record this mount wrote for it goes when the container
-        holds no delta naming that pin: a file whose put-off deltas were never stored (the pass
-        after close found none smaller, had too few to run, or was stopped by an unmount) kept
-        its base pinned until fsck --repair. Then a pin the container needs whose base has no
-        name left may be rewritten now (on_orphaned): it was open when that happened."""
+    def closed(self, name: str, fd: int | None = None) -> None:
+        """The mount closed the container named name, or swapped it in (a compaction's copy); fd
+        (still open, duplicated when needed) is given when everything it holds is committed. A
+        record this mount wrote for it goes when no delta record up to its last commit, live or
+        dead, names that pin: a file whose put-off deltas were never stored (the pass
+        after close found none smaller, had too few to run, or was stopped by an unmount), or a
+        copy that carried the record over, kept the base pinned until fsck --repair. Then a pin
+        the container needs whose base has no name left may be rewritten now (on_orphaned): it
+        was open when that happened."""
         with self._lock:
             pins = set(self._pins_of.get(name, ()))
             written = {pin: self._noted[(pin, name)] for pin in pins if (pin, name) in self._noted}
         if written and fd is not None:
-            self._queue.put(("closed", (name, os.dup(fd), list(offsets), written)))
+            self._queue.put(("closed", (name, os.dup(fd), written)))
         if pins:
             self._queue.put(("pins", pins))
 
@@ -239,34 +241,36 @@ class PinRegistry:
             return {name} if (pin.st_dev, pin.st_ino) == (st.st_dev, st.st_ino) else set()
         return self._forget_dependent(name)
 
-    def _drop_unneeded(self, name: str, fd: int, offsets: list[int], written: dict[str, int]) -> set[str]:
+    def _drop_unneeded(self, name: str, fd: int, written: dict[str, int]) -> set[str]:
         """Remove the records this mount wrote for the container named name (read through fd, which
-        this closes) for pins none of its deltas name; returns those pins. Under the pin lock, and
-        only while no record was written for it since its close: a writer that pins for the same
-        container again writes its record under that lock, before its first delta."""
+        this closes) for pins no delta record up to its last commit names; returns those pins. Under
+        the pin lock, and only while no record was written for it since its close: a writer that
+        pins for the same container again writes its record under that lock, before its first delta."""
+        dropped = set()
         try:
-            named = set()
-            for offset in offsets:
-                pin = record_codec_and_base(fd, offset)[1]
-                if pin is not None:
-                    named.add(pin)
+            if header_name(Header.unpack(os.pread(fd, HEADER_SIZE, 0))) != name:
+                return set()
+            # Every record up to the last commit, not only the live ones: a container that is (or becomes) a
+            # pinned base is read by offset, and a chunk overwritten since keeps its old record, which may be a
+            # delta naming a pin the index no longer shows (found by review: EIO in the dependent after a
+            # truncate of such a base).
+            named = every_record_base(fd, name)
+            with self.pin_lock:
+                for pin, count in written.items():
+                    with self._lock:
+                        if pin in named or self._noted[(pin, name)] != count or pin not in self._pins_of.get(name, ()):
+                            continue
+                        self._pins_of[name].discard(pin)
+                        del self._noted[(pin, name)]
+                    remove_record(self.backing_root, pin, name)
+                    dropped.add(pin)
         except (OSError, FormatError, ValueError) as exc:
             log.debug("container %s: records not all readable (%s); its pin records stay", name, exc)
-            return set()
+            return dropped
         finally:
             os.close(fd)
-        dropped = set()
-        with self.pin_lock:
-            for pin, count in written.items():
-                with self._lock:
-                    if pin in named or self._noted[(pin, name)] != count or pin not in self._pins_of.get(name, ()):
-                        continue
-                    self._pins_of[name].discard(pin)
-                    del self._noted[(pin, name)]
-                remove_record(self.backing_root, pin, name)
-                dropped.add(pin)
         if dropped:
-            log.info("container %s was closed with no delta of %s: its record there is removed", name,
+            log.info("container %s holds no delta of %s: its record there is removed", name,
                      " or ".join(sorted(dropped)))
         return dropped
 

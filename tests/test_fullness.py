@@ -17,6 +17,7 @@ import sys
 import time
 
 import pytest
+from test_delta_mount import series  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.mount
 
@@ -377,3 +378,42 @@ def test_after_a_failed_last_close_the_mount_shows_what_is_stored(small_backing,
     filler.unlink()
     mount.remount()
     assert path.read_bytes() == stored
+
+
+def test_a_failed_last_close_of_a_dependent_keeps_its_base_pinned(small_backing, make_mount, tmp_path, series):
+    """The pins a file's deltas need are judged from what is committed: a last close whose commit failed
+    (ENOSPC) must not free the base of the deltas still on disk (found by review: with the index in memory,
+    which named the failed keyframes, the pin went and the dependent read EIO after a remount)."""
+    from safetensors.torch import save
+    from test_pins import forced, pins_of
+    first, second = (save(sd) for sd in series)
+    mount = make_mount("full-dependent", *forced(tmp_path), backing=small_backing)
+    mount.expect_errors = True  # the failed stores and commit are logged
+    (mount.mnt / "run").mkdir()
+    step10, step20 = (mount.mnt / "run" / f"step-{n}.safetensors" for n in (10, 20))
+    step10.write_bytes(first)
+    step20.write_bytes(second)
+    pins = pins_of(mount)
+    assert len(pins) == 1
+    os.unlink(step10)  # only the pin keeps it now
+    free = os.statvfs(small_backing).f_bavail * os.statvfs(small_backing).f_frsize
+    filler = small_backing / "filler"
+    # room for the overwrite's keyframes, not for what follows: the index in memory then names keyframes only
+    filler.write_bytes(bytes(max(0, free - len(second) - (2 << 20))))
+    fd = os.open(step20, os.O_WRONLY)
+    try:
+        os.pwrite(fd, os.urandom(len(second)), 0)  # keyframes over every delta, then more
+        os.pwrite(fd, os.urandom(8 << 20), len(second))
+    except OSError as exc:
+        assert exc.errno == errno.ENOSPC
+    finally:
+        with pytest.raises(OSError) as closing:
+            os.close(fd)
+    assert closing.value.errno == errno.ENOSPC
+    deadline = time.monotonic() + 10
+    while "last commit failed" not in mount.log_text() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    filler.unlink()
+    mount.remount()
+    assert pins_of(mount) == pins
+    assert step20.read_bytes() == second

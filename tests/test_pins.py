@@ -315,3 +315,40 @@ def test_a_torn_tail_of_a_linked_container_may_go_only_past_every_dependents_end
     assert torn_tail_may_go(str(tmp_path), pin, 5000) and not torn_tail_may_go(str(tmp_path), pin, 4999)
     (tmp_path / REFS_DIR / pin / ("12" * 16 + "-0")).write_bytes(b"")  # made by fsck --repair
     assert not torn_tail_may_go(str(tmp_path), pin, 10**9)
+
+
+@pytest.mark.parametrize("how", ["truncate", "overwrite"])
+def test_a_pinned_base_overwritten_in_place_keeps_the_pin_its_old_records_name(make_mount, steps, tmp_path, how):
+    """Step 20 is a delta of step 10 and the pinned base of step 30 (chain 3). Truncating or overwriting it in
+    place leaves its old records, which step 30 reads by offset and which name step 10's pin: neither its close
+    nor fsck --repair may free that pin (found by review: step 30 read EIO)."""
+    mount = make_mount("pins-overwritten-base", *forced(tmp_path, "delta_chain = 3\n"))
+    (mount.mnt / "run").mkdir()
+    paths = [mount.mnt / "run" / f"step-{n}.safetensors" for n in (10, 20, 30)]
+    for data, path in zip(steps, paths):
+        write(path, data)
+    before = pins_of(mount)
+    assert len(before) == 2
+    os.unlink(paths[0])
+    if how == "truncate":
+        os.truncate(paths[1], 1000)
+        expected = steps[1][:1000]
+    else:
+        fd = os.open(paths[1], os.O_WRONLY)
+        try:
+            os.pwrite(fd, steps[2][: 3 << 20], 0)
+        finally:
+            os.close(fd)
+        expected = steps[2][: 3 << 20] + steps[1][3 << 20:]
+    assert paths[1].read_bytes() == expected
+    mount.remount()
+    # (an overwrite may also pin a base of its own for its new chunks)
+    assert set(before) <= set(pins_of(mount))
+    assert paths[2].read_bytes() == steps[2]
+    mount.stop()
+    assert_fsck_clean(mount)
+    result = dccfs("fsck", "--repair", mount.backing)
+    assert result.returncode == 0, result.stdout + result.stderr
+    mount.start()
+    assert paths[1].read_bytes() == expected
+    assert paths[2].read_bytes() == steps[2]
