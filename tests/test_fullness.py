@@ -347,6 +347,16 @@ def test_a_failed_close_leaves_no_stale_chunk_for_the_next_writer(small_backing,
         assert f.read(chunk) == want
 
 
+def last_close_fails(fd: int, mount) -> None:
+    """Close fd, which must fail with ENOSPC, and wait until the daemon has given up on the commit."""
+    with pytest.raises(OSError) as closing:
+        os.close(fd)
+    assert closing.value.errno == errno.ENOSPC
+    deadline = time.monotonic() + 10
+    while "last commit failed" not in mount.log_text() and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
 def test_after_a_failed_last_close_the_mount_shows_what_is_stored(small_backing, make_mount):
     """A last close whose commit failed leaves the stored state at the last commit; reads through
     the mount must show that state and its size, not the failed writes the kernel still had in its
@@ -366,12 +376,7 @@ def test_after_a_failed_last_close_the_mount_shows_what_is_stored(small_backing,
         os.pwrite(fd, os.urandom(chunk), 0)
         os.pwrite(fd, os.urandom(2 * chunk), 4 * chunk)  # grows the file
     finally:
-        with pytest.raises(OSError) as closing:
-            os.close(fd)
-    assert closing.value.errno == errno.ENOSPC
-    deadline = time.monotonic() + 10
-    while "last commit failed" not in mount.log_text() and time.monotonic() < deadline:
-        time.sleep(0.1)
+        last_close_fails(fd, mount)
     time.sleep(0.5)  # the kernel's view is dropped after the release
     assert os.stat(path).st_size == len(stored)
     assert path.read_bytes() == stored
@@ -407,12 +412,7 @@ def test_a_failed_last_close_of_a_dependent_keeps_its_base_pinned(small_backing,
     except OSError as exc:
         assert exc.errno == errno.ENOSPC
     finally:
-        with pytest.raises(OSError) as closing:
-            os.close(fd)
-    assert closing.value.errno == errno.ENOSPC
-    deadline = time.monotonic() + 10
-    while "last commit failed" not in mount.log_text() and time.monotonic() < deadline:
-        time.sleep(0.1)
+        last_close_fails(fd, mount)
     filler.unlink()
     mount.remount()
     assert pins_of(mount) == pins
