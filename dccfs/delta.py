@@ -24,7 +24,7 @@ from dccfs.delta_candidates import (MAX_CANDIDATES, TENSOR_CODECS, find_base_can
                                     first_chunk_codec, fixed_name, looks_temporary, name_pattern,
                                     open_base, resembles)
 from dccfs import pin_records, pins
-from dccfs.delta_bases import (BASES_DIR, MAX_CHAIN, BaseRef, BaseStore, base_link_path,  # noqa: F401
+from dccfs.delta_bases import (BASES_DIR, MAX_CHAIN, BaseRef, BaseStore, base_link_path, chain_reaches,  # noqa: F401
                                store_for_path)
 from dccfs.syscalls import AT_FDCWD, link_fd
 
@@ -157,9 +157,18 @@ class DeltaWriter:
         bound = max(1, min(max_chain, MAX_CHAIN))
         fallback = None
         decoded = 0
+        # Written in place while it is a pinned base itself: no base whose chain leads back to it.
+        try:
+            pinned_itself = bound > 1 and any(n.startswith(file_id.hex() + "-")
+                                              for n in os.listdir(os.path.join(backing_root, BASES_DIR)))
+        except FileNotFoundError:
+            pinned_itself = False
         for path in find_base_candidates(backing_root, relpath):
             base = open_base(path, file_id, chunk_size)
             if base is None:
+                continue
+            if pinned_itself and chain_reaches(backing_root, base, file_id, bound):
+                os.close(base.fd)
                 continue
             alike = prefix is None
             if not alike and decoded < MAX_CANDIDATES and first_chunk_codec(base) in TENSOR_CODECS:

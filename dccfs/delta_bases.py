@@ -92,6 +92,34 @@ def every_record_base(fd: int, path: str) -> set[str]:
     return named
 
 
+def chain_reaches(backing_root: str, base: Container, file_id: bytes, depth: int = MAX_CHAIN) -> bool:
+    """Whether the deltas of base's live records, or those of the pinned bases they name (every record of
+    those, up to depth levels), name a container with file_id: a file written in place while it is itself a
+    pinned base must not take such a base, or the two pins would need each other and neither could ever go
+    (found by review). True as well when a record on the way cannot be read."""
+    prefix = file_id.hex() + "-"
+    try:
+        named = {pin for loc in base.index.values() if (pin := record_codec_and_base(base.fd, loc.offset)[1])}
+        seen: set[str] = set()
+        for _ in range(depth):
+            if any(pin.startswith(prefix) for pin in named):
+                return True
+            seen |= named
+            further: set[str] = set()
+            for pin in named:
+                fd = os.open(os.path.join(backing_root, BASES_DIR, pin), os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    further |= every_record_base(fd, pin)
+                finally:
+                    os.close(fd)
+            named = further - seen
+            if not named:
+                return False
+        return True
+    except (OSError, FormatError, ValueError):
+        return True
+
+
 def base_link_path(backing_root: str, file_id: bytes, generation: int) -> str:
     return os.path.join(backing_root, BASES_DIR, f"{file_id.hex()}-{generation}")
 

@@ -352,3 +352,26 @@ def test_a_pinned_base_overwritten_in_place_keeps_the_pin_its_old_records_name(m
     mount.start()
     assert paths[1].read_bytes() == expected
     assert paths[2].read_bytes() == steps[2]
+
+
+def test_a_pinned_base_written_in_place_takes_no_base_that_leads_back_to_it(make_mount, steps, tmp_path):
+    """Step 20 is a delta of step 10 and the pinned base of step 30 (chain 3). Overwritten in place, it must not
+    take step 30 as its base: the two pins would need each other, and neither would ever be freed (found by
+    review N: both stayed after every file was deleted)."""
+    mount = make_mount("pins-cycle", *forced(tmp_path, "delta_chain = 3\n"))
+    (mount.mnt / "run").mkdir()
+    paths = [mount.mnt / "run" / f"step-{n}.safetensors" for n in (10, 20, 30)]
+    for data, path in zip(steps, paths):
+        write(path, data)
+    fd = os.open(paths[1], os.O_WRONLY)
+    try:
+        os.pwrite(fd, steps[2], 0)
+    finally:
+        os.close(fd)
+    assert paths[1].read_bytes() == steps[2]
+    assert paths[2].read_bytes() == steps[2]
+    for path in paths:
+        os.unlink(path)
+    wait_no_pins(mount)
+    mount.stop()
+    assert_fsck_clean(mount)
