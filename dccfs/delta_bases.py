@@ -76,8 +76,14 @@ def record_codec_and_base(fd: int, offset: int) -> tuple[int, str | None]:
 def every_record_base(fd: int, path: str) -> set[str]:
     """The pins that any chunk record of the container in fd names up to its last commit, dead records
     (overwritten chunks) too: once the container is a pinned base, its dependents read its records by offset,
-    whatever its index says now. ContainerError when a record within the last commit cannot be read."""
-    committed_end = Container.open(fd, path).recovery.committed_end
+    whatever its index says now. ContainerError when a record within the last commit cannot be read, or when
+    bytes follow the last commit: dependents read records by offset, so a damaged end (a commit recovered by
+    scanning, found by review: fsck --repair then freed the pin the records past it named) hides what they need."""
+    recovery = Container.open(fd, path).recovery
+    if recovery.torn_tail:
+        raise ContainerError(path, f"{recovery.torn_tail} bytes past its last commit may hold records that its "
+                                   "dependents read")
+    committed_end = recovery.committed_end
     named, offset = set(), HEADER_SIZE
     while offset < committed_end:
         try:

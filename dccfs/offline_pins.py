@@ -5,6 +5,7 @@ import logging
 import os
 import shutil
 
+from dccfs.container import ContainerError
 from dccfs.delta_bases import BASES_DIR, every_record_base
 from dccfs.inspect import describe_tree
 from dccfs.pin_records import REFS_DIR, read_records, remove_record, write_record
@@ -61,7 +62,9 @@ def check_pins(backing: str, repair: bool, report, damaged_files: int = 0) -> in
                    "a mount could free the pin it needs (fsck --repair adds it)")
     for pin, dependent in stale:
         where = os.path.join(refs, pin, dependent)
-        if repair:
+        if repair and not os.path.isfile(where):
+            report(f"{where}: not a record (a {_kind(where)}): left as it is; remove it by hand")
+        elif repair:
             remove_record(backing, pin, dependent)
             report(f"{where}: removed a stale record (no such file any more)")
         else:
@@ -122,10 +125,27 @@ def unreferenced_bases(backing_root: str) -> list[str]:
 
 
 def pinned_names(backing_root: str) -> list[str]:
+    """The pins: regular files in bases/ (a directory or a link there is no pin, found by review: --repair
+    failed with IsADirectoryError on one)."""
+    bases = os.path.join(backing_root, BASES_DIR)
     try:
-        return [n for n in os.listdir(os.path.join(backing_root, BASES_DIR)) if not n.endswith(".tmp")]
+        names = os.listdir(bases)
     except FileNotFoundError:
         return []
+    pins = []
+    for name in names:
+        path = os.path.join(bases, name)
+        if name.endswith(".tmp"):
+            continue
+        if os.path.isfile(path) and not os.path.islink(path):
+            pins.append(name)
+        else:
+            log.warning("%s: not a delta base (a %s): left as it is", path, _kind(path))
+    return pins
+
+
+def _kind(path: str) -> str:
+    return "symlink" if os.path.islink(path) else "directory" if os.path.isdir(path) else "special file"
 
 
 def pinned_space(backing_root: str) -> dict:
@@ -170,15 +190,16 @@ def referenced_pins(backing_root: str, rows: list[dict], pinned: list[str]) -> d
             # Every record, not only the live ones: the dependents read a base's records by offset, and a chunk
             # of the base overwritten since keeps its old record, which may be a delta naming a pin the live
             # index no longer shows (found by review: --repair removed that pin, and the dependent read EIO).
+            path = os.path.join(bases_dir, name)
             try:
-                fd = os.open(os.path.join(bases_dir, name), os.O_RDONLY | os.O_CLOEXEC)
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
                 try:
-                    referenced[name] = sorted(every_record_base(fd, name))
+                    referenced[name] = sorted(every_record_base(fd, path))
                 finally:
                     os.close(fd)
             except OSError as exc:
-                raise PinsUnsure(f"pinned base {name} cannot be fully read ({exc}), and its deltas may name "
-                                 "any pin") from exc
+                reason = exc.strerror if isinstance(exc, ContainerError) else f"{path}: {exc.strerror or exc}"
+                raise PinsUnsure(f"{reason}; a pinned base that cannot be fully read may need any pin") from exc
             todo.extend(referenced[name])
     return referenced
 
