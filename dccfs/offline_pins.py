@@ -62,7 +62,7 @@ def check_pins(backing: str, repair: bool, report, damaged_files: int = 0) -> in
                    "a mount could free the pin it needs (fsck --repair adds it)")
     for pin, dependent in stale:
         where = os.path.join(refs, pin, dependent)
-        if repair and not os.path.isfile(where):
+        if not os.path.isfile(where):
             report(f"{where}: not a record (a {_kind(where)}): left as it is; remove it by hand")
         elif repair:
             remove_record(backing, pin, dependent)
