@@ -90,6 +90,9 @@ class Mount:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+            # A daemon that mounted only after the unmount above (a test stopped by its timeout while it
+            # waited for the mount) leaves a dead mount behind once killed (found with make stress).
+            unmount(self.mnt)
         self.proc = None
 
     def kill(self) -> None:
