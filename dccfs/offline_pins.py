@@ -20,8 +20,9 @@ def check_pins(backing: str, repair: bool, report, damaged_files: int = 0) -> in
     missing records and removes the rest, and does nothing while any file cannot be fully
     read (such a file may name any pin). Returns how many problems remain that could let a
     mount free a pin a file needs (missing records, copied dependents)."""
-    pinned = pinned_names(backing)
+    pinned = pinned_names(backing, report)
     records = read_records(backing)
+    _report_odd_refs(backing, report)
     if not pinned and not records:
         return 0
     rows = describe_tree(backing)
@@ -124,9 +125,9 @@ def unreferenced_bases(backing_root: str) -> list[str]:
     return [os.path.join(bases_dir, n) for n in sorted(pinned) if n not in referenced]
 
 
-def pinned_names(backing_root: str) -> list[str]:
+def pinned_names(backing_root: str, report=None) -> list[str]:
     """The pins: regular files in bases/ (a directory or a link there is no pin, found by review: --repair
-    failed with IsADirectoryError on one)."""
+    failed with IsADirectoryError on one); report(message) hears of anything else there."""
     bases = os.path.join(backing_root, BASES_DIR)
     try:
         names = os.listdir(bases)
@@ -139,13 +140,26 @@ def pinned_names(backing_root: str) -> list[str]:
             continue
         if os.path.isfile(path) and not os.path.islink(path):
             pins.append(name)
-        else:
-            log.warning("%s: not a delta base (a %s): left as it is", path, _kind(path))
+        elif report is not None:
+            report(f"{path}: not a delta base (a {_kind(path)}): left as it is; remove it by hand")
     return pins
 
 
+def _report_odd_refs(backing_root: str, report) -> None:
+    """Anything in refs/ that is no directory of records (found by review: a file there was taken silently
+    for a pin made before records)."""
+    refs = os.path.join(backing_root, REFS_DIR)
+    for name in sorted(os.listdir(refs)) if os.path.isdir(refs) else ():
+        path = os.path.join(refs, name)
+        if os.path.islink(path) or not os.path.isdir(path):
+            report(f"{path}: not a directory of records (a {_kind(path)}): its pin counts as one made before "
+                   "records; remove it by hand")
+
+
 def _kind(path: str) -> str:
-    return "symlink" if os.path.islink(path) else "directory" if os.path.isdir(path) else "special file"
+    if os.path.islink(path):
+        return "symlink"
+    return "directory" if os.path.isdir(path) else "file" if os.path.isfile(path) else "special file"
 
 
 def pinned_space(backing_root: str) -> dict:

@@ -56,18 +56,21 @@ def test_repair_frees_no_pin_behind_a_damaged_end_of_a_pinned_base(make_mount, s
 
 
 def test_repair_leaves_directories_in_the_state_directory_and_goes_on(make_mount, steps, tmp_path):
-    """A directory where fsck expects a pin or a record is reported and left, and the rest of the repair still
-    happens (found by review: --repair stopped with IsADirectoryError)."""
+    """A directory where fsck expects a pin or a record, or a file where it expects a directory of records, is
+    reported once and left, and the rest of the repair still happens (found by review: --repair stopped with
+    IsADirectoryError, and the file passed silently)."""
     mount, middle = chain_of_three(make_mount, steps, tmp_path, "fsck-junk")
     (middle.parent / "junk").mkdir()
     (mount.backing / ".dccfs" / "refs" / middle.name / "junk").mkdir()
     stale = mount.backing / ".dccfs" / "refs" / middle.name / ("0" * 32 + "-0")
     stale.write_bytes(b"")
+    (mount.backing / ".dccfs" / "refs" / ("f" * 32 + "-0")).write_bytes(b"")
     result = dccfs("fsck", "--repair", mount.backing)
     out = result.stdout + result.stderr
     assert result.returncode == 0 and "Traceback" not in out, out
-    assert "junk: not a delta base (a directory): left as it is" in out
+    assert out.count("junk: not a delta base (a directory): left as it is") == 1, out
     assert "junk: not a record (a directory): left as it is" in out
+    assert f"{'f' * 32}-0: not a directory of records (a file)" in out
     assert "removed a stale record" in out and not stale.exists()
     mount.start()
     assert (mount.mnt / "run" / "step-30.safetensors").read_bytes() == steps[2]
