@@ -67,10 +67,13 @@ def record_codec_and_base(fd: int, offset: int) -> tuple[int, str | None]:
     """The codec id of the chunk record at offset, and the pin its delta names (None for a keyframe), from
     the record's header and a delta's params alone; FormatError or ValueError for a record that says neither."""
     head = RecordHeader.unpack(pread_exact(fd, RECORD_HEADER_SIZE, offset))
-    if head.sub != CODEC_DELTA:
-        return head.sub, None
+    return head.sub, (_delta_pin(fd, head, offset) if head.sub == CODEC_DELTA else None)
+
+
+def _delta_pin(fd: int, head: RecordHeader, offset: int) -> str:
+    """The pin named by the params of the delta record at offset, whose header is head."""
     params = pread_exact(fd, head.params_len, offset + RECORD_HEADER_SIZE)
-    return head.sub, BaseRef.unpack(delta_base_ref(params)).link_name
+    return BaseRef.unpack(delta_base_ref(params)).link_name
 
 
 def every_record_base(fd: int, path: str) -> set[str]:
@@ -91,7 +94,7 @@ def every_record_base(fd: int, path: str) -> set[str]:
             if offset + head.total_len > committed_end:
                 raise FormatError("the record runs past the last commit")
             if head.rtype == REC_CHUNK and head.sub == CODEC_DELTA:
-                named.add(record_codec_and_base(fd, offset)[1])
+                named.add(_delta_pin(fd, head, offset))
         except (FormatError, ValueError) as exc:
             raise ContainerError(path, f"record at offset {offset}: {exc}") from exc
         offset += head.total_len
