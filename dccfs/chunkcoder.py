@@ -58,6 +58,11 @@ class ChunkCoder:
         """The file's delta writer, while it has a base."""
         return self._delta
 
+    def renamed(self, path: str) -> None:
+        self.path = path
+        if self._delta is not None:
+            self._delta.path = path
+
     @property
     def layout_kind(self) -> str | None:
         return self._layout.kind if self._layout is not None else None

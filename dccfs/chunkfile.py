@@ -89,6 +89,11 @@ class ContainerFile(ChunkReader):
     def path(self) -> str:
         return self.container.path
 
+    def renamed(self, relpath: str) -> None:
+        """The file's new name, for its messages (the container's and the coder's)."""
+        self.container.path = relpath
+        self.coder.renamed(relpath)
+
     @property
     def content_changed(self) -> bool:
         """Writes or a size not committed yet: what a background rewrite must not swap away. A

@@ -247,10 +247,15 @@ class DccfsOperations(OpenFileHandlers, pyfuse3.Operations):
         self._check_name(parent_new, name_new)
         old_dir = self.inodes.get(parent_old)
         new_dir = self.inodes.get(parent_new)
+        moved = [os.stat(name_old, dir_fd=old_dir.fd, follow_symlinks=False)]
+        if flags & syscalls.RENAME_EXCHANGE:
+            moved.append(os.stat(name_new, dir_fd=new_dir.fd, follow_symlinks=False))
         if flags:
             syscalls.rename_at(old_dir.fd, name_old, new_dir.fd, name_new, flags)
         else:
             os.rename(name_old, name_new, src_dir_fd=old_dir.fd, dst_dir_fd=new_dir.fd)
+        self.handles.renamed([(st.st_dev, st.st_ino) for st in moved],
+                             any(stat.S_ISDIR(st.st_mode) for st in moved))
 
     @guarded
     async def link(self, inode, new_parent_inode, new_name, ctx):

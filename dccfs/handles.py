@@ -97,6 +97,14 @@ def relpath_of(inode: Inode, backing_root: str) -> str:
     return full
 
 
+def _backing_path(inode: Inode) -> str:
+    """The inode's backing path for messages (its /proc/self/fd name said nothing to an operator)."""
+    try:
+        return os.readlink(inode.proc_path)
+    except OSError:
+        return inode.proc_path
+
+
 def _open_backing(inode: Inode, st: os.stat_result) -> int | None:
     """A read descriptor of the inode's backing file, or None if it cannot be opened or is
     no longer the file st describes: these reads run on worker threads, and a rewrite's
@@ -172,15 +180,16 @@ def logical_size(inode: Inode, st: os.stat_result) -> int:
     if fd is None:
         return st.st_size
     try:
-        if not is_container_head(pread_exact(fd, HEADER_SIZE, 0), inode.proc_path):
+        path = _backing_path(inode)
+        if not is_container_head(pread_exact(fd, HEADER_SIZE, 0), path):
             size = st.st_size
         else:
             # The size an open would read, index verified: the trailer alone may name an
             # index that does not verify, and the open then falls back to an earlier commit.
-            size = verified_logical_size(fd, inode.proc_path)
+            size = verified_logical_size(fd, path)
             if size is None:
                 try:
-                    size = Container.open(fd, inode.proc_path).size
+                    size = Container.open(fd, path).size
                 except ContainerError:
                     size = read_logical_size(fd) or st.st_size  # unreadable: reads report it
     finally:
@@ -215,6 +224,18 @@ class HandleTable(BackgroundRewrites):
         for file in self.open_files.values():
             if file.failure is None:
                 file.schedule_all()
+
+    def renamed(self, keys: list[tuple[int, int]], directory: bool) -> None:
+        """Backing objects (dev, ino) were renamed: the open files among them, or every open
+        file when a directory moved, log and report their new names (an atomic saver's
+        `.tmpXXXX` name stayed in the logs of its background rewrites)."""
+        if directory:
+            numbers = list(self.open_files)
+        else:
+            numbers = [inode.number for inode in map(self.inodes.find, keys)
+                       if inode is not None and inode.number in self.open_files]
+        for number in numbers:
+            self.open_files[number].renamed(relpath_of(self.inodes.get(number), self.backing_root))
 
     def open_inodes(self) -> set[int]:
         """The inodes of every open container, and of every plain file open for writing: what

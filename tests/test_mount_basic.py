@@ -360,6 +360,51 @@ def test_rewrites_are_compacted_and_stay_readable(mounted):
     assert "compacted" in mounted.log_text()
 
 
+@pytest.mark.parametrize("moved", ["file", "directory"])
+def test_an_open_file_renamed_is_named_by_its_new_path_in_the_log(mounted, moved):
+    """An atomic saver writes `.tmpXXXX` and renames it into place before its last close: what the
+    daemon logs of the file afterwards (here its compaction after the close) names the new path,
+    also when a directory above it moved."""
+    import time
+    (mounted.mnt / "run").mkdir()
+    old = mounted.mnt / "run" / ".tmp_save"
+    chunk = os.urandom(1 << 20)
+    with open(old, "wb") as f:
+        for _ in range(8):  # dead records: the last close compacts the file
+            f.seek(0)
+            f.write(chunk)
+            f.flush()
+            os.fsync(f.fileno())
+        if moved == "file":
+            os.rename(old, mounted.mnt / "run" / "final.bin")
+            new = "run/final.bin"
+        else:
+            os.rename(mounted.mnt / "run", mounted.mnt / "run2")
+            new = "run2/.tmp_save"
+    deadline = time.monotonic() + 20
+    while "compacted" not in mounted.log_text() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    lines = [line for line in mounted.log_text().splitlines() if "compacted" in line]
+    assert lines and f"{new}: compacted" in lines[-1], lines
+    assert (mounted.mnt / new).read_bytes() == chunk
+
+
+def test_a_damaged_end_found_by_a_stat_is_logged_under_the_backing_path(mounted):
+    """A stat of a container with bytes past its last commit (a write cut short) recovers that
+    commit by scanning; the warning names the backing file, not a /proc/self/fd alias."""
+    data = os.urandom(300_000)
+    (mounted.mnt / "cut").write_bytes(data)
+    mounted.stop()
+    with open(mounted.backing / "cut", "ab") as f:
+        f.write(b"\x01" * 100)
+    mounted.start()
+    assert (mounted.mnt / "cut").stat().st_size == len(data)
+    assert (mounted.mnt / "cut").read_bytes() == data
+    log = mounted.log_text()
+    assert "/proc/self/fd" not in log
+    assert f"{mounted.backing / 'cut'}: no trailer at the end" in log
+
+
 def test_sigterm_commits_writes_the_kernel_still_caches(make_mount):
     """SIGTERM commits every open file, including what the kernel's writeback cache still
     holds as dirty pages of a file that is open. The daemon used to commit only the chunks
