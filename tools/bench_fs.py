@@ -105,7 +105,8 @@ def run(args) -> dict:
     report: dict = {"date": datetime.datetime.now().isoformat(timespec="seconds"),
                     "mode": "quick" if args.quick else "full", "targets": names, "machine": facts,
                     "dataset": {"models": ds.models, "ckpts": ds.ckpts, "small_copies": ds.small_copies,
-                                "rand_reads": ds.rand_reads, "rand_files": args.rand_files},
+                                "rand_reads": ds.rand_reads, "rand_files": args.rand_files,
+                                "rand_settle_s": args.rand_settle},
                     "read_ahead_kb": args.read_ahead_kb, "dccfs_config": args.dccfs_config,
                     "passthrough_args": args.passthrough_arg}
     log.info("machine: %s", facts)
@@ -144,6 +145,8 @@ def run(args) -> dict:
         plan = rand_plan(targets[0], ds.rand_reads, args.seed, args.rand_files)
         for t in targets:
             t.remount()
+            if args.rand_settle:
+                time.sleep(args.rand_settle)  # the mount's codec warm-up ends meanwhile
             dropped.append(drop_caches())
             rand_read(t, plan, "rand 4 KiB cold")
             rand_read(t, plan, "rand 4 KiB again")
@@ -222,6 +225,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--small-copies", type=int, help="override the number of small-file copies")
     parser.add_argument("--rand-reads", type=int, help="override the number of 4 KiB random reads")
     parser.add_argument("--seed", type=int, default=1, help="random-read seed (default 1)")
+    parser.add_argument("--rand-settle", type=float, default=0.0, metavar="SECONDS",
+                        help="wait this long after the remount before the random reads (default 0: right after it, "
+                             "while a dccfs mount still loads its codec kernels; 20 measures a settled mount)")
     parser.add_argument("--rand-files", metavar="GLOB",
                         help="random reads only in the written files whose name matches GLOB, e.g. 'mpnet_*' for "
                              "the weights alone (default: every file, picked in proportion to its size)")

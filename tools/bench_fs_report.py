@@ -67,7 +67,8 @@ def render(report: dict) -> str:
              f"read_ahead_kb: {report['read_ahead_kb'] or 'kernel default'}; "
              f"passthrough args: {' '.join(report['passthrough_args']) or 'none'}; "
              f"dccfs config: {report.get('dccfs_config') or 'none'}; "
-             f"random reads in: {report['dataset'].get('rand_files') or 'every file'}; "
+             f"random reads in: {report['dataset'].get('rand_files') or 'every file'}, "
+             f"{report['dataset'].get('rand_settle_s') or 0:g} s after the remount; "
              f"dccfs tree: {report['machine'].get('dccfs_tree')}", ""]
     head = ["workload", "unit"] + names
     pairs = []

@@ -8,7 +8,10 @@ drops the page cache (root) and times, per chunk, single-threaded and outside FU
   include the read and decode of their base chunk);
 - `1/8` and `1/16`: a cold pread of an eighth or a sixteenth of the same record at a random offset inside it,
   which is what a miss would read if records were cut into segments (128 KiB or 64 KiB of a 1 MiB chunk) that
-  decode on their own; each column runs after its own cache drop, on other chunks of the same files.
+  decode on their own; each column runs after its own cache drop, on other chunks of the same files;
+- `4 KiB`: a cold 4 KiB pread at a random offset of the same files, about what a plain file's miss reads;
+- for chunks stored as blocks (codec 3, `read_block_size`): a small read's miss (`Container.read_block`: the
+  read of one block, its decode and checks), then the read of one block alone, each after its own cache drop.
 """
 from __future__ import annotations
 
@@ -95,6 +98,53 @@ def time_partial(picks, fraction: int, rng: random.Random) -> list[float]:
     return out
 
 
+def block_picks(containers: list[Container], n: int, rng: random.Random) -> list[tuple[Container, int, int]]:
+    """(container, chunk, block) of n random blocks of chunks stored as blocks (codec 3)."""
+    blocked = [c for c in containers if any(loc.blocks for loc in c.index.values())]
+    if not blocked:
+        return []
+    out = []
+    for c in rng.choices(blocked, weights=[c.size for c in blocked], k=n):
+        idx = rng.choice(sorted(i for i, loc in c.index.items() if loc.blocks))
+        out.append((c, idx, rng.randrange(len(c.index[idx].blocks))))
+    return out
+
+
+def time_block_misses(picks) -> list[float]:
+    """A small read's miss on a chunk stored as blocks: the read of one block, its decode and its checks."""
+    out = []
+    for container, idx, block in picks:
+        loc = container.index[idx]
+        started = time.perf_counter()
+        container.read_block(idx, loc, block)
+        out.append(time.perf_counter() - started)
+    return out
+
+
+def time_block_reads(picks) -> list[float]:
+    """The pread of one block alone (what the miss reads from disk)."""
+    out = []
+    for container, idx, block in picks:
+        loc = container.index[idx]
+        end = loc.blocks[block + 1] if block + 1 < len(loc.blocks) else loc.length
+        started = time.perf_counter()
+        os.pread(container.fd, end - loc.blocks[block], loc.offset + loc.blocks[block])
+        out.append(time.perf_counter() - started)
+    return out
+
+
+def time_small_reads(picks, rng: random.Random) -> list[float]:
+    """A cold 4 KiB pread at a random offset of the same files: about what a plain file's 4 KiB miss reads."""
+    out = []
+    for container, _ in picks:
+        size = os.fstat(container.fd).st_size
+        start = rng.randrange(0, max(1, size - 4096)) & ~4095
+        started = time.perf_counter()
+        os.pread(container.fd, 4096, start)
+        out.append(time.perf_counter() - started)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("backing", type=Path, help="a backing directory (or any folder of containers)")
@@ -117,6 +167,20 @@ def main(argv: list[str] | None = None) -> int:
         chosen = pick(containers, args.misses, rng)
         drop_caches()
         partial[fraction] = time_partial(chosen, fraction, rng)
+    chosen = pick(containers, args.misses, rng)
+    drop_caches()
+    small = time_small_reads(chosen, rng)
+    blocks = {}
+    block_bytes = 0.0
+    if block_picks(containers, 1, rng):
+        time_block_misses(block_picks(containers, 20, rng))  # the block decoders' kernels
+        for name, timer in (("block miss", time_block_misses), ("block read", time_block_reads)):
+            chosen = block_picks(containers, args.misses, rng)
+            drop_caches()
+            blocks[name] = timer(chosen)
+        block_bytes = statistics.fmean(
+            (loc.blocks[b + 1] if b + 1 < len(loc.blocks) else loc.length) - loc.blocks[b]
+            for loc, b in ((c.index[i], b) for c, i, b in chosen))
     ms = 1e3
     print(f"{len(containers)} files, {args.misses} cold chunks per column, mean record "
           f"{statistics.fmean(full['bytes']) / 1e3:.0f} KB")
@@ -131,6 +195,12 @@ def main(argv: list[str] | None = None) -> int:
     for fraction, values in partial.items():
         print(f"| read of 1/{fraction} of a record | {statistics.fmean(values) * ms:.3f} | "
               f"{statistics.median(values) * ms:.3f} |")
+    print(f"| read of 4 KiB (a plain file's miss) | {statistics.fmean(small) * ms:.3f} | "
+          f"{statistics.median(small) * ms:.3f} |")
+    labels = {"block miss": "**block miss** (read of one block + decode + check; chunks stored as blocks)",
+              "block read": f"read of one block alone (mean {block_bytes / 1e3:.0f} KB)"}
+    for name, values in blocks.items():
+        print(f"| {labels[name]} | {statistics.fmean(values) * ms:.3f} | {statistics.median(values) * ms:.3f} |")
     print()
     print("| codec | misses | mean decode+check ms |")
     print("|---|---|---|")
