@@ -110,6 +110,11 @@ def block_picks(containers: list[Container], n: int, rng: random.Random) -> list
     return out
 
 
+def block_span(loc, block: int) -> tuple[int, int]:
+    """Where block `block` of the record at loc starts and ends, relative to the record."""
+    return loc.blocks[block], loc.blocks[block + 1] if block + 1 < len(loc.blocks) else loc.length
+
+
 def time_block_misses(picks) -> list[float]:
     """A small read's miss on a chunk stored as blocks: the read of one block, its decode and its checks."""
     out = []
@@ -126,9 +131,9 @@ def time_block_reads(picks) -> list[float]:
     out = []
     for container, idx, block in picks:
         loc = container.index[idx]
-        end = loc.blocks[block + 1] if block + 1 < len(loc.blocks) else loc.length
+        start, end = block_span(loc, block)
         started = time.perf_counter()
-        os.pread(container.fd, end - loc.blocks[block], loc.offset + loc.blocks[block])
+        os.pread(container.fd, end - start, loc.offset + start)
         out.append(time.perf_counter() - started)
     return out
 
@@ -178,9 +183,7 @@ def main(argv: list[str] | None = None) -> int:
             chosen = block_picks(containers, args.misses, rng)
             drop_caches()
             blocks[name] = timer(chosen)
-        block_bytes = statistics.fmean(
-            (loc.blocks[b + 1] if b + 1 < len(loc.blocks) else loc.length) - loc.blocks[b]
-            for loc, b in ((c.index[i], b) for c, i, b in chosen))
+        block_bytes = statistics.fmean(end - start for start, end in (block_span(c.index[i], b) for c, i, b in chosen))
     ms = 1e3
     print(f"{len(containers)} files, {args.misses} cold chunks per column, mean record "
           f"{statistics.fmean(full['bytes']) / 1e3:.0f} KB")
