@@ -19,9 +19,10 @@ from dccfs.chunkfile import ContainerFile
 from dccfs.engine import Engine
 from dccfs.fs_errors import guarded
 from dccfs.fs_files import OpenFileHandlers
-from dccfs.handles import HandleTable, attrs_need_reading, logical_size, visible_nlink
+from dccfs.handles import HandleTable
 from dccfs.inodes import ROOT_INODE, Inode
 from dccfs.pins import PinTrackingInodeTable
+from dccfs.visible_attrs import attrs_need_reading, logical_size, visible_nlink
 
 log = logging.getLogger(__name__)
 

@@ -85,11 +85,13 @@ class OpenFileHandlers:
             raise
         try:
             handle = await self.handles.attach_container(inode, fd, flags, create=True)
-        except BaseException:
+        except BaseException as exc:
             # A failed create leaves nothing: no lookup the kernel would never forget (an
-            # O_PATH descriptor per failed create, ENOSPC in a loop), no empty file.
+            # O_PATH descriptor per failed create, ENOSPC in a loop), no empty file. Unless
+            # another --shared node holds the new file's lock: it is writing it.
             self.inodes.forget(inode.number, 1)
-            _unlink_quietly(parent, name)
+            if not (isinstance(exc, OSError) and exc.errno == errno.EBUSY and self.engine.config.shared):
+                _unlink_quietly(parent, name)
             raise
         return self._file_info(handle, flags), self._attrs(inode, self._stat(inode))
 

@@ -8,7 +8,6 @@ import errno
 import fcntl
 import logging
 import os
-import stat
 from dataclasses import dataclass
 from functools import partial
 
@@ -16,47 +15,20 @@ import trio
 
 from dccfs import compaction, redelta, shared
 from dccfs.chunkfile import ContainerFile
-from dccfs.container import Container, ContainerError, pread_exact, read_logical_size
-from dccfs.container_records import verified_logical_size
+from dccfs.container import Container, pread_exact
 from dccfs.engine import Engine
-from dccfs.delta_bases import base_link_path
-from dccfs.format import HEADER_SIZE, MAGIC, FormatError, Header, looks_like_container
+from dccfs.format import HEADER_SIZE, MAGIC, looks_like_container
+from dccfs.handles_plain import PlainFiles, RawFile, writable
 from dccfs.handles_rewrite import BackgroundRewrites
 from dccfs.inodes import Inode, InodeTable
 from dccfs.pin_records import header_name, torn_tail_may_go
 
 log = logging.getLogger(__name__)
 
-_ACCESS = os.O_RDONLY | os.O_WRONLY | os.O_RDWR
 # Background rewrites (compaction, deltas after close) run on threads of their own: a pass
 # encodes for minutes, and must neither hold the I/O tokens that reads and commits wait
 # for nor take every core from the writers.
 REWRITE_THREADS = max(1, (os.cpu_count() or 2) // 2)
-
-
-def _writable(flags: int) -> bool:
-    return (flags & _ACCESS) in (os.O_WRONLY, os.O_RDWR)
-
-
-class RawFile:
-    """A backing file that is not a container: bytes pass through unchanged."""
-
-    def __init__(self, fd: int, path: str):
-        self.fd = fd
-        self.path = path
-
-    async def read(self, offset: int, length: int) -> bytes:
-        return await trio.to_thread.run_sync(os.pread, self.fd, length, offset)
-
-    async def write(self, offset: int, data: bytes) -> int:
-        return await trio.to_thread.run_sync(os.pwrite, self.fd, data, offset)
-
-    async def truncate(self, size: int) -> None:
-        os.ftruncate(self.fd, size)
-
-    async def commit(self, durable: bool) -> None:
-        if durable:
-            await trio.to_thread.run_sync(os.fsync, self.fd)
 
 
 @dataclass
@@ -68,7 +40,7 @@ class Handle:
 
     @property
     def writable(self) -> bool:
-        return _writable(self.flags)
+        return writable(self.flags)
 
     @property
     def appends(self) -> bool:
@@ -97,108 +69,7 @@ def relpath_of(inode: Inode, backing_root: str) -> str:
     return full
 
 
-def _backing_path(inode: Inode) -> str:
-    """The inode's backing path for messages (its /proc/self/fd name said nothing to an operator)."""
-    try:
-        return os.readlink(inode.proc_path)
-    except OSError:
-        return inode.proc_path
-
-
-def _open_backing(inode: Inode, st: os.stat_result) -> int | None:
-    """A read descriptor of the inode's backing file, or None if it cannot be opened or is
-    no longer the file st describes: these reads run on worker threads, and a rewrite's
-    rekey closes the inode's old descriptor, whose number another file may then take."""
-    try:
-        # O_NOATIME: reading our own header must not change the atime users see.
-        fd = os.open(inode.proc_path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOATIME)
-    except OSError:
-        return None
-    opened = os.fstat(fd)
-    if (opened.st_dev, opened.st_ino) != (st.st_dev, st.st_ino):
-        os.close(fd)
-        return None
-    return fd
-
-
-def _known_nlink(inode: Inode, st: os.stat_result) -> int | None:
-    """visible_nlink's answer where it needs no read of the backing file, else None."""
-    if st.st_nlink < 2 or not stat.S_ISREG(st.st_mode):
-        return st.st_nlink
-    cached = inode.extra.get("nlink_sig")
-    return cached[1] if cached and cached[0] == (st.st_nlink, st.st_ctime_ns) else None
-
-
-def visible_nlink(inode: Inode, st: os.stat_result, backing_root: str) -> int:
-    """st_nlink without the hidden link that pins a delta base in .dccfs/bases."""
-    known = _known_nlink(inode, st)
-    if known is not None:
-        return known
-    signature = (st.st_nlink, st.st_ctime_ns)
-    nlink = st.st_nlink
-    fd = _open_backing(inode, st)
-    if fd is None:
-        return nlink
-    try:
-        try:
-            header = Header.unpack(pread_exact(fd, HEADER_SIZE, 0))
-        finally:
-            os.close(fd)
-        pin = os.stat(base_link_path(backing_root, header.file_id, header.generation))
-        if (pin.st_dev, pin.st_ino) == (st.st_dev, st.st_ino):
-            nlink -= 1
-    except (OSError, FormatError):
-        pass
-    inode.extra["nlink_sig"] = (signature, nlink)
-    return nlink
-
-
-def attrs_need_reading(inode: Inode, st: os.stat_result) -> bool:
-    """Whether logical_size or visible_nlink would read the backing file for these stats."""
-    return _known_size(inode, st) is None or _known_nlink(inode, st) is None
-
-
-def _known_size(inode: Inode, st: os.stat_result) -> int | None:
-    """logical_size's answer where it needs no read of the backing file (an open file, not a
-    container, or cached for this size, mtime and ctime), else None."""
-    file = inode.extra.get("file")
-    if isinstance(file, ContainerFile):
-        return file.size
-    if not stat.S_ISREG(st.st_mode) or st.st_size < HEADER_SIZE:
-        return st.st_size
-    cached = inode.extra.get("size_sig")
-    return cached[1] if cached and cached[0] == (st.st_size, st.st_mtime_ns, st.st_ctime_ns) else None
-
-
-def logical_size(inode: Inode, st: os.stat_result) -> int:
-    """st_size as the mount shows it: the container's logical size, or the raw size."""
-    known = _known_size(inode, st)
-    if known is not None:
-        return known
-    signature = (st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-    fd = _open_backing(inode, st)
-    if fd is None:
-        return st.st_size
-    try:
-        path = _backing_path(inode)
-        if not is_container_head(pread_exact(fd, HEADER_SIZE, 0), path):
-            size = st.st_size
-        else:
-            # The size an open would read, index verified: the trailer alone may name an
-            # index that does not verify, and the open then falls back to an earlier commit.
-            size = verified_logical_size(fd, path)
-            if size is None:
-                try:
-                    size = Container.open(fd, path).size
-                except ContainerError:
-                    size = read_logical_size(fd) or st.st_size  # unreadable: reads report it
-    finally:
-        os.close(fd)
-    inode.extra["size_sig"] = (signature, size)
-    return size
-
-
-class HandleTable(BackgroundRewrites):
+class HandleTable(BackgroundRewrites, PlainFiles):
     def __init__(self, engine: Engine, backing_root: str, inodes: InodeTable):
         self.engine = engine
         self.backing_root = backing_root
@@ -275,7 +146,7 @@ class HandleTable(BackgroundRewrites):
         return await self._open_attached(inode, file, flags)
 
     async def _open_attached(self, inode: Inode, file: ContainerFile, flags: int) -> Handle:
-        if _writable(flags) and not _writable(fcntl.fcntl(file.container.fd, fcntl.F_GETFL)):
+        if writable(flags) and not writable(fcntl.fcntl(file.container.fd, fcntl.F_GETFL)):
             # Opened read-only because the backing file could not be written: a writer
             # gets the backing error now, or the descriptor becomes writable if it can.
             fd = self._open_backing(inode, os.O_RDWR, read_only_ok=False)
@@ -283,36 +154,53 @@ class HandleTable(BackgroundRewrites):
                 os.dup2(fd, file.container.fd, inheritable=False)
             finally:
                 os.close(fd)
-        if self.engine.config.shared:
-            await self._shared_open(file, flags)
+        # Counted before any await: a release meanwhile (of the file's last other handle) must not close
+        # the container under this open, whose descriptor number another file may take next (found by
+        # review: a --shared writer waiting for another node's lock then wrote into that other file).
         file.handles += 1
+        try:
+            if self.engine.config.shared:
+                await self._shared_open(file, flags)
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await self._drop_handle(inode, file)
+            raise
         handle = self._add(inode, file, flags)
         if flags & os.O_TRUNC:
             await self._truncate_or_unopen(handle)
         return handle
 
     async def _open_unattached(self, inode: Inode, flags: int) -> Handle:
-        fd = self._open_backing(inode, os.O_RDWR, read_only_ok=not _writable(flags))
+        fd = self._open_backing(inode, os.O_RDWR, read_only_ok=not writable(flags))
+        relpath = relpath_of(inode, self.backing_root)
+        keeps_lock = False
         try:
-            is_container = is_container_head(pread_exact(fd, HEADER_SIZE, 0),
-                                             relpath_of(inode, self.backing_root))
-            if not is_container and _writable(flags) and (flags & os.O_TRUNC or os.fstat(fd).st_size == 0):
+            is_container = is_container_head(pread_exact(fd, HEADER_SIZE, 0), relpath)
+            if not is_container and self.engine.config.shared and writable(flags) \
+                    and "raw_lock" not in inode.extra:
+                # A writer of a plain or empty file takes the lock before it decides: another node
+                # may be making it a container meanwhile (found by review: a header and another
+                # node's records mixed, or plain writes destroyed a container).
+                await shared.lock_for_writing(fd, relpath)
+                is_container = is_container_head(pread_exact(fd, HEADER_SIZE, 0), relpath)
+                # Plain writers do not take turns (two nodes append to one log), but one that
+                # truncates keeps the lock while it writes: an empty file is what another node's
+                # open makes a container.
+                keeps_lock = not is_container and not self._converts(inode, fd, flags) \
+                    and bool(flags & os.O_TRUNC)
+            if not is_container and self._converts(inode, fd, flags):
                 # Overwriting a plain file, or writing an empty one (made by mknod, or in the
                 # backing directory): store the new content compressed.
-                relpath = relpath_of(inode, self.backing_root)
                 Container.create(fd, relpath, self.engine.config.chunk_shift_for(relpath))
                 is_container = True
+            if keeps_lock:
+                return self._raw_handle(inode, flags, relpath, lock_fd=fd)
         except BaseException:
             os.close(fd)
             raise
         if not is_container:
             os.close(fd)
-            # O_APPEND stays (it is only still set without the writeback cache): the backing
-            # file's own end, not the kernel's idea of it, which another --shared node may have
-            # moved (found by review: an append through one node overwrote the other's).
-            raw_flags = (flags & _ACCESS) | (flags & os.O_TRUNC) | (flags & os.O_APPEND)
-            raw_fd = self._open_backing(inode, raw_flags, read_only_ok=not _writable(flags))
-            return self._add(inode, RawFile(raw_fd, relpath_of(inode, self.backing_root)), flags)
+            return self._raw_handle(inode, flags, relpath)
         handle = await self.attach_container(inode, fd, flags, create=False)
         if flags & os.O_TRUNC and handle.file.size:
             await self._truncate_or_unopen(handle)
@@ -329,61 +217,80 @@ class HandleTable(BackgroundRewrites):
 
     async def attach_container(self, inode: Inode, fd: int, flags: int, create: bool) -> Handle:
         relpath = relpath_of(inode, self.backing_root)
+        existing = plain = False
         try:
-            if self.engine.config.shared and (create or _writable(flags)):
+            if self.engine.config.shared and (create or writable(flags)):
                 await shared.lock_for_writing(fd, relpath)
-            if create:
-                container = Container.create(fd, relpath, self.engine.config.chunk_shift_for(relpath))
-            else:
-                container = await trio.to_thread.run_sync(Container.open, fd, relpath)
+                if create and os.fstat(fd).st_size:
+                    # Another node opened the new file and wrote to it before this create held the
+                    # lock: open what it made instead of starting the file over.
+                    plain = not is_container_head(pread_exact(fd, HEADER_SIZE, 0), relpath)
+                    if plain and flags & os.O_TRUNC:  # (as a plain writer that truncates: _open_unattached)
+                        return self._raw_handle(inode, flags, relpath, lock_fd=fd)
+                    create, existing = False, True
+            if not plain:
+                if create:
+                    container = Container.create(fd, relpath, self.engine.config.chunk_shift_for(relpath))
+                else:
+                    container = await trio.to_thread.run_sync(Container.open, fd, relpath)
         except BaseException:
             os.close(fd)
             raise
-        if container.recovery.torn_tail:
-            # Uncommitted records (a close whose commit failed) are cut before the next append,
-            # and new records then take their offsets under the same cache id: chunks cached
-            # from them would be served for the new ones (found by review: failed writes came
-            # back after a later fsync).
-            dropped = self.engine.cache.forget_from(container.cache_id, container.recovery.committed_end)
-            if dropped:
-                log.info("%s: dropped %d cached chunks of uncommitted records", relpath, dropped)
-        container.linked_tail_may_go = partial(torn_tail_may_go, self.backing_root, header_name(container.header))
+        if plain:
+            os.close(fd)
+            return self._raw_handle(inode, flags, relpath)
+        self._prepare(container, relpath)
         file = ContainerFile(self.engine, container, self.engine.config.rule_for(relpath))
         file.on_new_container = partial(self.inodes.rekey, inode)
-        file.write_locked = self.engine.config.shared and (create or _writable(flags))
+        file.write_locked = self.engine.config.shared and (create or writable(flags))
         file.handles = 1
         inode.extra["file"] = file
         self.open_files[inode.number] = file
-        return self._add(inode, file, flags)
+        handle = self._add(inode, file, flags)
+        if existing and flags & os.O_TRUNC and file.size:
+            await self._truncate_or_unopen(handle)
+        return handle
+
+    def _prepare(self, container: Container, relpath: str, replaced: Container | None = None) -> None:
+        """Ready a container read from disk (opened, or re-read after another node's commit, replacing
+        `replaced`) for this mount's use."""
+        cut_from = container.recovery.committed_end if container.recovery.torn_tail else None
+        if replaced is not None and replaced.cache_id == container.cache_id:
+            cut_from = replaced.end if cut_from is None else min(cut_from, replaced.end)
+        if cut_from is not None:
+            # Uncommitted records (a close whose commit failed) are cut before the next append,
+            # and new records then take their offsets under the same cache id: chunks cached
+            # from them would be served for the new ones (found by review: failed writes came
+            # back after a later fsync). Past a re-read container's old end, another node's.
+            dropped = self.engine.cache.forget_from(container.cache_id, cut_from)
+            if dropped:
+                log.info("%s: dropped %d cached chunks of uncommitted records", relpath, dropped)
+        # (a re-read container without it kept a linked file's torn tail, and every write then failed:
+        # found by review)
+        container.linked_tail_may_go = partial(torn_tail_may_go, self.backing_root, header_name(container.header))
 
     async def _shared_open(self, file: ContainerFile, flags: int) -> None:
-        if _writable(flags) and not file.write_locked:
+        if writable(flags) and not file.write_locked:
             await shared.lock_for_writing(file.container.fd, file.path)
             file.write_locked = True
-        await shared.refresh(file, file.path)
-
-    @staticmethod
-    def _open_backing(inode: Inode, flags: int, read_only_ok: bool = True) -> int:
-        flags |= os.O_CLOEXEC
-        try:
-            return os.open(inode.proc_path, flags)
-        except OSError as exc:
-            # A read-only backing store still serves reads, unless the caller must write.
-            if read_only_ok and (flags & _ACCESS) == os.O_RDWR \
-                    and exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
-                return os.open(inode.proc_path, (flags & ~_ACCESS) | os.O_RDONLY)
-            raise
+        fresh = await shared.reread(file, file.path)
+        if fresh is not None:
+            self._prepare(fresh, file.path, replaced=file.container)
+            file.replace_container(fresh)
 
     async def release(self, number: int) -> Handle:
         handle = self._handles.pop(number)
         file = handle.file
         if isinstance(file, RawFile):
-            os.close(file.fd)
+            self._release_raw(handle.inode, file)
             return handle
+        await self._drop_handle(handle.inode, file)
+        return handle
+
+    async def _drop_handle(self, inode: Inode, file: ContainerFile) -> None:
         file.handles -= 1
         if file.handles == 0 and file not in self._closed_in_background:
-            await self._close_file(handle.inode, file)
-        return handle
+            await self._close_file(inode, file)
 
     async def _close_file(self, inode: Inode, file: ContainerFile, compact: bool = True) -> None:
         """Commit, then close. Handles may be opened again during any await here, so the

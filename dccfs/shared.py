@@ -36,13 +36,13 @@ async def lock_for_writing(fd: int, path: str) -> None:
                                f"(waited {WRITER_WAIT_S:.0f}s)")
 
 
-async def refresh(file, path: str) -> None:
-    """Re-read the container when another node has committed to it since we read it."""
+async def reread(file, path: str) -> Container | None:
+    """The container re-read when another node has committed to it since we read it, else None."""
     container = file.container
     if file.has_changes or file.inflight:
-        return
+        return None
     if os.fstat(container.fd).st_size == container.end:
-        return
+        return None
     fresh = await trio.to_thread.run_sync(Container.open, container.fd, path)
-    file.replace_container(fresh)
     log.debug("%s: re-read after another node's commit", path)
+    return fresh

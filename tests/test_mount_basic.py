@@ -200,6 +200,34 @@ def test_plain_backing_files_read_and_write_through(make_mount, tmp_path):
     assert (backing / "plain.txt").read_bytes() == b"existing BYTES"
 
 
+@pytest.mark.parametrize("writeback", [True, False])
+def test_a_plain_file_open_raw_is_not_made_a_container_under_its_handles(make_mount, tmp_path, writeback):
+    """Overwriting a plain file (O_TRUNC) stores it as a container, but not while another handle of
+    the mount has it open as plain bytes: its writes would land in the container's records and its
+    reads return them (found by review, without the writeback cache: the file destroyed)."""
+    backing = tmp_path / f"raw-{writeback}-backing"
+    backing.mkdir()
+    (backing / "written").write_bytes(b"P" * 30_000)
+    (backing / "read").write_bytes(b"Q" * 30_000)
+    config = tmp_path / f"raw-{writeback}.toml"
+    config.write_text(f"writeback_cache = {str(writeback).lower()}\n")
+    mount = make_mount(f"raw-{writeback}", "-c", str(config), backing=backing)
+    with open(mount.mnt / "written", "r+b", buffering=0) as held:
+        (mount.mnt / "written").write_bytes(b"B" * 40_000)
+        held.seek(0)
+        held.write(b"A" * 10)
+    with open(mount.mnt / "read", "rb", buffering=0) as held:
+        (mount.mnt / "read").write_bytes(b"B" * 40_000)
+        assert held.read(12) == b"B" * 12
+    assert (mount.mnt / "written").read_bytes() == b"A" * 10 + b"B" * 39_990
+    assert (mount.mnt / "read").read_bytes() == b"B" * 40_000
+    (mount.mnt / "read").write_bytes(b"C" * 40_000)  # no other handle now: stored as a container
+    assert (backing / "read").read_bytes()[:1] != b"C"
+    mount.remount()
+    assert (mount.mnt / "written").read_bytes() == b"A" * 10 + b"B" * 39_990
+    assert (mount.mnt / "read").read_bytes() == b"C" * 40_000
+
+
 def test_partial_page_writes_through_write_only_handles(make_mount, tmp_path):
     """With the writeback cache the kernel reads a page through the writer's handle before
     a partial write to it; a write-only open must still allow that, plain file or container."""

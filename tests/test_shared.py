@@ -105,3 +105,96 @@ def test_appends_to_a_plain_file_through_two_nodes_keep_both(make_mount):
     finally:
         os.close(first)
     assert (a.backing / "log.txt").read_bytes() == b"start\nA1\nB1\nA2\n"
+
+
+def test_a_writer_waiting_for_another_node_opens_its_own_file(make_mount):
+    """While B's writer waits for A's lock, B's last reader of the file closes and B opens another
+    file, which may take the closed descriptor's number: the writer still gets its own file, as A
+    committed it, and writes into it (found by review: it read and overwrote the other file)."""
+    a = make_mount("a", "--shared")
+    b = make_mount("b", "--shared", backing=a.backing)
+    content = os.urandom(300_000)
+    (a.mnt / "f").write_bytes(content)
+    other = b"G" * 200_000
+    (a.mnt / "g").write_bytes(other)
+    for attempt in range(3):
+        holder = open(a.mnt / "f", "r+b")
+        holder.write(b"A" * 1000)
+        holder.flush()
+        reader = open(b.mnt / "f", "rb")
+        reader.read(10)
+        got = {}
+
+        def write_through_b():
+            try:
+                with open(b.mnt / "f", "r+b") as f:  # waits for A's lock
+                    got["read"] = f.read(8)
+                    f.seek(0)
+                    f.write(b"W" * 5000)
+            except OSError as exc:
+                got["error"] = exc
+        thread = threading.Thread(target=write_through_b)
+        thread.start()
+        time.sleep(0.5)
+        reader.close()
+        with open(b.mnt / "g", "rb"):
+            time.sleep(0.3)
+            holder.close()
+            thread.join(30)
+        assert not thread.is_alive()
+        assert got.get("read") == b"A" * 8, got
+        assert (a.mnt / "g").read_bytes() == other
+        content = b"W" * 5000 + content[5000:]
+        assert (a.mnt / "f").read_bytes() == content
+
+
+def test_a_torn_tail_left_by_a_killed_node_is_cut_for_a_file_with_links_open_elsewhere(make_mount):
+    """A node is killed after an fsync and more writes; another node, which had the file open for
+    reading since before, then writes it. The file has a second name (a hard link, not a delta base):
+    its torn tail is cut as for any file, and the write succeeds (found by review: EIO, "a delta
+    base", on the write and on the reader's close)."""
+    a = make_mount("a", "--shared")
+    b = make_mount("b", "--shared", backing=a.backing)
+    (a.mnt / "f").write_bytes(b"0" * 10)
+    os.link(b.mnt / "f", b.mnt / "f_link")
+    committed = os.urandom(1_000_000)
+    writer = open(a.mnt / "f", "r+b")
+    writer.write(committed)
+    writer.flush()
+    os.fsync(writer.fileno())
+    reader = open(b.mnt / "f", "rb")
+    assert reader.read() == committed
+    writer.write(os.urandom(6_000_000))
+    writer.flush()
+    time.sleep(2)  # the encoders append records past the commit
+    a.kill()
+    try:
+        writer.close()
+    except OSError:
+        pass  # its daemon is gone
+    with open(b.mnt / "f", "r+b") as f:
+        f.write(b"B" * 100)
+    reader.close()
+    assert (b.mnt / "f").read_bytes() == b"B" * 100 + committed[100:]
+    assert (b.mnt / "f_link").read_bytes() == b"B" * 100 + committed[100:]
+
+
+def test_a_plain_file_open_on_one_node_stays_plain_when_another_overwrites_it(make_mount):
+    """A file that is not a container (there before the first mount) is open for writing on A when
+    B overwrites it: it stays a plain file, so A's write lands in B's content as on any shared file
+    system (found by review: B made it a container, and A's write then destroyed it)."""
+    a = make_mount("a", "--shared")
+    b = make_mount("b", "--shared", backing=a.backing)
+    a.stop()
+    b.stop()
+    (a.backing / "plain").write_bytes(b"P" * 30_000)
+    a.start()
+    b.start()
+    with open(a.mnt / "plain", "r+b", buffering=0) as held:
+        (b.mnt / "plain").write_bytes(b"B" * 40_000)
+        held.seek(0)
+        held.write(b"A" * 10)
+    expected = b"A" * 10 + b"B" * 39_990
+    assert (a.mnt / "plain").read_bytes() == expected
+    assert (b.mnt / "plain").read_bytes() == expected
+    assert (a.backing / "plain").read_bytes() == expected  # still a plain file
