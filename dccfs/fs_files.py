@@ -88,11 +88,14 @@ class OpenFileHandlers:
         except BaseException as exc:
             # A failed create leaves nothing: no lookup the kernel would never forget (an
             # O_PATH descriptor per failed create, ENOSPC in a loop), no empty file. Unless
-            # another --shared node holds the new file's lock: it is writing it.
+            # another --shared node holds the new file's lock (it is writing it), or wrote it first.
+            elsewhere = inode.extra.pop("created_elsewhere", False)
             self.inodes.forget(inode.number, 1)
-            if not (isinstance(exc, OSError) and exc.errno == errno.EBUSY and self.engine.config.shared):
+            if not elsewhere and not (isinstance(exc, OSError) and exc.errno == errno.EBUSY
+                                      and self.engine.config.shared):
                 _unlink_quietly(parent, name)
             raise
+        inode.extra.pop("created_elsewhere", None)
         return self._file_info(handle, flags), self._attrs(inode, self._stat(inode))
 
     @guarded

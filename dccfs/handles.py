@@ -183,11 +183,10 @@ class HandleTable(BackgroundRewrites, PlainFiles):
                 # node's records mixed, or plain writes destroyed a container).
                 await shared.lock_for_writing(fd, relpath)
                 is_container = is_container_head(pread_exact(fd, HEADER_SIZE, 0), relpath)
-                # Plain writers do not take turns (two nodes append to one log), but one that
-                # truncates keeps the lock while it writes: an empty file is what another node's
-                # open makes a container.
-                keeps_lock = not is_container and not self._converts(inode, fd, flags) \
-                    and bool(flags & os.O_TRUNC)
+                # Plain writers do not take turns (two nodes append to one log), except one that
+                # finds the file empty or empties it: it keeps the lock while it writes, since an
+                # empty file may be another node's create, whose header would go over its writes.
+                keeps_lock = not is_container and (bool(flags & os.O_TRUNC) or os.fstat(fd).st_size == 0)
             if not is_container and self._converts(inode, fd, flags):
                 # Overwriting a plain file, or writing an empty one (made by mknod, or in the
                 # backing directory): store the new content compressed.
@@ -224,8 +223,9 @@ class HandleTable(BackgroundRewrites, PlainFiles):
                 if create and os.fstat(fd).st_size:
                     # Another node opened the new file and wrote to it before this create held the
                     # lock: open what it made instead of starting the file over.
+                    inode.extra["created_elsewhere"] = True  # not this create's to remove if it fails
                     plain = not is_container_head(pread_exact(fd, HEADER_SIZE, 0), relpath)
-                    if plain and flags & os.O_TRUNC:  # (as a plain writer that truncates: _open_unattached)
+                    if plain and writable(flags) and flags & os.O_TRUNC:  # (as in _open_unattached)
                         return self._raw_handle(inode, flags, relpath, lock_fd=fd)
                     create, existing = False, True
             if not plain:
@@ -273,9 +273,12 @@ class HandleTable(BackgroundRewrites, PlainFiles):
         if writable(flags) and not file.write_locked:
             await shared.lock_for_writing(file.container.fd, file.path)
             file.write_locked = True
+        old, old_end = file.container, file.container.end
         fresh = await shared.reread(file, file.path)
-        if fresh is not None:
-            self._prepare(fresh, file.path, replaced=file.container)
+        # (another local open may have written meanwhile: its records are newer than this read)
+        if fresh is not None and file.container is old and old.end == old_end \
+                and not (file.has_changes or file.inflight):
+            self._prepare(fresh, file.path, replaced=old)
             file.replace_container(fresh)
 
     async def release(self, number: int) -> Handle:

@@ -73,11 +73,12 @@ class PlainFiles:
         """Whether a writable open of this plain file stores it as a container from now on: when it
         truncates it, or it is empty, and no handle of this mount has it open as plain bytes (their
         writes would land in the container's records, their reads return them: found by review).
-        With --shared only an empty file: another node may hold the plain file open, unseen."""
-        if not writable(flags) or any(h.inode is inode for h in self._handles.values()):
+        Never with --shared: another node may hold the file open, unseen, empty or not (found by review:
+        a log emptied on one node and appended to lost the other node's appends)."""
+        if self.engine.config.shared or not writable(flags) \
+                or any(h.inode is inode for h in self._handles.values()):
             return False
-        empty = os.fstat(fd).st_size == 0
-        return empty if self.engine.config.shared else empty or bool(flags & os.O_TRUNC)
+        return bool(flags & os.O_TRUNC) or os.fstat(fd).st_size == 0
 
     @staticmethod
     def _open_backing(inode: Inode, flags: int, read_only_ok: bool = True) -> int:

@@ -198,3 +198,31 @@ def test_a_plain_file_open_on_one_node_stays_plain_when_another_overwrites_it(ma
     assert (a.mnt / "plain").read_bytes() == expected
     assert (b.mnt / "plain").read_bytes() == expected
     assert (a.backing / "plain").read_bytes() == expected  # still a plain file
+
+
+def test_a_plain_log_emptied_on_one_node_keeps_the_other_nodes_appends(make_mount):
+    """Log rotation across nodes: B holds a plain log (there before the first mount) open for
+    appending; A empties it, then appends. The empty file stays plain, so B's appends land in it
+    too (found by review: A's append made the empty file a container, and B's lines were lost)."""
+    a = make_mount("a", "--shared")
+    b = make_mount("b", "--shared", backing=a.backing)
+    a.stop()
+    b.stop()
+    (a.backing / "log").write_bytes(b"old\n" * 100)
+    a.start()
+    b.start()
+    logger = os.open(b.mnt / "log", os.O_WRONLY | os.O_APPEND)
+    try:
+        open(a.mnt / "log", "wb").close()
+        with open(a.mnt / "log", "ab") as f:
+            f.write(b"A1\n")
+        os.write(logger, b"B1\n")
+        with open(a.mnt / "log", "ab") as f:
+            f.write(b"A2\n")
+        os.write(logger, b"B2\n")
+    finally:
+        os.close(logger)
+    expected = b"A1\nB1\nA2\nB2\n"
+    assert (a.mnt / "log").read_bytes() == expected
+    assert (b.mnt / "log").read_bytes() == expected
+    assert (a.backing / "log").read_bytes() == expected  # still a plain file
