@@ -179,17 +179,22 @@ def test_a_torn_tail_left_by_a_killed_node_is_cut_for_a_file_with_links_open_els
     assert (b.mnt / "f_link").read_bytes() == b"B" * 100 + committed[100:]
 
 
-def test_a_plain_file_open_on_one_node_stays_plain_when_another_overwrites_it(make_mount):
-    """A file that is not a container (there before the first mount) is open for writing on A when
-    B overwrites it: it stays a plain file, so A's write lands in B's content as on any shared file
-    system (found by review: B made it a container, and A's write then destroyed it)."""
+def two_nodes_with_a_plain_file(make_mount, name: str, content: bytes):
+    """Two --shared mounts of a backing directory that holds a plain file (not a container), as one
+    that was there before the first mount."""
     a = make_mount("a", "--shared")
     b = make_mount("b", "--shared", backing=a.backing)
     a.stop()
     b.stop()
-    (a.backing / "plain").write_bytes(b"P" * 30_000)
-    a.start()
-    b.start()
+    (a.backing / name).write_bytes(content)
+    return a.start(), b.start()
+
+
+def test_a_plain_file_open_on_one_node_stays_plain_when_another_overwrites_it(make_mount):
+    """A file that is not a container (there before the first mount) is open for writing on A when
+    B overwrites it: it stays a plain file, so A's write lands in B's content as on any shared file
+    system (found by review: B made it a container, and A's write then destroyed it)."""
+    a, b = two_nodes_with_a_plain_file(make_mount, "plain", b"P" * 30_000)
     with open(a.mnt / "plain", "r+b", buffering=0) as held:
         (b.mnt / "plain").write_bytes(b"B" * 40_000)
         held.seek(0)
@@ -204,13 +209,7 @@ def test_a_plain_log_emptied_on_one_node_keeps_the_other_nodes_appends(make_moun
     """Log rotation across nodes: B holds a plain log (there before the first mount) open for
     appending; A empties it, then appends. The empty file stays plain, so B's appends land in it
     too (found by review: A's append made the empty file a container, and B's lines were lost)."""
-    a = make_mount("a", "--shared")
-    b = make_mount("b", "--shared", backing=a.backing)
-    a.stop()
-    b.stop()
-    (a.backing / "log").write_bytes(b"old\n" * 100)
-    a.start()
-    b.start()
+    a, b = two_nodes_with_a_plain_file(make_mount, "log", b"old\n" * 100)
     logger = os.open(b.mnt / "log", os.O_WRONLY | os.O_APPEND)
     try:
         open(a.mnt / "log", "wb").close()
