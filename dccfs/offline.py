@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import click
 
@@ -86,6 +86,7 @@ class FsckTotals:
     damaged: int = 0
     torn: int = 0  # of the damaged: torn tails left for --repair (the files read back whole)
     repaired: int = 0
+    unused_pins: list = field(default_factory=list)  # pins no file references, left (no --repair)
 
     def summary(self) -> str:
         return (f"{self.files} files: {self.containers} containers, {self.plain} plain "
@@ -223,9 +224,11 @@ def run_fsck(backing: str, repair: bool, progress: bool) -> int:
     _report(totals.summary())
     pinned = pinned_space(find_backing_root(backing) or backing)
     if pinned["pinned"]:
+        unused = len(totals.unused_pins)
         _report(f"{pinned['pinned']} delta bases pinned, {pinned['only_pinned']} of them "
                 f"({pinned['only_pinned_bytes']} bytes) under no visible name: kept for the "
-                "files that are deltas of them")
+                "files that are deltas of them"
+                + (f", except the {unused} that no file references any more (above)" if unused else ""))
     return 1 if totals.damaged else 0
 
 
@@ -242,4 +245,5 @@ def _fsck_walk(backing: str, repair: bool, progress: bool, totals: FsckTotals) -
                 _check_file(found.path, found.st, repair, totals, advance)
         # Under the same lock: a mount starting in between could pin a base for a file
         # it has not committed yet, which --repair would then remove.
-        totals.damaged += check_pins(backing, repair, _report, damaged_files=totals.damaged - totals.torn)
+        totals.damaged += check_pins(backing, repair, _report, damaged_files=totals.damaged - totals.torn,
+                                     unused_out=totals.unused_pins)

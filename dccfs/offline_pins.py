@@ -13,7 +13,7 @@ from dccfs.pin_records import REFS_DIR, read_records, remove_record, write_recor
 log = logging.getLogger(__name__)
 
 
-def check_pins(backing: str, repair: bool, report, damaged_files: int = 0) -> int:
+def check_pins(backing: str, repair: bool, report, damaged_files: int = 0, unused_out: list | None = None) -> int:
     """Report pins no file references, records naming containers that no longer exist
     (stale: they keep a pin until fsck --repair), and deltas whose managed pin has no
     record for them (missing: the mount could free a pin they need). --repair adds the
@@ -39,6 +39,8 @@ def check_pins(backing: str, repair: bool, report, damaged_files: int = 0) -> in
         report(f"pins and their records left as they are: {exc}")
         return 0
     unused = sorted(n for n in pinned if n not in referenced)
+    if unused_out is not None and not repair:
+        unused_out.extend(unused)  # (the summary must not call them kept for their dependents)
     existing = {f"{row['file_id']}-{row['generation']}" for row in rows if row.get("kind") == "container"}
     existing.update(pinned)
     needs = {(pin, f"{row['file_id']}-{row['generation']}") for row in rows for pin in row.get("delta_of", ())}
