@@ -60,9 +60,8 @@ def is_container_head(head: bytes, path: str) -> bool:
 
 def relpath_of(inode: Inode, backing_root: str) -> str:
     """The inode's current path below the backing root (the kernel tracks renames for us)."""
-    try:
-        full = os.readlink(inode.proc_path)
-    except OSError:
+    full = inode.backing_path()
+    if full is None:
         return f"<inode {inode.number}>"
     if full.startswith(backing_root):
         return full[len(backing_root):].lstrip("/") or "."

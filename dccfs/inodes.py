@@ -32,6 +32,13 @@ class Inode:
         """A path that resolves to the object itself; for calls that take no descriptor."""
         return f"/proc/self/fd/{self.fd}"
 
+    def backing_path(self) -> str | None:
+        """The object's current path in the backing file system (renames included), None if gone."""
+        try:
+            return os.readlink(self.proc_path)
+        except OSError:
+            return None
+
     @property
     def is_dir(self) -> bool:
         return stat.S_ISDIR(self.mode)

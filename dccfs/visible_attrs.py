@@ -14,14 +14,6 @@ from dccfs.handles import is_container_head
 from dccfs.inodes import Inode
 
 
-def _backing_path(inode: Inode) -> str:
-    """The inode's backing path for messages (its /proc/self/fd name said nothing to an operator)."""
-    try:
-        return os.readlink(inode.proc_path)
-    except OSError:
-        return inode.proc_path
-
-
 def _open_backing(inode: Inode, st: os.stat_result) -> int | None:
     """A read descriptor of the inode's backing file, or None if it cannot be opened or is
     no longer the file st describes: these reads run on worker threads, and a rewrite's
@@ -97,7 +89,8 @@ def logical_size(inode: Inode, st: os.stat_result) -> int:
     if fd is None:
         return st.st_size
     try:
-        path = _backing_path(inode)
+        # (for messages: the /proc/self/fd name said nothing to an operator)
+        path = inode.backing_path() or inode.proc_path
         if not is_container_head(pread_exact(fd, HEADER_SIZE, 0), path):
             size = st.st_size
         else:
