@@ -132,17 +132,55 @@ class HandleTable(BackgroundRewrites, PlainFiles):
         return handle
 
     async def open(self, inode: Inode, flags: int) -> Handle:
+        while True:
+            file = inode.extra.get("file")
+            if isinstance(file, ContainerFile):
+                return await self._open_attached(inode, file, flags)
+            locked_fd = await self._lock_before_attaching(inode, flags)
+            try:
+                # One first open at a time per inode: two concurrent ones each read the container
+                # (an await) and attached a ContainerFile of their own, which then appended over
+                # each other's records and committed indexes that disagreed (fsynced data lost).
+                attaching = inode.extra.setdefault("attach_lock", trio.Lock())
+                async with attaching:
+                    file = inode.extra.get("file")
+                    if not isinstance(file, ContainerFile):
+                        if locked_fd is None and self._needs_lock(inode, flags):
+                            continue  # this node's writer closed meanwhile: wait as above, not in here
+                        fd, locked_fd = locked_fd, None
+                        return await self._open_unattached(inode, flags, fd)
+                    if locked_fd is not None and not file.write_locked:
+                        # Attached by a reader meanwhile: the container's descriptor takes over the lock.
+                        os.dup2(locked_fd, file.container.fd, inheritable=False)
+                        file.write_locked = True
+            finally:
+                if locked_fd is not None:
+                    os.close(locked_fd)
+            return await self._open_attached(inode, file, flags)
+
+    def _needs_lock(self, inode: Inode, flags: int) -> bool:
+        """--shared: whether this open writes a file whose lock this node does not hold yet."""
+        if not (self.engine.config.shared and writable(flags)):
+            return False
         file = inode.extra.get("file")
-        if not isinstance(file, ContainerFile):
-            # One first open at a time per inode: two concurrent ones each read the container
-            # (an await) and attached a ContainerFile of their own, which then appended over
-            # each other's records and committed indexes that disagreed (fsynced data lost).
-            attaching = inode.extra.setdefault("attach_lock", trio.Lock())
-            async with attaching:
-                file = inode.extra.get("file")
-                if not isinstance(file, ContainerFile):
-                    return await self._open_unattached(inode, flags)
-        return await self._open_attached(inode, file, flags)
+        return "raw_lock" not in inode.extra and not (isinstance(file, ContainerFile) and file.write_locked)
+
+    async def _lock_before_attaching(self, inode: Inode, flags: int) -> int | None:
+        """--shared: a writer's descriptor of the file, holding the lock, waited for outside the attach
+        lock so that this node's other opens, readers too, do not wait behind another node's writer
+        (found by review). None when no lock is needed, or once this node holds it on another descriptor."""
+        if not self._needs_lock(inode, flags):
+            return None
+        fd = self._open_backing(inode, os.O_RDWR, read_only_ok=False)
+        try:
+            if await shared.lock_for_writing(fd, relpath_of(inode, self.backing_root),
+                                             lambda: not self._needs_lock(inode, flags)):
+                return fd
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)
+        return None
 
     async def _open_attached(self, inode: Inode, file: ContainerFile, flags: int) -> Handle:
         if writable(flags) and not writable(fcntl.fcntl(file.container.fd, fcntl.F_GETFL)):
@@ -169,8 +207,10 @@ class HandleTable(BackgroundRewrites, PlainFiles):
             await self._truncate_or_unopen(handle)
         return handle
 
-    async def _open_unattached(self, inode: Inode, flags: int) -> Handle:
-        fd = self._open_backing(inode, os.O_RDWR, read_only_ok=not writable(flags))
+    async def _open_unattached(self, inode: Inode, flags: int, fd: int | None = None) -> Handle:
+        """The first open of a file on this node; fd: its descriptor, already holding the lock."""
+        if fd is None:
+            fd = self._open_backing(inode, os.O_RDWR, read_only_ok=not writable(flags))
         relpath = relpath_of(inode, self.backing_root)
         keeps_lock = False
         try:

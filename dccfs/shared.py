@@ -12,6 +12,7 @@ import errno
 import fcntl
 import logging
 import os
+from collections.abc import Callable
 
 import trio
 
@@ -23,13 +24,16 @@ WRITER_WAIT_S = 60.0
 POLL_S = 0.05
 
 
-async def lock_for_writing(fd: int, path: str) -> None:
-    """Exclusive flock on the container, polled so the event loop keeps serving others."""
+async def lock_for_writing(fd: int, path: str, held_here: Callable[[], bool] = lambda: False) -> bool:
+    """Exclusive flock on the container, polled so the event loop keeps serving others. False, without
+    the lock on fd, once held_here() says this node holds it on another descriptor meanwhile."""
     with trio.move_on_after(WRITER_WAIT_S):
         while True:
+            if held_here():
+                return False
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return
+                return True
             except BlockingIOError:
                 await trio.sleep(POLL_S)
     raise OSError(errno.EBUSY, f"{path}: another node is writing this file "

@@ -148,6 +148,63 @@ def test_a_writer_waiting_for_another_node_opens_its_own_file(make_mount):
         assert (a.mnt / "f").read_bytes() == content
 
 
+def test_readers_do_not_wait_behind_a_writer_waiting_for_another_node(make_mount):
+    """B's writer waits for A's lock on a file B has not open. A reader on B opens and reads it
+    meanwhile (found by review: it waited with the writer, up to a minute). Once A closes, B's writer
+    gets the lock on the file the reader attached, and holds it: A's next writer waits for B's."""
+    a = make_mount("a", "--shared")
+    b = make_mount("b", "--shared", backing=a.backing)
+    content = os.urandom(300_000)
+    (a.mnt / "f").write_bytes(content)
+    holder = open(a.mnt / "f", "r+b")
+    events = []
+    b_writes = threading.Event()
+
+    def write_through_b():
+        with open(b.mnt / "f", "r+b") as f:  # waits for A's lock
+            events.append("b writer open")
+            f.write(b"B" * 1000)
+            f.flush()
+            b_writes.wait(60)
+        events.append("b writer closed")
+
+    b_writer = threading.Thread(target=write_through_b)
+    try:
+        b_writer.start()
+        time.sleep(0.5)
+        with open(b.mnt / "f", "rb") as reader:
+            assert reader.read() == content
+            assert events == []  # the reader was served while B's writer still waited
+            holder.close()
+            for _ in range(600):
+                if events:
+                    break
+                time.sleep(0.1)
+            assert events == ["b writer open"]
+
+        def write_through_a():
+            with open(a.mnt / "f", "r+b") as f:  # waits for B's lock
+                events.append("a writer open")
+                f.seek(2000)
+                f.write(b"A" * 1000)
+
+        a_writer = threading.Thread(target=write_through_a)
+        a_writer.start()
+        time.sleep(1)
+        assert events == ["b writer open"]  # B holds the lock through the reader's descriptor
+        b_writes.set()
+        b_writer.join(30)
+        a_writer.join(30)
+        assert events == ["b writer open", "b writer closed", "a writer open"]
+    finally:
+        b_writes.set()
+        holder.close()
+        b_writer.join(70)
+    expected = b"B" * 1000 + content[1000:2000] + b"A" * 1000 + content[3000:]
+    assert (a.mnt / "f").read_bytes() == expected
+    assert (b.mnt / "f").read_bytes() == expected
+
+
 def test_a_torn_tail_left_by_a_killed_node_is_cut_for_a_file_with_links_open_elsewhere(make_mount):
     """A node is killed after an fsync and more writes; another node, which had the file open for
     reading since before, then writes it. The file has a second name (a hard link, not a delta base):
