@@ -57,7 +57,8 @@ class ContainerFile(ChunkReader):
         self.dirty: dict[int, bytes | bytearray | memoryview] = {}
         self.versions: dict[int, int] = {}
         # Dirty chunks whose store failed: they no longer hold dirty budget, so one file's
-        # failing store cannot starve every other writer (they stay until reported).
+        # failing store cannot starve every other writer. While any is left, no new dirty chunk
+        # is taken (found by review: a writer retrying on a full disk grew the daemon unbounded).
         self._unbudgeted: set[int] = set()
         self.inflight: set[int] = set()
         self.mtime_ns: int | None = None
@@ -68,7 +69,14 @@ class ContainerFile(ChunkReader):
         # The last close gave up on a commit: the kernel's cached pages and size are not what is stored.
         self.lost_changes = False
         self.release_lock = trio.Lock()
-        self.failure: OSError | None = None
+        self.failure: OSError | None = None  # the last store that failed
+        # Counts stores that failed and writes refused (errseq, as the kernel's): each writable
+        # handle's next fsync or close reports those since its open or its last report (Handle).
+        self.error_seq = 0
+        # error_seq at the last write refused from the kernel's writeback cache: those bytes are lost
+        # (the kernel's pages and size show them until the last close), so every fsync and close of a
+        # handle open then fails (Handle).
+        self.lost_at_seq = 0
         self._store_failures_logged = False  # one warning per run of failing stores (a full disk)
         self._busy = 0
         self._idle = trio.Event()
@@ -155,19 +163,41 @@ class ContainerFile(ChunkReader):
             self.mtime_ns = self.changed_ns = time.time_ns()
         return len(data)
 
+    @property
+    def store_failing(self) -> bool:
+        """Chunks whose store failed are waiting for a retry (fsync, close, the next new chunk)."""
+        return bool(self._unbudgeted)
+
+    def failure_error(self) -> OSError:
+        return OSError(self.failure.errno, f"{self.path}: {self.failure.strerror}")
+
     def _raise_failure(self) -> None:
-        if self.failure is not None:
-            raise OSError(self.failure.errno, f"{self.path}: {self.failure.strerror}")
+        if self._unbudgeted and self.failure is not None:
+            raise self.failure_error()
 
-    async def _reserve_dirty(self) -> None:
-        # A file whose store failed takes no new dirty chunks until fsync or close has
-        # reported the failure: its unstorable data must not grow without bound.
-        self._raise_failure()
-        await self.engine.dirty.reserve(self.chunk_size, check=self._raise_failure)
+    async def _reserve_dirty(self, truncating: bool = False) -> None:
+        """Dirty budget for one more chunk. Refused while chunks whose store failed are still unstored
+        (retried first: the disk may have room again), except to cut a chunk in a shrink, which
+        should not fail for an earlier write's sake (found by review)."""
+        try:
+            if self._unbudgeted and not truncating:
+                for idx in list(self._unbudgeted):
+                    self.schedule_flush(idx)
+                await self._wait_idle()
+                self._raise_failure()
+            await self.engine.dirty.reserve(self.chunk_size, check=None if truncating else self._raise_failure)
+        except OSError:
+            if not truncating and self.engine.config.writeback_cache and not self.engine.config.shared:
+                # The kernel acknowledged these bytes to the writer long ago: they are lost, and
+                # only the writer's fsync or close can still say so (found by review: a close
+                # returned 0 for a file missing its last megabytes).
+                self.error_seq += 1
+                self.lost_at_seq = self.error_seq
+            raise
 
-    async def _make_dirty(self, idx: int) -> bytearray:
+    async def _make_dirty(self, idx: int, truncating: bool = False) -> bytearray:
         """A dirty bytearray for a chunk written in part: its stored bytes, or empty."""
-        await self._reserve_dirty()
+        await self._reserve_dirty(truncating)
         try:
             existing = await self.load_chunk(idx)
         except BaseException:
@@ -262,6 +292,7 @@ class ContainerFile(ChunkReader):
                 log.exception("%s: storing chunk %d failed", self.path, idx)
                 exc = OSError(errno.EIO, f"storing chunk {idx} failed: {exc}")
             self.failure = exc
+            self.error_seq += 1
             self._unbudget(idx)
         finally:
             self.inflight.discard(idx)
@@ -283,13 +314,13 @@ class ContainerFile(ChunkReader):
 
     async def flush_dirty(self) -> None:
         """Encode and append every dirty chunk (records only; the next commit makes them
-        durable). A chunk that cannot be stored (ENOSPC, EIO) raises here, once."""
+        durable). Raises while a chunk cannot be stored (ENOSPC, EIO); earlier failures are
+        for each handle to report (error_seq)."""
         while self.dirty:
             self.schedule_all()
             await self._wait_idle()
-            if self.failure is not None:
-                failure, self.failure = self.failure, None
-                raise OSError(failure.errno, f"{self.path}: {failure.strerror}")
+            if self._unbudgeted:
+                raise self.failure_error()
 
     # -- size and commit ---------------------------------------------------------
 
@@ -331,7 +362,7 @@ class ContainerFile(ChunkReader):
                     idx = new_size // cs
                     buf = self.dirty.get(idx)
                     if buf is None:
-                        buf = await self._make_dirty(idx)
+                        buf = await self._make_dirty(idx, truncating=True)
                     else:
                         buf = self._mutable(idx, buf)
                 for gone in [i for i in self.dirty if i >= first_gone]:

@@ -45,6 +45,7 @@ class RecordRewriter:
 
     # The copy names the pins the file's records name: its records are carried over.
     carries_pin_records = True
+    what = "re-encoding"  # for the log
 
     def __init__(self):
         self.replaced = 0

@@ -335,6 +335,23 @@ class Container:
             if durable:
                 os.fdatasync(self.fd)
 
+    def cut_uncommitted(self) -> bool:
+        """Truncate the records appended since the last commit (a close gave up on committing them);
+        in a file other names link only where a torn tail could go. True when cut."""
+        with self._lock:
+            committed = self.recovery.committed_end
+            if self.end <= committed:
+                return False
+            if os.fstat(self.fd).st_nlink > 1 \
+                    and not (self.linked_tail_may_go and self.linked_tail_may_go(committed)):
+                return False
+            os.ftruncate(self.fd, committed)
+            self.end = committed
+            for idx in list(self.pending):
+                self.index.pop(idx, None)
+            self.pending.clear()
+            return True
+
     def _append_or_undo(self, parts: list[bytes | memoryview]) -> None:
         """Write at the end; on failure (ENOSPC) cut what was partly written, so the file
         still ends with its last trailer."""

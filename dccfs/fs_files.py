@@ -120,27 +120,29 @@ class OpenFileHandlers:
     @guarded
     async def flush(self, fh):
         handle = self.handles.get(fh)
-        file = handle.file
-        if isinstance(file, ContainerFile) and file.has_changes:
-            await file.commit(self.engine.config.sync_on_close)
+        # Not a reader's close: it would report (and no longer the writer's) a writer's failure.
+        if isinstance(handle.file, ContainerFile) and handle.writable:
+            await handle.commit(self.engine.config.sync_on_close, if_changed=True)
 
     @guarded
     async def fsync(self, fh, datasync):
-        await self.handles.get(fh).file.commit(True)
+        await self.handles.get(fh).commit(True)
 
     @guarded
     async def release(self, fh):
         inode = self.handles.get(fh).inode
         try:
             handle = await self.handles.release(fh)
-            if getattr(handle.file, "lost_changes", False):
+            file = handle.file
+            if isinstance(file, ContainerFile) and file.handles == 0 \
+                    and (file.lost_changes or file.lost_at_seq):
                 self._drop_kernel_view(inode)
         finally:
             self.inodes.release_open(inode)
 
     def _drop_kernel_view(self, inode: Inode) -> None:
-        """Make the kernel forget a file whose last commit failed. Its page cache still holds the
-        failed writes, and with the writeback cache it trusts its own size over any getattr, so
+        """Make the kernel forget a file whose last commit failed, or that refused writes from the
+        writeback cache. Its page cache still holds the failed writes, and with the writeback cache it trusts its own size over any getattr, so
         the cached inode has to go: FUSE evicts an inode as soon as nothing holds it, which after
         the last close is only its dentry."""
         try:

@@ -191,7 +191,8 @@ class BackgroundRewrites:
                 # read that failed was of records that are gone, not of damaged ones.
                 log.info("%s: background rewrite stopped, the file changed under it: %s", container.path, exc)
             else:
-                log.warning("%s: compaction failed, file left as it was: %s", container.path, exc)
+                what = "compaction" if rewriter is None else f"background rewrite ({rewriter.what})"
+                log.warning("%s: %s failed, file left as it was: %s", container.path, what, exc)
             self._abandon_copy(tmp_path, rewriter, copy_name)
             return
         if file.handles or file.content_changed or file.closed or file.container is not container \

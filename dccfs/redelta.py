@@ -50,6 +50,8 @@ class Rewriter(compaction.RecordRewriter):
     """The rewrite callback of compaction.write_compacted for one file; runs in a worker
     thread and counts what it replaced."""
 
+    what = "deltas after close"
+
     def __init__(self, file):
         super().__init__()
         self.file = file

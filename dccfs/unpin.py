@@ -105,6 +105,7 @@ class UnpinRewriter(compaction.RecordRewriter):
     # The copy names no pin of the file's: its records are not carried over (handles_rewrite);
     # a newer base gets records for the copy from its DeltaWriter, before its first delta.
     carries_pin_records = False
+    what = "keyframes for a deleted base"
 
     def __init__(self, file, pin: str, relpath: str, busy: frozenset = frozenset()):
         super().__init__()

@@ -23,7 +23,7 @@ def _files(tmp_path, engine, config):
         opened.append(file)
         return file
 
-    engine.dirty.on_pressure(lambda: [f.schedule_all() for f in opened if f.failure is None])
+    engine.dirty.on_pressure(lambda: [f.schedule_all() for f in opened if not f.store_failing])
     return open_file
 
 

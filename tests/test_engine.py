@@ -76,19 +76,48 @@ def test_a_failed_truncate_leaves_the_file_as_it_was(tmp_path, caplog):
     async def body(engine, open_file):
         a = open_file("a")
         data = [os.urandom(CHUNK) for _ in range(3)]
+        for i, block in enumerate(data):
+            await a.write(i * CHUNK, block)
+        await a.commit(durable=False)
+        load = a.load_chunk
+
+        async def failing_load(idx, prefetch=False):
+            if idx == 1:
+                raise OSError(errno.EIO, "injected read error")
+            return await load(idx, prefetch)
+
+        a.load_chunk = failing_load  # cutting chunk 1 in two needs its bytes
+        with pytest.raises(OSError) as raised:
+            await a.truncate(CHUNK + CHUNK // 2)
+        assert raised.value.errno == errno.EIO
+        del a.load_chunk
+        assert a.size == 3 * CHUNK
+        assert await a.read(0, 3 * CHUNK) == b"".join(data)
+
+    with caplog.at_level(logging.CRITICAL):
+        run_with_files(tmp_path, config, body)
+
+
+def test_a_shrink_cuts_a_chunk_while_another_cannot_be_stored(tmp_path, caplog):
+    """Chunk 0 cannot be stored; a truncate that cuts chunk 1 in two still works: it is not a
+    write that the earlier failure refuses (found by review: ENOSPC on a shrink)."""
+    config = Config(cache=CacheConfig(dirty_bytes=4 << 20), delta=False)
+
+    async def body(engine, open_file):
+        a = open_file("a")
+        data = [os.urandom(CHUNK) for _ in range(3)]
         store = a.container.append_chunk
         fail = _failing_append([])
-        # chunk 0 cannot be stored, chunks 1 and 2 are: cutting chunk 1 needs budget
         a.container.append_chunk = lambda idx, *rest: fail(idx) if idx == 0 else store(idx, *rest)
         for i, block in enumerate(data):
             await a.write(i * CHUNK, block)
         await a._wait_idle()
-        assert a.failure is not None and set(a.dirty) == {0}
-        with pytest.raises(OSError) as raised:
-            await a.truncate(CHUNK + CHUNK // 2)
-        assert raised.value.errno == errno.EIO
-        assert a.size == 3 * CHUNK
-        assert await a.read(0, 3 * CHUNK) == b"".join(data)
+        assert a.store_failing and set(a.dirty) == {0}
+        await a.truncate(CHUNK + CHUNK // 2)
+        assert a.size == CHUNK + CHUNK // 2
+        assert await a.read(0, 3 * CHUNK) == data[0] + data[1][:CHUNK // 2]
+        with pytest.raises(OSError):  # a new chunk is still refused
+            await a.write(5 * CHUNK, b"x")
 
     with caplog.at_level(logging.CRITICAL):
         run_with_files(tmp_path, config, body)
