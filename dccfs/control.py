@@ -20,7 +20,7 @@ import trio
 
 from dccfs.config import ConfigError, check_cache_value
 from dccfs.offline_pins import pinned_space
-from dccfs.mount import STATE_DIR, MountError, is_within
+from dccfs.mount import STATE_DIR, MountError, is_within, own_file_problem
 from dccfs.control_socket import device_socket_name, socket_path
 from dccfs.mountinfo import read_mountinfo
 
@@ -50,6 +50,7 @@ class ControlServer:
         self._sock = None
         self._sock_ino: int | None = None
         self.device_path: str | None = None
+        self.device: str | None = None  # the mount's "major:minor", once mounted
         self._refused = 0
         self._refusal_logged_at = float("-inf")
         if req.trace:
@@ -150,6 +151,8 @@ class ControlServer:
                             data += more
                     if not data:
                         return  # a probe for the daemon's pid (peer_pid): nothing to answer
+                    if not data.endswith(b"\n") and len(data) >= MAX_REQUEST:
+                        raise ValueError(f"the request is longer than {MAX_REQUEST >> 10} KiB")
                     reply = await self._serve_request(json.loads(data))
             except (ValueError, ConfigError) as exc:
                 reply = {"ok": False, "error": str(exc)}
@@ -185,16 +188,20 @@ class ControlServer:
             changes = request.get("set") or {}
             if not isinstance(changes, dict):
                 raise ValueError("tune's 'set' is a JSON object of key: value")
+            self.checked(changes)  # before the trace file is touched (found by review)
             target = str(changes.get("trace", "off"))
-            # Opened in a worker: the path may be slow, or lead into this very mount, whose
-            # requests the trio thread must go on serving meanwhile (found by review: a hang).
+            # Opened, emptied and the old one closed in a worker: the path may be slow, or lead into
+            # this very mount, whose requests the trio thread must go on serving meanwhile (found by
+            # review: a hang).
             trace = None if _trace_off(target) else await trio.to_thread.run_sync(self.open_trace, target)
-            try:
-                return self.tune(changes, trace)
-            except BaseException:
-                if trace is not None:
-                    trace.close()
-                raise
+            if "trace" in changes:
+                try:
+                    await trio.to_thread.run_sync(self.set_trace, trace)
+                except BaseException:
+                    if trace is not None:
+                        trace.discard()
+                    raise
+            return self.tune(changes)
         return self.dispatch(request)
 
     def dispatch(self, request: dict) -> dict:
@@ -224,17 +231,22 @@ class ControlServer:
         settings["trace"] = getattr(self.engine.trace, "path", "off")
         return settings
 
-    def tune(self, changes: dict, trace=None) -> dict:
-        """Apply changes, all or nothing: every value is checked, and a new trace file (trace, opened
-        by the caller) is open, before anything changes."""
+    def checked(self, changes: dict):
+        """The cache settings after changes, every key and value checked (ConfigError)."""
         unknown = [k for k in changes if k not in TUNABLE]
         if unknown:
             raise ConfigError(f"unknown key {unknown[0]!r} (tunable: {', '.join(TUNABLE)})")
         checked = {k: check_cache_value(k, v, f"tune {k}", from_text=True) for k, v in changes.items() if k != "trace"}
+        new_cache = replace(self.engine.config.cache, **checked)
+        replace(self.engine.config, cache=new_cache).check_t0_fits("tune t0_bytes")
+        return new_cache
+
+    def tune(self, changes: dict) -> dict:
+        """Apply changes to the cache settings as they are now (another tune may have ended while
+        this one set its trace, which is set already)."""
+        new_cache = self.checked(changes)
         engine = self.engine
         cache = engine.config.cache
-        new_cache = replace(cache, **checked)
-        replace(engine.config, cache=new_cache).check_t0_fits("tune t0_bytes")
         if new_cache.policy != cache.policy or new_cache.t0_bytes != cache.t0_bytes \
                 or new_cache.write_admit != cache.write_admit:
             engine.cache.reconfigure(new_cache.policy, new_cache.t0_bytes,
@@ -242,8 +254,6 @@ class ControlServer:
         if new_cache.dirty_bytes != cache.dirty_bytes:
             engine.dirty.set_limit(new_cache.dirty_bytes)
         engine.config = replace(engine.config, cache=new_cache)
-        if "trace" in changes:
-            self.set_trace(trace)
         log.info("tuned: %s", changes)
         return {"ok": True, "cache": self.cache_settings()}
 
@@ -254,9 +264,15 @@ class ControlServer:
         from dccfs.trace import TraceWriter
         if not os.path.isabs(target):
             raise ValueError(f"the trace file must be an absolute path, got {target!r}")
-        if is_within(target, self.mountpoint):
-            raise ValueError(f"{target}: the trace cannot be written inside the mount it records "
-                             "(each write would wait on this daemon)")
+        problem = own_file_problem("trace file", target, self.ops.backing_root, self.mountpoint)
+        if problem is None and self.device is not None:
+            # A bind mount of this mount passes the path checks (found by review: the daemon then
+            # waited on itself, past kill -9).
+            st = os.stat(os.path.dirname(os.path.realpath(target)))
+            if f"{os.major(st.st_dev)}:{os.minor(st.st_dev)}" == self.device:
+                problem = f"the trace file {target} is on this mount (through another path to it)"
+        if problem:
+            raise ValueError(problem)
         return TraceWriter(target, truncate=False)
 
     def set_trace(self, new) -> None:
@@ -279,6 +295,7 @@ class ControlServer:
         if entry is None:
             log.warning("%s is not in the mount table: its control socket has no device name", self.mountpoint)
             return
+        self.device = entry.device
         path = os.path.join(os.path.dirname(self.path), device_socket_name(entry.device))
         staging = f"{path}.{os.getpid()}.tmp"
         try:

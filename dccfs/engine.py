@@ -231,17 +231,22 @@ class Engine:
 
     def record_access(self, key: tuple, size: int, is_write: bool) -> None:
         """Append a chunk request to the trace, when recording; ids are stable across runs."""
-        if self.trace is not None:
+        trace = self.trace  # (a tune may swap it on a worker thread)
+        if trace is not None:
             file_id, idx, offset = key
             obj_id = xxhash.xxh3_64_intdigest(file_id + idx.to_bytes(8, "little")
                                               + offset.to_bytes(8, "little"))
             try:
-                self.trace.record(time.time(), obj_id, size, is_write)
+                trace.record(time.time(), obj_id, size, is_write)
+            except ValueError:
+                pass  # closed meanwhile by a tune's swap, which runs on a worker thread
             except OSError as exc:
                 # A trace is advice: a full disk under it must not fail the read or write.
-                trace, self.trace = self.trace, None
+                if self.trace is trace:
+                    self.trace = None
                 log.warning("stopped recording the chunk access trace to %s: %s", trace.path, exc)
-                close_trace_quietly(trace)
+                # (its close may wait on the failing path: not on the thread that serves requests)
+                threading.Thread(target=close_trace_quietly, args=(trace,), daemon=True).start()
 
     def start_background(self, fn, *args) -> None:
         """Run fn(*args) in the mount's nursery; errors are logged, never fatal to the mount."""

@@ -104,6 +104,24 @@ def resident_bytes() -> int | None:
         return None
 
 
+def unshared_bytes() -> int | None:
+    """The resident pages no other process maps (Private_Clean + Private_Dirty of smaps_rollup),
+    or None where the kernel has no smaps_rollup. Library pages that other processes map too (the
+    codec kernels' libraries, when several mounts run) are counted by each one's RSS, yet cost
+    nothing more for this one; reading this walks every mapping, so it is read only past the ceiling."""
+    try:
+        with open("/proc/self/smaps_rollup", "rb") as f:
+            fields = dict(line.split(b":", 1) for line in f.read().splitlines()[1:] if b":" in line)
+        return sum(int(fields[name].split()[0]) for name in (b"Private_Clean", b"Private_Dirty")) << 10
+    except (OSError, ValueError, KeyError, IndexError):
+        return None
+
+
+def _own_bytes(fallback: int) -> int:
+    own = unshared_bytes()
+    return fallback if own is None else own
+
+
 class HeapTrimmer:
     """Keeps RSS under the budgets plus OVERHEAD_LIMIT: trims the heap whenever RSS minus the
     budgeted bytes (T0 resident, dirty) has grown, and makes T0 shed chunks when trimming
@@ -151,19 +169,24 @@ class HeapTrimmer:
         """Above the ceiling: the compiler's pages (a kernel compiled since the warm-up may
         have touched them again), then the heap, then T0's coldest chunks."""
         ceiling = self._budget_bytes() + self._overhead_limit
-        if rss <= ceiling:
+        # RSS is an upper bound of what is this process's own: pages that other processes map
+        # too cost nothing more for this one (found by review: with a few mounts on a machine,
+        # their shared kernel libraries kept a small T0 empty).
+        if rss <= ceiling or (rss := _own_bytes(rss)) <= ceiling:
             self._stuck_at = None
             return
         if self._stuck_at is not None and rss < self._stuck_at + TRIM_GROWTH:
             return  # nothing more to give back since the last try (e.g. T0 is empty)
         release_compiler_pages()
-        rss = self._trim_now(resident_bytes() or rss)
+        self._trim_now(resident_bytes() or rss)
+        rss = _own_bytes(rss)
         excess = rss - ceiling
         if excess <= 0:
             return
         shed = self._shed(excess)
         if shed:
-            rss = self._trim_now(resident_bytes() or rss)
+            self._trim_now(resident_bytes() or rss)
+            rss = _own_bytes(rss)
             self._stats.t0_shed_bytes += shed
             log.debug("T0 gave back %d bytes to keep RSS under %d (now %d)", shed, ceiling, rss)
         self._stuck_at = rss if rss > ceiling else None

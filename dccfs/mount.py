@@ -208,10 +208,11 @@ def run_mount(req: MountRequest) -> int:
         req.trace = os.path.abspath(req.trace)
     if not req.foreground and log_file is None:
         log_file = os.path.join(state_dir(backing), DEFAULT_LOG)
-    if req.trace and is_within(req.trace, mountpoint):
-        os.close(lock_fd)
-        raise MountError(f"the trace file {req.trace} is inside the mountpoint {mountpoint}: it would be "
-                         "hidden under the mount, and its writes would wait on the daemon itself")
+    for what, path in (("log file", log_file), ("trace file", req.trace)):
+        problem = path and own_file_problem(what, path, backing, mountpoint, state_ok=what == "log file")
+        if problem:
+            os.close(lock_fd)
+            raise MountError(problem)
     for what, path in (("log file", log_file), ("trace file", req.trace)):
         # Checked here, where the error still reaches the terminal: a daemon has no log yet.
         # (O_NONBLOCK: a FIFO without a reader fails instead of blocking the mount command)
@@ -260,6 +261,19 @@ def run_mount(req: MountRequest) -> int:
         os.close(lock_fd)
     log.info("unmounted %s", mountpoint)
     return 0
+
+
+def own_file_problem(what: str, path: str, backing: str, mountpoint: str, state_ok: bool = False) -> str | None:
+    """Why path cannot be this mount's log or trace file, or None. Inside the mountpoint its writes
+    would wait on the daemon itself; inside the backing directory it would write over a stored file
+    or dccfs's own state (found by review: a trace there emptied a container, read back as zeros)."""
+    if is_within(path, mountpoint):
+        return (f"the {what} {path} is inside the mountpoint {mountpoint}: it would be hidden under the "
+                "mount, and its writes would wait on the daemon itself")
+    if is_within(path, backing) and not (state_ok and is_within(path, os.path.join(backing, STATE_DIR))):
+        return (f"the {what} {path} is inside the backing directory {backing}: it would write over "
+                "the mount's stored files or dccfs's own state")
+    return None
 
 
 def is_within(path: str, directory: str) -> bool:

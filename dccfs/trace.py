@@ -1,6 +1,7 @@
 """Chunk access traces: libCacheSim oracleGeneral binary and CSV writer/reader."""
 from __future__ import annotations
 
+import collections
 import csv
 import errno
 import io
@@ -25,6 +26,9 @@ _ORACLE_RECORD = struct.Struct("<IQIq")
 # so only CSV traces preserve is_write.
 CSV_HEADER = ("time", "obj_id", "size", "op")
 _FLUSH_BYTES = 1 << 16
+# Buffers waiting for the writer thread: past 4 MiB a trace file that cannot keep up loses records
+# (counted, and logged at close) rather than growing the daemon.
+_MAX_PENDING = 64
 
 
 def is_csv_path(path: str | os.PathLike) -> bool:
@@ -36,6 +40,8 @@ class TraceWriter:
 
     The format follows the file name: '*.csv' writes CSV, anything else oracleGeneral
     binary with next_access_vtime = -1 (run fill_next_access() offline to set it).
+    Full buffers are written by a thread of the writer's own: a slow or hung trace file
+    (NFS, another FUSE mount) never holds up the requests that record into it.
     """
 
     def __init__(self, path: str | os.PathLike, *, csv_format: bool | None = None, truncate: bool = True):
@@ -44,7 +50,14 @@ class TraceWriter:
         self.path = os.fspath(path)
         self.csv_format = is_csv_path(path) if csv_format is None else csv_format
         self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)  # for buffers handed over, and written
         self._buffer = bytearray()
+        self._buffered = 0  # records in _buffer
+        self._pending: collections.deque[bytes] = collections.deque()
+        self._writing = False
+        self._closing = False
+        self._error: OSError | None = None
+        self._thread: threading.Thread | None = None
         # 0644 whatever the umask: the daemon runs with umask 0 (the kernel applies the
         # caller's umask to the files created through the mount). O_NONBLOCK: a FIFO without
         # a reader fails (ENXIO) instead of blocking the daemon until one comes.
@@ -55,57 +68,117 @@ class TraceWriter:
             os.close(fd)
             raise OSError(errno.EINVAL, "a trace must go to a file, not a pipe or socket", self.path)
         os.set_blocking(fd, True)
-        self._file = os.fdopen(fd, "wb")
+        self._fd: int | None = fd
         self.records = 0
+        self.dropped = 0  # records lost because the file could not keep up
         if self.csv_format:
             self._buffer += (",".join(CSV_HEADER) + "\n").encode()
 
     def start(self) -> None:
         """Empty the file opened with truncate=False (nothing has been recorded yet)."""
         with self._lock:
-            self._file.flush()
-            if stat.S_ISREG(os.fstat(self._file.fileno()).st_mode):  # (not /dev/null, /dev/full)
-                os.ftruncate(self._file.fileno(), 0)
-                self._file.seek(0)
+            if stat.S_ISREG(os.fstat(self._fd).st_mode):  # (not /dev/null, /dev/full)
+                os.ftruncate(self._fd, 0)
+                os.lseek(self._fd, 0, os.SEEK_SET)
 
     def record(self, time_s: float, obj_id: int, size: int, is_write: bool) -> None:
-        """Append one request; the disk write happens only when 64 KiB are buffered."""
+        """Append one request; every 64 KiB the writer thread gets the buffer. Raises the
+        OSError that stopped the writer thread, if one did."""
         if self.csv_format:
             line = f"{time_s:.6f},{obj_id},{size},{'w' if is_write else 'r'}\n".encode()
         else:
             # u32 seconds as libCacheSim expects; clamped so a bad clock cannot raise here.
             line = _ORACLE_RECORD.pack(min(max(int(time_s), 0), 0xFFFFFFFF), obj_id, size, -1)
         with self._lock:
-            if self._file is None:
+            if self._fd is None or self._closing:
                 raise ValueError("TraceWriter is closed")
+            if self._error is not None:
+                raise OSError(self._error.errno, self._error.strerror, self.path)
             self._buffer += line
+            self._buffered += 1
             self.records += 1
             if len(self._buffer) >= _FLUSH_BYTES:
-                self._write_buffer()
+                self._hand_over(bounded=True)
 
-    def _write_buffer(self) -> None:
-        self._write_buffer_to(self._file)
-
-    def _write_buffer_to(self, file) -> None:
-        file.write(self._buffer)
+    def _hand_over(self, bounded: bool) -> None:
+        """Give the buffer to the writer thread (lock held). Bounded: past _MAX_PENDING buffers
+        waiting, its records are dropped and counted, so a stalled file costs records, not RSS."""
+        if not self._buffer:
+            return
+        if bounded and len(self._pending) >= _MAX_PENDING:
+            self.dropped += self._buffered
+        else:
+            self._pending.append(bytes(self._buffer))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._write_pending, name="dccfs-trace", daemon=True)
+                self._thread.start()
+            self._changed.notify_all()
         self._buffer.clear()
+        self._buffered = 0
+
+    def _write_pending(self) -> None:
+        """The writer thread: writes the buffers handed over, in order, until closed or a write fails."""
+        while True:
+            with self._lock:
+                while not self._pending and not self._closing:
+                    self._changed.wait()
+                if not self._pending:
+                    return
+                block, self._writing = self._pending.popleft(), True
+            try:
+                view = memoryview(block)
+                while view:
+                    view = view[os.write(self._fd, view):]
+            except OSError as exc:
+                with self._lock:
+                    self._error = exc
+                    self._pending.clear()
+                    self._writing = False
+                    self._changed.notify_all()
+                return
+            with self._lock:
+                self._writing = False
+                self._changed.notify_all()
 
     def flush(self) -> None:
+        """Write everything recorded so far (waits for the writer thread)."""
         with self._lock:
-            if self._file is not None:
-                self._write_buffer()
-                self._file.flush()
+            if self._fd is None:
+                return
+            self._hand_over(bounded=False)
+            while (self._pending or self._writing) and self._error is None:
+                self._changed.wait()
+            if self._error is not None:
+                raise OSError(self._error.errno, self._error.strerror, self.path)
+
+    def discard(self) -> None:
+        """Close without writing what is buffered (a trace never started: not even its CSV header)."""
+        with self._lock:
+            self._buffer.clear()
+            self._buffered = 0
+        self.close()
 
     def close(self) -> None:
+        """Write what is left, stop the writer thread and close the file; raises a write's OSError
+        (the file is closed all the same). Idempotent."""
         with self._lock:
-            if self._file is None:
+            if self._fd is None or self._closing:
                 return
-            file, self._file = self._file, None
-            try:
-                self._write_buffer_to(file)
-            finally:
-                self._buffer.clear()
-                file.close()  # closes even when its own flush raises
+            self._hand_over(bounded=False)
+            self._closing = True
+            self._changed.notify_all()
+            thread = self._thread
+        if thread is not None:
+            thread.join()
+        with self._lock:
+            fd, self._fd = self._fd, None
+            error = self._error
+        os.close(fd)
+        if self.dropped:
+            log.warning("%s: %d records of the trace were dropped: the file could not keep up",
+                        self.path, self.dropped)
+        if error is not None:
+            raise OSError(error.errno, error.strerror, self.path)
 
     def __enter__(self) -> "TraceWriter":
         return self

@@ -246,3 +246,57 @@ def test_a_full_backlog_is_a_daemon_that_does_not_answer(tmp_path):
         listener.close()
         os.unlink(path)
     assert probe(entry) == ("unknown", None)  # no socket at all
+
+
+def test_trace_targets_in_the_backing_directory_or_through_a_bind_mount_are_refused(mounted, tmp_path):
+    """A trace in the backing directory emptied the stored file it named, which then read back as
+    zeros; one reached through a bind mount of the mount passed the path check, and the daemon
+    waited on itself past kill -9 (found by review). Both are refused; the files stay as they were."""
+    precious = os.urandom(3 * MIB)
+    (mounted.mnt / "precious").write_bytes(precious)
+    for target in (mounted.backing / "precious", mounted.backing / ".dccfs" / "x.trace"):
+        result = dccfs("tune", mounted.mnt, f"trace={target}", timeout=30)
+        assert result.returncode == 1 and "inside the backing directory" in result.stderr, result
+    assert not (mounted.backing / ".dccfs" / "x.trace").exists()
+    bind = tmp_path / "bind"
+    bind.mkdir()
+    subprocess.run(["mount", "--bind", str(mounted.mnt), str(bind)], check=True)
+    try:
+        result = dccfs("tune", mounted.mnt, f"trace={bind / 'x.trace'}", timeout=30)
+        assert result.returncode == 1 and "on this mount" in result.stderr, result
+    finally:
+        if subprocess.run(["umount", str(bind)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(bind)], capture_output=True)
+    assert not (mounted.mnt / "x.trace").exists()
+    assert (mounted.mnt / "precious").read_bytes() == precious
+    assert settings(mounted.mnt)["trace"] == "off"
+
+
+def test_a_mount_refuses_a_trace_or_log_inside_its_backing_directory(tmp_path):
+    (tmp_path / "b").mkdir()
+    (tmp_path / "m").mkdir()
+    (tmp_path / "b" / "keep.dat").write_bytes(b"stored")
+    for option in ("--trace", "--log"):
+        result = dccfs("mount", option, tmp_path / "b" / "keep.dat", tmp_path / "b", tmp_path / "m")
+        if result.returncode == 0:  # mounted after all: unmount before failing
+            if dccfs("umount", tmp_path / "m").returncode != 0:
+                subprocess.run(["fusermount3", "-u", "-z", str(tmp_path / "m")])
+        assert result.returncode == 1 and "inside the backing directory" in result.stderr, result
+    assert (tmp_path / "b" / "keep.dat").read_bytes() == b"stored"
+
+
+def test_a_tune_refused_for_another_key_leaves_the_named_trace_file_untouched(mounted, tmp_path):
+    """The trace was opened, and its CSV header written over the file's start, before the other
+    keys were checked (found by review)."""
+    important = tmp_path / "important.csv"
+    important.write_bytes(b"0123456789" * 10)
+    result = dccfs("tune", mounted.mnt, f"trace={important}", "polcy=lru")
+    assert result.returncode == 1 and "unknown key" in result.stderr, result
+    assert important.read_bytes() == b"0123456789" * 10
+    result = dccfs("tune", mounted.mnt, f"trace={tmp_path / 'never.csv'}", "t0_bytes=1KiB")
+    assert result.returncode == 1 and not (tmp_path / "never.csv").exists(), result
+
+
+def test_an_overlong_request_is_named_as_such(mounted):
+    reply = request(str(mounted.mnt), {"cmd": "tune", "set": {"trace": "/tmp/" + "a" * 70_000}})
+    assert reply["ok"] is False and "longer than 64 KiB" in reply["error"], reply

@@ -135,3 +135,43 @@ def test_compiler_pages_are_released_after_warm_up_and_kernels_still_run():
     assert sum(got["before"]) > 8 << 20, got  # warm-up touched the library
     assert private_after < 2 << 20, got
     assert got["given_back"] >= 0, got
+
+
+SHARED_CHILD = r"""
+import json, mmap, sys
+from dccfs.memory import HeapTrimmer, resident_bytes, unshared_bytes
+from dccfs.stats import MountStats
+
+with open(sys.argv[1], "rb") as f:
+    mapped = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
+touched = sum(mapped[i] for i in range(0, len(mapped), 4096))  # every page resident
+rss, own = resident_bytes(), unshared_bytes()
+asked = []
+trimmer = HeapTrimmer(lambda: 0, MountStats(), budget_bytes=lambda: 0,
+                      shed=lambda nbytes: asked.append(nbytes) or 0, overhead_limit=rss - (48 << 20))
+trimmer.check()
+print(json.dumps({"rss": rss, "own": own, "asked": asked}))
+"""
+
+
+def test_pages_another_process_maps_too_do_not_make_t0_shed(tmp_path):
+    """A library (here a file) mapped by other processes too is in each one's RSS, yet costs this
+    one nothing: with a few mounts on a machine their shared kernel libraries kept a small T0
+    empty (found by review). The ceiling holds what only this process maps."""
+    import mmap
+    path = tmp_path / "library"
+    path.write_bytes(os.urandom(96 << 20))
+
+    def run_child() -> dict:
+        out = subprocess.run([sys.executable, "-c", SHARED_CHILD, str(path)], capture_output=True, text=True,
+                             timeout=120, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        assert out.returncode == 0, out.stderr
+        return json.loads(out.stdout)
+
+    alone = run_child()  # the file's pages are the child's own: over the ceiling, T0 is asked
+    assert alone["asked"], alone
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as mapped:
+        sum(mapped[i] for i in range(0, len(mapped), 4096))
+        shared = run_child()
+    assert shared["own"] < shared["rss"] - (64 << 20), shared
+    assert shared["asked"] == [], shared
