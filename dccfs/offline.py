@@ -11,10 +11,11 @@ from dccfs.container import ChunkError, Container, ContainerError
 from dccfs.format import HEADER_SIZE
 from dccfs.offline_common import (
     OfflineError, byte_progress, chunk_byte_range, copy_plain, decoded_chunks, describe_range,
-    file_kind, find_backing_root, find_temps, offline_lock, ratio, walk_files,
+    FoundFile, file_kind, find_backing_root, find_temps, offline_lock, ratio, walk_files,
 )
 from dccfs.offline_convert import run_pack, run_unpack
-from dccfs.offline_pins import check_pins, pinned_space
+from dccfs.delta_bases import BASES_DIR
+from dccfs.offline_pins import check_pins, pinned_names, pinned_space
 from dccfs.pin_records import header_name, torn_tail_may_go
 
 log = logging.getLogger(__name__)
@@ -87,9 +88,11 @@ class FsckTotals:
     torn: int = 0  # of the damaged: torn tails left for --repair (the files read back whole)
     repaired: int = 0
     unused_pins: list = field(default_factory=list)  # pins no file references, left (no --repair)
+    hidden_bases: int = 0  # delta bases under no visible name, checked too (their containers are counted)
 
     def summary(self) -> str:
-        return (f"{self.files} files: {self.containers} containers, {self.plain} plain "
+        hidden = f" and {self.hidden_bases} delta bases under no visible name" if self.hidden_bases else ""
+        return (f"{self.files} files{hidden}: {self.containers} containers, {self.plain} plain "
                 f"({self.plain_bytes} bytes); containers hold {self.logical} logical bytes in "
                 f"{self.stored} stored bytes (ratio {ratio(self.logical, self.stored)}); "
                 f"{self.damaged} damaged, {self.repaired} repaired")
@@ -114,8 +117,9 @@ def _cut_torn_tail(path: str, container: Container) -> str:
     return f"cut {rec.torn_tail} torn-tail bytes at offset {rec.committed_end}"
 
 
-def _check_container(path: str, fd: int, repair: bool, totals: FsckTotals, advance) -> bool:
-    """Check one container; returns True when it is (now) clean."""
+def _check_container(path: str, fd: int, repair: bool, totals: FsckTotals, advance, pinned: bool = False) -> bool:
+    """Check one container; returns True when it is (now) clean. pinned: a delta base's pin, which
+    its dependents read by offset, as they read a file with other links."""
     try:
         container = Container.open(fd, path)
     except ContainerError as exc:
@@ -130,16 +134,18 @@ def _check_container(path: str, fd: int, repair: bool, totals: FsckTotals, advan
         _report(f"{path}: no valid trailer at the end; the last commit (ending at offset "
                 f"{rec.committed_end}) was recovered by scanning")
     links = os.fstat(fd).st_nlink
+    linked = links > 1 or pinned
     # (pins live in the .dccfs of the backing root, which fsck of a subdirectory finds above it)
-    root = find_backing_root(path) if rec.torn_tail and links > 1 else None
-    if rec.torn_tail and links > 1 \
+    root = find_backing_root(path) if rec.torn_tail and linked else None
+    if rec.torn_tail and linked \
             and not (root and torn_tail_may_go(root, header_name(container.header), rec.committed_end)):
         # Linked: a delta base pin (or another name) holds these bytes too. Past the last commit
         # that verifies may lie committed records whose index was damaged, which dependents
         # read by offset: cutting them destroyed those files (found by review).
         _report(f"{path}: DAMAGED: {rec.torn_tail} bytes past the last commit that verifies (offsets "
-                f"{rec.committed_end}-{rec.file_end - 1}), not cut: the file has {links} "
-                "links (a delta base), and its dependents may read those records")
+                f"{rec.committed_end}-{rec.file_end - 1}), not cut: "
+                + ("a delta base's pin" if pinned else f"the file has {links} links (a delta base)")
+                + ", and its dependents may read those records")
         clean = False
     elif rec.torn_tail:
         if repair:
@@ -171,8 +177,12 @@ def _check_container(path: str, fd: int, repair: bool, totals: FsckTotals, advan
     return clean
 
 
-def _check_file(path: str, st: os.stat_result, repair: bool, totals: FsckTotals, advance) -> None:
-    totals.files += 1
+def _check_file(path: str, st: os.stat_result, repair: bool, totals: FsckTotals, advance,
+                pinned: bool = False) -> None:
+    if pinned:
+        totals.hidden_bases += 1
+    else:
+        totals.files += 1
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as exc:
@@ -183,7 +193,7 @@ def _check_file(path: str, st: os.stat_result, repair: bool, totals: FsckTotals,
     try:
         kind = file_kind(fd)
         if kind == "container":
-            clean = _check_container(path, fd, repair, totals, advance)
+            clean = _check_container(path, fd, repair, totals, advance, pinned)
         else:
             totals.plain += 1
             totals.plain_bytes += st.st_size
@@ -235,15 +245,32 @@ def run_fsck(backing: str, repair: bool, progress: bool) -> int:
 def _fsck_walk(backing: str, repair: bool, progress: bool, totals: FsckTotals) -> None:
     with offline_lock(backing, required=repair):
         files = list(walk_files(backing))
-        seen: set[tuple[int, int]] = set()
-        with byte_progress(progress, sum(f.st.st_size for f in files), "fsck") as advance:
-            for found in files:
+        seen = {(f.st.st_dev, f.st.st_ino) for f in files}
+        # The pins no visible name links: the deltas of other files read them (found by review:
+        # they were never checked). Those a visible name links are checked under that name.
+        hidden = [f for f in _pin_files(find_backing_root(backing) or backing)
+                  if (f.st.st_dev, f.st.st_ino) not in seen]
+        seen = set()
+        with byte_progress(progress, sum(f.st.st_size for f in files + hidden), "fsck") as advance:
+            for found, pinned in [(f, False) for f in files] + [(f, True) for f in hidden]:
                 key = (found.st.st_dev, found.st.st_ino)
                 if key in seen:
                     continue
                 seen.add(key)
-                _check_file(found.path, found.st, repair, totals, advance)
+                _check_file(found.path, found.st, repair, totals, advance, pinned)
         # Under the same lock: a mount starting in between could pin a base for a file
         # it has not committed yet, which --repair would then remove.
         totals.damaged += check_pins(backing, repair, _report, damaged_files=totals.damaged - totals.torn,
                                      unused_out=totals.unused_pins)
+
+
+def _pin_files(backing_root: str) -> list:
+    """The delta-base pins under backing_root, as walk_files' FoundFile."""
+    found = []
+    for name in pinned_names(backing_root):
+        path = os.path.join(backing_root, BASES_DIR, name)
+        try:
+            found.append(FoundFile(path, os.lstat(path)))
+        except FileNotFoundError:
+            continue
+    return found

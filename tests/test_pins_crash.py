@@ -236,3 +236,27 @@ def test_a_kill_during_a_write_to_a_linked_file_leaves_a_torn_tail_that_is_cut(m
         assert (mount.mnt / "g.txt").read_bytes() == content
     mount.stop()
     assert_fsck_clean(mount)
+
+
+def test_fsck_checks_a_delta_base_under_no_visible_name(make_mount, steps, tmp_path):
+    """A pin that no visible name links any more is a container its dependents' deltas read: fsck
+    checks its chunks and names it (found by review: it was never checked)."""
+    from dccfs.container import Container
+    mount = make_mount("pins-hidden", *forced(tmp_path))
+    step10, step20 = two_steps(mount, steps)
+    os.unlink(step10)  # only the pin keeps it now
+    mount.stop()
+    [pin] = pins_of(mount)
+    pin_path = mount.backing / ".dccfs" / "bases" / pin
+    result = dccfs("fsck", mount.backing)
+    assert result.returncode == 0 and "1 files and 1 delta bases under no visible name" in result.stdout, \
+        result.stdout
+    fd = os.open(pin_path, os.O_RDWR)
+    try:
+        loc = Container.open(fd, str(pin_path)).index[0]
+        middle = loc.offset + loc.length // 2
+        os.pwrite(fd, bytes([os.pread(fd, 1, middle)[0] ^ 0xFF]), middle)
+    finally:
+        os.close(fd)
+    result = dccfs("fsck", mount.backing)
+    assert result.returncode == 1 and f"{pin_path}: DAMAGED: chunk 0" in result.stdout, result.stdout
