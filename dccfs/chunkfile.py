@@ -73,6 +73,7 @@ class ContainerFile(ChunkReader):
         # Counts stores that failed and writes refused (errseq, as the kernel's): each writable
         # handle's next fsync or close reports those since its open or its last report (Handle).
         self.error_seq = 0
+        self.reported_seq = 0  # the error_seq that some handle has reported up to
         # error_seq at the last write refused from the kernel's writeback cache: those bytes are lost
         # (the kernel's pages and size show them until the last close), so every fsync and close of a
         # handle open then fails (Handle).
@@ -187,12 +188,16 @@ class ContainerFile(ChunkReader):
                 self._raise_failure()
             await self.engine.dirty.reserve(self.chunk_size, check=None if truncating else self._raise_failure)
         except OSError:
-            if not truncating and self.engine.config.writeback_cache and not self.engine.config.shared:
+            if truncating:
+                raise
+            if self.engine.config.writeback_cache and not self.engine.config.shared:
                 # The kernel acknowledged these bytes to the writer long ago: they are lost, and
                 # only the writer's fsync or close can still say so (found by review: a close
                 # returned 0 for a file missing its last megabytes).
                 self.error_seq += 1
                 self.lost_at_seq = self.error_seq
+            else:
+                self.reported_seq = self.error_seq  # to the writer, by its write()
             raise
 
     async def _make_dirty(self, idx: int, truncating: bool = False) -> bytearray:

@@ -59,6 +59,10 @@ class Container:
         # Given committed_end, whether a torn tail may be cut although other names link the file
         # (dccfs.pin_records.torn_tail_may_go, set by the mount); None: never.
         self.linked_tail_may_go = None
+        # --shared: check before each append that the file still ends where this view does, i.e.
+        # that no other node appended since it was read (a write then fails rather than go over
+        # that node's records).
+        self.ends_where_read = False
         self._lock = threading.Lock()
 
     @property
@@ -277,6 +281,7 @@ class Container:
             if self.end < HEADER_SIZE:
                 self._write_header_locked()
             self._cut_torn_tail_locked()
+            self._check_end_locked()
             loc = ChunkLoc(self.end, length, blocks, shift)
             self._append_or_undo(parts)
             self.end += length
@@ -312,6 +317,7 @@ class Container:
                     os.fdatasync(self.fd)
                 return
             self._cut_torn_tail_locked()
+            self._check_end_locked()
             if durable:
                 os.fdatasync(self.fd)
             full = self.delta_chain >= MAX_DELTA_CHAIN or self.last_index == 0
@@ -389,6 +395,13 @@ class Container:
         pwrite_all(self.fd, self.header.pack(), 0)
         self.end = HEADER_SIZE
         self.recovery = Recovery(HEADER_SIZE, HEADER_SIZE, False)
+
+    def _check_end_locked(self) -> None:
+        if self.ends_where_read:
+            size = os.fstat(self.fd).st_size
+            if size != self.end:
+                raise OSError(errno.EIO, f"{self.path}: the file ends at offset {size}, not at {self.end} as "
+                                         "when this mount read it: another node wrote it meanwhile; not written")
 
     def _cut_torn_tail_locked(self) -> None:
         """Truncate bytes past the last commit before appending: a later scan stops at the

@@ -20,7 +20,8 @@ import trio
 
 from dccfs.config import ConfigError, check_cache_value
 from dccfs.offline_pins import pinned_space
-from dccfs.mount import STATE_DIR, MountError, is_within, own_file_problem
+from dccfs.mount import MountError
+from dccfs.own_files import STATE_DIR, is_within, own_file_problem
 from dccfs.control_socket import device_socket_name, socket_path
 from dccfs.mountinfo import read_mountinfo
 
@@ -51,6 +52,9 @@ class ControlServer:
         self._sock_ino: int | None = None
         self.device_path: str | None = None
         self.device: str | None = None  # the mount's "major:minor", once mounted
+        # One tune at a time: two swapping traces at once each closed the other's old writer, and
+        # the one swapped out unseen was never closed (found by review: leaked writers).
+        self._tuning = trio.Lock()
         self._refused = 0
         self._refusal_logged_at = float("-inf")
         if req.trace:
@@ -185,24 +189,29 @@ class ControlServer:
             # off the FUSE thread.
             return await trio.to_thread.run_sync(self.dispatch, request)
         if request.get("cmd") == "tune":
-            changes = request.get("set") or {}
-            if not isinstance(changes, dict):
-                raise ValueError("tune's 'set' is a JSON object of key: value")
-            self.checked(changes)  # before the trace file is touched (found by review)
-            target = str(changes.get("trace", "off"))
-            # Opened, emptied and the old one closed in a worker: the path may be slow, or lead into
-            # this very mount, whose requests the trio thread must go on serving meanwhile (found by
-            # review: a hang).
-            trace = None if _trace_off(target) else await trio.to_thread.run_sync(self.open_trace, target)
-            if "trace" in changes:
-                try:
-                    await trio.to_thread.run_sync(self.set_trace, trace)
-                except BaseException:
-                    if trace is not None:
-                        trace.discard()
-                    raise
-            return self.tune(changes)
+            async with self._tuning:
+                return await self._tune(request)
         return self.dispatch(request)
+
+    async def _tune(self, request) -> dict:
+        """A tune request: checked, then its trace set (on worker threads), then the rest."""
+        changes = request.get("set") or {}
+        if not isinstance(changes, dict):
+            raise ValueError("tune's 'set' is a JSON object of key: value")
+        self.checked(changes)  # before the trace file is touched (found by review)
+        target = str(changes.get("trace", "off"))
+        # Opened, emptied and the old one closed in a worker: the path may be slow, or lead into
+        # this very mount, whose requests the trio thread must go on serving meanwhile (found by
+        # review: a hang).
+        trace = None if _trace_off(target) else await trio.to_thread.run_sync(self.open_trace, target)
+        if "trace" in changes:
+            try:
+                await trio.to_thread.run_sync(self.set_trace, trace)
+            except BaseException:
+                if trace is not None:
+                    trace.discard()
+                raise
+        return self.tune(changes)
 
     def dispatch(self, request: dict) -> dict:
         cmd = request.get("cmd")
@@ -266,11 +275,16 @@ class ControlServer:
             raise ValueError(f"the trace file must be an absolute path, got {target!r}")
         problem = own_file_problem("trace file", target, self.ops.backing_root, self.mountpoint)
         if problem is None and self.device is not None:
-            # A bind mount of this mount passes the path checks (found by review: the daemon then
-            # waited on itself, past kill -9).
-            st = os.stat(os.path.dirname(os.path.realpath(target)))
-            if f"{os.major(st.st_dev)}:{os.minor(st.st_dev)}" == self.device:
-                problem = f"the trace file {target} is on this mount (through another path to it)"
+            # A bind mount of this mount, or of a file in it, passes the path checks (found by review:
+            # the daemon then waited on itself, past kill -9).
+            for candidate in (target, os.path.dirname(os.path.realpath(target))):
+                try:
+                    st = os.stat(candidate)
+                except FileNotFoundError:
+                    continue
+                if f"{os.major(st.st_dev)}:{os.minor(st.st_dev)}" == self.device:
+                    problem = f"the trace file {target} is on this mount (through another path to it)"
+                break
         if problem:
             raise ValueError(problem)
         return TraceWriter(target, truncate=False)

@@ -20,11 +20,29 @@ def guarded(fn):
         except pyfuse3.FUSEError:
             raise
         except OSError as exc:
-            if exc.errno == errno.EIO:
-                log.error("%s: %s", fn.__name__, exc)
-            raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
+            raise _fuse_error(fn.__name__, exc) from None
+        except ExceptionGroup as group:
+            # A read of several chunks loads them in a nursery: one that fails arrives as a group
+            # (it was logged as an unexpected error, with its errno lost to EIO).
+            failed, rest = group.split(OSError)
+            if rest is None:
+                raise _fuse_error(fn.__name__, _first_leaf(failed)) from None
+            self.engine.stats.handler_errors += 1
+            log.exception("unexpected error in %s%r", fn.__name__, args[:3])
+            raise pyfuse3.FUSEError(errno.EIO) from None
         except Exception:
             self.engine.stats.handler_errors += 1
             log.exception("unexpected error in %s%r", fn.__name__, args[:3])
             raise pyfuse3.FUSEError(errno.EIO) from None
     return wrapper
+
+
+def _fuse_error(handler: str, exc: OSError) -> pyfuse3.FUSEError:
+    if exc.errno == errno.EIO:
+        log.error("%s: %s", handler, exc)
+    return pyfuse3.FUSEError(exc.errno or errno.EIO)
+
+
+def _first_leaf(group: BaseExceptionGroup) -> BaseException:
+    first = group.exceptions[0]
+    return _first_leaf(first) if isinstance(first, BaseExceptionGroup) else first

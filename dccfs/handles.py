@@ -38,7 +38,7 @@ class Handle:
     file: ContainerFile | RawFile
     flags: int
     opened_seq: int = 0  # the file's error_seq at this handle's open
-    error_seq: int = 0  # ... and at its last report
+    error_seq: int = 0  # the file's error_seq at this handle's last report (at its open: what was reported)
 
     @property
     def writable(self) -> bool:
@@ -56,9 +56,11 @@ class Handle:
         try:
             if file.has_changes or not if_changed:
                 await file.commit(durable)
-        finally:
-            seen, self.error_seq = self.error_seq, file.error_seq
-        if seen != file.error_seq or self.opened_seq < file.lost_at_seq:
+        except OSError:
+            self.error_seq = file.reported_seq = file.error_seq  # reported by this very error
+            raise
+        if self.error_seq != file.error_seq or self.opened_seq < file.lost_at_seq:
+            self.error_seq = file.reported_seq = file.error_seq
             raise file.failure_error()
 
     @property
@@ -144,8 +146,8 @@ class HandleTable(BackgroundRewrites, PlainFiles):
         return len(self._handles)
 
     def _add(self, inode: Inode, file, flags: int) -> Handle:
-        seq = getattr(file, "error_seq", 0)
-        handle = Handle(self._next, inode, file, flags, seq, seq)
+        # (as the kernel's errseq: a failure no handle has reported yet goes to the next opener's too)
+        handle = Handle(self._next, inode, file, flags, getattr(file, "error_seq", 0), getattr(file, "reported_seq", 0))
         self._next += 1
         self._handles[handle.number] = handle
         inode.opens += 1
@@ -327,6 +329,7 @@ class HandleTable(BackgroundRewrites, PlainFiles):
         # (a re-read container without it kept a linked file's torn tail, and every write then failed:
         # found by review)
         container.linked_tail_may_go = partial(torn_tail_may_go, self.backing_root, header_name(container.header))
+        container.ends_where_read = self.engine.config.shared
 
     async def _shared_open(self, file: ContainerFile, flags: int) -> None:
         if writable(flags) and not file.write_locked:
@@ -336,7 +339,7 @@ class HandleTable(BackgroundRewrites, PlainFiles):
         fresh = await shared.reread(file, file.path)
         # (another local open may have written meanwhile: its records are newer than this read)
         if fresh is not None and file.container is old and old.end == old_end \
-                and not (file.has_changes or file.inflight):
+                and not (file.content_changed or file.inflight):
             self._prepare(fresh, file.path, replaced=old)
             file.replace_container(fresh)
 

@@ -5,6 +5,7 @@ import ctypes
 import ctypes.util
 import logging
 import os
+import time
 
 import trio
 
@@ -34,6 +35,9 @@ MALLOC_TUNING = {
 # (docs/cache.md, "Memory").
 TRIM_CHECK_S = 0.25
 TRIM_GROWTH = 16 << 20
+# unshared_bytes walks every mapping (about 7 ms with 600 of them), so it is read again only after
+# this long, or once RSS has moved by TRIM_GROWTH; in between RSS's changes are taken as its own.
+UNSHARED_READ_S = 5.0
 # What the daemon may hold beyond its budgets (T0 + dirty): the interpreter and the loaded
 # kernels (about 155 MiB on this 2-core VM), the buffers in flight, and freed heap between
 # two checks. When RSS is above the budgets plus this after a trim, T0 gives back its
@@ -117,11 +121,6 @@ def unshared_bytes() -> int | None:
         return None
 
 
-def _own_bytes(fallback: int) -> int:
-    own = unshared_bytes()
-    return fallback if own is None else own
-
-
 class HeapTrimmer:
     """Keeps RSS under the budgets plus OVERHEAD_LIMIT: trims the heap whenever RSS minus the
     budgeted bytes (T0 resident, dirty) has grown, and makes T0 shed chunks when trimming
@@ -143,6 +142,7 @@ class HeapTrimmer:
         self._trim = getattr(_LIBC, "malloc_trim", None)
         self._warned = False
         self._stuck_at: int | None = None  # RSS after a hold that could not reach the ceiling
+        self._unshared: tuple[float, int, int] | None = None  # (when, RSS then, unshared then)
 
     def check(self) -> None:
         rss = resident_bytes()
@@ -172,21 +172,19 @@ class HeapTrimmer:
         # RSS is an upper bound of what is this process's own: pages that other processes map
         # too cost nothing more for this one (found by review: with a few mounts on a machine,
         # their shared kernel libraries kept a small T0 empty).
-        if rss <= ceiling or (rss := _own_bytes(rss)) <= ceiling:
+        if rss <= ceiling or (rss := self._own_bytes(rss)) <= ceiling:
             self._stuck_at = None
             return
         if self._stuck_at is not None and rss < self._stuck_at + TRIM_GROWTH:
             return  # nothing more to give back since the last try (e.g. T0 is empty)
         release_compiler_pages()
-        self._trim_now(resident_bytes() or rss)
-        rss = _own_bytes(rss)
+        rss = self._own_bytes(self._trim_now(resident_bytes() or rss))
         excess = rss - ceiling
         if excess <= 0:
             return
         shed = self._shed(excess)
         if shed:
-            self._trim_now(resident_bytes() or rss)
-            rss = _own_bytes(rss)
+            rss = self._own_bytes(self._trim_now(resident_bytes() or rss))
             self._stats.t0_shed_bytes += shed
             log.debug("T0 gave back %d bytes to keep RSS under %d (now %d)", shed, ceiling, rss)
         self._stuck_at = rss if rss > ceiling else None
@@ -195,6 +193,19 @@ class HeapTrimmer:
             log.warning("resident memory %d MiB is above the budgets + %d MiB even with T0 emptied "
                         "as far as it goes: the rest is not chunk data", rss >> 20,
                         self._overhead_limit >> 20)
+
+    def _own_bytes(self, rss: int) -> int:
+        """What of RSS no other process maps (unshared_bytes), read at most every UNSHARED_READ_S."""
+        now = time.monotonic()
+        if self._unshared is not None:
+            when, rss_then, unshared = self._unshared
+            if now - when < UNSHARED_READ_S and abs(rss - rss_then) < TRIM_GROWTH:
+                return max(0, unshared + rss - rss_then)
+        unshared = unshared_bytes()
+        if unshared is None:
+            return rss
+        self._unshared = (now, rss, unshared)
+        return unshared
 
     async def run(self, limiter: trio.CapacityLimiter) -> None:
         if self._trim is None or resident_bytes() is None:

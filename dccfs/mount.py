@@ -16,10 +16,10 @@ import trio
 
 from dccfs.config import Config
 from dccfs.mountinfo import find_mount
+from dccfs.own_files import STATE_DIR, is_within, own_file_problem  # noqa: F401 (STATE_DIR: for others)
 
 log = logging.getLogger(__name__)
 
-STATE_DIR = ".dccfs"
 PID_FILE = "daemon.pid"
 LOCK_FILE = "mount.lock"
 DEFAULT_LOG = "dccfs.log"
@@ -261,22 +261,3 @@ def run_mount(req: MountRequest) -> int:
         os.close(lock_fd)
     log.info("unmounted %s", mountpoint)
     return 0
-
-
-def own_file_problem(what: str, path: str, backing: str, mountpoint: str, state_ok: bool = False) -> str | None:
-    """Why path cannot be this mount's log or trace file, or None. Inside the mountpoint its writes
-    would wait on the daemon itself; inside the backing directory it would write over a stored file
-    or dccfs's own state (found by review: a trace there emptied a container, read back as zeros)."""
-    if is_within(path, mountpoint):
-        return (f"the {what} {path} is inside the mountpoint {mountpoint}: it would be hidden under the "
-                "mount, and its writes would wait on the daemon itself")
-    if is_within(path, backing) and not (state_ok and is_within(path, os.path.join(backing, STATE_DIR))):
-        return (f"the {what} {path} is inside the backing directory {backing}: it would write over "
-                "the mount's stored files or dccfs's own state")
-    return None
-
-
-def is_within(path: str, directory: str) -> bool:
-    """Whether path is directory or lies below it, symlinks resolved."""
-    real, top = os.path.realpath(path), os.path.realpath(directory)
-    return real == top or real.startswith(top + os.sep)

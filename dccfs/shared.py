@@ -43,7 +43,9 @@ async def lock_for_writing(fd: int, path: str, held_here: Callable[[], bool] = l
 async def reread(file, path: str) -> Container | None:
     """The container re-read when another node has committed to it since we read it, else None."""
     container = file.container
-    if file.has_changes or file.inflight:
+    # (an explicit mtime alone is no reason to keep a stale view: a touch on a reader's node then
+    # had its next writer append over another node's records, found by review; the mtime is kept)
+    if file.content_changed or file.inflight:
         return None
     if os.fstat(container.fd).st_size == container.end:
         return None

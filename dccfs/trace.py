@@ -29,6 +29,9 @@ _FLUSH_BYTES = 1 << 16
 # Buffers waiting for the writer thread: past 4 MiB a trace file that cannot keep up loses records
 # (counted, and logged at close) rather than growing the daemon.
 _MAX_PENDING = 64
+# How long close() waits for the writer thread: a hung trace file (a stopped FUSE daemon, an NFS
+# server gone) must not hold up an unmount (found by review: the daemon kept its mount lock).
+CLOSE_WAIT_S = 10.0
 
 
 def is_csv_path(path: str | os.PathLike) -> bool:
@@ -53,11 +56,12 @@ class TraceWriter:
         self._changed = threading.Condition(self._lock)  # for buffers handed over, and written
         self._buffer = bytearray()
         self._buffered = 0  # records in _buffer
-        self._pending: collections.deque[bytes] = collections.deque()
+        self._pending: collections.deque[tuple[bytes, int]] = collections.deque()  # (bytes, records)
         self._writing = False
         self._closing = False
         self._error: OSError | None = None
         self._thread: threading.Thread | None = None
+        self._abandoned = False  # close() stopped waiting: the thread closes the file when it can
         # 0644 whatever the umask: the daemon runs with umask 0 (the kernel applies the
         # caller's umask to the files created through the mount). O_NONBLOCK: a FIFO without
         # a reader fails (ENXIO) instead of blocking the daemon until one comes.
@@ -108,33 +112,38 @@ class TraceWriter:
         if bounded and len(self._pending) >= _MAX_PENDING:
             self.dropped += self._buffered
         else:
-            self._pending.append(bytes(self._buffer))
+            self._pending.append((bytes(self._buffer), self._buffered))
             if self._thread is None:
-                self._thread = threading.Thread(target=self._write_pending, name="dccfs-trace", daemon=True)
+                self._thread = threading.Thread(target=self._write_pending, args=(self._fd,),
+                                                name="dccfs-trace", daemon=True)
                 self._thread.start()
             self._changed.notify_all()
         self._buffer.clear()
         self._buffered = 0
 
-    def _write_pending(self) -> None:
+    def _write_pending(self, fd: int) -> None:
         """The writer thread: writes the buffers handed over, in order, until closed or a write fails."""
         while True:
             with self._lock:
                 while not self._pending and not self._closing:
                     self._changed.wait()
                 if not self._pending:
+                    if self._abandoned:
+                        os.close(fd)
                     return
-                block, self._writing = self._pending.popleft(), True
+                (block, _), self._writing = self._pending.popleft(), True
             try:
                 view = memoryview(block)
                 while view:
-                    view = view[os.write(self._fd, view):]
+                    view = view[os.write(fd, view):]
             except OSError as exc:
                 with self._lock:
                     self._error = exc
                     self._pending.clear()
                     self._writing = False
                     self._changed.notify_all()
+                    if self._abandoned:
+                        os.close(fd)
                 return
             with self._lock:
                 self._writing = False
@@ -169,7 +178,16 @@ class TraceWriter:
             self._changed.notify_all()
             thread = self._thread
         if thread is not None:
-            thread.join()
+            thread.join(CLOSE_WAIT_S)
+            with self._lock:
+                if thread.is_alive():
+                    self.dropped += sum(records for _, records in self._pending)
+                    self._pending.clear()
+                    self._abandoned = True
+                    self._fd = None
+                    log.warning("%s: the trace file took no write for %.0f s; its last records are dropped, "
+                                "and it is closed once its write returns", self.path, CLOSE_WAIT_S)
+                    return
         with self._lock:
             fd, self._fd = self._fd, None
             error = self._error

@@ -240,6 +240,35 @@ def test_torn_tail_is_cut_before_the_next_append(path):
         close(c)
 
 
+def test_a_view_that_must_end_where_read_refuses_to_append_over_another_writer(path):
+    """--shared: another node appended and committed after this view was read; appending at the
+    view's end would go over that node's records (found by review, behind a stale view). The
+    append and the commit fail instead, and the file keeps the other node's commit."""
+    c = new_container(path)
+    append(c, 0, chunk_bytes(1))
+    c.commit(CS, durable=True)
+    stale = reopen(path)
+    stale.ends_where_read = True
+    append(c, 1, chunk_bytes(2))  # the other node
+    c.commit(2 * CS, durable=True)
+    close(c)
+    size = os.path.getsize(path)
+    try:
+        with pytest.raises(OSError, match="another node wrote it meanwhile"):
+            append(stale, 0, chunk_bytes(3))
+        stale.size = 3 * CS
+        with pytest.raises(OSError, match="another node wrote it meanwhile"):
+            stale.commit(3 * CS, durable=True)
+    finally:
+        close(stale)
+    assert os.path.getsize(path) == size
+    c = reopen(path)
+    try:
+        assert contents(c) == {0: chunk_bytes(1), 1: chunk_bytes(2)}
+    finally:
+        close(c)
+
+
 def test_a_reset_whose_header_write_fails_never_leaves_a_headerless_file(path, monkeypatch):
     """Overwriting (reset) truncates the file, then writes a fresh header. If that write
     fails, the next append used to land at the old end of an empty file: a file without a

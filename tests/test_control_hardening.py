@@ -268,8 +268,35 @@ def test_trace_targets_in_the_backing_directory_or_through_a_bind_mount_are_refu
         if subprocess.run(["umount", str(bind)], capture_output=True).returncode != 0:
             subprocess.run(["umount", "-l", str(bind)], capture_output=True)
     assert not (mounted.mnt / "x.trace").exists()
+    backing_bind = tmp_path / "backing-bind"
+    backing_bind.mkdir()
+    subprocess.run(["mount", "--bind", str(mounted.backing), str(backing_bind)], check=True)
+    try:
+        result = dccfs("tune", mounted.mnt, f"trace={backing_bind / 'precious'}", timeout=30)
+        assert result.returncode == 1 and "inside the backing directory" in result.stderr, result
+    finally:
+        if subprocess.run(["umount", str(backing_bind)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(backing_bind)], capture_output=True)
+    copy = tmp_path / "copied-container"
+    copy.write_bytes((mounted.backing / "precious").read_bytes())
+    result = dccfs("tune", mounted.mnt, f"trace={copy}", timeout=30)
+    assert result.returncode == 1 and "is a dccfs container" in result.stderr, result
+    assert copy.read_bytes() == (mounted.backing / "precious").read_bytes()
     assert (mounted.mnt / "precious").read_bytes() == precious
     assert settings(mounted.mnt)["trace"] == "off"
+
+
+def test_concurrent_tunes_of_the_trace_leave_one_writer_open(mounted, tmp_path):
+    """Two tunes swapping the trace at once each closed the other's old writer, and the one swapped
+    out unseen stayed open, emptied and never written (found by review)."""
+    for i in range(20):
+        runs = [subprocess.Popen([*DCCFS, "tune", str(mounted.mnt), f"trace={tmp_path / f't{i}-{j}.trace'}"],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for j in range(3)]
+        assert all(run.wait(60) == 0 for run in runs)
+    open_traces = [target for fd in os.listdir(f"/proc/{mounted.pid}/fd")
+                   if (target := os.readlink(f"/proc/{mounted.pid}/fd/{fd}")).endswith(".trace")]
+    assert open_traces == [settings(mounted.mnt)["trace"]], open_traces
+    assert dccfs("tune", mounted.mnt, "trace=off").returncode == 0
 
 
 def test_a_mount_refuses_a_trace_or_log_inside_its_backing_directory(tmp_path):

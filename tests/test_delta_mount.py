@@ -491,7 +491,7 @@ def test_a_directory_named_dccfs_below_the_root_is_data_to_the_offline_tools(mak
     mount.stop()
     result = dccfs("fsck", "--repair", mount.backing)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "1 files: 1 containers" in result.stdout, result.stdout
+    assert "1 files and 1 delta bases under no visible name: 2 containers" in result.stdout, result.stdout
     assert "removed" not in result.stdout, result.stdout
     out = subprocess.run([sys.executable, "-m", "dccfs.cli", "cat",
                           str(mount.backing / "run" / ".dccfs" / "step-20.safetensors")],

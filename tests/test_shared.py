@@ -205,6 +205,28 @@ def test_readers_do_not_wait_behind_a_writer_waiting_for_another_node(make_mount
     assert (b.mnt / "f").read_bytes() == expected
 
 
+def test_a_touch_on_a_reader_s_node_does_not_keep_its_view_stale(make_mount):
+    """A has the file open for reading and sets its mtime (touch); B then appends and commits; A's
+    next writer must see B's records (found by review: the explicit mtime counted as a change that
+    kept A's old view, and A's write went over B's records: EIO on read, fsck damaged)."""
+    a = make_mount("a", "--shared")
+    b = make_mount("b", "--shared", backing=a.backing)
+    first, appended, written = os.urandom(2 << 20), os.urandom(2 << 20), os.urandom(1 << 20)
+    (a.mnt / "f").write_bytes(first)
+    with open(a.mnt / "f", "rb") as reader:
+        reader.read(16)
+        os.utime(a.mnt / "f", ns=(10**18, 10**18))
+        with open(b.mnt / "f", "r+b") as f:
+            f.seek(2 << 20)
+            f.write(appended)
+        with open(a.mnt / "f", "r+b") as f:
+            assert os.fstat(f.fileno()).st_size == 4 << 20
+            f.write(written)
+    expected = written + first[1 << 20:] + appended
+    assert (a.mnt / "f").read_bytes() == expected
+    assert (b.mnt / "f").read_bytes() == expected
+
+
 def test_a_torn_tail_left_by_a_killed_node_is_cut_for_a_file_with_links_open_elsewhere(make_mount):
     """A node is killed after an fsync and more writes; another node, which had the file open for
     reading since before, then writes it. The file has a second name (a hard link, not a delta base):
