@@ -91,6 +91,7 @@ def preflight(req: MountRequest) -> None:
 
 
 def state_dir(backing: str) -> str:
+    """BACKING/.dccfs, made (with its tmp/) if missing."""
     path = os.path.join(backing, STATE_DIR)
     try:
         os.makedirs(os.path.join(path, "tmp"), mode=0o700, exist_ok=True)
@@ -112,8 +113,9 @@ def take_mount_lock(backing: str, shared: bool) -> int:
         fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        raise MountError(f"{backing} is already mounted by another dccfs daemon; mount it with "
-                         "--shared on every node to share it") from None
+        raise MountError(f"{backing} is already mounted by another dccfs daemon (mount it with "
+                         "--shared on every node to share it), or a pack, unpack or fsck --repair of it "
+                         f"is running: {path} is held") from None
     return fd
 
 

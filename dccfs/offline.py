@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 from dataclasses import dataclass, field
 
 import click
@@ -45,10 +46,13 @@ def write_decoded(path: str, out) -> int:
     too; the caller says so, since the content written may then be older than expected.
     """
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        # (O_NONBLOCK: a FIFO given by mistake is refused below instead of waiting for a writer)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:
         raise OfflineError(f"{path}: cannot open: {exc.strerror}") from exc
     try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OfflineError(f"{path}: not a regular file; only files of a backing directory are decoded")
         kind = file_kind(fd)
         if kind == "damaged-header":
             raise OfflineError(f"{path}: starts with the container magic but its header is "

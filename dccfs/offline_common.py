@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from dccfs.container import ChunkError, Container, pread_exact
 from dccfs.format import HEADER_SIZE, MAGIC, looks_like_container
-from dccfs.mount import LOCK_FILE, STATE_DIR
+from dccfs.mount import LOCK_FILE, PID_FILE, STATE_DIR, MountError, state_dir
 
 log = logging.getLogger(__name__)
 
@@ -99,9 +99,10 @@ def is_stale_temp(name: str) -> bool:
 
 
 def is_state_dir(parent: str, name: str) -> bool:
-    """Whether parent/name is dccfs's own state directory, recognised by what dccfs keeps in
-    it (tmp/, bases/, the mount lock). The mount reserves the name .dccfs only at its root:
-    a directory of that name made through the mount deeper in the tree is user data."""
+    """Whether parent/name is dccfs's state directory, recognised by what dccfs keeps in it (tmp/,
+    bases/, the mount lock), wherever it is: the root's, or a backing directory's nested in the tree.
+    The mount reserves the name .dccfs only at its root, so a user's directory of that name holding
+    such entries deeper in the tree is taken for state too, and left alone: skipped, never changed."""
     if name != STATE_DIR:
         return False
     path = os.path.join(parent, name)
@@ -146,8 +147,10 @@ def find_temps(root: str) -> Iterator[str]:
 
 
 def find_backing_root(path: str) -> str | None:
-    """The nearest directory at or above path that holds .dccfs/tmp, or None."""
-    current = os.path.abspath(path)
+    """The nearest directory at or above path (symlinks resolved: found by review, a path through a
+    symlink found none, and the tools ran without the lock under a live mount) whose .dccfs holds
+    tmp/, or None."""
+    current = os.path.realpath(path)
     if not os.path.isdir(current):
         current = os.path.dirname(current)
     while True:
@@ -159,46 +162,115 @@ def find_backing_root(path: str) -> str | None:
         current = parent
 
 
-def inside_state_dir(path: str, backing_root: str | None) -> bool:
-    if backing_root is None:
-        return False
-    rel = os.path.relpath(os.path.abspath(path), backing_root)
-    return rel.split(os.sep)[0] == STATE_DIR
+def state_roots(path: str) -> list[str]:
+    """Every directory whose .dccfs is state (is_state_dir) at or above path, and below it: the
+    backing directories a run on path may touch. Each one's mount lock is taken (offline_lock), so
+    that a user's .dccfs/tmp nearer than the backing root, or a backing directory nested inside the
+    tree, cannot hide a live mount's lock (found by review: pack and fsck --repair then ran under it)."""
+    current = os.path.realpath(path)
+    if not os.path.isdir(current):
+        current = os.path.dirname(current)
+    roots = []
+    top = current
+    while True:
+        if is_state_dir(current, STATE_DIR):
+            roots.append(current)
+        parent = os.path.dirname(current)
+        if parent == current:
+            break
+        current = parent
+    if os.path.isdir(path):
+        for dirpath, dirnames, _ in os.walk(top):
+            for name in list(dirnames):
+                if is_state_dir(dirpath, name):
+                    dirnames.remove(name)
+                    if dirpath != top:
+                        roots.append(dirpath)
+    return roots
+
+
+def inside_state_dir(path: str) -> bool:
+    """Whether path (symlinks resolved) lies in a state directory (is_state_dir), at any depth."""
+    current = os.path.realpath(path)
+    while True:
+        parent = os.path.dirname(current)
+        if parent == current:
+            return False
+        if os.path.basename(current) == STATE_DIR and is_state_dir(parent, STATE_DIR):
+            return True
+        current = parent
 
 
 @contextlib.contextmanager
-def offline_lock(backing_root: str | None, required: bool) -> Iterator[bool]:
-    """Hold the mount lock so no dccfs daemon mounts the backing dir meanwhile.
+def offline_lock(path: str, required: bool) -> Iterator[bool]:
+    """Hold the mount lock of every backing directory a run on path may touch (state_roots), so that
+    no dccfs daemon serves one meanwhile. A directory in none, which the run changes (required), is
+    made a backing directory first, so that a mount started meanwhile waits (found by review: one
+    mounted while pack replaced its files).
 
-    Yields whether it is held. When a daemon holds it: OfflineError if required, else
-    a warning and False (a report-only fsck can still run, with moving files).
+    Yields whether every lock is held. When a daemon holds one: OfflineError if required, else a
+    warning and False (a report-only fsck can still run, with moving files).
     """
-    if backing_root is None or not os.path.isdir(os.path.join(backing_root, STATE_DIR)):
-        yield False  # never mounted: there is no daemon to exclude
-        return
-    lock_path = os.path.join(backing_root, STATE_DIR, LOCK_FILE)
+    roots = state_roots(path)
+    if not roots and required and os.path.isdir(path):
+        roots = [_make_state(os.path.realpath(path))]
+    with contextlib.ExitStack() as held:
+        every = True
+        for root in roots:
+            every = _lock_one(root, required, held) and every
+        yield every
+
+
+def _make_state(root: str) -> str:
+    """root/.dccfs for an offline run; given to root's owner when made by root (found by review: the
+    owner's own mount and pack then failed on the lock)."""
     try:
-        create = os.O_CREAT if required else 0
-        fd = os.open(lock_path, os.O_RDWR | create | os.O_CLOEXEC, 0o600)
+        path = state_dir(root)
+        lock = os.path.join(path, LOCK_FILE)
+        os.close(os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
+        owner = os.stat(root)
+        if os.geteuid() == 0 and owner.st_uid != 0:
+            for made in (path, os.path.join(path, TMP_SUBDIR), lock):
+                os.chown(made, owner.st_uid, owner.st_gid)
+    except (MountError, OSError) as exc:
+        raise OfflineError(str(exc)) from None
+    return root
+
+
+def _lock_one(root: str, required: bool, held: contextlib.ExitStack) -> bool:
+    lock_path = os.path.join(root, STATE_DIR, LOCK_FILE)
+    try:
+        fd = os.open(lock_path, os.O_RDWR | (os.O_CREAT if required else 0) | os.O_CLOEXEC, 0o600)
     except OSError as exc:
-        if required and exc.errno not in (errno.EROFS, errno.EACCES):
-            raise OfflineError(f"{lock_path}: cannot open the mount lock: {exc.strerror}") from exc
-        yield False
-        return
+        if exc.errno == errno.EROFS or not required:
+            return False  # nothing there can change, or a report-only run
+        raise OfflineError(f"{lock_path}: cannot open the mount lock: {exc.strerror} (run as the owner "
+                           "of the backing directory, or as root)") from exc
+    held.callback(os.close, fd)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            message = (f"{backing_root} is mounted by a dccfs daemon (it holds {lock_path}); "
-                       "unmount it first")
-            if required:
-                raise OfflineError(message) from None
-            log.warning("%s: results may change under a live mount", message)
-            yield False
-            return
-        yield True
-    finally:
-        os.close(fd)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        message = _lock_holder(root, lock_path)
+        if required:
+            raise OfflineError(message) from None
+        log.warning("%s: results may change under a live mount", message)
+        return False
+    return True
+
+
+def _lock_holder(backing_root: str, lock_path: str) -> str:
+    """Who holds the mount lock, as far as the pid file of the last mount can tell."""
+    try:
+        with open(os.path.join(backing_root, STATE_DIR, PID_FILE)) as f:
+            pid = int(f.read().split()[0])
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            mounted = any(b"mount" in part for part in f.read().split(b"\0"))
+    except (OSError, ValueError, IndexError):
+        mounted = False
+    if mounted:
+        return f"{backing_root} is mounted by a dccfs daemon (it holds {lock_path}); unmount it first"
+    return (f"{backing_root} is locked ({lock_path}) by a dccfs mount, or by another pack, unpack or "
+            "fsck --repair of it: wait for it to end, or unmount it first")
 
 
 @contextlib.contextmanager

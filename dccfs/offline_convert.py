@@ -89,12 +89,12 @@ class _Already(Exception):
 
 def _convert_tree(path: str, progress: bool, verb: str, already_what: str, convert,
                   is_source: Callable[[str], bool]) -> int:
-    backing_root = find_backing_root(path)
-    if inside_state_dir(path, backing_root):
+    if inside_state_dir(path):
         raise OfflineError(f"{path}: is inside {STATE_DIR}, dccfs's own state; nothing to {verb}")
-    tmp_dir = os.path.join(backing_root, STATE_DIR, TMP_SUBDIR) if backing_root else None
     totals = ConvertTotals()
-    with offline_lock(backing_root, required=True):
+    with offline_lock(path, required=True):
+        backing_root = find_backing_root(path)  # (made by the lock for a tree never mounted)
+        tmp_dir = os.path.join(backing_root, STATE_DIR, TMP_SUBDIR) if backing_root else None
         totals.stale_removed = _remove_stale_temps(path, tmp_dir)
         files = list(walk_files(path))
         with byte_progress(progress, sum(f.st.st_size for f in files), verb) as advance:
@@ -276,13 +276,35 @@ def _pack_into(path: str, src: int, dst: int, shift: int, advance, block_size: i
             hints = replace(hints, block_size=block_size, block_seed=idx)
         return idx, encode_chunk(raw, hints), len(raw), checksum64(raw)
 
-    for idx, encoded, raw_len, raw_sum in _ordered_map(encode, range(-(-size // cs)), ENCODE_WORKERS):
+    done = 0
+    for idx, encoded, raw_len, raw_sum in _ordered_map(encode, _data_chunks(src, size, cs), ENCODE_WORKERS):
         if encoded is not None:
             loc = container.append_chunk(idx, encoded, raw_len, raw_sum)
             container.read_chunk(idx, loc)  # verify from disk before the original goes away
         advance(raw_len)
+        done += raw_len
+    advance(size - done)  # the holes
     container.commit(size, durable=True)
     return container.end
+
+
+def _data_chunks(fd: int, size: int, cs: int) -> list[int]:
+    """The chunks that hold data, found with SEEK_DATA / SEEK_HOLE, so that the holes of a sparse file
+    are not read (found by review: an 8 GiB file with one byte of data took 52 s); every chunk where
+    the file system cannot tell."""
+    chunks: list[int] = []
+    pos = 0
+    try:
+        while pos < size:
+            start = os.lseek(fd, pos, os.SEEK_DATA)
+            end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
+            first = max(start // cs, chunks[-1] + 1 if chunks else 0)
+            chunks.extend(range(first, (end - 1) // cs + 1))
+            pos = end
+    except OSError as exc:
+        if exc.errno != errno.ENXIO:  # ENXIO: no data past pos
+            return list(range(-(-size // cs)))
+    return chunks
 
 
 def _unpack_into(path: str, src: int, dst: int, advance) -> int:
