@@ -8,7 +8,6 @@ import errno
 import fcntl
 import logging
 import os
-from dataclasses import dataclass
 from functools import partial
 
 import trio
@@ -18,6 +17,7 @@ from dccfs.chunkfile import ContainerFile
 from dccfs.container import Container, pread_exact
 from dccfs.engine import Engine
 from dccfs.format import HEADER_SIZE, MAGIC, looks_like_container
+from dccfs.handle import Handle  # noqa: F401 (for the modules that import it from here)
 from dccfs.handles_plain import PlainFiles, RawFile, writable
 from dccfs.handles_rewrite import BackgroundRewrites
 from dccfs.inodes import Inode, InodeTable
@@ -29,43 +29,6 @@ log = logging.getLogger(__name__)
 # encodes for minutes, and must neither hold the I/O tokens that reads and commits wait
 # for nor take every core from the writers.
 REWRITE_THREADS = max(1, (os.cpu_count() or 2) // 2)
-
-
-@dataclass
-class Handle:
-    number: int
-    inode: Inode
-    file: ContainerFile | RawFile
-    flags: int
-    opened_seq: int = 0  # the file's error_seq at this handle's open
-    error_seq: int = 0  # the file's error_seq at this handle's last report (at its open: what was reported)
-
-    @property
-    def writable(self) -> bool:
-        return writable(self.flags)
-
-    async def commit(self, durable: bool, if_changed: bool = False) -> None:
-        """Commit the file (fsync, close), then report the failed stores since this handle's open or last
-        report, once, and lost writes (refused from the writeback cache) since its open, every time:
-        per handle, since a reader's close used up the writer's error (found by review: the writer's
-        close, or its fsync retried, then returned 0 for a file missing data)."""
-        file = self.file
-        if not isinstance(file, ContainerFile):
-            await file.commit(durable)
-            return
-        try:
-            if file.has_changes or not if_changed:
-                await file.commit(durable)
-        except OSError:
-            self.error_seq = file.reported_seq = file.error_seq  # reported by this very error
-            raise
-        if self.error_seq != file.error_seq or self.opened_seq < file.lost_at_seq:
-            self.error_seq = file.reported_seq = file.error_seq
-            raise file.failure_error()
-
-    @property
-    def appends(self) -> bool:
-        return bool(self.flags & os.O_APPEND)
 
 
 def is_container_head(head: bytes, path: str) -> bool:
@@ -147,7 +110,8 @@ class HandleTable(BackgroundRewrites, PlainFiles):
 
     def _add(self, inode: Inode, file, flags: int) -> Handle:
         # (as the kernel's errseq: a failure no handle has reported yet goes to the next opener's too)
-        handle = Handle(self._next, inode, file, flags, getattr(file, "error_seq", 0), getattr(file, "reported_seq", 0))
+        handle = Handle(self._next, inode, file, flags, opened_seq=getattr(file, "error_seq", 0),
+                        error_seq=getattr(file, "reported_seq", 0))
         self._next += 1
         self._handles[handle.number] = handle
         inode.opens += 1

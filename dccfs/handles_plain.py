@@ -11,7 +11,7 @@ import trio
 from dccfs.inodes import Inode
 
 if TYPE_CHECKING:
-    from dccfs.handles import Handle
+    from dccfs.handle import Handle
 
 ACCESS = os.O_RDONLY | os.O_WRONLY | os.O_RDWR
 

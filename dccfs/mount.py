@@ -1,7 +1,6 @@
 """Mounting and unmounting: precise preflight checks, daemonising, the trio main loop, clean stop."""
 from __future__ import annotations
 
-import errno
 import fcntl
 import logging
 import logging.handlers
@@ -11,8 +10,6 @@ import shutil
 import signal
 import sys
 from dataclasses import dataclass
-
-import trio
 
 from dccfs.config import Config
 from dccfs.mountinfo import find_mount

@@ -1,6 +1,7 @@
 """The control channel and the trace under hostile or careless use, on real mounts (found by review, 2026-12-06)."""
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import mmap
@@ -248,6 +249,18 @@ def test_a_full_backlog_is_a_daemon_that_does_not_answer(tmp_path):
     assert probe(entry) == ("unknown", None)  # no socket at all
 
 
+@contextlib.contextmanager
+def bind_mounted(source, target):
+    """source bind-mounted on target for the block; unmounted after, lazily if it is busy."""
+    target.mkdir()
+    subprocess.run(["mount", "--bind", str(source), str(target)], check=True)
+    try:
+        yield target
+    finally:
+        if subprocess.run(["umount", str(target)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(target)], capture_output=True)
+
+
 def test_trace_targets_in_the_backing_directory_or_through_a_bind_mount_are_refused(mounted, tmp_path):
     """A trace in the backing directory emptied the stored file it named, which then read back as
     zeros; one reached through a bind mount of the mount passed the path check, and the daemon
@@ -258,25 +271,13 @@ def test_trace_targets_in_the_backing_directory_or_through_a_bind_mount_are_refu
         result = dccfs("tune", mounted.mnt, f"trace={target}", timeout=30)
         assert result.returncode == 1 and "inside the backing directory" in result.stderr, result
     assert not (mounted.backing / ".dccfs" / "x.trace").exists()
-    bind = tmp_path / "bind"
-    bind.mkdir()
-    subprocess.run(["mount", "--bind", str(mounted.mnt), str(bind)], check=True)
-    try:
+    with bind_mounted(mounted.mnt, tmp_path / "bind") as bind:
         result = dccfs("tune", mounted.mnt, f"trace={bind / 'x.trace'}", timeout=30)
         assert result.returncode == 1 and "on this mount" in result.stderr, result
-    finally:
-        if subprocess.run(["umount", str(bind)], capture_output=True).returncode != 0:
-            subprocess.run(["umount", "-l", str(bind)], capture_output=True)
     assert not (mounted.mnt / "x.trace").exists()
-    backing_bind = tmp_path / "backing-bind"
-    backing_bind.mkdir()
-    subprocess.run(["mount", "--bind", str(mounted.backing), str(backing_bind)], check=True)
-    try:
+    with bind_mounted(mounted.backing, tmp_path / "backing-bind") as backing_bind:
         result = dccfs("tune", mounted.mnt, f"trace={backing_bind / 'precious'}", timeout=30)
         assert result.returncode == 1 and "inside the backing directory" in result.stderr, result
-    finally:
-        if subprocess.run(["umount", str(backing_bind)], capture_output=True).returncode != 0:
-            subprocess.run(["umount", "-l", str(backing_bind)], capture_output=True)
     copy = tmp_path / "copied-container"
     copy.write_bytes((mounted.backing / "precious").read_bytes())
     result = dccfs("tune", mounted.mnt, f"trace={copy}", timeout=30)
