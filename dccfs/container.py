@@ -346,10 +346,7 @@ class Container:
         in a file other names link only where a torn tail could go. True when cut."""
         with self._lock:
             committed = self.recovery.committed_end
-            if self.end <= committed:
-                return False
-            if os.fstat(self.fd).st_nlink > 1 \
-                    and not (self.linked_tail_may_go and self.linked_tail_may_go(committed)):
+            if self.end <= committed or not self._tail_may_go_locked(committed):
                 return False
             os.ftruncate(self.fd, committed)
             self.end = committed
@@ -403,13 +400,18 @@ class Container:
                 raise OSError(errno.EIO, f"{self.path}: the file ends at offset {size}, not at {self.end} as "
                                          "when this mount read it: another node wrote it meanwhile; not written")
 
+    def _tail_may_go_locked(self, committed_end: int) -> bool:
+        """Whether the bytes past committed_end may be cut: not in a file other names link (a delta
+        base's pin), unless linked_tail_may_go says its dependents read nothing there."""
+        return os.fstat(self.fd).st_nlink <= 1 \
+            or bool(self.linked_tail_may_go and self.linked_tail_may_go(committed_end))
+
     def _cut_torn_tail_locked(self) -> None:
         """Truncate bytes past the last commit before appending: a later scan stops at the
         first bad record, so garbage left in the middle would hide every commit after it."""
         torn = self.recovery.torn_tail
         if torn:
-            if os.fstat(self.fd).st_nlink > 1 \
-                    and not (self.linked_tail_may_go and self.linked_tail_may_go(self.recovery.committed_end)):
+            if not self._tail_may_go_locked(self.recovery.committed_end):
                 # A delta base pin links these bytes too, and past the last commit that verifies
                 # may lie committed records (their index damaged) that dependents read by offset:
                 # cutting destroyed those files (found by review). Writes fail instead, unless the

@@ -198,7 +198,7 @@ class ControlServer:
         changes = request.get("set") or {}
         if not isinstance(changes, dict):
             raise ValueError("tune's 'set' is a JSON object of key: value")
-        self.checked(changes)  # before the trace file is touched (found by review)
+        new_cache = self.checked(changes)  # before the trace file is touched (found by review)
         target = str(changes.get("trace", "off"))
         # Opened, emptied and the old one closed in a worker: the path may be slow, or lead into
         # this very mount, whose requests the trio thread must go on serving meanwhile (found by
@@ -211,7 +211,7 @@ class ControlServer:
                 if trace is not None:
                     trace.discard()
                 raise
-        return self.tune(changes)
+        return self.tune(changes, new_cache)
 
     def dispatch(self, request: dict) -> dict:
         cmd = request.get("cmd")
@@ -250,10 +250,8 @@ class ControlServer:
         replace(self.engine.config, cache=new_cache).check_t0_fits("tune t0_bytes")
         return new_cache
 
-    def tune(self, changes: dict) -> dict:
-        """Apply changes to the cache settings as they are now (another tune may have ended while
-        this one set its trace, which is set already)."""
-        new_cache = self.checked(changes)
+    def tune(self, changes: dict, new_cache) -> dict:
+        """Apply checked changes (checked(), under the tune lock; the trace, if named, is set already)."""
         engine = self.engine
         cache = engine.config.cache
         if new_cache.policy != cache.policy or new_cache.t0_bytes != cache.t0_bytes \

@@ -146,20 +146,23 @@ def find_temps(root: str) -> Iterator[str]:
                 yield os.path.join(dirpath, name)
 
 
-def find_backing_root(path: str) -> str | None:
-    """The nearest directory at or above path (symlinks resolved: found by review, a path through a
-    symlink found none, and the tools ran without the lock under a live mount) whose .dccfs holds
-    tmp/, or None."""
+def _directories_up(path: str) -> Iterator[str]:
+    """path's directory (path itself if one) and every directory above it, symlinks resolved (found by
+    review: a path through a symlink found no backing root, and the tools ran without its lock)."""
     current = os.path.realpath(path)
     if not os.path.isdir(current):
         current = os.path.dirname(current)
     while True:
-        if os.path.isdir(os.path.join(current, STATE_DIR, TMP_SUBDIR)):
-            return current
+        yield current
         parent = os.path.dirname(current)
         if parent == current:
-            return None
+            return
         current = parent
+
+
+def find_backing_root(path: str) -> str | None:
+    """The nearest directory at or above path whose .dccfs holds tmp/, or None."""
+    return next((d for d in _directories_up(path) if os.path.isdir(os.path.join(d, STATE_DIR, TMP_SUBDIR))), None)
 
 
 def state_roots(path: str) -> list[str]:
@@ -167,18 +170,9 @@ def state_roots(path: str) -> list[str]:
     backing directories a run on path may touch. Each one's mount lock is taken (offline_lock), so
     that a user's .dccfs/tmp nearer than the backing root, or a backing directory nested inside the
     tree, cannot hide a live mount's lock (found by review: pack and fsck --repair then ran under it)."""
-    current = os.path.realpath(path)
-    if not os.path.isdir(current):
-        current = os.path.dirname(current)
-    roots = []
-    top = current
-    while True:
-        if is_state_dir(current, STATE_DIR):
-            roots.append(current)
-        parent = os.path.dirname(current)
-        if parent == current:
-            break
-        current = parent
+    above = list(_directories_up(path))
+    roots = [d for d in above if is_state_dir(d, STATE_DIR)]
+    top = above[0]
     if os.path.isdir(path):
         for dirpath, dirnames, _ in os.walk(top):
             for name in list(dirnames):
@@ -191,14 +185,9 @@ def state_roots(path: str) -> list[str]:
 
 def inside_state_dir(path: str) -> bool:
     """Whether path (symlinks resolved) lies in a state directory (is_state_dir), at any depth."""
-    current = os.path.realpath(path)
-    while True:
-        parent = os.path.dirname(current)
-        if parent == current:
-            return False
-        if os.path.basename(current) == STATE_DIR and is_state_dir(parent, STATE_DIR):
-            return True
-        current = parent
+    real = os.path.realpath(path)
+    return any(os.path.basename(d) == STATE_DIR and is_state_dir(os.path.dirname(d), STATE_DIR)
+               for d in [real, *_directories_up(real)] if os.path.dirname(d) != d)
 
 
 @contextlib.contextmanager
