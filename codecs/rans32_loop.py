@@ -28,11 +28,13 @@ LANES = 32  # states of methods 5-7
 V = 16  # lanes per vector step
 SLOTS = 1 << SCALE_BITS
 
-# AVX-512 hosts expand the renormalisation words in a register (an x86 intrinsic); elsewhere the portable
-# expand-load, which LLVM lowers to scalar code where it has no instruction for it. numba keys its cache on the CPU.
-# NUMBA_CPU_NAME / NUMBA_CPU_FEATURES compile for another CPU than this one (portable caches): portable then.
-_EXPAND_REGISTER = (not (numba_config.CPU_NAME or numba_config.CPU_FEATURES)
-                    and bool(llvm.get_host_cpu_features().get("avx512f", False)))
+# Whether the kernels may call AVX-512 intrinsics (the register expand below, rans32_enc's two-register permute).
+# Elsewhere they take the portable IR, which LLVM lowers to what the CPU has: an x86 intrinsic the CPU lacks makes
+# LLVM abort the whole process ("Do not know how to split the result of this operator"), which no try can catch.
+# numba keys its cache on the CPU. NUMBA_CPU_NAME / NUMBA_CPU_FEATURES compile for another CPU than this one
+# (portable caches): portable then.
+AVX512_HOST = (not (numba_config.CPU_NAME or numba_config.CPU_FEATURES)
+               and bool(llvm.get_host_cpu_features().get("avx512f", False)))
 THRESHOLDS = 3  # method 7: at most 3 thresholds (4 buckets); unused ones are 256, which no byte reaches
 
 _i1, _i8, _i16, _i32, _i64 = (ir.IntType(b) for b in (1, 8, 16, 32, 64))
@@ -89,7 +91,7 @@ def _step(builder, s, x, p, ctx, i, store=True):
     else:  # method 7 (rans32.build_lut(..., offsets=False)): the table holds cum
         x = builder.sub(builder.add(q, slot), builder.lshr(e, _splat(20)))
     need = builder.icmp_unsigned("<", x, _splat(RANS_L))
-    if _EXPAND_REGISTER:
+    if AVX512_HOST:
         # the next 16 words are loaded and widened before the mask is known (the round bound leaves 32 words);
         # only the register expand (a few cycles) waits for it, where the expand-load from memory took ~10
         ahead = builder.load(builder.bitcast(builder.gep(s["words"], [p]), _v16.as_pointer()), align=2)
