@@ -75,11 +75,14 @@ class ChunkCommits:
             self.mtime_ns = self.changed_ns = time.time_ns()
 
     def _reset_unless_linked(self) -> bool:
-        """Reset the container in place unless it is linked elsewhere (a pinned delta base, a
-        hard link): then its records must stay, and the truncation is logged like any other.
+        """Reset the container in place unless it is a pinned delta base: then its records
+        must stay, and the truncation is logged like any other. A user's hard links name the
+        same file, so they all see it emptied, as on any file system (they used to keep every
+        old record too: a linked file saved ten times stored ten copies, found by review).
         The check and the reset hold the pin lock, so no delta writer pins it in between."""
         with PIN_LOCK:
-            if os.fstat(self.container.fd).st_nlink != 1:
+            st = os.fstat(self.container.fd)
+            if st.st_nlink != 1 and pinned_overwrite.has_pin_link(self.container, self.engine.backing_root, st):
                 return False
             gone = header_name(self.container.header)
             self.container.reset()

@@ -33,6 +33,12 @@ log = logging.getLogger(__name__)
 POSIX_ACL_XATTRS = (b"system.posix_acl_access", b"system.posix_acl_default")
 
 
+def _invalidate_entry(parent: int, name: bytes) -> None:
+    """Ask the kernel to drop an entry, from a queue of pyfuse3's own thread: an entry of the
+    directory being listed waits for the listing's lock."""
+    pyfuse3.invalidate_entry_async(parent, name, ignore_enoent=True)
+
+
 def _refuse_posix_acl(name: bytes) -> None:
     if name in POSIX_ACL_XATTRS:
         raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
@@ -56,7 +62,7 @@ class DccfsOperations(OpenFileHandlers, pyfuse3.Operations):
         self.backing_root = backing_root
         self.engine = engine
         # Tells the pin registry when a container is let go of for good (docs/delta.md).
-        self.inodes = PinTrackingInodeTable(root_fd, engine.pins)
+        self.inodes = PinTrackingInodeTable(root_fd, engine.pins, _invalidate_entry)
         self.handles = HandleTable(engine, backing_root, self.inodes)
         self.timeout = 0.0 if engine.config.shared else DEFAULT_TIMEOUT_S
         # The kernel's writeback cache turns 64 KiB splice writes (cp) and unaligned 1 MiB
@@ -64,7 +70,7 @@ class DccfsOperations(OpenFileHandlers, pyfuse3.Operations):
         # byte written (docs/performance.md). It trusts its own size and mtime, so not
         # with --shared, where another node changes files behind the kernel's back.
         self.enable_writeback_cache = engine.config.writeback_cache and not engine.config.shared
-        self._dirs: dict[int, list[bytes]] = {}
+        self._dirs: dict[int, list] = {}  # handle -> [inode, names, whether a readdir served it]
         self._next_dir = 1
         self.fuse_ready = trio.Event()  # set once the kernel's INIT has been answered
 
@@ -255,6 +261,9 @@ class DccfsOperations(OpenFileHandlers, pyfuse3.Operations):
             syscalls.rename_at(old_dir.fd, name_old, new_dir.fd, name_new, flags)
         else:
             os.rename(name_old, name_new, src_dir_fd=old_dir.fd, dst_dir_fd=new_dir.fd)
+        self.inodes.renamed((moved[0].st_dev, moved[0].st_ino), parent_new, name_new)
+        if len(moved) > 1:
+            self.inodes.renamed((moved[1].st_dev, moved[1].st_ino), parent_old, name_old)
         self.handles.renamed([(st.st_dev, st.st_ino) for st in moved],
                              any(stat.S_ISDIR(st.st_mode) for st in moved))
 
@@ -268,25 +277,36 @@ class DccfsOperations(OpenFileHandlers, pyfuse3.Operations):
 
     # -- directories ---------------------------------------------------------------
 
-    @guarded
-    async def opendir(self, inode, ctx):
-        node = self.inodes.get(inode)
+    @staticmethod
+    def _list(node: Inode) -> list[bytes]:
         dir_fd = os.open(b".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=node.fd)
         try:
             names = sorted(os.listdir(dir_fd))
         finally:
             os.close(dir_fd)
         names = [os.fsencode(n) for n in names]
-        if inode == ROOT_INODE:
+        if node.number == ROOT_INODE:
             names = [n for n in names if n != STATE_DIR]
+        return names
+
+    @guarded
+    async def opendir(self, inode, ctx):
+        node = self.inodes.get(inode)
+        names = self._list(node)
         number = self._next_dir
         self._next_dir += 1
-        self._dirs[number] = (node, names)
+        self._dirs[number] = [node, names, False]
         return number
 
     @guarded
     async def readdir(self, fh, start_id, token):
-        node, names = self._dirs[fh]
+        listing = self._dirs[fh]
+        node, names, served = listing
+        if start_id == 0 and served:
+            # rewinddir: POSIX wants the directory as it is now, not as at opendir (found by
+            # review: a remove-then-rewind loop saw an empty directory and stopped early).
+            names = listing[1] = self._list(node)
+        listing[2] = True
         for position in range(start_id, len(names)):
             name = names[position]
             try:

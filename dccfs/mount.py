@@ -130,6 +130,31 @@ class LateReleaseReplyFilter(logging.Filter):
         return True
 
 
+class RefusedInvalidationFilter(logging.Filter):
+    """pyfuse3 logs an ERROR with a traceback for each entry invalidation the kernel refuses,
+    as it does (EINVAL) for those still queued when the unmount starts: dccfs.inodes queues
+    hundreds at once when it gives descriptors back. An invalidation only lets the kernel
+    forget an entry sooner; nothing waits on it. The first is kept at INFO, the rest dropped."""
+
+    PREFIX = "Failed to submit invalidate_entry"
+
+    def __init__(self):
+        super().__init__()
+        self.seen = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name != "pyfuse3" or not record.getMessage().startswith(self.PREFIX):
+            return True
+        self.seen += 1
+        if self.seen > 1:
+            return False
+        record.levelno, record.levelname = logging.INFO, "INFO"
+        record.msg, record.args = f"{record.getMessage()} ({record.exc_info[1] if record.exc_info else ''}; " \
+                                  "later refusals are not logged)", None
+        record.exc_info = record.exc_text = None
+        return True
+
+
 class LogFileHandler(logging.handlers.WatchedFileHandler):
     """Reopens the log after logrotate moves it (SIGHUP also reopens), making it 0644 whatever
     the umask: the daemon runs with umask 0 (the kernel applies the caller's umask to the files
@@ -149,6 +174,7 @@ def setup_logging(log_file: str | None, debug: bool) -> logging.Handler:
         handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     handler.addFilter(LateReleaseReplyFilter())
+    handler.addFilter(RefusedInvalidationFilter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
@@ -156,8 +182,21 @@ def setup_logging(log_file: str | None, debug: bool) -> logging.Handler:
 
 
 def raise_fd_limit() -> None:
-    # Every inode the kernel knows holds one O_PATH descriptor.
+    """As high as this process may: every inode the kernel knows holds one O_PATH descriptor
+    (dccfs.inodes asks the kernel to forget some past half the limit, but one directory
+    listing takes hundreds at once). Root may go past the hard limit, up to fs.nr_open."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        with open("/proc/sys/fs/nr_open") as f:
+            ceiling = int(f.read())
+    except (OSError, ValueError):
+        ceiling = hard
+    if hard != resource.RLIM_INFINITY and hard < ceiling:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (ceiling, ceiling))
+            return
+        except (ValueError, OSError):
+            pass  # not privileged
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 

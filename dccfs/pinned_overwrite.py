@@ -42,8 +42,11 @@ def _tmp_path(container: Container, backing_root: str) -> str:
 def only_pinned(container: Container, backing_root: str) -> bool:
     """Whether the only other link to container is its own delta base pin (not a user's hard link)."""
     st = os.fstat(container.fd)
-    if st.st_nlink != 2:
-        return False
+    return st.st_nlink == 2 and has_pin_link(container, backing_root, st)
+
+
+def has_pin_link(container: Container, backing_root: str, st: os.stat_result) -> bool:
+    """Whether one of the links of container (st: its fstat) is its own delta base pin."""
     header = container.header
     try:
         pinned = os.stat(base_link_path(backing_root, header.file_id, header.generation),

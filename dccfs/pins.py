@@ -371,8 +371,8 @@ class PinTrackingInodeTable(InodeTable):
     """The mount's inode table, telling the pin registry about each regular file it lets go
     of: the last step of an unlink, a rename over, or a close of an unlinked file."""
 
-    def __init__(self, root_fd: int, registry: PinRegistry | None):
-        super().__init__(root_fd)
+    def __init__(self, root_fd: int, registry: PinRegistry | None, invalidate=None):
+        super().__init__(root_fd, invalidate)
         self.registry = registry
         if registry is not None:
             registry.in_use = lambda key: self.find(key) is not None

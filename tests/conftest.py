@@ -29,9 +29,9 @@ def make_mount(tmp_path):
     and the test fails if a daemon logged an error it did not expect."""
     mounts: list[Mount] = []
 
-    def factory(name: str = "m", *args: str, backing: Path | None = None) -> Mount:
+    def factory(name: str = "m", *args: str, backing: Path | None = None, fd_limit: int | None = None) -> Mount:
         mount = Mount(backing or tmp_path / f"{name}-backing", tmp_path / f"{name}-mnt",
-                      tmp_path / f"{name}.log", args)
+                      tmp_path / f"{name}.log", args, fd_limit)
         mounts.append(mount)
         return mount.start()
 

@@ -5,6 +5,7 @@ import errno
 import logging
 import os
 import pickle
+import resource
 import signal
 import stat
 import subprocess
@@ -42,11 +43,13 @@ def unmount(path: str | Path) -> None:
 class Mount:
     """One dccfs daemon in the foreground, owned by the test that made it."""
 
-    def __init__(self, backing: Path, mnt: Path, log_path: Path, args: tuple[str, ...] = ()):
+    def __init__(self, backing: Path, mnt: Path, log_path: Path, args: tuple[str, ...] = (),
+                 fd_limit: int | None = None):
         self.backing = backing
         self.mnt = mnt
         self.log_path = log_path
         self.args = args
+        self.fd_limit = fd_limit  # the daemon's RLIMIT_NOFILE (soft and hard), if not inherited
         self.proc: subprocess.Popen | None = None
         self.expect_errors = False
 
@@ -56,7 +59,10 @@ class Mount:
         cmd = [sys.executable, "-m", "dccfs.cli", "mount", "--foreground", *self.args,
                str(self.backing), str(self.mnt)]
         logf = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(cmd, stdout=logf, stderr=logf, stdin=subprocess.DEVNULL)
+        limit = self.fd_limit
+        self.proc = subprocess.Popen(cmd, stdout=logf, stderr=logf, stdin=subprocess.DEVNULL,
+                                     preexec_fn=None if limit is None else
+                                     lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit)))
         logf.close()
         deadline = time.monotonic() + MOUNT_WAIT_S
         while not is_mounted(self.mnt):
