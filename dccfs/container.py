@@ -24,8 +24,8 @@ from dccfs.format import (
 )
 # Also re-exported: the rest of dccfs and the tests import these names from dccfs.container.
 from dccfs.container_records import (  # noqa: F401
-    MAX_DELTA_CHAIN, ChunkError, ChunkLoc, ContainerError, Recovery, commit_from_scan,
-    commit_from_trailer, load_index_chain, pread_exact, pwrite_all, pwritev_all, read_logical_size, record_blocks,
+    MAX_DELTA_CHAIN, ChunkError, ChunkLoc, ContainerError, IndexDamage, Recovery, commit_from_scan,
+    commit_from_trailer, damage_behind_trailer, load_index_chain, pread_exact, pwrite_all, pwritev_all, read_logical_size, record_blocks,
 )
 
 log = logging.getLogger(__name__)
@@ -45,6 +45,8 @@ class Container:
         self.fd = fd
         self.path = path
         self.header = header
+        st = os.fstat(fd)
+        self._backing_object = st.st_dev.to_bytes(8, "little") + st.st_ino.to_bytes(8, "little")
         self.index = index
         self.size = size
         self.committed_size = size
@@ -78,8 +80,11 @@ class Container:
     @property
     def cache_id(self) -> bytes:
         """Names this container's records in caches. Record offsets repeat after a compaction
-        (a new generation) or a reset (a new file id), so both are part of the name."""
-        return self.header.file_id + self.header.generation.to_bytes(4, "little")
+        (a new generation) or a reset (a new file id), so both are part of the name. So is the
+        backing file: a container copied offline (cp while unmounted) keeps its file id, and
+        the copy's new records, at the same offsets as the original's, were served from the
+        original's (found by review: another file's bytes, with no error)."""
+        return self.header.file_id + self.header.generation.to_bytes(4, "little") + self._backing_object
 
     @property
     def stored_bytes(self) -> int:
@@ -106,8 +111,10 @@ class Container:
         return cls(fd, path, header, {}, 0, HEADER_SIZE, 0, 0, rec)
 
     @classmethod
-    def open(cls, fd: int, path: str) -> "Container":
-        """Read the header and the last commit; raise ContainerError if there is none usable."""
+    def open(cls, fd: int, path: str, damaged_ok: bool = False) -> "Container":
+        """Read the header and the last commit; raise ContainerError if there is none usable,
+        or if the commit the file ends with is damaged (recovery.damage), unless damaged_ok
+        (fsck, cat): then the view is the last commit that verifies."""
         file_end = os.fstat(fd).st_size
         head = pread_exact(fd, HEADER_SIZE, 0)
         try:
@@ -116,27 +123,41 @@ class Container:
             raise ContainerError(path, f"bad container header: {exc}") from exc
         found = commit_from_trailer(fd, file_end)
         used_scan = found is None
+        damage = None
         if found is None:
+            damage = damage_behind_trailer(fd, file_end)
             found = commit_from_scan(fd, path, file_end)
         index_offset, committed_end = found
-        if index_offset == 0:
+        if index_offset == 0 and damage is None:
             # Created but killed before its first index: an empty file.
             rec = Recovery(HEADER_SIZE, file_end, used_scan)
             return cls(fd, path, header, {}, 0, HEADER_SIZE, 0, 0, rec)
         try:
-            index, size, chain = load_index_chain(fd, path, index_offset)
-        except ContainerError:
+            if index_offset == 0:
+                index, size, chain = {}, 0, 0
+            else:
+                index, size, chain = load_index_chain(fd, path, index_offset)
+        except IndexDamage as exc:
             if used_scan:
                 raise
             # The trailer reached the disk but part of its index did not (a machine
             # crash without ordering): the scan finds the last index that verifies.
-            # With none left, the file is damaged, not empty.
+            # With none left, the file is damaged, not empty. Damage that no crash
+            # leaves is refused below.
+            damage = damage_behind_trailer(fd, file_end, exc.offset)
             used_scan = True
             index_offset, committed_end = commit_from_scan(fd, path, file_end)
-            if index_offset == 0:
+            if index_offset == 0 and damage is None:
                 raise
-            index, size, chain = load_index_chain(fd, path, index_offset)
-        rec = Recovery(committed_end, file_end, used_scan)
+            index, size, chain = load_index_chain(fd, path, index_offset) if index_offset else ({}, 0, 0)
+        if index_offset == 0:
+            committed_end = HEADER_SIZE
+        rec = Recovery(committed_end, file_end, used_scan, damage)
+        if damage is not None:
+            log.warning("%s: %s; the last commit that verifies ends at offset %d", path, damage, committed_end)
+            if not damaged_ok:
+                raise ContainerError(path, f"{damage}: not bytes an interrupted write leaves, so reads fail rather "
+                                           f"than show the earlier commit that ends at offset {committed_end}")
         if rec.torn_tail:
             log.info("%s: %d bytes past the last commit are ignored (an interrupted write)",
                      path, rec.torn_tail)

@@ -39,6 +39,14 @@ class ContainerError(OSError):
         self.reason = reason
 
 
+class IndexDamage(ContainerError):
+    """An index record of the chain that does not verify, at offset."""
+
+    def __init__(self, path: str, offset: int, reason: str):
+        super().__init__(path, reason)
+        self.offset = offset
+
+
 @dataclass(frozen=True)
 class ChunkLoc:
     offset: int  # of the record header in the container
@@ -59,6 +67,9 @@ class Recovery:
     committed_end: int
     file_end: int
     used_scan: bool
+    # Why the commit the file ends with does not verify, when that is damage and not an
+    # interrupted commit (damage_behind_trailer); None for a clean or torn end.
+    damage: str | None = None
 
     @property
     def torn_tail(self) -> int:
@@ -138,6 +149,40 @@ def commit_from_trailer(fd: int, file_end: int) -> tuple[int, int] | None:
     return index_offset, file_end
 
 
+def damage_behind_trailer(fd: int, file_end: int, index_offset: int | None = None) -> str | None:
+    """Why the file's last commit does not verify although a valid trailer closes it, unless
+    that is what a power loss leaves (then None, and the open falls back to the commit before).
+
+    The index and the trailer go to the disk in one write: a power loss before its fdatasync
+    can keep the trailer's page and lose a page of the index, which then reads as zeros (a
+    block never written). A valid index record never holds a 512-byte disk sector of zeros
+    (each entry has a nonzero chunk number, offset or length), nor a header whose part in a
+    sector is all zeros. So a failed index showing such a sector is a crash, which the last
+    verified commit answers (invariant 5); one without (a flipped bit) is damage, which must
+    fail reads rather than show an older version of the file (found by review: the file read
+    as empty, or as an earlier commit, with no error).
+    index_offset: the index record that failed; default the one the trailer names."""
+    if file_end < HEADER_SIZE + RECORD_HEADER_SIZE:
+        return None
+    trailer = read_record_header(fd, file_end - RECORD_HEADER_SIZE)
+    if trailer is None or trailer.rtype != REC_TRAILER:
+        return None
+    start = trailer.c if index_offset is None else index_offset
+    limit = file_end - RECORD_HEADER_SIZE
+    if not HEADER_SIZE <= start < limit:
+        return None
+    head = read_record_header(fd, start)
+    end = min(start + head.total_len, limit) if head is not None else min(start + RECORD_HEADER_SIZE, limit)
+    record = pread_exact(fd, end - start, start)
+    sector = start - start % 512
+    while sector < end:
+        piece = record[max(sector, start) - start:min(sector + 512, end) - start]
+        if not any(piece):
+            return None
+        sector += 512
+    return f"the index record at offset {start} does not verify, and a valid trailer at offset {limit} closes the commit"
+
+
 def commit_from_scan(fd: int, path: str, file_end: int) -> tuple[int, int]:
     """Walk the records from the start and keep the last index whose payload verifies."""
     offset = HEADER_SIZE
@@ -171,18 +216,18 @@ def _index_chain(fd: int, path: str, offset: int):
         head = read_record_header(fd, offset)
         # a back pointer may name any record: its payload length (u32) is read only if the file holds it
         if head is None or head.rtype != REC_INDEX or offset + head.total_len > file_end:
-            raise ContainerError(path, f"index record at offset {offset} is damaged")
+            raise IndexDamage(path, offset, f"index record at offset {offset} is damaged")
         payload = pread_exact(fd, head.payload_len, offset + RECORD_HEADER_SIZE)
         try:
             body = verify_index_payload(head, payload)
         except FormatError as exc:
-            raise ContainerError(path, f"index at offset {offset}: {exc}") from exc
+            raise IndexDamage(path, offset, f"index at offset {offset}: {exc}") from exc
         yield head, body
         walked += 1
         if head.sub & INDEX_FULL:
             return
         if not HEADER_SIZE <= head.c < offset or walked > 4 * MAX_DELTA_CHAIN:
-            raise ContainerError(path, f"index at offset {offset} has a bad back pointer")
+            raise IndexDamage(path, offset, f"index at offset {offset} has a bad back pointer")
         offset = head.c
 
 

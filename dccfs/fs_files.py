@@ -12,6 +12,7 @@ import trio
 
 from dccfs.chunkfile import ContainerFile
 from dccfs.fs_errors import guarded
+from dccfs.handles_plain import RawFile
 from dccfs.inodes import Inode
 
 log = logging.getLogger(__name__)
@@ -41,8 +42,13 @@ class OpenFileHandlers:
         # keep_cache: every write goes through this daemon, so pages the kernel cached
         # from an earlier open are still right, except in --shared mode where another
         # node may have replaced the file.
-        return pyfuse3.FileInfo(fh=handle.number, keep_cache=not self.engine.config.shared,
-                                direct_io=False)
+        shared = self.engine.config.shared
+        # direct_io for --shared appends to a plain file, which go to the backing file's own
+        # end: through the page cache the kernel cut one write(2) at its page boundaries into
+        # several WRITEs, and another node's append landed between them (found by review).
+        # Direct, each write(2) up to max_write is one WRITE, so one append.
+        direct = shared and bool(flags & os.O_APPEND) and isinstance(handle.file, RawFile)
+        return pyfuse3.FileInfo(fh=handle.number, keep_cache=not shared, direct_io=direct)
 
     def _open_flags(self, flags: int) -> int:
         if self.enable_writeback_cache:

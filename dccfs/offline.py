@@ -62,7 +62,8 @@ def write_decoded(path: str, out) -> int:
             copy_plain(fd, out)
         else:
             try:
-                container = Container.open(fd, path)
+                # a damaged end: the last commit that verifies, and the exit status says what was left out
+                container = Container.open(fd, path, damaged_ok=True)
             except ContainerError as exc:
                 raise OfflineError(f"{path}: cannot read the container: {exc.reason}") from exc
             for _, raw, length in decoded_chunks(container):
@@ -125,7 +126,7 @@ def _check_container(path: str, fd: int, repair: bool, totals: FsckTotals, advan
     """Check one container; returns True when it is (now) clean. pinned: a delta base's pin, which
     its dependents read by offset, as they read a file with other links."""
     try:
-        container = Container.open(fd, path)
+        container = Container.open(fd, path, damaged_ok=True)
     except ContainerError as exc:
         _report(f"{path}: DAMAGED: cannot open the container: {exc.reason}")
         return False
@@ -134,14 +135,21 @@ def _check_container(path: str, fd: int, repair: bool, totals: FsckTotals, advan
     totals.logical += container.size
     totals.stored += rec.file_end
     clean = True
-    if rec.used_scan and rec.file_end > HEADER_SIZE:  # a bare header is a valid empty container
+    if rec.damage:
+        # Not what a crash leaves: cutting would destroy the commits past the damage (found by
+        # review: --repair cut every intact record of a file whose index had one flipped bit).
+        _report(f"{path}: DAMAGED: {rec.damage}; reads fail with EIO. Not repaired: the {rec.torn_tail} bytes "
+                f"from offset {rec.committed_end} are kept; `dccfs cat` prints the last commit that verifies")
+        clean = False
+    elif rec.used_scan and rec.file_end > HEADER_SIZE:  # a bare header is a valid empty container
         _report(f"{path}: no valid trailer at the end; the last commit (ending at offset "
                 f"{rec.committed_end}) was recovered by scanning")
     links = os.fstat(fd).st_nlink
     linked = links > 1 or pinned
     # (pins live in the .dccfs of the backing root, which fsck of a subdirectory finds above it)
-    root = find_backing_root(path) if rec.torn_tail and linked else None
-    if rec.torn_tail and linked \
+    torn = rec.torn_tail and not rec.damage  # damage is reported above, and never cut
+    root = find_backing_root(path) if torn and linked else None
+    if torn and linked \
             and not (root and torn_tail_may_go(root, header_name(container.header), rec.committed_end)):
         # Linked: a delta base pin (or another name) holds these bytes too. Past the last commit
         # that verifies may lie committed records whose index was damaged, which dependents
@@ -151,11 +159,12 @@ def _check_container(path: str, fd: int, repair: bool, totals: FsckTotals, advan
                 + ("a delta base's pin" if pinned else f"the file has {links} links (a delta base)")
                 + ", and its dependents may read those records")
         clean = False
-    elif rec.torn_tail:
+    elif torn:
         if repair:
             try:
                 _report(f"{path}: {_cut_torn_tail(path, container)}")
                 totals.repaired += 1
+                totals.stored -= rec.torn_tail  # the summary counts what the file holds now
             except OSError as exc:
                 _report(f"{path}: DAMAGED: cannot cut the {rec.torn_tail}-byte torn tail: "
                         f"{exc.strerror or exc}")

@@ -14,6 +14,7 @@ from dccfs.format import (
     HEADER_SIZE, INDEX_DELTA, INDEX_FULL, MIN_CHUNK_SHIFT, RECORD_HEADER_SIZE, REC_CHUNK, REC_INDEX,
     REC_TRAILER, RecordHeader, checksum64,
 )
+from offline_containers import flip_byte
 
 SHIFT = MIN_CHUNK_SHIFT  # 64 KiB chunks
 CS = 1 << SHIFT
@@ -370,5 +371,67 @@ def test_flipped_byte_in_one_chunk_only_fails_that_chunk(path, where):
                 assert info.value.chunk_index == 2 and info.value.path == path
             else:
                 assert c.read_chunk(i) == raw
+    finally:
+        close(c)
+
+
+def _commits(path: str, counts: list[int]) -> list[dict[int, bytes]]:
+    """A container with one commit per entry of counts (that many chunks rewritten, from chunk 0); the state after
+    each commit."""
+    c = new_container(path)
+    states = []
+    for n, count in enumerate(counts):
+        for idx in range(count):
+            append(c, idx, chunk_bytes(100 * n + idx))
+        c.commit(max(counts[:n + 1]) * CS, durable=False)
+        states.append(_state(c))
+    close(c)
+    return states
+
+
+def _index_offsets(path: str) -> list[int]:
+    with open(path, "rb") as f:
+        blob = f.read()
+    offsets, at = [], HEADER_SIZE
+    while at < len(blob):
+        head = RecordHeader.unpack(blob[at:at + RECORD_HEADER_SIZE])
+        if head.rtype == REC_INDEX:
+            offsets.append(at)
+        at += head.total_len
+    return offsets
+
+
+@pytest.mark.parametrize("which,where", [(-1, "header"), (-1, "payload"), (0, "header"), (1, "payload")])
+def test_a_flipped_bit_in_a_committed_index_fails_the_open_rather_than_roll_back(path, which, where):
+    """A valid trailer closes the file, so its commit completed; an index in its chain that does not verify, with no
+    sector of zeros a power loss would leave, is damage. The open used to fall back to an earlier commit: the file
+    read as empty, or as an older version, with no error, and fsck --repair cut the intact records (found by
+    review). It fails now; fsck and cat (damaged_ok) see the last commit that verifies."""
+    states = _commits(path, [3, 1, 1])
+    target = _index_offsets(path)[which]
+    flip_byte(path, target + (RECORD_HEADER_SIZE - 2 if where == "header" else RECORD_HEADER_SIZE + 9))
+    with pytest.raises(ContainerError, match="does not verify"):
+        reopen(path)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        c = Container.open(fd, path, damaged_ok=True)
+        assert c.recovery.damage and f"offset {target}" in c.recovery.damage
+        assert _state(c) == {-1: states[1], 0: (0, {}), 1: states[0]}[which]  # the commit before the damage
+    finally:
+        os.close(fd)
+
+
+def test_a_zeroed_sector_in_the_last_index_is_a_power_loss_and_rolls_back(path):
+    """Window 5b of docs/commit-protocol.md: the trailer's page reached the disk, a page of the index did not and
+    reads as zeros. The commit was never acknowledged, so the one before answers (invariant 5), with no error."""
+    states = _commits(path, [2, 80])  # an index of 80 entries spans whole 512-byte sectors
+    last = _index_offsets(path)[-1]
+    sector = last + RECORD_HEADER_SIZE + 512 - (last + RECORD_HEADER_SIZE) % 512
+    with open(path, "r+b") as f:
+        f.seek(sector)
+        f.write(bytes(512))
+    c = reopen(path)
+    try:
+        assert c.recovery.damage is None and _state(c) == states[0]
     finally:
         close(c)

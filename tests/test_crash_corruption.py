@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import subprocess
 import sys
 
@@ -117,10 +118,12 @@ def test_flipped_byte_gives_eio_for_that_chunk_only(make_mount):
     assert "victim" in result.stdout + result.stderr
 
 
-def test_a_damaged_last_index_shows_the_earlier_commit_in_stat_and_read(make_mount):
-    """The size shortcut took the logical size from the trailer without checking the index
-    it names; the open fell back to the earlier commit, so stat said 13 bytes where 6 were
-    committed, and a read returned them padded with zeros: wrong bytes without an error."""
+def test_a_damaged_last_index_fails_reads_and_cat_shows_the_earlier_commit(make_mount):
+    """A flipped bit in the index the trailer names. The size shortcut once took the logical size from the trailer
+    while the open fell back to the earlier commit: a read returned 6 bytes padded with zeros to 13, wrong bytes
+    without an error. Then the open showed the earlier commit, an older version without an error (found by review).
+    A flipped bit is not what a crash leaves, so reads fail; `dccfs cat` prints the last commit that verifies and
+    exits 1, and fsck --repair reports the file and cuts nothing."""
     from dccfs.format import RECORD_HEADER_SIZE, RecordHeader
     mount = make_mount("index")
     path = mount.mnt / "f"
@@ -137,10 +140,36 @@ def test_a_damaged_last_index_shows_the_earlier_commit_in_stat_and_read(make_mou
         byte = f.read(1)
         f.seek(-1, os.SEEK_CUR)
         f.write(bytes([byte[0] ^ 0x01]))
+    stored = backing.stat().st_size
     mount.expect_errors = True
     mount.start()
-    assert path.stat().st_size == 6
-    assert path.read_bytes() == b"first\n"
+    with pytest.raises(OSError) as exc:
+        path.read_bytes()
+    assert exc.value.errno == errno.EIO
+    mount.stop()
+    cat = subprocess.run([sys.executable, "-m", "dccfs.cli", "cat", str(backing)], capture_output=True)
+    assert cat.returncode == 1 and cat.stdout == b"first\n"
+    result = fsck(mount.backing, "--repair")
+    assert result.returncode == 1 and "DAMAGED" in result.stdout and "does not verify" in result.stdout
+    assert backing.stat().st_size == stored
+
+
+def test_a_container_copied_offline_reads_its_own_bytes(make_mount):
+    """A copy made while unmounted keeps the original's file id. Rewritten through the mount, both files appended
+    their new record at the same offset, and the cache, keyed on file id and offset, served the copy's read with
+    the original's bytes (found by review)."""
+    mount = make_mount("copies")
+    data = os.urandom(3 * CHUNK)
+    (mount.mnt / "a.bin").write_bytes(data)
+    mount.stop()
+    shutil.copyfile(mount.backing / "a.bin", mount.backing / "b.bin")
+    mount.start()
+    for name, fill in (("a.bin", b"A"), ("b.bin", b"B")):
+        with open(mount.mnt / name, "r+b") as f:
+            f.write(fill * 4096)
+    mount.remount()
+    for name, fill in (("a.bin", b"A"), ("b.bin", b"B")):
+        assert (mount.mnt / name).read_bytes() == fill * 4096 + data[4096:], name
 
 
 def test_a_damaged_header_fails_that_file_not_its_directory_listing(make_mount):

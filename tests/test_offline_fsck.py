@@ -133,6 +133,7 @@ def test_fsck_torn_tail_reported_then_repaired(backing, runner):
     assert result.exit_code == 0, result.output
     assert f"cut {torn} torn-tail bytes" in result.stdout and "1 repaired" in result.stdout
     assert os.path.getsize(backing / "f") == committed
+    assert f"{committed} stored bytes" in result.stdout  # what is left, not what was there (found by review)
     assert runner.invoke(main, ["cat", str(backing / "f")]).stdout_bytes == data
     assert run_fsck(str(backing), repair=False, progress=False) == 0
 
@@ -171,7 +172,7 @@ def test_fsck_damaged_header_and_unreadable_container(backing, runner):
     result = runner.invoke(main, ["fsck", "-q", str(backing)])
     assert result.exit_code == 1
     assert "torn-create: DAMAGED: starts with the container magic" in result.stdout
-    assert "bad-index: DAMAGED: cannot open the container" in result.stdout
+    assert "bad-index: DAMAGED: the index record at offset" in result.stdout and "does not verify" in result.stdout
     assert "2 damaged" in result.stdout
     result = runner.invoke(main, ["cat", str(backing / "torn-create")])
     assert result.exit_code == 1 and "header is invalid" in result.stderr

@@ -107,6 +107,34 @@ def test_appends_to_a_plain_file_through_two_nodes_keep_both(make_mount):
     assert (a.backing / "log.txt").read_bytes() == b"start\nA1\nB1\nA2\n"
 
 
+def test_concurrent_appends_to_a_plain_file_through_two_nodes_stay_whole(make_mount):
+    """Each write(2) of an O_APPEND writer is one record in the file, as on a local file system. Through the page
+    cache the kernel cut a record at its page boundaries into several WRITEs, each appended on its own, and the
+    other node's record landed in the middle (found by review: 14 torn lines in 600)."""
+    a = make_mount("a", "--shared")
+    b = make_mount("b", "--shared", backing=a.backing)
+    (a.backing / "log.txt").write_bytes(b"")
+
+    def append(mnt, tag):
+        for n in range(150):
+            fd = os.open(mnt / "log.txt", os.O_WRONLY | os.O_APPEND)
+            try:
+                os.write(fd, b"<%s%04d:" % (tag, n) + tag * (700 + 37 * n % 3000) + b">\n")
+            finally:
+                os.close(fd)
+
+    threads = [threading.Thread(target=append, args=(m.mnt, tag)) for m, tag in ((a, b"A"), (b, b"B"))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    lines = (a.backing / "log.txt").read_bytes().splitlines()
+    assert len(lines) == 300
+    for line in lines:
+        tag = line[1:2]
+        assert line[6:7] == b":" and line[7:-1] == tag * (len(line) - 8) and line.endswith(b">"), line[:40]
+
+
 def test_a_writer_waiting_for_another_node_opens_its_own_file(make_mount):
     """While B's writer waits for A's lock, B's last reader of the file closes and B opens another
     file, which may take the closed descriptor's number: the writer still gets its own file, as A
