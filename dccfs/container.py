@@ -125,9 +125,10 @@ class Container:
         used_scan = found is None
         damage = None
         if found is None:
-            damage = damage_behind_trailer(fd, file_end)
-            found = commit_from_scan(fd, path, file_end)
-        index_offset, committed_end = found
+            index_offset, committed_end, scan_stop = commit_from_scan(fd, path, file_end)
+            damage = damage_behind_trailer(fd, file_end, scan_stop)
+        else:
+            index_offset, committed_end = found
         if index_offset == 0 and damage is None:
             # Created but killed before its first index: an empty file.
             rec = Recovery(HEADER_SIZE, file_end, used_scan)
@@ -144,9 +145,9 @@ class Container:
             # crash without ordering): the scan finds the last index that verifies.
             # With none left, the file is damaged, not empty. Damage that no crash
             # leaves is refused below.
-            damage = damage_behind_trailer(fd, file_end, exc.offset)
             used_scan = True
-            index_offset, committed_end = commit_from_scan(fd, path, file_end)
+            index_offset, committed_end, scan_stop = commit_from_scan(fd, path, file_end)
+            damage = damage_behind_trailer(fd, file_end, scan_stop, exc.offset)
             if index_offset == 0 and damage is None:
                 raise
             index, size, chain = load_index_chain(fd, path, index_offset) if index_offset else ({}, 0, 0)

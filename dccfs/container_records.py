@@ -149,7 +149,7 @@ def commit_from_trailer(fd: int, file_end: int) -> tuple[int, int] | None:
     return index_offset, file_end
 
 
-def damage_behind_trailer(fd: int, file_end: int, index_offset: int | None = None) -> str | None:
+def damage_behind_trailer(fd: int, file_end: int, scan_stop: int, index_offset: int | None = None) -> str | None:
     """Why the file's last commit does not verify although a valid trailer closes it, unless
     that is what a power loss leaves (then None, and the open falls back to the commit before).
 
@@ -161,6 +161,11 @@ def damage_behind_trailer(fd: int, file_end: int, index_offset: int | None = Non
     verified commit answers (invariant 5); one without (a flipped bit) is damage, which must
     fail reads rather than show an older version of the file (found by review: the file read
     as empty, or as an earlier commit, with no error).
+    scan_stop: where the recovery scan stopped. Damage is called so only when the scan stopped
+    on the failed index itself: when a crash left chunk records with no index after them, the
+    file's last 32 bytes are the end of a chunk's data, which may hold a valid trailer record
+    (a container stored through the mount as a file's content), naming anything (found by
+    review: that crash was taken for damage, and the file stayed unreadable).
     index_offset: the index record that failed; default the one the trailer names."""
     if file_end < HEADER_SIZE + RECORD_HEADER_SIZE:
         return None
@@ -169,7 +174,7 @@ def damage_behind_trailer(fd: int, file_end: int, index_offset: int | None = Non
         return None
     start = trailer.c if index_offset is None else index_offset
     limit = file_end - RECORD_HEADER_SIZE
-    if not HEADER_SIZE <= start < limit:
+    if not HEADER_SIZE <= start < limit or scan_stop != start:
         return None
     head = read_record_header(fd, start)
     end = min(start + head.total_len, limit) if head is not None else min(start + RECORD_HEADER_SIZE, limit)
@@ -183,8 +188,9 @@ def damage_behind_trailer(fd: int, file_end: int, index_offset: int | None = Non
     return f"the index record at offset {start} does not verify, and a valid trailer at offset {limit} closes the commit"
 
 
-def commit_from_scan(fd: int, path: str, file_end: int) -> tuple[int, int]:
-    """Walk the records from the start and keep the last index whose payload verifies."""
+def commit_from_scan(fd: int, path: str, file_end: int) -> tuple[int, int, int]:
+    """Walk the records from the start and keep the last index whose payload verifies.
+    Returns (that index's offset, the committed end, the offset where the walk stopped)."""
     offset = HEADER_SIZE
     last_index, committed_end = 0, HEADER_SIZE
     while offset + RECORD_HEADER_SIZE <= file_end:
@@ -204,7 +210,7 @@ def commit_from_scan(fd: int, path: str, file_end: int) -> tuple[int, int]:
     if file_end > HEADER_SIZE:  # a bare header is simply an empty file
         log.warning("%s: no trailer at the end; recovered the commit at offset %d by scanning",
                     path, last_index)
-    return last_index, committed_end
+    return last_index, committed_end, offset
 
 
 def _index_chain(fd: int, path: str, offset: int):

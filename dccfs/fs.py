@@ -331,7 +331,7 @@ class DccfsOperations(OpenFileHandlers, pyfuse3.Operations):
 
     @guarded
     async def fsyncdir(self, fh, datasync):
-        node, _ = self._dirs[fh]
+        node = self._dirs[fh][0]
         fd = os.open(b".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=node.fd)
         try:
             await trio.to_thread.run_sync(os.fsync, fd)

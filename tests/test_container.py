@@ -12,7 +12,7 @@ from dccfs.container import (
 )
 from dccfs.format import (
     HEADER_SIZE, INDEX_DELTA, INDEX_FULL, MIN_CHUNK_SHIFT, RECORD_HEADER_SIZE, REC_CHUNK, REC_INDEX,
-    REC_TRAILER, RecordHeader, checksum64,
+    REC_TRAILER, RecordHeader, checksum64, trailer_record,
 )
 from offline_containers import flip_byte
 
@@ -433,5 +433,27 @@ def test_a_zeroed_sector_in_the_last_index_is_a_power_loss_and_rolls_back(path):
     c = reopen(path)
     try:
         assert c.recovery.damage is None and _state(c) == states[0]
+    finally:
+        close(c)
+
+
+def test_a_crash_after_chunk_data_that_ends_like_a_trailer_is_no_damage(path):
+    """A crash after a commit's chunk records, before its index, leaves the last chunk's data at the end of the file.
+    When that data is itself a container (stored through the mount), its last 32 bytes are a valid trailer naming an
+    index that is not there. That was taken for damage, and the file stayed unreadable (found by review): damage is
+    called so only when the recovery scan stops on the index the trailer names."""
+    c = new_container(path)
+    append(c, 0, chunk_bytes(1))
+    c.commit(CS, durable=True)
+    committed = _state(c)
+    index_at = c.end
+    data = random.Random(3).randbytes(CS - RECORD_HEADER_SIZE) + trailer_record(CS, index_at + 100)
+    append(c, 1, data, ChunkHints(codec="store"))
+    close(c)
+    with open(path, "rb") as f:
+        assert f.read()[-RECORD_HEADER_SIZE:] == data[-RECORD_HEADER_SIZE:]
+    c = reopen(path)
+    try:
+        assert c.recovery.damage is None and _state(c) == committed and c.recovery.torn_tail > CS
     finally:
         close(c)
