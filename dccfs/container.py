@@ -24,8 +24,8 @@ from dccfs.format import (
 )
 # Also re-exported: the rest of dccfs and the tests import these names from dccfs.container.
 from dccfs.container_records import (  # noqa: F401
-    MAX_DELTA_CHAIN, ChunkError, ChunkLoc, ContainerError, IndexDamage, Recovery, commit_from_scan,
-    commit_from_trailer, damage_behind_trailer, load_index_chain, pread_exact, pwrite_all, pwritev_all, read_logical_size, record_blocks,
+    MAX_DELTA_CHAIN, ChunkError, ChunkLoc, ContainerError, Recovery, last_commit, pread_exact, pwrite_all,
+    pwritev_all, read_logical_size, record_blocks,
 )
 
 log = logging.getLogger(__name__)
@@ -121,48 +121,20 @@ class Container:
             header = Header.unpack(head)
         except FormatError as exc:
             raise ContainerError(path, f"bad container header: {exc}") from exc
-        found = commit_from_trailer(fd, file_end)
-        used_scan = found is None
-        damage = None
-        if found is None:
-            index_offset, committed_end, scan_stop = commit_from_scan(fd, path, file_end)
-            damage = damage_behind_trailer(fd, file_end, scan_stop)
-        else:
-            index_offset, committed_end = found
-        if index_offset == 0 and damage is None:
-            # Created but killed before its first index: an empty file.
-            rec = Recovery(HEADER_SIZE, file_end, used_scan)
-            return cls(fd, path, header, {}, 0, HEADER_SIZE, 0, 0, rec)
-        try:
-            if index_offset == 0:
-                index, size, chain = {}, 0, 0
-            else:
-                index, size, chain = load_index_chain(fd, path, index_offset)
-        except IndexDamage as exc:
-            if used_scan:
-                raise
-            # The trailer reached the disk but part of its index did not (a machine
-            # crash without ordering): the scan finds the last index that verifies.
-            # With none left, the file is damaged, not empty. Damage that no crash
-            # leaves is refused below.
-            used_scan = True
-            index_offset, committed_end, scan_stop = commit_from_scan(fd, path, file_end)
-            damage = damage_behind_trailer(fd, file_end, scan_stop, exc.offset)
-            if index_offset == 0 and damage is None:
-                raise
-            index, size, chain = load_index_chain(fd, path, index_offset) if index_offset else ({}, 0, 0)
-        if index_offset == 0:
-            committed_end = HEADER_SIZE
-        rec = Recovery(committed_end, file_end, used_scan, damage)
-        if damage is not None:
-            log.warning("%s: %s; the last commit that verifies ends at offset %d", path, damage, committed_end)
+        found = last_commit(fd, path, file_end)
+        rec = found.recovery
+        if rec.damage is not None:
+            log.warning("%s: %s; the last commit that verifies ends at offset %d", path, rec.damage,
+                        rec.committed_end)
             if not damaged_ok:
-                raise ContainerError(path, f"{damage}: not bytes an interrupted write leaves, so reads fail rather "
-                                           f"than show the earlier commit that ends at offset {committed_end}")
+                raise ContainerError(path, f"{rec.damage}: not bytes an interrupted write leaves, so reads fail "
+                                           f"rather than show the earlier commit that ends at offset "
+                                           f"{rec.committed_end}")
         if rec.torn_tail:
             log.info("%s: %d bytes past the last commit are ignored (an interrupted write)",
                      path, rec.torn_tail)
-        return cls(fd, path, header, index, size, committed_end, index_offset, chain, rec)
+        return cls(fd, path, header, found.index, found.size, rec.committed_end, found.index_offset, found.chain,
+                   rec)
 
     def snapshot(self) -> tuple[dict[int, ChunkLoc], int, int]:
         """(index, committed logical size, end) as of one instant, for copying."""

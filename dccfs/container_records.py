@@ -185,7 +185,8 @@ def damage_behind_trailer(fd: int, file_end: int, scan_stop: int, index_offset: 
         if not any(piece):
             return None
         sector += 512
-    return f"the index record at offset {start} does not verify, and a valid trailer at offset {limit} closes the commit"
+    return (f"the index record at offset {start} does not verify, and a valid trailer at offset {limit} "
+            "closes the commit")
 
 
 def commit_from_scan(fd: int, path: str, file_end: int) -> tuple[int, int, int]:
@@ -274,3 +275,44 @@ def read_logical_size(fd: int) -> int | None:
     if trailer is None or trailer.rtype != REC_TRAILER:
         return None
     return trailer.a
+
+
+@dataclass
+class LastCommit:
+    """The commit an open of a container uses, and what it found past it."""
+    index_offset: int  # 0: none (an empty file)
+    index: dict[int, ChunkLoc]
+    size: int
+    chain: int  # delta indexes after the full one
+    recovery: Recovery
+
+
+def last_commit(fd: int, path: str, file_end: int) -> LastCommit:
+    """The trailer's commit, else the last one the recovery scan finds that verifies;
+    recovery.damage says when what follows it is damage rather than a crash's leftovers.
+    ContainerError when the file holds a commit but none verifies."""
+    found = commit_from_trailer(fd, file_end)
+    used_scan = found is None
+    damage = None
+    if found is None:
+        index_offset, committed_end, scan_stop = commit_from_scan(fd, path, file_end)
+        damage = damage_behind_trailer(fd, file_end, scan_stop)
+    else:
+        index_offset, committed_end = found
+    try:
+        index, size, chain = load_index_chain(fd, path, index_offset) if index_offset else ({}, 0, 0)
+    except IndexDamage as exc:
+        if used_scan:
+            raise
+        # The trailer reached the disk but part of its index did not (a machine crash without
+        # ordering): the scan finds the last index that verifies. With none left, the file is
+        # damaged, not empty. Damage that no crash leaves is named (the open refuses it).
+        used_scan = True
+        index_offset, committed_end, scan_stop = commit_from_scan(fd, path, file_end)
+        damage = damage_behind_trailer(fd, file_end, scan_stop, exc.offset)
+        if index_offset == 0 and damage is None:
+            raise
+        index, size, chain = load_index_chain(fd, path, index_offset) if index_offset else ({}, 0, 0)
+    if index_offset == 0:
+        committed_end = HEADER_SIZE  # created but killed before its first index: an empty file
+    return LastCommit(index_offset, index, size, chain, Recovery(committed_end, file_end, used_scan, damage))
