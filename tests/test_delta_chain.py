@@ -336,3 +336,27 @@ def test_repair_changes_no_pin_while_a_base_reference_is_damaged(backing, capsys
     os.pwrite(dependent.fd, first, at)
     os.close(dependent.fd)
     assert _read_all(backing, "run/step-20.bin") == data[1]
+
+
+def test_a_base_whose_index_has_a_flipped_bit_still_serves_its_dependents(backing):
+    """A flipped bit in a base's own index makes the base's open fail (damage, not a crash: container_records
+    .damage_behind_trailer), but its dependents name its records by offset, each with its own checksum: they still
+    read."""
+    from dccfs.container import ContainerError
+    data, files = _write_series(backing, 2, max_chain=1)
+    index_offset = files[0].last_index
+    for f in files:
+        os.close(f.fd)
+    base = backing / "run" / "step-10.bin"
+    with open(base, "r+b") as f:
+        f.seek(index_offset + RECORD_HEADER_SIZE - 2)  # the index header's checksum
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0x10]))
+    fd = os.open(base, os.O_RDONLY)
+    try:
+        with pytest.raises(ContainerError, match="does not verify"):
+            Container.open(fd, str(base))
+    finally:
+        os.close(fd)
+    assert _read_all(backing, "run/step-20.bin") == data[1]
