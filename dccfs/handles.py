@@ -388,7 +388,9 @@ class HandleTable(BackgroundRewrites, PlainFiles):
 
     async def commit_all(self) -> None:
         for file in list(self.open_files.values()):
-            if file.has_changes:
+            # closed: detached while an earlier file's commit awaited (a background compaction that
+            # ended); its last close committed, and its descriptor is gone (found by CI: EBADF)
+            if file.has_changes and not file.closed:
                 try:
                     await file.commit(True)
                 except OSError as exc:
