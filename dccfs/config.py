@@ -122,6 +122,10 @@ class Config:
     # performance.md, "2026-12-07: read blocks"): for files read at random (mmap'ed weights served for
     # inference), not for checkpoints.
     read_block_size: int = 0
+    # Load the codec kernels on a background thread at mount (seconds of one core) rather than under
+    # the first reads and writes that need them; false: each loads on its first use, and a mount
+    # that reads or writes little spends only what it uses (short-lived mounts, scripts, tests).
+    warm_up: bool = True
     source: str = "<defaults>"
 
     def rule_for(self, relpath: str) -> Rule:
@@ -161,7 +165,7 @@ class Config:
 
 
 _TOP_KEYS = {"cache", "rule", "chunk_size", "sync_on_close", "shared", "delta", "delta_chain",
-             "delta_during_write", "delta_unpin_rewrite", "writeback_cache", "read_block_size"}
+             "delta_during_write", "delta_unpin_rewrite", "writeback_cache", "read_block_size", "warm_up"}
 _CACHE_KEYS = {"policy", "t0_bytes", "dirty_bytes", "readahead_chunks", "write_admit"}
 _RULE_KEYS = {"glob", "codec", "level", "chunk_size", "delta", "read_block_size"}
 
@@ -274,7 +278,7 @@ def parse_config(data: dict, source: str) -> Config:
     if "chunk_size" in data:
         top["chunk_size"] = check_chunk_size(data["chunk_size"], f"{source}: chunk_size")
     for key in ("sync_on_close", "shared", "delta", "delta_during_write", "delta_unpin_rewrite",
-                "writeback_cache"):
+                "writeback_cache", "warm_up"):
         if key in data:
             if not isinstance(data[key], bool):
                 raise ConfigError(f"{source}: {key} must be true or false")

@@ -158,13 +158,6 @@ class BaseStore:
         # Per open base: the last base chunk read, and the chunk index advised up to.
         self._last_read: dict[str, int] = {}
         self._advised_to: dict[str, int] = {}
-        self.warm_up_thread: threading.Thread | None = None
-        if cache is not None:
-            # The mount's store (the one with a cache): load the delta decode kernels in the
-            # background, as the engine does for the keyframe codecs, so the first delta read
-            # does not wait for them.
-            self.warm_up_thread = threading.Thread(target=_warm_up, name="dccfs-delta-warm-up", daemon=True)
-            self.warm_up_thread.start()
 
     def container_for(self, ref: BaseRef) -> Container:
         with self._lock:
@@ -274,7 +267,9 @@ class BaseStore:
             self._advised_to.clear()
 
 
-def _warm_up() -> None:
+def warm_up_delta_kernels() -> None:
+    """Load the delta decode kernels (the mount's warm-up, beside the keyframe codecs') so the
+    first delta read does not wait for them."""
     from dccfs.codecs.delta import warm_up
     try:
         warm_up()

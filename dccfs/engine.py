@@ -16,7 +16,7 @@ from dccfs.cache import ChunkCache
 from dccfs.codecs import ChunkHints, EncodedChunk, codec_name, encode_chunk
 from dccfs.config import Config
 from dccfs.delta import PIN_LOCK
-from dccfs.delta_bases import BASES_DIR, BaseStore, store_for_path
+from dccfs.delta_bases import BASES_DIR, BaseStore, store_for_path, warm_up_delta_kernels
 from dccfs.memory import release_compiler_pages
 from dccfs.pins import PinRegistry
 from dccfs.stats import MountStats
@@ -171,9 +171,14 @@ class Engine:
         self.nursery: trio.Nursery | None = None
         self.trio_token: trio.lowlevel.TrioToken | None = None  # set with the nursery
         self.trace = None
-        threading.Thread(target=self._warm_up, name="dccfs-warm-up", daemon=True).start()
+        if config.warm_up:
+            delta_warm_up = threading.Thread(target=warm_up_delta_kernels, name="dccfs-delta-warm-up",
+                                             daemon=True)
+            delta_warm_up.start()
+            threading.Thread(target=self._warm_up, args=(delta_warm_up,), name="dccfs-warm-up",
+                             daemon=True).start()
 
-    def _warm_up(self) -> None:
+    def _warm_up(self, delta_warm_up: threading.Thread) -> None:
         reads = 0
 
         def pause():
@@ -190,8 +195,7 @@ class Engine:
         except Exception:
             log.exception("codec warm-up failed; kernels will load on first use")
             return
-        if self.bases.warm_up_thread is not None:
-            self.bases.warm_up_thread.join()
+        delta_warm_up.join()
         log.info("compiler pages released after warm-up: %d MiB", release_compiler_pages() >> 20)
 
     def _close_freed_base(self, pin: str) -> None:

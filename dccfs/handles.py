@@ -388,9 +388,12 @@ class HandleTable(BackgroundRewrites, PlainFiles):
 
     async def commit_all(self) -> None:
         for file in list(self.open_files.values()):
-            # closed: detached while an earlier file's commit awaited (a background compaction that
-            # ended); its last close committed, and its descriptor is gone (found by CI: EBADF)
-            if file.has_changes and not file.closed:
+            # Under the release lock, like every closer: a background pass's own last close may be
+            # committing this file, then close its descriptor under this commit (found by CI: EBADF).
+            # Stopping is set, so a pass holding the lock ends at its next record.
+            async with file.release_lock:
+                if not file.has_changes or file.closed:
+                    continue
                 try:
                     await file.commit(True)
                 except OSError as exc:

@@ -12,7 +12,7 @@ import sys
 log = logging.getLogger(__name__)
 
 VALUE_OPTIONS = {"config": "--config", "log": "--log", "metrics": "--metrics", "trace": "--trace"}
-FLAG_OPTIONS = {"shared": "--shared"}
+FLAG_OPTIONS = {"shared": "--shared", "no_warm_up": "--no-warm-up"}
 # Meaningful to mount(8), fstab or systemd, not to FUSE.
 IGNORED = {"rw", "defaults", "auto", "noauto", "user", "users", "nouser", "_netdev", "nofail",
            "dev", "suid", "exec", "async", "relatime", "noatime"}

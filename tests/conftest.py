@@ -24,14 +24,19 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture
-def make_mount(tmp_path):
+def make_mount(tmp_path, request):
     """Factory for mounts; every mount is unmounted at teardown even when the test fails,
-    and the test fails if a daemon logged an error it did not expect."""
+    and the test fails if a daemon logged an error it did not expect.
+
+    The daemons skip the codec warm-up (--no-warm-up) unless the test is marked warm_up: the
+    suite starts hundreds of them, most for a few seconds, and on a 2-core machine each one's
+    seconds of warm-up took the CPU from the tests beside it."""
     mounts: list[Mount] = []
+    warm_up = request.node.get_closest_marker("warm_up") is not None
 
     def factory(name: str = "m", *args: str, backing: Path | None = None, fd_limit: int | None = None) -> Mount:
         mount = Mount(backing or tmp_path / f"{name}-backing", tmp_path / f"{name}-mnt",
-                      tmp_path / f"{name}.log", args, fd_limit)
+                      tmp_path / f"{name}.log", args, fd_limit, warm_up)
         mounts.append(mount)
         return mount.start()
 

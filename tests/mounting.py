@@ -44,20 +44,21 @@ class Mount:
     """One dccfs daemon in the foreground, owned by the test that made it."""
 
     def __init__(self, backing: Path, mnt: Path, log_path: Path, args: tuple[str, ...] = (),
-                 fd_limit: int | None = None):
+                 fd_limit: int | None = None, warm_up: bool = True):
         self.backing = backing
         self.mnt = mnt
         self.log_path = log_path
         self.args = args
         self.fd_limit = fd_limit  # the daemon's RLIMIT_NOFILE (soft and hard), if not inherited
+        self.warm_up = warm_up
         self.proc: subprocess.Popen | None = None
         self.expect_errors = False
 
     def start(self) -> "Mount":
         self.backing.mkdir(parents=True, exist_ok=True)
         self.mnt.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, "-m", "dccfs.cli", "mount", "--foreground", *self.args,
-               str(self.backing), str(self.mnt)]
+        cmd = [sys.executable, "-m", "dccfs.cli", "mount", "--foreground",
+               *(() if self.warm_up else ("--no-warm-up",)), *self.args, str(self.backing), str(self.mnt)]
         logf = open(self.log_path, "ab")
         limit = self.fd_limit
         self.proc = subprocess.Popen(cmd, stdout=logf, stderr=logf, stdin=subprocess.DEVNULL,

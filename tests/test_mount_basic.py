@@ -462,3 +462,28 @@ def test_sigterm_commits_writes_the_kernel_still_caches(make_mount):
     m.start()
     assert (m.mnt / "f").read_bytes() == payload
     assert (m.backing / "plain").read_bytes() == payload
+
+
+@pytest.mark.warm_up
+def test_a_mount_warms_the_codec_kernels_up_unless_its_config_says_not(make_mount, tmp_path):
+    """By default the daemon loads the codec kernels in the background at mount; with warm_up = false (or
+    --no-warm-up) it loads none until a file needs them, and tensor files still round-trip."""
+    import time
+
+    import numpy as np
+
+    warm = make_mount("warm")
+    deadline = time.monotonic() + 300
+    while "compiler pages released after warm-up" not in warm.log_text():
+        assert time.monotonic() < deadline, warm.log_text()[-2000:]
+        time.sleep(0.2)
+    assert "codec kernels ready in" in warm.log_text()
+    config = tmp_path / "cold.toml"
+    config.write_text("warm_up = false\n")
+    cold = make_mount("cold", "-c", str(config))
+    weights = np.random.default_rng(1).standard_normal(600_000).astype(np.float16)
+    np.save(cold.mnt / "w.npy", weights)
+    assert np.array_equal(np.load(cold.mnt / "w.npy"), weights)
+    assert (cold.backing / "w.npy").stat().st_size < weights.nbytes
+    cold.stop()
+    assert "codec kernels ready" not in cold.log_text() and "mounted" in cold.log_text()

@@ -93,6 +93,7 @@ def test_sizes_and_config_errors(tmp_path):
 def test_fstab_option_translation():
     assert translate(["/b", "/m", "-o", "rw,allow_other,config=/etc/d.toml,shared,noauto,x-systemd.automount"]) \
         == ["mount", "--config", "/etc/d.toml", "--shared", "-o", "allow_other", "/b", "/m"]
+    assert translate(["/b", "/m", "-o", "no_warm_up"]) == ["mount", "--no-warm-up", "/b", "/m"]
 
 
 @pytest.mark.mount
