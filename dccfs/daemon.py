@@ -169,6 +169,13 @@ def init_fuse(ops, mountpoint: str, options) -> None:
 def serve(backing: str, mountpoint: str, req, on_mounted) -> None:
     tune_malloc()
     engine = Engine(req.config, backing)
+    try:
+        _serve(engine, backing, mountpoint, req, on_mounted)
+    finally:
+        engine.end_warm_up()
+
+
+def _serve(engine: Engine, backing: str, mountpoint: str, req, on_mounted) -> None:
     root_fd = os.open(backing, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     ops = DccfsOperations(backing, root_fd, engine)
     control = None
