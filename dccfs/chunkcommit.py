@@ -9,6 +9,7 @@ import trio
 from dccfs import pinned_overwrite
 from dccfs.container import Container
 from dccfs.delta import PIN_LOCK
+from dccfs.delta_bases import is_pinned_link
 from dccfs.pin_records import header_name
 
 
@@ -82,7 +83,7 @@ class ChunkCommits:
         The check and the reset hold the pin lock, so no delta writer pins it in between."""
         with PIN_LOCK:
             st = os.fstat(self.container.fd)
-            if st.st_nlink != 1 and pinned_overwrite.has_pin_link(self.container, self.engine.backing_root, st):
+            if st.st_nlink != 1 and is_pinned_link(self.container.header, self.engine.backing_root, st):
                 return False
             gone = header_name(self.container.header)
             self.container.reset()

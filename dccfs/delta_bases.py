@@ -13,7 +13,7 @@ from dccfs.advice import record_runs, willneed
 from dccfs.codecs.delta import CODEC_DELTA, delta_base_ref
 from dccfs.container import ChunkError, Container, ContainerError, pread_exact
 from dccfs.format import (HEADER_SIZE, MAX_CHUNK_SHIFT, MAX_FILE_OFFSET, REC_CHUNK, RECORD_HEADER_SIZE, FormatError,
-                          RecordHeader)
+                          Header, RecordHeader)
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +131,16 @@ def chain_reaches(backing_root: str, base: Container, file_id: bytes, depth: int
 
 def base_link_path(backing_root: str, file_id: bytes, generation: int) -> str:
     return os.path.join(backing_root, BASES_DIR, f"{file_id.hex()}-{generation}")
+
+
+def is_pinned_link(header: Header, backing_root: str, st: os.stat_result) -> bool:
+    """Whether the container with this header and fstat st is linked as its own delta base pin: one
+    of its links is then dccfs's, not a user's hard link."""
+    try:
+        pinned = os.stat(base_link_path(backing_root, header.file_id, header.generation), follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return (pinned.st_dev, pinned.st_ino) == (st.st_dev, st.st_ino)
 
 
 # How many base chunks a store remembers having decoded once (keys only, about 100 bytes each).

@@ -189,7 +189,9 @@ class BackgroundRewrites:
             elif file.handles or file.container is not container or (container.cache_id, container.end) != copied:
                 # Reopened and overwritten under the copy (O_TRUNC resets the file in place): the
                 # read that failed was of records that are gone, not of damaged ones.
-                log.info("%s: background rewrite stopped, the file changed under it: %s", container.path, exc)
+                # (its message only: an "[Errno 5]" alarmed a reviewer in a line that reports no damage)
+                log.info("%s: background rewrite stopped, the file changed under it: %s", container.path,
+                         exc.strerror or exc)
             else:
                 what = "compaction" if rewriter is None else f"background rewrite ({rewriter.what})"
                 log.warning("%s: %s failed, file left as it was: %s", container.path, what, exc)

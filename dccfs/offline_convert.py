@@ -189,17 +189,15 @@ def _replace_atomically(found: FoundFile, tmp_dir: str | None, convert, is_sourc
 def _pin_links(path: str, src: int, st: os.stat_result) -> int:
     """1 when one of the links is dccfs's pin of a delta base (.dccfs/bases), else 0. That
     link is not the user's: it keeps the records for dependents after the name is replaced."""
-    from dccfs.delta_bases import base_link_path
+    from dccfs.delta_bases import is_pinned_link
     from dccfs.format import FormatError, Header
     backing_root = find_backing_root(path)
     if st.st_nlink < 2 or backing_root is None:
         return 0
     try:
-        header = Header.unpack(pread_exact(src, HEADER_SIZE, 0))
-        pin = os.stat(base_link_path(backing_root, header.file_id, header.generation))
+        return int(is_pinned_link(Header.unpack(pread_exact(src, HEADER_SIZE, 0)), backing_root, st))
     except (OSError, FormatError):
         return 0
-    return 1 if (pin.st_dev, pin.st_ino) == (st.st_dev, st.st_ino) else 0
 
 
 def _unlink_quietly(path: str) -> None:

@@ -29,7 +29,7 @@ import trio
 
 from dccfs import compaction
 from dccfs.container import Container
-from dccfs.delta_bases import base_link_path
+from dccfs.delta_bases import is_pinned_link
 from dccfs.pin_records import STATE_DIR, header_name, torn_tail_may_go
 
 log = logging.getLogger(__name__)
@@ -42,18 +42,7 @@ def _tmp_path(container: Container, backing_root: str) -> str:
 def only_pinned(container: Container, backing_root: str) -> bool:
     """Whether the only other link to container is its own delta base pin (not a user's hard link)."""
     st = os.fstat(container.fd)
-    return st.st_nlink == 2 and has_pin_link(container, backing_root, st)
-
-
-def has_pin_link(container: Container, backing_root: str, st: os.stat_result) -> bool:
-    """Whether one of the links of container (st: its fstat) is its own delta base pin."""
-    header = container.header
-    try:
-        pinned = os.stat(base_link_path(backing_root, header.file_id, header.generation),
-                         follow_symlinks=False)
-    except FileNotFoundError:
-        return False
-    return (pinned.st_dev, pinned.st_ino) == (st.st_dev, st.st_ino)
+    return st.st_nlink == 2 and is_pinned_link(container.header, backing_root, st)
 
 
 def make_fresh(container: Container, backing_root: str) -> Container | None:
