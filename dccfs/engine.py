@@ -212,7 +212,7 @@ class Engine:
     def end_warm_up(self) -> None:
         """At exit: stop the warm-up at its next sample and wait for it. A thread still loading kernels
         when the interpreter exits ran into LLVM as it was torn down (SIGSEGV or SIGABRT after a clean
-        unmount: 3 of 18 mounts unmounted 1-3 s after their start, /tmp/s26/segv.py)."""
+        unmount: 3 of 18 mounts unmounted 1-3 s after their start; tools/bench_mount_cycle.py met it first)."""
         self.stopping.set()
         for thread in self.warm_up_threads:
             # A sample loads from numba's cache in well under a second; one compiling (an empty cache)
