@@ -230,7 +230,7 @@ def unpack(path, quiet):
 def warm_up():
     """Load the codec kernels, compiling into numba's cache those not there yet.
 
-    A mount does this in the background at every start. Run it once after installing or
+    A mount does this in the background at its start (unless warm_up = false). Run it once after installing or
     upgrading dccfs (a machine image, a container build): the first time it compiles for about
     2-3 minutes on 2 cores, and the first mount's reads and writes then never wait for the
     compiler. Exit 1 if numba cannot cache kernels here (set NUMBA_CACHE_DIR).

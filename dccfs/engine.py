@@ -201,7 +201,7 @@ class Engine:
         try:
             warm_up_codecs(pause)
         except _WarmUpStopped:
-            log.info("codec warm-up stopped by the unmount")
+            log.info("codec warm-up stopped: the daemon is exiting")
             return
         except Exception:
             log.exception("codec warm-up failed; kernels will load on first use")

@@ -1,7 +1,7 @@
 """mount.fuse.dccfs: the helper that `mount -t fuse.dccfs` and /etc/fstab call.
 
 mount(8) runs `mount.fuse.dccfs BACKING MOUNTPOINT -o opt,opt,...`. Options that mean
-something to dccfs (config=, log=, shared, metrics=, trace=) become CLI flags; options
+something to dccfs (config=, log=, shared, no_warm_up, metrics=, trace=) become CLI flags; options
 that only mount(8) or systemd use are dropped; the rest go to FUSE (allow_other, ro, ...).
 """
 from __future__ import annotations

@@ -56,6 +56,7 @@ class Mount:
         # Exit statuses of the daemons stop() saw end: a daemon that crashed after a clean unmount
         # (SIGSEGV in LLVM, a warm-up thread still loading kernels) lost nothing, but is a bug.
         self.exit_codes: list[int] = []
+        self.hung_exits = 0  # daemons killed because they had not exited UNMOUNT_WAIT_S after the unmount
 
     def start(self) -> "Mount":
         self.backing.mkdir(parents=True, exist_ok=True)
@@ -98,6 +99,7 @@ class Mount:
         try:
             self.exit_codes.append(self.proc.wait(UNMOUNT_WAIT_S))
         except subprocess.TimeoutExpired:
+            self.hung_exits += 1
             self.proc.kill()
             self.proc.wait()
             # A daemon that mounted only after the unmount above (a test stopped by its timeout while it
@@ -121,6 +123,7 @@ class Mount:
         if self.expect_errors:
             return []
         return [f"a daemon exited with status {code}" for code in self.exit_codes if code != 0] + \
+            [f"a daemon had not exited {UNMOUNT_WAIT_S} s after its unmount (killed)"] * self.hung_exits + \
             [line for line in self.log_text().splitlines() if any(marker in line for marker in SURPRISE_MARKERS)]
 
 

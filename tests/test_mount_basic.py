@@ -499,5 +499,5 @@ def test_an_unmount_during_the_codec_warm_up_stops_it_and_exits_cleanly(make_mou
         mount.stop()
         assert mount.exit_codes == [0] * (round + 1), mount.log_text()[-2000:]
         mount.start()
-    assert mount.log_text().count("codec warm-up stopped by the unmount") == 3, mount.log_text()[-2000:]
+    assert mount.log_text().count("codec warm-up stopped: the daemon is exiting") == 3, mount.log_text()[-2000:]
     assert all((mount.mnt / f"f{round}").stat().st_size == 5000 for round in range(3))

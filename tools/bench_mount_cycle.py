@@ -16,11 +16,14 @@ from bench_common import REPO, fusermount_unmount, is_mounted, machine_facts, tr
 
 log = logging.getLogger("bench_mount_cycle")
 MOUNT_WAIT_S = 60
+# The directory below --workdir that each cycle empties: never --workdir itself, which may hold anything.
+OWN_DIR = "bench_mount_cycle.tmp"
 
 
 def one_cycle(workdir: Path, warm_up: bool, hold_s: float, tensor: bytes) -> dict:
     """Mount, write a small file and a tensor file, keep the mount until hold_s after the start, unmount; the
-    daemon's CPU comes from wait4, so it counts every thread, the warm-up's included."""
+    daemon's CPU comes from wait4, so it counts every thread, the warm-up's included. workdir is this tool's
+    own directory (OWN_DIR below --workdir), emptied each cycle."""
     backing, mnt = workdir / "backing", workdir / "mnt"
     shutil.rmtree(workdir, ignore_errors=True)
     backing.mkdir(parents=True)
@@ -73,25 +76,27 @@ def bf16_safetensors(n_values: int) -> bytes:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--workdir", type=Path, default=Path("/tmp/dccfs-bench-mount-cycle"))
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp"),
+                        help=f"where the tool makes (and empties, each cycle) its directory {OWN_DIR}")
     parser.add_argument("--rounds", type=int, default=5, help="cycles per mode, the modes interleaved")
     parser.add_argument("--hold", type=float, default=3.0,
                         help="seconds from the daemon's start to its unmount (a test's mount lives a few)")
     parser.add_argument("--tensor-mib", type=float, default=4.0, help="size of the bf16 tensor file written")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if is_mounted(args.workdir / "mnt"):
-        parser.error(f"{args.workdir / 'mnt'} is mounted: unmount it first")
+    workdir = args.workdir / OWN_DIR
+    if is_mounted(workdir / "mnt"):
+        parser.error(f"{workdir / 'mnt'} is mounted: unmount it first")
     tensor = bf16_safetensors(int(args.tensor_mib * (1 << 20)) // 2)
     results: dict[bool, list[dict]] = {True: [], False: []}
     try:
         for _ in range(args.rounds):
             for warm_up in (True, False):
-                results[warm_up].append(one_cycle(args.workdir, warm_up, args.hold, tensor))
+                results[warm_up].append(one_cycle(workdir, warm_up, args.hold, tensor))
     finally:
-        if is_mounted(args.workdir / "mnt"):
-            fusermount_unmount(args.workdir / "mnt")
-    log.info("machine: %s", machine_facts(args.workdir))
+        if is_mounted(workdir / "mnt"):
+            fusermount_unmount(workdir / "mnt")
+    log.info("machine: %s", machine_facts(workdir))
     log.info("tree: %s; %d rounds, hold %.1f s, tensor file %.1f MiB; medians", tree_state(), args.rounds,
              args.hold, args.tensor_mib)
     keys = ("mount_s", "first_write_s", "tensor_write_s", "exit_s", "cpu_s")
