@@ -5,6 +5,7 @@ import atexit
 import gc
 import logging
 import sys
+from dataclasses import replace
 
 import click
 
@@ -67,9 +68,8 @@ def mount(backing, mountpoint, foreground, config_path, options, log_file, share
         config = load_config(config_path)
     except ConfigError as exc:
         _fail(str(exc))
-    if shared or no_warm_up:
-        from dataclasses import replace
-        config = replace(config, shared=config.shared or shared, warm_up=config.warm_up and not no_warm_up)
+    # the flags can only turn on --shared and turn off the warm-up that the config file set
+    config = replace(config, shared=config.shared or shared, warm_up=config.warm_up and not no_warm_up)
     opts = _split_options(options)
     req = MountRequest(backing, mountpoint, config, opts, foreground, log_file,
                        debug="debug" in opts, metrics=metrics, trace=trace_file)
