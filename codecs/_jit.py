@@ -8,6 +8,7 @@ left the old reader in every cached caller. So each kernel's key here is also a 
 package: any edit recompiles them all once. A copy of the package in another directory (or a read-only install)
 reuses or rebuilds its own entries. When none of these places is writable numba refuses ``cache=True`` at import
 time; the kernels are then compiled in memory at every process start (seconds) instead of failing the import.
+Importing it also makes kernels loaded from the cache lighter (_jit_memory.py).
 """
 from __future__ import annotations
 
@@ -18,7 +19,11 @@ from pathlib import Path
 
 import numba
 
+from . import _jit_memory
+
 log = logging.getLogger(__name__)
+
+_jit_memory.install()
 
 _warned = False
 

@@ -39,7 +39,7 @@ TRIM_GROWTH = 16 << 20
 # this long, or once RSS has moved by TRIM_GROWTH; in between RSS's changes are taken as its own.
 UNSHARED_READ_S = 5.0
 # What the daemon may hold beyond its budgets (T0 + dirty): the interpreter and the loaded
-# kernels (about 155 MiB on this 2-core VM), the buffers in flight, and freed heap between
+# kernels (about 111 MiB on a 2-core EPYC, docs/cache.md), the buffers in flight, and freed heap between
 # two checks. When RSS is above the budgets plus this after a trim, T0 gives back its
 # coldest chunks (HeapTrimmer.check) rather than let the process grow past what its
 # configuration promises; issue 5's limit is the budgets + 200 MB (190.7 MiB).

@@ -7,6 +7,7 @@ import pickle
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -338,7 +339,8 @@ def test_a_cached_kernel_is_rebuilt_when_a_kernel_it_calls_changes_in_another_fi
 
     pkg = tmp_path / "kernels"
     pkg.mkdir()
-    shutil.copy(jit.__file__, pkg / "_jit.py")
+    for name in ("_jit.py", "_jit_memory.py"):
+        shutil.copy(Path(jit.__file__).with_name(name), pkg / name)
     (pkg / "__init__.py").write_text('"""A package of two kernels in two files."""\n')
     (pkg / "inner.py").write_text('"""The callee."""\nfrom ._jit import njit\n\n\n@njit()\ndef inner():\n    return 1\n')
     (pkg / "outer.py").write_text('"""The caller."""\nfrom ._jit import njit\nfrom .inner import inner\n\n\n'

@@ -175,3 +175,51 @@ def test_pages_another_process_maps_too_do_not_make_t0_shed(tmp_path):
         shared = run_child()
     assert shared["own"] < shared["rss"] - (64 << 20), shared
     assert shared["asked"] == [], shared
+
+
+LINKING_CHILD = r"""
+import json
+import numba
+from kernels.inner import inner
+
+assert inner(1) == 2
+library = inner.overloads[inner.signatures[0]].library
+
+
+@numba.njit
+def outer(x):
+    return inner(x) * 10
+
+
+print(json.dumps({"dropped": library._shared_module is None,
+                  "kept": len(getattr(library, "_dccfs_linking_bitcode", b"")), "outer": outer(1)}))
+"""
+
+
+def test_a_kernel_loaded_from_the_cache_holds_no_linking_module_yet_links_into_a_new_kernel(tmp_path):
+    """A kernel loaded from numba's cache keeps its linking IR as bitcode, not as a parsed LLVM module
+    (codecs/_jit_memory.py: most of the daemon's kernel memory); a kernel compiled later that calls it still
+    links and runs. First run compiles and caches the callee, the second loads it."""
+    import shutil
+    from pathlib import Path
+
+    import dccfs.codecs._jit as jit
+
+    pkg = tmp_path / "kernels"
+    pkg.mkdir()
+    for name in ("_jit.py", "_jit_memory.py"):
+        shutil.copy(Path(jit.__file__).with_name(name), pkg / name)
+    (pkg / "__init__.py").write_text('"""One cached kernel."""\n')
+    (pkg / "inner.py").write_text('"""The callee."""\nfrom ._jit import njit\n\n\n@njit()\ndef inner(x):\n'
+                                  '    return x + 1\n')
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_CACHE_DIR"}  # the cache next to the sources
+    runs = []
+    for _ in range(2):
+        proc = subprocess.run([sys.executable, "-c", LINKING_CHILD], cwd=tmp_path, capture_output=True, text=True,
+                              timeout=300, env=env)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        runs.append(json.loads(proc.stdout))
+    compiled, loaded = runs
+    assert compiled["outer"] == loaded["outer"] == 20, runs
+    assert compiled["kept"] == 0, runs  # compiled here, not loaded: nothing to keep
+    assert loaded["dropped"] and loaded["kept"] > 0, runs

@@ -15,10 +15,11 @@ from bench_common import REPO, tree_state  # noqa: E402
 
 log = logging.getLogger("bench_daemon_process")
 
-# Run in a fresh interpreter: each step's resident and anonymous memory; with "trace", what tracemalloc saw of
-# the warm-ups instead (Python and numpy objects; the rest of the growth is native, LLVM's for the kernels).
+# Run in a fresh interpreter: each step's resident and anonymous memory, the last one what numba's own loader
+# would hold on top; with "trace", what tracemalloc saw of the warm-ups instead (Python and numpy objects; the rest
+# of the growth is native, LLVM's for the kernels).
 MEMORY_CHILD = r"""
-import ctypes, json, sys, tracemalloc
+import ctypes, gc, json, sys, tracemalloc
 
 def status():
     out = {}
@@ -48,6 +49,15 @@ ctypes.CDLL("libc.so.6").malloc_trim(0)
 steps.append(("malloc_trim", status()))
 release_compiler_pages()
 steps.append(("compiler pages released", status()))
+# What numba itself would hold: every kernel loaded from its cache with its linking module parsed
+# (codecs/_jit_memory.py keeps only the bitcode). Counted, then parsed as numba's loader parses it.
+from llvmlite import binding as llvm
+from numba.core.codegen import CPUCodeLibrary
+kept = [o for o in gc.get_objects()
+        if issubclass(type(o), CPUCodeLibrary) and getattr(o, "_dccfs_linking_bitcode", None) is not None]
+for library in kept:
+    library._shared_module = llvm.parse_bitcode(library._dccfs_linking_bitcode)
+steps.append((f"+ {len(kept)} linking modules", status()))
 print(json.dumps({"steps": steps}))
 """
 
@@ -88,9 +98,9 @@ def main() -> None:
         if run.returncode != 0:
             raise SystemExit(f"the memory probe ({mode}) failed:\n{run.stderr[-2000:]}")
         memory.update(json.loads(run.stdout.splitlines()[-1]))
-    log.info("%-26s %10s %10s", "after", "RSS MiB", "anon MiB")
+    log.info("%-28s %10s %10s", "after", "RSS MiB", "anon MiB")
     for step, values in memory["steps"]:
-        log.info("%-26s %10.0f %10.0f", step, values["VmRSS"] / 2**20, values["RssAnon"] / 2**20)
+        log.info("%-28s %10.0f %10.0f", step, values["VmRSS"] / 2**20, values["RssAnon"] / 2**20)
     log.info("after both warm-ups, tracemalloc (another process) sees %.0f MiB of Python and numpy objects",
              memory["traced"] / 2**20)
     exits: dict[str, list[float]] = {"plain": [], "freeze": []}
