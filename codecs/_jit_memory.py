@@ -38,24 +38,37 @@ def install() -> bool:
 
     def _unserialize(cls, codegen, state):
         library = load(cls, codegen, state)
-        kind, data = state[1], state[2]
+        bitcode = _linking_bitcode(state)
         # Only a kernel loaded from object code has its linking module parsed from bitcode that we can keep;
         # numba has already read the module's symbols into the JIT by now.
-        if kind == "object" and getattr(library, "_shared_module", None) is not None:
-            library._dccfs_linking_bitcode = data[1]
+        if bitcode is not None and getattr(library, "_shared_module", None) is not None:
+            library._dccfs_linking_bitcode = bitcode
             library._shared_module = None
         return library
 
     def _get_module_for_linking(self):
         bitcode = getattr(self, "_dccfs_linking_bitcode", None)
         if bitcode is not None and self._shared_module is None:
+            # linked once, likely linked again: numba's own behaviour from here on
             self._shared_module = llvm.parse_bitcode(bitcode)
+            self._dccfs_linking_bitcode = None
         return module_for_linking(self)
 
     CPUCodeLibrary._unserialize = classmethod(_unserialize)
     CPUCodeLibrary._get_module_for_linking = _get_module_for_linking
     _installed = True
     return True
+
+
+def _linking_bitcode(state) -> bytes | None:
+    """The linking bitcode of a library numba serialised as ``(name, "object", (object code, bitcode))``; None for
+    any other kind or shape (a numba that changed its cache payload keeps its parsed module)."""
+    if not (isinstance(state, tuple) and len(state) == 3 and state[1] == "object"):
+        return None
+    data = state[2]
+    if isinstance(data, tuple) and len(data) == 2 and isinstance(data[1], bytes):
+        return data[1]
+    return None
 
 
 def _numba_version() -> str:

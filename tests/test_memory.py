@@ -191,8 +191,9 @@ def outer(x):
     return inner(x) * 10
 
 
-print(json.dumps({"dropped": library._shared_module is None,
-                  "kept": len(getattr(library, "_dccfs_linking_bitcode", b"")), "outer": outer(1)}))
+dropped, kept = library._shared_module is None, len(getattr(library, "_dccfs_linking_bitcode", None) or b"")
+print(json.dumps({"dropped": dropped, "kept": kept, "outer": outer(1),
+                  "parsed_after_linking": library._shared_module is not None}))
 """
 
 
@@ -223,3 +224,4 @@ def test_a_kernel_loaded_from_the_cache_holds_no_linking_module_yet_links_into_a
     assert compiled["outer"] == loaded["outer"] == 20, runs
     assert compiled["kept"] == 0, runs  # compiled here, not loaded: nothing to keep
     assert loaded["dropped"] and loaded["kept"] > 0, runs
+    assert loaded["parsed_after_linking"], runs
