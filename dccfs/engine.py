@@ -176,13 +176,17 @@ class Engine:
         self.trio_token: trio.lowlevel.TrioToken | None = None  # set with the nursery
         self.trace = None
         self.warm_up_threads: list[threading.Thread] = []
-        if config.warm_up:
-            delta_warm_up = threading.Thread(target=warm_up_delta_kernels, name="dccfs-delta-warm-up",
-                                             daemon=True)
-            self.warm_up_threads = [delta_warm_up, threading.Thread(
-                target=self._warm_up, args=(delta_warm_up,), name="dccfs-warm-up", daemon=True)]
-            for thread in self.warm_up_threads:
-                thread.start()
+
+    def start_warm_up(self) -> None:
+        """Load the codec kernels on two background threads, where the config asks for it. Called once the
+        mount is up: a mount that fails waits for no kernel before it reports why."""
+        if not self.config.warm_up or self.warm_up_threads:
+            return
+        delta_warm_up = threading.Thread(target=warm_up_delta_kernels, name="dccfs-delta-warm-up", daemon=True)
+        self.warm_up_threads = [delta_warm_up, threading.Thread(
+            target=self._warm_up, args=(delta_warm_up,), name="dccfs-warm-up", daemon=True)]
+        for thread in self.warm_up_threads:
+            thread.start()
 
     def _warm_up(self, delta_warm_up: threading.Thread) -> None:
         reads = 0
