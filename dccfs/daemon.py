@@ -190,9 +190,9 @@ def _serve(engine: Engine, backing: str, mountpoint: str, req, on_mounted) -> No
         log.warning("no control socket, so no stats and tune for this mount: %s", exc)
         control = None
     init_fuse(ops, mountpoint, fuse_options(req))
-    engine.start_warm_up()
     unmount = True
     try:
+        engine.start_warm_up()
         on_mounted()
         trio.run(_main, ops, engine, control, mountpoint)
     except BaseException:

@@ -183,10 +183,10 @@ class Engine:
         if not self.config.warm_up or self.warm_up_threads:
             return
         delta_warm_up = threading.Thread(target=warm_up_delta_kernels, name="dccfs-delta-warm-up", daemon=True)
-        self.warm_up_threads = [delta_warm_up, threading.Thread(
-            target=self._warm_up, args=(delta_warm_up,), name="dccfs-warm-up", daemon=True)]
-        for thread in self.warm_up_threads:
-            thread.start()
+        for thread in (delta_warm_up, threading.Thread(
+                target=self._warm_up, args=(delta_warm_up,), name="dccfs-warm-up", daemon=True)):
+            thread.start()  # listed once started: end_warm_up joins only those
+            self.warm_up_threads.append(thread)
 
     def _warm_up(self, delta_warm_up: threading.Thread) -> None:
         reads = 0

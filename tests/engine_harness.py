@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-from dataclasses import replace
 
 import trio
 import trio.testing
@@ -31,8 +30,7 @@ def _files(tmp_path, engine, config):
 def run_with_files(tmp_path, config, body) -> None:
     """trio.run body(engine, open_file) inside the nursery the engine's background tasks use."""
     async def main():
-        # (no warm-up thread: the worker's fast exit with one still loading kernels crashed daemons)
-        engine = Engine(replace(config, warm_up=False), str(tmp_path))
+        engine = Engine(config, str(tmp_path))
         open_file = _files(tmp_path, engine, config)
         async with trio.open_nursery() as nursery:
             engine.nursery = nursery

@@ -27,7 +27,7 @@ AHEAD = 4
 
 
 def _run(tmp_path, body) -> None:
-    config = Config(cache=CacheConfig(readahead_chunks=AHEAD), delta=False, warm_up=False)
+    config = Config(cache=CacheConfig(readahead_chunks=AHEAD), delta=False)
 
     async def main():
         engine = Engine(config, str(tmp_path))

@@ -21,7 +21,7 @@ from engine_harness import CHUNK, all_tokens_held, run_with_files
 
 
 def test_a_codec_error_falls_back_to_zstd(tmp_path, caplog):
-    engine = Engine(Config(warm_up=False), str(tmp_path))
+    engine = Engine(Config(), str(tmp_path))
     raw = bytes(range(256)) * 4096
     with caplog.at_level(logging.ERROR, logger="dccfs.engine"):
         encoded, _ = engine.encode(raw, ChunkHints(codec="no-such-codec"))
@@ -128,7 +128,7 @@ def test_a_delta_encoder_error_stores_a_keyframe(tmp_path, caplog):
         def encode(self, idx, raw, hints):
             raise IndexError("injected delta bug")
 
-    config = Config(warm_up=False)
+    config = Config()
     engine = Engine(config, str(tmp_path))
     coder = ChunkCoder(engine, config.rule_for("step.safetensors"), "step.safetensors", CHUNK)
     coder._delta = BrokenDelta()

@@ -21,7 +21,7 @@ from test_engine import CHUNK, _failing_append
 def run_with_handles(backing, body) -> None:
     """Run body(engine, inodes, handles) in a trio loop whose nursery carries the engine's background tasks."""
     async def main():
-        engine = Engine(Config(delta=False, warm_up=False), str(backing))
+        engine = Engine(Config(delta=False), str(backing))
         inodes = InodeTable(os.open(backing, os.O_PATH | os.O_DIRECTORY))
         handles = HandleTable(engine, str(backing), inodes)
         async with trio.open_nursery() as nursery:

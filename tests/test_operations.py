@@ -165,8 +165,8 @@ def test_stats_count_decodes_per_codec(mounted):
 
 @pytest.mark.mount
 def test_tune_refuses_other_uid(mounted):
-    # Imported before the fork: pytest's process has threads (codec warm-up), and an import
-    # in a forked child can find the import lock held by a thread that no longer exists.
+    # Imported before the fork: pytest's process may have threads (other tests' engines), and an
+    # import in a forked child can find the import lock held by a thread that no longer exists.
     from dccfs.control_socket import request
     read_end, write_end = os.pipe()
     pid = os.fork()
