@@ -121,7 +121,7 @@ class DccfsOperations(OpenFileHandlers, pyfuse3.Operations):
         visible_nlink(inode, st, self.backing_root)
 
     def _stat(self, inode: Inode) -> os.stat_result:
-        return os.stat(inode.fd)
+        return self.inodes.stat(inode)
 
     def _check_name(self, parent: int, name: bytes) -> None:
         if parent == ROOT_INODE and name == STATE_DIR:
@@ -241,7 +241,9 @@ class DccfsOperations(OpenFileHandlers, pyfuse3.Operations):
     @guarded
     async def unlink(self, parent_inode, name, ctx):
         self._check_name(parent_inode, name)
-        os.unlink(name, dir_fd=self.inodes.get(parent_inode).fd)
+        parent = self.inodes.get(parent_inode)
+        self.inodes.keep_before_unlink(parent, name)
+        os.unlink(name, dir_fd=parent.fd)
 
     @guarded
     async def rmdir(self, parent_inode, name, ctx):
@@ -257,6 +259,8 @@ class DccfsOperations(OpenFileHandlers, pyfuse3.Operations):
         moved = [os.stat(name_old, dir_fd=old_dir.fd, follow_symlinks=False)]
         if flags & syscalls.RENAME_EXCHANGE:
             moved.append(os.stat(name_new, dir_fd=new_dir.fd, follow_symlinks=False))
+        else:
+            self.inodes.keep_before_unlink(new_dir, name_new)  # the name it replaces, if any
         if flags:
             syscalls.rename_at(old_dir.fd, name_old, new_dir.fd, name_new, flags)
         else:

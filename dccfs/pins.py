@@ -379,8 +379,10 @@ class PinTrackingInodeTable(InodeTable):
 
     def _drop_if_unused(self, inode) -> None:
         registry = self.registry
+        # An inode that never held a descriptor still has its name (an unlink or rename over it
+        # opens one first, InodeTable.keep_before_unlink): nothing for the registry to let go.
         if (registry is None or not registry.has_records or inode.lookups > 0 or inode.opens > 0
-                or not stat.S_ISREG(inode.mode)):
+                or not stat.S_ISREG(inode.mode) or inode.held_fd is None):
             super()._drop_if_unused(inode)
             return
         # Duplicated before the drop, checked after it by the registry's worker: a pin

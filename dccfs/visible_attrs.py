@@ -20,7 +20,7 @@ def _open_backing(inode: Inode, st: os.stat_result) -> int | None:
     rekey closes the inode's old descriptor, whose number another file may then take."""
     try:
         # O_NOATIME: reading our own header must not change the atime users see.
-        fd = os.open(inode.proc_path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOATIME)
+        fd = inode.open(os.O_RDONLY | os.O_CLOEXEC | os.O_NOATIME)
     except OSError:
         return None
     opened = os.fstat(fd)
