@@ -13,6 +13,7 @@ import logging
 import os
 import socket
 import struct
+import threading
 import time
 from dataclasses import asdict, replace
 
@@ -34,6 +35,10 @@ ACCEPT_RETRY_S = 0.5  # after accept() failed (out of descriptors): retry, never
 REFUSAL_LOG_EVERY_S = 60.0  # one warning per minute for refused peers, with their count
 REFUSED_DRAIN_S = 1.0  # how long a refused peer's request is read (and dropped) after the reply
 TUNABLE = ("policy", "t0_bytes", "dirty_bytes", "readahead_chunks", "write_admit", "trace")
+# How long a tune waits for its trace file to open; less than the client's 10 s, so that the client
+# gets the reason. A path on a file system that does not answer (a hung NFS server, a stopped FUSE
+# daemon) held the tune lock for as long, and every later tune waited behind it (found by review).
+TRACE_OPEN_TIMEOUT_S = 5.0
 
 
 def peer_uid(sock) -> int:
@@ -203,7 +208,7 @@ class ControlServer:
         # Opened, emptied and the old one closed in a worker: the path may be slow, or lead into
         # this very mount, whose requests the trio thread must go on serving meanwhile (found by
         # review: a hang).
-        trace = None if _trace_off(target) else await trio.to_thread.run_sync(self.open_trace, target)
+        trace = None if _trace_off(target) else await self._open_trace_in_time(target)
         if "trace" in changes:
             try:
                 await trio.to_thread.run_sync(self.set_trace, trace)
@@ -212,6 +217,31 @@ class ControlServer:
                     trace.discard()
                 raise
         return self.tune(changes, new_cache)
+
+    async def _open_trace_in_time(self, target: str):
+        """open_trace on a worker thread, given up after TRACE_OPEN_TIMEOUT_S; a writer the
+        abandoned thread opens later is discarded there."""
+        lock, late = threading.Lock(), {"abandoned": False, "trace": None}
+
+        def open_or_discard():
+            trace = self.open_trace(target)
+            with lock:
+                if late["abandoned"]:
+                    trace.discard()
+                    log.info("trace file %s opened after its tune gave up on it: closed", target)
+                    return None
+                late["trace"] = trace
+            return trace
+
+        with trio.move_on_after(TRACE_OPEN_TIMEOUT_S):
+            return await trio.to_thread.run_sync(open_or_discard, abandon_on_cancel=True)
+        with lock:
+            late["abandoned"] = True
+            opened = late["trace"]
+        if opened is not None:  # opened just as the wait ended
+            opened.discard()
+        raise ValueError(f"the trace file {target} did not open within {TRACE_OPEN_TIMEOUT_S:g} s: its file "
+                         "system does not answer; nothing was changed")
 
     def dispatch(self, request: dict) -> dict:
         cmd = request.get("cmd")

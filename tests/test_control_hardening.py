@@ -6,6 +6,7 @@ import csv
 import json
 import mmap
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -298,6 +299,31 @@ def test_concurrent_tunes_of_the_trace_leave_one_writer_open(mounted, tmp_path):
                    if (target := os.readlink(f"/proc/{mounted.pid}/fd/{fd}")).endswith(".trace")]
     assert open_traces == [settings(mounted.mnt)["trace"]], open_traces
     assert dccfs("tune", mounted.mnt, "trace=off").returncode == 0
+
+
+def test_a_trace_file_that_does_not_open_fails_its_tune_in_time_and_the_next_tune_goes_through(make_mount):
+    """A tune whose trace path hung in open (here: in another mount, whose daemon is stopped) held the tune lock, so
+    every later tune waited behind it and its client gave up after 10 s with no reason (found by review). The tune
+    now fails after 5 s with its reason, and the next one goes through."""
+    mount = make_mount("m")
+    hung = make_mount("hung")
+    os.kill(hung.pid, signal.SIGSTOP)  # our own daemon
+    try:
+        result = dccfs("tune", mount.mnt, f"trace={hung.mnt / 'x.trace'}", timeout=30)
+        assert result.returncode == 1 and "did not open within 5 s" in result.stderr, result
+        result = dccfs("tune", mount.mnt, "readahead_chunks=3", timeout=30)
+        assert result.returncode == 0, result
+        assert settings(mount.mnt)["trace"] == "off" and settings(mount.mnt)["readahead_chunks"] == 3
+    finally:
+        os.kill(hung.pid, signal.SIGCONT)
+    for _ in range(100):  # the abandoned open ends once the other daemon runs again, and its writer is closed
+        if "opened after its tune gave up on it: closed" in mount.log_text():
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail("the late trace writer was not closed")
+    held = [os.readlink(f"/proc/{mount.pid}/fd/{fd}") for fd in os.listdir(f"/proc/{mount.pid}/fd")]
+    assert not [target for target in held if target.endswith(".trace")], held
 
 
 def test_a_mount_refuses_a_trace_or_log_inside_its_backing_directory(tmp_path):
