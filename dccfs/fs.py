@@ -248,7 +248,9 @@ class DccfsOperations(OpenFileHandlers, pyfuse3.Operations):
     @guarded
     async def rmdir(self, parent_inode, name, ctx):
         self._check_name(parent_inode, name)
-        os.rmdir(name, dir_fd=self.inodes.get(parent_inode).fd)
+        parent = self.inodes.get(parent_inode)
+        self.inodes.keep_before_unlink(parent, name)  # a working directory in it goes on answering
+        os.rmdir(name, dir_fd=parent.fd)
 
     @guarded
     async def rename(self, parent_old, name_old, parent_new, name_new, flags, ctx):

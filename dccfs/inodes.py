@@ -184,18 +184,22 @@ class InodeTable:
         if inode.held_fd is not None:
             return os.open(inode.proc_path, flags)
         parent, name = self._entry_of(inode)
+        # O_NONBLOCK: the name may hold a FIFO by now (another --shared node), whose open would
+        # wait for a writer; the key check below then refuses it.
+        nonblock = 0 if flags & (os.O_PATH | os.O_NONBLOCK) else os.O_NONBLOCK
         try:
-            fd = os.open(name, flags | os.O_NOFOLLOW, dir_fd=parent.fd)
+            fd = os.open(name, flags | os.O_NOFOLLOW | nonblock, dir_fd=parent.fd)
         except (FileNotFoundError, NotADirectoryError):
             raise _stale(inode, f"its name {os.fsdecode(name)!r} is gone") from None
         try:
             st = os.fstat(fd)
-        except OSError:
+            if (st.st_dev, st.st_ino) != inode.key:
+                raise _stale(inode, f"its name {os.fsdecode(name)!r} is another object now")
+            if nonblock:
+                os.set_blocking(fd, True)
+        except BaseException:
             os.close(fd)
             raise
-        if (st.st_dev, st.st_ino) != inode.key:
-            os.close(fd)
-            raise _stale(inode, f"its name {os.fsdecode(name)!r} is another object now")
         return fd
 
     def _entry_of(self, inode: Inode) -> tuple[Inode, bytes]:
@@ -224,17 +228,17 @@ class InodeTable:
             return fd
 
     def keep_before_unlink(self, parent: Inode, name: bytes) -> None:
-        """Open the descriptor of the object parent/name names if its inode has none and the name is
-        its entry: the inode keeps working after that name goes when another name stays (a hard link,
-        a delta base's pin), and the pin registry gets the object when the inode is dropped (a deleted
-        delta file lets its base's pin go; found by the suite: pins were never freed)."""
+        """Before an unlink, rmdir or rename over parent/name: open the descriptor of the object it
+        names if its inode has none and the name is its entry. The inode then keeps working after
+        the name goes: through another name (a hard link, a delta base's pin), as a removed working
+        directory, and for the pin registry, which gets the object when the inode is dropped (a
+        deleted delta file lets its base's pin go; found by the suite and by review)."""
         try:
             st = os.stat(name, dir_fd=parent.fd, follow_symlinks=False)
         except OSError:
             return  # the unlink or rename reports it
         inode = self._by_key.get((st.st_dev, st.st_ino))
-        if inode is not None and inode.held_fd is None and not stat.S_ISDIR(st.st_mode) \
-                and inode.entry == (parent.number, bytes(name)):
+        if inode is not None and inode.held_fd is None and inode.entry == (parent.number, bytes(name)):
             try:
                 self.hold(inode)
             except OSError as exc:

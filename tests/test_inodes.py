@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import errno
 import os
+import threading
 
 import pytest
 
@@ -47,6 +48,30 @@ def test_a_name_that_now_holds_another_object_answers_estale(tmp_path):
             use(inode)
         assert caught.value.errno == errno.ESTALE
     assert table.held == 0
+
+
+def test_a_name_that_now_holds_a_fifo_answers_estale_without_waiting_for_a_writer(tmp_path):
+    """Found by review: opening by name waited for a FIFO's writer (the name changed under another --shared node)."""
+    (tmp_path / "a").write_bytes(b"file")
+    table = _table(tmp_path)
+    inode, _ = table.lookup_child(table.get(ROOT_INODE), b"a")
+    os.rename(tmp_path / "a", tmp_path / "kept")
+    os.mkfifo(tmp_path / "a")
+    outcome = []
+
+    def read_header():
+        try:
+            os.close(inode.open(os.O_RDONLY | os.O_CLOEXEC))
+        except OSError as exc:
+            outcome.append(exc.errno)
+
+    reader = threading.Thread(target=read_header, daemon=True)
+    reader.start()
+    reader.join(30)
+    if reader.is_alive():
+        os.close(os.open(tmp_path / "a", os.O_WRONLY | os.O_NONBLOCK))  # (lets the thread go)
+        pytest.fail("the open waited for a writer")
+    assert outcome == [errno.ESTALE]
 
 
 def test_past_max_inodes_the_least_recently_looked_up_entries_are_asked_to_go(tmp_path, monkeypatch):

@@ -93,6 +93,22 @@ def test_a_hard_link_keeps_working_after_the_name_its_inode_was_last_looked_up_b
     assert (m / "b").read_bytes() == b"over"
 
 
+def test_a_removed_working_directory_still_answers_stat_and_listing(mounted):
+    """A directory whose inode held no descriptor answered ESTALE to a stat and a listing of "." once removed, where
+    a plain directory gives nlink 0 and no entries (found by review): its rmdir now opens the descriptor first."""
+    (mounted.mnt / "cwd").mkdir()
+    mounted.remount()
+    here = os.getcwd()
+    os.chdir(mounted.mnt / "cwd")
+    try:
+        os.rmdir(mounted.mnt / "cwd")
+        time.sleep(1.2)  # past the attribute timeout (1 s): the stat asks the daemon
+        assert os.stat(".").st_nlink == 0
+        assert os.listdir(".") == []
+    finally:
+        os.chdir(here)
+
+
 def test_rewinddir_shows_the_directory_as_it_is_now(mounted):
     """POSIX: after rewinddir, readdir shows the directory's current entries. The listing was taken once at opendir,
     so a remove-then-rewind loop saw an empty directory (found by review)."""
