@@ -64,8 +64,11 @@ def mount(backing, mountpoint, foreground, config_path, options, log_file, share
           no_warm_up):
     """Mount BACKING on MOUNTPOINT."""
     from dccfs.mount import MountError, MountRequest, run_mount
+    from dccfs.memory import memory_limit
     try:
         config = load_config(config_path)
+        if config_path is not None:  # (the defaults' 1.25 GiB are not refused on a small machine)
+            config.check_budgets_fit(f"{config.source}: [cache]", memory_limit())
     except ConfigError as exc:
         _fail(str(exc))
     # the flags can only turn on --shared and turn off the warm-up that the config file set

@@ -160,6 +160,19 @@ class Config:
             raise ConfigError(f"{where}: {t0} bytes is less than one chunk ({size}), so T0 would hold "
                               f"nothing; use 0 to turn T0 off, or at least {size}")
 
+    def check_budgets_fit(self, where: str, memory: tuple[int, str] | None) -> None:
+        """ConfigError for budgets (t0_bytes + dirty_bytes) past the memory the daemon can have
+        (memory: its size and what sets it, from dccfs.memory.memory_limit; None: unknown). The
+        daemon would be killed for memory, or would swap, long before its cache filled."""
+        if memory is None:
+            return
+        limit, what = memory
+        budgets = self.cache.t0_bytes + self.cache.dirty_bytes
+        if budgets > limit:
+            raise ConfigError(f"{where}: t0_bytes + dirty_bytes = {budgets >> 20} MiB is more than {what} "
+                              f"({limit >> 20} MiB): the daemon would run out of memory before its cache "
+                              "filled; lower t0_bytes")
+
     def with_cache(self, **changes) -> "Config":
         return replace(self, cache=replace(self.cache, **changes))
 

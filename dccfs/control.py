@@ -24,6 +24,7 @@ from dccfs.offline_pins import pinned_space
 from dccfs.mount import MountError
 from dccfs.own_files import STATE_DIR, is_within, own_file_problem
 from dccfs.control_socket import device_socket_name, socket_path
+from dccfs.memory import memory_limit
 from dccfs.mountinfo import read_mountinfo
 
 log = logging.getLogger(__name__)
@@ -277,7 +278,10 @@ class ControlServer:
             raise ConfigError(f"unknown key {unknown[0]!r} (tunable: {', '.join(TUNABLE)})")
         checked = {k: check_cache_value(k, v, f"tune {k}", from_text=True) for k, v in changes.items() if k != "trace"}
         new_cache = replace(self.engine.config.cache, **checked)
-        replace(self.engine.config, cache=new_cache).check_t0_fits("tune t0_bytes")
+        tuned = replace(self.engine.config, cache=new_cache)
+        tuned.check_t0_fits("tune t0_bytes")
+        if "t0_bytes" in checked or "dirty_bytes" in checked:
+            tuned.check_budgets_fit("tune", memory_limit())
         return new_cache
 
     def tune(self, changes: dict, new_cache) -> dict:

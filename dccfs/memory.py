@@ -1,4 +1,4 @@
-"""Keeps the daemon's resident memory close to what its budgets account for: malloc tuning and heap trimming."""
+"""Keeps the daemon's resident memory close to what its budgets account for: malloc tuning, heap trimming, and the memory the budgets must fit in."""
 from __future__ import annotations
 
 import ctypes
@@ -97,6 +97,26 @@ def release_compiler_pages() -> int:
         if madvise(start, end - start, MADV_PAGEOUT) != 0:
             log.debug("madvise(MADV_PAGEOUT) refused for a mapping of %s", fields[5])
     return max(0, before - (resident_bytes() or before))
+
+
+def memory_limit() -> tuple[int, str] | None:
+    """The most memory this process can have, and what sets it: the machine's RAM, or a smaller
+    limit of its cgroup (v2 memory.max, v1 memory.limit_in_bytes, as this process sees them);
+    None where none of them can be read."""
+    limits = []
+    try:
+        limits.append((os.sysconf("SC_PHYS_PAGES") * _PAGE, "this machine's memory"))
+    except (ValueError, OSError):
+        pass
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            with open(path, encoding="ascii") as f:
+                text = f.read().strip()
+        except (OSError, UnicodeDecodeError):
+            continue
+        if text.isdigit():
+            limits.append((int(text), f"the memory limit of this process's cgroup ({path})"))
+    return min(limits, default=None)
 
 
 def resident_bytes() -> int | None:

@@ -113,6 +113,12 @@ def test_mount_errors_are_precise(tmp_path, mounted):
         assert message in result.stderr, result.stderr
     result = dccfs("mount", "-c", tmp_path / "none.toml", tmp_path / "empty", tmp_path / "empty")
     assert result.returncode == 1 and "cannot read config" in result.stderr
+    # budgets past the machine's memory: the daemon would be killed long before T0 filled (found by review)
+    (tmp_path / "huge.toml").write_text("[cache]\nt0_bytes = '64TiB'\n")
+    (tmp_path / "mnt-empty").mkdir()
+    result = dccfs("mount", "-c", tmp_path / "huge.toml", tmp_path / "empty", tmp_path / "mnt-empty")
+    assert result.returncode == 1 and "huge.toml: [cache]: t0_bytes + dirty_bytes = 67109120 MiB is more than " \
+        "this machine's memory" in result.stderr, result.stderr
 
 
 @pytest.mark.mount
@@ -142,6 +148,8 @@ def test_stats_and_tune_on_a_live_mount(mounted):
         assert bad.returncode == 1 and "readahead_chunks must be an integer 0..256" in bad.stderr, bad.stderr
     bad = dccfs("tune", mounted.mnt, "t0_bytes=4KiB", "policy=lru")
     assert bad.returncode == 1 and "less than one chunk" in bad.stderr, bad.stderr
+    bad = dccfs("tune", mounted.mnt, "dirty_bytes=64TiB", "policy=lru")
+    assert bad.returncode == 1 and "t0_bytes + dirty_bytes" in bad.stderr and "memory" in bad.stderr, bad.stderr
     assert json.loads(dccfs("stats", "--json", mounted.mnt).stdout)["cache"]["policy"] == "arc"
 
 
