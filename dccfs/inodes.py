@@ -166,8 +166,8 @@ class InodeTable:
 
     def stat(self, inode: Inode) -> os.stat_result:
         """The backing object's stat, without opening a descriptor for an inode that has none."""
-        if inode.held_fd is not None or inode.number == ROOT_INODE:
-            return os.stat(inode.fd)
+        if inode.held_fd is not None:
+            return os.stat(inode.held_fd)
         parent, name = self._entry_of(inode)
         try:
             st = os.stat(name, dir_fd=parent.fd, follow_symlinks=False)
@@ -210,9 +210,12 @@ class InodeTable:
 
     def path_by_entry(self, inode: Inode) -> str | None:
         """The backing path of an inode that holds no descriptor: its parent's, and its name."""
-        parent = self._by_number.get(inode.entry[0]) if inode.entry else None
-        where = parent.backing_path() if parent is not None else None
-        return os.path.join(where, os.fsdecode(inode.entry[1])) if where is not None else None
+        try:
+            parent, name = self._entry_of(inode)
+        except OSError:
+            return None
+        where = parent.backing_path()
+        return os.path.join(where, os.fsdecode(name)) if where is not None else None
 
     def hold(self, inode: Inode) -> int:
         """Open the inode's O_PATH descriptor by its entry (Inode.fd, on first use)."""
