@@ -99,22 +99,44 @@ def release_compiler_pages() -> int:
     return max(0, before - (resident_bytes() or before))
 
 
+def _cgroup_limit_files() -> list[str]:
+    """The memory limit files of this process's cgroup and of every cgroup above it (a limit on a
+    parent, a systemd slice, binds too): v2 memory.max, v1 memory.limit_in_bytes."""
+    try:
+        with open("/proc/self/cgroup", encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return []
+    files = []
+    for line in lines:
+        hierarchy, controllers, path = (line.split(":", 2) + ["", ""])[:3]
+        if hierarchy == "0" and not controllers:
+            top, name = "/sys/fs/cgroup", "memory.max"
+        elif "memory" in controllers.split(","):
+            top, name = "/sys/fs/cgroup/memory", "memory.limit_in_bytes"
+        else:
+            continue
+        parts = [part for part in path.split("/") if part]
+        # (inside a cgroup namespace the path may not exist below top: the top is then this cgroup)
+        files += [os.path.join(top, *parts[:depth], name) for depth in range(len(parts), -1, -1)]
+    return files
+
+
 def memory_limit() -> tuple[int, str] | None:
     """The most memory this process can have, and what sets it: the machine's RAM, or a smaller
-    limit of its cgroup (v2 memory.max, v1 memory.limit_in_bytes, as this process sees them);
-    None where none of them can be read."""
+    cgroup limit; None where neither can be read."""
     limits = []
     try:
         limits.append((os.sysconf("SC_PHYS_PAGES") * _PAGE, "this machine's memory"))
     except (ValueError, OSError):
         pass
-    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+    for path in _cgroup_limit_files():
         try:
             with open(path, encoding="ascii") as f:
                 text = f.read().strip()
         except (OSError, UnicodeDecodeError):
-            continue
-        if text.isdigit():
+            continue  # not there ("max" has no file at the root) or not readable
+        if text.isdigit():  # ("max", and v1's near-2**63 "unlimited", never win below)
             limits.append((int(text), f"the memory limit of this process's cgroup ({path})"))
     return min(limits, default=None)
 
