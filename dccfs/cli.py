@@ -67,7 +67,9 @@ def mount(backing, mountpoint, foreground, config_path, options, log_file, share
     from dccfs.memory import memory_limit
     try:
         config = load_config(config_path)
-        if config_path is not None:  # (the defaults' 1.25 GiB are not refused on a small machine)
+        # Only with a config file (then also the default budgets it does not set): a mount with no
+        # file keeps working on a machine smaller than the defaults' 1.25 GiB.
+        if config_path is not None:
             config.check_budgets_fit(f"{config.source}: [cache]", memory_limit())
     except ConfigError as exc:
         _fail(str(exc))

@@ -249,7 +249,7 @@ class DccfsOperations(OpenFileHandlers, pyfuse3.Operations):
     async def rmdir(self, parent_inode, name, ctx):
         self._check_name(parent_inode, name)
         parent = self.inodes.get(parent_inode)
-        self.inodes.keep_before_unlink(parent, name)  # a working directory in it goes on answering
+        self.inodes.keep_before_unlink(parent, name)  # (if it is a working directory, it goes on answering)
         os.rmdir(name, dir_fd=parent.fd)
 
     @guarded

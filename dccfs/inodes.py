@@ -95,9 +95,16 @@ def high_water_mark() -> int | None:
 
 
 def _stale(inode: Inode, why: str) -> OSError:
-    # ESTALE, not ENOENT: the VFS then looks the path up again (once, LOOKUP_REVAL), and that
-    # lookup gives the inode its current entry; another name of a hard link still works.
+    # ESTALE, not ENOENT: for a call by path the VFS then looks the path up again (once,
+    # LOOKUP_REVAL), and that lookup gives the inode its current entry. (A call on a user's
+    # descriptor gets the ESTALE.)
     return OSError(errno.ESTALE, f"inode {inode.number}: {why}")
+
+
+def _check_key(inode: Inode, st: os.stat_result, name: bytes) -> None:
+    """ESTALE unless st, found by the inode's name, is the inode's own object."""
+    if (st.st_dev, st.st_ino) != inode.key:
+        raise _stale(inode, f"its name {os.fsdecode(name)!r} is another object now")
 
 
 class InodeTable:
@@ -173,8 +180,7 @@ class InodeTable:
             st = os.stat(name, dir_fd=parent.fd, follow_symlinks=False)
         except (FileNotFoundError, NotADirectoryError):
             raise _stale(inode, f"its name {os.fsdecode(name)!r} is gone") from None
-        if (st.st_dev, st.st_ino) != inode.key:
-            raise _stale(inode, f"its name {os.fsdecode(name)!r} is another object now")
+        _check_key(inode, st, name)
         return st
 
     def open_object(self, inode: Inode, flags: int) -> int:
@@ -192,9 +198,7 @@ class InodeTable:
         except (FileNotFoundError, NotADirectoryError):
             raise _stale(inode, f"its name {os.fsdecode(name)!r} is gone") from None
         try:
-            st = os.fstat(fd)
-            if (st.st_dev, st.st_ino) != inode.key:
-                raise _stale(inode, f"its name {os.fsdecode(name)!r} is another object now")
+            _check_key(inode, os.fstat(fd), name)
             if nonblock:
                 os.set_blocking(fd, True)
         except BaseException:

@@ -379,8 +379,9 @@ class PinTrackingInodeTable(InodeTable):
 
     def _drop_if_unused(self, inode) -> None:
         registry = self.registry
-        # An inode that never held a descriptor still has its name (an unlink or rename over it
-        # opens one first, InodeTable.keep_before_unlink): nothing for the registry to let go.
+        # An inode that never held a descriptor still had its name when dropped, unless it went
+        # outside this mount or keep_before_unlink could not open one: nothing to let go here
+        # (fsck --repair frees a pin left that way).
         if (registry is None or not registry.has_records or inode.lookups > 0 or inode.opens > 0
                 or not stat.S_ISREG(inode.mode) or inode.held_fd is None):
             super()._drop_if_unused(inode)

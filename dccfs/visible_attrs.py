@@ -90,7 +90,7 @@ def logical_size(inode: Inode, st: os.stat_result) -> int:
         return st.st_size
     try:
         # (for messages: the /proc/self/fd name said nothing to an operator)
-        path = inode.backing_path() or inode.proc_path
+        path = inode.backing_path() or f"<inode {inode.number}>"  # (proc_path would open a descriptor)
         if not is_container_head(pread_exact(fd, HEADER_SIZE, 0), path):
             size = st.st_size
         else:
